@@ -1,0 +1,27 @@
+"""Model families behind the canonical FlowModel interface (the only code that knows a family)."""
+
+from flowalign.models.base import (
+    FlowModel,
+    ModelLoadError,
+    PromptEmbeds,
+    family_for,
+    load_flow_model,
+    register_family,
+    registered_families,
+)
+from flowalign.models.flux import FluxModel
+from flowalign.models.sd3 import SD3Model
+from flowalign.models.wan import WanModel
+
+__all__ = [
+    "FlowModel",
+    "FluxModel",
+    "ModelLoadError",
+    "PromptEmbeds",
+    "SD3Model",
+    "WanModel",
+    "family_for",
+    "load_flow_model",
+    "register_family",
+    "registered_families",
+]

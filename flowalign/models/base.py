@@ -1,0 +1,300 @@
+"""The FlowModel interface: the one contract every model family satisfies.
+
+Everything outside ``flowalign.models`` works in canonical space (see ``flowalign.flow``):
+
+- latents are unpacked: ``[B, C, H, W]`` for images, ``[B, C, T, H, W]`` for videos;
+- ``x_t = (1 - t) x0 + t noise`` with ``t`` in [0, 1] (1 = noise) and ``v = noise - x0``;
+- media are float tensors in [0, 1]: ``[B, 3, H, W]`` images, ``[B, T, 3, H, W]`` videos.
+
+A family adapter wraps the family's diffusers pipeline (which owns loading, saving and the text
+encoders) and converts at the port: timestep scaling, latent packing, VAE scale and shift, video axes.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from packaging.version import Version
+from torch import Tensor, nn
+
+
+# diffusers renamed ``torch_dtype`` to ``dtype`` in 0.40.
+_DTYPE_KWARG = "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
+
+
+class ModelLoadError(ValueError):
+    """A model folder or hub id that cannot be loaded as a flowalign model family."""
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for a batch. Fields a family does not use stay ``None``.
+
+    Attributes:
+        embeds: token embeddings ``[B, L, D]``.
+        pooled: pooled embeddings ``[B, D_pooled]`` (SD3, FLUX).
+        text_ids: FLUX text position ids ``[L, 3]`` (shared by the batch, not batched).
+    """
+
+    embeds: Tensor
+    pooled: Tensor | None = None
+    text_ids: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def _map_batched(self, fn) -> PromptEmbeds:
+        return replace(self, embeds=fn(self.embeds), pooled=None if self.pooled is None else fn(self.pooled))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PromptEmbeds:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = None if value is None else value.to(device=device, dtype=dtype)
+        return PromptEmbeds(**out)
+
+    def index(self, idx: Tensor | slice | list[int]) -> PromptEmbeds:
+        """Select batch rows."""
+        return self._map_batched(lambda x: x[idx])
+
+    def repeat_interleave(self, repeats: int) -> PromptEmbeds:
+        """Repeat each row ``repeats`` times (one prompt, several samples)."""
+        return self._map_batched(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    @staticmethod
+    def cat(items: list[PromptEmbeds]) -> PromptEmbeds:
+        """Concatenate along the batch axis (e.g. [uncond, cond] for one CFG forward)."""
+        first = items[0]
+        lengths = {item.embeds.shape[1] for item in items}
+        if len(lengths) != 1:
+            raise ValueError(f"cannot batch prompt embeddings of different lengths {sorted(lengths)}")
+        pooled = None if first.pooled is None else torch.cat([item.pooled for item in items])
+        return PromptEmbeds(embeds=torch.cat([item.embeds for item in items]), pooled=pooled, text_ids=first.text_ids)
+
+
+class FlowModel(ABC):
+    """A text-to-image/video rectified-flow model behind the canonical interface.
+
+    Subclasses set ``family``, ``pipeline_class`` and implement the abstract methods. The wrapped
+    diffusers pipeline stays available as ``self.pipe`` (components can be swapped there, e.g. a
+    LoRA-adapted transformer).
+    """
+
+    family: ClassVar[str]
+    pipeline_class: ClassVar[type[DiffusionPipeline]]
+    is_video: ClassVar[bool] = False
+    default_num_inference_steps: ClassVar[int] = 28
+    default_guidance_scale: ClassVar[float] = 7.0
+    default_height: ClassVar[int] = 1024
+    default_width: ClassVar[int] = 1024
+    default_num_frames: ClassVar[int] = 1
+    # Components that may be absent from a saved folder (loaded as None).
+    optional_components: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, pipe: DiffusionPipeline):
+        self.pipe = pipe
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        *,
+        torch_dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        **components: Any,
+    ) -> FlowModel:
+        """Load from a hub id or a local folder in diffusers' layout; ``components`` replace parts."""
+        kwargs = {name: None for name in cls.optional_components}
+        # Components saved as None (e.g. SD3 without T5) must be passed as None explicitly.
+        expected, _ = cls.pipeline_class._get_signature_keys(cls.pipeline_class)
+        index = read_model_index(path_or_id)
+        kwargs.update({name: None for name in expected if index.get(name, [None, None])[0] is None})
+        kwargs.update(components)
+        kwargs[_DTYPE_KWARG] = torch_dtype
+        try:
+            pipe = cls.pipeline_class.from_pretrained(str(path_or_id), **kwargs)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise ModelLoadError(f"cannot load {cls.family} model from {path_or_id}: {err}") from err
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe.to(device))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the whole model (weights as safetensors) in diffusers' layout."""
+        self.pipe.save_pretrained(str(path), safe_serialization=True)
+
+    # ------------------------------------------------------------------ components
+    @property
+    def transformer(self) -> nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def uses_guidance_embedding(self) -> bool:
+        """True for guidance-distilled models that take the guidance scale as an input (FLUX.1-dev)."""
+        return False
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FlowModel:
+        self.pipe.to(device=device, dtype=dtype)
+        return self
+
+    def eval(self) -> FlowModel:
+        for module in self.modules().values():
+            module.eval()
+        return self
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The pipeline's nn.Module components by name."""
+        return {k: v for k, v in self.pipe.components.items() if isinstance(v, nn.Module)}
+
+    # ------------------------------------------------------------------ family interface
+    @abstractmethod
+    def encode_prompt(
+        self, prompts: list[str], *, negative_prompts: list[str] | None = None, with_uncond: bool = False
+    ) -> tuple[PromptEmbeds, PromptEmbeds | None]:
+        """Encode prompts; with ``with_uncond`` also the negative (or empty) prompts for CFG."""
+
+    @abstractmethod
+    def latent_shape(self, batch_size: int, height: int, width: int, num_frames: int = 1) -> tuple[int, ...]:
+        """Canonical latent shape for media of this size."""
+
+    @abstractmethod
+    def check_size(self, height: int, width: int, num_frames: int = 1) -> None:
+        """Raise ValueError naming the offending value if the family cannot make media of this size."""
+
+    @abstractmethod
+    def encode_media(self, media: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Media in [0, 1] -> canonical latents (the latent distribution's mode unless a generator is given)."""
+
+    @abstractmethod
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Canonical latents -> media in [0, 1]."""
+
+    @abstractmethod
+    def velocity(
+        self,
+        x: Tensor,
+        t: Tensor,
+        cond: PromptEmbeds,
+        *,
+        guidance: float | Tensor | None = None,
+        net: nn.Module | None = None,
+    ) -> Tensor:
+        """Predicted velocity ``v(x_t, t, c)``, canonical shape of ``x``; ``t`` is ``[B]`` in [0, 1].
+
+        ``net`` replaces the transformer (same architecture: a policy, a reference, a fake score);
+        ``guidance`` is the embedded guidance scale for guidance-distilled families.
+        """
+
+    # ------------------------------------------------------------------ time grid
+    def sampling_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
+        """A fresh flow-matching Euler scheduler carrying this model's shift settings."""
+        config = dict(self.pipe.scheduler.config)
+        if isinstance(self.pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+            return FlowMatchEulerDiscreteScheduler.from_config(config)
+        # Multistep flow schedulers (e.g. Wan's UniPC) carry the shift as ``flow_shift``.
+        shift = config.get("flow_shift") or config.get("shift") or 1.0
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.get("num_train_timesteps", 1000), shift=shift)
+
+    def time_grid(
+        self, num_inference_steps: int, *, height: int, width: int, num_frames: int = 1, device=None
+    ) -> Tensor:
+        """Decreasing t grid ``[N + 1]`` from ~1 to 0, equal to the family's diffusers pipeline."""
+        from flowalign.sampling.schedules import scheduler_time_grid
+
+        return scheduler_time_grid(self.sampling_scheduler(), num_inference_steps, device=device)
+
+    def prepare_noise(
+        self,
+        batch_size: int,
+        *,
+        height: int,
+        width: int,
+        num_frames: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Initial noise in canonical shape, drawn the way the family's diffusers pipeline draws it."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = self.latent_shape(batch_size, height, width, num_frames)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------- registry and loading
+_FAMILIES: dict[str, type[FlowModel]] = {}
+
+
+def register_family(pipeline_class_name: str):
+    """Register a FlowModel class for folders whose model_index.json names ``pipeline_class_name``."""
+
+    def wrap(cls: type[FlowModel]) -> type[FlowModel]:
+        _FAMILIES[pipeline_class_name] = cls
+        return cls
+
+    return wrap
+
+
+def registered_families() -> dict[str, type[FlowModel]]:
+    import flowalign.models  # noqa: F401  (registers the built-in families)
+
+    return dict(_FAMILIES)
+
+
+def read_model_index(path_or_id: str | Path) -> dict:
+    """model_index.json of a local folder or a hub id (errors name the path)."""
+    path = Path(path_or_id)
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is a file, not a model folder in diffusers' layout")
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ModelLoadError(f"{path} is not a diffusers model folder: no model_index.json inside")
+        try:
+            return json.loads(index.read_text())
+        except json.JSONDecodeError as err:
+            raise ModelLoadError(f"{index} is not valid JSON: {err}") from err
+    looks_local = str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1
+    if looks_local:
+        raise ModelLoadError(f"model folder {path_or_id} does not exist")
+    try:
+        return DiffusionPipeline.load_config(str(path_or_id))
+    except Exception as err:  # hub errors come in many types; one message for all
+        raise ModelLoadError(f"cannot read model_index.json of hub model {path_or_id}: {err}") from err
+
+
+def family_for(path_or_id: str | Path) -> type[FlowModel]:
+    """The FlowModel class that can load ``path_or_id``."""
+    index = read_model_index(path_or_id)
+    name = index.get("_class_name")
+    families = registered_families()
+    if name not in families:
+        raise ModelLoadError(
+            f"{path_or_id}: pipeline class {name!r} is not a supported family; supported: {sorted(families)}"
+        )
+    return families[name]
+
+
+def load_flow_model(
+    path_or_id: str | Path,
+    *,
+    torch_dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    **components: Any,
+) -> FlowModel:
+    """Load any supported family from a hub id or a local diffusers folder."""
+    return family_for(path_or_id).from_pretrained(path_or_id, torch_dtype=torch_dtype, device=device, **components)

@@ -1,0 +1,118 @@
+"""FLUX.1 behind the canonical FlowModel interface.
+
+FLUX-only: CLIP (pooled) + T5 (tokens) text encoders and text position ids; 2x2 latent packing
+with image position ids; timestep = t itself (the transformer multiplies by 1000 inside); a
+resolution-dependent time shift; guidance-distilled checkpoints (FLUX.1-dev) take the guidance
+scale as an input embedding instead of running two CFG passes.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FluxPipeline
+from torch import Tensor, nn
+
+from flowalign.models.base import FlowModel, PromptEmbeds, register_family
+from flowalign.sampling.schedules import flux_time_grid
+
+
+def pack_2x2(x: Tensor) -> Tensor:
+    """[B, C, H, W] -> [B, (H/2)(W/2), 4C] (FLUX's token layout)."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # [B, H/2, W/2, C, 2, 2]
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_2x2(tokens: Tensor, *, height: int, width: int) -> Tensor:
+    """[B, (H/2)(W/2), 4C] -> [B, C, H, W] with H, W the latent size."""
+    b, _, c4 = tokens.shape
+    x = tokens.view(b, height // 2, width // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # [B, C, H/2, 2, W/2, 2]
+    return x.reshape(b, c4 // 4, height, width)
+
+
+def image_position_ids(height: int, width: int, *, device, dtype) -> Tensor:
+    """[(H/2)(W/2), 3] ids (0, row, col) of the packed latent tokens."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] = torch.arange(height // 2)[:, None]
+    ids[..., 2] = torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+@register_family("FluxPipeline")
+class FluxModel(FlowModel):
+    """FLUX.1 adapter. x ``[B, 16, H/8, W/8]`` (unpacked), t ``[B]`` -> velocity of the same shape."""
+
+    family = "flux"
+    pipeline_class = FluxPipeline
+    default_num_inference_steps = 28
+    default_guidance_scale = 3.5
+    optional_components = ("image_encoder", "feature_extractor")
+    max_sequence_length = 512
+
+    @property
+    def uses_guidance_embedding(self) -> bool:
+        return bool(self.transformer.config.guidance_embeds)
+
+    def encode_prompt(self, prompts, *, negative_prompts=None, with_uncond=False):
+        def encode(texts: list[str]) -> PromptEmbeds:
+            embeds, pooled, text_ids = self.pipe.encode_prompt(
+                prompt=texts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+            )
+            return PromptEmbeds(embeds=embeds, pooled=pooled, text_ids=text_ids)
+
+        cond = encode(prompts)
+        uncond = None
+        if with_uncond:
+            uncond = encode(negative_prompts if negative_prompts is not None else [""] * len(prompts))
+        return cond, uncond
+
+    def latent_shape(self, batch_size, height, width, num_frames=1):
+        f = self.pipe.vae_scale_factor
+        # packing needs even latent sizes (FluxPipeline.prepare_latents)
+        return (batch_size, self.transformer.config.in_channels // 4, 2 * (height // (f * 2)), 2 * (width // (f * 2)))
+
+    def check_size(self, height, width, num_frames=1):
+        m = self.pipe.vae_scale_factor * 2
+        for name, value in (("height", height), ("width", width)):
+            if value < m or value % m:
+                raise ValueError(f"{name} must be a positive multiple of {m} for {self.family}, got {value}")
+        if num_frames != 1:
+            raise ValueError(f"{self.family} makes images: num_frames must be 1, got {num_frames}")
+
+    def time_grid(self, num_inference_steps, *, height, width, num_frames=1, device=None):
+        _, _, h, w = self.latent_shape(1, height, width)
+        return flux_time_grid(
+            self.sampling_scheduler(), num_inference_steps, image_seq_len=(h // 2) * (w // 2), device=device
+        )
+
+    def encode_media(self, media: Tensor, *, generator=None) -> Tensor:
+        vae = self.pipe.vae
+        dist = vae.encode((media * 2 - 1).to(vae.dtype)).latent_dist
+        z = dist.sample(generator) if generator is not None else dist.mode()
+        return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        vae = self.pipe.vae
+        z = latents / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1)
+
+    def velocity(self, x, t, cond, *, guidance=None, net: nn.Module | None = None):
+        net = net or self.transformer
+        b, _, h, w = x.shape
+        if self.uses_guidance_embedding:
+            scale = 3.5 if guidance is None else guidance
+            guidance_in = torch.as_tensor(scale, device=x.device, dtype=torch.float32).expand(b)
+        else:
+            guidance_in = None
+        out = net(
+            hidden_states=pack_2x2(x),  # [B, (H/2)(W/2), 4C]
+            timestep=t.to(x.dtype),  # not * 1000: the FLUX transformer scales inside
+            guidance=guidance_in,
+            pooled_projections=cond.pooled,
+            encoder_hidden_states=cond.embeds,
+            txt_ids=cond.text_ids,
+            img_ids=image_position_ids(h, w, device=x.device, dtype=x.dtype),
+            return_dict=False,
+        )[0]
+        return unpack_2x2(out, height=h, width=w)

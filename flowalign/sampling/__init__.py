@@ -1,0 +1,21 @@
+"""Time grids, stateless flow samplers and guidance transforms."""
+
+from flowalign.sampling.samplers import (
+    VelocityFn,
+    get_sampler,
+    sample_euler,
+    sample_heun,
+    sample_one_step,
+)
+from flowalign.sampling.schedules import flux_time_grid, scheduler_time_grid, uniform_time_grid
+
+__all__ = [
+    "VelocityFn",
+    "flux_time_grid",
+    "get_sampler",
+    "sample_euler",
+    "sample_heun",
+    "sample_one_step",
+    "scheduler_time_grid",
+    "uniform_time_grid",
+]
