@@ -34,6 +34,8 @@ import torch
 from PIL import Image, ImageSequence
 from torch import Tensor
 
+from flowalign.data.errors import DataError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
@@ -75,13 +77,11 @@ _SAVE_IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": 
 _SAVE_VIDEO_EXTENSIONS = frozenset({".mp4", ".gif", ".npy"})
 
 
-class MediaError(ValueError):
+class MediaError(DataError):
     """A media file could not be read or written; the message names the path and the reason."""
 
     def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        super().__init__(path, reason)
 
 
 # ----------------------------------------------------------------------------- helpers

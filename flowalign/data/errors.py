@@ -1,0 +1,29 @@
+"""The one error type of ``flowalign.data``: a bad file, row or value, named in the message."""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["DataError"]
+
+
+class DataError(ValueError):
+    """A data file or one of its rows is invalid.
+
+    The message always starts with the file, then the location inside it when there is one:
+    ``"pairs.jsonl: line 3: empty prompt"``. Text formats (txt, jsonl, csv, tsv) count
+    ``line`` from 1 as editors do; tabular formats (parquet, HF datasets) count ``row``
+    from 0 as pandas/pyarrow do.
+
+    Attributes:
+        path: the file (or a description of the source, e.g. a parquet cell).
+        where: the location inside the file (``"line 3"``, ``"row 0"``) or None.
+        reason: what is wrong, with the expected and actual value.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, *, where: str | None = None) -> None:
+        self.path = str(path)
+        self.where = where
+        self.reason = reason
+        loc = f"{self.path}: {where}" if where else self.path
+        super().__init__(f"{loc}: {reason}")
