@@ -1,5 +1,14 @@
 """Pure objectives: tensors in, per-sample loss and detached metrics out (no modules, configs or I/O)."""
 
+from flowalign.objectives.dpo import (
+    check_shared_pair_noise,
+    diffusion_dpo_loss,
+    dpo_inside,
+    flow_dpo_beta,
+    flow_dpo_loss,
+    split_pairs,
+    velocity_errors_for_pairs,
+)
 from flowalign.objectives.flow_matching import (
     flow_matching_loss,
     per_sample_mse,
@@ -8,8 +17,15 @@ from flowalign.objectives.flow_matching import (
 )
 
 __all__ = [
+    "check_shared_pair_noise",
+    "diffusion_dpo_loss",
+    "dpo_inside",
+    "flow_dpo_beta",
+    "flow_dpo_loss",
     "flow_matching_loss",
     "per_sample_mse",
+    "split_pairs",
     "time_loss_weight",
     "velocity_error",
+    "velocity_errors_for_pairs",
 ]
