@@ -1,0 +1,146 @@
+"""Generate media files and a manifest from prompts (the library side of ``flowalign generate``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from flowalign.data.media import save_image, save_video
+from flowalign.models.base import FlowModel
+from flowalign.pipelines.text_to_media import FlowPipeline
+from flowalign.sampling.guidance import VelocityTransform
+
+MANIFEST = "manifest.jsonl"
+
+
+@dataclass
+class GenerationSettings:
+    """Settings recorded with every sample in the manifest."""
+
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    true_cfg_scale: float = 1.0
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    negative_prompt: str | None = None
+    sampler: str = "euler"
+    one_step: bool = False
+    seed: int = 0
+    samples_per_prompt: int = 1
+    fps: int = 8
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_defaults(settings: GenerationSettings, model: FlowModel) -> GenerationSettings:
+    """Fill unset settings with the family's defaults, so the manifest records what was used."""
+    return replace(
+        settings,
+        num_inference_steps=settings.num_inference_steps or model.default_num_inference_steps,
+        guidance_scale=model.default_guidance_scale if settings.guidance_scale is None else settings.guidance_scale,
+        height=settings.height or model.default_height,
+        width=settings.width or model.default_width,
+        num_frames=settings.num_frames or model.default_num_frames,
+    )
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Lines of a manifest.jsonl (a missing file reads as empty); a bad line raises naming its number."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            # A line cut by an interrupted run is the only one that can be partial: the last.
+            if number == len(path.read_text().splitlines()):
+                break
+            raise ValueError(f"{path}: line {number} is not valid JSON: {err}") from err
+    return rows
+
+
+def generate_files(
+    model: FlowModel,
+    prompts: list[str],
+    out_dir: str | Path,
+    settings: GenerationSettings,
+    *,
+    batch_size: int = 4,
+    model_name: str = "",
+    velocity_transforms: list[VelocityTransform] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Generate ``samples_per_prompt`` samples per prompt into ``out_dir`` and append to its manifest.
+
+    Sample ``i`` (in prompt order) uses seed ``settings.seed + i`` with its own generator, so a
+    sample does not depend on the batch size. Samples already in the manifest are skipped, so an
+    interrupted run continues where it stopped. Images are written as PNG, videos as MP4 and GIF.
+
+    Returns:
+        The manifest rows of this call's new samples.
+    """
+    if not prompts:
+        raise ValueError("no prompts given: the prompt list is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    settings = resolve_defaults(settings, model)
+    model.check_size(settings.height, settings.width, settings.num_frames)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = out_dir / MANIFEST
+    done = {row["id"] for row in read_manifest(manifest)}
+    jobs = [
+        (f"{i:06d}", prompt, settings.seed + i)
+        for i, prompt in enumerate(p for p in prompts for _ in range(settings.samples_per_prompt))
+    ]
+    todo = [job for job in jobs if job[0] not in done]
+    pipeline = FlowPipeline(model)
+    record = {k: v for k, v in asdict(settings).items() if k not in ("seed", "extra")} | settings.extra
+    written: list[dict] = []
+    bar = tqdm(total=len(todo), desc="generating", unit="sample", disable=not progress)
+    with manifest.open("a") as sink:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            generators = [torch.Generator(model.device).manual_seed(seed) for _, _, seed in chunk]
+            out = pipeline(
+                [p for _, p, _ in chunk],
+                negative_prompt=settings.negative_prompt,
+                num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale,
+                true_cfg_scale=settings.true_cfg_scale,
+                height=settings.height,
+                width=settings.width,
+                num_frames=settings.num_frames,
+                generator=generators,
+                sampler=settings.sampler,
+                one_step=settings.one_step,
+                velocity_transforms=velocity_transforms,
+                progress=progress and len(todo) <= batch_size,
+            )
+            for (sample_id, prompt, seed), media in zip(chunk, out.media.float().cpu(), strict=True):
+                files = _save(media, out_dir, sample_id, is_video=model.is_video, fps=settings.fps)
+                row = {"id": sample_id, "prompt": prompt, "seed": seed, "file": files[0], "files": files,
+                       "model": model_name, "family": model.family, "settings": record}
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                written.append(row)
+            bar.update(len(chunk))
+    bar.close()
+    return written
+
+
+def _save(media: torch.Tensor, out_dir: Path, sample_id: str, *, is_video: bool, fps: int) -> list[str]:
+    if not is_video:
+        save_image(media, out_dir / f"{sample_id}.png")
+        return [f"{sample_id}.png"]
+    save_video(media, out_dir / f"{sample_id}.mp4", fps=fps)
+    save_video(media, out_dir / f"{sample_id}.gif", fps=fps)
+    return [f"{sample_id}.mp4", f"{sample_id}.gif"]
