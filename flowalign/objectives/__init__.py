@@ -15,6 +15,7 @@ from flowalign.objectives.flow_matching import (
     time_loss_weight,
     velocity_error,
 )
+from flowalign.objectives.rwr import flow_rwr_loss, rwr_weights
 
 __all__ = [
     "check_shared_pair_noise",
@@ -23,7 +24,9 @@ __all__ = [
     "flow_dpo_beta",
     "flow_dpo_loss",
     "flow_matching_loss",
+    "flow_rwr_loss",
     "per_sample_mse",
+    "rwr_weights",
     "split_pairs",
     "time_loss_weight",
     "velocity_error",
