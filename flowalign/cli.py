@@ -46,10 +46,14 @@ def generate(
     model: Annotated[str, typer.Option(help="Hub id or local folder in diffusers' layout.")],
     out: Annotated[Path, typer.Option(help="Output folder (media + manifest.jsonl).")],
     prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeat for several).")] = None,
-    prompts_file: Annotated[Path | None, typer.Option(help="Prompts: .txt (one per line), .jsonl, .csv, .json.")] = None,
+    prompts_file: Annotated[
+        Path | None, typer.Option(help="Prompts: .txt (one per line), .jsonl, .csv, .json.")
+    ] = None,
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt for CFG.")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampling steps (family default if unset).")] = None,
-    guidance_scale: Annotated[float | None, typer.Option(help="CFG scale (embedded guidance for FLUX.1-dev).")] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option(help="CFG scale (embedded guidance for FLUX.1-dev).")
+    ] = None,
     true_cfg_scale: Annotated[float, typer.Option(help="Real CFG for guidance-distilled models.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the first sample; sample i uses seed + i.")] = 0,
     height: Annotated[int | None, typer.Option()] = None,
@@ -59,7 +63,9 @@ def generate(
     batch_size: Annotated[int, typer.Option()] = 4,
     sampler: Annotated[str, typer.Option(help="euler or heun.")] = "euler",
     one_step: Annotated[bool, typer.Option("--one-step", help="One-step generator checkpoint.")] = False,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present).")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present).")
+    ] = None,
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: bf16 on GPU).")] = None,
     fps: Annotated[int, typer.Option(help="Frames per second of written videos.")] = 8,
 ) -> None:
@@ -85,11 +91,22 @@ def generate(
         torch_device, torch_dtype = _device_and_dtype(device, dtype)
         flow_model = load_flow_model(model, torch_dtype=torch_dtype, device=torch_device)
         settings = GenerationSettings(
-            num_inference_steps=steps, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
-            height=height, width=width, num_frames=num_frames, negative_prompt=negative_prompt,
-            sampler=sampler, one_step=one_step, seed=seed, samples_per_prompt=samples_per_prompt, fps=fps,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            true_cfg_scale=true_cfg_scale,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            negative_prompt=negative_prompt,
+            sampler=sampler,
+            one_step=one_step,
+            seed=seed,
+            samples_per_prompt=samples_per_prompt,
+            fps=fps,
         )
-        rows = generate_files(flow_model, prompts, out, settings, batch_size=batch_size, model_name=str(model))
+        rows = generate_files(
+            flow_model, prompts, out, settings, batch_size=batch_size, model_name=str(model)
+        )
     except ValueError as err:
         fail(str(err).splitlines()[0])
     typer.echo(f"wrote {len(rows)} samples to {out}")

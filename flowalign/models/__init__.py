@@ -11,6 +11,7 @@ from flowalign.models.base import (
 )
 from flowalign.models.flux import FluxModel
 from flowalign.models.sd3 import SD3Model
+from flowalign.models.toy import ToyModel
 from flowalign.models.wan import WanModel
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "ModelLoadError",
     "PromptEmbeds",
     "SD3Model",
+    "ToyModel",
     "WanModel",
     "family_for",
     "load_flow_model",

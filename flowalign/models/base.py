@@ -24,7 +24,6 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from packaging.version import Version
 from torch import Tensor, nn
 
-
 # diffusers renamed ``torch_dtype`` to ``dtype`` in 0.40.
 _DTYPE_KWARG = "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
 
@@ -76,7 +75,9 @@ class PromptEmbeds:
         if len(lengths) != 1:
             raise ValueError(f"cannot batch prompt embeddings of different lengths {sorted(lengths)}")
         pooled = None if first.pooled is None else torch.cat([item.pooled for item in items])
-        return PromptEmbeds(embeds=torch.cat([item.embeds for item in items]), pooled=pooled, text_ids=first.text_ids)
+        return PromptEmbeds(
+            embeds=torch.cat([item.embeds for item in items]), pooled=pooled, text_ids=first.text_ids
+        )
 
 
 class FlowModel(ABC):
@@ -208,7 +209,9 @@ class FlowModel(ABC):
             return FlowMatchEulerDiscreteScheduler.from_config(config)
         # Multistep flow schedulers (e.g. Wan's UniPC) carry the shift as ``flow_shift``.
         shift = config.get("flow_shift") or config.get("shift") or 1.0
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.get("num_train_timesteps", 1000), shift=shift)
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=config.get("num_train_timesteps", 1000), shift=shift
+        )
 
     def time_grid(
         self, num_inference_steps: int, *, height: int, width: int, num_frames: int = 1, device=None
@@ -297,4 +300,6 @@ def load_flow_model(
     **components: Any,
 ) -> FlowModel:
     """Load any supported family from a hub id or a local diffusers folder."""
-    return family_for(path_or_id).from_pretrained(path_or_id, torch_dtype=torch_dtype, device=device, **components)
+    return family_for(path_or_id).from_pretrained(
+        path_or_id, torch_dtype=torch_dtype, device=device, **components
+    )

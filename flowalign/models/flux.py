@@ -26,7 +26,9 @@ def pack_2x2(x: Tensor) -> Tensor:
 def unpack_2x2(tokens: Tensor, *, height: int, width: int) -> Tensor:
     """[B, (H/2)(W/2), 4C] -> [B, C, H, W] with H, W the latent size."""
     b, _, c4 = tokens.shape
-    x = tokens.view(b, height // 2, width // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # [B, C, H/2, 2, W/2, 2]
+    x = tokens.view(b, height // 2, width // 2, c4 // 4, 2, 2).permute(
+        0, 3, 1, 4, 2, 5
+    )  # [B, C, H/2, 2, W/2, 2]
     return x.reshape(b, c4 // 4, height, width)
 
 
@@ -69,7 +71,12 @@ class FluxModel(FlowModel):
     def latent_shape(self, batch_size, height, width, num_frames=1):
         f = self.pipe.vae_scale_factor
         # packing needs even latent sizes (FluxPipeline.prepare_latents)
-        return (batch_size, self.transformer.config.in_channels // 4, 2 * (height // (f * 2)), 2 * (width // (f * 2)))
+        return (
+            batch_size,
+            self.transformer.config.in_channels // 4,
+            2 * (height // (f * 2)),
+            2 * (width // (f * 2)),
+        )
 
     def check_size(self, height, width, num_frames=1):
         m = self.pipe.vae_scale_factor * 2

@@ -7,7 +7,6 @@ from the scheduler config (3.0 for SD3-medium and SD3.5).
 
 from __future__ import annotations
 
-
 from diffusers import StableDiffusion3Pipeline
 from torch import Tensor, nn
 
@@ -78,5 +77,3 @@ class SD3Model(FlowModel):
             pooled_projections=cond.pooled,
             return_dict=False,
         )[0]
-
-

@@ -55,7 +55,9 @@ def _clip_bpe() -> tuple[list[str], list[tuple[str, str]]]:
 def tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     """A real CLIP BPE tokenizer with the first 1000 merges of the released CLIP vocabulary."""
     vocab, merges = _clip_bpe()
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=list(merges), model_max_length=model_max_length)
+    return CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(vocab)}, merges=list(merges), model_max_length=model_max_length
+    )
 
 
 def tiny_t5_tokenizer() -> T5Tokenizer:
@@ -168,11 +170,22 @@ def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = True) -> FluxPi
         axes_dims_rope=(4, 6, 6),
     )
     t5 = T5EncoderModel(
-        T5Config(vocab_size=len(t5_tok), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                 relative_attention_num_buckets=8)
+        T5Config(
+            vocab_size=len(t5_tok),
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+        )
     )
     scheduler = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
     )
     return _eval(
         FluxPipeline(
@@ -205,11 +218,19 @@ def tiny_wan_pipeline(seed: int = 0) -> WanPipeline:
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=64,
     )
-    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
     text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                   relative_attention_num_buckets=8)
+        UMT5Config(
+            vocab_size=len(tok),
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+        )
     )
     return _eval(
         WanPipeline(

@@ -41,7 +41,9 @@ def resolve_defaults(settings: GenerationSettings, model: FlowModel) -> Generati
     return replace(
         settings,
         num_inference_steps=settings.num_inference_steps or model.default_num_inference_steps,
-        guidance_scale=model.default_guidance_scale if settings.guidance_scale is None else settings.guidance_scale,
+        guidance_scale=model.default_guidance_scale
+        if settings.guidance_scale is None
+        else settings.guidance_scale,
         height=settings.height or model.default_height,
         width=settings.width or model.default_width,
         num_frames=settings.num_frames or model.default_num_frames,
@@ -127,8 +129,16 @@ def generate_files(
             )
             for (sample_id, prompt, seed), media in zip(chunk, out.media.float().cpu(), strict=True):
                 files = _save(media, out_dir, sample_id, is_video=model.is_video, fps=settings.fps)
-                row = {"id": sample_id, "prompt": prompt, "seed": seed, "file": files[0], "files": files,
-                       "model": model_name, "family": model.family, "settings": record}
+                row = {
+                    "id": sample_id,
+                    "prompt": prompt,
+                    "seed": seed,
+                    "file": files[0],
+                    "files": files,
+                    "model": model_name,
+                    "family": model.family,
+                    "settings": record,
+                }
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
                 written.append(row)

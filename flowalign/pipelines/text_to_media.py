@@ -72,7 +72,11 @@ class FlowPipeline:
         prompts = _as_list(prompt, "prompt")
         negatives = None
         if negative_prompt is not None:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            negatives = (
+                [negative_prompt] * len(prompts)
+                if isinstance(negative_prompt, str)
+                else list(negative_prompt)
+            )
             if len(negatives) != len(prompts):
                 raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
         steps = num_inference_steps if num_inference_steps is not None else model.default_num_inference_steps
@@ -99,18 +103,24 @@ class FlowPipeline:
         batch = len(prompts) * num_samples_per_prompt
 
         if latents is None:
-            latents = model.prepare_noise(batch, height=height, width=width, num_frames=num_frames, generator=generator)
+            latents = model.prepare_noise(
+                batch, height=height, width=width, num_frames=num_frames, generator=generator
+            )
         v_fn = model_velocity_fn(
-            model, cond, uncond=uncond if use_cfg else None, guidance_scale=cfg_scale, embedded_guidance=embedded
+            model,
+            cond,
+            uncond=uncond if use_cfg else None,
+            guidance_scale=cfg_scale,
+            embedded_guidance=embedded,
         )
         v_fn = apply_transforms(v_fn, velocity_transforms)
         with torch.set_grad_enabled(enable_grad):
             if one_step:
                 x0 = sample_one_step(v_fn, latents)
             else:
-                ts = model.time_grid(steps, height=height, width=width, num_frames=num_frames, device=latents.device)
+                ts = model.time_grid(
+                    steps, height=height, width=width, num_frames=num_frames, device=latents.device
+                )
                 x0 = get_sampler(sampler)(v_fn, latents, ts, callback=callback, progress=progress)
             media = None if output_type == "latent" else model.decode_latents(x0)
         return GenerationOutput(latents=x0, media=media)
-
-

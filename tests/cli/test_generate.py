@@ -19,9 +19,28 @@ def run(*args):
 
 def test_generate_images_writes_files_and_manifest(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
-    res = run("--model", tiny_model_dir("sd3"), "--prompt", "a red circle", "--prompt", "a cat",
-              "--samples-per-prompt", 2, "--steps", 2, "--height", 32, "--width", 32, "--batch-size", 3,
-              "--seed", 10, "--out", out)
+    res = run(
+        "--model",
+        tiny_model_dir("sd3"),
+        "--prompt",
+        "a red circle",
+        "--prompt",
+        "a cat",
+        "--samples-per-prompt",
+        2,
+        "--steps",
+        2,
+        "--height",
+        32,
+        "--width",
+        32,
+        "--batch-size",
+        3,
+        "--seed",
+        10,
+        "--out",
+        out,
+    )
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["a red circle"] * 2 + ["a cat"] * 2
@@ -30,15 +49,45 @@ def test_generate_images_writes_files_and_manifest(tiny_model_dir, tmp_path):
     image = load_image(out / rows[0]["file"])
     assert image.shape == (3, 32, 32)
     # re-running skips what exists: the manifest does not grow
-    res = run("--model", tiny_model_dir("sd3"), "--prompt", "a red circle", "--prompt", "a cat",
-              "--samples-per-prompt", 2, "--steps", 2, "--height", 32, "--width", 32, "--out", out)
+    res = run(
+        "--model",
+        tiny_model_dir("sd3"),
+        "--prompt",
+        "a red circle",
+        "--prompt",
+        "a cat",
+        "--samples-per-prompt",
+        2,
+        "--steps",
+        2,
+        "--height",
+        32,
+        "--width",
+        32,
+        "--out",
+        out,
+    )
     assert res.exit_code == 0
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 4
 
 
 def test_sample_does_not_depend_on_batch_size(tiny_model_dir, tmp_path):
-    common = ["--model", tiny_model_dir("sd3"), "--steps", 2, "--height", 32, "--width", 32,
-              "--prompt", "a", "--prompt", "b", "--prompt", "c"]
+    common = [
+        "--model",
+        tiny_model_dir("sd3"),
+        "--steps",
+        2,
+        "--height",
+        32,
+        "--width",
+        32,
+        "--prompt",
+        "a",
+        "--prompt",
+        "b",
+        "--prompt",
+        "c",
+    ]
     assert run(*common, "--batch-size", 1, "--out", tmp_path / "a").exit_code == 0
     assert run(*common, "--batch-size", 3, "--out", tmp_path / "b").exit_code == 0
     for name in ("000000.png", "000002.png"):
@@ -49,8 +98,22 @@ def test_sample_does_not_depend_on_batch_size(tiny_model_dir, tmp_path):
 def test_generate_video_writes_mp4_and_gif(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat moving right\n")
-    res = run("--model", tiny_model_dir("wan"), "--prompts-file", prompts, "--steps", 2, "--height", 32,
-              "--width", 32, "--num-frames", 5, "--out", tmp_path / "v")
+    res = run(
+        "--model",
+        tiny_model_dir("wan"),
+        "--prompts-file",
+        prompts,
+        "--steps",
+        2,
+        "--height",
+        32,
+        "--width",
+        32,
+        "--num-frames",
+        5,
+        "--out",
+        tmp_path / "v",
+    )
     assert res.exit_code == 0, res.output
     row = json.loads((tmp_path / "v" / "manifest.jsonl").read_text())
     assert row["files"] == ["000000.mp4", "000000.gif"]

@@ -12,8 +12,11 @@ from flowalign.models import ModelLoadError, family_for, load_flow_model
 from flowalign.models.flux import pack_2x2, unpack_2x2
 from flowalign.sampling.guidance import model_velocity_fn
 
-SIZES = {"sd3": dict(height=64, width=64), "flux": dict(height=64, width=64),
-         "wan": dict(height=32, width=32, num_frames=5)}
+SIZES = {
+    "sd3": dict(height=64, width=64),
+    "flux": dict(height=64, width=64),
+    "wan": dict(height=32, width=32, num_frames=5),
+}
 
 
 @pytest.fixture(scope="module", params=["sd3", "flux", "wan"])
@@ -68,8 +71,11 @@ def test_encode_decode_shapes(model):
 
 def test_check_size_names_the_bad_value(model):
     with pytest.raises(ValueError, match="height"):
-        model.check_size(height=60, width=64 if model.family != "wan" else 32,
-                         num_frames=SIZES[model.family].get("num_frames", 1))
+        model.check_size(
+            height=60,
+            width=64 if model.family != "wan" else 32,
+            num_frames=SIZES[model.family].get("num_frames", 1),
+        )
     if model.family == "wan":
         with pytest.raises(ValueError, match="num_frames"):
             model.check_size(32, 32, num_frames=6)
@@ -86,8 +92,9 @@ def test_saved_model_reloads_bit_identical(tiny_model_dir, tmp_path):
     m = load_flow_model(tiny_model_dir("sd3"))
     m.save_pretrained(tmp_path / "copy")
     again = load_flow_model(tmp_path / "copy")
-    for (name, a), (_, b) in zip(m.transformer.state_dict().items(), again.transformer.state_dict().items(),
-                                 strict=True):
+    for (name, a), (_, b) in zip(
+        m.transformer.state_dict().items(), again.transformer.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 

@@ -6,8 +6,13 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-
-from flowalign.sampling import sample_euler, sample_heun, sample_one_step, scheduler_time_grid, uniform_time_grid
+from flowalign.sampling import (
+    sample_euler,
+    sample_heun,
+    sample_one_step,
+    scheduler_time_grid,
+    uniform_time_grid,
+)
 from flowalign.sampling.guidance import apply_transforms, cfg_combine
 
 
@@ -77,8 +82,8 @@ def test_cfg_scale_one_is_conditional_and_zero_unconditional():
 
 def test_transforms_apply_in_order():
     base = lambda x, t: x  # noqa: E731
-    add_one = lambda f: (lambda x, t: f(x, t) + 1)  # noqa: E731
-    double = lambda f: (lambda x, t: f(x, t) * 2)  # noqa: E731
+    add_one = lambda f: lambda x, t: f(x, t) + 1  # noqa: E731
+    double = lambda f: lambda x, t: f(x, t) * 2  # noqa: E731
     v = apply_transforms(base, [add_one, double])
     assert v(torch.tensor([1.0]), torch.tensor([0.5])).item() == 4.0
     assert apply_transforms(base, None) is base
@@ -89,4 +94,3 @@ def test_samplers_backpropagate():
     out = sample_euler(lambda x, t: w * x, torch.ones(2, 2), uniform_time_grid(4))
     out.sum().backward()
     assert w.grad is not None and w.grad != 0
-
