@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageSequence
+from PIL import Image, ImageSequence, UnidentifiedImageError
 from torch import Tensor
 
 from flowalign.data.errors import DataError
@@ -136,6 +136,8 @@ def _open_pil(fp: object, source: str | Path) -> Image.Image:
             return Image.open(fp)  # type: ignore[arg-type]
     except Image.DecompressionBombError as exc:
         raise MediaError(source, f"refused as a decompression bomb ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise MediaError(source, "cannot decode image (not a recognised image format)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise MediaError(source, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
 

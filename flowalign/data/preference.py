@@ -1,0 +1,581 @@
+"""Preference-pair datasets: (prompt, media A, media B, per-dimension labels).
+
+One dataset class reads every supported layout through a small table interface:
+
+- **Pick-a-Pic parquet** (a ``.parquet`` file or a folder of shards): ``caption``, the images
+  as encoded bytes ``jpg_0``/``jpg_1`` or as files ``image_0_path``/``image_1_path``, and
+  ``label_0``/``label_1`` with (1, 0) = image 0 better, (0, 1) = image 1 better and
+  (0.5, 0.5) = tie. Anything else (e.g. the (0, 0) of unlabeled rows) is refused.
+- **jsonl + files**: one object per line, either ``{"prompt", "chosen", "rejected"}`` or
+  ``{"prompt", "path_A", "path_B", "label"}`` where ``label`` is ``"A" | "B" | "tie"`` or a
+  per-dimension object ``{"VQ": "A", "MQ": "tie", "TA": null}``. An optional ``"meta"``
+  object is kept in :attr:`PreferencePair.meta`. One schema per file.
+- **VideoAlign csv/tsv**: ``prompt``, ``path_A``, ``path_B`` and one column per dimension
+  (``VQ``, ``MQ``, ``TA``, ``Overall``) holding ``A``, ``B``, ``same``/``tie`` or an empty cell
+  (missing). A single ``label`` column is read as the dimension ``"overall"``.
+- **HF datasets folder** written by ``Dataset.save_to_disk``, with any of the column layouts
+  above (``Image`` features are read as their encoded bytes). Needs the optional
+  ``datasets`` package.
+
+The prompt column is the first of ``prompt``, ``caption``, ``Prompt`` that exists. Text
+labels are case-insensitive. Media paths are relative to ``root`` (default: the folder that
+holds the dataset file); a path with a ``..`` component, or an absolute path outside
+``root``, is refused. Symlinks inside ``root`` are followed (hub snapshots are symlinks).
+
+Label encoding (in :class:`PreferencePair` and :func:`collate_preference`), per dimension:
+
+    1 = media_w better,  0 = tie,  -1 = media_l better,  -2 = missing (not annotated)
+
+Single-label datasets are canonicalised (:func:`canonicalise_pair`) so that ``media_w`` is
+the preferred item: their labels are then 1, or 0 for ties (order of a tie = file order).
+Multi-dimensional datasets keep ``media_w = A``, ``media_l = B`` unless ``order_by`` names a
+dimension to order by, since no single order fits every dimension. (VideoAlign's own code
+writes missing as 22; here it is -2 so that ``label != 0`` keeps meaning "not a tie".)
+
+Rows are checked lazily, when loaded, and all at once by :meth:`PreferenceDataset.validate`.
+Every problem raises :class:`~flowalign.data.errors.DataError` naming the file and the row:
+``line N`` (from 1) in text files, ``row N`` (from 0) in parquet and HF datasets.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from flowalign.data.errors import DataError
+from flowalign.data.media import MediaError, atomic_write, decode_image_bytes, load_media, save_media
+from flowalign.data.tables import Table, open_table
+
+__all__ = [
+    "LABEL_L_BETTER",
+    "LABEL_MISSING",
+    "LABEL_TIE",
+    "LABEL_W_BETTER",
+    "OVERALL",
+    "PreferenceDataset",
+    "PreferencePair",
+    "canonicalise_pair",
+    "collate_preference",
+    "load_preference_dataset",
+    "write_preference_jsonl",
+]
+
+LABEL_W_BETTER = 1
+LABEL_TIE = 0
+LABEL_L_BETTER = -1
+LABEL_MISSING = -2
+OVERALL = "overall"
+"""Dimension name of single-label datasets."""
+
+_TEXT_LABELS = {"a": LABEL_W_BETTER, "b": LABEL_L_BETTER, "tie": LABEL_TIE, "same": LABEL_TIE}
+_PROMPT_COLUMNS = ("prompt", "caption", "Prompt")
+_MEDIA_COLUMNS = (
+    ("path_A", "path_B"),
+    ("chosen", "rejected"),
+    ("jpg_0", "jpg_1"),
+    ("image_0_path", "image_1_path"),
+)
+_DIMENSION_COLUMNS = ("VQ", "MQ", "TA", "Overall")
+_AUTO = "auto"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One loaded pair.
+
+    Attributes:
+        prompt: the text prompt.
+        media_w: float [3, H, W] image or [T, 3, H, W] video in [0, 1] (preferred item for
+            single-label datasets; item A for multi-dimensional ones, see module doc).
+        media_l: the other item, same layout.
+        labels: dimension -> 1 (w better), 0 (tie), -1 (l better) or -2 (missing).
+        source: where the row lives, e.g. ``"pairs.jsonl line 3"``.
+        meta: extra fields kept from the file (the jsonl ``"meta"`` object), else empty.
+    """
+
+    prompt: str
+    media_w: Tensor
+    media_l: Tensor
+    labels: dict[str, int]
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def canonicalise_pair(
+    media_a: T, media_b: T, labels: Mapping[str, int], *, order_by: str
+) -> tuple[T, T, dict[str, int]]:
+    """Order an A/B pair so that the first item is not worse on ``order_by``.
+
+    If ``labels[order_by]`` is -1 (B better) the items swap and every non-missing label is
+    negated (1 <-> -1; 0 and -2 stay); otherwise (A better, tie, missing) nothing moves.
+
+    Args:
+        media_a: item A (a tensor, a path, anything).
+        media_b: item B.
+        labels: dimension -> label in A/B terms (1 = A better, 0 tie, -1 B better, -2 missing).
+        order_by: the dimension that decides the order.
+
+    Returns:
+        ``(media_w, media_l, labels_wl)`` with ``labels_wl[order_by]`` in {1, 0, -2}.
+
+    Raises:
+        KeyError: ``order_by`` is not in ``labels``.
+    """
+    if labels[order_by] != LABEL_L_BETTER:
+        return media_a, media_b, dict(labels)
+    flipped = {k: (v if v in (LABEL_TIE, LABEL_MISSING) else -v) for k, v in labels.items()}
+    return media_b, media_a, flipped
+
+
+def _is_missing(value: Any) -> bool:
+    return (
+        value is None
+        or (isinstance(value, float) and math.isnan(value))
+        or (isinstance(value, str) and not value.strip())
+    )
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A media item: a file or encoded bytes, with the column it came from."""
+
+    column: str
+    path: Path | None = None
+    data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class _Row:
+    where: str
+    prompt: str
+    ref_a: _Ref
+    ref_b: _Ref
+    labels: dict[str, int]  # A/B terms
+    meta: dict[str, Any]
+
+
+class PreferenceDataset(Dataset[PreferencePair]):
+    """Preference pairs read lazily from a table (see the module doc for layouts).
+
+    Use :func:`load_preference_dataset` to open a file or folder. Indexing returns a
+    :class:`PreferencePair`; each access re-checks its row, so a bad row fails with a
+    :class:`DataError` naming the file and row. :meth:`validate` checks every row upfront.
+
+    Attributes:
+        path: the dataset file or folder.
+        root: the folder media paths are relative to.
+        dimensions: label dimensions, in order.
+        order_by: the dimension pairs are ordered by, or None (A = w, B = l).
+    """
+
+    def __init__(
+        self,
+        table: Table,
+        *,
+        root: str | os.PathLike[str] | None = None,
+        dimensions: Sequence[str] | None = None,
+        order_by: str | None = _AUTO,
+        keep_ties: bool = True,
+        max_frames: int | None = None,
+        transform: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        self._table = table
+        self.path = table.path
+        self.root = Path(os.path.abspath(root if root is not None else table.default_root))
+        self._max_frames = max_frames
+        self._transform = transform
+        cols = table.columns
+        self._prompt_col = next((c for c in _PROMPT_COLUMNS if c in cols), None)
+        if self._prompt_col is None:
+            raise DataError(
+                self.path, f"missing prompt column: expected one of {list(_PROMPT_COLUMNS)}, found {cols}"
+            )
+        media = next((pair for pair in _MEDIA_COLUMNS if pair[0] in cols or pair[1] in cols), None)
+        if media is None:
+            raise DataError(
+                self.path, f"missing media columns: expected one of {list(_MEDIA_COLUMNS)}, found {cols}"
+            )
+        for c in media:
+            if c not in cols:
+                raise DataError(self.path, f"missing media column {c!r}; found {cols}")
+        self._media_cols = media
+        self._label_kind, self.dimensions = self._label_layout(cols, dimensions)
+        if order_by == _AUTO:
+            order_by = self.dimensions[0] if len(self.dimensions) == 1 else None
+        if order_by is not None and order_by not in self.dimensions:
+            raise ValueError(
+                f"order_by={order_by!r} is not a dimension of {self.path}: {list(self.dimensions)}"
+            )
+        self.order_by = order_by
+        self._index = list(range(table.num_rows))
+        if not keep_ties:
+            if order_by is None:
+                raise ValueError("keep_ties=False needs order_by (which dimension decides a tie)")
+            self._index = [i for i in self._index if self._check_row(i).labels[order_by] != LABEL_TIE]
+        if not self._index:
+            raise DataError(
+                self.path, "dataset has no rows" + ("" if keep_ties else " once ties are dropped")
+            )
+
+    # ------------------------------------------------------------------ layout
+
+    def _label_layout(self, cols: list[str], dimensions: Sequence[str] | None) -> tuple[str, tuple[str, ...]]:
+        if self._media_cols == ("chosen", "rejected"):
+            return "chosen", (OVERALL,)
+        if "label_0" in cols or "label_1" in cols:
+            for c in ("label_0", "label_1"):
+                if c not in cols:
+                    raise DataError(self.path, f"missing label column {c!r}; found {cols}")
+            return "pickapic", (OVERALL,)
+        if "label" in cols:
+            if dimensions:
+                return "label", tuple(dimensions)
+            first = self._table.row(0).get("label") if self._table.num_rows else None
+            return "label", tuple(first) if isinstance(first, Mapping) and first else (OVERALL,)
+        dims = tuple(dimensions) if dimensions else tuple(c for c in _DIMENSION_COLUMNS if c in cols)
+        if not dims:
+            raise DataError(
+                self.path,
+                f"missing label columns: expected label_0/label_1, label, or any of {list(_DIMENSION_COLUMNS)}; found {cols}",
+            )
+        for d in dims:
+            if d not in cols:
+                raise DataError(self.path, f"missing label column {d!r}; found {cols}")
+        return "columns", dims
+
+    # ------------------------------------------------------------------ row checks
+
+    def _labels(self, row: Mapping[str, Any], where: str) -> dict[str, int]:
+        kind, dims = self._label_kind, self.dimensions
+        if kind == "chosen":
+            return {OVERALL: LABEL_W_BETTER}
+        if kind == "pickapic":
+            pair = (row["label_0"], row["label_1"])
+            codes = {(1, 0): LABEL_W_BETTER, (0, 1): LABEL_L_BETTER, (0.5, 0.5): LABEL_TIE}
+            try:
+                return {OVERALL: codes[pair]}
+            except (KeyError, TypeError):
+                raise DataError(
+                    self.path, f"label_0/label_1 = {pair}, expected (1, 0), (0, 1) or (0.5, 0.5)", where=where
+                ) from None
+        if kind == "label" and not isinstance(row["label"], Mapping):
+            if dims != (OVERALL,):
+                raise DataError(
+                    self.path, f"label must be an object with dimensions {list(dims)}", where=where
+                )
+            raw = {OVERALL: row["label"]}
+        elif kind == "label":
+            unknown = sorted(set(row["label"]) - set(dims))
+            if unknown:
+                raise DataError(
+                    self.path, f"label has unknown dimensions {unknown}; expected {list(dims)}", where=where
+                )
+            raw = {d: row["label"].get(d) for d in dims}
+        else:
+            raw = {d: row[d] for d in dims}
+        labels = {}
+        for d, value in raw.items():
+            if _is_missing(value):
+                labels[d] = LABEL_MISSING
+                continue
+            code = _TEXT_LABELS.get(value.strip().lower()) if isinstance(value, str) else None
+            if code is None:
+                raise DataError(
+                    self.path, f"label {d!r} = {value!r}, expected one of A, B, tie/same", where=where
+                )
+            labels[d] = code
+        if all(v == LABEL_MISSING for v in labels.values()):
+            raise DataError(self.path, f"missing label (dimensions {list(dims)} are all empty)", where=where)
+        return labels
+
+    def _ref(self, value: Any, column: str, where: str) -> _Ref:
+        if isinstance(value, Mapping):  # HF Image feature: {"bytes": ..., "path": ...}
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, bytes | bytearray | memoryview):
+            if not value:
+                raise DataError(self.path, f"{column}: image bytes are empty", where=where)
+            return _Ref(column, data=bytes(value))
+        if _is_missing(value) or not isinstance(value, str):
+            raise DataError(
+                self.path, f"{column}: expected a file path or image bytes, got {value!r}", where=where
+            )
+        rel = Path(value)
+        if ".." in rel.parts:
+            raise DataError(
+                self.path,
+                f"{column} {value!r} contains '..' (paths must stay under {self.root})",
+                where=where,
+            )
+        full = Path(os.path.normpath(rel if rel.is_absolute() else self.root / rel))
+        if not full.is_relative_to(self.root):
+            raise DataError(
+                self.path, f"{column} {value!r} is outside the dataset root {self.root}", where=where
+            )
+        if not full.is_file():
+            raise DataError(self.path, f"{column}: file {full} does not exist", where=where)
+        return _Ref(column, path=full)
+
+    def _check_row(self, i: int) -> _Row:
+        row = self._table.row(i)
+        where = self._table.where(i)
+        prompt = row.get(self._prompt_col)
+        if not isinstance(prompt, str):
+            raise DataError(self.path, f"prompt must be a string, got {prompt!r}", where=where)
+        if not prompt.strip():
+            raise DataError(self.path, f"empty prompt ({self._prompt_col!r})", where=where)
+        labels = self._labels(row, where)
+        col_a, col_b = self._media_cols
+        ref_a, ref_b = self._ref(row.get(col_a), col_a, where), self._ref(row.get(col_b), col_b, where)
+        if ref_a.path is not None and ref_a.path == ref_b.path:
+            raise DataError(self.path, f"{col_a} and {col_b} are the same file {ref_a.path}", where=where)
+        if self._same_bytes(ref_a, ref_b):
+            raise DataError(self.path, f"{col_a} and {col_b} have identical bytes", where=where)
+        meta = row.get("meta") if isinstance(row.get("meta"), Mapping) else {}
+        return _Row(where, prompt.strip(), ref_a, ref_b, labels, dict(meta))
+
+    @staticmethod
+    def _same_bytes(a: _Ref, b: _Ref) -> bool:
+        if a.path is not None and b.path is not None:
+            return filecmp.cmp(a.path, b.path, shallow=False)  # sizes first, then content
+        bytes_a = a.data if a.data is not None else a.path.read_bytes()  # type: ignore[union-attr]
+        bytes_b = b.data if b.data is not None else b.path.read_bytes()  # type: ignore[union-attr]
+        return bytes_a == bytes_b
+
+    def _load(self, ref: _Ref, where: str) -> Tensor:
+        try:
+            if ref.data is not None:
+                media = decode_image_bytes(ref.data, source=f"{self.path} {where} {ref.column}")
+            else:
+                media = load_media(ref.path, max_frames=self._max_frames)  # type: ignore[arg-type]
+        except MediaError as exc:
+            # bytes: the row already names the source; files: keep the media path in the message
+            reason = exc.reason if ref.data is not None else str(exc)
+            raise DataError(self.path, f"{ref.column}: {reason}", where=where) from exc
+        return self._transform(media) if self._transform is not None else media
+
+    # ------------------------------------------------------------------ public
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, index: int) -> PreferencePair:
+        row = self._check_row(self._index[index])
+        media_a, media_b = self._load(row.ref_a, row.where), self._load(row.ref_b, row.where)
+        if self.order_by is None:
+            media_w, media_l, labels = media_a, media_b, row.labels
+        else:
+            media_w, media_l, labels = canonicalise_pair(media_a, media_b, row.labels, order_by=self.order_by)
+        return PreferencePair(row.prompt, media_w, media_l, labels, f"{self.path} {row.where}", row.meta)
+
+    def validate(self, *, decode: bool = False, max_errors: int = 20) -> int:
+        """Check every row: prompt, labels, paths (inside root, existing, distinct), bytes.
+
+        Args:
+            decode: also decode every media file (slow; catches corrupt files).
+            max_errors: how many problems to list in the message (all are counted).
+
+        Returns:
+            The number of rows (all valid).
+
+        Raises:
+            DataError: naming the file, the number of invalid rows, and the first
+                ``max_errors`` problems, each with its row.
+        """
+        problems: list[str] = []
+        for i in self._index:
+            try:
+                row = self._check_row(i)
+                if decode:
+                    self._load(row.ref_a, row.where)
+                    self._load(row.ref_b, row.where)
+            except DataError as exc:
+                problems.append(f"{exc.where}: {exc.reason}" if exc.where else exc.reason)
+        if problems:
+            shown = "\n  ".join(problems[:max_errors])
+            more = f"\n  ... and {len(problems) - max_errors} more" if len(problems) > max_errors else ""
+            raise DataError(
+                self.path, f"{len(problems)} of {len(self._index)} rows are invalid:\n  {shown}{more}"
+            )
+        return len(self._index)
+
+
+def load_preference_dataset(
+    path: str | os.PathLike[str],
+    *,
+    root: str | os.PathLike[str] | None = None,
+    dimensions: Sequence[str] | None = None,
+    order_by: str | None = _AUTO,
+    keep_ties: bool = True,
+    max_frames: int | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    split: str | None = None,
+) -> PreferenceDataset:
+    """Open a preference dataset: ``.parquet`` (file or folder of shards), ``.jsonl``,
+    ``.csv``/``.tsv``, or a ``save_to_disk`` folder.
+
+    Args:
+        path: the dataset file or folder.
+        root: folder that media paths are relative to (default: the dataset file's folder).
+        dimensions: label dimensions to read (default: all found; see module doc).
+        order_by: the dimension that orders each pair into (w, l); ``"auto"`` = the only
+            dimension of a single-label dataset, else None (keep A = w, B = l).
+        keep_ties: False drops pairs that tie on ``order_by`` (labels are parsed upfront).
+        max_frames: keep only the first frames of each video.
+        transform: applied to each loaded media tensor (e.g. resize to a common size).
+        split: for a ``DatasetDict`` folder, which split to read.
+
+    Returns:
+        The dataset; rows are checked and decoded lazily.
+
+    Raises:
+        DataError: unreadable file, missing columns, or (with keep_ties=False) a bad label.
+    """
+    return PreferenceDataset(
+        open_table(path, split=split),
+        root=root,
+        dimensions=dimensions,
+        order_by=order_by,
+        keep_ties=keep_ties,
+        max_frames=max_frames,
+        transform=transform,
+    )
+
+
+def collate_preference(pairs: Sequence[PreferencePair]) -> dict[str, Any]:
+    """Stack pairs into a batch (use as a DataLoader ``collate_fn``).
+
+    Args:
+        pairs: B pairs with the same label dimensions and media of one shape.
+
+    Returns:
+        ``{"prompt": list[str], "media_w": [B, ...], "media_l": [B, ...],
+        "labels": {dim: long [B] in {1 w better, 0 tie, -1 l better, -2 missing}},
+        "source": list[str]}``.
+
+    Raises:
+        ValueError: no pairs, different label dimensions, or media of different shapes
+            (pass ``transform=`` to the dataset to resize), naming the offending rows.
+    """
+    if not pairs:
+        raise ValueError("collate_preference got no pairs")
+    dims = list(pairs[0].labels)
+    shape = pairs[0].media_w.shape
+    for p in pairs:
+        if list(p.labels) != dims:
+            raise ValueError(
+                f"{p.source}: label dimensions {list(p.labels)} differ from {dims} ({pairs[0].source})"
+            )
+        for name, m in (("media_w", p.media_w), ("media_l", p.media_l)):
+            if m.shape != shape:
+                raise ValueError(
+                    f"{p.source}: {name} has shape {tuple(m.shape)} but {pairs[0].source} media_w has "
+                    f"{tuple(shape)}; resize with the dataset's transform="
+                )
+    return {
+        "prompt": [p.prompt for p in pairs],
+        "media_w": torch.stack([p.media_w for p in pairs]),  # [B, 3, H, W] or [B, T, 3, H, W]
+        "media_l": torch.stack([p.media_l for p in pairs]),
+        "labels": {d: torch.tensor([p.labels[d] for p in pairs], dtype=torch.long) for d in dims},
+        "source": [p.source for p in pairs],
+    }
+
+
+_LABEL_TEXT = {LABEL_W_BETTER: "A", LABEL_TIE: "tie", LABEL_L_BETTER: "B", LABEL_MISSING: None}
+
+
+def write_preference_jsonl(
+    out_dir: str | os.PathLike[str],
+    rows: Iterable[PreferencePair | Mapping[str, Any]],
+    *,
+    filename: str = "pairs.jsonl",
+    image_ext: str = ".png",
+    video_ext: str = ".mp4",
+    fps: float = 8,
+    overwrite: bool = False,
+) -> Path:
+    """Write pairs as media files plus a jsonl that :func:`load_preference_dataset` reads.
+
+    Each row becomes ``media/{i:06d}_A{ext}`` (= media_w), ``media/{i:06d}_B{ext}`` (= media_l)
+    and a line ``{"prompt", "path_A", "path_B", "label"[, "meta"]}``; ``label`` is ``"A"``,
+    ``"B"`` or ``"tie"`` for the single dimension ``"overall"``, else an object per dimension
+    (missing = null). Media files are written atomically; the jsonl is written to a temporary
+    name and renamed at the end, so it only appears once every row is written.
+
+    Args:
+        out_dir: output folder (created).
+        rows: :class:`PreferencePair` objects or mappings with ``prompt``, ``media_w``,
+            ``media_l`` and optionally ``labels`` (default ``{"overall": 1}``) and ``meta``
+            (JSON-serialisable, e.g. rewards and seeds).
+        filename: name of the jsonl inside ``out_dir``.
+        image_ext: extension for [3, H, W] media (``.png`` is lossless).
+        video_ext: extension for [T, 3, H, W] media (``.mp4`` lossy, ``.gif``, ``.npy`` exact).
+        fps: frames per second for videos.
+        overwrite: replace an existing jsonl (otherwise refuse).
+
+    Returns:
+        The path of the jsonl.
+
+    Raises:
+        FileExistsError: the jsonl exists and ``overwrite`` is False.
+        DataError: a row with an empty prompt, bad labels, or media that cannot be saved;
+            or no rows at all.
+    """
+    out_dir = Path(out_dir)
+    jsonl = out_dir / filename
+    if jsonl.exists() and not overwrite:
+        raise FileExistsError(f"{jsonl} exists; pass overwrite=True to replace it")
+    (out_dir / "media").mkdir(parents=True, exist_ok=True)
+    count = 0
+    with atomic_write(jsonl) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for i, row in enumerate(rows):
+            where = f"row {i}"
+            if isinstance(row, PreferencePair):
+                prompt, media_w, media_l, labels, meta = (
+                    row.prompt,
+                    row.media_w,
+                    row.media_l,
+                    row.labels,
+                    row.meta,
+                )
+            else:
+                prompt, media_w, media_l = row.get("prompt"), row.get("media_w"), row.get("media_l")
+                labels, meta = row.get("labels", {OVERALL: LABEL_W_BETTER}), row.get("meta", {})
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise DataError(jsonl, f"prompt must be a non-empty string, got {prompt!r}", where=where)
+            if not isinstance(media_w, Tensor) or not isinstance(media_l, Tensor):
+                raise DataError(jsonl, "media_w and media_l must be tensors", where=where)
+            bad = {k: v for k, v in labels.items() if v not in _LABEL_TEXT}
+            if not labels or bad:
+                raise DataError(
+                    jsonl, f"labels must map dimensions to 1, 0, -1 or -2, got {dict(labels)}", where=where
+                )
+            record: dict[str, Any] = {"prompt": prompt.strip()}
+            for key, media in (("path_A", media_w), ("path_B", media_l)):
+                rel = f"media/{i:06d}_{key[-1]}{image_ext if media.ndim == 3 else video_ext}"
+                try:
+                    save_media(media, out_dir / rel, fps=fps)
+                except MediaError as exc:
+                    raise DataError(jsonl, f"{key}: {exc}", where=where) from exc
+                record[key] = rel
+            text = {k: _LABEL_TEXT[v] for k, v in labels.items()}
+            record["label"] = text[OVERALL] if list(text) == [OVERALL] else text
+            if meta:
+                record["meta"] = dict(meta)
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+        fh.flush()
+        if count == 0:
+            raise DataError(jsonl, "no rows to write")
+    return jsonl

@@ -1,0 +1,251 @@
+"""Row access to tabular data files: jsonl, csv/tsv, parquet (file or shards), HF datasets.
+
+A :class:`Table` gives the column names, the number of rows, one row as a dict, and where a
+row lives for error messages (``line N`` from 1 in text files, ``row N`` from 0 in parquet
+and HF datasets, prefixed by the shard name for a folder of shards). Text files are parsed
+whole when opened; parquet is read one row group at a time (a few are cached), so shards of
+encoded images are not held in memory at once.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Protocol
+
+from flowalign.data.errors import DataError
+
+__all__ = ["Table", "open_table"]
+
+
+class Table(Protocol):
+    """Read-only row access. ``path`` names the source in errors; ``default_root`` is the
+    folder that relative media paths start from."""
+
+    path: Path
+    default_root: Path
+    columns: list[str]
+    num_rows: int
+
+    def row(self, i: int) -> dict[str, Any]: ...
+
+    def where(self, i: int) -> str: ...
+
+
+class _RowsTable:
+    """Rows parsed in memory (jsonl, csv), each with its 1-based line number."""
+
+    def __init__(self, path: Path, columns: list[str], rows: list[dict[str, Any]], lines: list[int]) -> None:
+        self.path, self.default_root = path, path.parent
+        self.columns, self._rows, self._lines = columns, rows, lines
+        self.num_rows = len(rows)
+
+    def row(self, i: int) -> dict[str, Any]:
+        return self._rows[i]
+
+    def where(self, i: int) -> str:
+        return f"line {self._lines[i]}"
+
+
+def _text_lines(path: Path) -> list[tuple[int, str]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(path, f"not valid UTF-8 ({exc})") from exc
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()  # blank lines at the very end are editor leftovers, not rows
+    if not lines:
+        raise DataError(path, "file is empty")
+    return list(enumerate(lines, start=1))
+
+
+def _open_jsonl(path: Path) -> _RowsTable:
+    rows, nums, columns = [], [], {}
+    for num, line in _text_lines(path):
+        if not line.strip():
+            raise DataError(path, "empty line", where=f"line {num}")
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                path, f"invalid JSON ({exc.msg} at column {exc.colno})", where=f"line {num}"
+            ) from exc
+        if not isinstance(obj, dict):
+            raise DataError(path, f"expected a JSON object, got {type(obj).__name__}", where=f"line {num}")
+        columns.update(dict.fromkeys(obj))
+        rows.append(obj)
+        nums.append(num)
+    return _RowsTable(path, list(columns), rows, nums)
+
+
+def _open_csv(path: Path) -> _RowsTable:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    text = "\n".join(line for _, line in _text_lines(path)) + "\n"
+    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
+    header = next(reader)
+    if len(set(header)) != len(header):
+        raise DataError(path, f"duplicate column names in header {header}", where="line 1")
+    rows, nums = [], []
+    for cells in reader:
+        where = f"line {reader.line_num}"
+        if not any(c.strip() for c in cells):
+            raise DataError(path, "empty line", where=where)
+        if len(cells) != len(header):
+            raise DataError(
+                path, f"expected {len(header)} fields as in the header, got {len(cells)}", where=where
+            )
+        rows.append(dict(zip(header, cells, strict=True)))
+        nums.append(reader.line_num)
+    return _RowsTable(path, header, rows, nums)
+
+
+class _ParquetTable:
+    """One parquet file or a folder of shards, read by row group on demand."""
+
+    _CACHE_SIZE = 4
+
+    def __init__(self, path: Path, files: list[Path]) -> None:
+        import pyarrow.parquet as pq
+
+        self.path = path
+        self.default_root = path if path.is_dir() else path.parent
+        self._files = files
+        self._is_folder = path.is_dir()
+        self._groups: list[tuple[int, int, int]] = []  # (global first row, file index, row group)
+        self._cache: OrderedDict[tuple[int, int], list[dict[str, Any]]] = OrderedDict()
+        self._handles: dict[int, Any] = {}
+        self._file_offsets: dict[tuple[int, int], int] = {}  # first row of a row group within its file
+        first, schema = 0, None
+        for k, f in enumerate(files):
+            try:
+                meta = pq.ParquetFile(f).metadata
+            except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for non-parquet bytes
+                raise DataError(f, f"cannot read parquet ({exc})") from exc
+            names = meta.schema.to_arrow_schema().names
+            if schema is None:
+                schema = names
+            elif names != schema:
+                raise DataError(f, f"columns {names} differ from {schema} in {files[0].name}")
+            in_file = 0
+            for g in range(meta.num_row_groups):
+                self._groups.append((first, k, g))
+                self._file_offsets[(k, g)] = in_file
+                first += meta.row_group(g).num_rows
+                in_file += meta.row_group(g).num_rows
+        self.columns = list(schema or [])
+        self.num_rows = first
+        self._starts = [g[0] for g in self._groups]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # open files and cached row groups stay behind (DataLoader workers pickle datasets)
+        return {**self.__dict__, "_handles": {}, "_cache": OrderedDict()}
+
+    def _locate(self, i: int) -> tuple[int, int, int]:
+        if not 0 <= i < self.num_rows:
+            raise IndexError(f"row {i} out of range for {self.num_rows} rows in {self.path}")
+        first, k, g = self._groups[bisect.bisect_right(self._starts, i) - 1]
+        return k, g, i - first
+
+    def row(self, i: int) -> dict[str, Any]:
+        import pyarrow.parquet as pq
+
+        k, g, offset = self._locate(i)
+        rows = self._cache.get((k, g))
+        if rows is None:
+            if k not in self._handles:
+                self._handles[k] = pq.ParquetFile(self._files[k])
+            rows = self._handles[k].read_row_group(g).to_pylist()
+            self._cache[(k, g)] = rows
+            if len(self._cache) > self._CACHE_SIZE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end((k, g))
+        return rows[offset]
+
+    def where(self, i: int) -> str:
+        k, g, offset = self._locate(i)
+        local = self._file_offsets[(k, g)] + offset
+        return f"{self._files[k].name} row {local}" if self._is_folder else f"row {local}"
+
+
+class _HFTable:
+    """A ``datasets`` folder written by ``save_to_disk``; images kept as encoded bytes."""
+
+    def __init__(self, path: Path, split: str | None) -> None:
+        try:
+            import datasets
+        except ImportError as exc:
+            raise DataError(
+                path, "reading a save_to_disk folder needs the optional 'datasets' package"
+            ) from exc
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as exc:  # datasets raises FileNotFoundError/ValueError/ArrowInvalid
+            raise DataError(path, f"cannot load with datasets.load_from_disk ({exc})") from exc
+        if isinstance(ds, datasets.DatasetDict):
+            if split is None and len(ds) == 1:
+                split = next(iter(ds))
+            if split is None:
+                raise DataError(
+                    path, f"the folder holds several splits; choose one of {sorted(ds)} with split="
+                )
+            if split not in ds:
+                raise DataError(path, f"split {split!r} not found; choose one of {sorted(ds)} with split=")
+            ds = ds[split]
+        elif split is not None:
+            raise DataError(path, f"split={split!r} given but the folder holds a single Dataset")
+        for name, feature in ds.features.items():
+            if isinstance(feature, datasets.Image):
+                ds = ds.cast_column(name, datasets.Image(decode=False))  # rows give {"bytes", "path"}
+        self.path, self.default_root = path, path
+        self._ds = ds
+        self.columns = list(ds.column_names)
+        self.num_rows = len(ds)
+
+    def row(self, i: int) -> dict[str, Any]:
+        return self._ds[i]
+
+    def where(self, i: int) -> str:
+        return f"row {i}"
+
+
+def open_table(path: str | os.PathLike[str], *, split: str | None = None) -> Table:
+    """Open a jsonl, csv/tsv or parquet file, a folder of parquet shards, or a HF datasets folder.
+
+    Args:
+        path: the file or folder.
+        split: for a HF ``DatasetDict`` folder, which split to read.
+
+    Returns:
+        A :class:`Table`.
+
+    Raises:
+        DataError: missing path, unknown format, or an unreadable file (naming the line).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "does not exist")
+    if path.is_dir():
+        if any((path / n).exists() for n in ("state.json", "dataset_dict.json", "dataset_info.json")):
+            return _HFTable(path, split)
+        shards = sorted(path.glob("*.parquet"))
+        if shards:
+            return _ParquetTable(path, shards)
+        raise DataError(path, "folder holds neither parquet shards nor a datasets save_to_disk layout")
+    if path.stat().st_size == 0:
+        raise DataError(path, "file is empty")
+    ext = path.suffix.lower()
+    if ext == ".jsonl":
+        return _open_jsonl(path)
+    if ext in (".csv", ".tsv"):
+        return _open_csv(path)
+    if ext == ".parquet":
+        return _ParquetTable(path, [path])
+    raise DataError(
+        path, f"unsupported dataset format {ext!r}; expected .parquet, .jsonl, .csv, .tsv or a folder"
+    )
