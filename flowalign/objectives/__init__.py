@@ -1,5 +1,12 @@
 """Pure objectives: tensors in, per-sample loss and detached metrics out (no modules, configs or I/O)."""
 
+from flowalign.objectives.bt_ties import (
+    BTTProbabilities,
+    btt_loss,
+    btt_probabilities,
+    pairwise_accuracy,
+    tie_calibrated_accuracy,
+)
 from flowalign.objectives.dpo import (
     check_shared_pair_noise,
     diffusion_dpo_loss,
@@ -18,6 +25,11 @@ from flowalign.objectives.flow_matching import (
 from flowalign.objectives.rwr import flow_rwr_loss, rwr_weights
 
 __all__ = [
+    "BTTProbabilities",
+    "btt_loss",
+    "btt_probabilities",
+    "pairwise_accuracy",
+    "tie_calibrated_accuracy",
     "check_shared_pair_noise",
     "diffusion_dpo_loss",
     "dpo_inside",
