@@ -1,0 +1,93 @@
+"""Reward registry: name -> loader, so the CLI and configs can say ``--reward pickscore``.
+
+Built-in rewards are listed by name and imported only when loaded (open_clip and transformers
+stay unimported until needed). Users add their own with the decorator:
+
+    @register_reward("my_reward")
+    def load_my_reward(*, device="cpu", dtype=torch.float32, **kwargs) -> RewardModel: ...
+
+    reward = load_reward("my_reward", device="cuda", dtype=torch.bfloat16)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+
+from flowalign.rewards.base import RewardModel
+
+__all__ = ["available_rewards", "load_reward", "register_reward"]
+
+RewardLoader = Callable[..., RewardModel]
+
+# name -> "module:function[:key=value]" resolved on first use.
+_BUILTIN: dict[str, str] = {
+    "clip": "flowalign.rewards.clip:load_clip",
+    "pickscore": "flowalign.rewards.clip:load_pickscore",
+    "hpsv2": "flowalign.rewards.clip:load_hpsv2:version=v2.0",
+    "hpsv2.1": "flowalign.rewards.clip:load_hpsv2:version=v2.1",
+    "aesthetic": "flowalign.rewards.aesthetic:load_aesthetic",
+    "toy": "flowalign.rewards.toy:load_toy",
+}
+_REGISTRY: dict[str, RewardLoader] = {}
+
+
+def register_reward(name: str) -> Callable[[RewardLoader], RewardLoader]:
+    """Register a loader ``(*, device, dtype, **kwargs) -> RewardModel`` under ``name``.
+
+    Raises:
+        ValueError: the name is empty or already taken.
+    """
+    if not name or not isinstance(name, str):
+        raise ValueError(f"register_reward: name must be a non-empty str, got {name!r}")
+
+    def decorator(loader: RewardLoader) -> RewardLoader:
+        if name in _REGISTRY or name in _BUILTIN:
+            raise ValueError(f"register_reward: a reward named {name!r} is already registered")
+        _REGISTRY[name] = loader
+        return loader
+
+    return decorator
+
+
+def available_rewards() -> list[str]:
+    """Names accepted by :func:`load_reward`, sorted."""
+    return sorted({*_BUILTIN, *_REGISTRY})
+
+
+def _resolve(name: str) -> RewardLoader:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    module_name, func_name, *fixed = _BUILTIN[name].split(":")
+    loader = getattr(importlib.import_module(module_name), func_name)
+    fixed_kwargs = dict(item.split("=", 1) for item in fixed)
+    return partial(loader, **fixed_kwargs) if fixed_kwargs else loader
+
+
+def load_reward(
+    name: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **kwargs: Any,
+) -> RewardModel:
+    """Build the reward registered as ``name``, frozen and in eval mode.
+
+    Args:
+        name: one of :func:`available_rewards`.
+        device, dtype: where and in what precision the reward's networks run.
+        **kwargs: the loader's own options (model folder/hub id, checkpoint, batch_size, ...).
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    if name not in _REGISTRY and name not in _BUILTIN:
+        raise ValueError(f"unknown reward {name!r}; available rewards: {', '.join(available_rewards())}")
+    reward = _resolve(name)(device=device, dtype=dtype, **kwargs)
+    if not isinstance(reward, RewardModel):
+        raise TypeError(f"reward loader {name!r} returned {type(reward).__name__}, expected a RewardModel")
+    return reward.eval()
