@@ -8,6 +8,7 @@ One module per method (algorithms.md section in brackets):
     f_divergences   f, f'' and h(r) = r^2 f''(r) of the f-distill suite              [2.1]
     fdistill        f-distill weights, generator surrogate, fake-score loss          [2.3-2.5]
     gan             discriminator / generator GAN losses, R1                         [2.2]
+    distar          Diff-Instruct*: pseudo-Huber score-divergence regulariser + reward  [3]
 """
 
 from flowalign.objectives.bt_ties import (
@@ -16,6 +17,17 @@ from flowalign.objectives.bt_ties import (
     btt_probabilities,
     pairwise_accuracy,
     tie_calibrated_accuracy,
+)
+from flowalign.objectives.distar import (
+    distance_grad,
+    distar_generator_loss,
+    distar_regularizer,
+    guided_reference,
+    kl_reward_generator_loss,
+    online_score_loss,
+    pseudo_huber,
+    pseudo_huber_grad,
+    score_divergence_surrogate,
 )
 from flowalign.objectives.dpo import (
     check_shared_pair_noise,
@@ -66,6 +78,9 @@ __all__ = [
     "check_shared_pair_noise",
     "density_ratio_from_logits",
     "diffusion_dpo_loss",
+    "distance_grad",
+    "distar_generator_loss",
+    "distar_regularizer",
     "divergence_names",
     "dpo_inside",
     "f_distill_weights",
@@ -80,11 +95,17 @@ __all__ = [
     "gan_discriminator_loss",
     "gan_generator_loss",
     "get_divergence",
+    "guided_reference",
+    "kl_reward_generator_loss",
     "normalize_weights",
+    "online_score_loss",
     "pairwise_accuracy",
     "per_sample_mse",
+    "pseudo_huber",
+    "pseudo_huber_grad",
     "r1_penalty",
     "rwr_weights",
+    "score_divergence_surrogate",
     "split_pairs",
     "tie_calibrated_accuracy",
     "time_bin_index",

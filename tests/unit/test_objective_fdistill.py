@@ -233,7 +233,7 @@ def test_gaussian_toy_gradient_equals_theta(theta):
     # teacher p = N(0, 1), student q = N(theta, 1), x = theta + z; exact scores and ratio (algorithms.md 2.9).
     # With x0_hat = x + s(x) (unit noise scale), x0_fake - x0_teacher = s_q - s_p = theta, and the
     # f-distill gradient -E_q[h(r) (s_p - s_q)] = theta E_q[h(r)] = theta for h = 1 and h = r (E_q[r] = 1).
-    n = 100_000
+    n = 50_000
     z = torch.randn(n, 1, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
     thetas = torch.full((n, 1), theta, dtype=torch.float64, requires_grad=True)  # per-sample grads
     x = thetas + z
@@ -249,19 +249,13 @@ def test_gaussian_toy_gradient_equals_theta(theta):
         grads = thetas.grad[:, 0]
         se = grads.std().item() / math.sqrt(n)
         assert abs(grads.mean().item() - theta) <= 5 * se + 1e-12, name
-    # every divergence gives a gradient of the sign of theta (h > 0), and exactly theta after normalisation
+    # every divergence: after the weight normalisation the toy gradient is exactly theta (so of its sign)
     for name in ALL_DIVERGENCES:
-        h = f_weight(r, divergence=name)
         thetas.grad = None
-        fdistill_generator_loss(x, x0_teacher, x0_fake, weights=h, dmd_normalize=False)[0].sum().backward(
-            retain_graph=True
-        )
-        assert math.copysign(1, thetas.grad.mean().item()) == math.copysign(1, theta)
-        thetas.grad = None
-        fdistill_generator_loss(x, x0_teacher, x0_fake, weights=normalize_weights(h), dmd_normalize=False)[
-            0
-        ].sum().backward(retain_graph=True)
-        assert thetas.grad.mean().item() == pytest.approx(theta, rel=1e-9)
+        h = normalize_weights(f_weight(r, divergence=name))
+        loss, _ = fdistill_generator_loss(x, x0_teacher, x0_fake, weights=h, dmd_normalize=False)
+        loss.sum().backward(retain_graph=True)
+        assert thetas.grad.mean().item() == pytest.approx(theta, rel=1e-9), name
 
 
 def test_fake_score_loss_is_flow_matching_on_detached_student_samples():
