@@ -1,0 +1,54 @@
+"""The toy world: procedurally drawn shapes with captions and exact pixel oracle rewards.
+
+``world`` holds the vocabulary, scenes, captions and the train/held-out split; ``render`` draws scenes;
+``data`` serves them as a torch Dataset or exports them to files; ``oracles`` scores images and clips
+against captions from pixels only. The tiny flow model lives in ``flowalign.toy.model`` (not imported
+here, so the world stays light).
+"""
+
+from flowalign.toy.data import ToyDataset, export_toy_dataset, load_toy_export
+from flowalign.toy.oracles import detect_attributes, score_images, score_videos
+from flowalign.toy.render import render_image, render_images, render_video, render_videos
+from flowalign.toy.world import (
+    COLOURS,
+    MOTIONS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Attributes,
+    Scene,
+    all_attributes,
+    parse_caption,
+    sample_scene,
+    sample_scenes,
+    split_attributes,
+    split_of,
+    toy_prompts,
+)
+
+__all__ = [
+    "COLOURS",
+    "MOTIONS",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "Attributes",
+    "Scene",
+    "ToyDataset",
+    "all_attributes",
+    "detect_attributes",
+    "export_toy_dataset",
+    "load_toy_export",
+    "parse_caption",
+    "render_image",
+    "render_images",
+    "render_video",
+    "render_videos",
+    "sample_scene",
+    "sample_scenes",
+    "score_images",
+    "score_videos",
+    "split_attributes",
+    "split_of",
+    "toy_prompts",
+]
