@@ -40,7 +40,27 @@ from flowalign.objectives._common import (
 )
 from flowalign.objectives.f_divergences import get_divergence
 from flowalign.objectives.flow_matching import per_sample_mse
-from flowalign.objectives.gan import gan_generator_loss
+from flowalign.objectives.gan import (
+    approx_r1_penalty,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    r1_penalty,
+)
+
+# the GAN terms live in gan.py and are re-exported so that everything f-distill needs is importable from here
+__all__ = [
+    "RatioBinEMA",
+    "approx_r1_penalty",
+    "density_ratio_from_logits",
+    "f_distill_weights",
+    "fake_score_loss",
+    "fdistill_generator_loss",
+    "gan_discriminator_loss",
+    "gan_generator_loss",
+    "normalize_weights",
+    "r1_penalty",
+    "time_bin_index",
+]
 
 ReduceFn = Callable[[Tensor], Tensor]
 
@@ -107,7 +127,7 @@ def time_bin_index(t: Tensor, *, num_bins: int = 10, t_min: float = 0.0, t_max: 
     return pos.floor().long().clamp(0, num_bins - 1)
 
 
-@dataclass
+@dataclass(eq=False)
 class RatioBinEMA:
     """Per-time-bin running mean of the density ratio, for the ratio normalisation of algorithms.md 2.3 step 2.
 

@@ -52,6 +52,7 @@ def per_sample_mse(pred: Tensor, target: Tensor, *, reduction: Reduction = "mean
     check_same_shape(fn, [("pred", pred), ("target", target)])
     check_batched(fn, "pred", pred)
     check_floating(fn, "pred", pred)
+    check_floating(fn, "target", target)
     check_choice(fn, "reduction", reduction, REDUCTIONS)
     sq = (upcast(pred) - upcast(target)).pow(2)
     if sq.ndim == 1:
