@@ -1,0 +1,567 @@
+"""Typed run configuration: nested dataclasses, YAML recipes and dotted command-line overrides.
+
+Every knob of a run lives in a dataclass here (or in a method's own config, which nests
+:class:`TrainConfig`). Each field is documented once, by the attribute docstring under it;
+:func:`describe_config` reads those docstrings back (for ``--help`` texts and docs).
+
+Loading order (later wins): the dataclass defaults, then the YAML file, then the overrides::
+
+    cfg = load_config(TrainConfig, "configs/toy.yaml", ["optim.lr=1e-4", "lora.rank=8"])
+
+Values are coerced to the annotated type (``"1e-4"`` -> float, ``[0.9, 0.99]`` -> tuple, ``"runs/x"``
+-> Path, ``null`` -> None for optional fields). An unknown key, a value of the wrong type or an
+out-of-range value raises :class:`ConfigError` naming the full dotted key, where it came from
+(the YAML file or the override) and, for unknown keys, the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import tempfile
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "EMAConfig",
+    "LoraConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "describe_config",
+    "load_config",
+    "save_config",
+]
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A configuration problem: unknown key, wrong type or invalid value.
+
+    ``key`` is the dotted key the problem is about (may be empty for file-level problems).
+    """
+
+    def __init__(self, message: str, *, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+        self.reason = message
+
+
+def _check(condition: bool, key: str, reason: str) -> None:
+    """Raise a ConfigError about ``key`` (relative to the dataclass being validated) if not condition."""
+    if not condition:
+        raise ConfigError(reason, key=key)
+
+
+# --------------------------------------------------------------------------------------------
+# The configs
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW and its learning-rate schedule (one optimizer per parameter group)."""
+
+    lr: float = 1e-4
+    """Peak learning rate (reached after ``warmup_steps``)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2)."""
+    weight_decay: float = 1e-2
+    """AdamW decoupled weight decay, applied to every trainable parameter."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    fused: bool | None = None
+    """Fused AdamW kernel: None = use it on CUDA only, True = always (fails where torch lacks it), False = never."""
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate shape after warm-up: constant, linear decay to 0, or half-cosine decay to 0 at max_steps."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to ``lr``."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr >= 0, "lr", f"must be >= 0, got {self.lr}")
+        _check(all(0 <= b < 1 for b in self.betas), "betas", f"must lie in [0, 1), got {self.betas}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """Low-rank adapters (peft LoRA) on the trainable network instead of a full fine-tune."""
+
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Names (suffixes) of the linear layers that get adapters (diffusers attention projections by default)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch input."""
+    init: Literal["default", "gaussian"] = "default"
+    """peft init of A: "default" (Kaiming-uniform) or "gaussian" (N(0, 1/rank)); B = 0 in both, so training starts at the base model."""
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
+        _check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        _check(len(self.target_modules) > 0, "target_modules", "must name at least one module")
+        _check(0 <= self.dropout < 1, "dropout", f"must lie in [0, 1), got {self.dropout}")
+
+
+@dataclass(kw_only=True)
+class EMAConfig:
+    """Exponential moving average of the trainable weights (an fp32 shadow copy)."""
+
+    use: bool = False
+    """Keep an EMA of the trainable parameters (saved in checkpoints, exported to ``final-ema/``)."""
+    decay: float = 0.9999
+    """shadow <- decay * shadow + (1 - decay) * param, at each EMA update."""
+    every: int = 1
+    """Update the EMA every this many optimizer steps."""
+    start_step: int = 0
+    """Before this step the shadow is a plain copy of the weights (decay 0)."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.decay < 1, "decay", f"must lie in [0, 1), got {self.decay}")
+        _check(self.every >= 1, "every", f"must be >= 1, got {self.every}")
+        _check(self.start_step >= 0, "start_step", f"must be >= 0, got {self.start_step}")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Periodic, atomic checkpoints under ``output_dir/checkpoint-XXXXXXXX/``."""
+
+    every: int = 500
+    """Write a checkpoint every this many steps (0 = only at the end and on SIGTERM)."""
+    keep_last: int | None = 3
+    """Keep only the newest this many complete checkpoints (None = keep all)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+        _check(
+            self.keep_last is None or self.keep_last >= 1,
+            "keep_last",
+            f"must be >= 1 or null, got {self.keep_last}",
+        )
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything the training loop needs; methods nest this in their own config."""
+
+    output_dir: Path = Path("runs/train")
+    """Run folder: checkpoints, metrics.jsonl, tensorboard logs and the final export."""
+    seed: int = 0
+    """Seed of the data order and of every per-sample random draw (noise, t)."""
+    max_steps: int = 1000
+    """Number of optimizer steps (a step whose loss is not finite still counts)."""
+    batch_size: int = 4
+    """Samples per process per micro-step; global batch = batch_size * num_processes * grad_accum_steps."""
+    grad_accum_steps: int = 1
+    """Micro-steps whose gradients are averaged before each optimizer step."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast dtype for the forward pass; weights, optimizer state and EMA stay fp32."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm of each parameter group to this value (None = no clipping)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (calls ``enable_gradient_checkpointing`` on trainable modules)."""
+    log_every: int = 10
+    """Write metrics (metrics.jsonl, tensorboard) every this many steps."""
+    max_nan_steps_in_row: int = 5
+    """Stop with TrainingDiverged after this many consecutive steps with a non-finite loss or gradient."""
+    num_workers: int = 0
+    """DataLoader worker processes per training process."""
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """accelerate trackers to log to (``log_with``), e.g. ["tensorboard"] or ["tensorboard", "wandb"]; [] = none."""
+    cpu: bool = False
+    """Train on CPU even when an accelerator is available."""
+    ddp_find_unused_parameters: bool = False
+    """Let DDP tolerate trainable parameters that get no gradient in a step (methods alternating networks)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    """Exponential moving average of the weights."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint frequency and rotation."""
+    lora: LoraConfig | None = None
+    """LoRA adapters; None = full fine-tune of the trainable modules."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "max_nan_steps_in_row"):
+            value = getattr(self, key)
+            _check(value >= 1, key, f"must be >= 1, got {value}")
+        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(
+            self.grad_clip is None or self.grad_clip > 0,
+            "grad_clip",
+            f"must be > 0 or null, got {self.grad_clip}",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Type coercion
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _non_none(tp: Any) -> list[Any]:
+    return [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass type inside ``tp`` (``X`` or ``X | None``), else None."""
+    for arg in _non_none(tp):
+        if dataclasses.is_dataclass(arg) and isinstance(arg, type):
+            return arg
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+class _CoerceError(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Convert ``value`` (from YAML or an override) to the annotated type ``tp``."""
+    if tp is Any:
+        return value
+    if _is_union(tp):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _CoerceError(f"expected {_type_name(tp)}, got null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except _CoerceError as err:
+                errors.append(str(err))
+        raise _CoerceError(f"expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise _CoerceError(f"expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".", source)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) in {type(c) for c in choices}:
+            return value
+        raise _CoerceError(f"expected one of {list(choices)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise _CoerceError(f"expected a list ({_type_name(tp)}), got {value!r}")
+        args = typing.get_args(tp)
+        if origin is list:
+            return [_coerce(v, args[0] if args else Any, key, source) for v in value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key, source) for v in value)
+        if args and len(args) != len(value):
+            raise _CoerceError(f"expected {len(args)} values ({_type_name(tp)}), got {len(value)}: {value!r}")
+        return tuple(
+            _coerce(v, a, key, source) for v, a in zip(value, args or [Any] * len(value), strict=True)
+        )
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _CoerceError(f"expected a mapping ({_type_name(tp)}), got {value!r}")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, kt, key, source): _coerce(v, vt, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise _CoerceError(f"expected a bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise _CoerceError(f"expected an int, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = float("nan")
+            if number.is_integer():
+                return int(number)
+        raise _CoerceError(f"expected an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise _CoerceError(f"expected a float, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _CoerceError(f"expected a float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _CoerceError(f"expected a string, got {value!r}")
+    if tp is Path:
+        if isinstance(value, str | os.PathLike):
+            return Path(value)
+        raise _CoerceError(f"expected a path string, got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise _CoerceError(f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of ``cls`` (nested dataclasses expanded)."""
+    keys = []
+    for name, tp in _type_hints(cls).items():
+        if name not in {f.name for f in dataclasses.fields(cls)}:
+            continue
+        keys.append(prefix + name)
+        sub = _dataclass_in(tp)
+        if sub is not None:
+            keys.extend(_all_keys(sub, prefix + name + "."))
+    return keys
+
+
+def _unknown_key_error(root: type, full_key: str, source: str, prefix: str = "") -> ConfigError:
+    """Error for an unknown key; close matches come from ``root``'s keys (``prefix`` + its dotted keys)."""
+    candidates = [k for k in _all_keys(root, prefix) if not full_key.startswith(k + ".")]
+    close = difflib.get_close_matches(full_key, candidates, n=3, cutoff=0.6)
+    last = full_key.rsplit(".", 1)[-1]
+    for cand in candidates:
+        if cand.rsplit(".", 1)[-1] == last and cand not in close:
+            close.append(cand)
+    hint = f"; did you mean {', '.join(repr(c) for c in close[:4])}?" if close else ""
+    return ConfigError(f"unknown config key {full_key!r} in {source}{hint}", key=full_key)
+
+
+def _build(cls: type[C], data: dict, prefix: str, source: str) -> C:
+    """Instantiate dataclass ``cls`` (found at dotted ``prefix``) from a (partial) mapping, coercing each value."""
+    hints = _type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for name, value in data.items():
+        if not isinstance(name, str) or name not in names:
+            raise _unknown_key_error(cls, f"{prefix}{name}", source, prefix)
+        try:
+            kwargs[name] = _coerce(value, hints[name], prefix + name, source)
+        except _CoerceError as err:
+            raise ConfigError(
+                f"invalid value for {prefix + name!r} in {source}: {err}", key=prefix + name
+            ) from None
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # from __post_init__: err.key is relative to cls
+        full = prefix + err.key
+        raise ConfigError(f"invalid value for {full!r} in {source}: {err.reason}", key=full) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+
+def config_from_dict(cls: type[C], data: dict, *, source: str = "<dict>") -> C:
+    """Build ``cls`` from a nested mapping (missing keys keep their defaults).
+
+    Raises:
+        ConfigError: unknown key, wrong type or invalid value, naming the dotted key and ``source``.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    return _build(cls, data, "", source)
+
+
+def _set_dotted(root: type, data: dict, dotted: str, raw: str, source: str) -> None:
+    """Apply ``dotted=raw`` to the nested mapping ``data``, checking each key against ``root``."""
+    parts = dotted.split(".")
+    cls: type | None = root
+    node = data
+    tp: Any = root
+    for i, part in enumerate(parts):
+        walked = ".".join(parts[: i + 1])
+        if cls is not None:
+            hints = _type_hints(cls)
+            if part not in {f.name for f in dataclasses.fields(cls) if f.init}:
+                raise _unknown_key_error(root, dotted, source)
+            tp = hints[part]
+        elif typing.get_origin(tp) is dict:
+            tp = (typing.get_args(tp) or (Any, Any))[1]
+        else:
+            raise ConfigError(
+                f"{source}: {walked!r} goes inside {_type_name(tp)}, which has no sub-keys", key=walked
+            )
+        if i == len(parts) - 1:
+            is_text = any(t in (str, Path) for t in _non_none(tp))
+            is_optional = _is_union(tp) and type(None) in typing.get_args(tp)
+            if is_text and not (is_optional and raw.strip() in ("null", "~")):
+                node[part] = raw  # keep text verbatim ("001" stays "001")
+            else:
+                try:
+                    node[part] = yaml.safe_load(raw) if raw.strip() else None
+                except yaml.YAMLError as err:
+                    raise ConfigError(
+                        f"{source}: cannot parse the value of {dotted!r}: {err}", key=dotted
+                    ) from None
+            return
+        sub = _dataclass_in(tp)
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+        cls = sub
+
+
+def load_config(
+    cls: type[C], yaml_path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> C:
+    """Load a config: dataclass defaults, then the YAML file, then ``key.sub=value`` overrides.
+
+    Override values are parsed as YAML scalars/lists (``optim.betas=[0.9,0.99]``, ``lora=null``) and
+    coerced to the field type; for str/Path fields the raw text is kept. Setting a key inside an
+    optional nested config that is None (``lora.rank=8``) creates it with defaults first.
+
+    Args:
+        cls: the config dataclass (e.g. :class:`TrainConfig` or a method config nesting it).
+        yaml_path: optional YAML file with a (partial) nested mapping of fields.
+        overrides: ``"dotted.key=value"`` strings, applied in order after the file.
+
+    Returns:
+        An instance of ``cls``.
+
+    Raises:
+        ConfigError: unknown key (with close matches), bad type or value, unreadable YAML; the
+            message names the dotted key and the file or override it came from.
+    """
+    data: dict = {}
+    source = "defaults"
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {path}: expected a mapping at the top level, got {type(loaded).__name__}"
+            )
+        data = loaded
+        # Validate the file on its own first so that errors name the file, not an override.
+        _build(cls, data, "", source)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        dotted, raw = item.split("=", 1)
+        dotted = dotted.strip()
+        osource = f"override {item!r}"
+        _set_dotted(cls, data, dotted, raw, osource)
+        _build(cls, data, "", osource)
+    return _build(cls, data, "", source if not overrides else f"{source} + overrides")
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Nested plain-Python mapping of a config (tuples -> lists, Paths -> str), ready for YAML/JSON."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
+        raise TypeError(f"config_to_dict expects a dataclass instance, got {type(cfg).__name__}")
+    return plain(cfg)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write ``cfg`` as YAML (atomically: temp file + rename); ``load_config(type(cfg), path)`` gives it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal right under each field) of one dataclass."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    tree = ast.parse(source)
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for stmt, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe_config(cls: type) -> dict[str, str]:
+    """Dotted key -> the field's documentation (its attribute docstring), nested configs included."""
+    out: dict[str, str] = {}
+
+    def walk(c: type, prefix: str) -> None:
+        docs: dict[str, str] = {}
+        for base in reversed(c.__mro__):
+            if dataclasses.is_dataclass(base):
+                docs.update(_attribute_docs(base))
+        hints = _type_hints(c)
+        for f in dataclasses.fields(c):
+            out[prefix + f.name] = docs.get(f.name, "")
+            sub = _dataclass_in(hints[f.name])
+            if sub is not None:
+                walk(sub, prefix + f.name + ".")
+
+    walk(cls, "")
+    return out

@@ -1,0 +1,39 @@
+"""Training: the one accelerate loop, the Method contract, checkpoints, EMA, LoRA and caching.
+
+Import from the submodules (``flowalign.training.loop``, ``.method``, ``.checkpoint``, ``.ema``,
+``.lora``, ``.cache``); the names below are re-exported lazily so ``import flowalign.training``
+stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "train": "loop",
+    "TrainResult": "loop",
+    "TrainingDiverged": "loop",
+    "METRICS_FILE": "loop",
+    "Method": "method",
+    "StepContext": "method",
+    "CheckpointError": "checkpoint",
+    "find_latest_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "EMA": "ema",
+    "add_lora": "lora",
+    "adapters_disabled": "lora",
+    "save_lora": "lora",
+    "merge_lora": "lora",
+    "CachedDataset": "cache",
+    "ensure_cache": "cache",
+    "fingerprint_module": "cache",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"flowalign.training.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'flowalign.training' has no attribute {name!r}")

@@ -1,0 +1,327 @@
+"""Training the noise-aware latent reward model of Flow-NRG with the BTT loss (algorithms.md 1A, 1D).
+
+Each preference pair (x0_w, x0_l, c) is noised with ONE shared time and noise draw,
+
+    x_t^w = (1 - t) x0_w + t eps,   x_t^l = (1 - t) x0_l + t eps,   t ~ U[t_min, t_max] (or logit-normal),
+
+and the reward r_k(x_t, t, c) is fitted per dimension k with Bradley-Terry-with-ties
+(:func:`flowalign.objectives.bt_ties.btt_loss`). Labels come from the batch (human labels) or from a
+clean-input teacher reward (distillation: the teacher scores both clean items and
+:func:`labels_from_scores` turns the difference into 1 / -1 / tie with a margin). ``clean_inputs=True``
+is the ablation the paper reports as failing (Table 7): t = 0 always, a reward that never saw noise.
+
+Dataset items are dicts: ``"prompt"``; ``"latents_w"``/``"latents_l"`` (canonical latents) or
+``"media_w"``/``"media_l"`` (pixels in [0, 1]); optional ``"labels"`` ``{name: 1 | 0 | -1 | -2}`` (1 = w
+better, as in :mod:`flowalign.data.preference`). :class:`ScoredPairs` builds such items from scored
+samples (distillation without a teacher at training time).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from flowalign import flow
+from flowalign.config import LoraConfig
+from flowalign.models.base import FlowModel, PromptEmbeds
+from flowalign.objectives.bt_ties import LABEL_MISSING, btt_loss, pairwise_accuracy
+from flowalign.rewards.latent import LatentRewardModel
+from flowalign.training.method import Method, StepContext
+
+__all__ = [
+    "LatentRewardTraining",
+    "LatentRewardTrainingConfig",
+    "ScoredPairs",
+    "labels_from_scores",
+    "pairs_within_groups",
+]
+
+
+@dataclass(kw_only=True)
+class LatentRewardTrainingConfig:
+    """Latent reward model training settings (``flowalign train latent-reward``)."""
+
+    dimensions: list[str] = field(default_factory=lambda: ["vq", "ta"])
+    """Reward dimensions, e.g. [vq, ta] for images, [vq, mq, ta] for videos."""
+    num_blocks: int = 2
+    """Trunk depth: the first k blocks of the base transformer."""
+    head_hidden: int = 128
+    """Hidden width of each per-dimension head."""
+    trunk_training: Literal["frozen", "lora", "full"] = "lora"
+    """How the trunk copy is trained: not at all, LoRA adapters (``lora``), or every weight."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Adapters for ``trunk_training: lora``."""
+    time_density: Literal["uniform", "logit_normal"] = "uniform"
+    """Law of the shared pair time t before it is mapped into [t_min, t_max]."""
+    t_min: float = 0.0
+    t_max: float = 0.98
+    """Times used in training; match the guidance's t_max (noisier inputs are never guided harder)."""
+    clean_inputs: bool = False
+    """Ablation: train on clean inputs only (t = 0)."""
+    theta: float = 5.0
+    """BTT tie parameter (VideoReward code: 5)."""
+    average: Literal["all_slots", "valid"] = "all_slots"
+    """BTT averaging over missing slots (see btt_loss)."""
+    tie_margin: float = 0.05
+    """Teacher labels: |score_w - score_l| <= tie_margin is a tie (teacher units)."""
+    label_map: dict[str, str] = field(default_factory=dict)
+    """Dataset label name -> reward dimension (default: case-insensitive match, e.g. VQ -> vq)."""
+    norm_momentum: float = 0.99
+    """EMA momentum of the raw-score statistics that become the exported normalisation."""
+
+    def __post_init__(self) -> None:
+        if not self.dimensions:
+            raise ValueError("latent reward config: dimensions is empty")
+        if not 0 <= self.t_min <= self.t_max < 1:
+            raise ValueError(f"latent reward config: need 0 <= t_min <= t_max < 1, got {self.t_min}, {self.t_max}")
+        if self.tie_margin < 0:
+            raise ValueError(f"latent reward config: tie_margin must be >= 0, got {self.tie_margin}")
+        if not 0 <= self.norm_momentum < 1:
+            raise ValueError(f"latent reward config: norm_momentum must be in [0, 1), got {self.norm_momentum}")
+
+
+def labels_from_scores(scores_a: Tensor, scores_b: Tensor, *, tie_margin: float = 0.0) -> Tensor:
+    """Preference labels from clean-reward scores: 1 if a - b > margin, -1 if b - a > margin, else 0 (tie).
+
+    Args:
+        scores_a: teacher scores of A, any shape (e.g. [B, K]).
+        scores_b: teacher scores of B, same shape.
+        tie_margin: differences within +-margin are ties (>= 0).
+
+    Returns:
+        long tensor of the scores' shape; -2 (missing) where either score is NaN.
+    """
+    if scores_a.shape != scores_b.shape:
+        raise ValueError(f"labels_from_scores: shapes differ, {tuple(scores_a.shape)} vs {tuple(scores_b.shape)}")
+    if tie_margin < 0:
+        raise ValueError(f"labels_from_scores: tie_margin must be >= 0, got {tie_margin}")
+    diff = scores_a.double() - scores_b.double()
+    labels = (diff > tie_margin).long() - (diff < -tie_margin).long()
+    return torch.where(torch.isnan(diff), torch.full_like(labels, LABEL_MISSING), labels)
+
+
+def pairs_within_groups(groups: Sequence[object], *, max_pairs_per_group: int | None = None) -> list[tuple[int, int]]:
+    """All index pairs (i < j) whose items share a group (e.g. samples of one prompt), in order."""
+    members: dict[object, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    out = []
+    for idx in members.values():
+        out.extend(list(combinations(idx, 2))[:max_pairs_per_group])
+    return out
+
+
+class ScoredPairs(Dataset):
+    """Pairs of scored samples labelled by score differences (distillation of a clean reward).
+
+    Args:
+        latents: canonical clean latents [N, ...] of the samples.
+        prompts: N prompts.
+        scores: {dimension: [N]} clean-reward scores.
+        pairs: (i, j) index pairs (e.g. :func:`pairs_within_groups` over prompts).
+        tie_margin: {dimension: margin} or one margin for all.
+    """
+
+    def __init__(
+        self,
+        latents: Tensor,
+        prompts: Sequence[str],
+        scores: Mapping[str, Tensor],
+        pairs: Sequence[tuple[int, int]],
+        *,
+        tie_margin: float | Mapping[str, float] = 0.0,
+    ) -> None:
+        n = latents.shape[0]
+        if len(prompts) != n or any(v.shape != (n,) for v in scores.values()):
+            raise ValueError(f"ScoredPairs: {n} latents need {n} prompts and [N] scores per dimension")
+        bad = [p for p in pairs if not (0 <= p[0] < n and 0 <= p[1] < n) or p[0] == p[1]]
+        if bad or not pairs:
+            raise ValueError(f"ScoredPairs: pairs must be distinct indices in [0, {n}); bad: {bad[:3]} of {len(pairs)}")
+        self.latents, self.prompts, self.pairs = latents, list(prompts), list(pairs)
+        i, j = (torch.tensor(c) for c in zip(*self.pairs, strict=True))
+        margins = tie_margin if isinstance(tie_margin, Mapping) else dict.fromkeys(scores, tie_margin)
+        self.labels = {d: labels_from_scores(s[i], s[j], tie_margin=margins[d]) for d, s in scores.items()}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, k: int) -> dict:
+        i, j = self.pairs[k]
+        if self.prompts[i] != self.prompts[j]:
+            raise ValueError(f"ScoredPairs pair {k}: items {i} and {j} have different prompts")
+        return {
+            "prompt": self.prompts[i],
+            "latents_w": self.latents[i],
+            "latents_l": self.latents[j],
+            "labels": {d: int(v[k]) for d, v in self.labels.items()},
+        }
+
+
+class LatentRewardTraining(Method):
+    """BTT training of a :class:`LatentRewardModel` on noised preference pairs (Flow-NRG's guide).
+
+    Args:
+        model: the base flow model (encodes prompts and media; its transformer is copied, not trained).
+        config: settings.
+        reward_model: an existing latent reward model to train; default: cut from ``model``.
+        teacher: a clean-input RewardModel labelling batches without ``"labels"`` (distillation).
+    """
+
+    def __init__(
+        self,
+        model: FlowModel,
+        config: LatentRewardTrainingConfig | None = None,
+        *,
+        reward_model: LatentRewardModel | None = None,
+        teacher=None,
+    ) -> None:
+        cfg = self.config = config or LatentRewardTrainingConfig()
+        self.model = model
+        for module in model.modules().values():
+            module.requires_grad_(False).eval()
+        if reward_model is None:
+            reward_model = LatentRewardModel.from_flow_model(
+                model, dimensions=cfg.dimensions, num_blocks=cfg.num_blocks, head_hidden=cfg.head_hidden
+            )
+        reward_model.check_compatible(model)
+        if list(reward_model.dimensions) != list(cfg.dimensions):
+            raise ValueError(f"reward model dimensions {list(reward_model.dimensions)} != config {cfg.dimensions}")
+        if teacher is not None:
+            missing = [d for d in cfg.dimensions if d not in teacher.dimensions]
+            if missing:
+                raise ValueError(f"teacher {teacher.name!r} does not score dimension(s) {missing}")
+        self.reward_model, self.teacher = reward_model, teacher
+        reward_model.requires_grad_(cfg.trunk_training == "full").train()
+        reward_model.heads.requires_grad_(True)
+        if cfg.trunk_training == "lora":
+            from flowalign.training.lora import add_lora
+
+            add_lora(reward_model.trunk, cfg.lora)
+        k = len(cfg.dimensions)
+        self._mean, self._sq, self._count = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), 0
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"latent_reward": self.reward_model}
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        frozen = dict(self.model.modules())
+        if self.teacher is not None:
+            frozen["teacher"] = self.teacher
+        return frozen
+
+    def collate(self, items: list[dict]) -> dict:
+        batch: dict = {"prompt": [it["prompt"] for it in items], "index": torch.tensor([it["index"] for it in items])}
+        kind = "latents" if "latents_w" in items[0] else "media"
+        for key in (f"{kind}_w", f"{kind}_l"):
+            if key not in items[0]:
+                raise ValueError(f"latent reward batch: item {items[0]['index']} has no {key!r}")
+            batch[key] = torch.stack([it[key] for it in items])
+        if "labels" in items[0]:
+            names = list(items[0]["labels"])
+            batch["labels"] = {n: torch.tensor([it["labels"][n] for it in items], dtype=torch.long) for n in names}
+        return batch
+
+    def _clean_latents(self, batch: dict) -> tuple[Tensor, Tensor]:
+        if "latents_w" in batch:
+            return batch["latents_w"], batch["latents_l"]
+        with torch.no_grad():
+            return self.model.encode_media(batch["media_w"]), self.model.encode_media(batch["media_l"])
+
+    def _labels(self, batch: dict, x0_w: Tensor, x0_l: Tensor) -> Tensor:
+        """Labels [B, K] in the reward's dimension order (1 = w better)."""
+        dims = list(self.config.dimensions)
+        if "labels" in batch:
+            out = torch.full((x0_w.shape[0], len(dims)), LABEL_MISSING, dtype=torch.long)
+            for name, values in batch["labels"].items():
+                dim = self.config.label_map.get(name, name.lower())
+                if dim not in dims:
+                    raise ValueError(
+                        f"latent reward: label {name!r} matches no reward dimension {dims}; set label_map"
+                    )
+                out[:, dims.index(dim)] = values.cpu()
+            return out.to(x0_w.device)
+        if self.teacher is None:
+            raise ValueError("latent reward: the batch has no 'labels' and no teacher reward was given")
+        with torch.no_grad():
+            media = [batch.get(k) for k in ("media_w", "media_l")]
+            if media[0] is None:
+                media = [self.model.decode_latents(x0_w), self.model.decode_latents(x0_l)]
+            s_w, s_l = (self.teacher.score(m, batch["prompt"]) for m in media)
+        a = torch.stack([s_w[d] for d in dims], dim=1)  # [B, K]
+        b = torch.stack([s_l[d] for d in dims], dim=1)
+        return labels_from_scores(a, b, tie_margin=self.config.tie_margin).to(x0_w.device)
+
+    def sample_t(self, ids: Tensor, ctx: StepContext) -> Tensor:
+        """Shared time per pair [B] in [t_min, t_max] (0 with ``clean_inputs``)."""
+        cfg = self.config
+        if cfg.clean_inputs:
+            return torch.zeros(len(ids), device=ctx.device)
+        u = flow.t_from_draws(
+            ctx.randn((), ids, key="t_normal"), ctx.rand((), ids, key="t_uniform"), density=cfg.time_density
+        )
+        return (cfg.t_min + (cfg.t_max - cfg.t_min) * u).to(ctx.device)
+
+    def compute_loss(self, batch: dict, ctx: StepContext, group: str):
+        cfg, ids = self.config, batch["index"]
+        x0_w, x0_l = self._clean_latents(batch)
+        labels = self._labels(batch, x0_w, x0_l)
+        with torch.no_grad():
+            cond, _ = self.model.encode_prompt(batch["prompt"])
+        noise = ctx.randn_like(x0_w, ids, key="noise")  # one draw shared by both members of a pair
+        t = self.sample_t(ids, ctx)
+        x_t = torch.cat([flow.interpolate(x0_w, noise, t), flow.interpolate(x0_l, noise, t)])  # [2B, ...]
+        scores = ctx.module("latent_reward")(x_t, torch.cat([t, t]), PromptEmbeds.cat([cond, cond]))
+        r = torch.stack([scores[d] for d in cfg.dimensions], dim=1)  # [2B, K]
+        r_w, r_l = r.chunk(2)
+        loss, metrics = btt_loss(r_w, r_l, labels, theta=cfg.theta, average=cfg.average)
+        for k, dim in enumerate(cfg.dimensions):
+            metrics[f"accuracy_{dim}"] = pairwise_accuracy(r_w[:, k].detach(), r_l[:, k].detach(), labels[:, k])
+        self._update_stats(r.detach())
+        return loss.mean(), metrics
+
+    def _update_stats(self, r: Tensor) -> None:
+        m = self.config.norm_momentum if self._count else 0.0
+        r = r.double().cpu()
+        self._mean = m * self._mean + (1 - m) * r.mean(dim=0)
+        self._sq = m * self._sq + (1 - m) * r.pow(2).mean(dim=0)
+        self._count += 1
+
+    def score_statistics(self) -> dict[str, tuple[float, float]]:
+        """EMA (mean, std) of raw training scores per dimension (empty before the first step)."""
+        if not self._count:
+            return {}
+        std = (self._sq - self._mean.pow(2)).clamp_min(0).sqrt()
+        return {
+            d: (float(self._mean[k]), float(std[k]))
+            for k, d in enumerate(self.config.dimensions)
+            if math.isfinite(float(std[k])) and float(std[k]) > 0
+        }
+
+    def state_dict(self) -> dict:
+        return {"norm_mean": self._mean.clone(), "norm_sq": self._sq.clone(), "norm_count": self._count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._mean, self._sq = state["norm_mean"].double(), state["norm_sq"].double()
+        self._count = int(state["norm_count"])
+
+    def export(self, out_dir: Path) -> None:
+        """Save the guide loadably (``LatentRewardModel.from_pretrained(out_dir)``), with its normalisation."""
+        cfg = self.config
+        rm = self.reward_model
+        rm.set_normalisation(self.score_statistics())
+        rm.spec.metadata.update(
+            t_min=0.0 if cfg.clean_inputs else cfg.t_min,
+            t_max=0.0 if cfg.clean_inputs else cfg.t_max,
+            clean_inputs=cfg.clean_inputs,
+            trunk_training=cfg.trunk_training,
+            theta=cfg.theta,
+        )
+        rm.save_pretrained(out_dir)
