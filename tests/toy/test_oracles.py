@@ -305,3 +305,13 @@ def test_score_videos_rejects_bad_input_with_a_clear_message():
         score_videos(
             torch.full((1, 8, 3, 32, 32), float("nan")), ["a small red circle in the center moving up"]
         )
+
+
+def test_large_batches_are_scored_in_chunks_with_the_same_result(monkeypatch, gt_images):
+    scenes, images = gt_images
+    captions = _captions(scenes[:50])
+    whole = score_images(_blur(images[:50], 0.6), captions)
+    monkeypatch.setattr("flowalign.toy.oracles._CHUNK_PIXELS", 7 * 32 * 32)  # chunks of 7 frames
+    chunked = score_images(_blur(images[:50], 0.6), captions)
+    for key in IMAGE_KEYS:
+        assert torch.allclose(chunked[key], whole[key], atol=1e-6), key
