@@ -63,8 +63,8 @@ MIN_SIZE = 24  # below this the small shapes are too few pixels to tell apart
 _CHUNK_PIXELS = 2**22
 _FG_THRESHOLD = 0.12  # |p - bg| above which a pixel is foreground
 _MIN_AREA_PX = 4.0  # alpha mass (pixels at 32x32) below which no object is present
-# Template error above which the blob is not a shape at all (renders <= 0.04, Gaussian blur of sigma 2
-# ~0.40, noise fields 0.55-1.4).
+# Template error above which the blob is not a shape at all (renders <= 0.05, Gaussian blurs of sigma 2
+# ~0.29, noise fields 0.55-1.4).
 _OBJECT_MAX_ERROR = 0.5
 _CLEAN_TAU = 0.05
 _MID_LO, _MID_HI = 0.1, 0.9
