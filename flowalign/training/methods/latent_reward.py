@@ -81,11 +81,15 @@ class LatentRewardTrainingConfig:
         if not self.dimensions:
             raise ValueError("latent reward config: dimensions is empty")
         if not 0 <= self.t_min <= self.t_max < 1:
-            raise ValueError(f"latent reward config: need 0 <= t_min <= t_max < 1, got {self.t_min}, {self.t_max}")
+            raise ValueError(
+                f"latent reward config: need 0 <= t_min <= t_max < 1, got {self.t_min}, {self.t_max}"
+            )
         if self.tie_margin < 0:
             raise ValueError(f"latent reward config: tie_margin must be >= 0, got {self.tie_margin}")
         if not 0 <= self.norm_momentum < 1:
-            raise ValueError(f"latent reward config: norm_momentum must be in [0, 1), got {self.norm_momentum}")
+            raise ValueError(
+                f"latent reward config: norm_momentum must be in [0, 1), got {self.norm_momentum}"
+            )
 
 
 def labels_from_scores(scores_a: Tensor, scores_b: Tensor, *, tie_margin: float = 0.0) -> Tensor:
@@ -100,7 +104,9 @@ def labels_from_scores(scores_a: Tensor, scores_b: Tensor, *, tie_margin: float 
         long tensor of the scores' shape; -2 (missing) where either score is NaN.
     """
     if scores_a.shape != scores_b.shape:
-        raise ValueError(f"labels_from_scores: shapes differ, {tuple(scores_a.shape)} vs {tuple(scores_b.shape)}")
+        raise ValueError(
+            f"labels_from_scores: shapes differ, {tuple(scores_a.shape)} vs {tuple(scores_b.shape)}"
+        )
     if tie_margin < 0:
         raise ValueError(f"labels_from_scores: tie_margin must be >= 0, got {tie_margin}")
     diff = scores_a.double() - scores_b.double()
@@ -108,7 +114,9 @@ def labels_from_scores(scores_a: Tensor, scores_b: Tensor, *, tie_margin: float 
     return torch.where(torch.isnan(diff), torch.full_like(labels, LABEL_MISSING), labels)
 
 
-def pairs_within_groups(groups: Sequence[object], *, max_pairs_per_group: int | None = None) -> list[tuple[int, int]]:
+def pairs_within_groups(
+    groups: Sequence[object], *, max_pairs_per_group: int | None = None
+) -> list[tuple[int, int]]:
     """All index pairs (i < j) whose items share a group (e.g. samples of one prompt), in order."""
     members: dict[object, list[int]] = {}
     for i, g in enumerate(groups):
@@ -144,7 +152,9 @@ class ScoredPairs(Dataset):
             raise ValueError(f"ScoredPairs: {n} latents need {n} prompts and [N] scores per dimension")
         bad = [p for p in pairs if not (0 <= p[0] < n and 0 <= p[1] < n) or p[0] == p[1]]
         if bad or not pairs:
-            raise ValueError(f"ScoredPairs: pairs must be distinct indices in [0, {n}); bad: {bad[:3]} of {len(pairs)}")
+            raise ValueError(
+                f"ScoredPairs: pairs must be distinct indices in [0, {n}); bad: {bad[:3]} of {len(pairs)}"
+            )
         self.latents, self.prompts, self.pairs = latents, list(prompts), list(pairs)
         i, j = (torch.tensor(c) for c in zip(*self.pairs, strict=True))
         margins = tie_margin if isinstance(tie_margin, Mapping) else dict.fromkeys(scores, tie_margin)
@@ -193,7 +203,9 @@ class LatentRewardTraining(Method):
             )
         reward_model.check_compatible(model)
         if list(reward_model.dimensions) != list(cfg.dimensions):
-            raise ValueError(f"reward model dimensions {list(reward_model.dimensions)} != config {cfg.dimensions}")
+            raise ValueError(
+                f"reward model dimensions {list(reward_model.dimensions)} != config {cfg.dimensions}"
+            )
         if teacher is not None:
             missing = [d for d in cfg.dimensions if d not in teacher.dimensions]
             if missing:
@@ -201,12 +213,18 @@ class LatentRewardTraining(Method):
         self.reward_model, self.teacher = reward_model, teacher
         reward_model.requires_grad_(cfg.trunk_training == "full").train()
         reward_model.heads.requires_grad_(True)
+        for p in reward_model.unused_parameters():
+            p.requires_grad_(False)
         if cfg.trunk_training == "lora":
             from flowalign.training.lora import add_lora
 
             add_lora(reward_model.trunk, cfg.lora)
         k = len(cfg.dimensions)
-        self._mean, self._sq, self._count = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), 0
+        self._mean, self._sq, self._count = (
+            torch.zeros(k, dtype=torch.float64),
+            torch.zeros(k, dtype=torch.float64),
+            0,
+        )
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"latent_reward": self.reward_model}
@@ -218,7 +236,10 @@ class LatentRewardTraining(Method):
         return frozen
 
     def collate(self, items: list[dict]) -> dict:
-        batch: dict = {"prompt": [it["prompt"] for it in items], "index": torch.tensor([it["index"] for it in items])}
+        batch: dict = {
+            "prompt": [it["prompt"] for it in items],
+            "index": torch.tensor([it["index"] for it in items]),
+        }
         kind = "latents" if "latents_w" in items[0] else "media"
         for key in (f"{kind}_w", f"{kind}_l"):
             if key not in items[0]:
@@ -226,7 +247,9 @@ class LatentRewardTraining(Method):
             batch[key] = torch.stack([it[key] for it in items])
         if "labels" in items[0]:
             names = list(items[0]["labels"])
-            batch["labels"] = {n: torch.tensor([it["labels"][n] for it in items], dtype=torch.long) for n in names}
+            batch["labels"] = {
+                n: torch.tensor([it["labels"][n] for it in items], dtype=torch.long) for n in names
+            }
         return batch
 
     def _clean_latents(self, batch: dict) -> tuple[Tensor, Tensor]:
@@ -283,7 +306,9 @@ class LatentRewardTraining(Method):
         r_w, r_l = r.chunk(2)
         loss, metrics = btt_loss(r_w, r_l, labels, theta=cfg.theta, average=cfg.average)
         for k, dim in enumerate(cfg.dimensions):
-            metrics[f"accuracy_{dim}"] = pairwise_accuracy(r_w[:, k].detach(), r_l[:, k].detach(), labels[:, k])
+            metrics[f"accuracy_{dim}"] = pairwise_accuracy(
+                r_w[:, k].detach(), r_l[:, k].detach(), labels[:, k]
+            )
         self._update_stats(r.detach())
         return loss.mean(), metrics
 
