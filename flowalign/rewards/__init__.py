@@ -16,7 +16,7 @@ from flowalign.rewards.combine import (
     stats_from_scores,
 )
 from flowalign.rewards.preprocess import ImagePreprocess, preprocess_images
-from flowalign.rewards.registry import available_rewards, load_reward, register_reward
+from flowalign.rewards.registry import available_rewards, load_reward, parse_reward_spec, register_reward
 
 __all__ = [
     "ImagePreprocess",
@@ -27,6 +27,7 @@ __all__ = [
     "available_rewards",
     "load_normalisation",
     "load_reward",
+    "parse_reward_spec",
     "parse_weights",
     "preprocess_images",
     "register_reward",

@@ -253,15 +253,19 @@ def load_open_clip(
     import open_clip
 
     is_schema = model.startswith(("local-dir:", "hf-hub:"))
-    if not (is_schema or pretrained or checkpoint or allow_random):
-        raise ValueError(
-            f"open_clip model {model!r}: no weights given; pass pretrained=<tag or file>, "
-            f"checkpoint=<file>, or a 'local-dir:'/'hf-hub:' model"
-        )
+    has_weights = bool(pretrained or checkpoint) or model.startswith("hf-hub:")
     if model.startswith("local-dir:"):
         folder = Path(model[len("local-dir:") :])
         if not (folder / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"{folder}: no open_clip_config.json in this folder")
+        has_weights = has_weights or any(
+            p.suffix in (".safetensors", ".bin", ".pth", ".pt") for p in folder.iterdir()
+        )
+    if not (has_weights or allow_random):
+        raise ValueError(
+            f"open_clip model {model!r}: no weights given; pass pretrained=<tag or file>, "
+            f"checkpoint=<file>, or a 'local-dir:' folder holding weights, or an 'hf-hub:' model"
+        )
     net = open_clip.create_model(model, pretrained=pretrained if not is_schema else None)
     if checkpoint is not None:
         load_state_dict_strict(net, load_state_dict_file(checkpoint), source=checkpoint)

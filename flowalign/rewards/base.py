@@ -264,7 +264,8 @@ class RewardModel(nn.Module):
         batch_size = batch_size or self.batch_size
         if batch_size < 1:
             raise RewardInputError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
-        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        # differentiable=True enables grad even inside an outer no_grad (samplers often run in one).
+        with torch.set_grad_enabled(differentiable):
             if kind == "image":
                 out = self._score_chunks(self._score_images, media, prompts, batch_size)
             else:

@@ -12,6 +12,7 @@ stay unimported until needed). Users add their own with the decorator:
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 
 from flowalign.rewards.base import RewardModel
 
-__all__ = ["available_rewards", "load_reward", "register_reward"]
+__all__ = ["available_rewards", "load_reward", "parse_reward_spec", "register_reward"]
 
 RewardLoader = Callable[..., RewardModel]
 
@@ -91,3 +92,32 @@ def load_reward(
     if not isinstance(reward, RewardModel):
         raise TypeError(f"reward loader {name!r} returned {type(reward).__name__}, expected a RewardModel")
     return reward.eval()
+
+
+def parse_reward_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split a command-line reward spec into a name and loader options.
+
+    ``"pickscore"`` -> ``("pickscore", {})``;
+    ``"clip:model=/ckpt/clip,scale=2.5"`` -> ``("clip", {"model": "/ckpt/clip", "scale": 2.5})``.
+    Values are read as JSON when they parse (numbers, true/false, null), else kept as strings.
+
+    Raises:
+        ValueError: an empty name, an option without ``=``, or an option given twice (quoting it).
+    """
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if not name:
+        raise ValueError(f"reward spec {spec!r}: empty reward name")
+    options: dict[str, Any] = {}
+    for token in filter(None, (t.strip() for t in rest.split(","))) if rest else ():
+        key, sep, value = token.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"reward spec {spec!r}: option {token!r} is not of the form key=value")
+        if key in options:
+            raise ValueError(f"reward spec {spec!r}: option {key!r} is given twice")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value.strip()
+    return name, options

@@ -141,3 +141,10 @@ def test_text_cache_cleared_when_model_moves():
     assert len(reward.text_cache) == 1
     reward.to(torch.float64)
     assert len(reward.text_cache) == 0
+
+
+def test_differentiable_request_works_inside_outer_no_grad():
+    x = _imgs(2).requires_grad_(True)
+    with torch.no_grad():
+        out = BrightnessReward().score(x, ["a", "b"], differentiable=True)["bright"]
+    assert out.requires_grad

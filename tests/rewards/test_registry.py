@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from flowalign.rewards import RewardModel, available_rewards, load_reward, register_reward
+from flowalign.rewards import RewardModel, available_rewards, load_reward, parse_reward_spec, register_reward
 from flowalign.rewards import registry as registry_module
 
 BUILTINS = {"clip", "pickscore", "hpsv2", "hpsv2.1", "aesthetic", "toy"}
@@ -75,3 +75,17 @@ def test_loader_must_return_a_reward_model(clean_registry):
 
     with pytest.raises(TypeError, match="expected a RewardModel"):
         load_reward("broken")
+
+
+def test_parse_reward_spec_reads_name_and_typed_options():
+    assert parse_reward_spec("pickscore") == ("pickscore", {})
+    assert parse_reward_spec("clip:model=/ckpt/clip-L,scale=2.5, pretrained=null") == (
+        "clip",
+        {"model": "/ckpt/clip-L", "scale": 2.5, "pretrained": None},
+    )
+    with pytest.raises(ValueError, match="option 'scale' is not of the form key=value"):
+        parse_reward_spec("clip:scale")
+    with pytest.raises(ValueError, match="empty reward name"):
+        parse_reward_spec(":model=x")
+    with pytest.raises(ValueError, match="'model' is given twice"):
+        parse_reward_spec("clip:model=a,model=b")

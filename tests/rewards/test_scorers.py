@@ -267,3 +267,10 @@ def test_similarity_kind_is_validated(open_clip_dir):
         ClipSimilarityReward(backbone, name="x", similarity="dot")
     cfg = json.loads((open_clip_dir / "open_clip_config.json").read_text())
     assert backbone.embed_dim == cfg["model_cfg"]["embed_dim"]
+
+
+def test_local_dir_without_weights_is_refused_unless_a_checkpoint_comes(hps_files):
+    arch, root, _ = hps_files
+    with pytest.raises(ValueError, match="no weights given"):
+        load_reward("clip", model=f"local-dir:{arch}")
+    assert load_open_clip(f"local-dir:{arch}", checkpoint=root / "hps.safetensors").embed_dim == 32
