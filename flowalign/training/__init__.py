@@ -1,7 +1,7 @@
 """Training: the one accelerate loop, the Method contract, checkpoints, EMA, LoRA and caching.
 
 Import from the submodules (``flowalign.training.loop``, ``.method``, ``.checkpoint``, ``.ema``,
-``.lora``, ``.cache``); the names below are re-exported lazily so ``import flowalign.training``
+``.lora``, ``.cache``, ``.optim``, ``.batches``); the names below are re-exported lazily so ``import flowalign.training``
 stays cheap.
 """
 
@@ -15,6 +15,9 @@ _EXPORTS = {
     "TrainResult": "loop",
     "TrainingDiverged": "loop",
     "METRICS_FILE": "loop",
+    "build_optimizer": "optim",
+    "build_lr_scheduler": "optim",
+    "DataCursor": "batches",
     "Method": "method",
     "StepContext": "method",
     "CheckpointError": "checkpoint",

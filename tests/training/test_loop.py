@@ -12,8 +12,10 @@ from safetensors.torch import load_file
 from training_toy import ToyFlowMatching, TwoNetMethod, VectorDataset, toy_config
 
 from flowalign.config import EMAConfig, OptimConfig, TrainConfig, load_config
+from flowalign.training.batches import DataCursor
 from flowalign.training.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint
-from flowalign.training.loop import METRICS_FILE, TrainingDiverged, _DataCursor, build_lr_scheduler, train
+from flowalign.training.loop import METRICS_FILE, TrainingDiverged, train
+from flowalign.training.optim import build_lr_scheduler
 
 
 def _records(run: Path) -> list[dict]:
@@ -187,11 +189,11 @@ def test_data_order_is_split_across_processes_without_changing_the_global_batch(
     def ids(cursor):
         return [b["index"].tolist() for b in cursor.next_step()]
 
-    single = _DataCursor(
+    single = DataCursor(
         data, collate, seed=1, micro_batch=4, accum=1, num_processes=1, process_index=0, num_workers=0
     )
     ranks = [
-        _DataCursor(
+        DataCursor(
             data, collate, seed=1, micro_batch=1, accum=2, num_processes=2, process_index=p, num_workers=0
         )
         for p in range(2)
@@ -251,3 +253,79 @@ def test_lr_schedules_match_diffusers_get_scheduler(schedule):
     name = "constant_with_warmup" if schedule == "constant" else schedule
     theirs = lrs(lambda opt: get_scheduler(name, opt, num_warmup_steps=3, num_training_steps=10))
     assert ours == pytest.approx(theirs, abs=1e-12)
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_tracks_the_fp32_run(tmp_path):
+    runs = {}
+    for mp in ("no", "bf16"):
+        method = ToyFlowMatching()
+        train(
+            method,
+            VectorDataset(),
+            toy_config(tmp_path / mp, max_steps=3, mixed_precision=mp),
+            progress=False,
+        )
+        assert all(p.dtype == torch.float32 for p in method.net.parameters())
+        assert (
+            method.net.forward.__func__ is torch.nn.Sequential.forward
+        )  # accelerate's autocast patch removed
+        runs[mp] = [r["loss"] for r in _records(tmp_path / mp)]
+    assert runs["bf16"] != runs["no"]  # autocast was really on
+    assert runs["bf16"] == pytest.approx(runs["no"], rel=2e-2)
+    with pytest.raises(ValueError, match="fp16' needs a CUDA device"):
+        train(
+            ToyFlowMatching(),
+            VectorDataset(),
+            toy_config(tmp_path / "fp16", mixed_precision="fp16"),
+            progress=False,
+        )
+
+
+def test_worker_processes_and_duck_typed_methods_give_the_same_run(tmp_path):
+    class Plain:  # not a Method subclass: the loop falls back to Method's defaults
+        def __init__(self) -> None:
+            self.inner = ToyFlowMatching()
+
+        def trainable_modules(self):
+            return self.inner.trainable_modules()
+
+        def compute_loss(self, batch, ctx, group):
+            return self.inner.compute_loss(batch, ctx, group)
+
+    train(ToyFlowMatching(), VectorDataset(), toy_config(tmp_path / "a", max_steps=4), progress=False)
+    train(Plain(), VectorDataset(), toy_config(tmp_path / "b", max_steps=4, num_workers=2), progress=False)
+    assert (tmp_path / "a" / METRICS_FILE).read_text() == (tmp_path / "b" / METRICS_FILE).read_text()
+
+
+def test_resume_from_an_explicit_checkpoint_and_bad_methods(tmp_path):
+    cfg = toy_config(tmp_path / "a", max_steps=4)
+    cfg.checkpoint.every = 2
+    cfg.checkpoint.keep_last = None
+    train(ToyFlowMatching(), VectorDataset(), cfg, progress=False)
+    # continue from checkpoint-2 into a new folder: the same steps 3-4 as the original run
+    cfg_b = toy_config(tmp_path / "b", max_steps=4)
+    result = train(
+        ToyFlowMatching(),
+        VectorDataset(),
+        cfg_b,
+        resume=tmp_path / "a" / "checkpoint-00000002",
+        progress=False,
+    )
+    assert result.step == 4
+    assert _records(tmp_path / "b") == _records(tmp_path / "a")[2:]
+
+    class NoLoss:
+        def trainable_modules(self):
+            return {}
+
+    with pytest.raises(TypeError, match="NoLoss is not a Method: it has no compute_loss"):
+        train(NoLoss(), VectorDataset(), toy_config(tmp_path / "c"), progress=False)
+
+    class WrongGroup(ToyFlowMatching):
+        def groups_to_update(self, step):
+            return ["critic"]
+
+    with pytest.raises(
+        ValueError, match=r"groups_to_update\(0\) returned \['critic'\]; groups are \['main'\]"
+    ):
+        train(WrongGroup(), VectorDataset(), toy_config(tmp_path / "d"), progress=False)
