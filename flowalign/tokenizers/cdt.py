@@ -27,11 +27,8 @@ Released checkpoints therefore do not load into this module.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Literal
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -39,8 +36,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import Tensor
 
+from flowalign.tokenizers.config import CDTConfig
 from flowalign.tokenizers.layers import FeatureCache
 from flowalign.tokenizers.networks import ConditionDecoder, Denoiser, Encoder
+from flowalign.tokenizers.schedule import cosine_alphas_cumprod, ddim_step, ddim_timesteps, initial_noise
 
 __all__ = [
     "CDTConfig",
@@ -60,70 +59,6 @@ __all__ = [
 
 class VideoShapeError(ValueError):
     """A video or latent whose frame count or size the tokenizer cannot take (the message says why)."""
-
-
-# ------------------------------------------------------------------------------------------ schedule
-
-
-@lru_cache(maxsize=8)
-def _alphas_cumprod_cpu(num_timesteps: int, s: float) -> Tensor:
-    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
-    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-    betas = (1 - f[1:] / f[:-1]).clamp(0.0, 0.999)
-    return torch.cumprod(1 - betas, dim=0)
-
-
-def cosine_alphas_cumprod(num_timesteps: int, *, s: float = 0.008) -> Tensor:
-    """abar_i for i = 0 .. T-1 of the cosine schedule (Nichol & Dhariwal 2021), float64 [T].
-
-    abar(u) = f(u) / f(0), f(u) = cos^2((u + s) / (1 + s) * pi / 2), u = i / T; betas
-    1 - abar_{i+1} / abar_i are clipped at 0.999 and abar is re-accumulated from them.
-    """
-    return _alphas_cumprod_cpu(int(num_timesteps), float(s)).clone()
-
-
-def ddim_timesteps(num_train_timesteps: int, num_inference_steps: int) -> Tensor:
-    """Ascending DDIM indices: linspace(0, T-1, S) rounded down; S = 1 gives [T - 1] (released code)."""
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    if num_inference_steps == 1:
-        return torch.tensor([num_train_timesteps - 1])
-    return torch.linspace(0, num_train_timesteps - 1, num_inference_steps).long()
-
-
-def ddim_step(x_t: Tensor, x0_pred: Tensor, alpha_bar: float, alpha_bar_prev: float) -> Tensor:
-    """One deterministic DDIM update (eta = 0) from an x0 prediction.
-
-        eps_hat = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
-        x_prev  = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps_hat
-
-    With abar_prev = 1 (the last step) this returns x0_pred exactly.
-    """
-    eps = (x_t - math.sqrt(alpha_bar) * x0_pred) / math.sqrt(1.0 - alpha_bar)
-    return math.sqrt(alpha_bar_prev) * x0_pred + math.sqrt(1.0 - alpha_bar_prev) * eps
-
-
-def initial_noise(
-    batch: int,
-    num_frames: int,
-    height: int,
-    width: int,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    channels: int = 3,
-) -> Tensor:
-    """Standard normal noise [B, C, T, H, W] drawn frame by frame from ``generator``.
-
-    Frame-by-frame drawing makes the noise of a chunk independent of how the clip is chunked:
-    drawing frames 0..a then a+1..b gives the same numbers as drawing 0..b at once.
-    """
-    frames = [
-        torch.randn((batch, channels, height, width), generator=generator, dtype=torch.float32)
-        for _ in range(num_frames)
-    ]
-    return torch.stack(frames, dim=2).to(device=device, dtype=dtype)
 
 
 @dataclass
@@ -154,118 +89,6 @@ class CDTOutput(BaseOutput):
     x0_pred: Tensor
     mean: Tensor
     logvar: Tensor
-
-
-# ------------------------------------------------------------------------------------------ config
-
-
-@dataclass(kw_only=True)
-class CDTConfig:
-    """Architecture and sampling settings of :class:`ConditionedDiffusionTokenizer` (defaults: CDT-base)."""
-
-    in_channels: int = 3
-    """Video channels."""
-    latent_channels: int = 16
-    """C_z, channels of the latent."""
-    encoder_channels: tuple[int, ...] = (128, 256, 384, 512)
-    """Width of each encoder stage (base: 128 x (1, 2, 3, 4); small: 64 x (1, 2, 3, 4))."""
-    space_down: tuple[bool, ...] = (False, True, True, True)
-    """Per encoder stage, halve H and W (base: stages 2-4; small: stages 1-3). 3 of them = 8x."""
-    time_down: tuple[bool, ...] = (False, False, True, True)
-    """Per encoder stage, halve the frame count causally (2 of them = 4x: 1 + 4k -> 1 + k)."""
-    cond_out_channels: int = 16
-    """Channels of the finest condition level (base 16, small 3)."""
-    unet_channels: tuple[int, ...] = (64, 128, 192, 256, 320, 384)
-    """Width per denoiser level; levels past the encoder stages down-sample space only, the last none."""
-    unet_attention: tuple[bool, ...] | None = None
-    """Per denoiser level, a per-frame linear attention block (None = every level)."""
-    decoder_type: Literal["diffusion", "vae"] = "diffusion"
-    """"diffusion" = CDT; "vae" = the deterministic baseline (same U-Net without x_t and t inputs)."""
-    num_train_timesteps: int = 8192
-    """T of the discrete cosine schedule."""
-    cosine_s: float = 0.008
-    """Offset s of the cosine schedule."""
-    sample_gamma: float = 0.8
-    """Scale of the initial noise at decoding (released code: 0.8)."""
-    pad_mode: Literal["constant", "replicate"] = "constant"
-    """Causal padding: zeros (base) or replicate (small)."""
-    logvar_min: float = -30.0
-    """Lower clamp of the posterior log-variance."""
-    logvar_max: float = 20.0
-    """Upper clamp of the posterior log-variance."""
-    scaling_factor: float = 1.3
-    """Latent scale for a downstream latent generator (released ``latent_scale``); not used inside."""
-
-    def __post_init__(self) -> None:
-        n = len(self.encoder_channels)
-        for key in ("space_down", "time_down"):
-            if len(getattr(self, key)) != n:
-                raise ValueError(
-                    f"CDTConfig.{key} has {len(getattr(self, key))} entries, expected {n} (one per stage)"
-                )
-        if len(self.unet_channels) < n:
-            raise ValueError(
-                f"CDTConfig.unet_channels needs >= {n} levels (one per encoder stage), got {self.unet_channels}"
-            )
-        if self.unet_attention is not None and len(self.unet_attention) != len(self.unet_channels):
-            raise ValueError(
-                f"CDTConfig.unet_attention needs {len(self.unet_channels)} entries, got {self.unet_attention}"
-            )
-        if self.decoder_type not in ("diffusion", "vae"):
-            raise ValueError(
-                f"CDTConfig.decoder_type must be 'diffusion' or 'vae', got {self.decoder_type!r}"
-            )
-        if self.num_train_timesteps < 2:
-            raise ValueError(f"CDTConfig.num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
-
-    @classmethod
-    def base(cls, **overrides) -> CDTConfig:
-        """CDT-base of the released code (C_e = 128, space down at stages 2-4, zero padding)."""
-        return cls(**overrides)
-
-    @classmethod
-    def small(cls, **overrides) -> CDTConfig:
-        """CDT-small of the released code (C_e = 64, space down at stages 1-3, replicate padding)."""
-        return cls(
-            **{
-                "encoder_channels": (64, 128, 192, 256),
-                "space_down": (True, True, True, False),
-                "cond_out_channels": 3,
-                "pad_mode": "replicate",
-                **overrides,
-            }
-        )
-
-    @classmethod
-    def toy(cls, **overrides) -> CDTConfig:
-        """CPU size for the 32x32 toy world (~0.5 M parameters; trains in minutes on 2 cores)."""
-        return cls(
-            **{
-                "encoder_channels": (24, 32, 48, 64),
-                "space_down": (True, True, True, False),
-                "cond_out_channels": 8,
-                "unet_channels": (24, 32, 48, 64, 64),
-                "unet_attention": (False, False, True, True, True),
-                "latent_channels": 8,
-                "num_train_timesteps": 1000,
-                **overrides,
-            }
-        )
-
-    @classmethod
-    def tiny(cls, **overrides) -> CDTConfig:
-        """Test size (a few thousand parameters, milliseconds per call)."""
-        return cls(
-            **{
-                "encoder_channels": (8, 8, 16, 16),
-                "space_down": (True, True, True, False),
-                "cond_out_channels": 4,
-                "unet_channels": (8, 8, 16, 16, 16),
-                "latent_channels": 4,
-                "num_train_timesteps": 1000,
-                **overrides,
-            }
-        )
 
 
 # ------------------------------------------------------------------------------------------ model
