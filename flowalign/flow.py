@@ -115,6 +115,32 @@ def flux_mu(
     return image_seq_len * slope + (base_shift - slope * base_seq_len)
 
 
+def t_from_draws(
+    normal: Tensor,
+    uniform: Tensor,
+    *,
+    density: TimeDensity = "logit_normal",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    shift: float = 1.0,
+) -> Tensor:
+    """Map standard-normal and uniform draws (same shape) to training times; see :func:`sample_t`.
+
+    Lets callers that draw per-sample random numbers (the training loop's StepContext) use the same
+    densities as :func:`sample_t`.
+    """
+    if density == "logit_normal":
+        t = torch.sigmoid(normal * logit_std + logit_mean)
+    elif density == "uniform":
+        t = uniform
+    elif density == "mode":
+        t = 1 - uniform - mode_scale * (torch.cos(math.pi * uniform / 2) ** 2 - 1 + uniform)
+    else:
+        raise ValueError(f"unknown time density {density!r}; expected one of logit_normal, uniform, mode")
+    return shift_time(t, shift) if shift != 1.0 else t
+
+
 def sample_t(
     batch_size: int,
     *,
@@ -133,16 +159,14 @@ def sample_t(
     - "uniform": t ~ U(0, 1).
     Then the static shift s is applied (s = 1: none). Returns float32 [batch_size].
     """
-    if density == "logit_normal":
-        n = torch.randn(batch_size, generator=generator, device=device)
-        t = torch.sigmoid(n * logit_std + logit_mean)
-    elif density == "uniform":
-        t = torch.rand(batch_size, generator=generator, device=device)
-    elif density == "mode":
-        u = torch.rand(batch_size, generator=generator, device=device)
-        t = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-    else:
-        raise ValueError(f"unknown time density {density!r}; expected one of logit_normal, uniform, mode")
-    if shift != 1.0:
-        t = shift_time(t, shift)
-    return t
+    normal = torch.randn(batch_size, generator=generator, device=device)
+    uniform = torch.rand(batch_size, generator=generator, device=device)
+    return t_from_draws(
+        normal,
+        uniform,
+        density=density,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+        mode_scale=mode_scale,
+        shift=shift,
+    )

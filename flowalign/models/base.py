@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -157,6 +159,21 @@ class FlowModel(ABC):
         for module in self.modules().values():
             module.eval()
         return self
+
+    @contextmanager
+    def swapped(self, **modules: nn.Module) -> Iterator[FlowModel]:
+        """Temporarily replace pipeline components (e.g. by their DDP-wrapped training copies).
+
+        The swap bypasses diffusers' config registration, so a saved pipeline never records it.
+        """
+        old = {name: getattr(self.pipe, name) for name in modules}
+        try:
+            for name, module in modules.items():
+                object.__setattr__(self.pipe, name, module)
+            yield self
+        finally:
+            for name, module in old.items():
+                object.__setattr__(self.pipe, name, module)
 
     def modules(self) -> dict[str, nn.Module]:
         """The pipeline's nn.Module components by name."""

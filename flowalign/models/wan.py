@@ -89,7 +89,7 @@ class WanModel(FlowModel):
     def velocity(self, x, t, cond, *, guidance=None, net: nn.Module | None = None):
         net = net or self.transformer
         return net(
-            hidden_states=x.to(net.dtype),
+            hidden_states=x.to(self.transformer.dtype),
             timestep=t_to_timesteps(t.to(x.dtype)),  # Wan takes t * 1000
             encoder_hidden_states=cond.embeds,
             return_dict=False,

@@ -19,6 +19,7 @@ from flowalign import flow
 from flowalign.models.base import FlowModel
 from flowalign.objectives.flow_matching import flow_matching_loss, time_loss_weight
 from flowalign.training.method import Method, StepContext
+from flowalign.training.methods.common import TimeSampling, sample_training_t
 
 
 @dataclass
@@ -69,8 +70,10 @@ class FlowMatchingSFT(Method):
         return {k: v for k, v in self.model.modules().items() if id(v) not in trainable}
 
     def collate(self, items: list[dict]) -> dict:
-        batch = {"prompt": [item["prompt"] for item in items],
-                 "index": torch.tensor([item["index"] for item in items], dtype=torch.long)}
+        batch = {
+            "prompt": [item["prompt"] for item in items],
+            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        }
         key = "latents" if "latents" in items[0] else "pixels"
         batch[key] = torch.stack([item[key] for item in items])
         return batch
@@ -89,24 +92,34 @@ class FlowMatchingSFT(Method):
 
     def sample_t(self, ids: Tensor, ctx: StepContext) -> Tensor:
         cfg = self.config
-        return flow.t_from_draws(
-            ctx.randn((), ids, key="t_normal"), ctx.rand((), ids, key="t_uniform"), density=cfg.time_density,
-            logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, shift=cfg.time_shift,
-        ).to(ctx.device)
+        sampling = TimeSampling(
+            time_density=cfg.time_density,
+            logit_mean=cfg.logit_mean,
+            logit_std=cfg.logit_std,
+            time_shift=cfg.time_shift,
+        )
+        return sample_training_t(sampling, ids, ctx)
 
     def compute_loss(self, batch: dict, ctx: StepContext, group: str):
         ids = batch["index"]
         x0, prompts = self.encode(batch, ctx)
-        swap = (self.model.swapped(text_encoder=ctx.module("text_encoder"))
-                if self.config.train_text_encoder else nullcontext())
+        swap = (
+            self.model.swapped(text_encoder=ctx.module("text_encoder"))
+            if self.config.train_text_encoder
+            else nullcontext()
+        )
         with swap, torch.set_grad_enabled(self.config.train_text_encoder):
             cond, _ = self.model.encode_prompt(prompts)
         noise = ctx.randn_like(x0, ids, key="noise")
         t = self.sample_t(ids, ctx)
         x_t = flow.interpolate(x0, noise, t)
         v_pred = self.model.velocity(x_t, t, cond, net=ctx.module("transformer"))
-        weights = time_loss_weight(t, self.config.loss_weighting) if self.config.loss_weighting != "none" else None
-        loss, metrics = flow_matching_loss(v_pred.float(), flow.velocity_target(x0, noise).float(), weights=weights)
+        weights = (
+            time_loss_weight(t, self.config.loss_weighting) if self.config.loss_weighting != "none" else None
+        )
+        loss, metrics = flow_matching_loss(
+            v_pred.float(), flow.velocity_target(x0, noise).float(), weights=weights
+        )
         return loss.mean(), metrics
 
     def export(self, out_dir: Path) -> None:

@@ -1,0 +1,169 @@
+"""Build preference data from a model: sample K candidates per prompt, score them, keep pairs.
+
+This is how users without human labels get Flow-DPO data (the released Flow-DPO code and
+VideoAlign build pairs the same way: best vs worst of a group ranked by a reward). The scored
+candidates are kept too: they are Flow-RWR's training set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flowalign.data.media import atomic_write, save_media
+from flowalign.data.preference import write_preference_jsonl
+from flowalign.models.base import FlowModel
+from flowalign.pipelines.text_to_media import FlowPipeline
+
+CANDIDATES = "candidates.jsonl"
+PAIRS = "pairs.jsonl"
+
+
+@dataclass
+class PairsConfig:
+    """How candidates are sampled and pairs chosen."""
+
+    num_candidates: int = 4
+    """Samples per prompt (K)."""
+    mode: str = "best_worst"
+    """"best_worst": one pair per prompt (argmax vs argmin reward); "all": every pair over the margin."""
+    margin: float = 0.0
+    """Minimum reward difference for a pair; groups/pairs at or below it are ties and skipped."""
+    seed: int = 0
+    """Candidate j of prompt i uses seed ``seed + i * num_candidates + j``."""
+    guidance_scale: float | None = None
+    num_inference_steps: int | None = None
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.num_candidates < 2:
+            raise ValueError(f"num_candidates must be >= 2 to form pairs, got {self.num_candidates}")
+        if self.mode not in ("best_worst", "all"):
+            raise ValueError(f"mode must be 'best_worst' or 'all', got {self.mode!r}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+
+
+@dataclass
+class Candidates:
+    """Scored samples: K per prompt, grouped consecutively."""
+
+    prompts: list[str]
+    seeds: list[int]
+    media: Tensor
+    scores: dict[str, Tensor]
+    """Per dimension [N], including "overall" (the weighted total used for ranking)."""
+
+
+@torch.no_grad()
+def sample_candidates(
+    model: FlowModel, prompts: list[str], config: PairsConfig, *, progress: bool = True
+) -> Candidates:
+    """K samples per prompt (prompt-major order), each with its own seeded generator."""
+    if not prompts:
+        raise ValueError("no prompts to build pairs from")
+    k = config.num_candidates
+    jobs = [(p, config.seed + i * k + j) for i, p in enumerate(prompts) for j in range(k)]
+    pipe = FlowPipeline(model)
+    media = []
+    for start in tqdm(range(0, len(jobs), config.batch_size), desc="candidates", disable=not progress):
+        chunk = jobs[start : start + config.batch_size]
+        out = pipe(
+            [p for p, _ in chunk],
+            generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+            guidance_scale=config.guidance_scale,
+            num_inference_steps=config.num_inference_steps,
+        )
+        media.append(out.media.float().cpu())
+    return Candidates(
+        prompts=[p for p, _ in jobs], seeds=[s for _, s in jobs], media=torch.cat(media), scores={}
+    )
+
+
+def choose_pairs(overall: Tensor, num_candidates: int, *, mode: str = "best_worst", margin: float = 0.0):
+    """Indices (winner, loser) into prompt-major candidates, and the number of skipped ties."""
+    pairs, ties = [], 0
+    for g in range(len(overall) // num_candidates):
+        idx = list(range(g * num_candidates, (g + 1) * num_candidates))
+        r = overall[idx]
+        if mode == "best_worst":
+            w, l_ = idx[int(r.argmax())], idx[int(r.argmin())]
+            if float(overall[w] - overall[l_]) > margin:
+                pairs.append((w, l_))
+            else:
+                ties += 1
+            continue
+        for a, b in itertools.combinations(idx, 2):
+            diff = float(overall[a] - overall[b])
+            if abs(diff) > margin:
+                pairs.append((a, b) if diff > 0 else (b, a))
+            else:
+                ties += 1
+    return pairs, ties
+
+
+def build_pairs(
+    model: FlowModel,
+    prompts: list[str],
+    score_fn,
+    out_dir: str | Path,
+    config: PairsConfig,
+    *,
+    progress: bool = True,
+) -> tuple[Candidates, list[tuple[int, int]]]:
+    """Sample, score (``score_fn(media, prompts) -> {dim: [N], "overall": [N]}``), pick pairs, write files.
+
+    Writes ``out_dir/candidates/*.png|mp4`` + ``candidates.jsonl`` (every candidate with its scores,
+    Flow-RWR's data) and ``pairs.jsonl`` + media (a preference dataset ``load_preference_dataset``
+    reads). Returns the candidates and the chosen (winner, loser) indices.
+    """
+    out_dir = Path(out_dir)
+    cand = sample_candidates(model, prompts, config, progress=progress)
+    scores = score_fn(cand.media, cand.prompts)
+    if "overall" not in scores:
+        raise ValueError(f"score_fn must return an 'overall' score to rank by; got {sorted(scores)}")
+    cand.scores = {k: v.detach().float().cpu() for k, v in scores.items()}
+    chosen, ties = choose_pairs(
+        cand.scores["overall"], config.num_candidates, mode=config.mode, margin=config.margin
+    )
+    if not chosen:
+        raise ValueError(f"no pairs: all {ties} candidate groups were ties within margin {config.margin}")
+    ext = ".mp4" if cand.media.ndim == 5 else ".png"
+    (out_dir / "candidates").mkdir(parents=True, exist_ok=True)
+    with atomic_write(out_dir / CANDIDATES) as tmp, open(tmp, "w") as sink:
+        for i, (prompt, seed) in enumerate(zip(cand.prompts, cand.seeds, strict=True)):
+            name = f"candidates/{i:06d}{ext}"
+            save_media(cand.media[i], out_dir / name)
+            row = {
+                "id": i,
+                "prompt": prompt,
+                "seed": seed,
+                "file": name,
+                "scores": {k: float(v[i]) for k, v in cand.scores.items()},
+            }
+            sink.write(json.dumps(row) + "\n")
+    rows = [
+        {
+            "prompt": cand.prompts[w],
+            "media_w": cand.media[w],
+            "media_l": cand.media[l_],
+            "meta": {
+                "candidate_w": w,
+                "candidate_l": l_,
+                "reward_w": float(cand.scores["overall"][w]),
+                "reward_l": float(cand.scores["overall"][l_]),
+            },
+        }
+        for w, l_ in chosen
+    ]
+    write_preference_jsonl(out_dir, rows, filename=PAIRS, overwrite=True)
+    (out_dir / "pairs_config.json").write_text(
+        json.dumps({**asdict(config), "num_pairs": len(chosen), "ties_skipped": ties}, indent=2)
+    )
+    return cand, chosen

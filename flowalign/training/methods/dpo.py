@@ -1,0 +1,132 @@
+"""Flow-DPO (and Diffusion-DPO for epsilon models) on preference pairs, for any FlowModel.
+
+    L = -log sigmoid( -(beta_t / 2) [ (e_w - e_w_ref) - (e_l - e_l_ref) ] ),
+    e = || (noise - x0) - v(x_t, t, c) ||^2,  one shared noise and t per pair (algorithms.md 1B).
+
+Chosen and rejected run in one batch ([w_0..w_{P-1}, l_0..l_{P-1}]); the reference is the policy
+with its LoRA adapters disabled (no second copy) or a frozen copy for a full fine-tune.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flowalign import flow
+from flowalign.config import LoraConfig
+from flowalign.models.base import FlowModel
+from flowalign.objectives.dpo import flow_dpo_loss, velocity_errors_for_pairs
+from flowalign.training.lora import has_lora, save_lora
+from flowalign.training.method import Method, StepContext
+from flowalign.training.methods.common import (
+    FrozenReference,
+    TimeSampling,
+    encode_frozen_prompts,
+    freeze_all_but_transformer,
+    sample_training_t,
+)
+
+
+@dataclass
+class DPOConfig:
+    """Flow-DPO settings."""
+
+    beta: float = 500.0
+    """KL strength. With ``reduction="mean"`` this is the released code's beta (beta_paper = beta / D)."""
+    beta_schedule: str = "constant"
+    """"constant" (recommended by the paper) or "t2" (beta_t = beta (1 - t)^2, equal to Diffusion-DPO)."""
+    reduction: str = "mean"
+    """Per-sample error as a "mean" or "sum" over latent elements (sum-with-beta == mean-with-beta*D)."""
+    time: TimeSampling = field(default_factory=TimeSampling)
+    """How the shared t of each pair is drawn."""
+
+
+class FlowDPO(Method):
+    """Flow-DPO. Batches: ``media_w``/``media_l`` (or cached ``latents_w``/``latents_l``), ``prompt``, ``index``."""
+
+    def __init__(self, model: FlowModel, config: DPOConfig | None = None, *, lora: LoraConfig | None = None):
+        self.model = model
+        self.config = config or DPOConfig()
+        if self.config.beta_schedule not in ("constant", "t2"):
+            raise ValueError(f"beta_schedule must be 'constant' or 't2', got {self.config.beta_schedule!r}")
+        if self.config.reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {self.config.reduction!r}")
+        freeze_all_but_transformer(model, lora)
+        self.reference = FrozenReference(model.transformer)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"transformer": self.model.transformer}
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        frozen = {k: v for k, v in self.model.modules().items() if k != "transformer"}
+        if self.reference.copy is not None:
+            frozen["reference"] = self.reference.copy
+        return frozen
+
+    def collate(self, items: list[dict]) -> dict:
+        batch = {
+            "prompt": [item["prompt"] for item in items],
+            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        }
+        for key in ("media_w", "media_l", "latents_w", "latents_l"):
+            if key in items[0]:
+                batch[key] = torch.stack([item[key] for item in items])
+        return batch
+
+    def pair_latents(self, batch: dict) -> torch.Tensor:
+        """Canonical latents of the pairs laid out [w_0..w_{P-1}, l_0..l_{P-1}]: [2P, ...]."""
+        if "latents_w" in batch:
+            return torch.cat([batch["latents_w"], batch["latents_l"]])
+        with torch.no_grad():
+            return self.model.encode_media(torch.cat([batch["media_w"], batch["media_l"]]))
+
+    def compute_loss(self, batch: dict, ctx: StepContext, group: str):
+        ids = batch["index"]
+        x0 = self.pair_latents(batch)  # [2P, ...]
+        noise = ctx.randn_like(x0[: len(ids)], ids, key="noise").repeat(
+            2, *([1] * (x0.ndim - 1))
+        )  # shared per pair
+        t = sample_training_t(self.config.time, ids, ctx).repeat(2)  # shared per pair
+        x_t = flow.interpolate(x0, noise, t)
+        v_target = flow.velocity_target(x0, noise)
+        cond = encode_frozen_prompts(self.model, list(batch["prompt"]) * 2)
+        v_policy = self.model.velocity(x_t, t, cond, net=ctx.module("transformer"))
+        with torch.no_grad(), self.reference.network(self.model.transformer) as ref_net:
+            v_ref = self.model.velocity(x_t, t, cond, net=ref_net)
+        reduction = self.config.reduction
+        err_w, err_l = velocity_errors_for_pairs(v_policy.float(), v_target.float(), reduction=reduction)
+        ref_w, ref_l = velocity_errors_for_pairs(v_ref.float(), v_target.float(), reduction=reduction)
+        loss, metrics = flow_dpo_loss(
+            err_w,
+            err_l,
+            ref_w,
+            ref_l,
+            beta=self.config.beta,
+            t=t[: len(ids)],
+            beta_schedule=self.config.beta_schedule,
+        )
+        return loss.mean(), metrics
+
+    def export(self, out_dir: Path) -> None:
+        """LoRA runs write a diffusers LoRA file plus the merged model; full runs the whole model."""
+        out_dir = Path(out_dir)
+        self.model.transformer.eval()
+        if has_lora(self.model.transformer):
+            save_lora(self.model.transformer, out_dir / "lora")
+            export_merged(self.model, out_dir)
+        else:
+            self.model.save_pretrained(out_dir)
+
+
+def export_merged(model: FlowModel, out_dir: Path) -> None:
+    """Save the model with LoRA merged into a copy of the transformer (the live model keeps its adapters)."""
+    import copy
+
+    from flowalign.training.lora import merge_lora
+
+    merged = merge_lora(copy.deepcopy(model.transformer))
+    with model.swapped(transformer=merged):
+        model.save_pretrained(out_dir)

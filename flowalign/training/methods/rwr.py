@@ -1,0 +1,106 @@
+"""Flow-RWR: reward-weighted flow matching on scored samples (algorithms.md 1C).
+
+    L = E[ w(x0, c) || (noise - x0) - v(x_t, t, c) ||^2 ],   w = softmax_group(r / beta) * group size, clipped.
+
+The weights are computed once over the whole dataset (per prompt group) by
+:func:`flowalign.objectives.rwr.rwr_weights` and stored on the items, so a batch needs no group
+members beside each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from flowalign import flow
+from flowalign.config import LoraConfig
+from flowalign.models.base import FlowModel
+from flowalign.objectives.flow_matching import per_sample_mse
+from flowalign.objectives.rwr import flow_rwr_loss, rwr_weights
+from flowalign.training.method import Method, StepContext
+from flowalign.training.methods.common import (
+    TimeSampling,
+    encode_frozen_prompts,
+    freeze_all_but_transformer,
+    sample_training_t,
+)
+from flowalign.training.methods.dpo import export_merged
+
+
+@dataclass
+class RWRConfig:
+    """Flow-RWR settings."""
+
+    temperature: float = 0.1
+    """beta in exp(r / beta): small favours the best sample of each group, large tends to plain SFT."""
+    max_weight: float | None = 5.0
+    """Clip of the self-normalised weights (bounds the gradient variance)."""
+    time: TimeSampling = field(default_factory=TimeSampling)
+
+
+class WeightedSamples(Dataset):
+    """Samples with rewards -> items carrying their RWR weight (groups = identical prompts)."""
+
+    def __init__(self, media: torch.Tensor, prompts: list[str], rewards: torch.Tensor, config: RWRConfig):
+        if not (len(media) == len(prompts) == len(rewards)):
+            raise ValueError(f"got {len(media)} media, {len(prompts)} prompts and {len(rewards)} rewards")
+        groups = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        group_ids = torch.tensor([groups[p] for p in prompts])
+        self.media, self.prompts = media, prompts
+        self.weights = rwr_weights(
+            rewards.double(),
+            temperature=config.temperature,
+            group_ids=group_ids,
+            max_weight=config.max_weight,
+        ).float()
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixels": self.media[i], "prompt": self.prompts[i], "weight": self.weights[i], "index": i}
+
+
+class FlowRWR(Method):
+    """Reward-weighted flow matching. Batches: ``pixels`` (or ``latents``), ``prompt``, ``weight``, ``index``."""
+
+    def __init__(self, model: FlowModel, config: RWRConfig | None = None, *, lora: LoraConfig | None = None):
+        self.model = model
+        self.config = config or RWRConfig()
+        freeze_all_but_transformer(model, lora)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"transformer": self.model.transformer}
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {k: v for k, v in self.model.modules().items() if k != "transformer"}
+
+    def compute_loss(self, batch: dict, ctx: StepContext, group: str):
+        ids = batch["index"]
+        if "latents" in batch:
+            x0 = batch["latents"]
+        else:
+            with torch.no_grad():
+                x0 = self.model.encode_media(batch["pixels"])
+        noise = ctx.randn_like(x0, ids, key="noise")
+        t = sample_training_t(self.config.time, ids, ctx)
+        x_t = flow.interpolate(x0, noise, t)
+        cond = encode_frozen_prompts(self.model, list(batch["prompt"]))
+        v = self.model.velocity(x_t, t, cond, net=ctx.module("transformer"))
+        err = per_sample_mse(v.float(), flow.velocity_target(x0, noise).float())
+        loss, metrics = flow_rwr_loss(err, batch["weight"].float())
+        return loss.mean(), metrics
+
+    def export(self, out_dir: Path) -> None:
+        from flowalign.training.lora import has_lora, save_lora
+
+        self.model.transformer.eval()
+        if has_lora(self.model.transformer):
+            save_lora(self.model.transformer, Path(out_dir) / "lora")
+            export_merged(self.model, Path(out_dir))
+        else:
+            self.model.save_pretrained(out_dir)
