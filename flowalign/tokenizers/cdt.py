@@ -101,6 +101,8 @@ class ConditionedDiffusionTokenizer(ModelMixin, ConfigMixin):
     arguments of ``__init__`` are the fields of :class:`CDTConfig` (documented there).
     """
 
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(
         self,

@@ -87,14 +87,14 @@ class CDTConfig:
 
     @classmethod
     def toy(cls, **overrides) -> CDTConfig:
-        """CPU size for the 32x32 toy world (~0.5 M parameters; trains in minutes on 2 cores)."""
+        """CPU size for the 32x32 toy world (~2.7 M parameters, ~0.25 s per 4-clip step on 2 cores)."""
         return cls(
             **{
-                "encoder_channels": (24, 32, 48, 64),
+                "encoder_channels": (16, 24, 32, 48),
                 "space_down": (True, True, True, False),
                 "cond_out_channels": 8,
-                "unet_channels": (24, 32, 48, 64, 64),
-                "unet_attention": (False, False, True, True, True),
+                "unet_channels": (16, 24, 32, 48, 48),
+                "unet_attention": (False, False, False, True, True),
                 "latent_channels": 8,
                 "num_train_timesteps": 1000,
                 **overrides,

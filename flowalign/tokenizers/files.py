@@ -68,7 +68,7 @@ def load_tokenizer(
         raise FileNotFoundError(
             f"{path}: not a CDT model folder (no config.json); expected save_pretrained output"
         )
-    return ConditionedDiffusionTokenizer.from_pretrained(path).to(device=device, dtype=dtype).eval()
+    return ConditionedDiffusionTokenizer.from_pretrained(path, torch_dtype=dtype).to(device).eval()
 
 
 def fit_media(

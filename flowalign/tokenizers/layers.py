@@ -144,18 +144,19 @@ class ChannelLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        h = x.float()
-        mean = h.mean(dim=1, keepdim=True)
-        var = h.var(dim=1, unbiased=False, keepdim=True)
-        h = (h - mean) * torch.rsqrt(var + self.eps)
-        return (h * self.weight.view(1, -1, 1, 1, 1) + self.bias.view(1, -1, 1, 1, 1)).to(x.dtype)
+        # channels-last layer_norm: ~3x faster on CPU than a strided reduction over dim 1
+        h = F.layer_norm(
+            x.movedim(1, -1).float(), (x.shape[1],), self.weight.float(), self.bias.float(), self.eps
+        )
+        return h.to(x.dtype).movedim(-1, 1)
 
 
 class ResBlock(nn.Module):
     """Pre-activation residual block of two causal convs, with an optional additive time embedding.
 
     h = conv1(silu(norm1(x))) [+ W silu(temb)];  out = skip(x) + conv2(silu(norm2(h))).
-    conv2 starts at zero, so a new block is the identity (or the 1x1 skip).
+    conv2 starts at zero, so a new block is the identity (or the 1x1 skip). Supports diffusers'
+    gradient checkpointing (recompute in the backward pass) on cache-free training passes.
 
     Args:
         in_channels, out_channels: channel counts.
@@ -188,8 +189,15 @@ class ResBlock(nn.Module):
             if in_channels != out_channels
             else None
         )
+        # set by diffusers' ModelMixin.enable_gradient_checkpointing (training passes only, no cache)
+        self.gradient_checkpointing = False
 
     def forward(self, x: Tensor, temb: Tensor | None = None, cache: FeatureCache | None = None) -> Tensor:  # noqa: D102
+        if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+            return self._gradient_checkpointing_func(self._forward, x, temb)
+        return self._forward(x, temb, cache)
+
+    def _forward(self, x: Tensor, temb: Tensor | None, cache: FeatureCache | None = None) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)), cache)
         if self.time_proj is not None:
             if temb is None:

@@ -285,7 +285,7 @@ class Denoiser(nn.Module):
         if self.time_mlp is not None:
             if t is None:
                 raise ValueError("the denoiser needs t")
-            temb = self.time_mlp(t.reshape(-1, 1).float())  # [B, 4 C_0]
+            temb = self.time_mlp(t.reshape(-1, 1).to(self.time_mlp[0].weight.dtype))  # [B, 4 C_0]
         x = x_t if self.in_channels > 0 else None
         skips = []
         for i, level in enumerate(self.downs):

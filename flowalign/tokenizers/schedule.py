@@ -69,10 +69,12 @@ def initial_noise(
     """Standard normal noise [B, C, T, H, W] drawn frame by frame from ``generator``.
 
     Frame-by-frame drawing makes the noise of a chunk independent of how the clip is chunked:
-    drawing frames 0..a then a+1..b gives the same numbers as drawing 0..b at once.
+    drawing frames 0..a then a+1..b gives the same numbers as drawing 0..b at once. The numbers
+    are drawn on the generator's device (CPU without one) and then moved to ``device``.
     """
+    where = generator.device if generator is not None else "cpu"
     frames = [
-        torch.randn((batch, channels, height, width), generator=generator, dtype=torch.float32)
+        torch.randn((batch, channels, height, width), generator=generator, dtype=torch.float32, device=where)
         for _ in range(num_frames)
     ]
     return torch.stack(frames, dim=2).to(device=device, dtype=dtype)
