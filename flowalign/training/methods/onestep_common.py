@@ -1,0 +1,587 @@
+"""Shared machinery of the one-step distillation methods (f-distill, Diff-Instruct*).
+
+Both methods train a one-step generator G against a frozen flow teacher with an online "fake" score
+network that tracks the generator's own distribution, alternating two parameter groups:
+
+    "generator"  every K-th step (K = ``generator_every``): the method's generator loss;
+    "critic"     the other steps: the fake-score denoising loss on fresh, detached generator samples
+                 (+ the discriminator's GAN loss for f-distill).
+
+Conventions (``flowalign.flow``, algorithms.md 0.1): x_t = (1 - t) x0 + t noise, t = 1 is noise,
+v = noise - x0. The generator is the teacher's transformer, copied and fine-tuned, called once at
+t = 1 on pure noise z:  x0 = z - v_G(z, 1, c)  (the same formula as ``FlowPipeline(one_step=True)``).
+The fake score is a full copy of the teacher (``fake_score="full"``) or LoRA adapters on the teacher
+itself (``"lora"``: the teacher is then the same network with adapters disabled, one copy in memory).
+
+Networks not being optimised in a group are called unwrapped with their parameters frozen
+(:func:`frozen`), so gradients reach the sample but no parameter of another group, and DDP sees
+each wrapped module only in its own group's steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from flowalign import flow
+from flowalign.config import ConfigError, LoraConfig, OptimConfig
+from flowalign.models.base import FlowModel, PromptEmbeds
+from flowalign.objectives.fdistill import fake_score_loss
+from flowalign.training.method import Method, StepContext
+
+__all__ = [
+    "DiscriminatorHeads",
+    "MediaTextDataset",
+    "OneStepConfig",
+    "OneStepDistillation",
+    "PromptDataset",
+    "TeacherFeatures",
+    "dist_sum",
+    "find_blocks",
+    "frozen",
+    "seeded",
+]
+
+GENERATOR_TIME = 1.0  # the generator reads pure noise at t = 1, as FlowPipeline(one_step=True) does
+GENERATOR, CRITIC = "generator", "critic"
+
+
+@dataclass(kw_only=True)
+class OneStepConfig:
+    """Settings shared by the one-step distillation methods (nested in their own configs)."""
+
+    guidance_scale: float = 1.0
+    """Teacher classifier-free guidance omega (f-distill SD1.5: 1.75; DI*: 7.5; the toy teacher: 3)."""
+    generator_every: int = 5
+    """K: the generator is updated on steps with step % K == 0, the critic on the others (f-distill: 5-10)."""
+    t_min: float = 0.02
+    t_max: float = 0.98
+    """Distillation and critic times t ~ U[t_min, t_max] (away from 0 and 1, where the conversions blow up)."""
+    fake_score: Literal["full", "lora"] = "full"
+    """Online score network: a full trainable copy of the teacher, or LoRA adapters on the teacher itself."""
+    fake_score_lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=16, alpha=16.0))
+    """Adapters for ``fake_score: lora``."""
+    generator_optim: OptimConfig | None = None
+    """Optimizer of the generator group (None: the run's ``train.optim``)."""
+    critic_optim: OptimConfig | None = None
+    """Optimizer of the critic group: fake score (+ discriminator) (None: the run's ``train.optim``)."""
+    critic_warmup_steps: int = 0
+    """Critic-only steps at the start (lets the fake score catch up with a generator that starts distilled)."""
+    generator_init: Path | None = None
+    """Start the generator from a one-step checkpoint folder (DI* starts from a DMD2 / f-distill generator)."""
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    """Media size of the generated samples (None: the family's default)."""
+
+    def __post_init__(self) -> None:
+        if self.generator_every < 1:
+            raise ConfigError(f"must be >= 1, got {self.generator_every}", key="generator_every")
+        if not 0 < self.t_min <= self.t_max < 1:
+            raise ConfigError(
+                f"need 0 < t_min <= t_max < 1, got t_min={self.t_min}, t_max={self.t_max}", key="t_min"
+            )
+        if self.critic_warmup_steps < 0:
+            raise ConfigError(f"must be >= 0, got {self.critic_warmup_steps}", key="critic_warmup_steps")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"must be >= 0, got {self.guidance_scale}", key="guidance_scale")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def dist_sum(x: Tensor) -> Tensor:
+    """Elementwise SUM of ``x`` over data-parallel ranks (the ``reduce_fn`` of the f-distill objectives).
+
+    Single process (or no process group): ``x`` itself.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.detach().clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Set ``requires_grad=False`` on every parameter of ``modules`` inside the block, then restore.
+
+    Gradients still flow through the modules to their inputs (the generator's sample), never into their
+    weights: the other group's networks act as fixed functions during a step.
+    """
+    params = [p for m in modules for p in m.parameters()]
+    previous = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, previous, strict=True):
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with the CPU RNG seeded, restoring the global RNG afterwards (deterministic inits)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def find_blocks(transformer: nn.Module) -> nn.ModuleList:
+    """The main list of transformer blocks (``transformer_blocks`` in SD3/FLUX, ``blocks`` in Wan).
+
+    Raises:
+        ValueError: the module has neither attribute (an unsupported teacher architecture).
+    """
+    for name in ("transformer_blocks", "blocks"):
+        blocks = getattr(transformer, name, None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return blocks
+    raise ValueError(
+        f"{type(transformer).__name__} has no 'transformer_blocks' or 'blocks' list: the discriminator "
+        "needs a transformer teacher (SD3, FLUX, Wan or toy families)"
+    )
+
+
+class _StopForward(Exception):
+    """Raised by the last feature hook: the rest of the teacher's forward is not needed."""
+
+
+class TeacherFeatures:
+    """Token features of the frozen teacher at chosen blocks, read by forward hooks (algorithms.md 2.2).
+
+    The forward stops after the deepest chosen block. A block's output is its hidden states
+    ``[B, N, D]`` (the last element when it returns a tuple: SD3 and FLUX blocks return
+    ``(context, hidden_states)``, Wan blocks the hidden states alone).
+
+    Args:
+        model: the teacher adapter (its ``velocity`` runs the forward).
+        blocks: block indices (negative counts from the end); None = the middle block.
+
+    Raises:
+        ValueError: an index outside the transformer's block list.
+    """
+
+    def __init__(self, model: FlowModel, blocks: Sequence[int] | None = None) -> None:
+        self.model = model
+        self.block_list = find_blocks(model.transformer)
+        n = len(self.block_list)
+        chosen = [n // 2] if not blocks else list(blocks)
+        bad = [b for b in chosen if not -n <= b < n]
+        if bad:
+            raise ValueError(f"discriminator_blocks {bad} out of range for a teacher with {n} blocks")
+        self.indices = sorted({b % n for b in chosen})
+
+    def dims(self, x_t: Tensor, t: Tensor, cond: PromptEmbeds, *, guidance: float | None = None) -> list[int]:
+        """Feature width of each chosen block, from one probe forward on ``x_t`` (e.g. one zero sample)."""
+        with torch.no_grad():
+            return [f.shape[-1] for f in self(x_t, t, cond, guidance=guidance)]
+
+    def __call__(
+        self, x_t: Tensor, t: Tensor, cond: PromptEmbeds, *, guidance: float | None = None
+    ) -> list[Tensor]:
+        """Features ``[B, N, D]`` per chosen block for noised inputs ``x_t`` at times ``t`` [B]."""
+        found: dict[int, Tensor] = {}
+        last = self.indices[-1]
+
+        def hook(index: int):
+            def fn(module: nn.Module, args: Any, output: Any) -> None:
+                out = output[-1] if isinstance(output, tuple) else output
+                found[index] = out
+                if index == last:
+                    raise _StopForward
+
+            return fn
+
+        handles = [self.block_list[i].register_forward_hook(hook(i)) for i in self.indices]
+        try:
+            self.model.velocity(x_t, t, cond, guidance=guidance)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return [found[i] for i in self.indices]
+
+
+class DiscriminatorHeads(nn.Module):
+    """One small head per teacher feature map: per-token MLP, mean over tokens, linear to a logit.
+
+        l_k = w_k^T mean_n silu(W2 silu(W1 LN(f_k,n))),   logits = [l_1, ..., l_H]  -> [B, H]
+
+    Args:
+        dims: feature width of each head's input.
+        hidden: hidden width.
+    """
+
+    def __init__(self, dims: Sequence[int], *, hidden: int = 128) -> None:
+        super().__init__()
+        if not dims:
+            raise ValueError("DiscriminatorHeads needs at least one feature map")
+        self.heads = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(d, elementwise_affine=False),
+                nn.Linear(d, hidden),
+                nn.SiLU(),
+                nn.Linear(hidden, hidden),
+                nn.SiLU(),
+            )
+            for d in dims
+        )
+        self.out = nn.ModuleList(nn.Linear(hidden, 1) for _ in dims)
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        if len(features) != len(self.heads):
+            raise ValueError(
+                f"DiscriminatorHeads has {len(self.heads)} heads, got {len(features)} feature maps"
+            )
+        logits = []
+        for head, out, f in zip(self.heads, self.out, features, strict=True):
+            h = head(f.to(out.weight.dtype)).mean(dim=1)  # [B, hidden]: pooled over tokens
+            logits.append(out(h))  # [B, 1]
+        return torch.cat(logits, dim=1)  # [B, H]
+
+
+class PromptDataset(Dataset):
+    """Prompts only (data-free distillation, DI*): item ``{"prompt", "index"}``."""
+
+    def __init__(self, prompts: Sequence[str]) -> None:
+        self.prompts = list(prompts)
+        if not self.prompts:
+            raise ValueError("PromptDataset: the prompt list is empty")
+        for i, p in enumerate(self.prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"PromptDataset: prompt {i} is empty or not a string: {p!r}")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"prompt": self.prompts[i], "index": i}
+
+
+class MediaTextDataset(Dataset):
+    """Real (or teacher-generated) media with captions from a manifest.jsonl (the discriminator's "real" side).
+
+    Each line needs ``"prompt"`` and ``"file"`` (a path relative to the manifest's folder), which is the
+    format ``flowalign generate`` writes, so teacher samples can serve as the real data (data-free).
+    Item: ``{"prompt", "pixels": [3, H, W] or [T, 3, H, W] in [0, 1], "index"}``.
+    """
+
+    def __init__(self, manifest: str | Path) -> None:
+        self.manifest = Path(manifest)
+        if not self.manifest.is_file():
+            raise ValueError(f"real-data manifest {self.manifest} does not exist")
+        self.rows: list[dict] = []
+        for number, line in enumerate(self.manifest.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{self.manifest}: line {number} is not valid JSON: {err}") from err
+            for key in ("prompt", "file"):
+                if not isinstance(row.get(key), str) or not row[key]:
+                    raise ValueError(f"{self.manifest}: line {number} has no {key!r} string")
+            self.rows.append(row)
+        if not self.rows:
+            raise ValueError(f"{self.manifest}: no rows")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        from flowalign.data.media import load_media
+
+        row = self.rows[i]
+        return {"prompt": row["prompt"], "pixels": load_media(self.manifest.parent / row["file"]), "index": i}
+
+
+@dataclass(kw_only=True)
+class OneStepData:
+    """Where prompts (and the discriminator's real media) come from; exactly one source is used."""
+
+    toy_items: int = 0
+    """> 0: that many toy-world renders of the train split (prompts + real pixels)."""
+    real_manifest: Path | None = None
+    """manifest.jsonl with "prompt" and "file" per line (real images, or teacher samples from flowalign generate)."""
+    prompts_file: Path | None = None
+    """Prompts only (.txt/.jsonl/.json/.csv): data-free DI*, or f-distill without discriminator."""
+
+    def __post_init__(self) -> None:
+        if self.toy_items < 0:
+            raise ConfigError(f"must be >= 0, got {self.toy_items}", key="toy_items")
+
+
+def build_dataset(data: OneStepData, *, kind: str, needs_real: bool) -> Dataset:
+    """The training dataset of a one-step run from :class:`OneStepData` (first source set wins).
+
+    Raises:
+        ValueError: no source, or only prompts where real media are needed.
+    """
+    if data.toy_items > 0:
+        from flowalign.toy.base import PrerenderedToy
+        from flowalign.toy.data import ToyDataset
+
+        return PrerenderedToy(ToyDataset("train", kind=kind, num=data.toy_items))
+    if data.real_manifest is not None:
+        return MediaTextDataset(data.real_manifest)
+    if data.prompts_file is not None:
+        if needs_real:
+            raise ValueError(
+                f"data.prompts_file={data.prompts_file} gives prompts only, but the discriminator needs real "
+                "media: set data.real_manifest (e.g. the manifest.jsonl of flowalign generate on the teacher)"
+            )
+        from flowalign.data.prompts import load_prompts
+
+        return PromptDataset(load_prompts(data.prompts_file))
+    raise ValueError("no training data: set data.toy_items, data.real_manifest or data.prompts_file")
+
+
+def load_teacher(path_or_id: str | Path, *, method: str, device: str | torch.device = "cpu") -> FlowModel:
+    """Load a flow teacher of a supported family; the error names the method and the supported families.
+
+    Raises:
+        ModelLoadError: missing folder, unreadable index or an unsupported pipeline class.
+    """
+    from flowalign.models.base import ModelLoadError, load_flow_model, registered_families
+
+    try:
+        return load_flow_model(path_or_id, device=device)
+    except ModelLoadError as err:
+        families = sorted(cls.family for cls in registered_families().values())
+        raise ModelLoadError(
+            f"{method}: cannot use {path_or_id} as the teacher: {err} ({method} distils rectified-flow "
+            f"teachers of the families {families})"
+        ) from err
+
+
+# ------------------------------------------------------------------------------------------------ the method base
+class OneStepDistillation(Method):
+    """Generator + online fake score + frozen teacher on the shared loop; subclasses add the generator loss.
+
+    Args:
+        teacher: the frozen flow teacher (any family; its transformer is copied into the generator).
+        config: the shared settings (a subclass's config nests or extends :class:`OneStepConfig`).
+    """
+
+    def __init__(self, teacher: FlowModel, config: OneStepConfig) -> None:
+        self.teacher, self.common = teacher, config
+        for module in teacher.modules().values():
+            module.requires_grad_(False).eval()
+        self.generator = copy.deepcopy(teacher.transformer).requires_grad_(True).train()
+        if config.generator_init is not None:
+            load_generator_weights(self.generator, config.generator_init)
+        if config.fake_score == "full":
+            self.fake = copy.deepcopy(teacher.transformer).requires_grad_(True).train()
+        else:
+            from flowalign.training.lora import add_lora
+
+            with seeded(0):  # the adapters' random init must not depend on the global RNG (exact resume)
+                add_lora(teacher.transformer, config.fake_score_lora)
+            self.fake = teacher.transformer
+        self.height = config.height or teacher.default_height
+        self.width = config.width or teacher.default_width
+        self.num_frames = config.num_frames or teacher.default_num_frames
+        teacher.check_size(self.height, self.width, self.num_frames)
+
+    # ---------------------------------------------------------------- Method hooks
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {GENERATOR: self.generator, "fake_score": self.fake, **self.extra_critic_modules()}
+
+    def extra_critic_modules(self) -> dict[str, nn.Module]:
+        """More critic-group modules (f-distill's discriminator heads). Default none."""
+        return {}
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        trainable = {id(m) for m in self.trainable_modules().values()}
+        return {k: v for k, v in self.teacher.modules().items() if id(v) not in trainable}
+
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        critic = [self.fake, *self.extra_critic_modules().values()]
+        return {
+            GENERATOR: [p for p in self.generator.parameters() if p.requires_grad],
+            CRITIC: [p for m in critic for p in m.parameters() if p.requires_grad],
+        }
+
+    def optim_config(self, group: str, base: OptimConfig) -> OptimConfig:
+        own = self.common.generator_optim if group == GENERATOR else self.common.critic_optim
+        return own if own is not None else base
+
+    def groups_to_update(self, step: int) -> list[str]:
+        cfg = self.common
+        if step < cfg.critic_warmup_steps:
+            return [CRITIC]
+        return [GENERATOR] if (step - cfg.critic_warmup_steps) % cfg.generator_every == 0 else [CRITIC]
+
+    def ema_modules(self) -> list[str]:
+        return [GENERATOR]
+
+    def collate(self, items: list[dict]) -> dict:
+        batch: dict = {
+            "prompt": [it["prompt"] for it in items],
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        }
+        for key in ("pixels", "latents"):
+            if key in items[0]:
+                batch[key] = torch.stack([it[key] for it in items])
+        return batch
+
+    def compute_loss(self, batch: dict, ctx: StepContext, group: str) -> tuple[Tensor, dict[str, Tensor]]:
+        if group == GENERATOR:
+            loss, metrics = self.generator_loss(batch, ctx)
+        elif group == CRITIC:
+            loss, metrics = self.critic_loss(batch, ctx)
+        else:
+            raise ValueError(f"{type(self).__name__}: unknown parameter group {group!r}")
+        return loss.mean(), metrics
+
+    def generator_loss(self, batch: dict, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-sample generator loss [B] and metrics (implemented by each method)."""
+        raise TypeError(f"{type(self).__name__} must define generator_loss")
+
+    def critic_loss(self, batch: dict, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        """Fake-score denoising loss on fresh detached generator samples (algorithms.md 2.5 / 3.4 (a)),
+        plus :meth:`extra_critic_loss` (f-distill's discriminator)."""
+        ids = batch["index"]
+        cond, _ = self.encode(batch["prompt"], with_uncond=False)
+        with torch.no_grad():
+            x0 = self.sample(ids, ctx, cond, net=self.generator)
+        t, noise, x_t = self.noised(x0, ids, ctx, key="critic")
+        v_fake = self.velocity(x_t, t, cond, net=ctx.module("fake_score"))
+        loss, metrics = fake_score_loss(v_fake, x0, noise)
+        out = {"fake_score_loss": metrics["loss"]}
+        extra = self.extra_critic_loss(batch, ctx, cond, x0)
+        if extra is not None:
+            loss = loss + extra[0]
+            out.update(extra[1])
+        return loss, out
+
+    def extra_critic_loss(
+        self, batch: dict, ctx: StepContext, cond: PromptEmbeds, x0: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """More per-sample critic loss [B] on the same detached generator samples ``x0``. Default none."""
+        return None
+
+    # ---------------------------------------------------------------- building blocks
+    @contextlib.contextmanager
+    def teacher_mode(self) -> Iterator[None]:
+        """Inside the block the teacher transformer is the plain teacher (LoRA fake-score adapters off)."""
+        if self.fake is self.teacher.transformer:
+            from flowalign.training.lora import adapters_disabled
+
+            with adapters_disabled(self.teacher.transformer):
+                yield
+        else:
+            yield
+
+    @property
+    def embedded_guidance(self) -> float | None:
+        """Guidance input of guidance-distilled teachers (FLUX.1-dev), used by every network; else None."""
+        return self.common.guidance_scale if self.teacher.uses_guidance_embedding else None
+
+    @property
+    def uses_cfg(self) -> bool:
+        return not self.teacher.uses_guidance_embedding and self.common.guidance_scale != 1.0
+
+    def encode(self, prompts: list[str], *, with_uncond: bool) -> tuple[PromptEmbeds, PromptEmbeds | None]:
+        """Prompt embeddings (no grad; the text encoders stay frozen)."""
+        with torch.no_grad():
+            return self.teacher.encode_prompt(list(prompts), with_uncond=with_uncond)
+
+    def velocity(self, x: Tensor, t: Tensor, cond: PromptEmbeds, *, net: nn.Module) -> Tensor:
+        return self.teacher.velocity(x, t, cond, guidance=self.embedded_guidance, net=net)
+
+    def sample(self, ids: Tensor, ctx: StepContext, cond: PromptEmbeds, *, net: nn.Module) -> Tensor:
+        """One-step samples x0 = z - v_G(z, 1, c) [B, ...]; z drawn per sample id (key "z")."""
+        shape = self.teacher.latent_shape(len(ids), self.height, self.width, self.num_frames)
+        z = ctx.randn(shape[1:], ids, key="z").to(ctx.device)
+        return generate_x0(self.teacher, net, z, cond, guidance=self.embedded_guidance)
+
+    def noised(self, x0: Tensor, ids: Tensor, ctx: StepContext, *, key: str) -> tuple[Tensor, Tensor, Tensor]:
+        """(t [B] ~ U[t_min, t_max], noise, x_t = (1 - t) x0 + t noise); x_t keeps x0's graph."""
+        cfg = self.common
+        t = cfg.t_min + (cfg.t_max - cfg.t_min) * ctx.rand((), ids, key=f"{key}/t").to(ctx.device)
+        noise = ctx.randn_like(x0, ids, key=f"{key}/noise").to(x0.dtype)
+        return t, noise, flow.interpolate(x0, noise, t)
+
+    def teacher_velocity(
+        self, x_t: Tensor, t: Tensor, cond: PromptEmbeds, uncond: PromptEmbeds | None
+    ) -> Tensor:
+        """Teacher velocity with CFG, v = v(x|0) + omega (v(x|c) - v(x|0)), in one batched forward."""
+        with self.teacher_mode():
+            net = self.teacher.transformer
+            if not self.uses_cfg:
+                return self.velocity(x_t, t, cond, net=net)
+            assert uncond is not None, "CFG needs the unconditional embeddings"
+            both = PromptEmbeds.cat([uncond, cond])
+            v = self.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]), both, net=net)
+            v_uncond, v_cond = v.chunk(2)
+            # written around v_cond so that omega = 1 is exactly the conditional velocity
+            return v_cond + (self.common.guidance_scale - 1) * (v_cond - v_uncond)
+
+    # ---------------------------------------------------------------- state and export
+    def export(self, out_dir: Path) -> None:
+        """The generator as a complete model folder in diffusers' layout plus ``one_step.json``."""
+        from flowalign.pipelines.one_step import save_one_step
+
+        save_one_step(
+            self.teacher,
+            self.generator,
+            out_dir,
+            method=type(self).__name__,
+            guidance_scale=self.embedded_guidance,
+            extra=self.export_metadata(),
+        )
+
+    def export_metadata(self) -> dict[str, Any]:
+        """Method settings recorded in ``one_step.json``."""
+        return {}
+
+
+def load_generator_weights(generator: nn.Module, folder: str | Path) -> None:
+    """Copy the transformer weights of a one-step checkpoint folder (diffusers layout) into ``generator``.
+
+    Raises:
+        ValueError: no transformer weights in the folder, or names/shapes that do not match.
+    """
+    from safetensors.torch import load_file
+
+    files = sorted((Path(folder) / "transformer").glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"generator_init: {folder} has no transformer/*.safetensors (not a model folder)")
+    state: dict[str, Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    try:
+        generator.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"generator_init: {folder} does not fit the teacher's transformer: {err}") from None
+
+
+def generate_x0(
+    model: FlowModel, net: nn.Module, z: Tensor, cond: PromptEmbeds, *, guidance: float | None = None
+) -> Tensor:
+    """One-step generation with network ``net``: x0 = z - 1 * v(z, t=1, c) (flow.x0_from_velocity at t = 1).
+
+    Args:
+        model: the family adapter.
+        net: the generator transformer.
+        z: pure noise [B, ...] in canonical latent shape.
+        cond: prompt embeddings (B rows).
+        guidance: embedded guidance for guidance-distilled families.
+
+    Returns:
+        x0 [B, ...], differentiable w.r.t. ``net`` when grad is enabled.
+    """
+    t = torch.full((z.shape[0],), GENERATOR_TIME, device=z.device, dtype=torch.float32)
+    v = model.velocity(z, t, cond, guidance=guidance, net=net)
+    return flow.x0_from_velocity(z, v, t)
