@@ -1,0 +1,169 @@
+"""Inline SVG plots for reports (no plotting dependency): interval ("forest") plots and overlaid histograms.
+
+Every text drawn is HTML-escaped, so model names and labels cannot inject markup.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from html import escape
+
+__all__ = ["PALETTE", "colour_for", "forest_plot", "histogram_plot", "nice_ticks"]
+
+PALETTE: tuple[str, ...] = (
+    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
+    "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac",
+)  # fmt: skip
+
+
+def colour_for(index: int) -> str:
+    """The colour of the index-th model (cycling through :data:`PALETTE`)."""
+    return PALETTE[index % len(PALETTE)]
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About ``count`` round tick values covering [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return []
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / max(1, count - 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    ticks, value = [], first
+    while value <= hi + 1e-9 * step:
+        ticks.append(round(value, 12))
+        value += step
+    return ticks
+
+
+def _fmt_tick(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def forest_plot(
+    rows: Sequence[tuple[str, float, float, float]],
+    *,
+    title: str,
+    colours: Sequence[str] | None = None,
+    width: int = 460,
+) -> str:
+    """Horizontal interval plot: one row per model, a dot at the mean and a bar over the interval.
+
+    Args:
+        rows: (label, mean, low, high) per model.
+        title: drawn above the plot.
+        colours: one colour per row (default: the palette in order).
+        width: SVG width in pixels.
+
+    Returns:
+        An ``<svg>`` element as a string.
+    """
+    colours = list(colours or [colour_for(i) for i in range(len(rows))])
+    label_w, pad, row_h, top = 130, 14, 22, 30
+    height = top + row_h * len(rows) + 34
+    finite = [v for _, m, lo, hi in rows for v in (m, lo, hi) if v is not None and math.isfinite(v)]
+    lo_all, hi_all = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    span = hi_all - lo_all or max(abs(hi_all), 1.0) * 0.1
+    lo_all, hi_all = lo_all - 0.05 * span, hi_all + 0.05 * span
+    x0, x1 = label_w + pad, width - pad
+
+    def x(v: float) -> float:
+        return x0 + (v - lo_all) / (hi_all - lo_all) * (x1 - x0)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot forest" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
+        f'<text x="{width / 2:.1f}" y="16" text-anchor="middle" class="title">{escape(title)}</text>',
+    ]
+    axis_y = top + row_h * len(rows) + 4
+    parts.append(f'<line x1="{x0}" y1="{axis_y}" x2="{x1}" y2="{axis_y}" stroke="#666"/>')
+    for tick in nice_ticks(lo_all, hi_all):
+        tx = x(tick)
+        parts.append(f'<line x1="{tx:.1f}" y1="{top - 4}" x2="{tx:.1f}" y2="{axis_y}" stroke="#e4e4e4"/>')
+        parts.append(
+            f'<text x="{tx:.1f}" y="{axis_y + 16}" text-anchor="middle" class="tick">{_fmt_tick(tick)}</text>'
+        )
+    for i, (label, mean, lo, hi) in enumerate(rows):
+        y = top + row_h * i + row_h / 2
+        parts.append(
+            f'<text x="{label_w}" y="{y + 4:.1f}" text-anchor="end" class="label">{escape(label)}</text>'
+        )
+        if mean is None or not math.isfinite(mean):
+            continue
+        if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
+            parts.append(
+                f'<line x1="{x(lo):.1f}" y1="{y:.1f}" x2="{x(hi):.1f}" y2="{y:.1f}" '
+                f'stroke="{colours[i]}" stroke-width="3"/>'
+            )
+        parts.append(f'<circle cx="{x(mean):.1f}" cy="{y:.1f}" r="4.5" fill="{colours[i]}" stroke="#222"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def histogram_plot(
+    edges: Sequence[float],
+    counts: Mapping[str, Sequence[int]],
+    *,
+    title: str,
+    colours: Mapping[str, str] | None = None,
+    width: int = 460,
+    height: int = 200,
+) -> str:
+    """Overlaid histograms (as step outlines of the fraction of samples per bin), one per model.
+
+    Args:
+        edges: B + 1 bin edges shared by all models.
+        counts: ``{model: B counts}``.
+        title: drawn above the plot.
+        colours: ``{model: colour}`` (default: the palette in order).
+        width: SVG width in pixels.
+        height: SVG height in pixels.
+
+    Returns:
+        An ``<svg>`` element as a string, with a legend.
+    """
+    models = list(counts)
+    colours = dict(colours or {m: colour_for(i) for i, m in enumerate(models)})
+    left, right, top, bottom = 40, 12, 26, 40 + 14 * math.ceil(len(models) / 3)
+    x0, x1, y0, y1 = left, width - right, height - bottom, top
+    lo, hi = edges[0], edges[-1]
+    fractions = {m: [c / max(1, sum(cs)) for c in cs] for m, cs in counts.items()}
+    peak = max((f for fs in fractions.values() for f in fs), default=1.0) or 1.0
+
+    def x(v: float) -> float:
+        return x0 + (v - lo) / ((hi - lo) or 1.0) * (x1 - x0)
+
+    def y(f: float) -> float:
+        return y0 - f / peak * (y0 - y1)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot hist" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
+        f'<text x="{width / 2:.1f}" y="16" text-anchor="middle" class="title">{escape(title)}</text>',
+        f'<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="#666"/>',
+        f'<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{y1}" stroke="#666"/>',
+        f'<text x="{x0 - 4}" y="{y1 + 8}" text-anchor="end" class="tick">{peak:.2g}</text>',
+        f'<text x="{x0 - 4}" y="{y0}" text-anchor="end" class="tick">0</text>',
+    ]
+    for tick in nice_ticks(lo, hi):
+        parts.append(
+            f'<text x="{x(tick):.1f}" y="{y0 + 14}" text-anchor="middle" class="tick">{_fmt_tick(tick)}</text>'
+        )
+    for m in models:
+        points = [f"{x(lo):.1f},{y0:.1f}"]
+        for b, f in enumerate(fractions[m]):
+            points += [f"{x(edges[b]):.1f},{y(f):.1f}", f"{x(edges[b + 1]):.1f},{y(f):.1f}"]
+        points.append(f"{x(hi):.1f},{y0:.1f}")
+        parts.append(
+            f'<polyline fill="none" stroke="{colours[m]}" stroke-width="2" stroke-opacity="0.85" '
+            f'points="{" ".join(points)}"/>'
+        )
+    for i, m in enumerate(models):
+        lx, ly = x0 + (i % 3) * ((x1 - x0) / 3), y0 + 30 + 14 * (i // 3)
+        parts.append(f'<rect x="{lx:.1f}" y="{ly - 9:.1f}" width="10" height="10" fill="{colours[m]}"/>')
+        parts.append(f'<text x="{lx + 14:.1f}" y="{ly:.1f}" class="label">{escape(m)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)

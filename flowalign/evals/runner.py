@@ -1,0 +1,614 @@
+"""``flowalign eval``: generate (or read) samples for several models, score them, write report.json + report.html.
+
+    result = run_eval({"base": "ckpt/base", "dpo": "ckpt/dpo"}, "toy-heldout@32", ["toy"],
+                      samples_per_prompt=4, seeds=[0], out_dir="eval/run1")
+
+Everything is incremental and lives under ``out_dir``:
+
+    prompts/<set>.jsonl                       the prompts actually used (for re-runs elsewhere)
+    samples/<set>/<model>/<key>/generation.json   model path + settings + prompts digest of the samples
+    samples/<set>/<model>/<key>/seed-<s>/     manifest.jsonl + media (pipelines.generate_files)
+    scores/manifest.jsonl                     every sample to score (ids are stable sample paths)
+    scores/<reward>.jsonl                     one file per reward spec (rewards.scoring.score_files)
+    report.json, report.html
+
+A re-run reuses every sample already in a manifest and every score already in a scores file; a model is
+only loaded when it has samples left to draw and a reward only when it has samples left to score. The
+``<key>`` folder is a hash of (model path, settings, samples per prompt, prompts), so changing any of
+them draws new samples next to the old ones instead of mixing them. Repetition ``s`` of ``seeds``
+gives sample k of prompt j the seed ``s + j * K + k`` (K = samples per prompt): the same seed for every
+model, so models are compared on paired samples.
+
+A model that fails to load or generate, a prompt set that cannot be read, or a reward that fails is
+recorded in ``failures``; the rest is still scored and reported, and nothing written is lost.
+
+A model path may also name existing samples: a ``manifest.jsonl`` or a folder holding one (what
+``flowalign generate`` writes). Its rows are matched to each prompt set by prompt text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowalign.evals.prompt_sets import PromptSet, load_prompt_set, write_prompt_set
+from flowalign.pipelines.generate_files import MANIFEST, GenerationSettings, read_manifest
+
+__all__ = ["EvalOptions", "EvalResult", "ModelSpec", "Sample", "parse_model_spec", "run_eval"]
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class ModelSpec:
+    """What to evaluate under one name.
+
+    Attributes:
+        path: a model folder or hub id, or existing samples (a ``manifest.jsonl`` or a folder with one).
+        settings: overrides of :class:`GenerationSettings` for this model only, e.g.
+            ``{"one_step": True}`` for a one-step generator or ``{"sampler": "heun"}`` to compare samplers.
+    """
+
+    path: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_samples(self) -> bool:
+        """True when ``path`` names existing samples rather than a model."""
+        p = Path(self.path)
+        if p.suffix == ".jsonl":
+            return True
+        return p.is_dir() and (p / MANIFEST).is_file() and not (p / "model_index.json").is_file()
+
+
+@dataclass
+class EvalOptions:
+    """Everything about an evaluation besides models, prompts, rewards, samples and seeds.
+
+    Attributes:
+        settings: generation settings shared by all models (``seed``/``samples_per_prompt`` are set
+            by :func:`run_eval`); unset fields take each family's defaults.
+        weights: ``{dimension: w}`` for the ``overall`` column (sum of w times the z-scored
+            dimension); None weighs every dimension 1. Only reported with two or more dimensions.
+        base: name of the base model: every other model gets paired reward changes, drift and
+            reward-hacking flags against it.
+        trained_rewards: dimensions the tuned models were trained on; the others count as held-out
+            rewards for the hacking flags (None: no held-out analysis).
+        tie_tolerance: win-rate tie tolerance, one number or ``{dimension: tol}``.
+        lpips_weights: local torchvision AlexNet weights for LPIPS diversity and drift.
+        lpips_random_backbone: use LPIPS with a random backbone when no weights are given (tests).
+        fid_weights: local torchvision Inception-v3 weights for FID against ``fid_reference``.
+        fid_reference: reference media (a folder of media files or a manifest) for that FID.
+        calibration_pairs: a preference dataset (see ``flowalign.data.preference``) to measure each
+            reward's accuracy and calibration against human labels.
+        device: where models and rewards run.
+        dtype: their dtype.
+        batch_size: generation and scoring batch size.
+        num_resamples: bootstrap resamples for every interval.
+        max_grid_prompts: prompts shown in the report's grids, spread over each set.
+    """
+
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    weights: dict[str, float] | None = None
+    base: str | None = None
+    trained_rewards: list[str] | None = None
+    tie_tolerance: float | dict[str, float] = 0.0
+    lpips_weights: str | None = None
+    lpips_random_backbone: bool = False
+    fid_weights: str | None = None
+    fid_reference: str | None = None
+    calibration_pairs: str | None = None
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    batch_size: int = 16
+    num_resamples: int = 2000
+    max_grid_prompts: int = 12
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample of one model on one prompt set.
+
+    Attributes:
+        key: (prompt index in the set, repetition): the pairing key across models.
+        prompt: the prompt.
+        seed: its generation seed (None for external samples without one).
+        file: the media file.
+        score_id: its id in ``scores/manifest.jsonl`` and the scores files.
+    """
+
+    key: tuple[int, int]
+    prompt: str
+    seed: int | None
+    file: Path
+    score_id: str
+
+
+@dataclass
+class EvalResult:
+    """What :func:`run_eval` wrote: the report's data, its two files and the failures."""
+
+    report: dict[str, Any]
+    json_path: Path
+    html_path: Path | None
+    failures: list[dict[str, Any]]
+
+
+def parse_model_spec(spec: str) -> tuple[str, ModelSpec]:
+    """``"name=path[:key=value,...]"`` (or just ``"path"``, named after its last component) -> (name, spec).
+
+    Option values are read as JSON when they parse: ``"fast=ckpt/gen:one_step=true,num_inference_steps=1"``.
+
+    Raises:
+        ValueError: an empty name or path, or an option that is not ``key=value``.
+    """
+    name, eq, rest = spec.partition("=")
+    if not eq or "/" in name or os.sep in name:
+        name, rest = "", spec
+    path, colon, opts = rest.partition(":")
+    if not path.strip():
+        raise ValueError(f"model spec {spec!r}: empty path")
+    name = name.strip() or Path(path.rstrip("/")).name
+    if not name:
+        raise ValueError(f"model spec {spec!r}: empty model name")
+    settings: dict[str, Any] = {}
+    for token in filter(None, (t.strip() for t in opts.split(","))) if colon else ():
+        key, sep, value = token.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"model spec {spec!r}: option {token!r} is not of the form key=value")
+        try:
+            settings[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key.strip()] = value.strip()
+    return name, ModelSpec(path.strip(), settings)
+
+
+def _safe_name(name: str) -> str:
+    return _SAFE.sub("_", name).strip("._") or "unnamed"
+
+
+def _digest(obj: Any, length: int = 10) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def _failure(stage: str, error: BaseException | str, **where: Any) -> dict[str, Any]:
+    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return {"stage": stage, **where, "error": message}
+
+
+def _rel(path: Path, root: Path) -> str:
+    """A path relative to the report folder when inside it (so the folder can move), else absolute."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def _settings_for(base: GenerationSettings, spec: ModelSpec, name: str) -> GenerationSettings:
+    known = {f for f in asdict(base)}
+    unknown = sorted(set(spec.settings) - known)
+    if unknown:
+        raise ValueError(f"model {name!r}: unknown generation setting(s) {unknown}; known: {sorted(known)}")
+    return replace(base, **spec.settings)
+
+
+def _check_seeds(seeds: Sequence[int], sets: list[PromptSet], k: int) -> None:
+    ordered = sorted(seeds)
+    if len(set(ordered)) != len(ordered):
+        raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+    n = max((len(s.prompts) for s in sets), default=0) * k
+    for lo, hi in zip(ordered, ordered[1:], strict=False):
+        if hi < lo + n:
+            raise ValueError(
+                f"seeds {lo} and {hi} overlap: a repetition uses seeds s .. s + {n - 1} "
+                f"({n} samples = prompts x samples_per_prompt); space the seeds at least {n} apart"
+            )
+
+
+def _manifest_complete(folder: Path, expected: int) -> bool:
+    rows = read_manifest(folder / MANIFEST)
+    ids = {r["id"] for r in rows if (folder / r["file"]).is_file()}
+    return all(f"{i:06d}" in ids for i in range(expected))
+
+
+class _Generator:
+    """Loads each model at most once, and only when it has samples left to draw."""
+
+    def __init__(self, options: EvalOptions, failures: list[dict], progress: bool) -> None:
+        self.options, self.failures, self.progress = options, failures, progress
+        self.loaded: dict[str, Any] = {}
+        self.broken: set[str] = set()
+
+    def model(self, name: str, spec: ModelSpec):
+        if name not in self.loaded:
+            from flowalign.models import load_flow_model
+
+            self.loaded.clear()  # one model in memory at a time
+            self.loaded[name] = load_flow_model(
+                spec.path, torch_dtype=self.options.dtype, device=self.options.device
+            )
+        return self.loaded[name]
+
+    def samples(
+        self, name: str, spec: ModelSpec, pset: PromptSet, seeds: Sequence[int], k: int, out_dir: Path
+    ) -> list[Sample]:
+        from flowalign.pipelines.generate_files import generate_files
+
+        settings = _settings_for(self.options.settings, spec, name)
+        ident = {
+            "model": spec.path,
+            "settings": asdict(replace(settings, seed=0)),
+            "samples_per_prompt": k,
+            "prompts": _digest(list(pset.prompts), 64),
+        }
+        folder = out_dir / "samples" / _safe_name(pset.name) / _safe_name(name) / _digest(ident)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "generation.json").write_text(json.dumps(ident, indent=2, default=str) + "\n")
+        samples: list[Sample] = []
+        for rep, seed in enumerate(seeds):
+            run_dir = folder / f"seed-{seed}"
+            expected = len(pset.prompts) * k
+            if not _manifest_complete(run_dir, expected) and name not in self.broken:
+                try:
+                    model = self.model(name, spec)
+                except Exception as err:  # noqa: BLE001 - any load error is reported, the rest goes on
+                    self.broken.add(name)
+                    self.failures.append(_failure("load", err, model=name, path=spec.path))
+                else:
+                    try:
+                        generate_files(
+                            model, list(pset.prompts), run_dir, replace(settings, seed=seed, samples_per_prompt=k),
+                            batch_size=self.options.batch_size, model_name=name, progress=self.progress,
+                        )  # fmt: skip
+                    except Exception as err:  # noqa: BLE001
+                        self.failures.append(
+                            _failure("generate", err, model=name, prompt_set=pset.name, seed=seed)
+                        )
+            for row in read_manifest(run_dir / MANIFEST):
+                i = int(row["id"])
+                if i >= expected or not (run_dir / row["file"]).is_file():
+                    continue
+                j, r = divmod(i, k)
+                file = run_dir / row["file"]
+                samples.append(
+                    Sample((j, rep * k + r), row["prompt"], row.get("seed"), file, _rel(file, out_dir))
+                )
+        return samples
+
+    def release(self) -> None:
+        self.loaded.clear()
+
+
+def _external_samples(spec: ModelSpec, pset: PromptSet, out_dir: Path) -> tuple[list[Sample], list[Path]]:
+    """Rows of an existing manifest whose prompt is in the set, paired by (prompt, occurrence); and the
+    files its rows name that do not exist."""
+    from flowalign.rewards.scoring import resolve_media
+
+    manifest = Path(spec.path)
+    manifest = manifest / MANIFEST if manifest.is_dir() else manifest
+    items = resolve_media(manifest)  # validates rows, naming file and line
+    rows = {str(r["id"]): r for r in read_manifest(manifest)}
+    index = {}
+    for j, prompt in enumerate(pset.prompts):
+        index.setdefault(prompt, j)
+    seen: dict[int, int] = {}
+    samples, missing = [], []
+    for item in items:
+        j = index.get(item.prompt)
+        if j is None:
+            continue
+        if not item.file.is_file():
+            missing.append(item.file)
+            continue
+        rep = seen.get(j, 0)
+        seen[j] = rep + 1
+        samples.append(
+            Sample((j, rep), item.prompt, rows[item.id].get("seed"), item.file, _rel(item.file, out_dir))
+        )
+    return samples, missing
+
+
+def _reward_tag(name: str, options: Mapping[str, Any]) -> str:
+    return _safe_name(name) + (f"-{_digest(options, 8)}" if options else "")
+
+
+def _score_all(
+    samples: list[Sample],
+    reward_specs: Sequence[str],
+    out_dir: Path,
+    options: EvalOptions,
+    failures: list[dict],
+    progress: bool,
+) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    """Score every sample with every reward (incrementally); returns {score_id: {column: value}} and reward info."""
+    from flowalign.rewards.registry import parse_reward_spec
+    from flowalign.rewards.scoring import read_score_rows, score_files
+
+    scores_dir = out_dir / "scores"
+    scores_dir.mkdir(parents=True, exist_ok=True)
+    unique: dict[str, Sample] = {}
+    for s in samples:
+        unique.setdefault(s.score_id, s)
+    manifest = scores_dir / "manifest.jsonl"
+    lines = [
+        json.dumps({"id": sid, "prompt": s.prompt, "file": str(s.file.resolve())})
+        for sid, s in unique.items()
+    ]
+    tmp = manifest.with_name(".manifest.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, manifest)
+
+    merged: dict[str, dict[str, float]] = {sid: {} for sid in unique}
+    rewards_info = []
+    for spec in reward_specs:
+        try:
+            name, reward_options = parse_reward_spec(spec)
+        except ValueError as err:
+            failures.append(_failure("score", err, reward=spec))
+            continue
+        out = scores_dir / f"{_reward_tag(name, reward_options)}.jsonl"
+        info: dict[str, Any] = {
+            "spec": spec,
+            "name": name,
+            "options": reward_options,
+            "file": _rel(out, out_dir),
+        }
+        try:
+            existing = {str(r["id"]): r for r in read_score_rows(out) if r.get("rewards") == [name]}
+            todo = [sid for sid in unique if sid not in existing]
+            info["num_reused"] = len(unique) - len(todo)
+            info["num_scored"] = 0
+            if todo and unique:
+                result = score_files(
+                    [name], manifest, weights=None, out=out, batch_size=options.batch_size,
+                    device=options.device, dtype=options.dtype,
+                    reward_kwargs={name: reward_options} if reward_options else None, progress=progress,
+                )  # fmt: skip
+                info["num_scored"] = result.num_scored
+                existing = {str(r["id"]): r for r in result.rows}
+        except Exception as err:  # noqa: BLE001 - a failing reward is reported; the others go on
+            failures.append(_failure("score", err, reward=spec))
+            existing = {str(r["id"]): r for r in read_score_rows(out) if r.get("rewards") == [name]}
+        for sid, row in existing.items():
+            if sid in merged:
+                merged[sid].update(
+                    {k: float(v) for k, v in row.items() if isinstance(v, int | float) and k != "overall"}
+                )
+        info["dimensions"] = _dimensions_of(existing.values())
+        rewards_info.append(info)
+    return merged, rewards_info
+
+
+def _dimensions_of(rows) -> list[str]:
+    """A reward's dimensions as scored: every ``<d>_norm`` column (a video-only ``mq`` is absent for images)."""
+    dims: list[str] = []
+    for row in rows:
+        dims += [
+            k.removesuffix("_norm")
+            for k in row
+            if k.endswith("_norm") and k.removesuffix("_norm") not in dims
+        ]
+    return dims
+
+
+def _environment() -> dict[str, Any]:
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for pkg in ("flowalign", "torch", "diffusers", "transformers", "open_clip_torch", "lpips", "safetensors"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    repo = Path(__file__).resolve().parents[2]
+    commit, dirty = None, None
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+        dirty = bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+def _fingerprint(path: str) -> str | None:
+    """Hash of a model folder's config files and weight-file sizes (None for hub ids and samples)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    parts = []
+    for file in sorted(folder.rglob("*")):
+        if not file.is_file():
+            continue
+        rel = file.relative_to(folder).as_posix()
+        parts.append([rel, file.read_text() if file.suffix == ".json" else file.stat().st_size])
+    return _digest(parts, 16)
+
+
+def run_eval(
+    models: Mapping[str, str | os.PathLike[str] | ModelSpec],
+    prompts: str | os.PathLike[str] | PromptSet | Sequence[str | os.PathLike[str] | PromptSet],
+    rewards: Sequence[str],
+    *,
+    out_dir: str | os.PathLike[str],
+    samples_per_prompt: int = 1,
+    seeds: Sequence[int] = (0,),
+    options: EvalOptions | None = None,
+    render: bool = True,
+    progress: bool = True,
+) -> EvalResult:
+    """Compare models on prompt sets with rewards; write ``report.json`` and ``report.html`` in ``out_dir``.
+
+    Args:
+        models: ``{name: model folder, hub id, existing samples, or ModelSpec}``, in report order.
+        prompts: one prompt-set spec (see :mod:`flowalign.evals.prompt_sets`) or several.
+        rewards: reward specs, ``"name"`` or ``"name:key=value,..."`` (``flowalign.rewards``).
+        out_dir: the evaluation folder (created; re-runs reuse what it holds).
+        samples_per_prompt: K samples per prompt and seed repetition.
+        seeds: base seeds of independent repetitions (see module docstring); K x len(seeds) samples
+            per prompt in all.
+        options: everything else (:class:`EvalOptions`).
+        render: also write ``report.html``.
+        progress: show progress bars.
+
+    Returns:
+        An :class:`EvalResult`; failures are in it and in the report, not raised.
+
+    Raises:
+        ValueError: no models, no rewards, samples_per_prompt < 1, overlapping or repeated seeds, an
+            unknown generation setting, a base model not among the models, or two names that map to
+            the same folder name.
+    """
+    from flowalign.evals.summary import summarise_eval
+
+    options = options or EvalOptions()
+    out_dir = Path(out_dir)
+    if not models:
+        raise ValueError("run_eval: no models given")
+    if not rewards:
+        raise ValueError("run_eval: no rewards given")
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    if not seeds:
+        raise ValueError("run_eval: seeds is empty; give at least one base seed")
+    specs = {n: m if isinstance(m, ModelSpec) else ModelSpec(os.fspath(m)) for n, m in models.items()}
+    folders = [_safe_name(n) for n in specs]
+    if len(set(folders)) != len(folders):
+        raise ValueError(f"model names {list(specs)} collide as folder names {folders}; rename them")
+    if options.base is not None and options.base not in specs:
+        raise ValueError(f"base model {options.base!r} is not one of the models {list(specs)}")
+    for name, spec in specs.items():
+        _settings_for(options.settings, spec, name)
+
+    failures: list[dict[str, Any]] = []
+    prompt_specs = [prompts] if isinstance(prompts, str | os.PathLike | PromptSet) else list(prompts)
+    sets: list[PromptSet] = []
+    for spec in prompt_specs:
+        try:
+            pset = load_prompt_set(spec)
+        except (ValueError, OSError) as err:
+            failures.append(_failure("prompts", err, prompt_set=str(spec)))
+            continue
+        taken = {s.name for s in sets}
+        if pset.name in taken:
+            pset = replace(pset, name=f"{pset.name}-{len(sets)}")
+        sets.append(pset)
+    _check_seeds(seeds, sets, samples_per_prompt)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for pset in sets:
+        (out_dir / "prompts").mkdir(exist_ok=True)
+        write_prompt_set(pset, out_dir / "prompts" / f"{_safe_name(pset.name)}.jsonl")
+
+    generator = _Generator(options, failures, progress)
+    collected: dict[str, dict[str, list[Sample]]] = {s.name: {} for s in sets}
+    for name, spec in specs.items():
+        for pset in sets:
+            try:
+                if spec.is_samples:
+                    found, missing = _external_samples(spec, pset, out_dir)
+                    if missing:
+                        failures.append(
+                            _failure("samples", f"{len(missing)} file(s) named in {spec.path} do not exist, "
+                                     f"e.g. {missing[0]}", model=name, prompt_set=pset.name)
+                        )  # fmt: skip
+                    if not found and not missing:
+                        failures.append(
+                            _failure("samples", f"no sample in {spec.path} has a prompt of set {pset.name!r}",
+                                     model=name, prompt_set=pset.name)
+                        )  # fmt: skip
+                else:
+                    found = generator.samples(name, spec, pset, seeds, samples_per_prompt, out_dir)
+            except Exception as err:  # noqa: BLE001 - reported, the other models go on
+                failures.append(_failure("samples", err, model=name, prompt_set=pset.name))
+                found = []
+            if found:
+                collected[pset.name][name] = found
+    generator.release()
+
+    all_samples = [s for per_model in collected.values() for group in per_model.values() for s in group]
+    scores, rewards_info = _score_all(all_samples, rewards, out_dir, options, failures, progress)
+    calibration = None
+    if options.calibration_pairs:
+        from flowalign.evals.summary import calibrate_rewards
+
+        calibration = calibrate_rewards(rewards, options, out_dir, failures)
+
+    report = summarise_eval(
+        sets=sets,
+        collected=collected,
+        scores=scores,
+        rewards_info=rewards_info,
+        options=options,
+        out_dir=out_dir,
+        failures=failures,
+    )
+    report["calibration"] = calibration
+    report["settings"] = {
+        "generation": asdict(options.settings) | {"seed": None, "samples_per_prompt": samples_per_prompt},
+        "samples_per_prompt": samples_per_prompt,
+        "seeds": list(seeds),
+        "rewards": list(rewards),
+        "weights": options.weights,
+        "base": options.base,
+        "trained_rewards": options.trained_rewards,
+        "tie_tolerance": options.tie_tolerance,
+        "num_resamples": options.num_resamples,
+        "confidence_level": 0.95,
+        "device": str(options.device),
+        "dtype": str(options.dtype),
+        "lpips": "weights"
+        if options.lpips_weights
+        else ("random backbone" if options.lpips_random_backbone else None),
+        "fid_reference": options.fid_reference,
+        "calibration_pairs": options.calibration_pairs,
+    }
+    report["models"] = [
+        {
+            "name": name,
+            "path": spec.path,
+            "source": "samples" if spec.is_samples else "model",
+            "settings": spec.settings,
+            "fingerprint": None if spec.is_samples else _fingerprint(spec.path),
+            "status": "failed" if any(f.get("model") == name for f in failures) else "ok",
+        }
+        for name, spec in specs.items()
+    ]
+    report["environment"] = _environment()
+    report["failures"] = failures
+
+    from flowalign.evals.report import render_report, write_report_json
+
+    json_path = write_report_json(report, out_dir)
+    html_path = render_report(out_dir) if render else None
+    return EvalResult(report=report, json_path=json_path, html_path=html_path, failures=failures)
+
+
+def format_failure(failure: Mapping[str, Any]) -> str:
+    """One line for a failure record: ``load (model=dpo): OSError: ...``."""
+    where = ", ".join(f"{k}={v}" for k, v in failure.items() if k not in ("stage", "error"))
+    return f"{failure['stage']} ({where}): {failure['error']}"

@@ -1,0 +1,151 @@
+"""run_eval: incremental generation and scoring, failures that do not stop the report, pairing by seed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flowalign.evals import EvalOptions, ModelSpec, parse_model_spec, run_eval
+from flowalign.pipelines.generate_files import GenerationSettings, read_manifest
+from flowalign.rewards.scoring import read_score_rows
+
+FAST = EvalOptions(settings=GenerationSettings(num_inference_steps=2), num_resamples=100)
+
+
+def _run(models, out, *, rewards=("evals-count",), prompts="toy-heldout@2", k=2, seeds=(0,), options=FAST):
+    return run_eval(models, prompts, list(rewards), samples_per_prompt=k, seeds=list(seeds), out_dir=out,
+                    options=options, render=False, progress=False)  # fmt: skip
+
+
+def _no_model_loads(monkeypatch):
+    import flowalign.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded although every sample exists")
+
+    monkeypatch.setattr(flowalign.models, "load_flow_model", refuse)
+
+
+def test_rerun_reuses_samples_and_scores(toy_models, counting, tmp_path, monkeypatch):
+    first = _run({"a": toy_models["a"], "b": toy_models["b"]}, tmp_path)
+    assert sum(counting.scored) == 2 * 2 * 2  # models x prompts x samples, each scored once
+    assert counting.loads == [1]  # one reward load for all models
+    report = first.report
+    stats = report["results"]["toy-heldout"]["stats"]
+    _no_model_loads(monkeypatch)
+    counting.scored.clear()
+    counting.loads.clear()
+    second = _run({"a": toy_models["a"], "b": toy_models["b"]}, tmp_path)
+    assert counting.scored == [] and counting.loads == []  # nothing rescored, reward not even loaded
+    assert second.failures == []
+    assert second.report["results"]["toy-heldout"]["stats"] == stats
+    rows = read_score_rows(tmp_path / "scores" / "evals-count.jsonl")
+    assert len(rows) == 8 and len({r["id"] for r in rows}) == 8  # no duplicate rows
+    assert second.report["rewards"][0]["num_reused"] == 8 and second.report["rewards"][0]["num_scored"] == 0
+
+
+def test_adding_a_model_scores_only_its_samples(toy_models, counting, tmp_path):
+    _run({"a": toy_models["a"]}, tmp_path)
+    counting.scored.clear()
+    out = _run({"a": toy_models["a"], "b": toy_models["b"]}, tmp_path)
+    assert sum(counting.scored) == 4  # b's 2 prompts x 2 samples
+    assert out.report["results"]["toy-heldout"]["models"] == ["a", "b"]
+
+
+def test_interrupted_scoring_resumes_without_duplicates(toy_models, counting, tmp_path):
+    _run({"a": toy_models["a"]}, tmp_path)
+    scores = tmp_path / "scores" / "evals-count.jsonl"
+    lines = scores.read_text().splitlines(keepends=True)
+    scores.write_text("".join(lines[:1]) + lines[1][:10])  # one full row, then a row cut mid-write
+    counting.scored.clear()
+    out = _run({"a": toy_models["a"]}, tmp_path)
+    assert sum(counting.scored) == 3
+    rows = read_score_rows(scores)
+    assert len(rows) == 4 and len({r["id"] for r in rows}) == 4
+    assert out.report["results"]["toy-heldout"]["stats"]["a"]["bright"]["n"] == 4
+
+
+def test_failing_model_and_missing_prompt_file_do_not_stop_the_rest(toy_models, counting, tmp_path):
+    out = run_eval(
+        {"a": toy_models["a"], "broken": tmp_path / "absent-model"},
+        ["toy-heldout@2", tmp_path / "missing.txt"], ["evals-count"],
+        samples_per_prompt=1, out_dir=tmp_path / "eval", options=FAST, progress=False,
+    )  # fmt: skip
+    stages = {(f["stage"], f.get("model"), f.get("prompt_set")) for f in out.failures}
+    assert ("load", "broken", None) in stages
+    assert any(s == "prompts" and str(tmp_path / "missing.txt") in str(p) for s, _, p in stages)
+    assert out.report["results"]["toy-heldout"]["models"] == ["a"]
+    status = {m["name"]: m["status"] for m in out.report["models"]}
+    assert status == {"a": "ok", "broken": "failed"}
+    html = out.html_path.read_text()
+    assert "absent-model" in html and "missing.txt" in html and "failure(s)" in html
+    assert json.loads(out.json_path.read_text())["failures"] == out.failures
+
+
+def test_a_failing_reward_is_reported_and_the_others_kept(toy_models, counting, tmp_path):
+    out = _run({"a": toy_models["a"]}, tmp_path, rewards=("evals-fail", "evals-count"))
+    assert [f["reward"] for f in out.failures if f["stage"] == "score"] == ["evals-fail"]
+    assert "scorer crashed" in out.failures[0]["error"]
+    assert set(out.report["results"]["toy-heldout"]["stats"]["a"]) == {"bright", "red", "overall"}
+
+
+def test_models_are_paired_by_prompt_and_seed(toy_models, tmp_path):
+    out = _run({"a": toy_models["a"], "b": toy_models["b"]}, tmp_path, k=2, seeds=(0, 100))
+    seeds = {}
+    for manifest in (tmp_path / "samples").rglob("manifest.jsonl"):
+        model = manifest.parts[-4]
+        for row in read_manifest(manifest):
+            seeds.setdefault(model, set()).add((row["prompt"], row["seed"]))
+    assert seeds["a"] == seeds["b"] and len(seeds["a"]) == 2 * 2 * 2
+    assert {s for _, s in seeds["a"]} == {0, 1, 2, 3, 100, 101, 102, 103}
+    wr = out.report["results"]["toy-heldout"]["win_rates"]["bright"][0]
+    assert wr["n"] == 8  # all samples paired
+
+
+def test_overlapping_or_repeated_seeds_are_refused(toy_models, tmp_path):
+    with pytest.raises(ValueError, match="seeds 0 and 2 overlap"):
+        _run({"a": toy_models["a"]}, tmp_path, k=2, seeds=(0, 2))
+    with pytest.raises(ValueError, match="distinct"):
+        _run({"a": toy_models["a"]}, tmp_path, seeds=(1, 1))
+    with pytest.raises(ValueError, match="unknown generation setting"):
+        _run({"a": ModelSpec(str(toy_models["a"]), {"steps": 3})}, tmp_path)
+    with pytest.raises(ValueError, match="base model 'z'"):
+        _run({"a": toy_models["a"]}, tmp_path, options=EvalOptions(base="z"))
+
+
+def test_changed_settings_draw_new_samples_next_to_the_old(toy_models, counting, tmp_path):
+    _run({"a": toy_models["a"]}, tmp_path)
+    counting.scored.clear()
+    other = EvalOptions(settings=GenerationSettings(num_inference_steps=3), num_resamples=100)
+    _run({"a": toy_models["a"]}, tmp_path, options=other)
+    assert sum(counting.scored) == 4
+    assert len(list((tmp_path / "samples" / "toy-heldout" / "a").iterdir())) == 2
+
+
+def test_existing_samples_from_a_manifest_are_scored_and_paired(toy_models, counting, tmp_path):
+    from flowalign.models import load_flow_model
+    from flowalign.pipelines.generate_files import generate_files
+    from flowalign.toy.world import toy_prompts
+
+    prompts = [toy_prompts("heldout")[i] for i in (0, 40)]  # = toy-heldout@2
+    generate_files(load_flow_model(toy_models["b"]), prompts, tmp_path / "ext",
+                   GenerationSettings(num_inference_steps=2, samples_per_prompt=2), progress=False)  # fmt: skip
+    assert ModelSpec(str(tmp_path / "ext")).is_samples
+    out = _run({"a": toy_models["a"], "ext": tmp_path / "ext"}, tmp_path / "eval")
+    res = out.report["results"]["toy-heldout"]
+    assert res["num_samples"] == {"a": 4, "ext": 4}
+    assert res["win_rates"]["bright"][0]["n"] == 4
+    assert all(f.startswith("/") for f in res["grid"][0]["samples"]["ext"])  # outside the eval folder
+    assert all(not f.startswith("/") for f in res["grid"][0]["samples"]["a"])
+
+
+def test_parse_model_spec():
+    assert parse_model_spec("ckpt/dpo") == ("dpo", ModelSpec("ckpt/dpo"))
+    assert parse_model_spec("base=ckpt/base") == ("base", ModelSpec("ckpt/base"))
+    name, spec = parse_model_spec("fast=ckpt/gen:one_step=true,num_inference_steps=1,sampler=heun")
+    assert name == "fast" and spec.settings == {"one_step": True, "num_inference_steps": 1, "sampler": "heun"}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_model_spec("x=ckpt:oops")
+    with pytest.raises(ValueError, match="empty path"):
+        parse_model_spec("x=")
