@@ -223,13 +223,13 @@ def _settings(page: _Page) -> None:
     page.add("<h3>Models</h3>")
     page.add(
         _table(
-            ["model", "path", "source", "settings", "fingerprint", "status"],
+            ["model", "path", "source", "sampling", "fingerprint", "status"],
             [
                 [
                     f"<span style='color:{colour_for(i)}'>&#9632;</span> {escape(m['name'])}",
                     f"<code>{escape(str(m['path']))}</code>",
                     escape(str(m.get("source"))),
-                    f"<code>{escape(json.dumps(m.get('settings') or {}))}</code>",
+                    f"<code>{escape(json.dumps(m.get('generation') or m.get('settings') or {}))}</code>",
                     f"<code>{escape(str(m.get('fingerprint')))}</code>",
                     escape(str(m.get("status"))),
                 ]
@@ -255,6 +255,12 @@ def _settings(page: _Page) -> None:
             "rewards",
         )
     )
+    timings = r.get("timings") or {}
+    if timings:
+        labels = {"generate_s": "generation (s)", "score_s": "scoring (s)", "metrics_s": "metrics (s)",
+                  "num_samples": "samples"}  # fmt: skip
+        rows = [[escape(labels.get(k, k)), page.num("timings", k)] for k in timings if k in labels]
+        page.add("<h3>Time of this run</h3>" + _table(["stage", "value"], rows, "timings"))
     env = r.get("environment") or {}
     rows = [["python", escape(str(env.get("python")))], ["platform", escape(str(env.get("platform")))]]
     rows += [[escape(k), escape(str(v))] for k, v in (env.get("versions") or {}).items()]
@@ -291,6 +297,22 @@ def _set_section(page: _Page, name: str) -> None:
             h = res["histograms"][d]
             plots.append(histogram_plot(h["edges"], h["counts"], title=f"{d}: distribution", colours=colours))
     page.add(f"<div class='plots'>{''.join(plots)}</div>")
+
+    if res.get("by_group"):
+        page.add("<h3>Mean per prompt group</h3>")
+        groups = list(res["by_group"])
+        for d in dims:
+            rows = []
+            for g in groups:
+                cells = [escape(g)]
+                for m in models:
+                    cell = res["by_group"][g].get(m, {}).get(d)
+                    cells.append(
+                        f"{page.num(*base, 'by_group', g, m, d, 'mean')} (n={page.num(*base, 'by_group', g, m, d, 'n')})"
+                        if cell else "n/a"
+                    )  # fmt: skip
+                rows.append(cells)
+            page.add(_table([f"group ({escape(d)})", *map(escape, models)], rows, "by-group"))
 
     if res.get("win_rates"):
         page.add("<h3>Win rates on paired samples (ties count half)</h3>")

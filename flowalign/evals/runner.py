@@ -32,7 +32,8 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,24 @@ class ModelSpec:
         path: a model folder or hub id, or existing samples (a ``manifest.jsonl`` or a folder with one).
         settings: overrides of :class:`GenerationSettings` for this model only, e.g.
             ``{"one_step": True}`` for a one-step generator or ``{"sampler": "heun"}`` to compare samplers.
+        guidance: inference-time guidance (Flow-NRG): ``(model, prompts) -> velocity transforms`` for a
+            pipeline call on exactly those prompts (one per sample), e.g.
+            ``lambda m, p: [latent_reward_guidance(m, guide, p, {"ta": 1.0}, strength=0.5)]``.
+        guidance_key: a stable description of that guidance (its reward checkpoint, weights, strength):
+            part of the key of the samples folder, so changed guidance draws new samples.
     """
 
     path: str
     settings: dict[str, Any] = field(default_factory=dict)
+    guidance: Callable[[Any, list[str]], list[Any]] | None = None
+    guidance_key: str = ""
+
+    def __post_init__(self) -> None:
+        if self.guidance is not None and not self.guidance_key:
+            raise ValueError(
+                f"ModelSpec({self.path!r}): a guided model needs guidance_key, a stable description of the "
+                "guidance (reward, weights, strength) that keys its samples folder"
+            )
 
     @property
     def is_samples(self) -> bool:
@@ -193,11 +208,39 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def _settings_for(base: GenerationSettings, spec: ModelSpec, name: str) -> GenerationSettings:
+    """Shared settings, then a one-step checkpoint's recorded sampling, then the model's own overrides.
+
+    A one-step generator (``one_step.json`` in its folder) samples in one call with the guidance it
+    records (None: no CFG, the teacher's guidance is distilled in); shared multi-step settings would
+    sample it wrongly, so they are replaced unless the model's own settings say otherwise.
+    """
     known = {f for f in asdict(base)}
     unknown = sorted(set(spec.settings) - known)
     if unknown:
         raise ValueError(f"model {name!r}: unknown generation setting(s) {unknown}; known: {sorted(known)}")
-    return replace(base, **spec.settings)
+    overrides: dict[str, Any] = {}
+    if not spec.is_samples and Path(spec.path).is_dir():
+        from flowalign.pipelines.one_step import read_one_step_metadata
+
+        meta = read_one_step_metadata(spec.path)  # ValueError naming the file if malformed
+        if meta is not None:
+            overrides = {
+                "one_step": True,
+                "num_inference_steps": 1,
+                "guidance_scale": meta.get("guidance_scale") or 1.0,
+            }
+    return replace(base, **(overrides | spec.settings))
+
+
+def _effective_settings(base: GenerationSettings, spec: ModelSpec, name: str) -> dict[str, Any] | None:
+    """What a model samples with (None for existing samples or an unreadable one-step file)."""
+    if spec.is_samples:
+        return None
+    try:
+        settings = asdict(_settings_for(base, spec, name))
+    except ValueError:
+        return None
+    return {k: v for k, v in settings.items() if k not in ("seed", "samples_per_prompt", "extra")}
 
 
 def _check_seeds(seeds: Sequence[int], sets: list[PromptSet], k: int) -> None:
@@ -213,10 +256,11 @@ def _check_seeds(seeds: Sequence[int], sets: list[PromptSet], k: int) -> None:
             )
 
 
-def _manifest_complete(folder: Path, expected: int) -> bool:
+def _num_done(folder: Path, expected: int) -> int:
+    """How many of the sample ids 0..expected-1 a folder's manifest holds with their file on disk."""
     rows = read_manifest(folder / MANIFEST)
     ids = {r["id"] for r in rows if (folder / r["file"]).is_file()}
-    return all(f"{i:06d}" in ids for i in range(expected))
+    return sum(f"{i:06d}" in ids for i in range(expected))
 
 
 class _Generator:
@@ -237,9 +281,30 @@ class _Generator:
             )
         return self.loaded[name]
 
+    def _draw(self, name: str, spec: ModelSpec, run: Callable[[Any], None], *, where: dict[str, Any]) -> None:
+        """Load the model (once; a load failure marks it broken) and run one generation job on it."""
+        if name in self.broken:
+            return
+        try:
+            model = self.model(name, spec)
+        except Exception as err:  # noqa: BLE001 - any load error is reported, the rest goes on
+            self.broken.add(name)
+            self.failures.append(_failure("load", err, model=name, path=spec.path))
+            return
+        try:
+            run(model)
+        except Exception as err:  # noqa: BLE001 - what was written stays; the failure is reported
+            self.failures.append(_failure("generate", err, model=name, **where))
+
     def samples(
         self, name: str, spec: ModelSpec, pset: PromptSet, seeds: Sequence[int], k: int, out_dir: Path
     ) -> list[Sample]:
+        """Draw what is missing of K samples per prompt and seed repetition; return every sample on disk.
+
+        Unguided models draw a whole repetition with one ``generate_files`` call (``seed-<s>/``).
+        A guided model (``spec.guidance``) draws prompt by prompt (``seed-<s>/p<j>/``), so its velocity
+        transforms are built for exactly the prompts of each pipeline call; seeds are the same either way.
+        """
         from flowalign.pipelines.generate_files import generate_files
 
         settings = _settings_for(self.options.settings, spec, name)
@@ -248,6 +313,7 @@ class _Generator:
             "settings": asdict(replace(settings, seed=0)),
             "samples_per_prompt": k,
             "prompts": _digest(list(pset.prompts), 64),
+            "guidance": spec.guidance_key or None,
         }
         folder = out_dir / "samples" / _safe_name(pset.name) / _safe_name(name) / _digest(ident)
         folder.mkdir(parents=True, exist_ok=True)
@@ -255,32 +321,37 @@ class _Generator:
         samples: list[Sample] = []
         for rep, seed in enumerate(seeds):
             run_dir = folder / f"seed-{seed}"
-            expected = len(pset.prompts) * k
-            if not _manifest_complete(run_dir, expected) and name not in self.broken:
-                try:
-                    model = self.model(name, spec)
-                except Exception as err:  # noqa: BLE001 - any load error is reported, the rest goes on
-                    self.broken.add(name)
-                    self.failures.append(_failure("load", err, model=name, path=spec.path))
-                else:
-                    try:
-                        generate_files(
-                            model, list(pset.prompts), run_dir, replace(settings, seed=seed, samples_per_prompt=k),
-                            batch_size=self.options.batch_size, model_name=name, progress=self.progress,
-                        )  # fmt: skip
-                    except Exception as err:  # noqa: BLE001
-                        self.failures.append(
-                            _failure("generate", err, model=name, prompt_set=pset.name, seed=seed)
+            # (folder, first prompt index j0, prompts, seed of its first sample)
+            jobs = (
+                [(run_dir, 0, list(pset.prompts), seed)]
+                if spec.guidance is None
+                else [(run_dir / f"p{j:06d}", j, [p], seed + j * k) for j, p in enumerate(pset.prompts)]
+            )
+            for job_dir, j0, prompts, first_seed in jobs:
+                expected = len(prompts) * k
+                missing = expected - _num_done(job_dir, expected)
+                if missing:
+                    job = replace(settings, seed=first_seed, samples_per_prompt=k)
+
+                    def run(model, job_dir=job_dir, prompts=prompts, job=job, missing=missing):
+                        transforms, batch = None, self.options.batch_size
+                        if spec.guidance is not None:  # one pipeline call on this prompt's missing samples
+                            transforms, batch = spec.guidance(model, prompts * missing), max(batch, missing)
+                        generate_files(model, prompts, job_dir, job, velocity_transforms=transforms,
+                                       batch_size=batch, model_name=name, progress=self.progress)  # fmt: skip
+
+                    self._draw(name, spec, run, where={"prompt_set": pset.name, "seed": seed})
+                for row in read_manifest(job_dir / MANIFEST):
+                    i = int(row["id"])
+                    if i >= expected or not (job_dir / row["file"]).is_file():
+                        continue
+                    j, r = divmod(i, k)
+                    file = job_dir / row["file"]
+                    samples.append(
+                        Sample(
+                            (j0 + j, rep * k + r), row["prompt"], row.get("seed"), file, _rel(file, out_dir)
                         )
-            for row in read_manifest(run_dir / MANIFEST):
-                i = int(row["id"])
-                if i >= expected or not (run_dir / row["file"]).is_file():
-                    continue
-                j, r = divmod(i, k)
-                file = run_dir / row["file"]
-                samples.append(
-                    Sample((j, rep * k + r), row["prompt"], row.get("seed"), file, _rel(file, out_dir))
-                )
+                    )
         return samples
 
     def release(self) -> None:
@@ -503,7 +574,11 @@ def run_eval(
     if options.base is not None and options.base not in specs:
         raise ValueError(f"base model {options.base!r} is not one of the models {list(specs)}")
     for name, spec in specs.items():
-        _settings_for(options.settings, spec, name)
+        unknown = sorted(set(spec.settings) - set(asdict(options.settings)))
+        if unknown:
+            raise ValueError(
+                f"model {name!r}: unknown generation setting(s) {unknown}; known: {sorted(asdict(options.settings))}"
+            )
 
     failures: list[dict[str, Any]] = []
     prompt_specs = [prompts] if isinstance(prompts, str | os.PathLike | PromptSet) else list(prompts)
@@ -524,6 +599,7 @@ def run_eval(
         (out_dir / "prompts").mkdir(exist_ok=True)
         write_prompt_set(pset, out_dir / "prompts" / f"{_safe_name(pset.name)}.jsonl")
 
+    clock = {"start": time.perf_counter()}
     generator = _Generator(options, failures, progress)
     collected: dict[str, dict[str, list[Sample]]] = {s.name: {} for s in sets}
     for name, spec in specs.items():
@@ -549,9 +625,11 @@ def run_eval(
             if found:
                 collected[pset.name][name] = found
     generator.release()
+    clock["generated"] = time.perf_counter()
 
     all_samples = [s for per_model in collected.values() for group in per_model.values() for s in group]
     scores, rewards_info = _score_all(all_samples, rewards, out_dir, options, failures, progress)
+    clock["scored"] = time.perf_counter()
     calibration = None
     if options.calibration_pairs:
         from flowalign.evals.summary import calibrate_rewards
@@ -593,12 +671,21 @@ def run_eval(
             "path": spec.path,
             "source": "samples" if spec.is_samples else "model",
             "settings": spec.settings,
+            "generation": _effective_settings(options.settings, spec, name),
             "fingerprint": None if spec.is_samples else _fingerprint(spec.path),
             "status": "failed" if any(f.get("model") == name for f in failures) else "ok",
         }
         for name, spec in specs.items()
     ]
     report["environment"] = _environment()
+    clock["summarised"] = time.perf_counter()
+    # Wall-clock seconds of this run's stages (samples and scores reused from earlier runs cost ~0).
+    report["timings"] = {
+        "generate_s": clock["generated"] - clock["start"],
+        "score_s": clock["scored"] - clock["generated"],
+        "metrics_s": clock["summarised"] - clock["scored"],
+        "num_samples": len(all_samples),
+    }
     report["failures"] = failures
 
     from flowalign.evals.report import render_report, write_report_json

@@ -263,6 +263,27 @@ def _against_base(
     return out
 
 
+def _by_group(
+    pset: PromptSet,
+    per_model: Mapping[str, list[Sample]],
+    scores: Mapping[str, Mapping[str, float]],
+    dims: list[str],
+) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """Mean and count per prompt group (Parti category, GenEval tag, ...), model and dimension."""
+    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for group in dict.fromkeys(pset.groups):
+        out[group] = {}
+        for model, samples in per_model.items():
+            mine = [s for s in samples if pset.groups[s.key[0]] == group]
+            cells = {}
+            for dim in dims:
+                vals = [scores[s.score_id][dim] for s in mine if dim in scores[s.score_id]]
+                if vals:
+                    cells[dim] = {"mean": sum(vals) / len(vals), "n": len(vals)}
+            out[group][model] = cells
+    return out
+
+
 def _tolerance(options: EvalOptions, dim: str) -> float:
     tol = options.tie_tolerance
     return float(tol.get(dim, 0.0)) if isinstance(tol, Mapping) else float(tol)
@@ -303,6 +324,8 @@ def _summarise_set(
             vals = [scores[s.score_id][col] for s in samples if col in scores[s.score_id]]
             diagnostics[model][col] = {"mean": sum(vals) / len(vals), "n": len(vals)}
     result["stats"], result["diagnostics"] = stats, diagnostics
+    if pset.groups:
+        result["by_group"] = _by_group(pset, per_model, scores, dims)
     result["histograms"] = {d: _histograms(v) for d, v in values_by_dim.items() if v}
 
     win_rates: dict[str, list[dict]] = {}

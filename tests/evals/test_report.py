@@ -125,6 +125,30 @@ def test_rerendering_a_copied_folder_reproduces_the_page(rich_run, tmp_path):
     assert load_report(copy) == json.loads(rich_run.json_path.read_text())
 
 
+def test_groups_of_a_benchmark_get_their_own_means(toy_models, tmp_path):
+    path = tmp_path / "PartiPrompts.tsv"
+    path.write_text("Prompt\tCategory\nan apple\tFood\na pear\tFood\na dog\tAnimals\n")
+    out = run_eval({"a": toy_models["a"]}, f"parti:{path}", ["evals-count"], samples_per_prompt=2,
+                   out_dir=tmp_path / "eval", options=EvalOptions(settings=GenerationSettings(num_inference_steps=2),
+                   num_resamples=50), progress=False)  # fmt: skip
+    res = out.report["results"]["parti"]
+    assert (
+        res["by_group"]["Food"]["a"]["bright"]["n"] == 4
+        and res["by_group"]["Animals"]["a"]["bright"]["n"] == 2
+    )
+    food = [r["bright"] for r in _score_rows(out, "a") if r["prompt"] in ("an apple", "a pear")]
+    assert res["by_group"]["Food"]["a"]["bright"]["mean"] == pytest.approx(sum(food) / len(food))
+    html = out.html_path.read_text()
+    assert json_pointer("results", "parti", "by_group", "Food", "a", "bright", "mean") in html
+
+
+def _score_rows(result, model):
+    from flowalign.rewards.scoring import read_score_rows
+
+    rows = read_score_rows(result.json_path.parent / "scores" / "evals-count.jsonl")
+    return [r for r in rows if f"/{model}/" in r["id"]]
+
+
 def test_load_report_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no report.json"):
         load_report(tmp_path)

@@ -140,6 +140,55 @@ def test_existing_samples_from_a_manifest_are_scored_and_paired(toy_models, coun
     assert all(not f.startswith("/") for f in res["grid"][0]["samples"]["a"])
 
 
+def test_one_step_checkpoints_sample_in_one_call_without_cfg(toy_models, tmp_path):
+    from flowalign.models import load_flow_model
+    from flowalign.pipelines.one_step import save_one_step
+
+    teacher = load_flow_model(toy_models["a"])
+    save_one_step(teacher, teacher.transformer, tmp_path / "gen", method="test")
+    options = EvalOptions(
+        settings=GenerationSettings(num_inference_steps=4, guidance_scale=3.0), num_resamples=50
+    )
+    out = _run({"gen": tmp_path / "gen", "gen-cfg": ModelSpec(str(tmp_path / "gen"), {"guidance_scale": 2.0})},
+               tmp_path / "eval", options=options)  # fmt: skip
+    assert out.failures == []
+    used = {m["name"]: m["generation"] for m in out.report["models"]}
+    assert (
+        used["gen"]["one_step"]
+        and used["gen"]["guidance_scale"] == 1.0
+        and used["gen"]["num_inference_steps"] == 1
+    )
+    assert used["gen-cfg"]["guidance_scale"] == 2.0  # the model's own settings still win
+    rows = read_manifest(
+        next((tmp_path / "eval" / "samples" / "toy-heldout" / "gen").rglob("manifest.jsonl"))
+    )
+    assert rows[0]["settings"]["one_step"] is True and rows[0]["settings"]["guidance_scale"] == 1.0
+
+
+def test_guided_models_get_transforms_for_exactly_their_prompts(toy_models, tmp_path):
+    calls: list[list[str]] = []
+
+    def identity_guidance(model, prompts):
+        calls.append(list(prompts))
+        return [lambda v_fn: v_fn]
+
+    guided = ModelSpec(str(toy_models["a"]), guidance=identity_guidance, guidance_key="identity")
+    options = EvalOptions(settings=GenerationSettings(num_inference_steps=2), base="a", num_resamples=50)
+    out = _run({"a": toy_models["a"], "nrg": guided}, tmp_path, k=2, options=options)
+    prompts = out.report["results"]["toy-heldout"]["grid"]
+    assert calls == [[prompts[0]["prompt"]] * 2, [prompts[1]["prompt"]] * 2]  # one call per prompt, K rows
+    drift = out.report["results"]["toy-heldout"]["against_base"]["nrg"]
+    assert drift["n"] == 4 and drift["drift_pixel"]["max"] < 1e-2  # identity guidance = the same samples
+    # an interrupted prompt resumes with transforms for its missing samples only
+    manifest = next(p for p in tmp_path.rglob("p000001/manifest.jsonl") if "/nrg/" in str(p))
+    manifest.write_text(manifest.read_text().splitlines(keepends=True)[0])
+    calls.clear()
+    _run({"a": toy_models["a"], "nrg": guided}, tmp_path, k=2, options=options)
+    assert calls == [[prompts[1]["prompt"]]]
+    with pytest.raises(ValueError, match="guidance_key"):
+        ModelSpec("x", guidance=identity_guidance)
+
+
 def test_parse_model_spec():
     assert parse_model_spec("ckpt/dpo") == ("dpo", ModelSpec("ckpt/dpo"))
     assert parse_model_spec("base=ckpt/base") == ("base", ModelSpec("ckpt/base"))
