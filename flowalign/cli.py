@@ -112,6 +112,245 @@ def generate(
     typer.echo(f"wrote {len(rows)} samples to {out}")
 
 
+train_app = typer.Typer(help="Train a method on the shared loop.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML recipe (e.g. configs/toy_dpo.yaml).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: --set train.optim.lr=1e-4")
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.")
+]
+
+
+def _run_training(run_cls, runner, config, overrides, resume, shortcuts: dict[str, object]) -> None:
+    from flowalign.config import load_config
+
+    sets = [f"{key}={value}" for key, value in shortcuts.items() if value is not None] + list(overrides or [])
+    try:
+        run = load_config(run_cls, config, sets)
+        result = runner(run, resume=resume)
+    except (ValueError, FileExistsError) as err:
+        fail(str(err).splitlines()[0])
+    where = result.export_dir or result.checkpoint
+    typer.echo(f"trained {result.step} steps; model in {where}")
+
+
+@train_app.command("sft")
+def train_sft(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option(help="Hub id, folder, or toy:image / toy:video.")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="toy:train or a manifest.jsonl of media + prompts.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (checkpoints, logs, final model).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Flow-matching fine-tuning (pretrains the toy base models)."""
+    from flowalign.training.runs import SFTRun, run_sft
+
+    _run_training(
+        SFTRun,
+        run_sft,
+        config,
+        set_,
+        resume,
+        {"model": model, "data": data, "train.output_dir": out, "train.max_steps": steps},
+    )
+
+
+@train_app.command("dpo")
+def train_dpo(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option(help="Base model: hub id or folder.")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="pairs.jsonl, VideoAlign csv or Pick-a-Pic parquet.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    beta: Annotated[float | None, typer.Option(help="DPO beta (mean-reduced errors).")] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Flow-DPO preference fine-tuning (LoRA by default; --set lora=null for a full fine-tune)."""
+    from flowalign.training.runs import DPORun, run_dpo
+
+    _run_training(
+        DPORun,
+        run_dpo,
+        config,
+        set_,
+        resume,
+        {"model": model, "data": data, "train.output_dir": out, "train.max_steps": steps, "dpo.beta": beta},
+    )
+
+
+@train_app.command("rwr")
+def train_rwr(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option(help="Base model: hub id or folder.")] = None,
+    data: Annotated[str | None, typer.Option(help="candidates.jsonl from `flowalign pairs`.")] = None,
+    out: Annotated[Path | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    temperature: Annotated[float | None, typer.Option(help="RWR temperature beta.")] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Flow-RWR: reward-weighted flow matching on scored samples."""
+    from flowalign.training.runs import RWRRun, run_rwr
+
+    _run_training(
+        RWRRun,
+        run_rwr,
+        config,
+        set_,
+        resume,
+        {
+            "model": model,
+            "data": data,
+            "train.output_dir": out,
+            "train.max_steps": steps,
+            "rwr.temperature": temperature,
+        },
+    )
+
+
+def _parse_weights(weights: str | None) -> dict[str, float] | None:
+    from flowalign.rewards.combine import parse_weights
+
+    return parse_weights(weights) if weights else None
+
+
+@app.command()
+def pairs(
+    model: Annotated[str, typer.Option(help="Model to sample candidates from.")],
+    out: Annotated[Path, typer.Option(help="Output folder: pairs.jsonl, candidates.jsonl, media.")],
+    reward: Annotated[
+        str, typer.Option(help="Reward names, comma separated (e.g. toy or pickscore,hpsv2.1).")
+    ],
+    prompts_file: Annotated[Path | None, typer.Option(help="Prompts file.")] = None,
+    toy_split: Annotated[
+        str | None, typer.Option(help="Use the toy world's prompts: train or heldout.")
+    ] = None,
+    weights: Annotated[str | None, typer.Option(help="Dimension weights, e.g. ta=1,vq=0.5.")] = None,
+    num_candidates: Annotated[int, typer.Option(help="Samples per prompt (K).")] = 4,
+    mode: Annotated[str, typer.Option(help="best_worst or all.")] = "best_worst",
+    margin: Annotated[float, typer.Option(help="Minimum reward gap for a pair.")] = 0.0,
+    steps: Annotated[int | None, typer.Option()] = None,
+    guidance_scale: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    device: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Build a preference dataset from a model: K samples per prompt, scored, best vs worst."""
+    from flowalign.data.pairs import PairsConfig, build_pairs
+    from flowalign.data.prompts import load_prompts
+    from flowalign.models import load_flow_model
+    from flowalign.rewards import load_reward
+    from flowalign.rewards.combine import RewardCombiner
+
+    try:
+        if toy_split is not None:
+            from flowalign.toy.world import toy_prompts
+
+            prompt_list = toy_prompts(toy_split, "image")
+        elif prompts_file is not None:
+            prompt_list = load_prompts(prompts_file)
+        else:
+            fail("give --prompts-file FILE or --toy-split train|heldout")
+        torch_device, torch_dtype = _device_and_dtype(device, None)
+        flow_model = load_flow_model(model, torch_dtype=torch_dtype, device=torch_device)
+        if flow_model.is_video and toy_split is not None:
+            prompt_list = toy_prompts(toy_split, "video")
+        combiner = RewardCombiner(
+            [load_reward(n.strip(), device=torch_device) for n in reward.split(",")], _parse_weights(weights)
+        )
+        config = PairsConfig(
+            num_candidates=num_candidates,
+            mode=mode,
+            margin=margin,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            num_inference_steps=steps,
+            batch_size=batch_size,
+        )
+        _, chosen = build_pairs(flow_model, prompt_list, combiner.score, out, config)
+    except ValueError as err:
+        fail(str(err).splitlines()[0])
+    typer.echo(f"wrote {len(chosen)} pairs to {out / 'pairs.jsonl'}")
+
+
+@app.command()
+def score(
+    reward: Annotated[str, typer.Option(help="Reward names, comma separated; options as name:key=value.")],
+    media: Annotated[list[str], typer.Option(help="A manifest.jsonl, a folder, or files (repeat).")],
+    out: Annotated[Path, typer.Option(help="scores.jsonl (incremental, resumable) or .parquet.")],
+    prompts: Annotated[
+        Path | None, typer.Option(help="Prompts file, one per media file (not with a manifest).")
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="Dimension weights for 'overall', e.g. vq=1,mq=0.5,ta=2.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    device: Annotated[str | None, typer.Option()] = None,
+    dtype: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Score media with one or more reward models."""
+    from flowalign.data.prompts import load_prompts
+    from flowalign.rewards.registry import parse_reward_spec
+    from flowalign.rewards.scoring import score_files
+
+    try:
+        specs = [parse_reward_spec(s) for s in reward.split(",") if s.strip()]
+        names = [name for name, _ in specs]
+        kwargs = {name: opts for name, opts in specs if opts}
+        prompt_list = load_prompts(prompts) if prompts is not None else None
+        source = media[0] if len(media) == 1 else media
+        torch_device, torch_dtype = _device_and_dtype(device, dtype)
+        result = score_files(
+            names,
+            source,
+            prompt_list,
+            _parse_weights(weights),
+            out,
+            batch_size=batch_size,
+            device=torch_device,
+            dtype=torch_dtype,
+            reward_kwargs=kwargs,
+        )
+    except ValueError as err:
+        fail(str(err).splitlines()[0])
+    typer.echo(f"scored {result.num_scored} items ({result.num_skipped} already done) into {out}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder (summary.md, index.html, grids).")] = Path(
+        "runs/demo"
+    ),
+    stages: Annotated[str, typer.Option(help="Comma-separated stages: base, dpo.")] = "base,dpo",
+    samples: Annotated[int, typer.Option(help="Held-out samples per evaluated model.")] = 256,
+) -> None:
+    """The toy world end to end: base model, held-out evaluation with exact oracles, Flow-DPO."""
+    from flowalign.demo import DemoConfig, run_demo
+
+    try:
+        report = run_demo(
+            DemoConfig(
+                out_dir=out,
+                stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
+                num_samples=samples,
+            )
+        )
+    except ValueError as err:
+        fail(str(err).splitlines()[0])
+    typer.echo(report.table_md())
+    typer.echo(f"\nwrote {out / 'summary.md'} and {out / 'index.html'}")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

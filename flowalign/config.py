@@ -376,11 +376,26 @@ def _build(cls: type[C], data: dict, prefix: str, source: str) -> C:
             raise ConfigError(
                 f"invalid value for {prefix + name!r} in {source}: {err}", key=prefix + name
             ) from None
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init
+        and f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        keys = ", ".join(repr(prefix + name) for name in missing)
+        raise MissingConfigKey(f"missing required config key(s) {keys} in {source}", key=prefix + missing[0])
     try:
         return cls(**kwargs)
     except ConfigError as err:  # from __post_init__: err.key is relative to cls
         full = prefix + err.key
         raise ConfigError(f"invalid value for {full!r} in {source}: {err.reason}", key=full) from None
+
+
+class MissingConfigKey(ConfigError):
+    """A required key (a field without a default) was not given."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,7 +502,10 @@ def load_config(
         dotted = dotted.strip()
         osource = f"override {item!r}"
         _set_dotted(cls, data, dotted, raw, osource)
-        _build(cls, data, "", osource)
+        try:
+            _build(cls, data, "", osource)
+        except MissingConfigKey:
+            pass  # a later override may set it; checked once all are applied
     return _build(cls, data, "", source if not overrides else f"{source} + overrides")
 
 
