@@ -182,7 +182,6 @@ def paired_win_rate(
     """
     if tie_tolerance < 0:
         raise ValueError(f"tie_tolerance must be >= 0, got {tie_tolerance}")
-    out = win_rate(a, b, tie_tolerance=tie_tolerance)
     diff = a.detach().double().flatten() - b.detach().double().flatten()
     points = (diff > tie_tolerance).double() + 0.5 * (
         diff.abs() <= tie_tolerance
@@ -190,6 +189,10 @@ def paired_win_rate(
     ci_low, ci_high = _interval(
         bootstrap_means(points, groups, num_resamples=num_resamples, seed=seed), level
     )
+    out = win_rate(a, b, tie_tolerance=tie_tolerance)
+    # counted, not 1 - win - loss, so an exact 0 stays 0 (stats.win_rate's subtraction leaves 1e-17s)
+    out["tie"] = float((diff.abs() <= tie_tolerance).double().mean())
+    out["win_rate_with_ties"] = float(points.mean())
     return {**out, "ci_low": ci_low, "ci_high": ci_high, "n": int(diff.numel())}
 
 

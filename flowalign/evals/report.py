@@ -42,6 +42,7 @@ REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 THUMB_MIN = 96  # small samples (toy 32x32) are enlarged to at least this many pixels, without blurring
 THUMB_MAX = 256  # large samples are shrunk to at most this
+GIF_FRAMES = 16  # longer clips are shown with this many evenly spaced frames
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -176,14 +177,16 @@ def _embed(files: Sequence[Path]) -> str:
     media = torch.stack([_thumbnail(load_media(f)) for f in files])  # [K, 3, H, W] or [K, T, 3, H, W]
     buf = io.BytesIO()
     if media.ndim == 5:
-        frames = [_to_pil(image_grid(media[:, t], nrow=len(files))) for t in range(media.shape[1])]
+        steps = media.shape[1]
+        shown = [i * steps // GIF_FRAMES for i in range(GIF_FRAMES)] if steps > GIF_FRAMES else range(steps)
+        frames = [_to_pil(image_grid(media[:, t])) for t in shown]
         frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=125, loop=0)
         mime = "image/gif"
     elif media.shape[-1] > 128:  # photographs: JPEG keeps the page small
-        _to_pil(image_grid(media, nrow=len(files))).save(buf, format="JPEG", quality=90)
+        _to_pil(image_grid(media)).save(buf, format="JPEG", quality=90)
         mime = "image/jpeg"
     else:
-        _to_pil(image_grid(media, nrow=len(files))).save(buf, format="PNG")
+        _to_pil(image_grid(media)).save(buf, format="PNG")
         mime = "image/png"
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
 
@@ -315,16 +318,30 @@ def _set_section(page: _Page, name: str) -> None:
             page.add(_table([f"group ({escape(d)})", *map(escape, models)], rows, "by-group"))
 
     if res.get("win_rates"):
-        page.add("<h3>Win rates on paired samples (ties count half)</h3>")
-        rows = []
+        page.add(
+            "<h3>Win rates on paired samples (same prompt and seed)</h3><p>Row model against column model: "
+            "P(row scores higher) + &frac12; P(tie) [95% CI]; hover a cell for wins, ties and losses.</p>"
+        )
+        tables = []
         for d, entries in res["win_rates"].items():
-            for i, e in enumerate(entries):
-                p = (*base, "win_rates", d, i)
-                rows.append([escape(d), f"{escape(e['a'])} vs {escape(e['b'])}", page.num(*p, "win"),
-                             page.num(*p, "tie"), page.num(*p, "loss"),
-                             page.interval(*p, mean="win_rate_with_ties"), page.num(*p, "n")])  # fmt: skip
-        page.add(_table(["dimension", "A vs B", "A wins", "tie", "B wins", "win rate of A [95% CI]", "pairs"],
-                        rows, "win-rates"))  # fmt: skip
+            where = {(e["a"], e["b"]): i for i, e in enumerate(entries)}
+            rows = []
+            for a in models:
+                cells = [f"<b>{escape(a)}</b>"]
+                for b in models:
+                    i = where.get((a, b))
+                    if i is None:
+                        cells.append("&mdash;" if a == b else "n/a")
+                        continue
+                    p, e = (*base, "win_rates", d, i), entries[i]
+                    tip = (f"{a} wins {format_number(e['win'])}, ties {format_number(e['tie'])}, "
+                           f"{b} wins {format_number(e['loss'])} over {e['n']} pairs")  # fmt: skip
+                    cells.append(
+                        f'<span title="{escape(tip)}">{page.interval(*p, mean="win_rate_with_ties")}</span>'
+                    )
+                rows.append(cells)
+            tables.append(_table([escape(d), *map(escape, models)], rows, "win-rates"))
+        page.add(f"<div class='plots'>{''.join(tables)}</div>")
 
     div_rows = []
     for m in models:

@@ -419,7 +419,8 @@ def _score_all(
 
     merged: dict[str, dict[str, float]] = {sid: {} for sid in unique}
     rewards_info = []
-    for spec in reward_specs:
+    taken: set[str] = set()  # score columns of the rewards before this one
+    for spec in dict.fromkeys(reward_specs):
         try:
             name, reward_options = parse_reward_spec(spec)
         except ValueError as err:
@@ -448,12 +449,19 @@ def _score_all(
         except Exception as err:  # noqa: BLE001 - a failing reward is reported; the others go on
             failures.append(_failure("score", err, reward=spec))
             existing = {str(r["id"]): r for r in read_score_rows(out) if r.get("rewards") == [name]}
+        columns = {k for row in existing.values() for k, v in row.items() if isinstance(v, int | float)}
+        columns.discard("overall")
+        # Two rewards naming a dimension alike (toy "ta" and toy_classifier "ta"): the later one's
+        # columns all get its name as a prefix, "toy_classifier.ta", so neither overwrites the other.
+        prefix = ""
+        if columns & taken:
+            prefix = f"{name}." if not {f"{name}.{c}" for c in columns} & taken else f"{out.stem}."
+            info["prefix"] = prefix
+        taken |= {prefix + c for c in columns}
         for sid, row in existing.items():
             if sid in merged:
-                merged[sid].update(
-                    {k: float(v) for k, v in row.items() if isinstance(v, int | float) and k != "overall"}
-                )
-        info["dimensions"] = _dimensions_of(existing.values())
+                merged[sid].update({prefix + k: float(row[k]) for k in columns if k in row})
+        info["dimensions"] = [prefix + d for d in _dimensions_of(existing.values())]
         rewards_info.append(info)
     return merged, rewards_info
 

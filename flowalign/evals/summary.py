@@ -331,8 +331,8 @@ def _summarise_set(
     win_rates: dict[str, list[dict]] = {}
     for dim in dims:
         rows = []
-        for i, a in enumerate(models):
-            for b in models[i + 1 :]:
+        for a in models:
+            for b in (m for m in models if m != a):
                 pairs = [
                     (x, y) for x, y in _paired(per_model[a], per_model[b])
                     if dim in scores[x.score_id] and dim in scores[y.score_id]

@@ -107,6 +107,7 @@ def test_win_rate_tolerance_turns_small_differences_into_ties():
     loose = metrics.paired_win_rate(a, b, tie_tolerance=0.06, num_resamples=50)
     assert (strict["win"], strict["tie"], strict["loss"]) == pytest.approx((2 / 3, 0, 1 / 3))
     assert (loose["win"], loose["tie"], loose["loss"]) == pytest.approx((1 / 3, 2 / 3, 0))
+    assert strict["tie"] == 0.0  # counted, not 1 - win - loss
 
 
 def test_win_rate_is_antisymmetric():

@@ -62,7 +62,7 @@ def test_every_number_in_the_html_equals_report_json(rich_run):
                     assert json_pointer("results", name, "stats", model, dim, field) in shown
         for dim, rows in res["win_rates"].items():
             for i in range(len(rows)):
-                for field in ("win", "tie", "loss", "win_rate_with_ties", "ci_low", "ci_high"):
+                for field in ("win_rate_with_ties", "ci_low", "ci_high"):
                     assert json_pointer("results", name, "win_rates", dim, i, field) in shown
         for model in res["models"]:
             assert json_pointer("results", name, "fid", model, "toy", "fid") in shown
@@ -87,6 +87,11 @@ def test_report_contents_on_the_toy_world(rich_run):
     assert report["environment"]["git_commit"] and report["environment"]["versions"]["torch"]
     assert report["settings"]["seeds"] == [0] and report["settings"]["samples_per_prompt"] == 2
     assert {f["stage"] for f in report["failures"]} == {"prompts", "load"}
+    for dim, entries in res["win_rates"].items():
+        assert len(entries) == 3 * 2  # every ordered pair of the 3 models
+        rate = {(e["a"], e["b"]): e["win_rate_with_ties"] for e in entries}
+        for (a, b), value in rate.items():
+            assert value + rate[(b, a)] == pytest.approx(1.0), dim
     assert len(res["grid"]) == 3 and all(len(v) == 2 for v in res["grid"][0]["samples"].values())
     cal = report["calibration"]["dimensions"]
     assert cal["vq"]["accuracy"] == 1.0  # the oracle prefers every clean render over its noisy copy

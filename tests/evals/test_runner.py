@@ -83,11 +83,28 @@ def test_failing_model_and_missing_prompt_file_do_not_stop_the_rest(toy_models, 
     assert json.loads(out.json_path.read_text())["failures"] == out.failures
 
 
+def test_a_report_with_nothing_to_show_still_renders(tmp_path):
+    out = run_eval({"gone": tmp_path / "absent"}, "toy-heldout@2", ["evals-count"], out_dir=tmp_path / "eval",
+                   options=FAST, progress=False)  # fmt: skip
+    assert out.report["results"] == {} and [f["stage"] for f in out.failures] == ["load"]
+    html = out.html_path.read_text()
+    assert "No results" in html and "absent" in html
+
+
 def test_a_failing_reward_is_reported_and_the_others_kept(toy_models, counting, tmp_path):
     out = _run({"a": toy_models["a"]}, tmp_path, rewards=("evals-fail", "evals-count"))
     assert [f["reward"] for f in out.failures if f["stage"] == "score"] == ["evals-fail"]
     assert "scorer crashed" in out.failures[0]["error"]
     assert set(out.report["results"]["toy-heldout"]["stats"]["a"]) == {"bright", "red", "overall"}
+
+
+def test_rewards_sharing_a_dimension_name_keep_both(toy_models, counting, tmp_path):
+    out = _run({"a": toy_models["a"]}, tmp_path, rewards=("evals-count", "evals-count:batch_size=2", "toy"))
+    assert out.failures == []
+    dims = out.report["dimensions"]
+    assert dims == ["bright", "red", "evals-count.bright", "evals-count.red", "vq", "ta", "overall"]
+    stats = out.report["results"]["toy-heldout"]["stats"]["a"]
+    assert stats["evals-count.bright"]["mean"] == pytest.approx(stats["bright"]["mean"])
 
 
 def test_models_are_paired_by_prompt_and_seed(toy_models, tmp_path):
