@@ -19,6 +19,7 @@ _EXPORTS = {
     "ModelSpec": "flowalign.evals.runner",
     "parse_model_spec": "flowalign.evals.runner",
     "run_eval": "flowalign.evals.runner",
+    "rerun_eval": "flowalign.evals.runner",
     "PromptSet": "flowalign.evals.prompt_sets",
     "builtin_prompt_sets": "flowalign.evals.prompt_sets",
     "load_prompt_set": "flowalign.evals.prompt_sets",

@@ -51,7 +51,7 @@ table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;pad
 vertical-align:top;font-size:13px}th{background:#f3f3f3}.num{font-variant-numeric:tabular-nums}
 .ci{color:#666}.failures{background:#fff0f0;border:1px solid #e0a0a0;padding:8px 14px}.flag{color:#b00020}
 .plots{display:flex;flex-wrap:wrap;gap:12px}.plot .title{font-size:13px;font-weight:600}
-.plot .tick{font-size:10px;fill:#555}.plot .label{font-size:11px}.grid td{text-align:center}
+.plot .tick{font-size:10px;fill:#555}.plot .label{font-size:11px}.grid td{text-align:center}.grid td:first-child{text-align:left}
 .grid img{image-rendering:pixelated;max-width:520px}.prompt{max-width:260px;text-align:left!important}
 .missing{color:#b00020;font-size:12px}code{background:#f6f6f6;padding:0 3px}
 """

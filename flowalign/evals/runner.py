@@ -34,7 +34,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ import torch
 from flowalign.evals.prompt_sets import PromptSet, load_prompt_set, write_prompt_set
 from flowalign.pipelines.generate_files import MANIFEST, GenerationSettings, read_manifest
 
-__all__ = ["EvalOptions", "EvalResult", "ModelSpec", "Sample", "parse_model_spec", "run_eval"]
+__all__ = ["EvalOptions", "EvalResult", "ModelSpec", "Sample", "parse_model_spec", "rerun_eval", "run_eval"]
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -60,7 +60,9 @@ class ModelSpec:
             pipeline call on exactly those prompts (one per sample), e.g.
             ``lambda m, p: [latent_reward_guidance(m, guide, p, {"ta": 1.0}, strength=0.5)]``.
         guidance_key: a stable description of that guidance (its reward checkpoint, weights, strength):
-            part of the key of the samples folder, so changed guidance draws new samples.
+            part of the key of the samples folder, so changed guidance draws new samples. A spec with a
+            key but no ``guidance`` reuses guided samples drawn before (what :func:`rerun_eval` does) and
+            reports a failure if any are missing.
     """
 
     path: str
@@ -302,7 +304,7 @@ class _Generator:
         """Draw what is missing of K samples per prompt and seed repetition; return every sample on disk.
 
         Unguided models draw a whole repetition with one ``generate_files`` call (``seed-<s>/``).
-        A guided model (``spec.guidance``) draws prompt by prompt (``seed-<s>/p<j>/``), so its velocity
+        A guided model (``spec.guidance_key``) draws prompt by prompt (``seed-<s>/p<j>/``), so its velocity
         transforms are built for exactly the prompts of each pipeline call; seeds are the same either way.
         """
         from flowalign.pipelines.generate_files import generate_files
@@ -324,7 +326,7 @@ class _Generator:
             # (folder, first prompt index j0, prompts, seed of its first sample)
             jobs = (
                 [(run_dir, 0, list(pset.prompts), seed)]
-                if spec.guidance is None
+                if not spec.guidance_key
                 else [(run_dir / f"p{j:06d}", j, [p], seed + j * k) for j, p in enumerate(pset.prompts)]
             )
             for job_dir, j0, prompts, first_seed in jobs:
@@ -335,6 +337,11 @@ class _Generator:
 
                     def run(model, job_dir=job_dir, prompts=prompts, job=job, missing=missing):
                         transforms, batch = None, self.options.batch_size
+                        if spec.guidance_key and spec.guidance is None:
+                            raise ValueError(
+                                f"{missing} guided sample(s) missing in {job_dir} and no guidance function "
+                                f"was given to draw them (guidance {spec.guidance_key!r})"
+                            )
                         if spec.guidance is not None:  # one pipeline call on this prompt's missing samples
                             transforms, batch = spec.guidance(model, prompts * missing), max(batch, missing)
                         generate_files(model, prompts, job_dir, job, velocity_transforms=transforms,
@@ -672,7 +679,10 @@ def run_eval(
         else ("random backbone" if options.lpips_random_backbone else None),
         "fid_reference": options.fid_reference,
         "calibration_pairs": options.calibration_pairs,
+        "options": _options_record(options),
     }
+    for entry in report["prompt_sets"]:
+        entry["file"] = f"prompts/{_safe_name(entry['name'])}.jsonl"
     report["models"] = [
         {
             "name": name,
@@ -680,6 +690,7 @@ def run_eval(
             "source": "samples" if spec.is_samples else "model",
             "settings": spec.settings,
             "generation": _effective_settings(options.settings, spec, name),
+            "guidance_key": spec.guidance_key or None,
             "fingerprint": None if spec.is_samples else _fingerprint(spec.path),
             "status": "failed" if any(f.get("model") == name for f in failures) else "ok",
         }
@@ -701,6 +712,72 @@ def run_eval(
     json_path = write_report_json(report, out_dir)
     html_path = render_report(out_dir) if render else None
     return EvalResult(report=report, json_path=json_path, html_path=html_path, failures=failures)
+
+
+def _options_record(options: EvalOptions) -> dict[str, Any]:
+    """Every :class:`EvalOptions` field as JSON (dtype as its name), enough for :func:`rerun_eval`."""
+    record = {f.name: getattr(options, f.name) for f in fields(options) if f.name != "settings"}
+    record["dtype"] = str(options.dtype).removeprefix("torch.")
+    record["settings"] = asdict(options.settings)
+    return record
+
+
+def rerun_eval(
+    out_dir: str | os.PathLike[str],
+    *,
+    guidance: Mapping[str, Callable[[Any, list[str]], list[Any]]] | None = None,
+    render: bool = True,
+    progress: bool = True,
+) -> EvalResult:
+    """Run an evaluation again from its ``report.json``: same models, prompts, rewards, seeds and options.
+
+    Every sample and score on disk is reused, so the numbers come back the same (only ``created``,
+    ``timings`` and ``environment`` change) and anything missing is drawn or scored now. Guided models
+    reuse their samples; pass ``guidance={name: factory}`` to let them draw missing ones.
+
+    Raises:
+        FileNotFoundError: no report.json in ``out_dir``.
+        ValueError: the report lacks what a re-run needs (written by an older version).
+    """
+    from flowalign.evals.report import load_report
+
+    out_dir = Path(out_dir)
+    report = load_report(out_dir)
+    settings = report.get("settings") or {}
+    if "options" not in settings:
+        raise ValueError(f"{out_dir / 'report.json'}: no 'settings.options'; it cannot be re-run")
+    record = dict(settings["options"])
+    record["settings"] = GenerationSettings(**record["settings"])
+    record["dtype"] = getattr(torch, record["dtype"])
+    options = EvalOptions(**record)
+    guidance = guidance or {}
+    models = {
+        m["name"]: ModelSpec(
+            m["path"], dict(m.get("settings") or {}), guidance.get(m["name"]), m.get("guidance_key") or ""
+        )
+        for m in report["models"]
+    }
+    sets = []
+    for entry in report["prompt_sets"]:
+        rows = [
+            json.loads(line) for line in (out_dir / entry["file"]).read_text().splitlines() if line.strip()
+        ]
+        sets.append(
+            PromptSet(
+                name=entry["name"],
+                prompts=tuple(r["prompt"] for r in rows),
+                source=entry["source"],
+                kind=entry.get("kind"),
+                groups=tuple(r["group"] for r in rows) if rows and "group" in rows[0] else (),
+                is_toy=bool(entry.get("is_toy")),
+            )
+        )
+    failed_sets = [f["prompt_set"] for f in report.get("failures", []) if f.get("stage") == "prompts"]
+    return run_eval(
+        models, [*sets, *failed_sets], settings["rewards"], out_dir=out_dir,
+        samples_per_prompt=settings["samples_per_prompt"], seeds=settings["seeds"], options=options,
+        render=render, progress=progress,
+    )  # fmt: skip
 
 
 def format_failure(failure: Mapping[str, Any]) -> str:

@@ -154,6 +154,28 @@ def _score_rows(result, model):
     return [r for r in rows if f"/{model}/" in r["id"]]
 
 
+def test_rerun_from_report_json_reproduces_the_numbers(rich_run, counting, tmp_path, monkeypatch):
+    import flowalign.models
+    from flowalign.evals import rerun_eval
+
+    copy = tmp_path / "copy"
+    shutil.copytree(rich_run.json_path.parent, copy)
+    loaded, real_load = [], flowalign.models.load_flow_model
+
+    def recording_load(path, **kwargs):
+        loaded.append(str(path))
+        return real_load(path, **kwargs)
+
+    monkeypatch.setattr(flowalign.models, "load_flow_model", recording_load)
+    again = rerun_eval(copy, progress=False)
+    before = json.loads(rich_run.json_path.read_text())
+    after = json.loads(again.json_path.read_text())
+    assert loaded == [str(rich_run.report["models"][3]["path"])]  # only the model that never loaded
+    assert counting.scored == []  # every score reused
+    for key in ("results", "calibration", "failures", "dimensions", "prompt_sets", "models", "settings"):
+        assert after[key] == before[key], key
+
+
 def test_load_report_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no report.json"):
         load_report(tmp_path)
