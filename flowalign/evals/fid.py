@@ -135,11 +135,14 @@ class InceptionFeatures(nn.Module):
         self.eval()
 
     def forward(self, images: Tensor) -> Tensor:
-        """images [B, 3, H, W] in [0, 1] -> [B, 2048]."""
+        """images [B, 3, H, W] in [0, 1] -> [B, 2048] float32."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"InceptionFeatures expects images [B, 3, H, W], got {tuple(images.shape)}")
-        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
-        return self.net(x * 2 - 1)
+        dtype = next(self.parameters()).dtype  # resize in fp32, run in the network's dtype (bf16 on GPU)
+        x = F.interpolate(
+            images.float(), size=(299, 299), mode="bilinear", align_corners=False, antialias=True
+        )
+        return self.net((x * 2 - 1).to(dtype)).float()
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:

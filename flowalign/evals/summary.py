@@ -26,7 +26,8 @@ from flowalign.evals import metrics
 from flowalign.evals.prompt_sets import PromptSet, spread_indices
 
 if TYPE_CHECKING:
-    from flowalign.evals.runner import EvalOptions, Sample
+    from flowalign.evals.runner import EvalOptions
+    from flowalign.evals.samples import Sample
 
 __all__ = ["REPORT_FORMAT", "calibrate_rewards", "summarise_eval"]
 
@@ -298,7 +299,7 @@ def _summarise_set(
     options: EvalOptions,
     out_dir: Path,
 ) -> dict[str, Any]:
-    from flowalign.evals.runner import _rel
+    from flowalign.evals.samples import _rel
 
     models = list(per_model)
     result: dict[str, Any] = {"models": models, "num_samples": {m: len(per_model[m]) for m in models}}
@@ -441,7 +442,7 @@ def calibrate_rewards(
         try:
             name, reward_options = parse_reward_spec(spec)
             key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, spec], sort_keys=True)
-            from flowalign.evals.runner import _digest
+            from flowalign.evals.samples import _digest
 
             cache = cache_dir / f"{_digest(key, 16)}.json"
             if cache.is_file():
@@ -452,10 +453,23 @@ def calibrate_rewards(
                 for i in range(len(dataset)):
                     pair = dataset[i]
                     prompts = [pair.prompt] if reward.needs_prompts else None
-                    for side, media in (("a", pair.media_w), ("b", pair.media_l)):
-                        got = reward.score(media[None].to(options.device), prompts)
+                    if pair.media_w.shape == pair.media_l.shape:  # both sides in one call
+                        both = torch.stack([pair.media_w, pair.media_l]).to(options.device)
+                        got = reward.score(both, prompts * 2 if prompts else None)
+                        sides = {
+                            "a": {d: v[0] for d, v in got.items()},
+                            "b": {d: v[1] for d, v in got.items()},
+                        }
+                    else:
+                        sides = {
+                            side: {
+                                d: v[0] for d, v in reward.score(m[None].to(options.device), prompts).items()
+                            }
+                            for side, m in (("a", pair.media_w), ("b", pair.media_l))
+                        }
+                    for side, got in sides.items():
                         for dim, value in got.items():
-                            raw[side].setdefault(dim, []).append(float(value[0]))
+                            raw[side].setdefault(dim, []).append(float(value))
                     for d in dataset.dimensions:
                         raw["labels"][d].append(int(pair.labels[d]))
                 raw["dimensions"] = [d for d in reward.dimensions if d in raw["a"]]

@@ -1,0 +1,317 @@
+"""From models to samples on disk: model specs, seeds, the samples folder layout, and drawing what is missing.
+
+Used by :func:`flowalign.evals.runner.run_eval`; see its module docstring for the folder layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flowalign.evals.prompt_sets import PromptSet
+from flowalign.pipelines.generate_files import MANIFEST, GenerationSettings, read_manifest
+
+if TYPE_CHECKING:
+    from flowalign.evals.runner import EvalOptions
+
+__all__ = ["ModelSpec", "Sample", "parse_model_spec"]
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class ModelSpec:
+    """What to evaluate under one name.
+
+    Attributes:
+        path: a model folder or hub id, or existing samples (a ``manifest.jsonl`` or a folder with one).
+        settings: overrides of :class:`GenerationSettings` for this model only, e.g.
+            ``{"one_step": True}`` for a one-step generator or ``{"sampler": "heun"}`` to compare samplers.
+        guidance: inference-time guidance (Flow-NRG): ``(model, prompts) -> velocity transforms`` for a
+            pipeline call on exactly those prompts (one per sample), e.g.
+            ``lambda m, p: [latent_reward_guidance(m, guide, p, {"ta": 1.0}, strength=0.5)]``.
+        guidance_key: a stable description of that guidance (its reward checkpoint, weights, strength):
+            part of the key of the samples folder, so changed guidance draws new samples. A spec with a
+            key but no ``guidance`` reuses guided samples drawn before (what :func:`rerun_eval` does) and
+            reports a failure if any are missing.
+    """
+
+    path: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    guidance: Callable[[Any, list[str]], list[Any]] | None = None
+    guidance_key: str = ""
+
+    def __post_init__(self) -> None:
+        if self.guidance is not None and not self.guidance_key:
+            raise ValueError(
+                f"ModelSpec({self.path!r}): a guided model needs guidance_key, a stable description of the "
+                "guidance (reward, weights, strength) that keys its samples folder"
+            )
+
+    @property
+    def is_samples(self) -> bool:
+        """True when ``path`` names existing samples rather than a model."""
+        p = Path(self.path)
+        if p.suffix == ".jsonl":
+            return True
+        return p.is_dir() and (p / MANIFEST).is_file() and not (p / "model_index.json").is_file()
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample of one model on one prompt set.
+
+    Attributes:
+        key: (prompt index in the set, repetition): the pairing key across models.
+        prompt: the prompt.
+        seed: its generation seed (None for external samples without one).
+        file: the media file.
+        score_id: its id in ``scores/manifest.jsonl`` and the scores files.
+    """
+
+    key: tuple[int, int]
+    prompt: str
+    seed: int | None
+    file: Path
+    score_id: str
+
+
+def parse_model_spec(spec: str) -> tuple[str, ModelSpec]:
+    """``"name=path[:key=value,...]"`` (or just ``"path"``, named after its last component) -> (name, spec).
+
+    Option values are read as JSON when they parse: ``"fast=ckpt/gen:one_step=true,num_inference_steps=1"``.
+
+    Raises:
+        ValueError: an empty name or path, or an option that is not ``key=value``.
+    """
+    name, eq, rest = spec.partition("=")
+    if not eq or "/" in name or os.sep in name:
+        name, rest = "", spec
+    path, colon, opts = rest.partition(":")
+    if not path.strip():
+        raise ValueError(f"model spec {spec!r}: empty path")
+    name = name.strip() or Path(path.rstrip("/")).name
+    if not name:
+        raise ValueError(f"model spec {spec!r}: empty model name")
+    settings: dict[str, Any] = {}
+    for token in filter(None, (t.strip() for t in opts.split(","))) if colon else ():
+        key, sep, value = token.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"model spec {spec!r}: option {token!r} is not of the form key=value")
+        try:
+            settings[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key.strip()] = value.strip()
+    return name, ModelSpec(path.strip(), settings)
+
+
+def _safe_name(name: str) -> str:
+    return _SAFE.sub("_", name).strip("._") or "unnamed"
+
+
+def _digest(obj: Any, length: int = 10) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def _failure(stage: str, error: BaseException | str, **where: Any) -> dict[str, Any]:
+    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return {"stage": stage, **where, "error": message}
+
+
+def _rel(path: Path, root: Path) -> str:
+    """A path relative to the report folder when inside it (so the folder can move), else absolute."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def _settings_for(base: GenerationSettings, spec: ModelSpec, name: str) -> GenerationSettings:
+    """Shared settings, then a one-step checkpoint's recorded sampling, then the model's own overrides.
+
+    A one-step generator (``one_step.json`` in its folder) samples in one call with the guidance it
+    records (None: no CFG, the teacher's guidance is distilled in); shared multi-step settings would
+    sample it wrongly, so they are replaced unless the model's own settings say otherwise.
+    """
+    known = {f for f in asdict(base)}
+    unknown = sorted(set(spec.settings) - known)
+    if unknown:
+        raise ValueError(f"model {name!r}: unknown generation setting(s) {unknown}; known: {sorted(known)}")
+    overrides: dict[str, Any] = {}
+    if not spec.is_samples and Path(spec.path).is_dir():
+        from flowalign.pipelines.one_step import read_one_step_metadata
+
+        meta = read_one_step_metadata(spec.path)  # ValueError naming the file if malformed
+        if meta is not None:
+            overrides = {
+                "one_step": True,
+                "num_inference_steps": 1,
+                "guidance_scale": meta.get("guidance_scale") or 1.0,
+            }
+    return replace(base, **(overrides | spec.settings))
+
+
+def _effective_settings(base: GenerationSettings, spec: ModelSpec, name: str) -> dict[str, Any] | None:
+    """What a model samples with (None for existing samples or an unreadable one-step file)."""
+    if spec.is_samples:
+        return None
+    try:
+        settings = asdict(_settings_for(base, spec, name))
+    except ValueError:
+        return None
+    return {k: v for k, v in settings.items() if k not in ("seed", "samples_per_prompt", "extra")}
+
+
+def _check_seeds(seeds: Sequence[int], sets: list[PromptSet], k: int) -> None:
+    ordered = sorted(seeds)
+    if len(set(ordered)) != len(ordered):
+        raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+    n = max((len(s.prompts) for s in sets), default=0) * k
+    for lo, hi in zip(ordered, ordered[1:], strict=False):
+        if hi < lo + n:
+            raise ValueError(
+                f"seeds {lo} and {hi} overlap: a repetition uses seeds s .. s + {n - 1} "
+                f"({n} samples = prompts x samples_per_prompt); space the seeds at least {n} apart"
+            )
+
+
+def _num_done(folder: Path, expected: int) -> int:
+    """How many of the sample ids 0..expected-1 a folder's manifest holds with their file on disk."""
+    rows = read_manifest(folder / MANIFEST)
+    ids = {r["id"] for r in rows if (folder / r["file"]).is_file()}
+    return sum(f"{i:06d}" in ids for i in range(expected))
+
+
+class _Generator:
+    """Loads each model at most once, and only when it has samples left to draw."""
+
+    def __init__(self, options: EvalOptions, failures: list[dict], progress: bool) -> None:
+        self.options, self.failures, self.progress = options, failures, progress
+        self.loaded: dict[str, Any] = {}
+        self.broken: set[str] = set()
+
+    def model(self, name: str, spec: ModelSpec):
+        if name not in self.loaded:
+            from flowalign.models import load_flow_model
+
+            self.loaded.clear()  # one model in memory at a time
+            self.loaded[name] = load_flow_model(
+                spec.path, torch_dtype=self.options.dtype, device=self.options.device
+            )
+        return self.loaded[name]
+
+    def _draw(self, name: str, spec: ModelSpec, run: Callable[[Any], None], *, where: dict[str, Any]) -> None:
+        """Load the model (once; a load failure marks it broken) and run one generation job on it."""
+        if name in self.broken:
+            return
+        try:
+            model = self.model(name, spec)
+        except Exception as err:  # noqa: BLE001 - any load error is reported, the rest goes on
+            self.broken.add(name)
+            self.failures.append(_failure("load", err, model=name, path=spec.path))
+            return
+        try:
+            run(model)
+        except Exception as err:  # noqa: BLE001 - what was written stays; the failure is reported
+            self.failures.append(_failure("generate", err, model=name, **where))
+
+    def samples(
+        self, name: str, spec: ModelSpec, pset: PromptSet, seeds: Sequence[int], k: int, out_dir: Path
+    ) -> list[Sample]:
+        """Draw what is missing of K samples per prompt and seed repetition; return every sample on disk.
+
+        Unguided models draw a whole repetition with one ``generate_files`` call (``seed-<s>/``).
+        A guided model (``spec.guidance_key``) draws prompt by prompt (``seed-<s>/p<j>/``), so its velocity
+        transforms are built for exactly the prompts of each pipeline call; seeds are the same either way.
+        """
+        from flowalign.pipelines.generate_files import generate_files
+
+        settings = _settings_for(self.options.settings, spec, name)
+        ident = {
+            "model": spec.path,
+            "settings": asdict(replace(settings, seed=0)),
+            "samples_per_prompt": k,
+            "prompts": _digest(list(pset.prompts), 64),
+            "guidance": spec.guidance_key or None,
+        }
+        folder = out_dir / "samples" / _safe_name(pset.name) / _safe_name(name) / _digest(ident)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "generation.json").write_text(json.dumps(ident, indent=2, default=str) + "\n")
+        samples: list[Sample] = []
+        for rep, seed in enumerate(seeds):
+            run_dir = folder / f"seed-{seed}"
+            # (folder, first prompt index j0, prompts, seed of its first sample)
+            jobs = (
+                [(run_dir, 0, list(pset.prompts), seed)]
+                if not spec.guidance_key
+                else [(run_dir / f"p{j:06d}", j, [p], seed + j * k) for j, p in enumerate(pset.prompts)]
+            )
+            for job_dir, j0, prompts, first_seed in jobs:
+                expected = len(prompts) * k
+                missing = expected - _num_done(job_dir, expected)
+                if missing:
+                    job = replace(settings, seed=first_seed, samples_per_prompt=k)
+
+                    def run(model, job_dir=job_dir, prompts=prompts, job=job, missing=missing):
+                        transforms, batch = None, self.options.batch_size
+                        if spec.guidance_key and spec.guidance is None:
+                            raise ValueError(
+                                f"{missing} guided sample(s) missing in {job_dir} and no guidance function "
+                                f"was given to draw them (guidance {spec.guidance_key!r})"
+                            )
+                        if spec.guidance is not None:  # one pipeline call on this prompt's missing samples
+                            transforms, batch = spec.guidance(model, prompts * missing), max(batch, missing)
+                        generate_files(model, prompts, job_dir, job, velocity_transforms=transforms,
+                                       batch_size=batch, model_name=name, progress=self.progress)  # fmt: skip
+
+                    self._draw(name, spec, run, where={"prompt_set": pset.name, "seed": seed})
+                for row in read_manifest(job_dir / MANIFEST):
+                    i = int(row["id"])
+                    if i >= expected or not (job_dir / row["file"]).is_file():
+                        continue
+                    j, r = divmod(i, k)
+                    file = job_dir / row["file"]
+                    samples.append(
+                        Sample(
+                            (j0 + j, rep * k + r), row["prompt"], row.get("seed"), file, _rel(file, out_dir)
+                        )
+                    )
+        return samples
+
+    def release(self) -> None:
+        self.loaded.clear()
+
+
+def _external_samples(spec: ModelSpec, pset: PromptSet, out_dir: Path) -> tuple[list[Sample], list[Path]]:
+    """Rows of an existing manifest whose prompt is in the set, paired by (prompt, occurrence); and the
+    files its rows name that do not exist."""
+    from flowalign.rewards.scoring import resolve_media
+
+    manifest = Path(spec.path)
+    manifest = manifest / MANIFEST if manifest.is_dir() else manifest
+    items = resolve_media(manifest)  # validates rows, naming file and line
+    rows = {str(r["id"]): r for r in read_manifest(manifest)}
+    index = {}
+    for j, prompt in enumerate(pset.prompts):
+        index.setdefault(prompt, j)
+    seen: dict[int, int] = {}
+    samples, missing = [], []
+    for item in items:
+        j = index.get(item.prompt)
+        if j is None:
+            continue
+        if not item.file.is_file():
+            missing.append(item.file)
+            continue
+        rep = seen.get(j, 0)
+        seen[j] = rep + 1
+        samples.append(
+            Sample((j, rep), item.prompt, rows[item.id].get("seed"), item.file, _rel(item.file, out_dir))
+        )
+    return samples, missing
