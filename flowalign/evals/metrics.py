@@ -329,6 +329,24 @@ def _predictions(delta: Tensor, labels: Tensor, theta: float) -> tuple[Tensor, T
     return confidence, predicted == target, loglik
 
 
+def _golden_section_minimum(fn, lo: float, hi: float, *, tol: float = 1e-6) -> float:
+    """Argmin of a unimodal function on [lo, hi] by golden-section search (the BT/BTT NLL in log T is convex)."""
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = fn(c), fn(d)
+    while b - a > tol:
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = fn(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = fn(d)
+    return (a + b) / 2
+
+
 def preference_calibration(
     reward_a: Tensor,
     reward_b: Tensor,
@@ -388,17 +406,16 @@ def preference_calibration(
         "num_ties": int((labels == 0).sum()),
     }
     if fit_temperature and loglik.numel() and bool((delta != 0).any()):
-        from scipy.optimize import minimize_scalar
 
         def nll(log_t: float) -> float:
             return float(-_predictions(delta / math.exp(log_t), labels, theta)[2].mean())
 
-        best = minimize_scalar(nll, bounds=(-12.0, 12.0), method="bounded", options={"xatol": 1e-6})
-        t_fit = math.exp(float(best.x))
+        log_t = _golden_section_minimum(nll, -12.0, 12.0)
+        t_fit = math.exp(log_t)
         conf_fit, correct_fit, _ = _predictions(delta / t_fit, labels, theta)
         out |= {
             "fitted_temperature": t_fit,
             "ece_fitted": expected_calibration_error(conf_fit, correct_fit, num_bins=num_bins)[0],
-            "nll_fitted": float(best.fun),
+            "nll_fitted": nll(log_t),
         }
     return out
