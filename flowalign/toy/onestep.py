@@ -39,6 +39,7 @@ __all__ = [
     "OneStepToySettings",
     "ToyAttributeClassifier",
     "attribute_histogram_distance",
+    "distar_experiment",
     "distill_toy",
     "divergence_comparison",
     "diversity",
@@ -327,7 +328,7 @@ def one_step_report(
     div = diversity(evaluation.media, evaluation.prompts)
     row["div_pixel"], row["div_jitter"] = div["pixel"], div["jitter"]
     if seconds is not None:
-        row["train_s"] = seconds
+        row["train_cpu_s"] = seconds
     return row
 
 
@@ -365,6 +366,8 @@ class OneStepToySettings:
     critic_lr: float = 2e-4
     num_items: int = 4096
     """Real renders (train split) the discriminator sees."""
+    gan_weight: float = 1e-3
+    """f-distill's lambda_GAN."""
     eval_samples: int = 256
     eval_seed: int = 1000
     teacher_steps: int = 20
@@ -411,7 +414,7 @@ def distill_toy(
     """Run f-distill (an ``FDistillConfig``) or DI* (a ``DistarConfig``) on the toy teacher.
 
     Returns:
-        (the exported one-step model folder, training wall time in seconds).
+        (the exported one-step model folder, training CPU time of this process in seconds).
     """
     from flowalign.config import OptimConfig
     from flowalign.models import load_flow_model
@@ -548,7 +551,10 @@ def fdistill_experiment(
     baseline = baseline or teacher_baseline(teacher_dir, s)
     rows, ref = _baseline_rows(teacher_dir, s, baseline)
     model_dir, seconds = distill_toy(
-        teacher_dir, Path(out_dir) / f"fdistill-{divergence}", FDistillConfig(divergence=divergence), s
+        teacher_dir,
+        Path(out_dir) / f"fdistill-{divergence}",
+        FDistillConfig(divergence=divergence, gan_weight=s.gan_weight),
+        s,
     )
     student = one_step_report(
         f"f-distill {divergence} 1-step",
@@ -591,7 +597,10 @@ def divergence_comparison(
     models = {}
     for div in divergences:
         model_dir, seconds = distill_toy(
-            teacher_dir, Path(out_dir) / f"fdistill-{div}", FDistillConfig(divergence=div), s
+            teacher_dir,
+            Path(out_dir) / f"fdistill-{div}",
+            FDistillConfig(divergence=div, gan_weight=s.gan_weight),
+            s,
         )
         models[div] = model_dir
         rows.append(
@@ -604,3 +613,105 @@ def divergence_comparison(
             )
         )
     return {"rows": rows, "models": models}
+
+
+def _checkpoint_rows(
+    label: str, run_dir: Path, teacher_dir: Path, s: OneStepToySettings, ref: Tensor, reward: RewardModel
+) -> list[dict[str, Any]]:
+    """Evaluate the generator of every checkpoint of a run (one-step, held-out): the run's trajectory."""
+    from safetensors.torch import load_file
+
+    from flowalign.models import load_flow_model
+    from flowalign.training.checkpoint import list_checkpoints
+
+    model = load_flow_model(teacher_dir)
+    rows = []
+    for ckpt in list_checkpoints(run_dir):
+        model.transformer.load_state_dict(load_file(str(ckpt / "model-generator.safetensors")))
+        evaluation = evaluate_one_step(model, s)
+        row = one_step_report(
+            f"{label} @ {int(ckpt.name.split('-')[-1])}", evaluation, reference_media=ref, steps=1
+        )
+        row["reward"] = _mean(reward.score(evaluation.media, evaluation.prompts)["ta"])
+        rows.append(row)
+    return rows
+
+
+def distar_experiment(
+    out_dir: str | Path,
+    *,
+    init_dir: str | Path,
+    teacher_dir: str | Path | None = None,
+    settings: OneStepToySettings | None = None,
+    reward_scale: float = 1.0,
+    alpha: float = 1.0,
+    checkpoint_every: int = 20,
+    critic_warmup_steps: int = 10,
+    baseline=None,
+) -> dict[str, Any]:
+    """DI* on the toy world vs the teacher and vs the KL-regularised variant at matched reward (issue 8).
+
+    Both runs start from the same distilled one-step generator ``init_dir`` (DI* starts from a DMD2
+    generator in the paper), optimise the differentiable ``toy_classifier`` text-alignment reward with the
+    same reward scale, budget and seeds, and differ only in the regulariser (score divergence with the
+    pseudo-Huber distance vs integral KL). Every checkpoint is evaluated with the exact oracles; the KL
+    row reported is the checkpoint whose classifier reward is closest to DI*'s final one (matched reward).
+
+    Returns:
+        {"rows": teacher, initial generator, DI* final, KL at matched reward; "trajectories": every
+        checkpoint of both runs; "verdict": TA gain over the teacher and diversity ratios}.
+    """
+    from flowalign.training.methods.distar import DistarConfig
+
+    s = settings or OneStepToySettings()
+    torch.set_num_threads(s.threads)
+    teacher_dir = _teacher_dir(teacher_dir)
+    baseline = baseline or teacher_baseline(teacher_dir, s)
+    ref = baseline.media
+    reward = load_toy_classifier()
+    start_eval = evaluate_one_step(init_dir, s)
+    init_row = one_step_report("initial 1-step generator", start_eval, reference_media=ref, steps=1)
+    init_row["reward"] = _mean(reward.score(start_eval.media, start_eval.prompts)["ta"])
+    teacher_row = one_step_report(
+        f"teacher {s.teacher_steps}-step", baseline, reference_media=ref, steps=s.teacher_steps
+    )
+    teacher_row["reward"] = _mean(reward.score(baseline.media, baseline.prompts)["ta"])
+    trajectories = {}
+    seconds = {}
+    for regularizer in ("score", "kl"):
+        cfg = DistarConfig(
+            reward="toy_classifier",
+            reward_scale=reward_scale,
+            alpha=alpha,
+            regularizer=regularizer,
+            generator_init=Path(init_dir),
+            critic_warmup_steps=critic_warmup_steps,
+        )
+        run_dir = Path(out_dir) / f"distar-{regularizer}"
+        _, seconds[regularizer] = distill_toy(
+            teacher_dir, run_dir, cfg, s, reward=reward, checkpoint_every=checkpoint_every
+        )
+        label = "DI* (score div.)" if regularizer == "score" else "KL-regularised"
+        trajectories[regularizer] = _checkpoint_rows(label, run_dir, teacher_dir, s, ref, reward)
+    di_final = trajectories["score"][-1]
+    di_final["train_cpu_s"] = seconds["score"]
+    kl_matched = min(trajectories["kl"], key=lambda r: abs(r["reward"] - di_final["reward"]))
+    kl_matched = {
+        **kl_matched,
+        "model": kl_matched["model"] + " (matched reward)",
+        "train_cpu_s": seconds["kl"],
+    }
+    verdict = {
+        "ta_gain_over_teacher": di_final["ta"] - teacher_row["ta"],
+        "ta_gain_se": math.hypot(di_final["ta_se"], teacher_row["ta_se"]),
+        "diversity_ratio_to_teacher": di_final["div_jitter"] / max(teacher_row["div_jitter"], 1e-9),
+        "pixel_diversity_ratio_to_teacher": di_final["div_pixel"] / max(teacher_row["div_pixel"], 1e-9),
+        "matched_reward_gap": kl_matched["reward"] - di_final["reward"],
+        "diversity_di_minus_kl": di_final["div_jitter"] - kl_matched["div_jitter"],
+        "vq_di_minus_kl": di_final["vq"] - kl_matched["vq"],
+    }
+    return {
+        "rows": [teacher_row, init_row, di_final, kl_matched],
+        "trajectories": trajectories,
+        "verdict": verdict,
+    }

@@ -40,10 +40,9 @@ def test_unknown_reward_dimension_is_refused(teacher):
     assert check_reward(BrightnessReward(), {}) == {"vq": 1.0, "ta": 1.0}
 
 
-def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError) as err:
-        DistarConfig(reward_scale=1.0, reward="")
-    assert err.value.key == "reward"
+def test_config_errors_name_the_key(teacher):
+    with pytest.raises(ValueError, match="reward_scale = 1.0 > 0 needs a reward"):
+        DiffInstructStar(teacher, cfg(reward_scale=1.0, reward=""))
     with pytest.raises(ConfigError) as err:
         DistarConfig(reward_scale=0.0, alpha=0.0)
     assert err.value.key == "alpha"

@@ -174,3 +174,38 @@ def test_bad_inputs_have_clear_errors(teacher, tmp_path):
     method = FDistill(teacher, cfg(divergence="js"))
     with pytest.raises(ValueError, match="needs real media in each batch"):
         run_group(method, make_batch(pixels=False), "critic", step=1)
+
+
+def test_run_configs_load_from_dotted_overrides():
+    from flowalign.config import load_config
+    from flowalign.training.methods.distar import DistarRun
+    from flowalign.training.methods.fdistill import FDistillRun
+
+    run = load_config(
+        FDistillRun,
+        None,
+        [
+            "teacher=/m",
+            "method.divergence=kl",
+            "method.discriminator_blocks=[1, 3]",
+            "data.toy_items=64",
+            "method.critic_optim.lr=1e-3",
+        ],
+    )
+    assert run.method.divergence == "kl" and run.method.discriminator_blocks == [1, 3]
+    assert run.data.toy_items == 64 and run.method.critic_optim.lr == 1e-3
+    di = load_config(
+        DistarRun,
+        None,
+        [
+            "teacher=/m",
+            "method.reward=pickscore",
+            "method.reward_scale=100",
+            "method.alpha=2",
+            "method.regularizer=kl",
+        ],
+    )
+    assert (di.method.reward_scale, di.method.alpha, di.method.regularizer) == (100.0, 2.0, "kl")
+    with pytest.raises(ConfigError) as err:
+        load_config(FDistillRun, None, ["method.divergence=wasserstein"])
+    assert err.value.key == "method.divergence"

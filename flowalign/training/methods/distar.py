@@ -71,8 +71,6 @@ class DistarConfig(OneStepConfig):
                 raise ConfigError(f"must be > 0, got {getattr(self, key)}", key=key)
         if self.reward_scale < 0:
             raise ConfigError(f"must be >= 0, got {self.reward_scale}", key="reward_scale")
-        if self.reward_scale > 0 and not self.reward:
-            raise ConfigError("reward_scale > 0 needs a reward (e.g. reward: pickscore)", key="reward")
 
 
 def check_reward(reward: RewardModel, weights: dict[str, float]) -> dict[str, float]:
@@ -124,6 +122,12 @@ class DiffInstructStar(OneStepDistillation):
         if cfg.reward_scale > 0:
             if reward is None:
                 from flowalign.rewards.registry import load_reward, parse_reward_spec
+
+                if not cfg.reward:
+                    raise ValueError(
+                        f"DI*: reward_scale = {cfg.reward_scale} > 0 needs a reward: set reward (e.g. pickscore) "
+                        "or reward_scale 0 for plain score-divergence distillation"
+                    )
 
                 _register_toy_rewards()
                 name, options = parse_reward_spec(cfg.reward)
@@ -213,10 +217,6 @@ class DistarRun:
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop settings."""
 
-    def __post_init__(self) -> None:
-        if not self.teacher:
-            raise ConfigError("the teacher model (hub id or folder) is required", key="teacher")
-
 
 def run_distar(
     config: DistarRun,
@@ -236,6 +236,8 @@ def run_distar(
     """
     from flowalign.training.loop import train
 
+    if not config.teacher:
+        raise ConfigError("the teacher model (hub id or folder) is required", key="teacher")
     teacher = load_teacher(config.teacher, method="DI*")
     method = DiffInstructStar(teacher, config.method, reward=reward)
     dataset = build_dataset(config.data, kind="video" if teacher.is_video else "image", needs_real=False)

@@ -277,10 +277,6 @@ class FDistillRun:
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop settings (output_dir, steps, batch, optimizer, EMA, ...)."""
 
-    def __post_init__(self) -> None:
-        if not self.teacher:
-            raise ConfigError("the teacher model (hub id or folder) is required", key="teacher")
-
 
 def run_fdistill(config: FDistillRun, *, resume: bool | str | Path = False, progress: bool = True):
     """Distil ``config.teacher`` into a one-step generator; returns the loop's ``TrainResult``.
@@ -294,6 +290,8 @@ def run_fdistill(config: FDistillRun, *, resume: bool | str | Path = False, prog
     """
     from flowalign.training.loop import train
 
+    if not config.teacher:
+        raise ConfigError("the teacher model (hub id or folder) is required", key="teacher")
     teacher = load_teacher(config.teacher, method="f-distill")
     method = FDistill(teacher, config.method)
     dataset = build_dataset(
