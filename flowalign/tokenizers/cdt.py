@@ -173,6 +173,11 @@ class ConditionedDiffusionTokenizer(ModelMixin, ConfigMixin):
         return cls(**dataclasses.asdict(config))
 
     @property
+    def _weight(self) -> Tensor:
+        """A weight, for the model's device and dtype (ModelMixin's ``.device`` imports half of diffusers)."""
+        return self.denoiser.out_conv.weight
+
+    @property
     def is_diffusion(self) -> bool:
         return self.config.decoder_type == "diffusion"
 
@@ -251,13 +256,13 @@ class ConditionedDiffusionTokenizer(ModelMixin, ConfigMixin):
 
     def condition(self, z: Tensor, cache: FeatureCache | None = None) -> list[Tensor]:
         """The condition pyramid of latent z (finest first; level 0 has the video's T, H, W)."""
-        return self.cond_decoder(z.to(self.dtype), cache)
+        return self.cond_decoder(z.to(self._weight.dtype), cache)
 
     def predict_x0(
         self, x_t: Tensor | None, t: Tensor | None, cond: list[Tensor], cache: FeatureCache | None = None
     ) -> Tensor:
         """The denoiser's clean-video prediction; t [B] in [0, 1] is index / num_train_timesteps."""
-        return self.denoiser(None if x_t is None else x_t.to(self.dtype), t, cond, cache)
+        return self.denoiser(None if x_t is None else x_t.to(self._weight.dtype), t, cond, cache)
 
     def forward(
         self,
@@ -419,7 +424,7 @@ def _to_model(video: Tensor, model: ConditionedDiffusionTokenizer) -> Tensor:
         raise VideoShapeError(
             f"media must be [B, T, 3, H, W] or [B, 3, H, W] in [0, 1], got {tuple(video.shape)}"
         )
-    return (video.transpose(1, 2).to(device=model.device, dtype=model.dtype) * 2 - 1).contiguous()
+    return (video.transpose(1, 2).to(model._weight) * 2 - 1).contiguous()
 
 
 def encode_video(
@@ -431,5 +436,5 @@ def encode_video(
 
 def decode_video(model: ConditionedDiffusionTokenizer, z: Tensor, **decode_kwargs) -> Tensor:
     """Decode latents to media [B, T, 3, H, W] in [0, 1] (clamped); keyword arguments as :meth:`decode`."""
-    x = model.decode(z.to(device=model.device), **decode_kwargs)  # [B, 3, T, H, W]
+    x = model.decode(z.to(model._weight.device), **decode_kwargs)  # [B, 3, T, H, W]
     return ((x.float() + 1) / 2).clamp(0, 1).transpose(1, 2).contiguous()

@@ -137,6 +137,9 @@ def encode_file(
     Returns:
         ``output_path``.
     """
+    output_path = Path(output_path)
+    if output_path.suffix != ".safetensors":
+        raise ValueError(f"{output_path}: latent files must end in .safetensors")
     tok = load_tokenizer(model, device=device)
     media = load_media(input_path)
     video, trimmed = fit_media(
@@ -154,9 +157,6 @@ def encode_file(
         "is_image": str(media.ndim == 3).lower(),
         "trimmed": str(trimmed).lower(),
     }
-    output_path = Path(output_path)
-    if output_path.suffix != ".safetensors":
-        raise ValueError(f"{output_path}: latent files must end in .safetensors")
     with atomic_write(output_path) as tmp:
         save_file({"latents": z.float().cpu().contiguous()}, str(tmp), metadata=meta)
     return output_path

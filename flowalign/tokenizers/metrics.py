@@ -9,6 +9,7 @@ channels; LPIPS on frames mapped to [-1, 1]. Video scores are means over frames.
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from functools import lru_cache
@@ -131,7 +132,6 @@ def load_lpips(
         allow_download: let torchvision download the backbone weights if they are missing.
         device: where to put the module.
     """
-    import lpips
     import torchvision
 
     if net not in _BACKBONE_WEIGHTS:
@@ -144,14 +144,21 @@ def load_lpips(
                 f"LPIPS-{net} needs torchvision's ImageNet backbone weights at {path} (from {weights.url}); "
                 "copy the file there, pass allow_download=True, or use random_backbone=True for tests"
             )
+    return copy.deepcopy(_build_lpips(net, random_backbone, seed)).to(device)
+
+
+@lru_cache(maxsize=4)
+def _build_lpips(net: str, random_backbone: bool, seed: int) -> nn.Module:
+    """Built once per process: initialising AlexNet's unused classifier alone takes about a second."""
+    import lpips
+
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=".*(pretrained|weights).*", category=UserWarning
         )  # lpips' old API
         torch.manual_seed(seed)
         model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=random_backbone, verbose=False)
-    model.requires_grad_(False).eval()
-    return model.to(device)
+    return model.requires_grad_(False).eval()
 
 
 def _frames(video: Tensor) -> Tensor:

@@ -130,8 +130,10 @@ def run_toy_comparison(
     )
     clips = torch.stack([held_out[i]["pixels"] for i in range(len(held_out))])  # [N, T, 3, H, W]
     lpips_eval, lpips_name = _lpips(seed=cfg.seed + 1)
+    shared = dataclasses.asdict(cfg)
+    shared["model"].pop("decoder_type")  # set per run
     results: dict = {
-        "config": _jsonable(dataclasses.asdict(cfg)),
+        "config": _jsonable(shared),
         "lpips_eval": lpips_name,
         "mean_colour_psnr": _mean_colour_psnr(clips),
         "runs": {},

@@ -144,3 +144,9 @@ def test_decode_refuses_wrong_latents_and_outputs(model_dir, tmp_path):
     save_file({"latents": torch.zeros(4, 2, 2, 2)}, str(tmp_path / "v.safetensors"))
     with pytest.raises(MediaError, match="cannot save 5 frames as an image"):
         decode_file(model_dir, tmp_path / "v.safetensors", tmp_path / "o.png")
+
+
+def test_latent_files_must_be_safetensors(model_dir, tmp_path):
+    save_video(_clip(5), tmp_path / "in.npy")
+    with pytest.raises(ValueError, match=r"must end in \.safetensors"):
+        encode_file(model_dir, tmp_path / "in.npy", tmp_path / "z.pt")

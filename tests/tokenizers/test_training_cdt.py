@@ -163,7 +163,8 @@ def test_video_folder_dataset(tmp_path):
     assert torch.allclose(item, raw[:5, :, 2:18, 4:20])
     with pytest.raises(MediaError, match=r"b\.npy.*need >= 5 frames"):
         data[1]
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no video files"):
-        VideoFolderDataset(
-            tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else tmp_path, num_frames=5, size=16
-        )
+        VideoFolderDataset(tmp_path / "empty", num_frames=5, size=16)
+    with pytest.raises(FileNotFoundError, match="video folder not found"):
+        VideoFolderDataset(tmp_path / "missing", num_frames=5, size=16)
