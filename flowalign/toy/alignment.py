@@ -65,10 +65,41 @@ def toy_pairs(
         prompts = prompts[::stride][:num_prompts]
     model = load_flow_model(base_dir)
     combiner = RewardCombiner([ToyOracleReward()], weights or {"ta": 1.0, "vq": 1.0})
-    cfg = PairsConfig(num_candidates=num_candidates, guidance_scale=guidance_scale,
-                      num_inference_steps=num_inference_steps, batch_size=128)
+    cfg = PairsConfig(
+        num_candidates=num_candidates,
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        batch_size=128,
+    )
     candidates, chosen = build_pairs(model, prompts, combiner.score, out_dir, cfg, progress=progress)
     return ToyPairs(candidates, chosen)
+
+
+def load_toy_pairs(out_dir: str | Path) -> ToyPairs:
+    """Read back what :func:`toy_pairs` wrote (candidates.jsonl + pairs.jsonl) without sampling again."""
+    from flowalign.data.media import load_media
+
+    out_dir = Path(out_dir)
+    rows = [
+        json.loads(line) for line in (out_dir / "candidates.jsonl").read_text().splitlines() if line.strip()
+    ]
+    media = torch.stack([load_media(out_dir / row["file"]) for row in rows])
+    scores = {k: torch.tensor([row["scores"][k] for row in rows]) for k in rows[0]["scores"]}
+    candidates = Candidates([row["prompt"] for row in rows], [row["seed"] for row in rows], media, scores)
+    pairs = [
+        json.loads(line)["meta"]
+        for line in (out_dir / "pairs.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    return ToyPairs(candidates, [(m["candidate_w"], m["candidate_l"]) for m in pairs])
+
+
+def toy_pairs_cached(base_dir: str | Path, out_dir: str | Path, **kwargs) -> ToyPairs:
+    """:func:`toy_pairs`, or the pairs already written in ``out_dir`` (reused by re-runs of the demo)."""
+    out_dir = Path(out_dir)
+    if (out_dir / "pairs.jsonl").is_file() and (out_dir / "candidates.jsonl").is_file():
+        return load_toy_pairs(out_dir)
+    return toy_pairs(base_dir, out_dir, **kwargs)
 
 
 class _PairItems(Dataset):
@@ -81,7 +112,12 @@ class _PairItems(Dataset):
     def __getitem__(self, i: int) -> dict:
         w, l_ = self.pairs.chosen[i]
         media = self.pairs.candidates.media
-        return {"media_w": media[w], "media_l": media[l_], "prompt": self.pairs.candidates.prompts[w], "index": i}
+        return {
+            "media_w": media[w],
+            "media_l": media[l_],
+            "prompt": self.pairs.candidates.prompts[w],
+            "index": i,
+        }
 
 
 class _Winners(Dataset):
@@ -93,25 +129,39 @@ class _Winners(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         w, _ = self.pairs.chosen[i]
-        return {"pixels": self.pairs.candidates.media[w], "prompt": self.pairs.candidates.prompts[w], "index": i}
+        return {
+            "pixels": self.pairs.candidates.media[w],
+            "prompt": self.pairs.candidates.prompts[w],
+            "index": i,
+        }
 
 
 def _train_config(out_dir: Path, budget: AlignBudget) -> TrainConfig:
     return TrainConfig(
-        output_dir=out_dir, seed=budget.seed, max_steps=budget.steps, batch_size=budget.batch_size, log_every=10,
-        trackers=[], cpu=not torch.cuda.is_available(), optim=OptimConfig(lr=budget.lr, weight_decay=0.0),
+        output_dir=out_dir,
+        seed=budget.seed,
+        max_steps=budget.steps,
+        batch_size=budget.batch_size,
+        log_every=10,
+        trackers=[],
+        cpu=not torch.cuda.is_available(),
+        optim=OptimConfig(lr=budget.lr, weight_decay=0.0),
         checkpoint=CheckpointConfig(every=0, keep_last=1),
     )
 
 
 def _finish(result, method_name: str, out_dir: Path) -> Path:
     if result.export_dir is None:
-        raise RuntimeError(f"{method_name} training in {out_dir} stopped at step {result.step} before finishing")
+        raise RuntimeError(
+            f"{method_name} training in {out_dir} stopped at step {result.step} before finishing"
+        )
     (out_dir / "final_metrics.json").write_text(json.dumps(result.metrics, indent=2, default=float))
     return result.export_dir
 
 
-def train_toy_dpo(base_dir, pairs: ToyPairs, out_dir, budget: AlignBudget, dpo: DPOConfig, *, progress=True) -> Path:
+def train_toy_dpo(
+    base_dir, pairs: ToyPairs, out_dir, budget: AlignBudget, dpo: DPOConfig, *, progress=True
+) -> Path:
     """Flow-DPO (LoRA, reference = adapters off) on the pairs; returns the merged model folder."""
     out_dir = Path(out_dir)
     method = FlowDPO(load_flow_model(base_dir), dpo, lora=budget.lora)
@@ -119,7 +169,9 @@ def train_toy_dpo(base_dir, pairs: ToyPairs, out_dir, budget: AlignBudget, dpo: 
     return _finish(result, "Flow-DPO", out_dir)
 
 
-def train_toy_rwr(base_dir, pairs: ToyPairs, out_dir, budget: AlignBudget, rwr: RWRConfig, *, progress=True) -> Path:
+def train_toy_rwr(
+    base_dir, pairs: ToyPairs, out_dir, budget: AlignBudget, rwr: RWRConfig, *, progress=True
+) -> Path:
     """Flow-RWR on every candidate weighted by its oracle reward (same steps and batch as DPO's pairs x 2)."""
     out_dir = Path(out_dir)
     cand = pairs.candidates
