@@ -73,6 +73,7 @@ def generate(
     from flowalign.data.prompts import load_prompts
     from flowalign.models import load_flow_model
     from flowalign.pipelines.generate_files import GenerationSettings, generate_files
+    from flowalign.pipelines.one_step import read_one_step_metadata
 
     if steps is not None and steps < 1:
         fail(f"--steps must be >= 1, got {steps}")
@@ -90,6 +91,13 @@ def generate(
             fail("a prompt is empty")
         torch_device, torch_dtype = _device_and_dtype(device, dtype)
         flow_model = load_flow_model(model, torch_dtype=torch_dtype, device=torch_device)
+        one_step_meta = read_one_step_metadata(model) if Path(model).is_dir() else None
+        if one_step_meta is not None:  # a distilled checkpoint samples in one step with its recorded guidance
+            one_step = True
+            if guidance_scale is None:
+                guidance_scale = one_step_meta.get("guidance_scale") or 1.0
+        if one_step and steps not in (None, 1):
+            fail(f"--one-step samples in one step; --steps {steps} does not apply")
         settings = GenerationSettings(
             num_inference_steps=steps,
             guidance_scale=guidance_scale,

@@ -40,7 +40,9 @@ def resolve_defaults(settings: GenerationSettings, model: FlowModel) -> Generati
     """Fill unset settings with the family's defaults, so the manifest records what was used."""
     return replace(
         settings,
-        num_inference_steps=settings.num_inference_steps or model.default_num_inference_steps,
+        num_inference_steps=1
+        if settings.one_step
+        else settings.num_inference_steps or model.default_num_inference_steps,
         guidance_scale=model.default_guidance_scale
         if settings.guidance_scale is None
         else settings.guidance_scale,
