@@ -83,6 +83,7 @@ class DiagonalGaussian:
         return self.mean + self.std * noise
 
 
+@dataclass
 class CDTOutput(BaseOutput):
     """Training forward pass: x0_pred [B, 3, T, H, W]; posterior mean and logvar [B, C_z, T', H', W']."""
 

@@ -5,13 +5,33 @@ deterministic KL-VAE decoder. This trains both on the toy world's moving shapes 
 scores one-step reconstructions of held-out clips (attribute combinations never seen in training)
 with PSNR, SSIM and LPIPS::
 
-    python -m flowalign.tokenizers.toy_experiment --out runs/cdt-toy [--steps 300]
+    python -m flowalign.tokenizers.toy_experiment --out runs/cdt-toy [--steps 200] [--seed 0]
 
 Both runs use :class:`~flowalign.training.methods.cdt.CDTTraining` with the same seed, data order,
 optimiser, steps and loss weights; only ``decoder_type`` differs. Without torchvision's ImageNet
 AlexNet weights on disk, the training LPIPS term and the reported LPIPS use randomly initialised
 AlexNet backbones (different seeds for training and evaluation), labelled as such in the results:
 such numbers rank the two models but are not comparable with published LPIPS.
+
+Measured on 2 shared CPU cores (toy preset, 2.7 M vs 2.65 M parameters, 4 clips of 9 frames at
+32 x 32 per step, 32 held-out clips; 2.5-6 min per model for 200 steps depending on machine load)::
+
+    run                     decoder                PSNR dB   SSIM    LPIPS (random backbone)
+    seed 0, 200 steps       CDT p=1, 1 step         19.75    0.558   0.0124
+    (the defaults)          CDT p=3, 1 step         20.87    0.723   0.0094
+                            CDT p=3, 4 DDIM steps   21.04    0.761   0.0090
+                            KL-VAE                  21.71    0.764   0.0088
+    seed 1, 200 steps       CDT p=3, 1 step         20.29    0.694   0.0090
+                            CDT p=3, 4 DDIM steps   20.06    0.711   0.0091
+                            KL-VAE                  21.78    0.767   0.0076
+    seed 0, 300 steps       CDT p=3, 1 step         19.29    0.560   0.0118
+                            CDT p=3, 4 DDIM steps   18.05    0.610   0.0135
+                            KL-VAE                  22.10    0.786   0.0081
+    painting each clip its mean colour              18.4-18.6
+
+At this scale the KL-VAE baseline wins on every metric: the paper's claim is not reproduced here.
+Flat-coloured shapes leave little for a generative decoder to add over the regression mean, and
+one-step decoding only uses the few training draws near t = 1 (p = 3 helps by drawing more of them).
 """
 
 from __future__ import annotations
@@ -40,14 +60,15 @@ class ToyComparisonConfig:
 
     model: CDTConfig = field(default_factory=CDTConfig.toy)
     """Architecture shared by both runs (``decoder_type`` is set per run)."""
-    max_steps: int = 300
+    max_steps: int = 200
     """Optimizer steps per model."""
     batch_size: int = 4
     """Clips per step."""
     lr: float = 1e-3
     """Peak AdamW learning rate (20 warm-up steps, cosine decay to 0)."""
-    time_power: float = 1.0
-    """CDT's time-index draw i = floor(T u^(1/p)) (1 = uniform; the paper's choice is unknown)."""
+    time_power: float = 3.0
+    """CDT's time-index draw i = floor(T u^(1/p)); the paper's choice is unknown. p = 3 (E[i/T] = 0.75)
+    gave the better one-step CDT on the toy world (held-out PSNR 20.9 vs 19.8 dB with p = 1; seed 0, 200 steps)."""
     lpips_weight: float = 0.1
     """LPIPS loss weight (both runs)."""
     num_frames: int = 9
@@ -197,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time-power", type=float, default=ToyComparisonConfig.time_power)
     parser.add_argument("--eval-steps", type=int, nargs="+", default=list(ToyComparisonConfig.eval_steps))
     parser.add_argument("--decoders", nargs="+", default=["diffusion", "vae"], choices=["diffusion", "vae"])
+    parser.add_argument("--seed", type=int, default=ToyComparisonConfig.seed)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -206,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         time_power=args.time_power,
         eval_steps=tuple(args.eval_steps),
+        seed=args.seed,
     )
     results = run_toy_comparison(args.out, cfg, decoders=tuple(args.decoders), progress=True)
     print(f"LPIPS: {results['lpips_eval']}; mean-colour PSNR {results['mean_colour_psnr']:.2f} dB")
