@@ -46,6 +46,7 @@ __all__ = [
     "fdistill_experiment",
     "format_table",
     "load_toy_classifier",
+    "one_step_demo",
     "one_step_report",
     "train_toy_classifier",
 ]
@@ -362,8 +363,16 @@ class OneStepToySettings:
     """K: generator step every K-th step (a small K suits the short toy budget)."""
     guidance_scale: float = 3.0
     """Teacher CFG (the toy teacher's best scale, shared/research/toy-feasibility.md)."""
-    generator_lr: float = 1e-4
-    critic_lr: float = 2e-4
+    generator_lr: float = 3e-4
+    critic_lr: float = 1e-3
+    generator_beta1: float = 0.9
+    """Adam beta1 of the generator (DMD2 uses 0; momentum averages the noisy per-sample DMD gradients)."""
+    ema_decay: float = 0.95
+    """EMA of the generator weights (0: off); the EMA weights are then the exported model."""
+    generator_schedule: str = "constant"
+    """Generator LR schedule: constant, linear or cosine (decay to 0 at the last step)."""
+    t_power: float = 3.0
+    """Time sampling t = t_min + (t_max - t_min) u^p of both groups (see OneStepConfig.t_power)."""
     num_items: int = 4096
     """Real renders (train split) the discriminator sees."""
     gan_weight: float = 1e-3
@@ -385,7 +394,7 @@ def _teacher_dir(teacher_dir: str | Path | None) -> Path:
 
 
 def _train_config(out_dir: Path, s: OneStepToySettings, *, checkpoint_every: int = 0):
-    from flowalign.config import CheckpointConfig, OptimConfig, TrainConfig
+    from flowalign.config import CheckpointConfig, EMAConfig, OptimConfig, TrainConfig
 
     return TrainConfig(
         output_dir=out_dir,
@@ -396,7 +405,8 @@ def _train_config(out_dir: Path, s: OneStepToySettings, *, checkpoint_every: int
         log_every=10,
         trackers=[],
         cpu=not torch.cuda.is_available(),
-        optim=OptimConfig(lr=s.generator_lr, betas=(0.0, 0.999), weight_decay=0.0),
+        optim=OptimConfig(lr=s.generator_lr, betas=(s.generator_beta1, 0.999), weight_decay=0.0),
+        ema=EMAConfig(use=s.ema_decay > 0, decay=s.ema_decay if s.ema_decay > 0 else 0.9999),
         checkpoint=CheckpointConfig(every=checkpoint_every, keep_last=None),
     )
 
@@ -434,7 +444,13 @@ def distill_toy(
         method_config,
         guidance_scale=s.guidance_scale,
         generator_every=s.generator_every,
-        generator_optim=OptimConfig(lr=s.generator_lr, betas=(0.0, 0.999), weight_decay=0.0),
+        generator_optim=OptimConfig(
+            lr=s.generator_lr,
+            betas=(s.generator_beta1, 0.999),
+            weight_decay=0.0,
+            schedule=s.generator_schedule,
+        ),
+        t_power=s.t_power,
         critic_optim=OptimConfig(lr=s.critic_lr, betas=(0.0, 0.999), weight_decay=0.0),
     )
     if isinstance(cfg, DistarConfig):
@@ -451,7 +467,8 @@ def distill_toy(
     )
     seconds = time.perf_counter() - start
     assert result.export_dir is not None
-    return result.export_dir, seconds
+    final = Path(str(result.export_dir) + "-ema") if s.ema_decay > 0 else result.export_dir
+    return final, seconds
 
 
 def render_prompts(prompts: Sequence[str], *, seed: int = 0, size: int = 32) -> Tensor:
@@ -571,7 +588,7 @@ def fdistill_experiment(
         "tv_to_teacher": student["tv_joint"],
         "diversity_ratio": student["div_jitter"] / max(teacher_row["div_jitter"], 1e-9),
     }
-    return {"rows": rows, "model": model_dir, "verdict": verdict}
+    return {"rows": rows, "model": model_dir, "seconds": seconds, "verdict": verdict}
 
 
 def divergence_comparison(
@@ -581,8 +598,15 @@ def divergence_comparison(
     settings: OneStepToySettings | None = None,
     divergences: Sequence[str] = ("rkl", "js", "kl"),
     baseline=None,
+    trained: dict[str, tuple[Path, float]] | None = None,
 ) -> dict[str, Any]:
-    """Reverse-KL vs JS vs forward-KL f-distill at the same budget (same seeds, steps, batch, networks)."""
+    """Reverse-KL vs JS vs forward-KL f-distill at the same budget (same seeds, steps, batch, networks).
+
+    ``trained`` maps a divergence to an existing (model folder, CPU seconds) run with the same settings
+    (e.g. the JS run of :func:`fdistill_experiment`), which is evaluated instead of trained again.
+    The paper finds JS / forward-KL better than reverse-KL (less mode seeking): compare ``tv_joint``
+    (distance to the teacher's samples) and the diversity columns.
+    """
     from flowalign.training.methods.fdistill import FDistillConfig
 
     s = settings or OneStepToySettings()
@@ -596,12 +620,15 @@ def divergence_comparison(
     ]
     models = {}
     for div in divergences:
-        model_dir, seconds = distill_toy(
-            teacher_dir,
-            Path(out_dir) / f"fdistill-{div}",
-            FDistillConfig(divergence=div, gan_weight=s.gan_weight),
-            s,
-        )
+        if trained and div in trained:
+            model_dir, seconds = trained[div]
+        else:
+            model_dir, seconds = distill_toy(
+                teacher_dir,
+                Path(out_dir) / f"fdistill-{div}",
+                FDistillConfig(divergence=div, gan_weight=s.gan_weight),
+                s,
+            )
         models[div] = model_dir
         rows.append(
             one_step_report(
@@ -622,12 +649,21 @@ def _checkpoint_rows(
     from safetensors.torch import load_file
 
     from flowalign.models import load_flow_model
-    from flowalign.training.checkpoint import list_checkpoints
+    from flowalign.training.checkpoint import list_checkpoints, load_trainable_state_dict
 
     model = load_flow_model(teacher_dir)
     rows = []
     for ckpt in list_checkpoints(run_dir):
-        model.transformer.load_state_dict(load_file(str(ckpt / "model-generator.safetensors")))
+        # the EMA shadow when the run keeps one (the exported model is the EMA too), else the raw weights
+        ema = ckpt / "ema.safetensors"
+        if ema.is_file():
+            prefix = "generator."
+            state = {k[len(prefix) :]: v for k, v in load_file(str(ema)).items() if k.startswith(prefix)}
+            source = str(ema)
+        else:
+            source = str(ckpt / "model-generator.safetensors")
+            state = load_file(source)
+        load_trainable_state_dict(model.transformer, state, source=source)
         evaluation = evaluate_one_step(model, s)
         row = one_step_report(
             f"{label} @ {int(ckpt.name.split('-')[-1])}", evaluation, reference_media=ref, steps=1
@@ -715,3 +751,52 @@ def distar_experiment(
         "trajectories": trajectories,
         "verdict": verdict,
     }
+
+
+def one_step_demo(
+    out_dir: str | Path,
+    *,
+    teacher_dir: str | Path | None = None,
+    settings: OneStepToySettings | None = None,
+    distar_settings: OneStepToySettings | None = None,
+    reward_scale: float = 20.0,
+) -> dict[str, Any]:
+    """The demo's one-step stage: f-distill (JS) vs teacher, rKL vs JS vs fKL, DI* vs teacher and vs KL.
+
+    Four distillation runs (JS, reverse-KL, forward-KL, then DI* and its KL variant starting from the JS
+    generator) and one teacher evaluation shared by all tables.
+
+    Returns:
+        {"fdistill", "divergences", "distar": each experiment's result, "text": the three tables}.
+    """
+    s = settings or OneStepToySettings()
+    ds = distar_settings or replace(s, steps=80, generator_lr=1e-4)
+    out_dir = Path(out_dir)
+    teacher_dir = _teacher_dir(teacher_dir)
+    baseline = teacher_baseline(teacher_dir, s)
+    fd = fdistill_experiment(out_dir, teacher_dir=teacher_dir, settings=s, baseline=baseline)
+    divs = divergence_comparison(
+        out_dir,
+        teacher_dir=teacher_dir,
+        settings=s,
+        baseline=baseline,
+        trained={"js": (fd["model"], fd["seconds"])},
+    )
+    di = distar_experiment(
+        out_dir,
+        init_dir=fd["model"],
+        teacher_dir=teacher_dir,
+        settings=ds,
+        baseline=baseline,
+        reward_scale=reward_scale,
+    )
+    text = "\n\n".join(
+        [
+            "f-distill one-step vs the teacher (256 held-out prompts, exact oracles)\n"
+            + format_table(fd["rows"]),
+            "divergences at the same budget\n" + format_table(divs["rows"]),
+            "Diff-Instruct* vs the teacher and the KL-regularised variant at matched reward\n"
+            + format_table(di["rows"]),
+        ]
+    )
+    return {"fdistill": fd, "divergences": divs, "distar": di, "text": text}

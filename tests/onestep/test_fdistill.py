@@ -209,3 +209,20 @@ def test_run_configs_load_from_dotted_overrides():
     with pytest.raises(ConfigError) as err:
         load_config(FDistillRun, None, ["method.divergence=wasserstein"])
     assert err.value.key == "method.divergence"
+
+
+def test_time_sampling_stays_in_range_and_t_power_favours_low_noise(teacher):
+    ids = torch.arange(512)
+    x0 = torch.zeros(512, 3, 2, 2)
+    medians = {}
+    for p in (1.0, 3.0):
+        method = FDistill(teacher, cfg(divergence="rkl", gan_weight=0.0, t_min=0.1, t_max=0.9, t_power=p))
+        ctx = StepContext(step=0, seed=0, group="critic", modules={})
+        t, noise, x_t = method.noised(x0, ids, ctx, key="k")
+        assert float(t.min()) >= 0.1 and float(t.max()) <= 0.9
+        torch.testing.assert_close(x_t, t[:, None, None, None] * noise)
+        medians[p] = float(t.median())
+    assert abs(medians[1.0] - 0.5) < 0.05 and abs(medians[3.0] - (0.1 + 0.8 * 0.5**3)) < 0.05
+    with pytest.raises(ConfigError) as err:
+        FDistillConfig(t_power=0.0)
+    assert err.value.key == "t_power"

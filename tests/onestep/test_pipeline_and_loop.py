@@ -191,3 +191,21 @@ def test_lora_fake_score_trains_adapters_on_the_teacher(teacher, tmp_path):
     # the exported generator carries no adapters and loads as a plain model
     student = load_flow_model(tmp_path / "run" / "final")
     assert not has_lora(student.transformer)
+
+
+def test_bf16_teacher_keeps_trainable_copies_fp32(teacher_dir, tmp_path):
+    from flowalign.training.methods.onestep_common import load_teacher
+
+    teacher = load_teacher(teacher_dir, method="f-distill", dtype="bf16")
+    assert teacher.dtype == torch.bfloat16
+    method = FDistill(teacher, FDistillConfig(divergence="js", height=SIZE, width=SIZE, generator_every=2))
+    assert {p.dtype for p in method.generator.parameters()} == {torch.float32}
+    assert {p.dtype for p in method.fake.parameters()} == {torch.float32}
+    result = train(
+        method, Renders(), loop_config(tmp_path / "run", steps=2, mixed_precision="bf16"), progress=False
+    )
+    assert result.export_dir is not None and all(
+        torch.isfinite(p).all() for p in method.generator.parameters()
+    )
+    with pytest.raises(ValueError, match="teacher_dtype must be one of"):
+        load_teacher(teacher_dir, method="f-distill", dtype="fp8")

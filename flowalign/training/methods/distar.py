@@ -210,6 +210,8 @@ class DistarRun:
 
     teacher: str = ""
     """Hub id or local folder of the flow teacher (the reference diffusion)."""
+    teacher_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Storage precision of the frozen teacher (bf16 saves memory on GPU; trainable copies stay fp32)."""
     method: DistarConfig = field(default_factory=DistarConfig)
     """DI* settings (reward, reward_scale, alpha, ...)."""
     data: OneStepData = field(default_factory=OneStepData)
@@ -238,7 +240,7 @@ def run_distar(
 
     if not config.teacher:
         raise ConfigError("the teacher model (hub id or folder) is required", key="teacher")
-    teacher = load_teacher(config.teacher, method="DI*")
+    teacher = load_teacher(config.teacher, method="DI*", dtype=config.teacher_dtype)
     method = DiffInstructStar(teacher, config.method, reward=reward)
     dataset = build_dataset(config.data, kind="video" if teacher.is_video else "image", needs_real=False)
     return train(method, dataset, config.train, resume=resume, progress=progress, run_config=config)

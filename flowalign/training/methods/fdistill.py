@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -270,6 +270,8 @@ class FDistillRun:
 
     teacher: str = ""
     """Hub id or local folder of the flow teacher (diffusers layout)."""
+    teacher_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Storage precision of the frozen teacher (bf16 saves memory on GPU; trainable copies stay fp32)."""
     method: FDistillConfig = field(default_factory=FDistillConfig)
     """f-distill settings."""
     data: OneStepData = field(default_factory=OneStepData)
@@ -292,7 +294,7 @@ def run_fdistill(config: FDistillRun, *, resume: bool | str | Path = False, prog
 
     if not config.teacher:
         raise ConfigError("the teacher model (hub id or folder) is required", key="teacher")
-    teacher = load_teacher(config.teacher, method="f-distill")
+    teacher = load_teacher(config.teacher, method="f-distill", dtype=config.teacher_dtype)
     method = FDistill(teacher, config.method)
     dataset = build_dataset(
         config.data,

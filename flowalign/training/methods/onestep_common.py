@@ -66,7 +66,9 @@ class OneStepConfig:
     """K: the generator is updated on steps with step % K == 0, the critic on the others (f-distill: 5-10)."""
     t_min: float = 0.02
     t_max: float = 0.98
-    """Distillation and critic times t ~ U[t_min, t_max] (away from 0 and 1, where the conversions blow up)."""
+    """Distillation and critic times in [t_min, t_max] (away from 0 and 1, where the conversions blow up)."""
+    t_power: float = 1.0
+    """t = t_min + (t_max - t_min) u^p, u ~ U[0, 1]: p = 1 is uniform, p > 1 favours low noise (fine detail)."""
     fake_score: Literal["full", "lora"] = "full"
     """Online score network: a full trainable copy of the teacher, or LoRA adapters on the teacher itself."""
     fake_score_lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=16, alpha=16.0))
@@ -91,6 +93,8 @@ class OneStepConfig:
             raise ConfigError(
                 f"need 0 < t_min <= t_max < 1, got t_min={self.t_min}, t_max={self.t_max}", key="t_min"
             )
+        if self.t_power <= 0:
+            raise ConfigError(f"must be > 0, got {self.t_power}", key="t_power")
         if self.critic_warmup_steps < 0:
             raise ConfigError(f"must be >= 0, got {self.critic_warmup_steps}", key="critic_warmup_steps")
         if self.guidance_scale < 0:
@@ -346,16 +350,26 @@ def build_dataset(data: OneStepData, *, kind: str, needs_real: bool) -> Dataset:
     raise ValueError("no training data: set data.toy_items, data.real_manifest or data.prompts_file")
 
 
-def load_teacher(path_or_id: str | Path, *, method: str, device: str | torch.device = "cpu") -> FlowModel:
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_teacher(
+    path_or_id: str | Path, *, method: str, dtype: str = "fp32", device: str | torch.device = "cpu"
+) -> FlowModel:
     """Load a flow teacher of a supported family; the error names the method and the supported families.
+
+    ``dtype`` ("fp32", "bf16", "fp16") is the frozen teacher's storage precision; the generator and a
+    full fake-score copy are always fp32.
 
     Raises:
         ModelLoadError: missing folder, unreadable index or an unsupported pipeline class.
     """
     from flowalign.models.base import ModelLoadError, load_flow_model, registered_families
 
+    if dtype not in TEACHER_DTYPES:
+        raise ValueError(f"{method}: teacher_dtype must be one of {sorted(TEACHER_DTYPES)}, got {dtype!r}")
     try:
-        return load_flow_model(path_or_id, device=device)
+        return load_flow_model(path_or_id, device=device, torch_dtype=TEACHER_DTYPES[dtype])
     except ModelLoadError as err:
         families = sorted(cls.family for cls in registered_families().values())
         raise ModelLoadError(
@@ -377,11 +391,12 @@ class OneStepDistillation(Method):
         self.teacher, self.common = teacher, config
         for module in teacher.modules().values():
             module.requires_grad_(False).eval()
-        self.generator = copy.deepcopy(teacher.transformer).requires_grad_(True).train()
+        # trainable copies are fp32 whatever the teacher's storage dtype (a bf16 teacher halves its memory)
+        self.generator = copy.deepcopy(teacher.transformer).float().requires_grad_(True).train()
         if config.generator_init is not None:
             load_generator_weights(self.generator, config.generator_init)
         if config.fake_score == "full":
-            self.fake = copy.deepcopy(teacher.transformer).requires_grad_(True).train()
+            self.fake = copy.deepcopy(teacher.transformer).float().requires_grad_(True).train()
         else:
             from flowalign.training.lora import add_lora
 
@@ -507,9 +522,10 @@ class OneStepDistillation(Method):
         return generate_x0(self.teacher, net, z, cond, guidance=self.embedded_guidance)
 
     def noised(self, x0: Tensor, ids: Tensor, ctx: StepContext, *, key: str) -> tuple[Tensor, Tensor, Tensor]:
-        """(t [B] ~ U[t_min, t_max], noise, x_t = (1 - t) x0 + t noise); x_t keeps x0's graph."""
+        """(t [B] in [t_min, t_max] (see ``t_power``), noise, x_t = (1 - t) x0 + t noise); x_t keeps x0's graph."""
         cfg = self.common
-        t = cfg.t_min + (cfg.t_max - cfg.t_min) * ctx.rand((), ids, key=f"{key}/t").to(ctx.device)
+        u = ctx.rand((), ids, key=f"{key}/t").to(ctx.device)
+        t = cfg.t_min + (cfg.t_max - cfg.t_min) * (u if cfg.t_power == 1.0 else u.pow(cfg.t_power))
         noise = ctx.randn_like(x0, ids, key=f"{key}/noise").to(x0.dtype)
         return t, noise, flow.interpolate(x0, noise, t)
 
