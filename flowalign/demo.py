@@ -195,7 +195,23 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoReport:
     report = DemoReport(Path(config.out_dir))
     (Path(config.out_dir)).mkdir(parents=True, exist_ok=True)
     (Path(config.out_dir) / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
-    base_dir = stage_base(config, report, progress=progress)
+    models = {"base": stage_base(config, report, progress=progress)}
     if "dpo" in config.stages:
-        stage_dpo(config, report, base_dir, progress=progress)
+        models["flow-dpo"] = stage_dpo(config, report, models["base"], progress=progress)
+    stage_report(config, report, models, progress=progress)
     return report
+
+
+def stage_report(config: DemoConfig, report: DemoReport, models: dict[str, Path], *, progress: bool) -> None:
+    """The evaluation report (``report/report.html``): every model on every held-out prompt, side by side."""
+    from flowalign.evals.runner import EvalOptions, run_eval
+    from flowalign.pipelines.generate_files import GenerationSettings
+
+    settings = GenerationSettings(num_inference_steps=config.num_inference_steps,
+                                  guidance_scale=config.guidance_scale)
+    result = run_eval({name: str(path) for name, path in models.items()}, "toy-heldout", ["toy"],
+                      out_dir=config.out_dir / "report", samples_per_prompt=1, seeds=(0,),
+                      options=EvalOptions(settings=settings, base="base"), progress=progress)
+    report.notes.append(f"evaluation report: {result.html_path}" + (f" ({len(result.failures)} failures)"
+                                                                   if result.failures else ""))
+    report.write()
