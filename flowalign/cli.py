@@ -68,6 +68,14 @@ def generate(
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: bf16 on GPU).")] = None,
     fps: Annotated[int, typer.Option(help="Frames per second of written videos.")] = 8,
+    guide: Annotated[
+        Path | None, typer.Option(help="Latent reward model folder for Flow-NRG guidance.")
+    ] = None,
+    reward_weights: Annotated[
+        str | None, typer.Option(help="Flow-NRG dimension weights, e.g. vq=1,mq=0.5,ta=2.")
+    ] = None,
+    guidance_strength: Annotated[float, typer.Option(help="Flow-NRG strength w (0 = off).")] = 1.0,
+    guide_steps: Annotated[str | None, typer.Option(help="Guide only for t in [a, b], as a:b.")] = None,
 ) -> None:
     """Generate images (PNG) or videos (MP4 + GIF) and a manifest.jsonl from prompts."""
     from flowalign.data.prompts import load_prompts
@@ -112,8 +120,23 @@ def generate(
             samples_per_prompt=samples_per_prompt,
             fps=fps,
         )
+        factory = None
+        if guide is not None:
+            factory = _nrg_factory(flow_model, guide, reward_weights, guidance_strength, guide_steps)
+            settings.extra = {
+                "guide": str(guide),
+                "reward_weights": reward_weights,
+                "guidance_strength": guidance_strength,
+                "guide_steps": guide_steps,
+            }
         rows = generate_files(
-            flow_model, prompts, out, settings, batch_size=batch_size, model_name=str(model)
+            flow_model,
+            prompts,
+            out,
+            settings,
+            batch_size=batch_size,
+            model_name=str(model),
+            transforms_factory=factory,
         )
     except ValueError as err:
         fail(str(err).splitlines()[0])
@@ -224,6 +247,148 @@ def train_rwr(
             "rwr.temperature": temperature,
         },
     )
+
+
+@train_app.command("fdistill")
+def train_fdistill(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher: hub id or folder of a flow model.")] = None,
+    divergence: Annotated[
+        str | None, typer.Option(help="js, kl, rkl, sf, sh, jf, pearson, neyman, alpha.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """f-distill: a one-step generator by f-divergence distribution matching."""
+    from flowalign.training.methods.fdistill import FDistillRun, run_fdistill
+
+    _run_training(
+        FDistillRun,
+        run_fdistill,
+        config,
+        set_,
+        resume,
+        {
+            "teacher": teacher,
+            "method.divergence": divergence,
+            "train.output_dir": out,
+            "train.max_steps": steps,
+        },
+    )
+
+
+@train_app.command("distar")
+def train_distar(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="Teacher (reference diffusion): hub id or folder.")
+    ] = None,
+    reward: Annotated[str | None, typer.Option(help="A differentiable reward name.")] = None,
+    reward_scale: Annotated[float | None, typer.Option()] = None,
+    alpha: Annotated[float | None, typer.Option(help="Weight of the score-divergence regulariser.")] = None,
+    out: Annotated[Path | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Diff-Instruct*: a reward-aligned one-step generator with score-divergence regularisation."""
+    from flowalign.training.methods.distar import DistarRun, run_distar
+
+    _run_training(
+        DistarRun,
+        run_distar,
+        config,
+        set_,
+        resume,
+        {
+            "teacher": teacher,
+            "method.reward": reward,
+            "method.reward_scale": reward_scale,
+            "method.alpha": alpha,
+            "train.output_dir": out,
+            "train.max_steps": steps,
+        },
+    )
+
+
+@train_app.command("cdt")
+def train_cdt_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """CDT: a conditioned-diffusion video tokenizer (toy clips by default; --set data.source=DIR)."""
+    from flowalign.training.methods.cdt import CDTRunConfig, train_cdt
+
+    _run_training(
+        CDTRunConfig, train_cdt, config, set_, resume, {"train.output_dir": out, "train.max_steps": steps}
+    )
+
+
+tokenize_app = typer.Typer(
+    help="Encode, decode and reconstruct media with a CDT tokenizer.", no_args_is_help=True
+)
+app.add_typer(tokenize_app, name="tokenize")
+TokModel = Annotated[Path, typer.Option("--model", help="Tokenizer folder (from `flowalign train cdt`).")]
+
+
+@tokenize_app.command("encode")
+def tokenize_encode(
+    model: TokModel,
+    input: Annotated[Path, typer.Option()],
+    out: Annotated[Path, typer.Option()],
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Video or image -> latent file."""
+    from flowalign.tokenizers.files import encode_file
+
+    try:
+        path = encode_file(model, input, out, device=device)
+    except ValueError as err:
+        fail(str(err).splitlines()[0])
+    typer.echo(f"wrote {path}")
+
+
+@tokenize_app.command("decode")
+def tokenize_decode(
+    model: TokModel,
+    input: Annotated[Path, typer.Option()],
+    out: Annotated[Path, typer.Option()],
+    steps: Annotated[int, typer.Option(help="DDIM steps (1 by default).")] = 1,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Latent file -> video or image."""
+    from flowalign.tokenizers.files import decode_file
+
+    try:
+        path = decode_file(model, input, out, num_inference_steps=steps, device=device)
+    except ValueError as err:
+        fail(str(err).splitlines()[0])
+    typer.echo(f"wrote {path}")
+
+
+@tokenize_app.command("reconstruct")
+def tokenize_reconstruct(
+    model: TokModel,
+    input: Annotated[list[Path], typer.Option(help="Files (repeat).")],
+    out: Annotated[Path, typer.Option()],
+    steps: Annotated[int, typer.Option()] = 1,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Encode + decode files; writes the reconstructions and metrics.json (PSNR, SSIM, LPIPS)."""
+    import json as _json
+
+    from flowalign.tokenizers.files import reconstruct_files
+
+    try:
+        metrics = reconstruct_files(model, input, out, num_inference_steps=steps, device=device)
+    except ValueError as err:
+        fail(str(err).splitlines()[0])
+    typer.echo(_json.dumps(metrics.get("mean", metrics), indent=1, default=str))
 
 
 def _parse_weights(weights: str | None) -> dict[str, float] | None:
@@ -416,6 +581,31 @@ def demo(
         fail(str(err).splitlines()[0])
     typer.echo(report.table_md())
     typer.echo(f"\nwrote {out / 'summary.md'} and {out / 'index.html'}")
+
+
+def _nrg_factory(flow_model, guide: Path, weights: str | None, strength: float, steps: str | None):
+    """Per-batch Flow-NRG transforms from a latent reward folder (errors name the bad value)."""
+    from flowalign.rewards.combine import parse_weights
+    from flowalign.rewards.latent import LatentRewardModel
+    from flowalign.sampling.nrg import latent_reward_guidance
+
+    if strength < 0:
+        raise ValueError(f"--guidance-strength must be >= 0, got {strength}")
+    step_range = None
+    if steps:
+        try:
+            a, b = (float(x) for x in steps.split(":"))
+        except ValueError:
+            raise ValueError(f"--guide-steps must look like 0.2:0.9, got {steps!r}") from None
+        step_range = (a, b)
+    reward_model = LatentRewardModel.from_pretrained(guide, model=flow_model, device=flow_model.device)
+    dims = parse_weights(weights) if weights else {d: 1.0 for d in reward_model.dimensions}
+    reward_model.check_weights(dims)
+    return lambda prompts: [
+        latent_reward_guidance(
+            flow_model, reward_model, prompts, dims, strength=strength, step_range=step_range
+        )
+    ]
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def generate_files(
     batch_size: int = 4,
     model_name: str = "",
     velocity_transforms: list[VelocityTransform] | None = None,
+    transforms_factory: Callable[[list[str]], list[VelocityTransform]] | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Generate ``samples_per_prompt`` samples per prompt into ``out_dir`` and append to its manifest.
@@ -87,6 +89,8 @@ def generate_files(
     Sample ``i`` (in prompt order) uses seed ``settings.seed + i`` with its own generator, so a
     sample does not depend on the batch size. Samples already in the manifest are skipped, so an
     interrupted run continues where it stopped. Images are written as PNG, videos as MP4 and GIF.
+    ``transforms_factory(prompts)`` builds velocity transforms for each batch's prompts (reward
+    guidance conditions on them); ``velocity_transforms`` apply to every batch as they are.
 
     Returns:
         The manifest rows of this call's new samples.
@@ -126,7 +130,8 @@ def generate_files(
                 generator=generators,
                 sampler=settings.sampler,
                 one_step=settings.one_step,
-                velocity_transforms=velocity_transforms,
+                velocity_transforms=(velocity_transforms or [])
+                + (transforms_factory([p for _, p, _ in chunk]) if transforms_factory else []),
                 progress=progress and len(todo) <= batch_size,
             )
             for (sample_id, prompt, seed), media in zip(chunk, out.media.float().cpu(), strict=True):

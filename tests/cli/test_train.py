@@ -171,3 +171,31 @@ def test_pairs_then_dpo_and_rwr_from_the_cli(tiny_toy, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "rwr" / "final" / "model_index.json").is_file()
+
+
+def test_generate_with_nrg_guidance_strength_zero_equals_plain(tiny_toy, tmp_path):
+    from flowalign.data.media import load_image
+    from flowalign.models import load_flow_model
+    from flowalign.rewards.latent import LatentRewardModel
+
+    model = load_flow_model(tiny_toy)
+    guide = tmp_path / "guide"
+    reward_model = LatentRewardModel.from_flow_model(model, dimensions=("vq", "ta"), num_blocks=1)
+    with torch.no_grad():  # heads start at zero (no guidance signal): give them random weights
+        for name, param in reward_model.named_parameters():
+            if "head" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    reward_model.save_pretrained(guide)
+    common = ["generate", "--model", str(tiny_toy), "--prompt", "a small red circle in the center", "--steps", "3"]
+    plain = runner.invoke(app, [*common, "--out", str(tmp_path / "plain")])
+    zero = runner.invoke(app, [*common, "--guide", str(guide), "--guidance-strength", "0", "--out", str(tmp_path / "z")])
+    guided = runner.invoke(app, [*common, "--guide", str(guide), "--reward-weights", "ta=1",
+                                 "--guidance-strength", "5", "--out", str(tmp_path / "g")])
+    assert plain.exit_code == zero.exit_code == guided.exit_code == 0, guided.output
+    a, b, c = (load_image(tmp_path / d / "000000.png") for d in ("plain", "z", "g"))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    bad = runner.invoke(app, [*common, "--guide", str(guide), "--reward-weights", "mq=1", "--out", str(tmp_path / "b")])
+    assert bad.exit_code != 0 and "mq" in bad.output
+    neg = runner.invoke(app, [*common, "--guide", str(guide), "--guidance-strength", "-1", "--out", str(tmp_path / "n")])
+    assert neg.exit_code != 0 and "strength" in neg.output
