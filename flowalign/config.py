@@ -493,8 +493,12 @@ def load_config(
                 f"config file {path}: expected a mapping at the top level, got {type(loaded).__name__}"
             )
         data = loaded
-        # Validate the file on its own first so that errors name the file, not an override.
-        _build(cls, data, "", source)
+        # Validate the file on its own first so that errors name the file, not an override
+        # (required keys may still come from the overrides: checked once all are applied).
+        try:
+            _build(cls, data, "", source)
+        except MissingConfigKey:
+            pass
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
