@@ -356,7 +356,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 class OneStepToySettings:
     """Budget and hyper-parameters of the toy one-step experiments (2 CPU cores, minutes per run)."""
 
-    steps: int = 240
+    steps: int = 200
     """Optimizer steps per distillation run (generator + critic steps together)."""
     batch_size: int = 32
     generator_every: int = 2
@@ -402,7 +402,7 @@ def _train_config(out_dir: Path, s: OneStepToySettings, *, checkpoint_every: int
         max_steps=s.steps,
         batch_size=s.batch_size,
         grad_clip=1.0,
-        log_every=10,
+        log_every=1,
         trackers=[],
         cpu=not torch.cuda.is_available(),
         optim=OptimConfig(lr=s.generator_lr, betas=(s.generator_beta1, 0.999), weight_decay=0.0),
@@ -469,6 +469,23 @@ def distill_toy(
     assert result.export_dir is not None
     final = Path(str(result.export_dir) + "-ema") if s.ema_decay > 0 else result.export_dir
     return final, seconds
+
+
+def weight_spread(run_dir: str | Path, *, last: int = 20) -> dict[str, float]:
+    """Mean over the last ``last`` generator steps of the f-distill weights' max and min (h~ = 1: no effect).
+
+    Read from the run's metrics.jsonl; tells whether the discriminator moved the weights away from 1
+    (if it did not, every divergence reduces to reverse-KL / DMD).
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("generator/weight_max") is not None][-last:]
+    if not rows:
+        return {"w_max": 1.0, "w_min": 1.0}
+    return {
+        "w_max": sum(r["generator/weight_max"] for r in rows) / len(rows),
+        "w_min": sum(r["generator/weight_min"] for r in rows) / len(rows),
+    }
 
 
 def render_prompts(prompts: Sequence[str], *, seed: int = 0, size: int = 32) -> Tensor:
@@ -580,6 +597,7 @@ def fdistill_experiment(
         seconds=seconds,
         steps=1,
     )
+    student.update(weight_spread(Path(model_dir).parent))
     rows.append(student)
     teacher_row = rows[1]
     verdict = {
@@ -630,15 +648,11 @@ def divergence_comparison(
                 s,
             )
         models[div] = model_dir
-        rows.append(
-            one_step_report(
-                f"f-distill {div}",
-                evaluate_one_step(model_dir, s),
-                reference_media=ref,
-                seconds=seconds,
-                steps=1,
-            )
+        row = one_step_report(
+            f"f-distill {div}", evaluate_one_step(model_dir, s), reference_media=ref, seconds=seconds, steps=1
         )
+        row.update(weight_spread(Path(model_dir).parent))
+        rows.append(row)
     return {"rows": rows, "models": models}
 
 
@@ -679,7 +693,7 @@ def distar_experiment(
     init_dir: str | Path,
     teacher_dir: str | Path | None = None,
     settings: OneStepToySettings | None = None,
-    reward_scale: float = 1.0,
+    reward_scale: float = 100.0,
     alpha: float = 1.0,
     checkpoint_every: int = 20,
     critic_warmup_steps: int = 10,
@@ -759,7 +773,7 @@ def one_step_demo(
     teacher_dir: str | Path | None = None,
     settings: OneStepToySettings | None = None,
     distar_settings: OneStepToySettings | None = None,
-    reward_scale: float = 20.0,
+    reward_scale: float = 100.0,
 ) -> dict[str, Any]:
     """The demo's one-step stage: f-distill (JS) vs teacher, rKL vs JS vs fKL, DI* vs teacher and vs KL.
 
@@ -770,7 +784,7 @@ def one_step_demo(
         {"fdistill", "divergences", "distar": each experiment's result, "text": the three tables}.
     """
     s = settings or OneStepToySettings()
-    ds = distar_settings or replace(s, steps=80, generator_lr=1e-4)
+    ds = distar_settings or replace(s, steps=100, generator_lr=1e-4)
     out_dir = Path(out_dir)
     teacher_dir = _teacher_dir(teacher_dir)
     baseline = teacher_baseline(teacher_dir, s)
