@@ -23,21 +23,11 @@ import subprocess
 import sys
 import time
 
+from flowalign.models.tiny import TINY_SD3_TRANSFORMER
+
 SIZES = {
     # name: SD3Transformer2DModel kwargs (random weights; sd35m is SD3.5-medium's transformer shape)
-    "tiny": dict(
-        sample_size=32,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=4,
-        joint_attention_dim=64,
-        caption_projection_dim=64,
-        pooled_projection_dim=64,
-        pos_embed_max_size=64,
-    ),
+    "tiny": TINY_SD3_TRANSFORMER,
     "sd35m": dict(
         sample_size=128,
         patch_size=2,

@@ -255,6 +255,24 @@ class FlowModel(ABC):
         return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
 
 
+# ---------------------------------------------------------------------- shared VAE conversions
+def encode_with_image_vae(vae: nn.Module, media: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Images in [0, 1] -> latents z = (E(2x - 1) - shift_factor) * scaling_factor (SD3 and FLUX VAEs).
+
+    The latent distribution's mode, or a sample when a generator is given.
+    """
+    dist = vae.encode((media * 2 - 1).to(vae.dtype)).latent_dist
+    z = dist.sample(generator) if generator is not None else dist.mode()
+    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def decode_with_image_vae(vae: nn.Module, latents: Tensor) -> Tensor:
+    """The inverse of :func:`encode_with_image_vae`: latents -> images in [0, 1]."""
+    z = latents / vae.config.scaling_factor + vae.config.shift_factor
+    image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+    return (image / 2 + 0.5).clamp(0, 1)
+
+
 # ---------------------------------------------------------------------- registry and loading
 _FAMILIES: dict[str, type[FlowModel]] = {}
 

@@ -12,7 +12,13 @@ import torch
 from diffusers import FluxPipeline
 from torch import Tensor, nn
 
-from flowalign.models.base import FlowModel, PromptEmbeds, register_family
+from flowalign.models.base import (
+    FlowModel,
+    PromptEmbeds,
+    decode_with_image_vae,
+    encode_with_image_vae,
+    register_family,
+)
 from flowalign.sampling.schedules import flux_time_grid
 
 
@@ -93,16 +99,10 @@ class FluxModel(FlowModel):
         )
 
     def encode_media(self, media: Tensor, *, generator=None) -> Tensor:
-        vae = self.pipe.vae
-        dist = vae.encode((media * 2 - 1).to(vae.dtype)).latent_dist
-        z = dist.sample(generator) if generator is not None else dist.mode()
-        return (z - vae.config.shift_factor) * vae.config.scaling_factor
+        return encode_with_image_vae(self.pipe.vae, media, generator)
 
     def decode_latents(self, latents: Tensor) -> Tensor:
-        vae = self.pipe.vae
-        z = latents / vae.config.scaling_factor + vae.config.shift_factor
-        image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        return (image / 2 + 0.5).clamp(0, 1)
+        return decode_with_image_vae(self.pipe.vae, latents)
 
     def velocity(self, x, t, cond, *, guidance=None, net: nn.Module | None = None):
         net = net or self.transformer

@@ -37,6 +37,21 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+TINY_SD3_TRANSFORMER = dict(
+    sample_size=32,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=4,
+    joint_attention_dim=64,
+    caption_projection_dim=64,
+    pooled_projection_dim=64,
+    pos_embed_max_size=64,
+)
+"""The tiny SD3 transformer's configuration (also used by the CPU benchmarks)."""
+
 NUM_MERGES = 1000  # 1514 tokens: small embedding tables, every text still encodes by byte fallback
 
 
@@ -124,19 +139,7 @@ def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     """SD3 with two tiny CLIP encoders, no T5 (text_encoder_3=None), 16-channel 8x VAE."""
     torch.manual_seed(seed)
     tok = tiny_clip_tokenizer()
-    transformer = SD3Transformer2DModel(
-        sample_size=32,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=4,
-        joint_attention_dim=64,
-        caption_projection_dim=64,
-        pooled_projection_dim=64,
-        pos_embed_max_size=64,
-    )
+    transformer = SD3Transformer2DModel(**TINY_SD3_TRANSFORMER)
     return _eval(
         StableDiffusion3Pipeline(
             transformer=transformer,
