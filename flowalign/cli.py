@@ -563,7 +563,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output folder (summary.md, index.html, grids).")] = Path(
         "runs/demo"
     ),
-    stages: Annotated[str, typer.Option(help="Comma-separated stages: base, dpo.")] = "base",
+    stages: Annotated[str, typer.Option(help="Comma-separated stages: base, dpo, onestep.")] = "base",
     samples: Annotated[int, typer.Option(help="Held-out samples per evaluated model.")] = 256,
 ) -> None:
     """The toy world end to end: base model, held-out evaluation with exact oracles, Flow-DPO."""

@@ -40,7 +40,8 @@ class DemoConfig:
 
     out_dir: Path = Path("runs/demo")
     stages: tuple[str, ...] = ("base",)
-    """"base" (about 7 minutes on 2 CPU cores with a fresh cache) and optionally "dpo" (about 3 more)."""
+    """"base" (about 7 minutes on 2 CPU cores with a fresh cache), optionally "dpo" (about 3 more) and
+    "onestep" (f-distill and Diff-Instruct* on the toy teacher, about 7 more)."""
     num_samples: int = 256
     """Held-out samples per evaluated model (sample i uses seed 1000 + i for every model)."""
     guidance_scale: float = 3.0
@@ -50,6 +51,9 @@ class DemoConfig:
     dpo_steps: int = 300
     dpo_beta: float = 5000.0
     dpo_lr: float = 3e-4
+
+
+STAGES = ("base", "dpo", "onestep")
 
 
 class DemoReport:
@@ -189,15 +193,24 @@ def stage_dpo(config: DemoConfig, report: DemoReport, base_dir: Path, *, progres
 
 def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoReport:
     """Run the chosen stages; returns the report (also written to ``config.out_dir``)."""
-    unknown = [s for s in config.stages if s not in ("base", "dpo")]
+    unknown = [s for s in config.stages if s not in STAGES]
     if unknown:
-        raise ValueError(f"unknown demo stage(s) {unknown}; available: base, dpo")
+        raise ValueError(f"unknown demo stage(s) {unknown}; available: {', '.join(STAGES)}")
     report = DemoReport(Path(config.out_dir))
     (Path(config.out_dir)).mkdir(parents=True, exist_ok=True)
     (Path(config.out_dir) / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
     models = {"base": stage_base(config, report, progress=progress)}
     if "dpo" in config.stages:
         models["flow-dpo"] = stage_dpo(config, report, models["base"], progress=progress)
+    if "onestep" in config.stages:
+        from flowalign.toy.onestep import one_step_demo
+
+        result = one_step_demo(config.out_dir / "onestep", teacher_dir=models["base"])
+        (config.out_dir / "onestep.md").write_text(result["text"] + "\n")
+        report.notes.append(
+            f"one-step stage (f-distill JS/rKL/fKL, Diff-Instruct* vs KL): {config.out_dir}/onestep.md"
+        )
+        report.write()
     stage_report(config, report, models, progress=progress)
     return report
 
@@ -207,11 +220,21 @@ def stage_report(config: DemoConfig, report: DemoReport, models: dict[str, Path]
     from flowalign.evals.runner import EvalOptions, run_eval
     from flowalign.pipelines.generate_files import GenerationSettings
 
-    settings = GenerationSettings(num_inference_steps=config.num_inference_steps,
-                                  guidance_scale=config.guidance_scale)
-    result = run_eval({name: str(path) for name, path in models.items()}, "toy-heldout", ["toy"],
-                      out_dir=config.out_dir / "report", samples_per_prompt=1, seeds=(0,),
-                      options=EvalOptions(settings=settings, base="base"), progress=progress)
-    report.notes.append(f"evaluation report: {result.html_path}" + (f" ({len(result.failures)} failures)"
-                                                                   if result.failures else ""))
+    settings = GenerationSettings(
+        num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale
+    )
+    result = run_eval(
+        {name: str(path) for name, path in models.items()},
+        "toy-heldout",
+        ["toy"],
+        out_dir=config.out_dir / "report",
+        samples_per_prompt=1,
+        seeds=(0,),
+        options=EvalOptions(settings=settings, base="base"),
+        progress=progress,
+    )
+    report.notes.append(
+        f"evaluation report: {result.html_path}"
+        + (f" ({len(result.failures)} failures)" if result.failures else "")
+    )
     report.write()
