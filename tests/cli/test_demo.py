@@ -1,0 +1,29 @@
+"""The demo's stages and outputs on a tiny stand-in base model (the real one trains for minutes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flowalign import demo
+from flowalign.models.toy import save_toy_model
+
+
+def test_demo_writes_summary_grid_and_report(tmp_path, monkeypatch):
+    base = save_toy_model(tmp_path / "toy", "image", width=32, num_layers=1)
+    monkeypatch.setattr(demo, "toy_base_model", lambda kind, progress=True: base)
+    config = demo.DemoConfig(out_dir=tmp_path / "out", num_samples=8, num_inference_steps=2)
+    report = demo.run_demo(config, progress=False)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    ta = summary["models"]["base"]["summary"]["ta"]
+    assert ta["n"] == 8
+    assert f"{ta['mean']:.3f} ± {ta['se']:.3f}" in (tmp_path / "out" / "summary.md").read_text()
+    assert (tmp_path / "out" / "grid_base.png").is_file()
+    assert (tmp_path / "out" / "report" / "report.html").is_file()
+    assert "base" in report.table_md()
+
+
+def test_unknown_stage_is_named(tmp_path):
+    with pytest.raises(ValueError, match="bogus"):
+        demo.run_demo(demo.DemoConfig(out_dir=tmp_path, stages=("base", "bogus")))
