@@ -140,7 +140,7 @@ class EMAConfig:
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
-    """Periodic, atomic checkpoints under ``output_dir/checkpoint-XXXXXXXX/``."""
+    """Periodic, atomic checkpoints under ``output_dir/checkpoint-<step 8 digits>/``."""
 
     every: int = 500
     """Write a checkpoint every this many steps (0 = only at the end and on SIGTERM)."""

@@ -12,7 +12,7 @@ A checkpoint is a folder ``<output_dir>/checkpoint-{step:08d}/`` holding::
     config.yaml                the resolved run config
     manifest.json              every file above with its size and sha256, written LAST
 
-It is written into ``checkpoint-XXXXXXXX.tmp-<pid>/`` and renamed into place with
+It is written into ``checkpoint-<step 8 digits>.tmp-<pid>/`` and renamed into place with
 :func:`os.replace`, so a folder under the final name is always complete; a folder without a
 valid manifest is never picked up. ``.pt`` files are read back only with
 ``torch.load(weights_only=True)``. Any size/hash mismatch or unreadable file raises
