@@ -15,6 +15,7 @@ from flowalign.training.method import StepContext
 from flowalign.training.methods.latent_reward import (
     LatentRewardTraining,
     LatentRewardTrainingConfig,
+    PreferenceItems,
     ScoredPairs,
     labels_from_scores,
     pairs_within_groups,
@@ -96,6 +97,20 @@ def test_pair_members_share_time_and_noise(toy_image):
     torch.testing.assert_close(
         x_w - x_l, (1 - tt) * (batch["latents_w"] - batch["latents_l"]), rtol=1e-5, atol=1e-5
     )
+
+
+def test_independent_noise_option_keeps_only_t_shared(toy_image):
+    method = _method(toy_image, trunk_training="frozen", share_noise=False)
+    spy = _Spy(method.reward_model)
+    batch = method.collate(_pairs())
+    method.compute_loss(batch, StepContext(step=0, seed=0, modules={"latent_reward": spy}), "main")
+    ((x_t, t),) = spy.calls
+    t_w, t_l = t.chunk(2)
+    assert torch.equal(t_w, t_l)
+    tt = t_w.view(-1, 1, 1, 1)
+    noise_w = (x_t.chunk(2)[0] - (1 - tt) * batch["latents_w"]) / tt
+    noise_l = (x_t.chunk(2)[1] - (1 - tt) * batch["latents_l"]) / tt
+    assert (noise_w - noise_l).abs().mean() > 0.5  # two unit-variance draws, not one
 
 
 def test_clean_input_ablation_scores_clean_latents(toy_image):
@@ -202,6 +217,30 @@ def test_trains_in_the_loop_and_exports_a_loadable_normalised_guide(tmp_path, to
     fresh = _method(toy_image, trunk_training="frozen")
     fresh.load_state_dict(state)
     assert fresh.score_statistics() == stats
+
+
+def test_human_labelled_pairs_load_through_the_preference_reader(tmp_path, toy_image):
+    from flowalign.data.preference import PreferencePair, load_preference_dataset, write_preference_jsonl
+
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        PreferencePair(
+            IMAGE_PROMPTS[i % 2],
+            torch.rand(3, 24, 24, generator=g),
+            torch.rand(3, 24, 24, generator=g),
+            {"VQ": [1, -1, 0][i % 3], "TA": -2 if i == 1 else 1},
+        )
+        for i in range(4)
+    ]
+    path = write_preference_jsonl(tmp_path, rows)
+    items = PreferenceItems(load_preference_dataset(path))
+    method = _method(toy_image, trunk_training="frozen")
+    batch = method.collate([{**items[i], "index": i} for i in range(4)])
+    x0_w, x0_l = method._clean_latents(batch)
+    torch.testing.assert_close(x0_w, batch["media_w"] * 2 - 1)
+    assert method._labels(batch, x0_w, x0_l).tolist() == [[1, 1], [-1, -2], [0, 1], [1, 1]]
+    loss, _ = method.compute_loss(batch, _ctx(method), "main")
+    assert torch.isfinite(loss) and loss > 0
 
 
 def test_config_is_validated():

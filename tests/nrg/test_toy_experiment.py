@@ -35,9 +35,15 @@ def test_fast_run_compares_settings_on_the_same_noise_and_exports_both_guides(tm
     )
     assert list(res) == [*SETTINGS, "rm_accuracy:noisy", "rm_accuracy:clean"]
     for name in SETTINGS:
-        assert set(res[name]) == {"vq", "ta", "all_correct"}
-        for mean, se in res[name].values():
-            assert 0 <= mean <= 1 and se >= 0 and math.isfinite(se)
+        gains = set() if name == "unguided" else {"vq_gain", "ta_gain", "all_correct_gain"}
+        assert set(res[name]) == {"vq", "ta", "all_correct"} | gains
+        for metric, (mean, se) in res[name].items():
+            assert (-1 if metric.endswith("_gain") else 0) <= mean <= 1 and se >= 0 and math.isfinite(se)
+        for metric in gains:  # paired differences on the same noise and caption
+            plain = metric.removesuffix("_gain")
+            assert res[name][metric][0] == pytest.approx(
+                res[name][plain][0] - res["unguided"][plain][0], abs=1e-9
+            )
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == json.loads(json.dumps(res))
     assert "| noisy_rm:ta |" in (tmp_path / "out" / "summary.md").read_text()
 
