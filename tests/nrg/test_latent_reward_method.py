@@ -82,8 +82,8 @@ def test_scored_pairs_label_by_score_difference():
         ScoredPairs(latents, ["p"] * 4, scores, [(0, 0)])
 
 
-def test_pair_members_share_time_and_noise(toy_image):
-    method = _method(toy_image, trunk_training="frozen")
+def test_shared_noise_option_noises_both_members_with_one_draw(toy_image):
+    method = _method(toy_image, trunk_training="frozen", share_noise=True)
     spy = _Spy(method.reward_model)
     batch = method.collate(_pairs())
     ctx = StepContext(step=0, seed=0, modules={"latent_reward": spy})
@@ -99,8 +99,9 @@ def test_pair_members_share_time_and_noise(toy_image):
     )
 
 
-def test_independent_noise_option_keeps_only_t_shared(toy_image):
-    method = _method(toy_image, trunk_training="frozen", share_noise=False)
+def test_pair_members_share_t_but_not_noise_by_default(toy_image):
+    method = _method(toy_image, trunk_training="frozen")
+    assert not method.config.share_noise
     spy = _Spy(method.reward_model)
     batch = method.collate(_pairs())
     method.compute_loss(batch, StepContext(step=0, seed=0, modules={"latent_reward": spy}), "main")
@@ -111,6 +112,31 @@ def test_independent_noise_option_keeps_only_t_shared(toy_image):
     noise_w = (x_t.chunk(2)[0] - (1 - tt) * batch["latents_w"]) / tt
     noise_l = (x_t.chunk(2)[1] - (1 - tt) * batch["latents_l"]) / tt
     assert (noise_w - noise_l).abs().mean() > 0.5  # two unit-variance draws, not one
+
+
+def test_normalisation_is_the_same_time_spread_of_scores_not_their_offset_over_t(toy_image):
+    """std = sqrt(mean((r_w - r_l)^2) / 2) over the pairs: a t-dependent offset (common to a pair) does not count."""
+    method = _method(toy_image, trunk_training="frozen")
+
+    class Offset(nn.Module):  # a reward with a huge t-dependent offset on top of the real one
+        def forward(self, x_t, t, cond):
+            return {d: v + 1000 * t for d, v in method.reward_model(x_t, t, cond).items()}
+
+    spy = _Spy(Offset())
+    batch = method.collate(_pairs())
+    with torch.no_grad():
+        method.compute_loss(batch, StepContext(step=0, seed=0, modules={"latent_reward": spy}), "main")
+        ((x_t, t),) = spy.calls
+        cond, _ = toy_image.encode_prompt(batch["prompt"])
+        from flowalign.models.base import PromptEmbeds
+
+        r = method.reward_model(x_t, t, PromptEmbeds.cat([cond, cond]))
+    stats = method.score_statistics()
+    for d in ("vq", "ta"):
+        r_w, r_l = r[d].double().chunk(2)
+        expected = float(((r_w - r_l) ** 2).mean().div(2).sqrt())
+        assert stats[d][1] == pytest.approx(expected, rel=0.05)  # fp32 rounding of the +1000 t offset
+        assert stats[d][1] < 10  # the offset (1000 t, t spread over [0, 0.98]) is not in it
 
 
 def test_clean_input_ablation_scores_clean_latents(toy_image):

@@ -21,7 +21,7 @@ from flowalign.toy.oracles import score_images
 from flowalign.toy.world import toy_prompts
 from flowalign.training.methods.latent_reward import run_toy_nrg_experiment
 
-SETTINGS = ["unguided", "noisy_rm:ta", "noisy_rm:vq", "noisy_rm:vq+ta", "clean_rm:ta"]
+SETTINGS = ["unguided", "noisy_rm:ta", "noisy_rm:vq", "noisy_rm:vq+ta", "clean_rm:vq"]
 
 
 def test_fast_run_compares_settings_on_the_same_noise_and_exports_both_guides(tmp_path):
