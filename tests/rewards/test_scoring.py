@@ -101,9 +101,9 @@ def test_prompt_count_mismatch_names_both_counts(tmp_path):
 def test_unknown_reward_and_unknown_weight_are_refused(toy_set, tmp_path):
     manifest, _ = toy_set
     with pytest.raises(
-        ValueError, match=r"unknown reward\(s\) \['imagereward'\]; available rewards: .*pickscore"
+        ValueError, match=r"unknown reward\(s\) \['no_such_reward'\]; available rewards: .*pickscore"
     ):
-        score_files(["imagereward"], manifest, out=tmp_path / "s.jsonl", progress=False)
+        score_files(["no_such_reward"], manifest, out=tmp_path / "s.jsonl", progress=False)
     with pytest.raises(ValueError, match=r"\['mq2'\].*available dimensions: vq, mq, ta"):
         score_files(["toy"], manifest, weights={"mq2": 1.0}, out=tmp_path / "s.jsonl", progress=False)
     assert not (tmp_path / "s.jsonl").exists()
