@@ -249,6 +249,43 @@ def train_rwr(
     )
 
 
+@train_app.command("latent-reward")
+def train_latent_reward(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option(help="Flow model the guide is for: hub id or folder.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Preference pairs with per-dimension labels, or candidates.jsonl from `pairs`."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    dimensions: Annotated[str | None, typer.Option(help="Reward dimensions, e.g. vq,ta or vq,mq,ta.")] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="Clean reward that labels every batch instead (e.g. toy).")
+    ] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Noise-aware latent reward for Flow-NRG guidance (`generate --guide OUT/final`)."""
+    from flowalign.training.runs import LatentRewardRun, run_latent_reward
+
+    _run_training(
+        LatentRewardRun,
+        run_latent_reward,
+        config,
+        set_,
+        resume,
+        {
+            "model": model,
+            "data": data,
+            "teacher": teacher,
+            "train.output_dir": out,
+            "train.max_steps": steps,
+            "reward.dimensions": f"[{dimensions}]" if dimensions else None,
+        },
+    )
+
+
 @train_app.command("fdistill")
 def train_fdistill(
     config: ConfigOpt = None,
@@ -327,6 +364,51 @@ def train_cdt_cmd(
     _run_training(
         CDTRunConfig, train_cdt, config, set_, resume, {"train.output_dir": out, "train.max_steps": steps}
     )
+
+
+@train_app.command("reward")
+def train_reward(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Preference pairs with per-dimension labels (jsonl, VideoAlign csv, parquet)."),
+    ] = None,
+    toy: Annotated[
+        str | None, typer.Option(help="Oracle-labelled toy pairs instead: image or video.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Multi-head reward model (vq/mq/ta heads, BTT loss); prints held-out accuracy per dimension."""
+    from flowalign.config import load_config
+    from flowalign.training.methods.reward_run import RewardModelRun, run_reward_model
+
+    if data is not None and toy is not None:
+        fail("give --data PAIRS or --toy image|video, not both")
+    if toy is not None and toy not in ("image", "video"):
+        fail(f"--toy must be image or video, got {toy!r}")
+    shortcuts = {
+        "data.source": f"toy:{toy}" if toy else data,
+        "train.output_dir": out,
+        "train.max_steps": steps,
+    }
+    sets = [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + list(set_ or [])
+    try:
+        result = run_reward_model(load_config(RewardModelRun, config, sets), resume=resume)
+    except (ValueError, FileExistsError) as err:
+        fail(str(err).splitlines()[0])
+    typer.echo(
+        f"trained {result.train.step} steps; model in {result.train.export_dir or result.train.checkpoint}"
+    )
+    for dim, row in (result.metrics or {}).items():
+        typer.echo(
+            f"held-out {dim}: accuracy {row['accuracy']:.4f} ({row['num_decided']} non-tie pairs), "
+            f"with ties {row['accuracy_with_ties']:.4f} ({row['num_pairs']} pairs)"
+        )
+    if result.metrics_path is not None:
+        typer.echo(f"wrote {result.metrics_path}")
 
 
 tokenize_app = typer.Typer(
@@ -565,6 +647,9 @@ def demo(
     ),
     stages: Annotated[str, typer.Option(help="Comma-separated stages: base, dpo, onestep.")] = "base",
     samples: Annotated[int, typer.Option(help="Held-out samples per evaluated model.")] = 256,
+    base_steps: Annotated[
+        int, typer.Option(help="Training steps of the toy base model (1500 matches the README's tables).")
+    ] = 900,
 ) -> None:
     """The toy world end to end: base model, held-out evaluation with exact oracles, Flow-DPO."""
     from flowalign.demo import DemoConfig, run_demo
@@ -575,6 +660,7 @@ def demo(
                 out_dir=out,
                 stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
                 num_samples=samples,
+                base_steps=base_steps,
             )
         )
     except ValueError as err:

@@ -1,4 +1,4 @@
-"""Run configs and entry points behind ``flowalign train sft|dpo|rwr``.
+"""Run configs and entry points behind ``flowalign train sft|dpo|rwr|latent-reward``.
 
 Each run config nests the loop's :class:`TrainConfig` and the method's own config; it loads from
 YAML plus ``key=value`` overrides (:func:`flowalign.config.load_config`) and is saved next to every
@@ -21,6 +21,7 @@ from flowalign.models import load_flow_model
 from flowalign.models.base import FlowModel
 from flowalign.training.loop import TrainResult, train
 from flowalign.training.methods.dpo import DPOConfig, FlowDPO
+from flowalign.training.methods.latent_reward import LatentRewardTrainingConfig
 from flowalign.training.methods.rwr import FlowRWR, RWRConfig, WeightedSamples
 from flowalign.training.methods.sft import FlowMatchingSFT, SFTConfig
 
@@ -160,6 +161,7 @@ def load_candidates(path: str | Path, reward_key: str) -> tuple[torch.Tensor, li
 
 
 def run_sft(run: SFTRun, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    torch.manual_seed(run.train.seed)  # random initialisations (LoRA, heads) follow the run seed
     model = load_model_spec(run.model, device="cpu" if run.train.cpu else None)
     kind = "video" if model.is_video else "image"
     data = sft_dataset(run.data, kind, num_items=run.num_items, seed=run.train.seed)
@@ -169,14 +171,139 @@ def run_sft(run: SFTRun, *, resume: bool = False, progress: bool = True) -> Trai
 
 
 def run_dpo(run: DPORun, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    torch.manual_seed(run.train.seed)  # random initialisations (LoRA, heads) follow the run seed
     model = load_model_spec(run.model, device="cpu" if run.train.cpu else None)
     method = FlowDPO(model, run.dpo, lora=run.lora)
     return train(method, PairDataset(run.data), run.train, resume=resume, progress=progress, run_config=run)
 
 
 def run_rwr(run: RWRRun, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    torch.manual_seed(run.train.seed)  # random initialisations (LoRA, heads) follow the run seed
     model = load_model_spec(run.model, device="cpu" if run.train.cpu else None)
     media, prompts, rewards = load_candidates(run.data, run.reward_key)
     data = WeightedSamples(media, prompts, rewards, run.rwr)
     method = FlowRWR(model, run.rwr, lora=run.lora)
     return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
+
+
+@dataclass(kw_only=True)
+class LatentRewardRun:
+    """``flowalign train latent-reward``: the noise-aware guide of Flow-NRG."""
+
+    model: str
+    """Hub id or folder of the flow model the guide is cut from (and later guides)."""
+    data: str
+    """A preference dataset with per-dimension labels (pairs.jsonl, VideoAlign csv, Pick-a-Pic
+    parquet), or a candidates.jsonl from ``flowalign pairs`` (same-prompt samples are paired and
+    labelled by their score differences: distillation of a clean reward into a noisy one)."""
+    teacher: str | None = None
+    """Reward spec (e.g. ``toy`` or ``clip:model=DIR``) that labels every batch on the fly instead of
+    the dataset's labels."""
+    max_pairs_per_prompt: int | None = None
+    """candidates.jsonl: at most this many pairs per prompt (default: all same-prompt pairs)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: LatentRewardTrainingConfig = field(default_factory=LatentRewardTrainingConfig)
+
+
+def _is_candidates_file(path: Path) -> bool:
+    if path.suffix != ".jsonl" or not path.is_file():
+        return False
+    with path.open() as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(row, dict) and "scores" in row and "file" in row
+
+
+def latent_reward_dataset(run: LatentRewardRun) -> Dataset:
+    """Training pairs of a latent reward run (see :attr:`LatentRewardRun.data`)."""
+    from flowalign.data.preference import load_preference_dataset
+    from flowalign.training.methods.latent_reward import (
+        PreferenceItems,
+        ScoredPairs,
+        pairs_within_groups,
+    )
+
+    path = Path(run.data)
+    if not _is_candidates_file(path):
+        return PreferenceItems(load_preference_dataset(path))
+    dims = run.reward.dimensions
+    media, prompts, scores = [], [], {d: [] for d in dims}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        missing = [d for d in dims if d not in row.get("scores", {})]
+        if missing:
+            raise DataError(
+                path,
+                f"no score for dimension(s) {missing} (has {sorted(row.get('scores', {}))})",
+                where=f"line {number}",
+            )
+        media.append(load_media(path.parent / row["file"]))
+        prompts.append(row["prompt"])
+        for d in dims:
+            scores[d].append(float(row["scores"][d]))
+    pairs = pairs_within_groups(prompts, max_pairs_per_group=run.max_pairs_per_prompt)
+    if not pairs:
+        raise DataError(path, "no two candidates share a prompt, so no pairs can be built")
+    return _MediaPairs(
+        ScoredPairs(
+            torch.stack(media),
+            prompts,
+            {d: torch.tensor(v) for d, v in scores.items()},
+            pairs,
+            tie_margin=run.reward.tie_margin,
+        )
+    )
+
+
+class _MediaPairs(Dataset):
+    """:class:`ScoredPairs` over pixels: items carry ``media_w``/``media_l`` (encoded by the method)."""
+
+    def __init__(self, pairs: Dataset):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.pairs[i]
+        return {
+            "prompt": item["prompt"],
+            "media_w": item.pop("latents_w"),
+            "media_l": item.pop("latents_l"),
+            "labels": item["labels"],
+        }
+
+
+def run_latent_reward(run: LatentRewardRun, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    from flowalign.rewards.registry import load_reward, parse_reward_spec
+    from flowalign.training.methods.latent_reward import LatentRewardTraining
+
+    torch.manual_seed(run.train.seed)  # random initialisations (LoRA, heads) follow the run seed
+    model = load_model_spec(run.model, device="cpu" if run.train.cpu else None)
+    teacher = None
+    if run.teacher:
+        name, options = parse_reward_spec(run.teacher)
+        teacher = load_reward(name, device=model.device, **options)
+    data = latent_reward_dataset(run)
+    if teacher is not None:
+        data = _WithoutLabels(data)
+    method = LatentRewardTraining(model, run.reward, teacher=teacher)
+    return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
+
+
+class _WithoutLabels(Dataset):
+    """Drops dataset labels so that the teacher reward labels every batch."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v for k, v in self.data[i].items() if k != "labels"}

@@ -12,7 +12,7 @@ from flowalign.models.toy import save_toy_model
 
 def test_demo_writes_summary_grid_and_report(tmp_path, monkeypatch):
     base = save_toy_model(tmp_path / "toy", "image", width=32, num_layers=1)
-    monkeypatch.setattr(demo, "toy_base_model", lambda kind, progress=True: base)
+    monkeypatch.setattr(demo, "toy_base_model", lambda kind, recipe=None, progress=True: base)
     config = demo.DemoConfig(out_dir=tmp_path / "out", num_samples=8, num_inference_steps=2)
     report = demo.run_demo(config, progress=False)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

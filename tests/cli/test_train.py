@@ -186,16 +186,167 @@ def test_generate_with_nrg_guidance_strength_zero_equals_plain(tiny_toy, tmp_pat
             if "head" in name:
                 param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     reward_model.save_pretrained(guide)
-    common = ["generate", "--model", str(tiny_toy), "--prompt", "a small red circle in the center", "--steps", "3"]
+    common = [
+        "generate",
+        "--model",
+        str(tiny_toy),
+        "--prompt",
+        "a small red circle in the center",
+        "--steps",
+        "3",
+    ]
     plain = runner.invoke(app, [*common, "--out", str(tmp_path / "plain")])
-    zero = runner.invoke(app, [*common, "--guide", str(guide), "--guidance-strength", "0", "--out", str(tmp_path / "z")])
-    guided = runner.invoke(app, [*common, "--guide", str(guide), "--reward-weights", "ta=1",
-                                 "--guidance-strength", "5", "--out", str(tmp_path / "g")])
+    zero = runner.invoke(
+        app, [*common, "--guide", str(guide), "--guidance-strength", "0", "--out", str(tmp_path / "z")]
+    )
+    guided = runner.invoke(
+        app,
+        [
+            *common,
+            "--guide",
+            str(guide),
+            "--reward-weights",
+            "ta=1",
+            "--guidance-strength",
+            "5",
+            "--out",
+            str(tmp_path / "g"),
+        ],
+    )
     assert plain.exit_code == zero.exit_code == guided.exit_code == 0, guided.output
     a, b, c = (load_image(tmp_path / d / "000000.png") for d in ("plain", "z", "g"))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
-    bad = runner.invoke(app, [*common, "--guide", str(guide), "--reward-weights", "mq=1", "--out", str(tmp_path / "b")])
+    bad = runner.invoke(
+        app, [*common, "--guide", str(guide), "--reward-weights", "mq=1", "--out", str(tmp_path / "b")]
+    )
     assert bad.exit_code != 0 and "mq" in bad.output
-    neg = runner.invoke(app, [*common, "--guide", str(guide), "--guidance-strength", "-1", "--out", str(tmp_path / "n")])
+    neg = runner.invoke(
+        app, [*common, "--guide", str(guide), "--guidance-strength", "-1", "--out", str(tmp_path / "n")]
+    )
     assert neg.exit_code != 0 and "strength" in neg.output
+
+
+def test_train_latent_reward_from_candidates_then_guide(tiny_toy, tmp_path):
+    """`pairs` candidates -> `train latent-reward` -> `generate --guide`; resume and bad dimension."""
+    from flowalign.data.pairs import PairsConfig, build_pairs
+    from flowalign.models import load_flow_model
+
+    def brightness(media, prompts):
+        b = media.flatten(1).mean(1)
+        return {"vq": b, "ta": media[:, 0].flatten(1).mean(1), "overall": b}
+
+    build_pairs(
+        load_flow_model(tiny_toy),
+        ["a small red circle in the center", "a large blue square in the top left"],
+        brightness,
+        tmp_path / "p",
+        PairsConfig(num_candidates=3, num_inference_steps=2),
+        progress=False,
+    )
+    common = [
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "train.trackers=[]",
+        "--set",
+        "train.cpu=true",
+        "--set",
+        "train.checkpoint.every=2",
+        "--set",
+        "reward.num_blocks=1",
+        "--set",
+        "reward.tie_margin=0",
+    ]
+    candidates = str(tmp_path / "p" / "candidates.jsonl")
+
+    def latent(out, steps, *extra):
+        return runner.invoke(
+            app,
+            [
+                "train",
+                "latent-reward",
+                "--model",
+                str(tiny_toy),
+                "--data",
+                candidates,
+                "--out",
+                str(out),
+                "--steps",
+                str(steps),
+                *common,
+                *extra,
+            ],
+        )
+
+    res = latent(tmp_path / "straight", 4)
+    assert res.exit_code == 0, res.output
+    assert latent(tmp_path / "resumed", 2).exit_code == 0
+    res = latent(tmp_path / "resumed", 4, "--resume")
+    assert res.exit_code == 0, res.output
+    a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    guided = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(tiny_toy),
+            "--prompt",
+            "a small red circle in the center",
+            "--steps",
+            "2",
+            "--guide",
+            str(tmp_path / "straight" / "final"),
+            "--reward-weights",
+            "vq=1",
+            "--out",
+            str(tmp_path / "g"),
+        ],
+    )
+    assert guided.exit_code == 0, guided.output
+    bad = latent(tmp_path / "bad", 2, "--dimensions", "vq,mq")
+    assert bad.exit_code != 0 and "mq" in bad.output
+
+
+def test_train_latent_reward_with_a_teacher_reward(tiny_toy, tmp_path):
+    """A clean teacher reward (the toy oracles) labels the batches of a labelled pairs file."""
+    from flowalign.data.pairs import PairsConfig, build_pairs
+    from flowalign.models import load_flow_model
+
+    build_pairs(
+        load_flow_model(tiny_toy),
+        ["a small red circle in the center", "a large blue square in the top left"],
+        lambda media, prompts: {"overall": media.flatten(1).mean(1)},
+        tmp_path / "p",
+        PairsConfig(num_candidates=2, num_inference_steps=2),
+        progress=False,
+    )
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "latent-reward",
+            "--model",
+            str(tiny_toy),
+            "--data",
+            str(tmp_path / "p" / "pairs.jsonl"),
+            "--teacher",
+            "toy",
+            "--out",
+            str(tmp_path / "t"),
+            "--steps",
+            "1",
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "train.trackers=[]",
+            "--set",
+            "train.cpu=true",
+            "--set",
+            "reward.num_blocks=1",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    spec = json.loads((tmp_path / "t" / "final" / "latent_reward.json").read_text())
+    assert spec["dimensions"] == ["vq", "ta"]
