@@ -645,7 +645,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output folder (summary.md, index.html, grids).")] = Path(
         "runs/demo"
     ),
-    stages: Annotated[str, typer.Option(help="Comma-separated stages: base, dpo, onestep.")] = "base",
+    stages: Annotated[str, typer.Option(help="Comma-separated stages: base, dpo, nrg, onestep.")] = "base",
     samples: Annotated[int, typer.Option(help="Held-out samples per evaluated model.")] = 256,
     base_steps: Annotated[
         int, typer.Option(help="Training steps of the toy base model (1500 matches the README's tables).")

@@ -27,3 +27,30 @@ def test_demo_writes_summary_grid_and_report(tmp_path, monkeypatch):
 def test_unknown_stage_is_named(tmp_path):
     with pytest.raises(ValueError, match="bogus"):
         demo.run_demo(demo.DemoConfig(out_dir=tmp_path, stages=("base", "bogus")))
+
+
+def test_nrg_stage_writes_gains_plot_and_notes(tmp_path, monkeypatch):
+    from functools import partial
+
+    from flowalign.training.methods import latent_reward
+
+    base = save_toy_model(tmp_path / "toy", "image", width=32, num_layers=1)
+    small = partial(
+        latent_reward.run_toy_nrg_experiment,
+        num_train_prompts=2, samples_per_prompt=2, train_steps=1, batch_size=2, num_blocks=1,
+    )  # fmt: skip
+    monkeypatch.setattr(latent_reward, "run_toy_nrg_experiment", small)
+    config = demo.DemoConfig(
+        out_dir=tmp_path / "out", num_samples=4, num_inference_steps=2, nrg_counterfactual_pairs=2
+    )
+    report = demo.DemoReport(config.out_dir)
+    results = demo.stage_nrg(config, report, base)
+    svg = (tmp_path / "out" / "nrg" / "gains.svg").read_text()
+    assert svg.count("<svg") == 3 and "noisy_rm:vq+ta" in svg and "clean_rm:vq" in svg
+    note = report.notes[-1]
+    gain, se = results["noisy_rm:ta"]["ta_gain"]
+    assert (
+        f"noisy_rm:ta: vq {results['noisy_rm:ta']['vq_gain'][0]:+.3f}" in note
+        and f"ta {gain:+.3f} ± {se:.3f}" in note
+    )
+    assert (tmp_path / "out" / "nrg" / "summary.md").is_file()

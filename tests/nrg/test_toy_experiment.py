@@ -31,7 +31,14 @@ def test_fast_run_compares_settings_on_the_same_noise_and_exports_both_guides(tm
         num_train_prompts=3, samples_per_prompt=3, num_inference_steps=2, train_steps=2, batch_size=3
     )
     res = run_toy_nrg_experiment(
-        base, tmp_path / "out", num_eval=6, num_blocks=1, size=24, strength=0.5, **kwargs
+        base,
+        tmp_path / "out",
+        num_eval=6,
+        num_blocks=1,
+        size=24,
+        strength=0.5,
+        counterfactual_pairs=4,
+        **kwargs,
     )
     assert list(res) == [*SETTINGS, "rm_accuracy:noisy", "rm_accuracy:clean"]
     for name in SETTINGS:

@@ -462,6 +462,33 @@ def _pair_accuracy(
 _TIE_MARGIN = {"vq": 0.05, "ta": 0.1}  # ta is a multiple of 0.25: equal ta is a tie
 
 
+def _counterfactual_renders(num: int, *, seed: int, size: int) -> tuple[list[str], Tensor, Tensor]:
+    """``num`` (caption, true render, render with a wrong shape or colour) triples from the train split.
+
+    The two renders share every pixel of geometry but the changed attribute, so they contrast exactly
+    what text alignment measures; 70% change the shape (the base model's weakest attribute), 30% the
+    colour.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from flowalign.toy.render import render_images
+    from flowalign.toy.world import COLOURS, SHAPES, sample_scene
+
+    rng = np.random.default_rng([seed, 7])
+    true, wrong = [], []
+    for k in range(num):
+        scene = sample_scene(k, seed=seed + 1, split="train")
+        attrs = scene.attributes
+        field_name, vocab = ("shape", SHAPES) if rng.random() < 0.7 else ("colour", COLOURS)
+        others = [v for v in vocab if v != getattr(attrs, field_name)]
+        changed = dataclasses.replace(attrs, **{field_name: others[int(rng.integers(len(others)))]})
+        true.append(scene)
+        wrong.append(dataclasses.replace(scene, attributes=changed))
+    return [s.caption for s in true], render_images(true, size=size), render_images(wrong, size=size)
+
+
 def run_toy_nrg_experiment(
     base_model_dir: str | Path,
     out_dir: str | Path,
@@ -480,6 +507,7 @@ def run_toy_nrg_experiment(
     size: int | None = None,
     clean_weights: Mapping[str, float] | None = None,
     share_noise: bool = False,
+    counterfactual_pairs: int = 0,
     seed: int = 0,
 ) -> dict[str, dict[str, tuple[float, float]]]:
     """Train latent rewards on the toy image model's own samples (oracle-labelled) and compare guidance.
@@ -505,6 +533,8 @@ def run_toy_nrg_experiment(
         size: image side (default: the model's default height).
         clean_weights: weights of the clean-input-reward setting ("clean_rm:<dims>").
         share_noise: noise the two members of a training pair with one draw (see the config).
+        counterfactual_pairs: add this many rendered pairs (true render vs the same scene with a wrong
+            shape or colour, labelled by the oracles) to the sampled pairs.
         seed: seeds prompts, noise and training.
 
     Returns:
@@ -539,11 +569,24 @@ def run_toy_nrg_experiment(
     noise = torch.randn(len(prompts), 3, size, size, generator=g)
     sample = dict(steps=num_inference_steps, cfg_scale=guidance_scale, batch_size=64)
     latents, scores = _sample_and_score(model, prompts, noise, **sample)
+    index_pairs = pairs_within_groups(prompts)
+    if counterfactual_pairs:
+        from flowalign.toy.oracles import score_images
+
+        captions, true, wrong = _counterfactual_renders(counterfactual_pairs, seed=seed, size=size)
+        n, m = len(prompts), len(captions)
+        media = torch.cat([true, wrong])
+        extra = score_images(media, captions + captions)
+        with torch.no_grad():
+            latents = torch.cat([latents, model.encode_media(media.to(model.device)).cpu()])
+        scores = {d: torch.cat([scores[d], extra[d]]) for d in ("vq", "ta")}
+        prompts = prompts + captions + captions
+        index_pairs += [(n + k, n + m + k) for k in range(m)]
     pairs = ScoredPairs(
         latents,
         prompts,
         {d: scores[d] for d in ("vq", "ta")},
-        pairs_within_groups(prompts),
+        index_pairs,
         tie_margin=_TIE_MARGIN,
     )
 
