@@ -4,6 +4,10 @@ The model is Qwen2-VL-2B-Instruct with three added tokens ``<|VQ_reward|>``, ``<
 ``<|TA_reward|>`` and a bias-free linear head ``rm_head``. The chat prompt ("detailed_special"
 template) puts the video first, then the VQ instructions and token, the MQ instructions and token, and
 the TA instructions with the user's text prompt and token; with causal attention only TA sees the text.
+flowalign does not ship that template (it is VideoAlign's text): the loader reads it from
+``prompt_template.txt`` in the checkpoint folder or from ``template=PATH``, checks it holds
+``{text_prompt}`` and the three tokens once each in order, and warns when its sha256 differs from the
+published text's (:mod:`flowalign.rewards.videoreward_inputs`).
 Each dimension reads the last hidden state h at its own token (algorithms.md 1A):
 
     r_k = w_k . h(<|k_reward|>)        head hidden -> 3: w_k = row k (the diagonal of the 3 x 3 block)
@@ -34,9 +38,10 @@ which differs once a clip has more temporal than spatial merged patches, so posi
 and passed in. The head runs in float32 (the reference: in the model's dtype).
 
 Files: see :mod:`flowalign.rewards.videoreward_files` (hub ``KwaiVGI/VideoReward``: model_config.json,
-checkpoint-<step>/model.pth, checkpoint-<step>/tokenizer/). The Qwen2-VL architecture (``config.json``)
-and ``preprocessor_config.json`` come from the base model named in model_config.json
-(``Qwen/Qwen2-VL-2B-Instruct``) or ``base_model=``.
+checkpoint-<step>/model.pth, checkpoint-<step>/tokenizer/), plus prompt_template.txt next to
+model_config.json, saved by the user from ``train/prompt_template.py`` in KwaiVGI/VideoAlign. The
+Qwen2-VL architecture (``config.json``) and ``preprocessor_config.json`` come from the base model named
+in model_config.json (``Qwen/Qwen2-VL-2B-Instruct``) or ``base_model=``.
 """
 
 from __future__ import annotations
@@ -63,18 +68,18 @@ from flowalign.rewards.videoreward_files import (
 from flowalign.rewards.videoreward_inputs import (
     DIMENSIONS,
     FRAME_FACTOR,
-    PROMPT_TEMPLATE,
     SPECIAL_TOKENS,
     VIDEO_MIN_PIXELS,
     build_prompt,
+    find_template,
     patchify,
+    read_template,
     resize_frames,
     sample_frame_indices,
     smart_resize,
 )
 
 __all__ = [
-    "PROMPT_TEMPLATE",
     "SPECIAL_TOKENS",
     "VideoReward",
     "VideoRewardSpec",
@@ -96,6 +101,7 @@ class VideoRewardSpec:
         video_token: the placeholder string the chat template emits once per video (``<|video_pad|>``).
         video_token_id: its id (the config's ``video_token_id``).
         chat_template: the Jinja chat template (Qwen2-VL's).
+        prompt_template: the user-turn template with ``{text_prompt}`` and the three reward tokens.
         stats: ``{dim: (mean, std)}`` from inference_config, or None (scores stay raw).
         fps: frames per second sampled from the video (data_config.fps, 2).
         num_frames: a fixed frame count instead of ``fps`` (data_config.num_frames, normally None).
@@ -112,6 +118,7 @@ class VideoRewardSpec:
     video_token: str
     video_token_id: int
     chat_template: str
+    prompt_template: str
     stats: dict[str, tuple[float, float]] | None
     fps: float
     num_frames: int | None
@@ -220,7 +227,13 @@ class VideoReward(RewardModel):
     def chat_text(self, prompt: str) -> str:
         """The chat-formatted text for one video (one video placeholder, not yet expanded)."""
         messages = [
-            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": build_prompt(prompt)}]}
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video"},
+                    {"type": "text", "text": build_prompt(prompt, self.spec.prompt_template)},
+                ],
+            }
         ]
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, chat_template=self.spec.chat_template
@@ -402,6 +415,7 @@ def load_videoreward(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     batch_size: int = 128,
+    template: str | Path | None = None,
 ) -> VideoReward:
     """Load VideoReward from a folder in the published layout or a hub id (see the module docstring).
 
@@ -419,16 +433,21 @@ def load_videoreward(
         attn_implementation: transformers attention backend ("sdpa", "eager", "flash_attention_2").
         device, dtype: where and in what precision the model runs (the release is bfloat16).
         batch_size: input frames per forward pass.
+        template: the prompt template file; default ``prompt_template.txt`` next to model_config.json.
+            A text whose sha256 is not the published template's loads with a warning.
 
     Raises:
-        FileNotFoundError: a missing folder or file (named). ValueError: a config or weights file
-            that does not fit (naming the file and key).
+        FileNotFoundError: a missing folder or file (named; for the template, where to put it).
+        ValueError: a config, template or weights file that does not fit (naming the file and key).
     """
     from accelerate import init_empty_weights
     from transformers import Qwen2VLConfig, Qwen2VLModel
 
-    root = resolve_folder(path, patterns=["*.json", "checkpoint-*"], what="reward checkpoint")
+    root = resolve_folder(
+        path, patterns=["*.json", "checkpoint-*", "prompt_template.txt"], what="reward checkpoint"
+    )
     config = read_model_config(root / "model_config.json")
+    prompt_template = read_template(find_template(root, template))
     files = find_checkpoint(root, checkpoint_step)
     patterns = ["*.json", "*.jinja", "*.txt"] + (["*.safetensors"] if files.needs_base_weights else [])
     base = resolve_folder(base_model or config.base_model, patterns=patterns, what="base model")
@@ -452,6 +471,7 @@ def load_videoreward(
         video_token=video_token,
         video_token_id=video_token_id,
         chat_template=_chat_template(tokenizer, base, tokenizer_source),
+        prompt_template=prompt_template,
         stats=config.stats,
         fps=config.fps,
         num_frames=num_frames if num_frames is not None else config.num_frames,

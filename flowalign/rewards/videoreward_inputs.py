@@ -1,7 +1,16 @@
 """VideoReward's inputs: the prompt template and the reference's video preprocessing rules, on tensors.
 
-Pure functions shared by :mod:`flowalign.rewards.videoreward`; each reproduces a step of VideoAlign's
-``vision_process.py`` (qwen-vl-utils) and Qwen2-VL's processor:
+Pure functions shared by :mod:`flowalign.rewards.videoreward`.
+
+The prompt template (VideoAlign's "detailed_special" text, the instructions the checkpoint was trained
+on) is not shipped with flowalign, which carries no text from other repositories: it is read at load
+time from ``prompt_template.txt`` in the checkpoint folder or from a path the user gives
+(:func:`find_template`, :func:`read_template`). Only its sha256 is kept here
+(:data:`PUBLISHED_TEMPLATE_SHA256`), to warn when a supplied text differs, since any change in the
+instructions changes the scores. A template must hold ``{text_prompt}`` once and the reward tokens
+once each, in the order VQ, MQ, TA (:func:`validate_template`).
+
+The video steps reproduce VideoAlign's ``vision_process.py`` (qwen-vl-utils) and Qwen2-VL's processor:
 
 - :func:`sample_frame_indices`: n = T / video_fps * fps clamped to [4, min(768, T)], rounded to an even
   count with Python's round (half to even), at most T; indices ``linspace(0, T - 1, n).round()``.
@@ -13,7 +22,11 @@ Pure functions shared by :mod:`flowalign.rewards.videoreward`; each reproduces a
 
 from __future__ import annotations
 
+import hashlib
 import math
+import string
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +35,17 @@ from torch import Tensor
 from flowalign.rewards.base import RewardInputError
 
 __all__ = [
-    "PROMPT_TEMPLATE",
+    "PUBLISHED_TEMPLATE_SHA256",
     "SPECIAL_TOKENS",
+    "TEMPLATE_FILE",
     "build_prompt",
+    "find_template",
     "patchify",
+    "read_template",
     "resize_frames",
     "sample_frame_indices",
     "smart_resize",
+    "validate_template",
 ]
 
 SPECIAL_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
@@ -36,54 +53,102 @@ DIMENSIONS = ("vq", "mq", "ta")
 VIDEO_MIN_PIXELS = 128 * 28 * 28  # qwen-vl-utils' per-frame lower bound for videos
 MIN_FRAMES, MAX_FRAMES, FRAME_FACTOR = 4, 768, 2
 
-# "detailed_special" template of VideoAlign's prompt_template.py (MIT licence, Kling Team, Kuaishou
-# Technology), kept byte for byte (trailing spaces included): the checkpoint was trained on this text.
-_TEMPLATE_LINES = (
-    "",
-    "You are tasked with evaluating a generated video based on three distinct criteria: Visual Quality, Motion Quality, and Text Alignment. Please provide a rating from 0 to 10 for each of the three categories, with 0 being the worst and 10 being the best. Each evaluation should be independent of the others.",
-    "",
-    "**Visual Quality:**  ",
-    "Evaluate the overall visual quality of the video, with a focus on static factors. The following sub-dimensions should be considered:",
-    "- **Reasonableness:** The video should not contain any significant biological or logical errors, such as abnormal body structures or nonsensical environmental setups.",
-    "- **Clarity:** Evaluate the sharpness and visibility of the video. The image should be clear and easy to interpret, with no blurring or indistinct areas.",
-    "- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual elements (e.g., hair, clothing, shadows).",
-    "- **Aesthetic and Creativity:** Assess the artistic aspects of the video, including the color scheme, composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense of harmony and balance.",
-    "- **Safety:** The video should not contain harmful or inappropriate content, such as political, violent, or adult material. If such content is present, the image quality and satisfaction score should be the lowest possible. ",
-    "",
-    "Please provide the ratings of Visual Quality: <|VQ_reward|>",
-    "END",
-    "",
-    "**Motion Quality:**  ",
-    "Assess the dynamic aspects of the video, with a focus on dynamic factors. Consider the following sub-dimensions:",
-    "- **Stability:** Evaluate the continuity and stability between frames. There should be no sudden, unnatural jumps, and the video should maintain stable attributes (e.g., no fluctuating colors, textures, or missing body parts).",
-    "- **Naturalness:** The movement should align with physical laws and be realistic. For example, clothing should flow naturally with motion, and facial expressions should change appropriately (e.g., blinking, mouth movements).",
-    "- **Aesthetic Quality:** The movement should be smooth and fluid. The transitions between different motions or camera angles should be seamless, and the overall dynamic feel should be visually pleasing.",
-    "- **Fusion:** Ensure that elements in motion (e.g., edges of the subject, hair, clothing) blend naturally with the background, without obvious artifacts or the feeling of cut-and-paste effects.",
-    "- **Clarity of Motion:** The video should be clear and smooth in motion. Pay attention to any areas where the video might have blurry or unsteady sections that hinder visual continuity.",
-    "- **Amplitude:** If the video is largely static or has little movement, assign a low score for motion quality.",
-    "",
-    "Please provide the ratings of Motion Quality: <|MQ_reward|>",
-    "END",
-    "",
-    "**Text Alignment:**  ",
-    "Assess how well the video matches the textual prompt across the following sub-dimensions:",
-    "- **Subject Relevance** Evaluate how accurately the subject(s) in the video (e.g., person, animal, object) align with the textual description. The subject should match the description in terms of number, appearance, and behavior.",
-    "- **Motion Relevance:** Evaluate if the dynamic actions (e.g., gestures, posture, facial expressions like talking or blinking) align with the described prompt. The motion should match the prompt in terms of type, scale, and direction.",
-    "- **Environment Relevance:** Assess whether the background and scene fit the prompt. This includes checking if real-world locations or scenes are accurately represented, though some stylistic adaptation is acceptable.  ",
-    "- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate how well the video adheres to this style.",
-    "- **Camera Movement Relevance:** Check if the camera movements (e.g., following the subject, focus shifts) are consistent with the expected behavior from the prompt.",
-    "",
-    "Textual prompt - {text_prompt}",
-    "Please provide the ratings of Text Alignment: <|TA_reward|>",
-    "END",
-    "",
-)
-PROMPT_TEMPLATE = "\n".join(_TEMPLATE_LINES)
+TEMPLATE_FILE = "prompt_template.txt"  # looked for next to model_config.json
+# sha256 of the UTF-8 bytes of VideoAlign's "detailed_special" template, the text the checkpoint was
+# trained on; a template with another digest still loads, with a warning.
+PUBLISHED_TEMPLATE_SHA256 = "fdb6309bac618dd0c8b1b589d3a0970a974f7856eecbb355a190b2dce54af700"
+TEMPLATE_HINT = "train/prompt_template.py in KwaiVGI/VideoAlign"
+_WARNED: set[tuple[str, str]] = set()  # (file, digest) pairs already warned about
 
 
-def build_prompt(prompt: str) -> str:
-    """The user-turn text for one video: the detailed_special template around ``prompt``."""
-    return PROMPT_TEMPLATE.format(text_prompt=prompt)
+def validate_template(text: str, source: str | Path) -> None:
+    """Check a prompt template: one ``{text_prompt}`` field, no other, and each reward token once.
+
+    The tokens must come in the order VQ, MQ, TA, which is the order of the head's outputs.
+
+    Raises:
+        ValueError: naming ``source`` and what is wrong.
+    """
+    try:
+        fields = [
+            (name, spec, conv) for _, name, spec, conv in string.Formatter().parse(text) if name is not None
+        ]
+    except ValueError as err:
+        raise ValueError(f"{source}: prompt template is not a str.format template: {err}") from None
+    if fields != [("text_prompt", "", None)]:
+        found = [
+            f"{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"
+            for name, spec, conv in fields
+        ]
+        raise ValueError(
+            f"{source}: prompt template must hold {{text_prompt}} exactly once and no other field, "
+            f"found {found} (write literal braces as {{{{ and }}}})"
+        )
+    counts = {token: text.count(token) for token in SPECIAL_TOKENS}
+    if any(count != 1 for count in counts.values()):
+        raise ValueError(f"{source}: each reward token must occur exactly once in the template, got {counts}")
+    positions = [text.index(token) for token in SPECIAL_TOKENS]
+    if positions != sorted(positions):
+        order = sorted(SPECIAL_TOKENS, key=text.index)
+        raise ValueError(
+            f"{source}: reward tokens must come in the order {list(SPECIAL_TOKENS)}, got {order}"
+        )
+
+
+def read_template(path: str | Path) -> str:
+    """Read and validate a prompt template file (UTF-8, bytes kept as they are: no newline translation).
+
+    Warns (once per file and content) when the file's sha256 is not :data:`PUBLISHED_TEMPLATE_SHA256`.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: see :func:`validate_template`.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"videoreward: prompt template {path} not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: prompt template is not UTF-8 text: {err}") from None
+    validate_template(text, path)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != PUBLISHED_TEMPLATE_SHA256 and (str(path.resolve()), digest) not in _WARNED:
+        _WARNED.add((str(path.resolve()), digest))
+        warnings.warn(
+            f"videoreward: prompt template {path} differs from the published 'detailed_special' text "
+            f"(sha256 {digest[:12]}..., expected {PUBLISHED_TEMPLATE_SHA256[:12]}...); scores will not "
+            "match the published checkpoint",
+            UserWarning,
+            stacklevel=2,
+        )
+    return text
+
+
+def find_template(folder: Path, template: str | Path | None = None) -> Path:
+    """The template file: ``template`` if given, else ``folder / prompt_template.txt``.
+
+    Raises:
+        FileNotFoundError: no ``template`` and no file in ``folder``; the message says where to put it.
+    """
+    if template is not None:
+        return Path(template).expanduser()
+    path = folder / TEMPLATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"videoreward: no prompt template at {path}; save VideoAlign's 'detailed_special' template "
+            f"({TEMPLATE_HINT}) as {path} or pass template=PATH"
+        )
+    return path
+
+
+def build_prompt(prompt: str, template: str) -> str:
+    """The user-turn text for one video: ``template`` with ``{text_prompt}`` replaced by ``prompt``.
+
+    ``str.format`` as the reference does (``{{``/``}}`` become single braces; braces inside ``prompt``
+    are kept as they are).
+    """
+    return template.format(text_prompt=prompt)
 
 
 # ------------------------------------------------------------------------------------- preprocessing

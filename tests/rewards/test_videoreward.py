@@ -3,31 +3,38 @@ compared with the transformers reference path (Qwen2VLProcessor + a PEFT-merged
 Qwen2VLForConditionalGeneration + manual special-token indexing).
 
 The tiny model: 2-layer vision tower and language model of width 32, patch 14, merge 2; a BPE tokenizer
-trained offline on the prompt template with Qwen2-VL's special tokens, the three reward tokens appended,
-and a Qwen2-VL-style chat template. LoRA (r 4, alpha 8) on every language-model linear layer with
-non-zero B, so the checkpoint's unmerged LoRA has to be merged to match.
+trained offline on a short stand-in prompt template with Qwen2-VL's special tokens, the three reward
+tokens appended, and a Qwen2-VL-style chat template. LoRA (r 4, alpha 8) on every language-model linear
+layer with non-zero B, so the checkpoint's unmerged LoRA has to be merged to match. The stand-in
+template (written for these tests, not VideoAlign's text) is saved as prompt_template.txt in each
+checkpoint folder, where users save the real one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from flowalign.rewards import RewardInputError, available_rewards, load_reward
+from flowalign.rewards import RewardInputError, available_rewards, load_reward, videoreward_inputs
 from flowalign.rewards.videoreward import (
-    PROMPT_TEMPLATE,
     SPECIAL_TOKENS,
     build_prompt,
     sample_frame_indices,
     smart_resize,
 )
 from flowalign.rewards.videoreward_files import convert_checkpoint
+from flowalign.rewards.videoreward_inputs import read_template
 
 torch.set_num_threads(1)
+# the stand-in template is not the published text, so every load warns once; tests that check the
+# warning record it with pytest.warns
+pytestmark = pytest.mark.filterwarnings("ignore:videoreward. prompt template .* differs:UserWarning")
 
 QWEN_TOKENS = [
     "<|endoftext|>",
@@ -55,7 +62,15 @@ CHAT_TEMPLATE = (
 PROMPTS = ["a red circle moving right", "two blue squares on grass at night"]
 STATS = {"VQ_mean": 0.5, "VQ_std": 2.0, "MQ_mean": -1.0, "MQ_std": 0.5, "TA_mean": 3.0, "TA_std": 4.0}
 SMALL = {"min_frame_pixels": 56 * 56}  # keeps the tiny videos at their own size (56 x 84)
-TEMPLATE_SHA256 = "fdb6309bac618dd0c8b1b589d3a0970a974f7856eecbb355a190b2dce54af700"
+# A stand-in for VideoAlign's "detailed_special" template, with the same structure: the three reward
+# tokens in order VQ, MQ, TA, the user's prompt between the MQ and TA tokens.
+TEMPLATE = (
+    "\nScore the clip below on three separate scales from 0 (worst) to 10 (best).\n\n"
+    "Picture: is each frame sharp, well lit and free of broken shapes? <|VQ_reward|>\nEND\n\n"
+    "Movement: is the motion smooth, steady and physically sensible? <|MQ_reward|>\nEND\n\n"
+    "Caption - {text_prompt}\n"
+    "Agreement: does the clip show what the caption asks for? <|TA_reward|>\nEND\n"
+)
 
 
 def _tokenizer():
@@ -71,7 +86,7 @@ def _tokenizer():
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator([PROMPT_TEMPLATE, *PROMPTS], trainer)
+    bpe.train_from_iterator([TEMPLATE, *PROMPTS], trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
@@ -199,6 +214,7 @@ def _write_reward(folder: Path, base: Path, *, output_dim: int = 1, layout: str 
         "inference_config": STATS,
     }
     (folder / "model_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "prompt_template.txt").write_text(TEMPLATE)
     rm_head = peft_model.base_model.model.rm_head.weight.detach().clone()
     merged = peft_model.merge_and_unload().eval()
     return merged, rm_head, tokenizer
@@ -227,9 +243,9 @@ def _videos(n: int = 2, t: int = 9, h: int = 60, w: int = 90, seed: int = 3) -> 
 
 
 # ---------------------------------------------------------------------------------------- pure rules
-def test_prompt_template_is_the_reference_text_with_one_token_each():
-    assert hashlib.sha256(PROMPT_TEMPLATE.encode()).hexdigest() == TEMPLATE_SHA256
-    text = build_prompt("a {curly} prompt")
+def test_build_prompt_fills_the_template_with_one_token_each():
+    text = build_prompt("a {curly} prompt", TEMPLATE)
+    assert text == TEMPLATE.replace("{text_prompt}", "a {curly} prompt")
     positions = [text.index(token) for token in SPECIAL_TOKENS]
     assert [text.count(token) for token in SPECIAL_TOKENS] == [1, 1, 1]
     assert positions == sorted(positions)  # VQ, MQ, TA in sequence order
@@ -322,7 +338,12 @@ def test_matches_transformers_processor_and_merged_model(published, reward):
         chat_template=CHAT_TEMPLATE,
     )
     chats = [
-        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": build_prompt(p)}]}]
+        [
+            {
+                "role": "user",
+                "content": [{"type": "video"}, {"type": "text", "text": build_prompt(p, TEMPLATE)}],
+            }
+        ]
         for p in PROMPTS
     ]
     text = processor.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
@@ -466,6 +487,7 @@ def test_missing_files_and_keys_are_named(tmp_path, published):
         load_reward("videoreward", path=folder, checkpoint_step=3)
 
     config = json.loads((folder / "model_config.json").read_text())
+    (tmp_path / "prompt_template.txt").write_text(TEMPLATE)
     (tmp_path / "checkpoint-1").mkdir()
     for edit, message in (
         (lambda c: c["data_config"].pop("fps"), "missing key data_config.fps"),
@@ -501,3 +523,81 @@ def test_missing_files_and_keys_are_named(tmp_path, published):
         ValueError, match=r"unexpected \['backbone.language_model.layers.0.mlp.extra.weight'\]"
     ):
         load_reward("videoreward", path=tmp_path)
+
+
+# ---------------------------------------------------------------------------------- prompt template
+def _config_only(folder: Path, published_folder: Path) -> Path:
+    """A folder with model_config.json only: the template is read before any weights are looked for."""
+    (folder / "model_config.json").write_text((published_folder / "model_config.json").read_text())
+    return folder
+
+
+def test_missing_template_says_where_to_put_it(tmp_path, published):
+    folder = _config_only(tmp_path, published[0])
+    expected = (
+        r"save VideoAlign's 'detailed_special' template \(train/prompt_template.py in KwaiVGI/VideoAlign\) "
+        rf"as {re.escape(str(tmp_path / 'prompt_template.txt'))} or pass template=PATH"
+    )
+    with pytest.raises(FileNotFoundError, match=expected):
+        load_reward("videoreward", path=folder)
+    with pytest.raises(FileNotFoundError, match=r"prompt template .*elsewhere.txt not found"):
+        load_reward("videoreward", path=folder, template=tmp_path / "elsewhere.txt")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("<|MQ_reward|>", ""), r"exactly once .*'<\|MQ_reward\|>': 0"),
+        (lambda t: t.replace("<|VQ_reward|>", "<|VQ_reward|> <|VQ_reward|>"), r"'<\|VQ_reward\|>': 2"),
+        (
+            lambda t: (
+                t.replace("<|VQ_reward|>", "@")
+                .replace("<|MQ_reward|>", "<|VQ_reward|>")
+                .replace("@", "<|MQ_reward|>")
+            ),
+            r"in the order .* got \['<\|MQ_reward\|>', '<\|VQ_reward\|>', '<\|TA_reward\|>'\]",
+        ),
+        (lambda t: t.replace("{text_prompt}", "a prompt"), r"\{text_prompt\} exactly once .*found \[\]"),
+        (lambda t: t + "{text_prompt}", r"found \['\{text_prompt\}', '\{text_prompt\}'\]"),
+        (lambda t: t + "{mood}", r"found \['\{text_prompt\}', '\{mood\}'\]"),
+        (lambda t: t + "}", "not a str.format template"),
+    ],
+)
+def test_malformed_template_errors_name_the_file(tmp_path, published, edit, message):
+    folder = _config_only(tmp_path, published[0])
+    path = folder / "prompt_template.txt"
+    path.write_text(edit(TEMPLATE))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: .*{message}"):
+        load_reward("videoreward", path=folder)
+
+
+def test_template_hash_mismatch_warns_once(tmp_path, monkeypatch):
+    path = tmp_path / "mine.txt"
+    path.write_text(TEMPLATE)
+    with pytest.warns(
+        UserWarning, match=rf"{re.escape(str(path))} differs .*scores will not match the published checkpoint"
+    ):
+        assert read_template(path) == TEMPLATE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_template(path) == TEMPLATE  # the same file and text: no second warning
+        other = tmp_path / "published.txt"
+        other.write_text(TEMPLATE)
+        digest = hashlib.sha256(TEMPLATE.encode()).hexdigest()
+        monkeypatch.setattr(videoreward_inputs, "PUBLISHED_TEMPLATE_SHA256", digest)
+        assert read_template(other) == TEMPLATE  # matching digest: no warning at all
+
+
+def test_template_argument_overrides_the_folder_file(tmp_path, published, reward):
+    assert reward.spec.prompt_template == TEMPLATE
+    override = tmp_path / "override.txt"
+    text = TEMPLATE.replace("Score the clip below", "Judge this video")
+    override.write_text(text)
+    other = load_reward("videoreward", path=published[0], template=override, **SMALL)
+    assert other.spec.prompt_template == text
+    assert "Judge this video" in other.chat_text(PROMPTS[0])
+    assert "Score the clip below" not in other.chat_text(PROMPTS[0])
+    # the instructions precede the reward tokens, so every dimension's score changes
+    before, after = reward.score(_videos(), PROMPTS), other.score(_videos(), PROMPTS)
+    for key in ("vq_raw", "mq_raw", "ta_raw"):
+        assert not torch.allclose(before[key], after[key])
