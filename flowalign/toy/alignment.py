@@ -58,13 +58,18 @@ def toy_pairs(
     num_inference_steps: int = 20,
     progress: bool = True,
 ) -> ToyPairs:
-    """Best-vs-worst pairs of the base model's samples on training prompts, ranked by the oracles."""
-    prompts = toy_prompts("train", "image")
+    """Best-vs-worst pairs of the base model's samples on training prompts, ranked by the oracles.
+
+    Images are ranked by ta + vq and videos by ta + vq + mq unless ``weights`` says otherwise.
+    """
+    model = load_flow_model(base_dir)
+    kind = "video" if model.is_video else "image"
+    prompts = toy_prompts("train", kind)
     if num_prompts is not None:
         stride = max(1, len(prompts) // num_prompts)
         prompts = prompts[::stride][:num_prompts]
-    model = load_flow_model(base_dir)
-    combiner = RewardCombiner([ToyOracleReward()], weights or {"ta": 1.0, "vq": 1.0})
+    default_weights = {"ta": 1.0, "vq": 1.0} | ({"mq": 1.0} if kind == "video" else {})
+    combiner = RewardCombiner([ToyOracleReward()], weights or default_weights)
     cfg = PairsConfig(
         num_candidates=num_candidates,
         guidance_scale=guidance_scale,
