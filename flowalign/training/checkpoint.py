@@ -16,7 +16,8 @@ It is written into ``checkpoint-<step 8 digits>.tmp-<pid>/`` and renamed into pl
 :func:`os.replace`, so a folder under the final name is always complete; a folder without a
 valid manifest is never picked up. ``.pt`` files are read back only with
 ``torch.load(weights_only=True)``. Any size/hash mismatch or unreadable file raises
-:class:`CheckpointError` naming the file.
+:class:`CheckpointError` naming the file; a write that fails (a full disk, say) raises
+:class:`CheckpointWriteError` naming the checkpoint, after removing its temporary folder.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointWriteError",
     "capture_rng_state",
     "checkpoint_dir_name",
     "find_latest_checkpoint",
@@ -68,6 +70,18 @@ _MODULE_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupted or does not match the model."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (e.g. ENOSPC): nothing appeared under its name, older ones are unchanged.
+
+    An ``OSError`` (``errno`` is the cause's, if it had one) and a ``CheckpointError`` (so the CLI
+    reports it as one line).
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -254,6 +268,13 @@ def save_checkpoint(
             _remove_dir(final)
         os.replace(tmp, final)
         _fsync_path(output_dir)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"{final}: writing the checkpoint failed: {type(err).__name__}: {err}; "
+            "no checkpoint was written under that name and the earlier ones are unchanged",
+            getattr(err, "errno", None),
+        ) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
