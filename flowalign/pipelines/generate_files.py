@@ -72,6 +72,25 @@ def read_manifest(path: str | Path) -> list[dict]:
     return rows
 
 
+def _repair_tail(manifest: Path) -> None:
+    """Make appending safe after an interrupted write: a last line without its newline is completed when
+    it is a whole JSON row, else (a row cut short, which :func:`read_manifest` skips) removed."""
+    if not manifest.exists():
+        return
+    data = manifest.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[start:])
+    except ValueError:
+        with manifest.open("r+b") as fh:
+            fh.truncate(start)
+    else:
+        with manifest.open("ab") as fh:
+            fh.write(b"\n")
+
+
 def generate_files(
     model: FlowModel,
     prompts: list[str],
@@ -104,6 +123,7 @@ def generate_files(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = out_dir / MANIFEST
+    _repair_tail(manifest)  # else the first new row would be glued to a line cut by an interrupted run
     done = {row["id"] for row in read_manifest(manifest)}
     jobs = [
         (f"{i:06d}", prompt, settings.seed + i)
