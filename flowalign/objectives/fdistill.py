@@ -135,7 +135,7 @@ class RatioBinEMA:
     calibration bias there: m_b <- decay m_b + (1 - decay) mean_{i in b} r_i for each bin b present in
     the (global) batch, then r~_i = r_i / m_{b(i)}. decay = 0 (default) uses the current batch mean;
     FastGen uses 0.5 on ImageNet-64. The first time a bin is seen, m_b is set to that batch mean
-    (no pull toward an arbitrary initial value).
+    (no pull toward an arbitrary initial value). Non-finite batch means leave their bin unchanged.
 
     Distributed use: ``sums, counts = state.bin_sums(r, t)``, all-reduce both (SUM), then
     ``state.update(sums, counts)`` and ``state.normalize(r, t)``.
@@ -208,8 +208,10 @@ class RatioBinEMA:
         check_vector("RatioBinEMA.update", "counts", counts, self.num_bins, what="[num_bins]")
         self.means = self.means.to(sums.device)
         self.seen = self.seen.to(sums.device)
-        present = counts > 0
         batch_mean = (sums / counts.clamp_min(1)).to(self.means.dtype)
+        # a bin whose batch mean is NaN/inf (a non-finite logit; the loop skips that step) keeps its value,
+        # else one bad step would poison the running means for the rest of the run
+        present = (counts > 0) & torch.isfinite(batch_mean)
         ema = torch.where(self.seen, self.decay * self.means + (1 - self.decay) * batch_mean, batch_mean)
         self.means = torch.where(present, ema, self.means)
         self.seen = self.seen | present

@@ -355,6 +355,8 @@ class LatentRewardTraining(Method):
     def _update_stats(self, r_w: Tensor, r_l: Tensor) -> None:
         m = self.config.norm_momentum if self._count else 0.0
         r_w, r_l = r_w.double().cpu(), r_l.double().cpu()  # [B, K]
+        if not (torch.isfinite(r_w).all() and torch.isfinite(r_l).all()):
+            return  # the loop skips a non-finite step; its scores must not poison the normaliser either
         self._mean = m * self._mean + (1 - m) * torch.cat([r_w, r_l]).mean(dim=0)
         self._half_diff_sq = m * self._half_diff_sq + (1 - m) * 0.5 * (r_w - r_l).pow(2).mean(dim=0)
         self._count += 1
