@@ -21,7 +21,14 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RewardInputError", "RewardModel", "TextEmbeddingCache", "validate_media", "validate_prompts"]
+__all__ = [
+    "RewardInputError",
+    "RewardModel",
+    "RewardOutputError",
+    "TextEmbeddingCache",
+    "validate_media",
+    "validate_prompts",
+]
 
 InputKind = Literal["pixels", "latents"]
 MediaKind = Literal["image", "video", "both"]
@@ -32,6 +39,10 @@ RANGE_TOLERANCE = 1e-4
 
 class RewardInputError(ValueError):
     """Media or prompts given to a reward model do not match its contract."""
+
+
+class RewardOutputError(ValueError):
+    """A reward model returned NaN or infinite scores for valid (finite, in-range) media."""
 
 
 def validate_media(media: Tensor, *, name: str = "reward") -> Literal["image", "video"]:
@@ -246,6 +257,8 @@ class RewardModel(nn.Module):
         Raises:
             RewardInputError: invalid media or prompts (see :func:`validate_media`), video input
                 to an image-less model, or ``differentiable=True`` on a non-differentiable model.
+            RewardOutputError: a NaN or infinite score (unless the model is being trained: train mode
+                with trainable parameters, where the training loop skips non-finite steps).
         """
         kind = validate_media(media, name=self.name)
         prompts = validate_prompts(prompts, media.shape[0], name=self.name)
@@ -271,7 +284,19 @@ class RewardModel(nn.Module):
             else:
                 per_chunk = max(1, batch_size // media.shape[1])  # videos per chunk, ~batch_size frames
                 out = self._score_chunks(self._score_videos, media, prompts, per_chunk)
-        return {k: v.to(device=media.device, dtype=torch.float32) for k, v in out.items()}
+        out = {k: v.to(device=media.device, dtype=torch.float32) for k, v in out.items()}
+        # A reward being trained hands its scores to a loss, where the training loop skips non-finite
+        # steps; any other scorer gives finite scores or raises.
+        in_training = self.training and any(p.requires_grad for p in self.parameters())
+        bad = [] if in_training else [k for k, v in out.items() if not bool(torch.isfinite(v.detach()).all())]
+        if bad:
+            items = {k: (~torch.isfinite(out[k].detach())).nonzero().flatten().tolist()[:8] for k in bad}
+            where = "; ".join(f"{k!r} at item(s) {i}" for k, i in items.items())
+            raise RewardOutputError(
+                f"{self.name}: non-finite scores (NaN/inf) for dimension {where} of {media.shape[0]}; "
+                "the media were finite and in [0, 1], so the model's weights or precision are at fault"
+            )
+        return out
 
     def forward(self, media: Tensor, prompts: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Differentiable scoring when grad is enabled and the model allows it; see :meth:`score`."""
