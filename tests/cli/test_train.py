@@ -36,6 +36,18 @@ def tiny_toy(tmp_path_factory):
     return save_toy_model(tmp_path_factory.mktemp("toy"), "image", width=32, num_layers=1)
 
 
+TWO_PROMPTS = ["a small red circle in the center", "a large blue square in the top left"]
+
+
+def tiny_pairs(model_dir, out_dir, score, *, num_candidates: int = 2):
+    """`flowalign pairs` output (candidates.jsonl + pairs.jsonl) of a tiny model ranked by ``score``."""
+    from flowalign.data.pairs import PairsConfig, build_pairs
+    from flowalign.models import load_flow_model
+
+    config = PairsConfig(num_candidates=num_candidates, num_inference_steps=2)
+    build_pairs(load_flow_model(model_dir), TWO_PROMPTS, score, out_dir, config, progress=False)
+
+
 def sft(*args):
     return runner.invoke(app, ["train", "sft", *map(str, args)])
 
@@ -110,21 +122,11 @@ def test_pairs_cli_reports_when_every_group_ties(tiny_toy, tmp_path):
 
 
 def test_pairs_then_dpo_and_rwr_from_the_cli(tiny_toy, tmp_path):
-    from flowalign.data.pairs import PairsConfig, build_pairs
-    from flowalign.models import load_flow_model
-
     def brightness(media, prompts):
         b = media.flatten(1).mean(1)
         return {"bright": b, "overall": b}
 
-    build_pairs(
-        load_flow_model(tiny_toy),
-        ["a small red circle in the center", "a large blue square in the top left"],
-        brightness,
-        tmp_path / "p",
-        PairsConfig(num_candidates=2, num_inference_steps=2),
-        progress=False,
-    )
+    tiny_pairs(tiny_toy, tmp_path / "p", brightness)
     common = [
         "--set",
         "train.batch_size=2",
@@ -229,21 +231,12 @@ def test_generate_with_nrg_guidance_strength_zero_equals_plain(tiny_toy, tmp_pat
 
 def test_train_latent_reward_from_candidates_then_guide(tiny_toy, tmp_path):
     """`pairs` candidates -> `train latent-reward` -> `generate --guide`; resume and bad dimension."""
-    from flowalign.data.pairs import PairsConfig, build_pairs
-    from flowalign.models import load_flow_model
 
     def brightness(media, prompts):
         b = media.flatten(1).mean(1)
         return {"vq": b, "ta": media[:, 0].flatten(1).mean(1), "overall": b}
 
-    build_pairs(
-        load_flow_model(tiny_toy),
-        ["a small red circle in the center", "a large blue square in the top left"],
-        brightness,
-        tmp_path / "p",
-        PairsConfig(num_candidates=3, num_inference_steps=2),
-        progress=False,
-    )
+    tiny_pairs(tiny_toy, tmp_path / "p", brightness, num_candidates=3)
     common = [
         "--set",
         "train.batch_size=2",
@@ -311,17 +304,7 @@ def test_train_latent_reward_from_candidates_then_guide(tiny_toy, tmp_path):
 
 def test_train_latent_reward_with_a_teacher_reward(tiny_toy, tmp_path):
     """A clean teacher reward (the toy oracles) labels the batches of a labelled pairs file."""
-    from flowalign.data.pairs import PairsConfig, build_pairs
-    from flowalign.models import load_flow_model
-
-    build_pairs(
-        load_flow_model(tiny_toy),
-        ["a small red circle in the center", "a large blue square in the top left"],
-        lambda media, prompts: {"overall": media.flatten(1).mean(1)},
-        tmp_path / "p",
-        PairsConfig(num_candidates=2, num_inference_steps=2),
-        progress=False,
-    )
+    tiny_pairs(tiny_toy, tmp_path / "p", lambda media, prompts: {"overall": media.flatten(1).mean(1)})
     res = runner.invoke(
         app,
         [
