@@ -262,7 +262,7 @@ class PreferenceDataset(Dataset[PreferencePair]):
         if kind == "chosen":
             return {OVERALL: LABEL_W_BETTER}
         if kind == "pickapic":
-            pair = (row["label_0"], row["label_1"])
+            pair = (row.get("label_0"), row.get("label_1"))
             codes = {(1, 0): LABEL_W_BETTER, (0, 1): LABEL_L_BETTER, (0.5, 0.5): LABEL_TIE}
             try:
                 return {OVERALL: codes[pair]}
@@ -270,12 +270,12 @@ class PreferenceDataset(Dataset[PreferencePair]):
                 raise DataError(
                     self.path, f"label_0/label_1 = {pair}, expected (1, 0), (0, 1) or (0.5, 0.5)", where=where
                 ) from None
-        if kind == "label" and not isinstance(row["label"], Mapping):
+        if kind == "label" and not isinstance(row.get("label"), Mapping):
             if dims != (OVERALL,):
                 raise DataError(
                     self.path, f"label must be an object with dimensions {list(dims)}", where=where
                 )
-            raw = {OVERALL: row["label"]}
+            raw = {OVERALL: row.get("label")}
         elif kind == "label":
             unknown = sorted(set(row["label"]) - set(dims))
             if unknown:
@@ -284,7 +284,7 @@ class PreferenceDataset(Dataset[PreferencePair]):
                 )
             raw = {d: row["label"].get(d) for d in dims}
         else:
-            raw = {d: row[d] for d in dims}
+            raw = {d: row.get(d) for d in dims}  # a jsonl row may leave a dimension out: missing
         labels = {}
         for d, value in raw.items():
             if _is_missing(value):

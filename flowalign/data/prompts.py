@@ -24,13 +24,13 @@ count lines from 1) or the item (``.json`` lists count items from 0).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from flowalign.data.errors import DataError
+from flowalign.data.tables import csv_rows
 
 __all__ = ["PROMPT_EXTENSIONS", "PROMPT_KEYS", "load_prompt_records", "load_prompts"]
 
@@ -139,12 +139,12 @@ def _from_json(path: Path, text: str, key: str | None) -> list[dict[str, Any]]:
 
 def _from_table(path: Path, text: str, key: str | None) -> list[dict[str, Any]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.reader(text.rstrip("\r\n").splitlines(keepends=True), delimiter=delimiter)
-    header = next(reader)
+    lines = csv_rows(text.rstrip("\r\n").splitlines(keepends=True), path, delimiter=delimiter)
+    _, header = next(lines)
     k = _pick_key(header, key, path, "header (line 1)")
     records = []
-    for row in reader:
-        where = f"line {reader.line_num}"
+    for line_num, row in lines:
+        where = f"line {line_num}"
         if not any(cell.strip() for cell in row):
             raise DataError(path, "empty line (remove it, or keep blank lines only at the end)", where=where)
         if len(row) != len(header):

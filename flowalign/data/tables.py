@@ -14,12 +14,13 @@ import csv
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from flowalign.data.errors import DataError
 
-__all__ = ["Table", "open_table"]
+__all__ = ["Table", "csv_rows", "open_table"]
 
 
 class Table(Protocol):
@@ -83,16 +84,30 @@ def _open_jsonl(path: Path) -> _RowsTable:
     return _RowsTable(path, list(columns), rows, nums)
 
 
+def csv_rows(lines: list[str], path: Path, *, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, cells) of CSV lines; a ``csv.Error`` (a field over the csv module's 131072-character
+    limit, a NUL byte, a bad quote) becomes a :class:`DataError` naming the file and the line."""
+    reader = csv.reader(lines, delimiter=delimiter)
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(path, f"unreadable CSV ({exc})", where=f"line {reader.line_num}") from exc
+        yield reader.line_num, cells
+
+
 def _open_csv(path: Path) -> _RowsTable:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     text = "\n".join(line for _, line in _text_lines(path)) + "\n"
-    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
-    header = next(reader)
+    lines = csv_rows(text.splitlines(keepends=True), path, delimiter=delimiter)
+    _, header = next(lines)
     if len(set(header)) != len(header):
         raise DataError(path, f"duplicate column names in header {header}", where="line 1")
     rows, nums = [], []
-    for cells in reader:
-        where = f"line {reader.line_num}"
+    for line_num, cells in lines:
+        where = f"line {line_num}"
         if not any(c.strip() for c in cells):
             raise DataError(path, "empty line", where=where)
         if len(cells) != len(header):
@@ -100,7 +115,7 @@ def _open_csv(path: Path) -> _RowsTable:
                 path, f"expected {len(header)} fields as in the header, got {len(cells)}", where=where
             )
         rows.append(dict(zip(header, cells, strict=True)))
-        nums.append(reader.line_num)
+        nums.append(line_num)
     return _RowsTable(path, header, rows, nums)
 
 
