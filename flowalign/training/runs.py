@@ -8,6 +8,7 @@ checkpoint, so ``--resume`` continues with exactly the settings of the run.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from torch.utils.data import Dataset
 
 from flowalign.config import LoraConfig, TrainConfig
 from flowalign.data.errors import DataError
-from flowalign.data.media import load_media
+from flowalign.data.paths import load_row_media, resolve_data_path
 from flowalign.models import load_flow_model
 from flowalign.models.base import FlowModel
 from flowalign.training.loop import TrainResult, train
@@ -49,17 +50,18 @@ class ManifestDataset(Dataset):
         for number, line in enumerate(self.manifest.read_text().splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(self.manifest, f"not valid JSON: {err}", where=f"line {number}") from None
+            row = _json_row(self.manifest, line, number)
             file = row.get("file") or row.get("path")
             prompt = row.get("prompt")
             if not file or not isinstance(prompt, str) or not prompt.strip():
                 raise DataError(
                     self.manifest, "needs a non-empty 'prompt' and a 'file'", where=f"line {number}"
                 )
-            self.rows.append((self.manifest.parent / file, prompt))
+            where = f"line {number}"
+            path = resolve_data_path(
+                self.manifest.parent, file, source=self.manifest, where=where, key="file"
+            )
+            self.rows.append((path, prompt, where))
         if not self.rows:
             raise DataError(self.manifest, "has no rows")
 
@@ -67,8 +69,20 @@ class ManifestDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        path, prompt = self.rows[i]
-        return {"pixels": load_media(path), "prompt": prompt, "index": i}
+        path, prompt, where = self.rows[i]
+        pixels = load_row_media(path, source=self.manifest, where=where, key="file")
+        return {"pixels": pixels, "prompt": prompt, "index": i}
+
+
+def _json_row(path: Path, line: str, number: int) -> dict:
+    """One JSON-object line of a jsonl file (errors name the file and line)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(path, f"not valid JSON: {err}", where=f"line {number}") from None
+    if not isinstance(row, dict):
+        raise DataError(path, f"expected a JSON object, got {type(row).__name__}", where=f"line {number}")
+    return row
 
 
 def sft_dataset(spec: str, kind: str, *, num_items: int, seed: int) -> Dataset:
@@ -139,25 +153,59 @@ class PairDataset(Dataset):
         return {"media_w": pair.media_w, "media_l": pair.media_l, "prompt": pair.prompt, "index": i}
 
 
-def load_candidates(path: str | Path, reward_key: str) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """Media, prompts and rewards of a candidates.jsonl (errors name the line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "candidates file not found")
-    media, prompts, rewards = [], [], []
+def _read_candidates(
+    path: Path, keys: list[str], *, finite: bool
+) -> tuple[list[torch.Tensor], list[str], dict[str, list[float]]]:
+    """Media, prompts and the scores ``keys`` of every row of a candidates.jsonl (errors name the line).
+
+    ``finite=False`` lets NaN through (a missing score, e.g. for :func:`labels_from_scores`).
+    """
+    media, prompts, scores = [], [], {k: [] for k in keys}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        scores = row.get("scores", {})
-        if reward_key not in scores:
-            raise DataError(path, f"no score {reward_key!r} (has {sorted(scores)})", where=f"line {number}")
-        media.append(load_media(path.parent / row["file"]))
-        prompts.append(row["prompt"])
-        rewards.append(float(scores[reward_key]))
+        where = f"line {number}"
+        row = _json_row(path, line, number)
+        row_scores = row.get("scores", {})
+        missing = [k for k in keys if not isinstance(row_scores, dict) or k not in row_scores]
+        if missing:
+            shown = sorted(map(str, row_scores)) if isinstance(row_scores, dict) else f"{row_scores!r:.100}"
+            raise DataError(path, f"no score {', '.join(map(repr, missing))} (has {shown})", where=where)
+        for k in keys:
+            value = row_scores[k]
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or (finite and not math.isfinite(value))
+            ):
+                kind = "a finite number" if finite else "a number"
+                raise DataError(path, f"score {k!r} must be {kind}, got {value!r:.100}", where=where)
+            scores[k].append(float(value))
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(path, f"needs a non-empty 'prompt', got {prompt!r:.100}", where=where)
+        file = resolve_data_path(path.parent, row.get("file"), source=path, where=where, key="file")
+        item = load_row_media(file, source=path, where=where, key="file")
+        if media and item.shape != media[0].shape:
+            raise DataError(
+                path,
+                f"media of shape {tuple(item.shape)}, the first row's is {tuple(media[0].shape)}",
+                where=where,
+            )
+        media.append(item)
+        prompts.append(prompt)
     if not media:
         raise DataError(path, "has no rows")
-    return torch.stack(media), prompts, torch.tensor(rewards)
+    return media, prompts, scores
+
+
+def load_candidates(path: str | Path, reward_key: str) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Media, prompts and rewards of a candidates.jsonl (errors name the line; rewards must be finite)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "candidates file not found")
+    media, prompts, scores = _read_candidates(path, [reward_key], finite=True)
+    return torch.stack(media), prompts, torch.tensor(scores[reward_key])
 
 
 def run_sft(run: SFTRun, *, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -230,22 +278,7 @@ def latent_reward_dataset(run: LatentRewardRun) -> Dataset:
     if not _is_candidates_file(path):
         return PreferenceItems(load_preference_dataset(path))
     dims = run.reward.dimensions
-    media, prompts, scores = [], [], {d: [] for d in dims}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        missing = [d for d in dims if d not in row.get("scores", {})]
-        if missing:
-            raise DataError(
-                path,
-                f"no score for dimension(s) {missing} (has {sorted(row.get('scores', {}))})",
-                where=f"line {number}",
-            )
-        media.append(load_media(path.parent / row["file"]))
-        prompts.append(row["prompt"])
-        for d in dims:
-            scores[d].append(float(row["scores"][d]))
+    media, prompts, scores = _read_candidates(path, list(dims), finite=False)
     pairs = pairs_within_groups(prompts, max_pairs_per_group=run.max_pairs_per_prompt)
     if not pairs:
         raise DataError(path, "no two candidates share a prompt, so no pairs can be built")

@@ -281,6 +281,8 @@ class MediaTextDataset(Dataset):
     """
 
     def __init__(self, manifest: str | Path) -> None:
+        from flowalign.data.paths import resolve_data_path
+
         self.manifest = Path(manifest)
         if not self.manifest.is_file():
             raise ValueError(f"real-data manifest {self.manifest} does not exist")
@@ -292,10 +294,16 @@ class MediaTextDataset(Dataset):
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{self.manifest}: line {number} is not valid JSON: {err}") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{self.manifest}: line {number} is not a JSON object")
             for key in ("prompt", "file"):
                 if not isinstance(row.get(key), str) or not row[key]:
                     raise ValueError(f"{self.manifest}: line {number} has no {key!r} string")
-            self.rows.append(row)
+            where = f"line {number}"
+            file = resolve_data_path(
+                self.manifest.parent, row["file"], source=self.manifest, where=where, key="file"
+            )
+            self.rows.append({**row, "path": file, "where": where})
         if not self.rows:
             raise ValueError(f"{self.manifest}: no rows")
 
@@ -303,10 +311,11 @@ class MediaTextDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        from flowalign.data.media import load_media
+        from flowalign.data.paths import load_row_media
 
         row = self.rows[i]
-        return {"prompt": row["prompt"], "pixels": load_media(self.manifest.parent / row["file"]), "index": i}
+        pixels = load_row_media(row["path"], source=self.manifest, where=row["where"], key="file")
+        return {"prompt": row["prompt"], "pixels": pixels, "index": i}
 
 
 @dataclass(kw_only=True)
