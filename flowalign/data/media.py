@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -75,6 +76,11 @@ _PIL_FORMATS: dict[str, frozenset[str]] = {
 _FFMPEG_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv"})
 _SAVE_IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
 _SAVE_VIDEO_EXTENSIONS = frozenset({".mp4", ".gif", ".npy"})
+
+
+# What Pillow's decoders raise on corrupt or truncated data (a cut GIF frame gives IndexError, a bad
+# header struct.error), besides OSError.
+_PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, IndexError, struct.error)
 
 
 class MediaError(DataError):
@@ -138,7 +144,7 @@ def _open_pil(fp: object, source: str | Path) -> Image.Image:
         raise MediaError(source, f"refused as a decompression bomb ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise MediaError(source, "cannot decode image (not a recognised image format)") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except _PIL_DECODE_ERRORS as exc:
         raise MediaError(source, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
 
 
@@ -151,7 +157,7 @@ def _decode_pil_image(img: Image.Image, source: str | Path, expected_ext: str | 
         return _pil_to_tensor(img, source)
     except MediaError:
         raise
-    except (OSError, SyntaxError, ValueError) as exc:
+    except _PIL_DECODE_ERRORS as exc:
         raise MediaError(source, f"cannot decode image, truncated or corrupt ({exc})") from exc
 
 
@@ -238,7 +244,7 @@ def _read_gif(path: Path, max_frames: int | None) -> list[np.ndarray]:
                 frames.append(np.asarray(frame.convert("RGB"), dtype=np.uint8).copy())  # [H, W, 3]
         except MediaError:
             raise
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        except (*_PIL_DECODE_ERRORS, EOFError) as exc:
             raise MediaError(path, f"cannot decode GIF, truncated or corrupt ({exc})") from exc
     return frames
 
@@ -246,7 +252,7 @@ def _read_gif(path: Path, max_frames: int | None) -> list[np.ndarray]:
 def _read_npy(path: Path, max_frames: int | None) -> Tensor:
     try:
         arr = np.load(path, allow_pickle=False, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as exc:
+    except Exception as exc:  # numpy's header parser raises many kinds (SyntaxError, TokenError, OverflowError)
         raise MediaError(path, f"cannot read .npy array ({exc})") from exc
     if arr.ndim != 4:
         raise MediaError(path, f"expected a 4-D array [T,H,W,3] or [T,3,H,W], got shape {tuple(arr.shape)}")
