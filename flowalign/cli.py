@@ -23,6 +23,11 @@ def _root() -> None:
     """Align and distill diffusion/flow generative models."""
 
 
+USER_ERRORS = (ValueError, OSError)
+"""What a command reports as one ``error:`` line: bad values, files or data (flowalign's errors are
+ValueErrors) and missing/unreadable/unwritable paths (OSError: not found, permission, disk full)."""
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print one line naming the problem and exit non-zero."""
     typer.echo(f"error: {message}", err=True)
@@ -138,7 +143,7 @@ def generate(
             model_name=str(model),
             transforms_factory=factory,
         )
-    except ValueError as err:
+    except USER_ERRORS as err:
         fail(str(err).splitlines()[0])
     typer.echo(f"wrote {len(rows)} samples to {out}")
 
@@ -162,7 +167,7 @@ def _run_training(run_cls, runner, config, overrides, resume, shortcuts: dict[st
     try:
         run = load_config(run_cls, config, sets)
         result = runner(run, resume=resume)
-    except (ValueError, FileExistsError) as err:
+    except USER_ERRORS as err:
         fail(str(err).splitlines()[0])
     where = result.export_dir or result.checkpoint
     typer.echo(f"trained {result.step} steps; model in {where}")
@@ -430,7 +435,7 @@ def tokenize_encode(
 
     try:
         path = encode_file(model, input, out, device=device)
-    except ValueError as err:
+    except USER_ERRORS as err:
         fail(str(err).splitlines()[0])
     typer.echo(f"wrote {path}")
 
@@ -448,7 +453,7 @@ def tokenize_decode(
 
     try:
         path = decode_file(model, input, out, num_inference_steps=steps, device=device)
-    except ValueError as err:
+    except USER_ERRORS as err:
         fail(str(err).splitlines()[0])
     typer.echo(f"wrote {path}")
 
@@ -468,7 +473,7 @@ def tokenize_reconstruct(
 
     try:
         metrics = reconstruct_files(model, input, out, num_inference_steps=steps, device=device)
-    except ValueError as err:
+    except USER_ERRORS as err:
         fail(str(err).splitlines()[0])
     typer.echo(_json.dumps(metrics.get("mean", metrics), indent=1, default=str))
 
@@ -533,7 +538,7 @@ def pairs(
             batch_size=batch_size,
         )
         _, chosen = build_pairs(flow_model, prompt_list, combiner.score, out, config)
-    except ValueError as err:
+    except USER_ERRORS as err:
         fail(str(err).splitlines()[0])
     typer.echo(f"wrote {len(chosen)} pairs to {out / 'pairs.jsonl'}")
 
@@ -576,7 +581,7 @@ def score(
             dtype=torch_dtype,
             reward_kwargs=kwargs,
         )
-    except ValueError as err:
+    except USER_ERRORS as err:
         fail(str(err).splitlines()[0])
     typer.echo(f"scored {result.num_scored} items ({result.num_skipped} already done) into {out}")
 
@@ -633,7 +638,7 @@ def eval_(
                 seeds=[int(x) for x in seeds.split(",")],
                 options=options,
             )
-    except (ValueError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         fail(str(err).splitlines()[0])
     for failure in result.failures:
         typer.echo(f"failed: {failure}", err=True)
@@ -663,7 +668,7 @@ def demo(
                 base_steps=base_steps,
             )
         )
-    except ValueError as err:
+    except USER_ERRORS as err:
         fail(str(err).splitlines()[0])
     typer.echo(report.table_md())
     typer.echo(f"\nwrote {out / 'summary.md'} and {out / 'index.html'}")

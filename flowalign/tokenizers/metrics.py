@@ -103,8 +103,11 @@ def ssim(
     return ssim_map.flatten(2).mean(dim=2).mean(dim=1).float()
 
 
-class LpipsUnavailable(RuntimeError):
-    """The LPIPS backbone's ImageNet weights are not on this machine (the message says where they go)."""
+class LpipsUnavailable(FileNotFoundError):
+    """The LPIPS backbone's ImageNet weights are not on this machine (the message says where they go).
+
+    A missing file (an OSError), so the CLI reports it as one ``error:`` line.
+    """
 
 
 _BACKBONE_WEIGHTS = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
