@@ -153,7 +153,10 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # refused unpickling (code in the pickle), a legacy or corrupt file
+            raise ValueError(f"{path}: cannot be read as a weights-only torch state dict ({err})") from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
