@@ -266,7 +266,12 @@ def load_open_clip(
             f"open_clip model {model!r}: no weights given; pass pretrained=<tag or file>, "
             f"checkpoint=<file>, or a 'local-dir:' folder holding weights, or an 'hf-hub:' model"
         )
-    net = open_clip.create_model(model, pretrained=pretrained if not is_schema else None)
+    try:
+        net = open_clip.create_model(model, pretrained=pretrained if not is_schema else None)
+    except Exception as err:  # refused unpickling (a pickle that would run code), a corrupt or missing file
+        raise ValueError(
+            f"open_clip model {model!r}: cannot load its weights ({type(err).__name__}: {err})"
+        ) from err
     if checkpoint is not None:
         load_state_dict_strict(net, load_state_dict_file(checkpoint), source=checkpoint)
     tokenizer = open_clip.get_tokenizer(model)
@@ -301,7 +306,12 @@ def load_hf_clip(
     """
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-    net = CLIPModel.from_pretrained(str(path))
+    try:
+        net = CLIPModel.from_pretrained(str(path))
+    except Exception as err:  # refused unpickling (a pickle that would run code), missing or corrupt files
+        raise ValueError(
+            f"{path}: cannot load a transformers CLIPModel ({type(err).__name__}: {err})"
+        ) from err
     proc_src = str(processor if processor is not None else path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(proc_src)
