@@ -48,22 +48,27 @@ def _context():
     """A forkserver that has imported rel_worker (torch, flowalign, warmed up) once for all children.
 
     Python 3.11's forkserver imports its preload modules before it applies the parent's sys.path, so
-    the helper folders are put on PYTHONPATH while the server starts (and only then).
+    the helper folders are put on PYTHONPATH while the server starts (and only then); the server alone
+    warms rel_worker up (FLOWALIGN_REL_WARM_UP), not this process.
     """
     from multiprocessing import forkserver
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["rel_worker"])  # effective if the server is not running yet
-    before = os.environ.get("PYTHONPATH")
+    before = {k: os.environ.get(k) for k in ("PYTHONPATH", "FLOWALIGN_REL_WARM_UP")}
     helpers = [str(Path(rel_worker.__file__).parent), str(Path(training_toy.__file__).parent)]
-    os.environ["PYTHONPATH"] = os.pathsep.join(helpers + ([before] if before else []))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        helpers + ([before["PYTHONPATH"]] if before["PYTHONPATH"] else [])
+    )
+    os.environ["FLOWALIGN_REL_WARM_UP"] = "1"
     try:
         forkserver.ensure_running()
     finally:
-        if before is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return ctx
 
 
