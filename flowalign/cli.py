@@ -403,7 +403,7 @@ def train_reward(
     try:
         result = run_reward_model(load_config(RewardModelRun, config, sets), resume=resume)
     except (ValueError, FileExistsError) as err:
-        fail(str(err).splitlines()[0])
+        fail(str(err))  # all lines: a dataset check lists each invalid row
     typer.echo(
         f"trained {result.train.step} steps; model in {result.train.export_dir or result.train.checkpoint}"
     )
@@ -643,6 +643,10 @@ def eval_(
     for failure in result.failures:
         typer.echo(f"failed: {failure}", err=True)
     typer.echo(f"wrote {result.html_path} and {result.json_path}")
+    if result.failures and not result.report.get("timings", {}).get("num_samples"):
+        fail(
+            f"no sample was generated or scored ({len(result.failures)} failures; see {result.json_path})", 1
+        )
 
 
 @app.command()

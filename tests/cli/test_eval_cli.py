@@ -13,8 +13,21 @@ from flowalign.models.toy import save_toy_model
 def test_eval_writes_report_and_reruns(tmp_path):
     model = save_toy_model(tmp_path / "toy", "image", width=32, num_layers=1)
     out = tmp_path / "eval"
-    args = ["eval", "--models", f"base={model}", "--models", f"other={tmp_path / 'missing'}",
-            "--prompts", "toy-heldout@2", "--rewards", "toy", "--steps", "2", "--out", str(out)]
+    args = [
+        "eval",
+        "--models",
+        f"base={model}",
+        "--models",
+        f"other={tmp_path / 'missing'}",
+        "--prompts",
+        "toy-heldout@2",
+        "--rewards",
+        "toy",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
@@ -27,3 +40,23 @@ def test_eval_writes_report_and_reruns(tmp_path):
 def test_eval_needs_models_and_prompts(tmp_path):
     res = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "e")])
     assert res.exit_code != 0 and "--models" in res.output
+
+
+def test_eval_fails_when_every_model_fails(tmp_path):
+    out = tmp_path / "eval"
+    args = [
+        "eval",
+        "--models",
+        f"gone={tmp_path / 'missing'}",
+        "--prompts",
+        "toy-heldout@2",
+        "--rewards",
+        "toy",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1 and "no sample was generated" in res.output
+    assert (out / "report.json").is_file()  # the failures are still written down
