@@ -74,9 +74,13 @@ def test_fast_run_compares_settings_on_the_same_noise_and_exports_both_guides(tm
 
 @pytest.mark.slow
 def test_noise_aware_guidance_moves_the_oracle_scores(tmp_path):
-    """Measured on a 1,300-step toy base (EMA): vq gain +0.017 +- 0.004 guided on vq, +0.011 on the
-    even mix, -0.032 on ta; ta itself did not rise (the distilled ta reward does not rank held-out
-    captions' samples above chance), so only the robust facts are asserted."""
+    """Measured on the demo's 900-step toy base (256 held-out samples, paired s.e.), latent rewards
+    distilled from 512 oracle-scored samples plus 1,024 counterfactual renders:
+
+    - strength 1: vq gain +0.077 +- 0.011 guided on vq, +0.038 on the even mix, -0.025 on ta; ta gain
+      -0.035, -0.005, +0.015 +- 0.010 (the weights move both scores monotonically);
+    - strength 2.5 on ta: ta +0.027 +- 0.011 (vq -0.073); the clean-input reward on ta: -0.011 +- 0.012.
+    """
     base = os.environ.get("FLOWALIGN_TOY_IMAGE_MODEL")
     if not base or not Path(base).is_dir():
         pytest.skip("set FLOWALIGN_TOY_IMAGE_MODEL to a trained toy image model folder")
@@ -84,6 +88,17 @@ def test_noise_aware_guidance_moves_the_oracle_scores(tmp_path):
     res = run_toy_nrg_experiment(base, tmp_path)
     gain, se = res["noisy_rm:vq"]["vq_gain"]
     assert gain > 2 * se  # guiding on vq raises the oracle's visual quality (paired, same noise)
-    # shifting the weight from vq to ta moves the vq score down monotonically
+    # shifting the weight from vq to ta moves vq down and ta up, monotonically
     assert gain > res["noisy_rm:vq+ta"]["vq_gain"][0] > res["noisy_rm:ta"]["vq_gain"][0]
-    assert abs(res["noisy_rm:vq"]["ta_gain"][0]) < 0.05  # without costing text alignment
+    assert (
+        res["noisy_rm:vq"]["ta_gain"][0]
+        < res["noisy_rm:vq+ta"]["ta_gain"][0]
+        < res["noisy_rm:ta"]["ta_gain"][0]
+    )
+    # stronger guidance on ta raises text alignment; the reward trained on clean inputs does less
+    strong = run_toy_nrg_experiment(
+        base, tmp_path, strength=2.5, settings={"ta": {"ta": 1.0}}, clean_weights={"ta": 1.0}
+    )  # reuses the two trained rewards
+    ta_gain, ta_se = strong["noisy_rm:ta"]["ta_gain"]
+    assert ta_gain > 2 * ta_se
+    assert ta_gain > strong["clean_rm:ta"]["ta_gain"][0]

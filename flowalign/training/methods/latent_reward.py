@@ -509,7 +509,7 @@ def run_toy_nrg_experiment(
     size: int | None = None,
     clean_weights: Mapping[str, float] | None = None,
     share_noise: bool = False,
-    counterfactual_pairs: int = 0,
+    counterfactual_pairs: int = 1024,
     seed: int = 0,
 ) -> dict[str, dict[str, tuple[float, float]]]:
     """Train latent rewards on the toy image model's own samples (oracle-labelled) and compare guidance.
