@@ -33,6 +33,7 @@ _BUILTIN: dict[str, str] = {
     "hpsv2.1": "flowalign.rewards.clip:load_hpsv2:version=v2.1",
     "aesthetic": "flowalign.rewards.aesthetic:load_aesthetic",
     "imagereward": "flowalign.rewards.imagereward:load_imagereward",
+    "multihead": "flowalign.rewards.multihead:load_multihead",
     "toy": "flowalign.rewards.toy:load_toy",
     "toy_classifier": "flowalign.toy.onestep:load_toy_classifier",
     "videoreward": "flowalign.rewards.videoreward:load_videoreward",

@@ -1,0 +1,251 @@
+"""Training a multi-dimensional reward model with Bradley-Terry-with-ties (VideoReward, algorithms.md 1A).
+
+Each training item is a pair (A, B) of one prompt with per-dimension labels 1 (A better), -1 (B
+better), 0 (tie) or -2 (missing). Both members are scored in one batch, r = r(A), r(B) in R^K, and
+
+    loss = btt_loss(r(A), r(B), labels; theta = 5)           (objectives/bt_ties.py)
+
+with missing slots contributing nothing (``average="all_slots"`` divides by B K as VideoReward's code,
+``"valid"`` by the labelled slots). Logged per step: the BTT loss and the pairwise accuracy per
+dimension; held-out evaluation (:func:`evaluate_pairs`) adds tie-calibrated accuracy.
+
+The per-dimension normalisation exported with the model is a running (EMA) mean and standard deviation
+of the training scores; it is method state, so it is checkpointed and a resumed run exports the same.
+The method draws no random numbers (no noise, no augmentation), so resuming needs only the loop's state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from flowalign.objectives.bt_ties import (
+    LABEL_MISSING,
+    LABEL_TIE,
+    btt_loss,
+    pairwise_accuracy,
+    tie_calibrated_accuracy,
+)
+from flowalign.rewards.multihead import MultiHeadRewardModel
+from flowalign.training.method import Method, StepContext
+
+__all__ = ["RewardModelTraining", "RewardModelTrainingConfig", "evaluate_pairs", "map_labels"]
+
+
+@dataclass(kw_only=True)
+class RewardModelTrainingConfig:
+    """BTT training of a multi-head reward model (``flowalign train reward``, key ``method``)."""
+
+    theta: float = 5.0
+    """BTT tie parameter theta > 1 (VideoReward code: 5)."""
+    average: Literal["all_slots", "valid"] = "all_slots"
+    """How missing labels enter the mean: divide by all B*K slots (reference code) or by labelled ones."""
+    label_map: dict[str, str] = field(default_factory=dict)
+    """Dataset label name -> reward dimension (default: the name lower-cased, e.g. VQ -> vq)."""
+    norm_momentum: float = 0.99
+    """EMA momentum of the score statistics exported as the model's normalisation."""
+
+    def __post_init__(self) -> None:
+        if not (self.theta > 1 and math.isfinite(self.theta)):
+            raise ValueError(f"reward model training: theta must be a finite value > 1, got {self.theta}")
+        if not 0 <= self.norm_momentum < 1:
+            raise ValueError(
+                f"reward model training: norm_momentum must be in [0, 1), got {self.norm_momentum}"
+            )
+
+
+def map_labels(
+    labels: dict[str, Tensor], dimensions: list[str], label_map: dict[str, str], *, batch: int
+) -> Tensor:
+    """Dataset labels ``{name: long [B]}`` -> [B, K] in ``dimensions`` order; absent dimensions are missing.
+
+    Raises:
+        ValueError: a label name that maps to no reward dimension (naming it and the dimensions).
+    """
+    out = torch.full((batch, len(dimensions)), LABEL_MISSING, dtype=torch.long)
+    for name, values in labels.items():
+        dim = label_map.get(name, name.lower())
+        if dim not in dimensions:
+            raise ValueError(
+                f"reward model: label {name!r} matches no reward dimension {dimensions}; "
+                "set method.label_map or model.dimensions"
+            )
+        out[:, dimensions.index(dim)] = values.cpu()
+    return out
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    """Stack pair items ``{"prompt", "media_w", "media_l", "labels", "index"}`` into a batch.
+
+    Raises:
+        ValueError: members of different shapes or label names (naming the items).
+    """
+    first = items[0]
+    for it in items:
+        for key in ("media_w", "media_l"):
+            if it[key].shape != first["media_w"].shape:
+                raise ValueError(
+                    f"reward model batch: item {it.get('index')} {key} has shape {tuple(it[key].shape)} but item "
+                    f"{first.get('index')} has {tuple(first['media_w'].shape)}; resize media (data.media_size)"
+                )
+        if list(it["labels"]) != list(first["labels"]):
+            raise ValueError(
+                f"reward model batch: item {it.get('index')} has labels {list(it['labels'])}, "
+                f"item {first.get('index')} {list(first['labels'])}"
+            )
+    return {
+        "prompt": [it["prompt"] for it in items],
+        "index": torch.tensor([it["index"] for it in items]),
+        "media_w": torch.stack([it["media_w"] for it in items]),  # [B, 3, H, W] or [B, T, 3, H, W]
+        "media_l": torch.stack([it["media_l"] for it in items]),
+        "labels": {
+            n: torch.tensor([it["labels"][n] for it in items], dtype=torch.long) for n in first["labels"]
+        },
+    }
+
+
+class RewardModelTraining(Method):
+    """BTT training of a :class:`MultiHeadRewardModel` on labelled pairs (every weight trainable).
+
+    Args:
+        reward_model: the model to train (put in train mode; every parameter that reaches a score
+            is trained, the others are frozen: see ``MultiHeadRewardModel.unused_parameters``).
+        config: settings.
+    """
+
+    def __init__(self, reward_model: MultiHeadRewardModel, config: RewardModelTrainingConfig | None = None):
+        self.config = config or RewardModelTrainingConfig()
+        self.reward_model = reward_model
+        reward_model.requires_grad_(True).train()
+        for p in reward_model.unused_parameters():
+            p.requires_grad_(False)
+        k = len(reward_model.dimensions)
+        self._mean, self._sq_mean, self._count = (
+            torch.zeros(k, dtype=torch.float64),
+            torch.zeros(k, dtype=torch.float64),
+            0,
+        )
+
+    @property
+    def dimensions(self) -> list[str]:
+        return list(self.reward_model.dimensions)
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"reward_model": self.reward_model}
+
+    def collate(self, items: list[dict]) -> dict:
+        return collate_pairs(items)
+
+    def compute_loss(self, batch: dict, ctx: StepContext, group: str):
+        cfg, dims = self.config, self.dimensions
+        media_w, media_l = batch["media_w"], batch["media_l"]
+        b = media_w.shape[0]
+        labels = map_labels(batch["labels"], dims, cfg.label_map, batch=b).to(media_w.device)
+        scores = ctx.module("reward_model")(torch.cat([media_w, media_l]), list(batch["prompt"]) * 2)
+        r = torch.stack([scores[d] for d in dims], dim=1)  # [2B, K] float32
+        r_w, r_l = r[:b], r[b:]
+        loss, metrics = btt_loss(r_w, r_l, labels, theta=cfg.theta, average=cfg.average)
+        for k, dim in enumerate(dims):
+            metrics[f"accuracy_{dim}"] = pairwise_accuracy(
+                r_w[:, k].detach(), r_l[:, k].detach(), labels[:, k]
+            )
+        self._update_stats(r.detach())
+        return loss.mean(), metrics
+
+    def _update_stats(self, r: Tensor) -> None:
+        m = self.config.norm_momentum if self._count else 0.0
+        r = r.double().cpu()  # [2B, K]
+        if not torch.isfinite(r).all():
+            return  # the loop skips a non-finite step; its scores must not poison the normaliser either
+        self._mean = m * self._mean + (1 - m) * r.mean(dim=0)
+        self._sq_mean = m * self._sq_mean + (1 - m) * r.pow(2).mean(dim=0)
+        self._count += 1
+
+    def score_statistics(self) -> dict[str, tuple[float, float]]:
+        """Per-dimension (mean, std) of the training scores (EMA); empty before the first step."""
+        if not self._count:
+            return {}
+        std = (self._sq_mean - self._mean.pow(2)).clamp_min(0).sqrt()
+        return {
+            d: (float(self._mean[k]), float(std[k]))
+            for k, d in enumerate(self.dimensions)
+            if math.isfinite(float(std[k])) and float(std[k]) > 0
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "norm_mean": self._mean.clone(),
+            "norm_sq_mean": self._sq_mean.clone(),
+            "norm_count": self._count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._mean, self._sq_mean = state["norm_mean"].double(), state["norm_sq_mean"].double()
+        self._count = int(state["norm_count"])
+
+    def export(self, out_dir: Path) -> None:
+        """Save the model loadably (``MultiHeadRewardModel.from_pretrained(out_dir)``) with its normalisation."""
+        rm = self.reward_model
+        rm.set_normalisation(self.score_statistics())
+        rm.config.metadata.update(theta=self.config.theta, average=self.config.average)
+        rm.save_pretrained(out_dir)
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    model: MultiHeadRewardModel,
+    pairs: Dataset,
+    *,
+    batch_size: int = 64,
+    label_map: dict[str, str] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Held-out accuracy of a reward model on labelled pairs, per dimension.
+
+    Args:
+        model: the reward model (scored in eval mode; its mode is restored afterwards).
+        pairs: a dataset of pair items (``{"prompt", "media_w", "media_l", "labels"}``).
+        batch_size: pairs per forward pass.
+        label_map: dataset label name -> dimension (default: lower-cased name).
+
+    Returns:
+        ``{dim: {"accuracy": C / (C + D) over non-tie pairs, "accuracy_with_ties": tie-calibrated
+        accuracy over all labelled pairs, "tie_threshold": its |r_A - r_B| threshold, "num_pairs":
+        labelled pairs, "num_decided": non-tie pairs}}``.
+    """
+    was_training = model.training
+    model.eval()
+    dims = list(model.dimensions)
+    r_w, r_l, labels = [], [], []
+    try:
+        for lo in range(0, len(pairs), batch_size):
+            items = [{**pairs[i], "index": i} for i in range(lo, min(len(pairs), lo + batch_size))]
+            batch = collate_pairs(items)
+            b = len(items)
+            labels.append(map_labels(batch["labels"], dims, label_map or {}, batch=b))
+            scores = model.score(
+                torch.cat([batch["media_w"], batch["media_l"]]).to(model.device), batch["prompt"] * 2
+            )
+            r = torch.stack([scores[d] for d in dims], dim=1).cpu()  # [2B, K]
+            r_w.append(r[:b])
+            r_l.append(r[b:])
+    finally:
+        model.train(was_training)
+    a, b_, y = torch.cat(r_w), torch.cat(r_l), torch.cat(labels)
+    out = {}
+    for k, dim in enumerate(dims):
+        acc_ties, threshold = tie_calibrated_accuracy(a[:, k], b_[:, k], y[:, k])
+        labelled = y[:, k] != LABEL_MISSING
+        out[dim] = {
+            "accuracy": float(pairwise_accuracy(a[:, k], b_[:, k], y[:, k])),
+            "accuracy_with_ties": float(acc_ties),
+            "tie_threshold": float(threshold),
+            "num_pairs": int(labelled.sum()),
+            "num_decided": int((labelled & (y[:, k] != LABEL_TIE)).sum()),
+        }
+    return out
