@@ -9,7 +9,7 @@ Architecture (after VideoReward, algorithms.md 1A; the backbone is an open_clip 
     images: v = P(f)                            P = LayerNorm + Linear + GELU -> [H]
     videos: d_j = f_j - f_(j-1)  (d_1 = 0)      frame differences make motion visible
             h_j = Conv1d(GELU(Conv1d([f_j ; d_j])))      temporal layer, kernel 3, over the frames
-            v = P([mean_j f_j ; mean_j h_j ; max_j h_j])
+            v = P([mean_j f_j ; mean_j h_j ; max_j h_j ; f_T - f_1])    (f_T - f_1: where it went)
     u = Q(E_txt(prompt))                        pooled text embedding, Q = LayerNorm + Linear + GELU -> [H]
     c = Attn(query u, keys/values mean_j a_j)   the prompt reads the (frame-averaged) patch tokens
     r_k = MLP_k(v)                              k in the visual dimensions (vq, mq)
@@ -27,19 +27,15 @@ fields) with a word-level tokenizer trained on the training prompts (the toy wor
 open_clip architecture by name (``open_clip_model="ViT-B-32"``, weights from ``pretrained`` when
 built, from ``model.safetensors`` when loaded) with open_clip's own tokenizer.
 
-Files (:meth:`MultiHeadRewardModel.save_pretrained`, written to a temporary folder that then replaces
-the target): ``config.json`` (format, :class:`MultiHeadConfig`, dtype), ``model.safetensors`` and, for
-word tokenizers, ``tokenizer/``. Loading errors name the file that is missing or wrong.
+Files: ``config.json``, ``model.safetensors`` and, for word tokenizers, ``tokenizer/``
+(:mod:`flowalign.rewards.multihead_files`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,19 +46,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowalign.rewards.base import RewardModel
+from flowalign.rewards.multihead_files import (
+    CONFIG_NAME,
+    MultiHeadLoadError,
+    read_config_blob,
+    read_tokenizer,
+    read_weights,
+    write_folder,
+)
 from flowalign.rewards.preprocess import ImagePreprocess, preprocess_images
 
 __all__ = ["MultiHeadConfig", "MultiHeadLoadError", "MultiHeadRewardModel", "load_multihead"]
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-TOKENIZER_DIR = "tokenizer"
-FORMAT = "flowalign.multihead_reward"
-FORMAT_VERSION = 1
-
-
-class MultiHeadLoadError(ValueError):
-    """A multi-head reward folder that cannot be read (the message names the file)."""
 
 
 @dataclass(kw_only=True)
@@ -126,7 +120,7 @@ def _mlp(width_in: int, hidden: int) -> nn.Sequential:
 
 
 class _Temporal(nn.Module):
-    """[N, T, E] per-frame embeddings -> [N, E + 2H]: their mean and the pooled temporal features."""
+    """[N, T, F] per-frame features -> [N, 2F + 2H]: their mean, the pooled temporal features, f_T - f_1."""
 
     def __init__(self, embed_dim: int, hidden: int) -> None:
         super().__init__()
@@ -142,7 +136,8 @@ class _Temporal(nn.Module):
             [torch.zeros_like(frames[:, :1]), frames[:, 1:] - frames[:, :-1]], dim=1
         )  # [N, T, E]
         h = self.conv(torch.cat([frames, diffs], dim=2).transpose(1, 2))  # [N, H, T]
-        return torch.cat([frames.mean(dim=1), h.mean(dim=2), h.amax(dim=2)], dim=1)
+        travel = frames[:, -1] - frames[:, 0]  # over the whole clip: the direction of motion
+        return torch.cat([frames.mean(dim=1), h.mean(dim=2), h.amax(dim=2), travel], dim=1)
 
 
 class MultiHeadRewardModel(RewardModel):
@@ -191,7 +186,7 @@ class MultiHeadRewardModel(RewardModel):
             self.grid_proj = nn.Linear(h, max(1, h // 4)) if config.grid > 0 else None
             frame_width = e + 2 * h + (config.grid**2 * max(1, h // 4) if config.grid > 0 else 0)
         self.temporal = _Temporal(frame_width, h) if config.media_kind == "video" else None
-        width_in = frame_width + 2 * h if config.media_kind == "video" else frame_width
+        width_in = 2 * frame_width + 2 * h if config.media_kind == "video" else frame_width
         self.visual_proj = nn.Sequential(nn.LayerNorm(width_in), nn.Linear(width_in, h), nn.GELU())
         self.text_proj = nn.Sequential(nn.LayerNorm(e), nn.Linear(e, h), nn.GELU())
         text_in = 5 * h if token_width is not None else 3 * h
@@ -223,6 +218,7 @@ class MultiHeadRewardModel(RewardModel):
         config: MultiHeadConfig,
         *,
         corpus: Sequence[str] | None = None,
+        tokenizer: Any | None = None,
         pretrained: str | None = None,
         seed: int = 0,
         batch_size: int = 16,
@@ -233,6 +229,8 @@ class MultiHeadRewardModel(RewardModel):
             config: the architecture (dimensions and media_kind set).
             corpus: prompts the word tokenizer is trained on (config-built text towers; default: the
                 toy world's captions).
+            tokenizer: an existing word tokenizer to use instead (e.g. that of a model whose weights
+                will be copied in, so that token ids agree).
             pretrained: open_clip pretrained tag or weights file for ``config.open_clip_model``.
             seed: seed of the initialisation (the global RNG is left untouched).
             batch_size: default scoring batch size.
@@ -249,9 +247,22 @@ class MultiHeadRewardModel(RewardModel):
                 from flowalign.models.toy import build_word_tokenizer, toy_corpus
 
                 length = int(config.text.get("context_length", 16))
-                tokenizer = build_word_tokenizer(list(corpus or toy_corpus()), max_length=length)
+                if tokenizer is None:
+                    tokenizer = build_word_tokenizer(list(corpus or toy_corpus()), max_length=length)
                 clip, preprocess = _config_clip(config, tokenizer)
             return cls(config, clip, tokenizer, preprocess, batch_size=batch_size)
+
+    def load_matching_weights(self, state: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
+        """Copy every tensor of ``state`` whose name and shape match one of this model's (e.g. the towers
+        of an image reward model into a video one); the others keep their values.
+
+        Returns:
+            (names copied, names of this model's tensors left as they were).
+        """
+        own = self.state_dict()
+        copied = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
+        self.load_state_dict({k: state[k] for k in copied}, strict=False)
+        return copied, sorted(set(own) - set(copied))
 
     # ------------------------------------------------------------------ normalisation
     @property
@@ -362,39 +373,15 @@ class MultiHeadRewardModel(RewardModel):
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
-        """Write ``config.json``, ``model.safetensors`` (and ``tokenizer/``) into ``out_dir`` at once.
-
-        The files go to a temporary sibling folder that then replaces ``out_dir``, so a reader never
-        sees a half-written model.
-        """
-        from safetensors.torch import save_file
-
-        out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-        try:
-            state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            if self.config.open_clip_model is None:
-                self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-            blob = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "dtype": str(self.dtype).removeprefix("torch."),
-                "config": asdict(self.config),
-            }
-            (tmp / CONFIG_NAME).write_text(json.dumps(blob, indent=2) + "\n")
-            old = None
-            if out_dir.exists():
-                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-                os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out_dir
+        """Write ``config.json``, ``model.safetensors`` (and ``tokenizer/``) into ``out_dir`` at once
+        (see :mod:`flowalign.rewards.multihead_files`)."""
+        return write_folder(
+            out_dir,
+            state=self.state_dict(),
+            config=asdict(self.config),
+            dtype=str(self.dtype).removeprefix("torch."),
+            tokenizer=self.tokenizer if self.config.open_clip_model is None else None,
+        )
 
     @classmethod
     def from_pretrained(
@@ -412,40 +399,15 @@ class MultiHeadRewardModel(RewardModel):
             MultiHeadLoadError: a missing or invalid ``config.json``, ``model.safetensors`` or
                 ``tokenizer/`` (the message names the file).
         """
-        from safetensors.torch import load_file
-
-        path = Path(path)
         config = read_config(path)
         if config.open_clip_model is not None:
             clip, tokenizer, preprocess = _open_clip_parts(config.open_clip_model, None)
         else:
-            tok_dir = path / TOKENIZER_DIR
-            if not (tok_dir / "tokenizer.json").is_file():
-                raise MultiHeadLoadError(
-                    f"{tok_dir / 'tokenizer.json'}: missing (the model's word tokenizer)"
-                )
-            from transformers import PreTrainedTokenizerFast
-
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+            tokenizer = read_tokenizer(path)
             clip, preprocess = _config_clip(config, tokenizer)
         model = cls(config, clip, tokenizer, preprocess, batch_size=batch_size)
-        weights = path / WEIGHTS_NAME
-        if not weights.is_file():
-            raise MultiHeadLoadError(f"{weights}: missing (the weights beside {CONFIG_NAME})")
-        try:
-            state = load_file(str(weights))
-        except Exception as err:  # safetensors raises several types for damaged files
-            raise MultiHeadLoadError(f"{weights}: cannot read safetensors ({err})") from err
-        expected = model.state_dict()
-        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-        reshaped = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
-        if missing or unexpected or reshaped:
-            raise MultiHeadLoadError(
-                f"{weights}: weights do not match {CONFIG_NAME}: missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}, shape differs for {reshaped[:3]}"
-            )
-        model.load_state_dict(state)
-        saved = json.loads((path / CONFIG_NAME).read_text()).get("dtype", "float32")
+        model.load_state_dict(read_weights(path, model.state_dict()))
+        saved = read_config_blob(path)[1]
         model = model.to(device=device, dtype=dtype or getattr(torch, saved, torch.float32))
         if trainable:
             return model
@@ -453,27 +415,13 @@ class MultiHeadRewardModel(RewardModel):
 
 
 def read_config(path: str | os.PathLike) -> MultiHeadConfig:
-    """Read and validate ``config.json`` of a saved model folder.
+    """Read and validate the :class:`MultiHeadConfig` of a saved model folder.
 
     Raises:
         MultiHeadLoadError: no such file, invalid JSON, another format, or an invalid entry.
     """
-    file = Path(path) / CONFIG_NAME
-    if not file.is_file():
-        raise MultiHeadLoadError(f"{file}: missing ({path} is not a multihead reward folder)")
+    raw, _ = read_config_blob(path)
     try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise MultiHeadLoadError(f"{file}: not valid JSON ({err})") from err
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise MultiHeadLoadError(f"{file}: 'format' must be {FORMAT!r}, got {got!r}")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise MultiHeadLoadError(
-            f"{file}: format_version {data.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
-        )
-    try:
-        raw = dict(data["config"])
         norm = raw.get("normalisation")
         raw["normalisation"] = (
             None if norm is None else {d: (float(m), float(s)) for d, (m, s) in norm.items()}
@@ -481,7 +429,9 @@ def read_config(path: str | os.PathLike) -> MultiHeadConfig:
         config = MultiHeadConfig(**raw)
         config.check()
     except (KeyError, TypeError, ValueError) as err:
-        raise MultiHeadLoadError(f"{file}: invalid 'config' ({type(err).__name__}: {err})") from err
+        raise MultiHeadLoadError(
+            f"{Path(path) / CONFIG_NAME}: invalid 'config' ({type(err).__name__}: {err})"
+        ) from err
     return config
 
 

@@ -155,3 +155,22 @@ def test_evaluate_pairs_reports_both_accuracies_and_counts(pairs):
         assert row["num_pairs"] == 64 and row["num_decided"] == int((labels != 0).sum())
         assert row["accuracy"] == pytest.approx(float(pairwise_accuracy(a[dim], b[dim], labels)), abs=1e-6)
         assert row["accuracy_with_ties"] >= row["accuracy"] * row["num_decided"] / 64 - 1e-6
+
+
+def test_a_video_model_starts_from_an_image_model(tmp_path):
+    image = run_reward_model(_run(tmp_path / "image", 2), progress=False)
+    video_run = _run(tmp_path / "video", 2)
+    video_run.data.source, video_run.init_from = "toy:video", image.train.export_dir
+    video_run.data.toy_num_frames = 4
+    run_reward_model(video_run, progress=False)
+    source = MultiHeadRewardModel.from_pretrained(image.train.export_dir)
+    start = MultiHeadRewardModel.from_pretrained(tmp_path / "video" / "initial")
+    assert start.media_kind == "video" and start.dimensions == ("vq", "mq", "ta")
+    assert start.tokenizer.get_vocab() == source.tokenizer.get_vocab()
+    own, theirs = start.state_dict(), source.state_dict()
+    assert all(
+        torch.equal(own[k], theirs[k]) for k in theirs if k.startswith(("clip.", "token_proj.", "heads.vq."))
+    )
+    info = start.config.metadata["init_from"]
+    assert info["copied"] > 0 and any(k.startswith("temporal.") for k in info["fresh"])
+    assert "heads.mq.0.weight" in info["fresh"]

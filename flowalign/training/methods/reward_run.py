@@ -8,11 +8,13 @@ Data (``data.source``):
   seeded ``data.eval_fraction`` of the rows. Media are resized to ``data.media_size`` squares (shortest
   side, centre crop) so they batch; clips keep their first ``data.num_frames`` frames.
 
-The run writes ``<output_dir>/initial`` (the freshly built model: architecture and word tokenizer, so a
-resumed run rebuilds exactly the same network), trains on the shared loop (``final/`` is the trained
-model, loadable with ``load_reward("multihead", path=...)``), then scores the held-out pairs and writes
-``<output_dir>/eval_metrics.json``: per dimension the accuracy without ties, the tie-calibrated
-accuracy and the pair counts.
+The model is new (``model``: architecture; dimensions and media kind default to the data's) or starts
+from a saved one (``init_from``: every weight that fits, e.g. an image reward model's towers for a video
+model). The run writes ``<output_dir>/initial`` (the model before training: architecture, word tokenizer
+and starting weights, so a resumed run rebuilds exactly the same network), trains on the shared loop
+(``final/`` is the trained model, loadable with ``load_reward("multihead", path=...)``), then scores the
+held-out pairs and writes ``<output_dir>/eval_metrics.json``: per dimension the accuracy without ties,
+the tie-calibrated accuracy and the pair counts, plus the pair counts and this call's training time.
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ class RewardModelRun:
     pretrained: str | None = None
     """open_clip pretrained tag or weights file for model.open_clip_model (None = random init)."""
     init_from: Path | None = None
-    """Start from a saved multihead reward folder instead (``model`` is then ignored)."""
+    """Start from a saved multihead reward folder: its architecture and word tokenizer, and every weight whose
+    name and shape fit (an image model's towers and heads into a video model; the rest starts fresh).
+    ``model.dimensions``/``media_kind`` still apply; its other fields are ignored."""
     method: RewardModelTrainingConfig = field(default_factory=RewardModelTrainingConfig)
     """BTT loss settings."""
     eval_batch_size: int = 64
@@ -160,7 +164,11 @@ def build_datasets(run: RewardModelRun, size: int) -> tuple[Dataset, Dataset, li
         common = dict(kind=kind, seed=data.toy_seed, size=size, num_frames=data.toy_num_frames)
         train_set = build_toy_reward_pairs(data.toy_train_pairs, split="train", **common)
         eval_set = build_toy_reward_pairs(data.toy_eval_pairs, split="heldout", **common)
-        return train_set, eval_set, toy_dimensions(kind), kind, list(train_set.prompts)
+        from flowalign.models.toy import toy_corpus
+
+        # the toy vocabulary is closed (held-out captions use no new words): one tokenizer for images and
+        # clips lets a video model start from an image model (init_from)
+        return train_set, eval_set, toy_dimensions(kind), kind, toy_corpus()
     if data.source.startswith("toy:"):
         raise ValueError(f"data.source {data.source!r}: toy data is one of {list(TOY_SOURCES)}")
     items = _preference_items(data.source, data, size)
@@ -201,16 +209,28 @@ def _model_input_size(config: MultiHeadConfig) -> int:
 
 
 def _build_model(run: RewardModelRun, dims: list[str], kind: str, prompts: list[str]) -> MultiHeadRewardModel:
+    config = run.model
+    tokenizer, source = None, None
     if run.init_from is not None:
-        model = MultiHeadRewardModel.from_pretrained(run.init_from, trainable=True)
-    else:
+        source = MultiHeadRewardModel.from_pretrained(run.init_from, trainable=True)
         config = dataclasses.replace(
-            run.model, dimensions=run.model.dimensions or dims, media_kind=run.model.media_kind or kind
+            source.config, dimensions=None, media_kind=None, normalisation=None, metadata={}
         )
-        config.text_dimensions = [d for d in config.text_dimensions if d in config.dimensions]
-        model = MultiHeadRewardModel.build(
-            config, corpus=prompts, pretrained=run.pretrained, seed=run.train.seed
-        )
+        tokenizer = source.tokenizer if source.config.open_clip_model is None else None
+    config = dataclasses.replace(
+        config, dimensions=run.model.dimensions or dims, media_kind=run.model.media_kind or kind
+    )
+    config.text_dimensions = [d for d in config.text_dimensions if d in config.dimensions]
+    model = MultiHeadRewardModel.build(
+        config, corpus=prompts, tokenizer=tokenizer, pretrained=run.pretrained, seed=run.train.seed
+    )
+    if source is not None:
+        copied, fresh = model.load_matching_weights(source.state_dict())
+        model.config.metadata["init_from"] = {
+            "path": str(run.init_from),
+            "copied": len(copied),
+            "fresh": fresh,
+        }
     missing = [d for d in dims if d not in model.dimensions]
     if missing:
         raise ValueError(
