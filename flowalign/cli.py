@@ -678,6 +678,21 @@ def demo(
     typer.echo(f"\nwrote {out / 'summary.md'} and {out / 'index.html'}")
 
 
+@app.command("lora-comfyui")
+def lora_comfyui(
+    lora: Annotated[Path, typer.Argument(help="A Wan LoRA exported by training (folder or .safetensors).")],
+    out: Annotated[Path, typer.Option(help="The ComfyUI LoRA file to write.")],
+) -> None:
+    """Rename a Wan LoRA to the original Wan keys ComfyUI loads (SD3/FLUX LoRAs load there as exported)."""
+    from flowalign.training.lora_comfyui import convert_wan_lora_to_comfyui
+
+    try:
+        written = convert_wan_lora_to_comfyui(lora, out)
+    except USER_ERRORS as err:
+        fail(str(err).splitlines()[0])
+    typer.echo(f"wrote {written}")
+
+
 def _nrg_factory(flow_model, guide: Path, weights: str | None, strength: float, steps: str | None):
     """Per-batch Flow-NRG transforms from a latent reward folder (errors name the bad value)."""
     from flowalign.rewards.combine import parse_weights

@@ -103,10 +103,14 @@ def _scene(attrs: Attributes, rng: np.random.Generator) -> Scene:
 
 
 def _wrong_attribute(
-    attrs: Attributes, rng: np.random.Generator, allowed: frozenset[Attributes] | None
+    attrs: Attributes,
+    rng: np.random.Generator,
+    allowed: frozenset[Attributes] | None,
+    motion_share: float | None = None,
 ) -> tuple[Attributes, str]:
-    """``attrs`` with one attribute changed: the attribute uniformly among those with a possible new value,
-    then the value uniformly; with ``allowed``, only changes that give an allowed combination count."""
+    """``attrs`` with one attribute changed: the attribute uniformly among those with a possible new value
+    (the motion with probability ``motion_share`` if given), then the value uniformly; with ``allowed``,
+    only changes that give an allowed combination count."""
     vocab = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
     if attrs.motion is not None:
         vocab["motion"] = MOTIONS
@@ -115,7 +119,11 @@ def _wrong_attribute(
         changed = [replace(attrs, **{name: v}) for v in values if v != getattr(attrs, name)]
         options[name] = [c for c in changed if allowed is None or c in allowed]
     names = [name for name, changes in options.items() if changes]
-    name = names[int(rng.integers(len(names)))]
+    if motion_share is not None and "motion" in names and len(names) > 1:
+        static = [n for n in names if n != "motion"]
+        name = "motion" if rng.random() < motion_share else static[int(rng.integers(len(static)))]
+    else:
+        name = names[int(rng.integers(len(names)))]
     return options[name][int(rng.integers(len(options[name])))], name
 
 
@@ -160,12 +168,13 @@ def _render_member(
     size: int,
     num_frames: int,
     allowed: frozenset[Attributes] | None,
+    motion_share: float | None,
 ) -> tuple[Tensor, Defects]:
     """Render one member with its defects: float [3, S, S] or [T, 3, S, S] in [0, 1]."""
     wrong, visual, motion = defects
     wrong_name = None
     if wrong:
-        attrs, wrong_name = _wrong_attribute(scene.attributes, rng, allowed)
+        attrs, wrong_name = _wrong_attribute(scene.attributes, rng, allowed, motion_share)
         scene = _scene(attrs, rng)
     t = 1 if kind == "image" else num_frames
     centres = torch.tensor([scene.centre_at(f, t) for f in range(t)], dtype=torch.float64)  # [T, 2]
@@ -284,6 +293,7 @@ def build_toy_reward_pairs(
     p_wrong: float = 0.5,
     p_visual: float = 0.5,
     p_motion: float = 0.5,
+    wrong_motion_share: float | None = None,
 ) -> ToyRewardPairs:
     """Render and oracle-label ``num_pairs`` toy pairs (see the module doc).
 
@@ -296,6 +306,8 @@ def build_toy_reward_pairs(
         num_frames: frames per clip (videos).
         p_wrong, p_visual, p_motion: per-member probability of a wrong attribute, of a visual defect
             and (clips) of a motion defect.
+        wrong_motion_share: clips: probability that a wrong attribute is the motion direction (None: as
+            likely as each of the four others).
 
     Returns:
         A :class:`ToyRewardPairs` dataset.
@@ -313,7 +325,10 @@ def build_toy_reward_pairs(
             f"toy reward pairs need num_pairs >= 1, size >= 24 and (clips) num_frames >= 2; "
             f"got {num_pairs}, {size}, {num_frames}"
         )
-    for name, p in (("p_wrong", p_wrong), ("p_visual", p_visual), ("p_motion", p_motion)):
+    probabilities = [("p_wrong", p_wrong), ("p_visual", p_visual), ("p_motion", p_motion)]
+    for name, p in probabilities + [
+        ("wrong_motion_share", 0.0 if wrong_motion_share is None else wrong_motion_share)
+    ]:
         if not 0 <= p <= 1:
             raise ValueError(f"toy reward pairs: {name} must be in [0, 1], got {p}")
     combos = split_attributes(split, kind)
@@ -339,6 +354,7 @@ def build_toy_reward_pairs(
                     size=size,
                     num_frames=num_frames,
                     allowed=allowed,
+                    motion_share=wrong_motion_share,
                 )
                 chunk[member].append((out * 255.0).round().to(torch.uint8))
                 pair.append(info)

@@ -88,3 +88,11 @@ def test_training_pairs_never_show_a_held_out_combination(image_pairs):
         if d.wrong
     ]
     assert wrong and all(shown != parse_caption(p) for shown, p in wrong)
+
+
+def test_the_share_of_wrong_motions_in_clips_can_be_raised():
+    pairs = build_toy_reward_pairs(32, kind="video", seed=7, wrong_motion_share=1.0)
+    wrong = [d.wrong for pair in pairs.defects for d in pair if d.wrong]
+    assert wrong and set(wrong) == {"motion"}
+    with pytest.raises(ValueError, match="wrong_motion_share"):
+        build_toy_reward_pairs(4, kind="video", wrong_motion_share=2.0)

@@ -71,6 +71,8 @@ class RewardDataConfig:
     """Toy: seed of the pair stream."""
     toy_num_frames: int = 8
     """Toy: frames per clip."""
+    toy_wrong_motion: float | None = None
+    """Toy clips: probability that a wrong attribute is the motion direction (None: as likely as each other)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.eval_fraction < 1:
@@ -162,7 +164,10 @@ def build_datasets(run: RewardModelRun, size: int) -> tuple[Dataset, Dataset, li
 
         kind = data.source.split(":")[1]
         common = dict(kind=kind, seed=data.toy_seed, size=size, num_frames=data.toy_num_frames)
-        train_set = build_toy_reward_pairs(data.toy_train_pairs, split="train", **common)
+        train_set = build_toy_reward_pairs(
+            data.toy_train_pairs, split="train", wrong_motion_share=data.toy_wrong_motion, **common
+        )
+        # held-out pairs keep the natural mix (a wrong motion as likely as each other wrong attribute)
         eval_set = build_toy_reward_pairs(data.toy_eval_pairs, split="heldout", **common)
         from flowalign.models.toy import toy_corpus
 
