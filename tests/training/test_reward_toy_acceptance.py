@@ -82,4 +82,4 @@ def test_toy_recipe_reaches_85_percent_held_out_accuracy_on_every_dimension(tmp_
             assert row["accuracy_with_ties"] > 0.5, (kind, dim, row)
 
 
-VIDEO_OVERRIDES = ["train.batch_size=16", "train.max_steps=1000"]
+VIDEO_OVERRIDES = ["train.batch_size=16", "train.max_steps=4000"]
