@@ -1,0 +1,43 @@
+"""Toy base recipes: stable cache keys, and the video recipe's frozen pretrained text encoder."""
+
+import torch
+from safetensors.torch import load_file
+
+from flowalign.models.toy import ToyModel, build_toy_pipeline
+from flowalign.toy.base import ToyBaseRecipe, default_recipe, toy_base_model
+from flowalign.training.methods.sft import SFTConfig
+
+
+def test_cache_keys_of_existing_recipes_do_not_change():
+    # a changed key silently retrains every user's cached base model
+    assert ToyBaseRecipe(kind="image", steps=900).key() == "toy-image-900-a86096a974"
+    assert ToyBaseRecipe(kind="image").key() == default_recipe("image").key()
+    video = default_recipe("video")
+    assert video.key() != ToyBaseRecipe(kind="video", steps=3000).key()  # the text encoder source counts
+    assert video.text_encoder_from == ToyBaseRecipe(kind="image", steps=900)  # the demo's image base
+    assert video.sft.train_text_encoder is False
+
+
+def test_video_base_starts_from_the_image_text_encoder_and_keeps_it_frozen(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWALIGN_CACHE", str(tmp_path))
+    tiny = dict(steps=2, batch_size=4, num_items=8, warmup_steps=1)
+    image_recipe = ToyBaseRecipe(kind="image", **tiny)
+    video_recipe = ToyBaseRecipe(
+        kind="video",
+        sft=SFTConfig(train_text_encoder=False),
+        text_encoder_from=image_recipe,
+        **tiny,
+    )
+    video_dir = toy_base_model("video", recipe=video_recipe, progress=False)
+    image_dir = tmp_path / image_recipe.key() / "model"
+    assert (image_dir / "model_index.json").is_file()  # trained on the way
+    image_te = load_file(str(image_dir / "text_encoder" / "model.safetensors"))
+    video_te = load_file(str(video_dir / "text_encoder" / "model.safetensors"))
+    assert image_te.keys() == video_te.keys()
+    for name, weight in image_te.items():
+        torch.testing.assert_close(video_te[name], weight, rtol=0, atol=0, msg=name)
+    model = ToyModel.from_pretrained(video_dir)
+    assert model.is_video
+    initial = build_toy_pipeline("video", seed=video_recipe.seed).transformer.state_dict()
+    trained = model.transformer.state_dict()
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)  # the transformer did train
