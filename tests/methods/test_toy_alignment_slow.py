@@ -15,10 +15,30 @@ def test_flow_dpo_improves_text_alignment_on_heldout_prompts(tmp_path):
     torch.set_num_threads(2)
     base = toy_base_model("image")
     pairs = toy_pairs_cached(base, tmp_path / "pairs", progress=False)
-    tuned = train_toy_dpo(base, pairs, tmp_path / "dpo", AlignBudget(steps=300, lr=3e-4), DPOConfig(beta=5000.0),
-                          progress=False)
+    tuned = train_toy_dpo(
+        base, pairs, tmp_path / "dpo", AlignBudget(steps=300, lr=3e-4), DPOConfig(beta=5000.0), progress=False
+    )
     before, after = evaluate_toy(base), evaluate_toy(tuned)  # 256 held-out samples, the same seeds
     diff = after.scores["ta"] - before.scores["ta"]
     paired_se = diff.std() / diff.numel() ** 0.5
     assert diff.mean() > 2 * paired_se, (diff.mean(), paired_se)
     assert after.scores["vq"].mean() >= before.scores["vq"].mean() - 0.05
+
+
+@pytest.mark.slow
+def test_flow_dpo_on_the_toy_video_model_raises_motion_quality(tmp_path):
+    """Measured with 480 pairs, 300 steps of 8: mq +0.032 ± 0.010, vq +0.024 ± 0.008, ta +0.000 ± 0.012.
+
+    The toy video base is weak at position and motion (ta 0.441), and its own best-of-4 samples rarely
+    get them right, so preference pairs move its quality dimensions but not its text alignment.
+    """
+    torch.set_num_threads(2)
+    base = toy_base_model("video")
+    pairs = toy_pairs_cached(base, tmp_path / "pairs", num_prompts=480, progress=False)
+    budget = AlignBudget(steps=300, batch_size=8, lr=3e-4)
+    tuned = train_toy_dpo(base, pairs, tmp_path / "dpo", budget, DPOConfig(beta=5000.0), progress=False)
+    before, after = evaluate_toy(base, batch_size=64), evaluate_toy(tuned, batch_size=64)
+    diff = after.scores["mq"] - before.scores["mq"]
+    assert diff.mean() > 2 * diff.std() / diff.numel() ** 0.5, diff.mean()
+    assert after.scores["vq"].mean() >= before.scores["vq"].mean() - 0.05
+    assert after.scores["ta"].mean() >= before.scores["ta"].mean() - 0.03
