@@ -23,7 +23,9 @@ def pairs(n: int = 8) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     media = torch.rand(2 * n, 3, 32, 32, generator=g)
     prompts = ["a small red circle in the center", "a large blue square in the top left"]
-    return [{"media_w": media[i], "media_l": media[n + i], "prompt": prompts[i % 2], "index": i} for i in range(n)]
+    return [
+        {"media_w": media[i], "media_l": media[n + i], "prompt": prompts[i % 2], "index": i} for i in range(n)
+    ]
 
 
 def run(model_dir: str, out: Path, batch_size: int):
@@ -33,9 +35,19 @@ def run(model_dir: str, out: Path, batch_size: int):
     from flowalign.training.methods.dpo import DPOConfig, FlowDPO
 
     torch.manual_seed(0)  # LoRA A init: identical on every process and in the 1-process reference
-    method = FlowDPO(load_flow_model(model_dir), DPOConfig(beta=2000.0), lora=LoraConfig(rank=4, init="gaussian"))
-    config = TrainConfig(output_dir=out, max_steps=3, batch_size=batch_size, log_every=1, trackers=[], cpu=True,
-                         optim=OptimConfig(lr=1e-2), checkpoint=CheckpointConfig(every=0))
+    method = FlowDPO(
+        load_flow_model(model_dir), DPOConfig(beta=2000.0), lora=LoraConfig(rank=4, init="gaussian")
+    )
+    config = TrainConfig(
+        output_dir=out,
+        max_steps=3,
+        batch_size=batch_size,
+        log_every=1,
+        trackers=[],
+        cpu=True,
+        optim=OptimConfig(lr=1e-2),
+        checkpoint=CheckpointConfig(every=0),
+    )
     return train(method, pairs(), config, progress=False)
 
 

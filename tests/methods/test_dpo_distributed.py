@@ -28,10 +28,26 @@ def test_two_process_dpo_matches_one_process(toy_image_dir, tmp_path):
     from dpo_dist_worker import run
 
     run(str(toy_image_dir), tmp_path / "one", 4)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(HERE / "dpo_dist_worker.py"), str(toy_image_dir),
-           str(tmp_path / "two"), "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(HERE / "dpo_dist_worker.py"),
+        str(toy_image_dir),
+        str(tmp_path / "two"),
+        "2",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     log = proc.stdout + proc.stderr
