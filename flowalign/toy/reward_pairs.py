@@ -37,21 +37,16 @@ from torch.utils.data import Dataset
 
 from flowalign.toy.render import compose, palette_rgb, shape_alpha
 from flowalign.toy.world import (
-    ANCHORS,
     COLOURS,
-    EXTENT,
-    EXTENT_JITTER,
     KINDS,
     MOTIONS,
-    POSITION_JITTER,
     POSITIONS,
     SHAPES,
     SIZES,
     SPLITS,
-    TRAVEL,
-    TRAVEL_JITTER,
     Attributes,
     Scene,
+    jittered_scene,
     split_attributes,
 )
 
@@ -86,20 +81,6 @@ class Defects:
     wrong: str | None = None
     visual: tuple[str, float] | None = None
     motion: tuple[str, float] | None = None
-
-
-def _scene(attrs: Attributes, rng: np.random.Generator) -> Scene:
-    """A scene of ``attrs`` with the toy world's continuous jitter (as ``world.sample_scene``)."""
-    u = rng.uniform(-1.0, 1.0, size=4)
-    ax, ay = ANCHORS[attrs.position]
-    travel = 0.0 if attrs.motion in (None, "still") else TRAVEL + TRAVEL_JITTER * float(u[3])
-    return Scene(
-        attributes=attrs,
-        extent=EXTENT[attrs.size] + EXTENT_JITTER * float(u[0]),
-        cx=ax + POSITION_JITTER * float(u[1]),
-        cy=ay + POSITION_JITTER * float(u[2]),
-        travel=travel,
-    )
 
 
 def _wrong_attribute(
@@ -175,7 +156,7 @@ def _render_member(
     wrong_name = None
     if wrong:
         attrs, wrong_name = _wrong_attribute(scene.attributes, rng, allowed, motion_share)
-        scene = _scene(attrs, rng)
+        scene = jittered_scene(attrs, rng)
     t = 1 if kind == "image" else num_frames
     centres = torch.tensor([scene.centre_at(f, t) for f in range(t)], dtype=torch.float64)  # [T, 2]
     visible = torch.ones(t)
@@ -347,7 +328,7 @@ def build_toy_reward_pairs(
             for member in ("a", "b"):
                 drawn = _draw_defects(kind, rng, p_wrong, p_visual, p_motion)
                 out, info = _render_member(
-                    _scene(attrs, rng),
+                    jittered_scene(attrs, rng),
                     drawn,
                     rng,
                     kind=kind,

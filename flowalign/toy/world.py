@@ -243,7 +243,11 @@ def sample_scene(index: int, *, seed: int, split: str, kind: str = "image") -> S
         raise ValueError(f"toy scene index must be >= 0, got {index}")
     rng = np.random.default_rng([seed, index, KINDS.index(kind), SPLITS.index(split)])
     combos = _split_tuple(split, kind)
-    attrs = combos[int(rng.integers(len(combos)))]
+    return jittered_scene(combos[int(rng.integers(len(combos)))], rng)
+
+
+def jittered_scene(attrs: Attributes, rng: np.random.Generator) -> Scene:
+    """A scene of ``attrs`` with uniform jitter of extent, centre and (moving clips) travel, drawn from ``rng``."""
     u = rng.uniform(-1.0, 1.0, size=4)
     ax, ay = ANCHORS[attrs.position]
     travel = 0.0 if attrs.motion in (None, "still") else TRAVEL + TRAVEL_JITTER * float(u[3])
