@@ -17,6 +17,18 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test on one intra-op thread, then restore the session's setting: the tiny tensors of most
+    tests gain nothing from threads, and on a busy 2-core machine spinning OpenMP threads make each call
+    10-30x slower. Folders use it through an autouse fixture in their conftest, modules through
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
     """A stray download fails loudly instead of hanging (loopback stays allowed for local servers)."""

@@ -13,6 +13,8 @@ from flowalign.data.preference import write_preference_jsonl
 from flowalign.rewards import load_reward
 from flowalign.toy.reward_pairs import build_toy_reward_pairs
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 runner = CliRunner()
 TINY_YAML = """
 model:
@@ -23,14 +25,6 @@ model:
 data: {toy_train_pairs: 16, toy_eval_pairs: 8, eval_fraction: 0.25}
 train: {batch_size: 4, max_steps: 2, trackers: [], cpu: true, log_every: 1}
 """
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

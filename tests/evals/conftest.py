@@ -53,12 +53,8 @@ if "evals-count" not in available_rewards():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The eval tests run tiny ops: one thread avoids oversubscribing the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test in this folder runs on one thread (the shared ``one_thread`` fixture)."""
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 from torch import Tensor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,11 +21,8 @@ VIDEO_PROMPTS = [
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """Every test in this folder runs on one thread (the shared ``one_thread`` fixture)."""
 
 
 def tiny_toy(kind: str = "image", *, seed: int = 0, width: int = 32) -> ToyModel:

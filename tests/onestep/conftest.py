@@ -26,11 +26,8 @@ PROMPTS = [
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """Every test in this folder runs on one thread (the shared ``one_thread`` fixture)."""
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, settings
 
 HERE = Path(__file__).resolve().parent
@@ -34,11 +33,8 @@ settings.register_profile("flowalign-slow", max_examples=300, **_COMMON)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test in this folder runs on one thread (the shared ``one_thread`` fixture)."""
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -10,6 +10,8 @@ import torch
 from flowalign.rewards import RewardInputError, load_reward
 from flowalign.rewards.multihead import MultiHeadConfig, MultiHeadLoadError, MultiHeadRewardModel
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IMAGE_PROMPTS = ["a small red circle in the center", "a large blue square in the top left"] * 2
 VIDEO_PROMPTS = [
     "a small red circle in the center moving left",
@@ -28,14 +30,6 @@ TINY = {
     "text": {"context_length": 16, "width": 16, "heads": 2, "layers": 1},
     "hidden": 16,
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_model(kind: str = "image", **overrides) -> MultiHeadRewardModel:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from cdt_testing import make_model
 
 from flowalign.tokenizers.cdt import ConditionedDiffusionTokenizer
@@ -20,10 +19,5 @@ def base_layout_model() -> ConditionedDiffusionTokenizer:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny tensors here gain nothing from intra-op threads, and on a busy 2-core machine two
-    spinning OpenMP threads make each call 10-30x slower; restore the session's setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test in this folder runs on one thread (the shared ``one_thread`` fixture)."""
