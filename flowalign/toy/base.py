@@ -118,7 +118,7 @@ def train_toy_base(recipe: ToyBaseRecipe, out_dir: str | Path, *, progress: bool
     if recipe.text_encoder_from is not None:
         image_base = toy_base_model("image", recipe=recipe.text_encoder_from, progress=progress)
         # the toy tokenizer covers both kinds' captions, so an image model's text encoder reads clip captions
-        pretrained = ToyModel.from_pretrained(image_base).pipe.text_encoder
+        pretrained = type(pipe.text_encoder).from_pretrained(image_base / "text_encoder")
         pipe.text_encoder.load_state_dict(pretrained.state_dict())
     model = ToyModel(pipe)
     method = FlowMatchingSFT(model, recipe.sft)
