@@ -10,15 +10,18 @@ the same code as SD3/FLUX/Wan.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 from diffusers import (
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
+    ModelMixin,
     SD3Transformer2DModel,
     WanTransformer3DModel,
 )
+from diffusers.models.embeddings import get_3d_sincos_pos_embed
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
@@ -52,6 +55,39 @@ def build_word_tokenizer(corpus: list[str], *, max_length: int = TOY_MAX_TOKENS)
     )
 
 
+class PatchEmbedWithPositions(nn.Conv3d):
+    """Wan's patch embedding followed by a fixed 3D sin-cos position embedding added to every token.
+
+    The embedding is CogVideoX's (a quarter of the channels for the frame index, the rest for the 2D
+    grid), computed for the grid of each input, so it has no weights and any size works.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        _, channels, frames, height, width = out.shape
+        pos = get_3d_sincos_pos_embed(channels, (width, height), frames, device=out.device)  # [F, H*W, C]
+        return out + pos.reshape(frames, height, width, channels).permute(3, 0, 1, 2).to(out.dtype)
+
+
+class ToyWanTransformer3DModel(WanTransformer3DModel):
+    """``WanTransformer3DModel`` whose tokens also carry their absolute frame, row and column.
+
+    Wan positions tokens only through RoPE in self-attention, which is relative: the network is
+    translation-equivariant up to the frame's borders, and a tiny model trained for minutes never
+    learns where "the top left" is, nor which way "moving left" goes. SD3 adds absolute sin-cos
+    positions to its patches; this adds them to Wan's. Weights, config and state-dict keys are
+    Wan's own (the embedding has no parameters), so LoRA, saving and loading work unchanged.
+    """
+
+    @functools.wraps(WanTransformer3DModel.__init__)  # diffusers reads the config keys off this signature
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        conv = self.patch_embedding
+        self.patch_embedding = PatchEmbedWithPositions(
+            conv.in_channels, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride
+        )
+
+
 class ToyFlowPipeline(DiffusionPipeline):
     """Container of the toy family's components (diffusers layout); generation goes through FlowPipeline."""
 
@@ -59,7 +95,9 @@ class ToyFlowPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        transformer: nn.Module,
+        # diffusers' loader finds a component's loading methods through the base classes in the
+        # component's own module: ModelMixin must be importable from here for ToyWanTransformer3DModel
+        transformer: ModelMixin,
         text_encoder: CLIPTextModelWithProjection,
         tokenizer: PreTrainedTokenizerFast,
         scheduler: FlowMatchEulerDiscreteScheduler,
@@ -182,15 +220,20 @@ def build_toy_pipeline(
     num_layers: int = 4,
     text_width: int = 64,
     patch_size: int = 4,
+    absolute_positions: bool = False,
     seed: int = 0,
 ) -> ToyFlowPipeline:
     """A freshly initialised toy model (2.3M parameters for images at the defaults).
 
     The defaults follow the measured configuration in the project's toy feasibility study:
     4 layers, 4 heads x 32, patch 4 (64 image tokens at 32x32), text width 64.
+    ``absolute_positions`` (videos only) builds a :class:`ToyWanTransformer3DModel`, whose tokens
+    know their absolute place like SD3's do, instead of a plain ``WanTransformer3DModel``.
     """
     if kind not in ("image", "video"):
         raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
+    if absolute_positions and kind == "image":
+        raise ValueError("absolute_positions is for the video model: the image model (SD3) has them already")
     torch.manual_seed(seed)
     tokenizer = build_word_tokenizer(toy_corpus())
     vocab = len(tokenizer)
@@ -224,7 +267,8 @@ def build_toy_pipeline(
             pos_embed_max_size=size // patch_size,
         )
     else:
-        transformer = WanTransformer3DModel(
+        wan_class = ToyWanTransformer3DModel if absolute_positions else WanTransformer3DModel
+        transformer = wan_class(
             patch_size=(2, patch_size, patch_size),
             num_attention_heads=heads,
             attention_head_dim=width // heads,

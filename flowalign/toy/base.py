@@ -52,11 +52,16 @@ class ToyBaseRecipe:
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(train_text_encoder=True, caption_dropout=0.1))
     text_encoder_from: ToyBaseRecipe | None = None
     """Start from the text encoder of the toy image base model of this recipe (None: a fresh one)."""
+    absolute_positions: bool = False
+    """Videos: give the Wan transformer absolute sin-cos token positions (``ToyWanTransformer3DModel``)."""
 
     def key(self) -> str:
         recipe = asdict(self)
+        # recipes from before these fields keep their cache key
         if recipe["text_encoder_from"] is None:
-            del recipe["text_encoder_from"]  # recipes from before this field keep their cache key
+            del recipe["text_encoder_from"]
+        if not recipe["absolute_positions"]:
+            del recipe["absolute_positions"]
         blob = json.dumps({"recipe": recipe, "world": TOY_WORLD_VERSION}, sort_keys=True, default=str)
         return f"toy-{self.kind}-{self.steps}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
@@ -67,7 +72,9 @@ def default_recipe(kind: str) -> ToyBaseRecipe:
     Images: 1,500 steps of 64 images, the text encoder trained jointly. Videos: 3,000 steps of 16 clips
     with a frozen, pretrained text encoder (the 900-step image base's, the demo's), as video models keep
     their pretrained text encoder frozen: trained jointly through cross-attention only, the tiny encoder
-    collapses (prompts become indistinguishable and the model ignores them).
+    collapses (prompts become indistinguishable and the model ignores them). The video transformer
+    also gets absolute token positions (:class:`~flowalign.models.toy.ToyWanTransformer3DModel`):
+    with Wan's relative RoPE alone it never learns the position and motion words.
     """
     if kind == "image":
         return ToyBaseRecipe(kind="image")
@@ -79,6 +86,7 @@ def default_recipe(kind: str) -> ToyBaseRecipe:
             num_items=24_000,
             sft=SFTConfig(train_text_encoder=False, caption_dropout=0.1),
             text_encoder_from=ToyBaseRecipe(kind="image", steps=900),
+            absolute_positions=True,
         )
     raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
 
@@ -114,7 +122,7 @@ def train_toy_base(recipe: ToyBaseRecipe, out_dir: str | Path, *, progress: bool
     """Train a toy base model from scratch with flow-matching SFT; returns the EMA model folder."""
     out_dir = Path(out_dir)
     torch.manual_seed(recipe.seed)
-    pipe = build_toy_pipeline(recipe.kind, seed=recipe.seed)
+    pipe = build_toy_pipeline(recipe.kind, absolute_positions=recipe.absolute_positions, seed=recipe.seed)
     if recipe.text_encoder_from is not None:
         image_base = toy_base_model("image", recipe=recipe.text_encoder_from, progress=progress)
         # the toy tokenizer covers both kinds' captions, so an image model's text encoder reads clip captions

@@ -1,9 +1,9 @@
-"""Toy base recipes: stable cache keys, and the video recipe's frozen pretrained text encoder."""
+"""Toy base recipes: stable cache keys, the video recipe's frozen pretrained text encoder and positions."""
 
 import torch
 from safetensors.torch import load_file
 
-from flowalign.models.toy import ToyModel, build_toy_pipeline
+from flowalign.models.toy import ToyModel, ToyWanTransformer3DModel, build_toy_pipeline
 from flowalign.toy.base import ToyBaseRecipe, default_recipe, toy_base_model
 from flowalign.training.methods.sft import SFTConfig
 
@@ -16,6 +16,9 @@ def test_cache_keys_of_existing_recipes_do_not_change():
     assert video.key() != ToyBaseRecipe(kind="video", steps=3000).key()  # the text encoder source counts
     assert video.text_encoder_from == ToyBaseRecipe(kind="image", steps=900)  # the demo's image base
     assert video.sft.train_text_encoder is False
+    assert video.absolute_positions is True
+    without = ToyBaseRecipe(**{**video.__dict__, "absolute_positions": False})
+    assert without.key() != video.key()  # the architecture counts
 
 
 def test_video_base_starts_from_the_image_text_encoder_and_keeps_it_frozen(tmp_path, monkeypatch):
@@ -26,6 +29,7 @@ def test_video_base_starts_from_the_image_text_encoder_and_keeps_it_frozen(tmp_p
         kind="video",
         sft=SFTConfig(train_text_encoder=False),
         text_encoder_from=image_recipe,
+        absolute_positions=True,
         **tiny,
     )
     video_dir = toy_base_model("video", recipe=video_recipe, progress=False)
@@ -38,6 +42,7 @@ def test_video_base_starts_from_the_image_text_encoder_and_keeps_it_frozen(tmp_p
         torch.testing.assert_close(video_te[name], weight, rtol=0, atol=0, msg=name)
     model = ToyModel.from_pretrained(video_dir)
     assert model.is_video
+    assert type(model.transformer) is ToyWanTransformer3DModel
     initial = build_toy_pipeline("video", seed=video_recipe.seed).transformer.state_dict()
     trained = model.transformer.state_dict()
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)  # the transformer did train
