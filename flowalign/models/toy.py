@@ -73,10 +73,11 @@ class ToyWanTransformer3DModel(WanTransformer3DModel):
     """``WanTransformer3DModel`` whose tokens also carry their absolute frame, row and column.
 
     Wan positions tokens only through RoPE in self-attention, which is relative: the network is
-    translation-equivariant up to the frame's borders, and a tiny model trained for minutes never
-    learns where "the top left" is, nor which way "moving left" goes. SD3 adds absolute sin-cos
-    positions to its patches; this adds them to Wan's. Weights, config and state-dict keys are
-    Wan's own (the embedding has no parameters), so LoRA, saving and loading work unchanged.
+    translation-equivariant up to the frame's borders, and the toy video base (3,000 steps) never
+    learnt where "the top left" is (held-out position accuracy 0.16, chance 0.20; 0.996 with these
+    positions). SD3 adds absolute sin-cos positions to its patches; this adds them to Wan's. Weights,
+    config and state-dict keys are Wan's own (the embedding has no parameters), so LoRA, saving and
+    loading work unchanged.
     """
 
     @functools.wraps(WanTransformer3DModel.__init__)  # diffusers reads the config keys off this signature

@@ -28,6 +28,7 @@ from flowalign.models.base import FlowModel
 from flowalign.models.toy import ToyModel, build_toy_pipeline
 from flowalign.pipelines import FlowPipeline
 from flowalign.toy.data import ToyDataset
+from flowalign.toy.language import pretrain_on_captions
 from flowalign.toy.oracles import score_images, score_videos
 from flowalign.toy.render import render_images, render_videos
 from flowalign.toy.world import toy_prompts
@@ -54,6 +55,8 @@ class ToyBaseRecipe:
     """Start from the text encoder of the toy image base model of this recipe (None: a fresh one)."""
     absolute_positions: bool = False
     """Videos: give the Wan transformer absolute sin-cos token positions (``ToyWanTransformer3DModel``)."""
+    language_pretraining_steps: int = 0
+    """Pretrain the text encoder on the toy captions first, this many steps (:mod:`flowalign.toy.language`)."""
 
     def key(self) -> str:
         recipe = asdict(self)
@@ -62,6 +65,8 @@ class ToyBaseRecipe:
             del recipe["text_encoder_from"]
         if not recipe["absolute_positions"]:
             del recipe["absolute_positions"]
+        if not recipe["language_pretraining_steps"]:
+            del recipe["language_pretraining_steps"]
         blob = json.dumps({"recipe": recipe, "world": TOY_WORLD_VERSION}, sort_keys=True, default=str)
         return f"toy-{self.kind}-{self.steps}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
@@ -72,9 +77,11 @@ def default_recipe(kind: str) -> ToyBaseRecipe:
     Images: 1,500 steps of 64 images, the text encoder trained jointly. Videos: 3,000 steps of 16 clips
     with a frozen, pretrained text encoder (the 900-step image base's, the demo's), as video models keep
     their pretrained text encoder frozen: trained jointly through cross-attention only, the tiny encoder
-    collapses (prompts become indistinguishable and the model ignores them). The video transformer
-    also gets absolute token positions (:class:`~flowalign.models.toy.ToyWanTransformer3DModel`):
-    with Wan's relative RoPE alone it never learns the position and motion words.
+    collapses (prompts become indistinguishable and the model ignores them). That encoder is first
+    pretrained on the toy language (:mod:`flowalign.toy.language`; image captions alone leave its
+    motion words meaningless), and the video transformer gets absolute token positions
+    (:class:`~flowalign.models.toy.ToyWanTransformer3DModel`): with Wan's relative RoPE alone it never
+    learns the position words.
     """
     if kind == "image":
         return ToyBaseRecipe(kind="image")
@@ -87,6 +94,7 @@ def default_recipe(kind: str) -> ToyBaseRecipe:
             sft=SFTConfig(train_text_encoder=False, caption_dropout=0.1),
             text_encoder_from=ToyBaseRecipe(kind="image", steps=900),
             absolute_positions=True,
+            language_pretraining_steps=600,
         )
     raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
 
@@ -128,6 +136,10 @@ def train_toy_base(recipe: ToyBaseRecipe, out_dir: str | Path, *, progress: bool
         # the toy tokenizer covers both kinds' captions, so an image model's text encoder reads clip captions
         pretrained = type(pipe.text_encoder).from_pretrained(image_base / "text_encoder")
         pipe.text_encoder.load_state_dict(pretrained.state_dict())
+    if recipe.language_pretraining_steps:
+        pretrain_on_captions(
+            pipe.text_encoder, pipe.tokenizer, steps=recipe.language_pretraining_steps, seed=recipe.seed
+        )
     model = ToyModel(pipe)
     method = FlowMatchingSFT(model, recipe.sft)
     data = PrerenderedToy(ToyDataset("train", kind=recipe.kind, num=recipe.num_items, seed=recipe.seed))

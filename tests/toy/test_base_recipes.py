@@ -2,9 +2,11 @@
 
 import torch
 from safetensors.torch import load_file
+from transformers import CLIPTextModelWithProjection
 
 from flowalign.models.toy import ToyModel, ToyWanTransformer3DModel, build_toy_pipeline
 from flowalign.toy.base import ToyBaseRecipe, default_recipe, toy_base_model
+from flowalign.toy.language import pretrain_on_captions
 from flowalign.training.methods.sft import SFTConfig
 
 
@@ -17,6 +19,7 @@ def test_cache_keys_of_existing_recipes_do_not_change():
     assert video.text_encoder_from == ToyBaseRecipe(kind="image", steps=900)  # the demo's image base
     assert video.sft.train_text_encoder is False
     assert video.absolute_positions is True
+    assert video.language_pretraining_steps == 600
     without = ToyBaseRecipe(**{**video.__dict__, "absolute_positions": False})
     assert without.key() != video.key()  # the architecture counts
 
@@ -46,3 +49,25 @@ def test_video_base_starts_from_the_image_text_encoder_and_keeps_it_frozen(tmp_p
     initial = build_toy_pipeline("video", seed=video_recipe.seed).transformer.state_dict()
     trained = model.transformer.state_dict()
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)  # the transformer did train
+
+
+def test_language_pretraining_runs_before_training_and_the_encoder_stays_frozen(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWALIGN_CACHE", str(tmp_path))
+    tiny = dict(steps=2, batch_size=4, num_items=8, warmup_steps=1)
+    image_recipe = ToyBaseRecipe(kind="image", **tiny)
+    video_recipe = ToyBaseRecipe(
+        kind="video",
+        sft=SFTConfig(train_text_encoder=False),
+        text_encoder_from=image_recipe,
+        language_pretraining_steps=3,
+        **tiny,
+    )
+    video_dir = toy_base_model("video", recipe=video_recipe, progress=False)
+    expected = CLIPTextModelWithProjection.from_pretrained(
+        tmp_path / image_recipe.key() / "model" / "text_encoder"
+    )
+    pretrain_on_captions(expected, ToyModel.from_pretrained(video_dir).pipe.tokenizer, steps=3, seed=0)
+    saved = load_file(str(video_dir / "text_encoder" / "model.safetensors"))
+    for name, weight in expected.state_dict().items():
+        if name in saved:
+            torch.testing.assert_close(saved[name], weight, rtol=0, atol=0, msg=name)
