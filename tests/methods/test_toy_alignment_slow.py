@@ -27,10 +27,10 @@ def test_flow_dpo_improves_text_alignment_on_heldout_prompts(tmp_path):
 
 @pytest.mark.slow
 def test_flow_dpo_on_the_toy_video_model_raises_motion_quality(tmp_path):
-    """Measured with 480 pairs, 300 steps of 8: mq +0.032 ± 0.010, vq +0.024 ± 0.008, ta +0.000 ± 0.012.
+    """Measured with these 480 pairs, 300 steps of 8: mq +0.035 ± 0.009, vq +0.022 ± 0.003, ta +0.005 ± 0.003.
 
-    The toy video base is weak at position and motion (ta 0.441), and its own best-of-4 samples rarely
-    get them right, so preference pairs move its quality dimensions but not its text alignment.
+    The toy video base renders colour, size and position right already and its motion words are at
+    chance, so preference pairs move its quality dimensions, not its text alignment.
     """
     torch.set_num_threads(2)
     base = toy_base_model("video")
@@ -40,5 +40,5 @@ def test_flow_dpo_on_the_toy_video_model_raises_motion_quality(tmp_path):
     before, after = evaluate_toy(base, batch_size=64), evaluate_toy(tuned, batch_size=64)
     diff = after.scores["mq"] - before.scores["mq"]
     assert diff.mean() > 2 * diff.std() / diff.numel() ** 0.5, diff.mean()
-    assert after.scores["vq"].mean() >= before.scores["vq"].mean() - 0.05
-    assert after.scores["ta"].mean() >= before.scores["ta"].mean() - 0.03
+    assert after.scores["vq"].mean() > before.scores["vq"].mean()
+    assert after.scores["ta"].mean() >= before.scores["ta"].mean() - 0.01
