@@ -26,11 +26,11 @@ def test_flow_dpo_improves_text_alignment_on_heldout_prompts(tmp_path):
 
 
 @pytest.mark.slow
-def test_flow_dpo_on_the_toy_video_model_raises_motion_quality(tmp_path):
-    """Measured with these 480 pairs, 300 steps of 8: mq +0.035 ± 0.009, vq +0.022 ± 0.003, ta +0.005 ± 0.003.
+def test_flow_dpo_on_the_toy_video_model_raises_visual_and_motion_quality(tmp_path):
+    """Measured with these 480 pairs, 300 steps of 8: vq +0.022 ± 0.003, mq +0.023 ± 0.010, ta −0.005 ± 0.003.
 
-    The toy video base renders colour, size and position right already and its motion words are at
-    chance, so preference pairs move its quality dimensions, not its text alignment.
+    The 6,000-step toy video base renders colour, position, size and motion right already (ta 0.884);
+    preference pairs move its quality dimensions, not its text alignment.
     """
     torch.set_num_threads(2)
     base = toy_base_model("video")
@@ -38,7 +38,7 @@ def test_flow_dpo_on_the_toy_video_model_raises_motion_quality(tmp_path):
     budget = AlignBudget(steps=300, batch_size=8, lr=3e-4)
     tuned = train_toy_dpo(base, pairs, tmp_path / "dpo", budget, DPOConfig(beta=5000.0), progress=False)
     before, after = evaluate_toy(base, batch_size=64), evaluate_toy(tuned, batch_size=64)
-    diff = after.scores["mq"] - before.scores["mq"]
+    diff = after.scores["vq"] - before.scores["vq"]
     assert diff.mean() > 2 * diff.std() / diff.numel() ** 0.5, diff.mean()
-    assert after.scores["vq"].mean() > before.scores["vq"].mean()
-    assert after.scores["ta"].mean() >= before.scores["ta"].mean() - 0.01
+    assert after.scores["mq"].mean() > before.scores["mq"].mean()
+    assert after.scores["ta"].mean() >= before.scores["ta"].mean() - 0.02
