@@ -252,9 +252,8 @@ def _read_gif(path: Path, max_frames: int | None) -> list[np.ndarray]:
 def _read_npy(path: Path, max_frames: int | None) -> Tensor:
     try:
         arr = np.load(path, allow_pickle=False, mmap_mode="r")
-    except (
-        Exception
-    ) as exc:  # numpy's header parser raises many kinds (SyntaxError, TokenError, OverflowError)
+    # numpy's header parser raises many kinds (SyntaxError, TokenError, OverflowError)
+    except Exception as exc:
         raise MediaError(path, f"cannot read .npy array ({exc})") from exc
     if arr.ndim != 4:
         raise MediaError(path, f"expected a 4-D array [T,H,W,3] or [T,3,H,W], got shape {tuple(arr.shape)}")

@@ -60,13 +60,9 @@ class ToyBaseRecipe:
 
     def key(self) -> str:
         recipe = asdict(self)
-        # recipes from before these fields keep their cache key
-        if recipe["text_encoder_from"] is None:
-            del recipe["text_encoder_from"]
-        if not recipe["absolute_positions"]:
-            del recipe["absolute_positions"]
-        if not recipe["language_pretraining_steps"]:
-            del recipe["language_pretraining_steps"]
+        for added_later in ("text_encoder_from", "absolute_positions", "language_pretraining_steps"):
+            if not recipe[added_later]:  # off (None, False, 0): recipes from before the field keep their key
+                del recipe[added_later]
         blob = json.dumps({"recipe": recipe, "world": TOY_WORLD_VERSION}, sort_keys=True, default=str)
         return f"toy-{self.kind}-{self.steps}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 

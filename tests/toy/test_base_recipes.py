@@ -24,17 +24,23 @@ def test_cache_keys_of_existing_recipes_do_not_change():
     assert without.key() != video.key()  # the architecture counts
 
 
-def test_video_base_starts_from_the_image_text_encoder_and_keeps_it_frozen(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLOWALIGN_CACHE", str(tmp_path))
+def _tiny_recipes(**video_fields) -> tuple[ToyBaseRecipe, ToyBaseRecipe]:
+    """A 2-step image recipe and a 2-step video recipe reading its frozen text encoder."""
     tiny = dict(steps=2, batch_size=4, num_items=8, warmup_steps=1)
     image_recipe = ToyBaseRecipe(kind="image", **tiny)
     video_recipe = ToyBaseRecipe(
         kind="video",
         sft=SFTConfig(train_text_encoder=False),
         text_encoder_from=image_recipe,
-        absolute_positions=True,
+        **video_fields,
         **tiny,
     )
+    return image_recipe, video_recipe
+
+
+def test_video_base_starts_from_the_image_text_encoder_and_keeps_it_frozen(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWALIGN_CACHE", str(tmp_path))
+    image_recipe, video_recipe = _tiny_recipes(absolute_positions=True)
     video_dir = toy_base_model("video", recipe=video_recipe, progress=False)
     image_dir = tmp_path / image_recipe.key() / "model"
     assert (image_dir / "model_index.json").is_file()  # trained on the way
@@ -53,21 +59,13 @@ def test_video_base_starts_from_the_image_text_encoder_and_keeps_it_frozen(tmp_p
 
 def test_language_pretraining_runs_before_training_and_the_encoder_stays_frozen(tmp_path, monkeypatch):
     monkeypatch.setenv("FLOWALIGN_CACHE", str(tmp_path))
-    tiny = dict(steps=2, batch_size=4, num_items=8, warmup_steps=1)
-    image_recipe = ToyBaseRecipe(kind="image", **tiny)
-    video_recipe = ToyBaseRecipe(
-        kind="video",
-        sft=SFTConfig(train_text_encoder=False),
-        text_encoder_from=image_recipe,
-        language_pretraining_steps=3,
-        **tiny,
-    )
+    image_recipe, video_recipe = _tiny_recipes(language_pretraining_steps=3)
     video_dir = toy_base_model("video", recipe=video_recipe, progress=False)
     expected = CLIPTextModelWithProjection.from_pretrained(
         tmp_path / image_recipe.key() / "model" / "text_encoder"
     )
     pretrain_on_captions(expected, ToyModel.from_pretrained(video_dir).pipe.tokenizer, steps=3, seed=0)
     saved = load_file(str(video_dir / "text_encoder" / "model.safetensors"))
+    assert saved.keys() == expected.state_dict().keys()
     for name, weight in expected.state_dict().items():
-        if name in saved:
-            torch.testing.assert_close(saved[name], weight, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(saved[name], weight, rtol=0, atol=0, msg=name)
