@@ -503,6 +503,9 @@ def pairs(
     guidance_scale: Annotated[float | None, typer.Option()] = None,
     seed: Annotated[int, typer.Option()] = 0,
     batch_size: Annotated[int, typer.Option()] = 32,
+    video_format: Annotated[
+        str, typer.Option(help="Video files: mp4 (lossy) or npy (exact frames, for tiny clips).")
+    ] = "mp4",
     device: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Build a preference dataset from a model: K samples per prompt, scored, best vs worst."""
@@ -536,6 +539,7 @@ def pairs(
             guidance_scale=guidance_scale,
             num_inference_steps=steps,
             batch_size=batch_size,
+            video_ext="." + video_format.lstrip("."),
         )
         _, chosen = build_pairs(flow_model, prompt_list, combiner.score, out, config)
     except USER_ERRORS as err:

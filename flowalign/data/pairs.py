@@ -23,6 +23,7 @@ from flowalign.pipelines.text_to_media import FlowPipeline
 
 CANDIDATES = "candidates.jsonl"
 PAIRS = "pairs.jsonl"
+VIDEO_EXTS = (".mp4", ".npy")
 
 
 @dataclass
@@ -40,6 +41,11 @@ class PairsConfig:
     guidance_scale: float | None = None
     num_inference_steps: int | None = None
     batch_size: int = 64
+    video_ext: str = ".mp4"
+    """File type of video candidates and pairs: ".mp4" (H.264, lossy, what players show) or ".npy"
+    (the exact uint8 frames). Use ".npy" for clips so small that codec artefacts change what the
+    reward measured (the toy world's 32x32 clips lose 40 % of their pairs' visual-quality margin in
+    an MP4); images are always lossless PNG."""
 
     def __post_init__(self) -> None:
         if self.num_candidates < 2:
@@ -48,6 +54,8 @@ class PairsConfig:
             raise ValueError(f"mode must be 'best_worst' or 'all', got {self.mode!r}")
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if self.video_ext not in VIDEO_EXTS:
+            raise ValueError(f"video_ext must be one of {VIDEO_EXTS}, got {self.video_ext!r}")
 
 
 @dataclass
@@ -65,7 +73,11 @@ class Candidates:
 def sample_candidates(
     model: FlowModel, prompts: list[str], config: PairsConfig, *, progress: bool = True
 ) -> Candidates:
-    """K samples per prompt (prompt-major order), each with its own seeded generator."""
+    """K samples per prompt (prompt-major order), each with its own seeded generator.
+
+    The media are rounded to the 8-bit grid the files store, so scores computed on them are the
+    scores of the lossless files (PNG, ``.npy``) and a dataset read back trains on the same pixels.
+    """
     if not prompts:
         raise ValueError("no prompts to build pairs from")
     k = config.num_candidates
@@ -80,10 +92,15 @@ def sample_candidates(
             guidance_scale=config.guidance_scale,
             num_inference_steps=config.num_inference_steps,
         )
-        media.append(out.media.float().cpu())
+        media.append(quantize_to_uint8_grid(out.media.float().cpu()))
     return Candidates(
         prompts=[p for p, _ in jobs], seeds=[s for _, s in jobs], media=torch.cat(media), scores={}
     )
+
+
+def quantize_to_uint8_grid(media: Tensor) -> Tensor:
+    """round(255 x) / 255: the values an 8-bit file holds (what ``save_media`` writes)."""
+    return (media.clamp(0.0, 1.0) * 255.0).round() / 255.0
 
 
 def choose_pairs(overall: Tensor, num_candidates: int, *, mode: str = "best_worst", margin: float = 0.0):
@@ -119,7 +136,7 @@ def build_pairs(
 ) -> tuple[Candidates, list[tuple[int, int]]]:
     """Sample, score (``score_fn(media, prompts) -> {dim: [N], "overall": [N]}``), pick pairs, write files.
 
-    Writes ``out_dir/candidates/*.png|mp4`` + ``candidates.jsonl`` (every candidate with its scores,
+    Writes ``out_dir/candidates/*.png|mp4|npy`` + ``candidates.jsonl`` (every candidate with its scores,
     Flow-RWR's data) and ``pairs.jsonl`` + media (a preference dataset ``load_preference_dataset``
     reads). Returns the candidates and the chosen (winner, loser) indices.
     """
@@ -134,7 +151,7 @@ def build_pairs(
     )
     if not chosen:
         raise ValueError(f"no pairs: all {ties} candidate groups were ties within margin {config.margin}")
-    ext = ".mp4" if cand.media.ndim == 5 else ".png"
+    ext = config.video_ext if cand.media.ndim == 5 else ".png"
     (out_dir / "candidates").mkdir(parents=True, exist_ok=True)
     with atomic_write(out_dir / CANDIDATES) as tmp, open(tmp, "w") as sink:
         for i, (prompt, seed) in enumerate(zip(cand.prompts, cand.seeds, strict=True)):
@@ -162,7 +179,7 @@ def build_pairs(
         }
         for w, l_ in chosen
     ]
-    write_preference_jsonl(out_dir, rows, filename=PAIRS, overwrite=True)
+    write_preference_jsonl(out_dir, rows, filename=PAIRS, video_ext=config.video_ext, overwrite=True)
     (out_dir / "pairs_config.json").write_text(
         json.dumps({**asdict(config), "num_pairs": len(chosen), "ties_skipped": ties}, indent=2)
     )

@@ -61,6 +61,8 @@ def toy_pairs(
     """Best-vs-worst pairs of the base model's samples on training prompts, ranked by the oracles.
 
     Images are ranked by ta + vq and videos by ta + vq + mq unless ``weights`` says otherwise.
+    Clips are stored as exact ``.npy`` frames, so pairs read back by :func:`toy_pairs_cached` hold
+    the pixels the oracles scored.
     """
     model = load_flow_model(base_dir)
     kind = "video" if model.is_video else "image"
@@ -75,6 +77,7 @@ def toy_pairs(
         guidance_scale=guidance_scale,
         num_inference_steps=num_inference_steps,
         batch_size=128,
+        video_ext=".npy",  # 32x32 clips: an MP4 would change what the oracles ranked
     )
     candidates, chosen = build_pairs(model, prompts, combiner.score, out_dir, cfg, progress=progress)
     return ToyPairs(candidates, chosen)

@@ -121,6 +121,14 @@ def test_pairs_cli_reports_when_every_group_ties(tiny_toy, tmp_path):
     assert res.exit_code != 0 and "all 2 candidate groups were ties" in res.output
 
 
+def test_pairs_cli_rejects_an_unknown_video_format(tiny_toy, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a small red circle in the center\n")
+    args = ["pairs", "--model", str(tiny_toy), "--out", str(tmp_path / "p"), "--reward", "toy"]
+    res = runner.invoke(app, [*args, "--prompts-file", str(prompts), "--video-format", "avi"])
+    assert res.exit_code != 0 and "video_ext must be one of" in res.output
+
+
 def test_pairs_then_dpo_and_rwr_from_the_cli(tiny_toy, tmp_path):
     def brightness(media, prompts):
         b = media.flatten(1).mean(1)

@@ -7,6 +7,7 @@ import torch
 
 from flowalign.data.pairs import PairsConfig, build_pairs, choose_pairs
 from flowalign.data.preference import load_preference_dataset
+from flowalign.models import load_flow_model
 
 
 def test_choose_best_worst_and_ties():
@@ -45,3 +46,48 @@ def test_build_pairs_writes_a_loadable_dataset(toy_model, tmp_path):
     assert pair.prompt == prompts[0]
     assert pair.media_w.mean() > pair.media_l.mean()  # the winner is the brighter one
     assert (tmp_path / "pairs" / "candidates.jsonl").read_text().count("\n") == 6
+
+
+def test_video_ext_is_validated():
+    with pytest.raises(ValueError, match="video_ext"):
+        PairsConfig(video_ext=".avi")
+
+
+def _bright(media, prompts):
+    bright = media.flatten(1).mean(1)
+    return {"bright": bright, "overall": bright}
+
+
+@pytest.fixture(scope="module")
+def tiny_video_model(tmp_path_factory):
+    from flowalign.models.toy import build_toy_pipeline
+
+    folder = tmp_path_factory.mktemp("toy-video-pairs")
+    pipe = build_toy_pipeline("video", width=32, num_layers=1, text_width=32, seed=3, num_frames=4)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return load_flow_model(folder)
+
+
+def test_npy_video_pairs_read_back_the_pixels_that_were_scored(tiny_video_model, tmp_path):
+    """Candidates lie on the 8-bit grid, so .npy files, the scores and the returned media all agree."""
+    from flowalign.toy.alignment import load_toy_pairs
+
+    cfg = PairsConfig(num_candidates=2, num_inference_steps=2, batch_size=4, video_ext=".npy")
+    prompts = ["a small red circle in the center moving right", "a large blue square in the top left"]
+    cand, chosen = build_pairs(tiny_video_model, prompts, _bright, tmp_path, cfg, progress=False)
+    assert torch.equal(cand.media, (cand.media * 255).round() / 255)
+    back = load_toy_pairs(tmp_path)
+    assert torch.equal(back.candidates.media, cand.media)
+    assert back.chosen == chosen
+    assert torch.equal(_bright(back.candidates.media, None)["overall"], cand.scores["overall"])
+    pair = load_preference_dataset(tmp_path / "pairs.jsonl")[0]
+    w, l_ = chosen[0]
+    assert torch.equal(pair.media_w, cand.media[w]) and torch.equal(pair.media_l, cand.media[l_])
+
+
+def test_mp4_video_pairs_are_the_default(tiny_video_model, tmp_path):
+    cfg = PairsConfig(num_candidates=2, num_inference_steps=2, batch_size=4)
+    build_pairs(
+        tiny_video_model, ["a small red circle in the center"], _bright, tmp_path, cfg, progress=False
+    )
+    assert sorted(p.suffix for p in (tmp_path / "candidates").iterdir()) == [".mp4", ".mp4"]
