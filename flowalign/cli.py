@@ -548,6 +548,32 @@ def pairs(
 
 
 @app.command()
+def rechoose(
+    folder: Annotated[Path, typer.Argument(help="A folder written by 'flowalign pairs'.")],
+    weights: Annotated[str, typer.Option(help="New dimension weights, e.g. ta=1 or ta=1,vq=0.1.")],
+    out_file: Annotated[str, typer.Option(help="Name of the new pairs jsonl inside FOLDER.")],
+    mode: Annotated[str, typer.Option(help="best_worst or all.")] = "best_worst",
+    margin: Annotated[float, typer.Option(help="Minimum weighted-score gap for a pair.")] = 0.0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT_FILE.")] = False,
+) -> None:
+    """Choose pairs again from scored candidates with new weights, without sampling them again."""
+    from flowalign.data.pairs import rechoose_pairs
+
+    try:
+        path, chosen = rechoose_pairs(
+            folder,
+            _parse_weights(weights) or {},
+            filename=out_file,
+            mode=mode,
+            margin=margin,
+            overwrite=overwrite,
+        )
+    except USER_ERRORS as err:
+        fail(str(err).splitlines()[0])
+    typer.echo(f"wrote {len(chosen)} pairs to {path}")
+
+
+@app.command()
 def score(
     reward: Annotated[str, typer.Option(help="Reward names, comma separated; options as name:key=value.")],
     media: Annotated[list[str], typer.Option(help="A manifest.jsonl, a folder, or files (repeat).")],

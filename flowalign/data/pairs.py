@@ -16,13 +16,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flowalign.data.errors import DataError
 from flowalign.data.media import atomic_write, save_media
 from flowalign.data.preference import write_preference_jsonl
 from flowalign.models.base import FlowModel
 from flowalign.pipelines.text_to_media import FlowPipeline
+from flowalign.rewards.combine import NORM_SUFFIX
 
 CANDIDATES = "candidates.jsonl"
 PAIRS = "pairs.jsonl"
+PAIRS_CONFIG = "pairs_config.json"
 VIDEO_EXTS = (".mp4", ".npy")
 
 
@@ -180,7 +183,132 @@ def build_pairs(
         for w, l_ in chosen
     ]
     write_preference_jsonl(out_dir, rows, filename=PAIRS, video_ext=config.video_ext, overwrite=True)
-    (out_dir / "pairs_config.json").write_text(
+    (out_dir / PAIRS_CONFIG).write_text(
         json.dumps({**asdict(config), "num_pairs": len(chosen), "ties_skipped": ties}, indent=2)
     )
     return cand, chosen
+
+
+def read_candidate_scores(folder: str | Path) -> tuple[list[dict], int]:
+    """The rows of ``folder/candidates.jsonl`` and K, as :func:`build_pairs` wrote them.
+
+    Raises:
+        DataError: a missing file, a line that is not JSON or lacks ``prompt``/``file``/``scores``,
+            rows out of order, or a row count that is not a multiple of K (naming file and line).
+    """
+    folder = Path(folder)
+    config_path, jsonl = folder / PAIRS_CONFIG, folder / CANDIDATES
+    for path in (config_path, jsonl):
+        if not path.is_file():
+            raise DataError(path, "not found: give a folder written by 'flowalign pairs'")
+    try:
+        k = int(json.loads(config_path.read_text())["num_candidates"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(config_path, f"cannot read num_candidates ({exc})") from None
+    rows = []
+    for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(jsonl, f"not JSON ({exc.msg})", where=where) from None
+        missing = [key for key in ("prompt", "file", "scores") if key not in row]
+        if missing:
+            raise DataError(jsonl, f"missing {missing}", where=where)
+        if row.get("id", len(rows)) != len(rows):
+            raise DataError(jsonl, f"id {row.get('id')} out of order (expected {len(rows)})", where=where)
+        rows.append(row)
+    if not rows or len(rows) % k:
+        raise DataError(jsonl, f"{len(rows)} candidates is not a positive multiple of K = {k}")
+    return rows, k
+
+
+def rechoose_pairs(
+    folder: str | Path,
+    weights: dict[str, float],
+    *,
+    filename: str,
+    mode: str = "best_worst",
+    margin: float = 0.0,
+    overwrite: bool = False,
+) -> tuple[Path, list[tuple[int, int]]]:
+    """Choose pairs again from candidates :func:`build_pairs` sampled and scored, with new weights.
+
+    Sampling is the expensive part of building pairs; ranking is not. The stored per-dimension
+    scores are mixed again,
+
+        overall_i = sum_d w_d * s_{i,d}    (s_{i,d}: the normalised "d_norm" when stored, else "d"),
+
+    pairs are chosen as :func:`choose_pairs` does, and ``folder/filename`` is written: a preference
+    jsonl (:func:`~flowalign.data.preference.load_preference_dataset` reads it) whose rows point at
+    the candidates' own files, so nothing is copied or re-encoded. The choice is recorded in
+    ``folder/<stem>_config.json``.
+
+    Args:
+        folder: a folder written by :func:`build_pairs` (``candidates.jsonl``, ``pairs_config.json``).
+        weights: ``{dimension: weight}``, e.g. ``{"ta": 1.0}`` to rank by text alignment alone.
+        filename: the new jsonl's name inside ``folder``.
+        mode: ``"best_worst"`` or ``"all"`` (every pair over the margin).
+        margin: minimum gap in ``overall`` for a pair.
+        overwrite: replace an existing ``filename`` (otherwise refuse).
+
+    Returns:
+        The jsonl's path and the (winner, loser) candidate indices.
+
+    Raises:
+        FileExistsError: ``filename`` exists and ``overwrite`` is False.
+        DataError: as :func:`read_candidate_scores`, a dimension no candidate row has (naming the line
+            and the dimensions it has), or no pair over the margin.
+    """
+    folder = Path(folder)
+    target = folder / filename
+    if target.suffix != ".jsonl" or target.parent != folder:
+        raise ValueError(f"filename must be a plain name ending in .jsonl, got {filename!r}")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+    if not weights:
+        raise ValueError("give at least one dimension weight, e.g. {'ta': 1.0}")
+    PairsConfig(num_candidates=2, mode=mode, margin=margin)  # validates mode and margin
+    rows, k = read_candidate_scores(folder)
+    overall = torch.zeros(len(rows), dtype=torch.float64)
+    for i, row in enumerate(rows):
+        for dim, weight in weights.items():
+            value = row["scores"].get(dim + NORM_SUFFIX, row["scores"].get(dim))
+            if value is None:
+                raise DataError(
+                    folder / CANDIDATES,
+                    f"no score {dim!r}; the candidates have {sorted(row['scores'])}",
+                    where=f"line {i + 1}",
+                )
+            overall[i] += weight * float(value)
+    chosen, ties = choose_pairs(overall, k, mode=mode, margin=margin)
+    if not chosen:
+        raise DataError(
+            folder / CANDIDATES, f"no pairs: all {ties} candidate pairs were ties within {margin}"
+        )
+    with atomic_write(target) as tmp, open(tmp, "w", encoding="utf-8") as sink:
+        for w, l_ in chosen:
+            record = {
+                "prompt": rows[w]["prompt"],
+                "path_A": rows[w]["file"],
+                "path_B": rows[l_]["file"],
+                "label": "A",
+                "meta": {
+                    "candidate_w": w,
+                    "candidate_l": l_,
+                    "reward_w": float(overall[w]),
+                    "reward_l": float(overall[l_]),
+                },
+            }
+            sink.write(json.dumps(record) + "\n")
+    choice = {
+        "weights": weights,
+        "mode": mode,
+        "margin": margin,
+        "num_pairs": len(chosen),
+        "ties_skipped": ties,
+    }
+    (folder / f"{target.stem}_config.json").write_text(json.dumps(choice, indent=2))
+    return target, chosen

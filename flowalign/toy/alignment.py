@@ -83,8 +83,12 @@ def toy_pairs(
     return ToyPairs(candidates, chosen)
 
 
-def load_toy_pairs(out_dir: str | Path) -> ToyPairs:
-    """Read back what :func:`toy_pairs` wrote (candidates.jsonl + pairs.jsonl) without sampling again."""
+def load_toy_pairs(out_dir: str | Path, pairs_file: str = "pairs.jsonl") -> ToyPairs:
+    """Read back what :func:`toy_pairs` wrote (candidates.jsonl + pairs.jsonl) without sampling again.
+
+    ``pairs_file`` may name another choice of pairs from the same candidates
+    (:func:`flowalign.data.pairs.rechoose_pairs`).
+    """
     from flowalign.data.media import load_media
 
     out_dir = Path(out_dir)
@@ -95,9 +99,7 @@ def load_toy_pairs(out_dir: str | Path) -> ToyPairs:
     scores = {k: torch.tensor([row["scores"][k] for row in rows]) for k in rows[0]["scores"]}
     candidates = Candidates([row["prompt"] for row in rows], [row["seed"] for row in rows], media, scores)
     pairs = [
-        json.loads(line)["meta"]
-        for line in (out_dir / "pairs.jsonl").read_text().splitlines()
-        if line.strip()
+        json.loads(line)["meta"] for line in (out_dir / pairs_file).read_text().splitlines() if line.strip()
     ]
     return ToyPairs(candidates, [(m["candidate_w"], m["candidate_l"]) for m in pairs])
 

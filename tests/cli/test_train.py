@@ -129,6 +129,21 @@ def test_pairs_cli_rejects_an_unknown_video_format(tiny_toy, tmp_path):
     assert res.exit_code != 0 and "video_ext must be one of" in res.output
 
 
+def test_rechoose_from_the_cli(tiny_toy, tmp_path):
+    def bright_and_dark(media, prompts):
+        b = media.flatten(1).mean(1)
+        return {"bright": b, "dark": 1 - b, "overall": b}
+
+    tiny_pairs(tiny_toy, tmp_path / "p", bright_and_dark)
+    res = runner.invoke(
+        app, ["rechoose", str(tmp_path / "p"), "--weights", "dark=1", "--out-file", "dark.jsonl"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "wrote 2 pairs" in res.output and (tmp_path / "p" / "dark.jsonl").is_file()
+    res = runner.invoke(app, ["rechoose", str(tmp_path / "p"), "--weights", "ta=1", "--out-file", "ta.jsonl"])
+    assert res.exit_code != 0 and "line 1: no score 'ta'" in res.output
+
+
 def test_pairs_then_dpo_and_rwr_from_the_cli(tiny_toy, tmp_path):
     def brightness(media, prompts):
         b = media.flatten(1).mean(1)

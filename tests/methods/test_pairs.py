@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -91,3 +93,60 @@ def test_mp4_video_pairs_are_the_default(tiny_video_model, tmp_path):
         tiny_video_model, ["a small red circle in the center"], _bright, tmp_path, cfg, progress=False
     )
     assert sorted(p.suffix for p in (tmp_path / "candidates").iterdir()) == [".mp4", ".mp4"]
+
+
+def _bright_and_dark(media, prompts):
+    bright = media.flatten(1).mean(1)
+    return {"bright": bright, "dark": 1 - bright, "overall": bright}
+
+
+@pytest.fixture()
+def scored_folder(toy_model, tmp_path):
+    cfg = PairsConfig(num_candidates=3, num_inference_steps=2, batch_size=6)
+    prompts = ["a small red circle in the center", "a large blue square in the top left"]
+    cand, chosen = build_pairs(toy_model, prompts, _bright_and_dark, tmp_path, cfg, progress=False)
+    return tmp_path, cand, chosen
+
+
+def test_rechoose_ranks_the_stored_scores_again_without_copying_media(scored_folder):
+    from flowalign.data.pairs import rechoose_pairs
+    from flowalign.toy.alignment import load_toy_pairs
+
+    folder, cand, chosen = scored_folder
+    before = (folder / "pairs.jsonl").read_text()
+    path, dark = rechoose_pairs(folder, {"dark": 1.0}, filename="pairs_dark.jsonl")
+    assert dark == [(l_, w) for w, l_ in chosen]  # best and worst swap places
+    assert (folder / "pairs.jsonl").read_text() == before
+    data = load_preference_dataset(path)
+    w, l_ = dark[0]
+    assert torch.equal(data[0].media_w, cand.media[w]) and torch.equal(data[0].media_l, cand.media[l_])
+    assert json.loads(path.read_text().splitlines()[0])["path_A"].startswith("candidates/")
+    assert json.loads((folder / "pairs_dark_config.json").read_text())["weights"] == {"dark": 1.0}
+    assert load_toy_pairs(folder, "pairs_dark.jsonl").chosen == dark
+
+
+def test_rechoose_all_pairs_over_a_margin_matches_choose_pairs(scored_folder):
+    from flowalign.data.pairs import rechoose_pairs
+
+    folder, cand, _ = scored_folder
+    _, pairs = rechoose_pairs(folder, {"bright": 2.0}, filename="all.jsonl", mode="all", margin=0.001)
+    assert pairs == choose_pairs(2.0 * cand.scores["bright"].double(), 3, mode="all", margin=0.001)[0]
+
+
+def test_rechoose_errors_name_the_problem(scored_folder, tmp_path_factory):
+    from flowalign.data.errors import DataError
+    from flowalign.data.pairs import rechoose_pairs
+
+    folder, _, _ = scored_folder
+    with pytest.raises(DataError, match=r"candidates.jsonl: line 1: no score 'ta'.*bright"):
+        rechoose_pairs(folder, {"ta": 1.0}, filename="ta.jsonl")
+    with pytest.raises(FileExistsError, match="pairs.jsonl exists"):
+        rechoose_pairs(folder, {"dark": 1.0}, filename="pairs.jsonl")
+    with pytest.raises(DataError, match="pairs_config.json: not found"):
+        rechoose_pairs(tmp_path_factory.mktemp("empty"), {"dark": 1.0}, filename="x.jsonl")
+    with pytest.raises(ValueError, match="plain name ending in .jsonl"):
+        rechoose_pairs(folder, {"dark": 1.0}, filename="../x.jsonl")
+    lines = (folder / "candidates.jsonl").read_text().splitlines()
+    (folder / "candidates.jsonl").write_text("\n".join([lines[0], "{broken", *lines[2:]]) + "\n")
+    with pytest.raises(DataError, match="candidates.jsonl: line 2: not JSON"):
+        rechoose_pairs(folder, {"dark": 1.0}, filename="x.jsonl")
