@@ -117,6 +117,24 @@ def test_rwr_with_equal_rewards_equals_flow_matching(toy_model):
     torch.testing.assert_close(rwr_loss, sft_loss)
 
 
+def test_rwr_caption_dropout_drops_the_prompts_sft_drops(toy_model):
+    """Equal rewards and the same dropout: RWR is SFT, empty prompts included; dropout changes the loss."""
+    media = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    data = WeightedSamples(media, [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2, torch.zeros(4), RWRConfig())
+    items = [data[i] for i in range(4)]
+    batch = torch.utils.data.default_collate(items)
+    losses = {}
+    for p in (0.0, 0.5, 1.0):
+        rwr = FlowRWR(toy_model, RWRConfig(caption_dropout=p))
+        losses[p], _ = rwr.compute_loss(batch, _ctx(rwr), "main")
+        sft = FlowMatchingSFT(toy_model, SFTConfig(caption_dropout=p))
+        sft_loss, _ = sft.compute_loss(sft.collate(items), _ctx(sft), "main")
+        torch.testing.assert_close(losses[p], sft_loss)
+    assert not torch.allclose(losses[0.0], losses[1.0])
+    with pytest.raises(ValueError, match="caption_dropout"):
+        RWRConfig(caption_dropout=1.5)
+
+
 def test_rwr_weights_favour_higher_reward_within_group():
     media = torch.rand(4, 3, 8, 8)
     data = WeightedSamples(

@@ -39,7 +39,14 @@ class RWRConfig:
     """beta in exp(r / beta): small favours the best sample of each group, large tends to plain SFT."""
     max_weight: float | None = 5.0
     """Clip of the self-normalised weights (bounds the gradient variance)."""
+    caption_dropout: float = 0.0
+    """Probability of training a sample with the empty prompt, so the unconditional prediction that
+    classifier-free guidance subtracts moves with the conditional one (base training's 0.1 is typical)."""
     time: TimeSampling = field(default_factory=TimeSampling)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must lie in [0, 1], got {self.caption_dropout}")
 
 
 class WeightedSamples(Dataset):
@@ -89,7 +96,9 @@ class FlowRWR(Method):
         noise = ctx.randn_like(x0, ids, key="noise")
         t = sample_training_t(self.config.time, ids, ctx)
         x_t = flow.interpolate(x0, noise, t)
-        cond = encode_frozen_prompts(self.model, list(batch["prompt"]))
+        drop = ctx.rand((), ids, key="caption_dropout") < self.config.caption_dropout
+        prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist(), strict=True)]
+        cond = encode_frozen_prompts(self.model, prompts)
         v = self.model.velocity(x_t, t, cond, net=ctx.module("transformer"))
         err = per_sample_mse(v.float(), flow.velocity_target(x0, noise).float())
         loss, metrics = flow_rwr_loss(err, batch["weight"].float())
