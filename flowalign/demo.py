@@ -55,6 +55,9 @@ class DemoConfig:
     dpo_steps: int = 300
     dpo_beta: float = 5000.0
     dpo_lr: float = 3e-4
+    dpo_baseline_guidance: float | None = 4.0
+    """The dpo stage also evaluates the base at this guidance scale: more guidance buys text alignment
+    with visual quality, so this is the trade-off Flow-DPO has to beat (None skips it)."""
     nrg_strength: float = 1.0
     """Flow-NRG guidance strength w of the "nrg" stage."""
     nrg_counterfactual_pairs: int = 1024
@@ -198,6 +201,21 @@ def stage_dpo(config: DemoConfig, report: DemoReport, base_dir: Path, *, progres
         f"{config.dpo_prompts} training prompts), {config.dpo_steps} LoRA steps, constant beta "
         f"{config.dpo_beta:g}, lr {config.dpo_lr:g}",
     )
+    if config.dpo_baseline_guidance is not None:
+        baseline, seconds = _timed(
+            evaluate_toy,
+            base_dir,
+            num_samples=config.num_samples,
+            guidance_scale=config.dpo_baseline_guidance,
+            num_inference_steps=config.num_inference_steps,
+        )
+        report.add(
+            f"base-guidance-{config.dpo_baseline_guidance:g}",
+            baseline,
+            seconds=seconds,
+            note=f"the base sampled with guidance {config.dpo_baseline_guidance:g} instead of "
+            f"{config.guidance_scale:g}: what more guidance alone buys, the baseline Flow-DPO has to beat",
+        )
     return model_dir
 
 

@@ -54,3 +54,33 @@ def test_nrg_stage_writes_gains_plot_and_notes(tmp_path, monkeypatch):
         and f"ta {gain:+.3f} ± {se:.3f}" in note
     )
     assert (tmp_path / "out" / "nrg" / "summary.md").is_file()
+
+
+def test_dpo_stage_adds_the_base_at_more_guidance(tmp_path, monkeypatch):
+    """Flow-DPO's row comes with the base sampled at more guidance, the trade-off DPO has to beat."""
+    from flowalign.data.pairs import PairsConfig, build_pairs
+    from flowalign.models import load_flow_model
+    from flowalign.toy import alignment
+    from flowalign.toy.world import toy_prompts
+
+    def brightness_pairs(base_dir, out_dir, **kwargs):  # an untrained base ties on the oracles
+        def bright(media, prompts):
+            b = media.flatten(1).mean(1)
+            return {"bright": b, "overall": b}
+
+        cfg = PairsConfig(num_candidates=2, num_inference_steps=2)
+        cand, chosen = build_pairs(
+            load_flow_model(base_dir), toy_prompts("train")[:16], bright, out_dir, cfg, progress=False
+        )
+        return alignment.ToyPairs(cand, chosen)
+
+    monkeypatch.setattr(alignment, "toy_pairs_cached", brightness_pairs)
+    base = save_toy_model(tmp_path / "toy", "image", width=32, num_layers=1)
+    config = demo.DemoConfig(
+        out_dir=tmp_path / "out", num_samples=4, num_inference_steps=2, dpo_steps=2, dpo_baseline_guidance=5.0
+    )
+    report = demo.DemoReport(config.out_dir)
+    demo.stage_dpo(config, report, base, progress=False)
+    assert list(report.rows) == ["flow-dpo", "base-guidance-5"]
+    assert (tmp_path / "out" / "grid_base-guidance-5.png").is_file()
+    assert "guidance 5 instead of 3" in (tmp_path / "out" / "summary.md").read_text()
