@@ -244,7 +244,7 @@ def rechoose_pairs(
     pairs are chosen as :func:`choose_pairs` does, and ``folder/filename`` is written: a preference
     jsonl (:func:`~flowalign.data.preference.load_preference_dataset` reads it) whose rows point at
     the candidates' own files, so nothing is copied or re-encoded. The choice is recorded in
-    ``folder/<stem>_config.json``.
+    ``folder/<stem>_choice.json``.
 
     Args:
         folder: a folder written by :func:`build_pairs` (``candidates.jsonl``, ``pairs_config.json``).
@@ -264,8 +264,10 @@ def rechoose_pairs(
     """
     folder = Path(folder)
     target = folder / filename
-    if target.suffix != ".jsonl" or target.parent != folder:
-        raise ValueError(f"filename must be a plain name ending in .jsonl, got {filename!r}")
+    if target.suffix != ".jsonl" or target.parent != folder or target.name == CANDIDATES:
+        raise ValueError(
+            f"filename must be a plain name ending in .jsonl (not {CANDIDATES}), got {filename!r}"
+        )
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
     if not weights:
@@ -310,5 +312,5 @@ def rechoose_pairs(
         "num_pairs": len(chosen),
         "ties_skipped": ties,
     }
-    (folder / f"{target.stem}_config.json").write_text(json.dumps(choice, indent=2))
+    (folder / f"{target.stem}_choice.json").write_text(json.dumps(choice, indent=2))
     return target, chosen

@@ -121,7 +121,7 @@ def test_rechoose_ranks_the_stored_scores_again_without_copying_media(scored_fol
     w, l_ = dark[0]
     assert torch.equal(data[0].media_w, cand.media[w]) and torch.equal(data[0].media_l, cand.media[l_])
     assert json.loads(path.read_text().splitlines()[0])["path_A"].startswith("candidates/")
-    assert json.loads((folder / "pairs_dark_config.json").read_text())["weights"] == {"dark": 1.0}
+    assert json.loads((folder / "pairs_dark_choice.json").read_text())["weights"] == {"dark": 1.0}
     assert load_toy_pairs(folder, "pairs_dark.jsonl").chosen == dark
 
 
@@ -144,8 +144,11 @@ def test_rechoose_errors_name_the_problem(scored_folder, tmp_path_factory):
         rechoose_pairs(folder, {"dark": 1.0}, filename="pairs.jsonl")
     with pytest.raises(DataError, match="pairs_config.json: not found"):
         rechoose_pairs(tmp_path_factory.mktemp("empty"), {"dark": 1.0}, filename="x.jsonl")
-    with pytest.raises(ValueError, match="plain name ending in .jsonl"):
-        rechoose_pairs(folder, {"dark": 1.0}, filename="../x.jsonl")
+    for bad in ("../x.jsonl", "candidates.jsonl", "x.csv"):
+        with pytest.raises(ValueError, match="plain name ending in .jsonl"):
+            rechoose_pairs(folder, {"dark": 1.0}, filename=bad, overwrite=True)
+    path, _ = rechoose_pairs(folder, {"dark": 1.0}, filename="pairs.jsonl", overwrite=True)
+    assert json.loads((folder / "pairs_config.json").read_text())["num_candidates"] == 3  # kept
     lines = (folder / "candidates.jsonl").read_text().splitlines()
     (folder / "candidates.jsonl").write_text("\n".join([lines[0], "{broken", *lines[2:]]) + "\n")
     with pytest.raises(DataError, match="candidates.jsonl: line 2: not JSON"):
