@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from flowalign.data.errors import DataError
 from flowalign.data.media import atomic_write, save_media
-from flowalign.data.preference import write_preference_jsonl
 from flowalign.models.base import FlowModel
 from flowalign.pipelines.text_to_media import FlowPipeline
 from flowalign.rewards.combine import NORM_SUFFIX
@@ -140,8 +139,9 @@ def build_pairs(
     """Sample, score (``score_fn(media, prompts) -> {dim: [N], "overall": [N]}``), pick pairs, write files.
 
     Writes ``out_dir/candidates/*.png|mp4|npy`` + ``candidates.jsonl`` (every candidate with its scores,
-    Flow-RWR's data) and ``pairs.jsonl`` + media (a preference dataset ``load_preference_dataset``
-    reads). Returns the candidates and the chosen (winner, loser) indices.
+    Flow-RWR's data) and ``pairs.jsonl`` (a preference dataset ``load_preference_dataset`` reads)
+    whose rows point at the candidate files. Returns the candidates and the chosen (winner, loser)
+    indices.
     """
     out_dir = Path(out_dir)
     cand = sample_candidates(model, prompts, config, progress=progress)
@@ -155,10 +155,10 @@ def build_pairs(
     if not chosen:
         raise ValueError(f"no pairs: all {ties} candidate groups were ties within margin {config.margin}")
     ext = config.video_ext if cand.media.ndim == 5 else ".png"
+    files = [f"candidates/{i:06d}{ext}" for i in range(len(cand.prompts))]
     (out_dir / "candidates").mkdir(parents=True, exist_ok=True)
     with atomic_write(out_dir / CANDIDATES) as tmp, open(tmp, "w") as sink:
-        for i, (prompt, seed) in enumerate(zip(cand.prompts, cand.seeds, strict=True)):
-            name = f"candidates/{i:06d}{ext}"
+        for i, (prompt, seed, name) in enumerate(zip(cand.prompts, cand.seeds, files, strict=True)):
             save_media(cand.media[i], out_dir / name)
             row = {
                 "id": i,
@@ -168,25 +168,32 @@ def build_pairs(
                 "scores": {k: float(v[i]) for k, v in cand.scores.items()},
             }
             sink.write(json.dumps(row) + "\n")
-    rows = [
-        {
-            "prompt": cand.prompts[w],
-            "media_w": cand.media[w],
-            "media_l": cand.media[l_],
-            "meta": {
-                "candidate_w": w,
-                "candidate_l": l_,
-                "reward_w": float(cand.scores["overall"][w]),
-                "reward_l": float(cand.scores["overall"][l_]),
-            },
-        }
-        for w, l_ in chosen
-    ]
-    write_preference_jsonl(out_dir, rows, filename=PAIRS, video_ext=config.video_ext, overwrite=True)
+    write_pairs_jsonl(out_dir / PAIRS, cand.prompts, files, cand.scores["overall"], chosen)
     (out_dir / PAIRS_CONFIG).write_text(
         json.dumps({**asdict(config), "num_pairs": len(chosen), "ties_skipped": ties}, indent=2)
     )
     return cand, chosen
+
+
+def write_pairs_jsonl(
+    path: Path, prompts: list[str], files: list[str], overall: Tensor, chosen: list[tuple[int, int]]
+) -> None:
+    """A preference jsonl whose rows point at the candidates' own files (winner = A), written atomically."""
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as sink:
+        for w, l_ in chosen:
+            record = {
+                "prompt": prompts[w],
+                "path_A": files[w],
+                "path_B": files[l_],
+                "label": "A",
+                "meta": {
+                    "candidate_w": w,
+                    "candidate_l": l_,
+                    "reward_w": float(overall[w]),
+                    "reward_l": float(overall[l_]),
+                },
+            }
+            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def read_candidate_scores(folder: str | Path) -> tuple[list[dict], int]:
@@ -290,21 +297,7 @@ def rechoose_pairs(
         raise DataError(
             folder / CANDIDATES, f"no pairs: all {ties} candidate pairs were ties within {margin}"
         )
-    with atomic_write(target) as tmp, open(tmp, "w", encoding="utf-8") as sink:
-        for w, l_ in chosen:
-            record = {
-                "prompt": rows[w]["prompt"],
-                "path_A": rows[w]["file"],
-                "path_B": rows[l_]["file"],
-                "label": "A",
-                "meta": {
-                    "candidate_w": w,
-                    "candidate_l": l_,
-                    "reward_w": float(overall[w]),
-                    "reward_l": float(overall[l_]),
-                },
-            }
-            sink.write(json.dumps(record) + "\n")
+    write_pairs_jsonl(target, [r["prompt"] for r in rows], [r["file"] for r in rows], overall, chosen)
     choice = {
         "weights": weights,
         "mode": mode,

@@ -48,6 +48,9 @@ def test_build_pairs_writes_a_loadable_dataset(toy_model, tmp_path):
     assert pair.prompt == prompts[0]
     assert pair.media_w.mean() > pair.media_l.mean()  # the winner is the brighter one
     assert (tmp_path / "pairs" / "candidates.jsonl").read_text().count("\n") == 6
+    rows = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert all(r["path_A"].startswith("candidates/") for r in rows)  # no second copy of the media
+    assert not (tmp_path / "pairs" / "media").exists()
 
 
 def test_video_ext_is_validated():
