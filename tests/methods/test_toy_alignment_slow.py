@@ -27,19 +27,20 @@ def test_flow_dpo_improves_text_alignment_on_heldout_prompts(tmp_path):
 
 @pytest.mark.slow
 def test_flow_dpo_on_the_toy_video_model_raises_visual_and_motion_quality(tmp_path):
-    """Measured with these 480 pairs (exact .npy frames), 300 steps of 8: vq +0.028 ± 0.003,
-    mq +0.016 ± 0.011, ta −0.008 ± 0.003.
+    """Measured with these 480 pairs (exact .npy frames), 100 steps of 8: vq +0.011 ± 0.003,
+    mq +0.010 ± 0.003, ta −0.002 ± 0.002.
 
-    The 6,000-step toy video base renders colour, position, size and motion right already (ta 0.884);
-    preference pairs move its quality dimensions, not its text alignment (README, toy video alignment).
+    The 9,000-step toy video base renders its prompts right already (ta 0.986), so preference pairs
+    move its quality dimensions; 300 steps overshoot (vq −0.097 ± 0.004; README, toy video alignment).
     """
     torch.set_num_threads(2)
     base = toy_base_model("video")
     pairs = toy_pairs_cached(base, tmp_path / "pairs", num_prompts=480, progress=False)
-    budget = AlignBudget(steps=300, batch_size=8, lr=3e-4)
+    budget = AlignBudget(steps=100, batch_size=8, lr=3e-4)
     tuned = train_toy_dpo(base, pairs, tmp_path / "dpo", budget, DPOConfig(beta=5000.0), progress=False)
     before, after = evaluate_toy(base, batch_size=64), evaluate_toy(tuned, batch_size=64)
     diff = after.scores["vq"] - before.scores["vq"]
     assert diff.mean() > 2 * diff.std() / diff.numel() ** 0.5, diff.mean()
-    assert after.scores["mq"].mean() > before.scores["mq"].mean()
+    diff = after.scores["mq"] - before.scores["mq"]
+    assert diff.mean() > 2 * diff.std() / diff.numel() ** 0.5, diff.mean()
     assert after.scores["ta"].mean() >= before.scores["ta"].mean() - 0.02
