@@ -148,16 +148,21 @@ def _timed(fn: Callable, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
+def _evaluate(config: DemoConfig, model_dir: Path, *, guidance_scale: float | None = None):
+    """Held-out evaluation with the demo's sampling settings; returns (evaluation, seconds)."""
+    return _timed(
+        evaluate_toy,
+        model_dir,
+        num_samples=config.num_samples,
+        guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
+        num_inference_steps=config.num_inference_steps,
+    )
+
+
 def stage_base(config: DemoConfig, report: DemoReport, *, progress: bool) -> Path:
     recipe = ToyBaseRecipe(kind="image", steps=config.base_steps)
     base_dir, train_seconds = _timed(toy_base_model, "image", recipe=recipe, progress=progress)
-    evaluation, seconds = _timed(
-        evaluate_toy,
-        base_dir,
-        num_samples=config.num_samples,
-        guidance_scale=config.guidance_scale,
-        num_inference_steps=config.num_inference_steps,
-    )
+    evaluation, seconds = _evaluate(config, base_dir)
     report.add(
         "base",
         evaluation,
@@ -186,13 +191,7 @@ def stage_dpo(config: DemoConfig, report: DemoReport, base_dir: Path, *, progres
     model_dir = train_toy_dpo(
         base_dir, pairs, out / "run", budget, DPOConfig(beta=config.dpo_beta), progress=progress
     )
-    evaluation, _ = _timed(
-        evaluate_toy,
-        model_dir,
-        num_samples=config.num_samples,
-        guidance_scale=config.guidance_scale,
-        num_inference_steps=config.num_inference_steps,
-    )
+    evaluation, _ = _evaluate(config, model_dir)
     report.add(
         "flow-dpo",
         evaluation,
@@ -202,13 +201,7 @@ def stage_dpo(config: DemoConfig, report: DemoReport, base_dir: Path, *, progres
         f"{config.dpo_beta:g}, lr {config.dpo_lr:g}",
     )
     if config.dpo_baseline_guidance is not None:
-        baseline, seconds = _timed(
-            evaluate_toy,
-            base_dir,
-            num_samples=config.num_samples,
-            guidance_scale=config.dpo_baseline_guidance,
-            num_inference_steps=config.num_inference_steps,
-        )
+        baseline, seconds = _evaluate(config, base_dir, guidance_scale=config.dpo_baseline_guidance)
         report.add(
             f"base-guidance-{config.dpo_baseline_guidance:g}",
             baseline,

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from flowalign.config import CheckpointConfig, LoraConfig, OptimConfig, TrainConfig
-from flowalign.data.pairs import Candidates, PairsConfig, build_pairs
+from flowalign.data.pairs import Candidates, PairsConfig, build_pairs, read_candidate_scores
 from flowalign.models import load_flow_model
 from flowalign.rewards.combine import RewardCombiner
 from flowalign.rewards.toy import ToyOracleReward
@@ -92,9 +92,7 @@ def load_toy_pairs(out_dir: str | Path, pairs_file: str = "pairs.jsonl") -> ToyP
     from flowalign.data.media import load_media
 
     out_dir = Path(out_dir)
-    rows = [
-        json.loads(line) for line in (out_dir / "candidates.jsonl").read_text().splitlines() if line.strip()
-    ]
+    rows, _ = read_candidate_scores(out_dir)
     media = torch.stack([load_media(out_dir / row["file"]) for row in rows])
     scores = {k: torch.tensor([row["scores"][k] for row in rows]) for k in rows[0]["scores"]}
     candidates = Candidates([row["prompt"] for row in rows], [row["seed"] for row in rows], media, scores)

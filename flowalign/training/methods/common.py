@@ -75,6 +75,13 @@ class FrozenReference:
             yield self.copy
 
 
+def drop_captions(prompts, ids: Tensor, ctx: StepContext, probability: float) -> list[str]:
+    """Each prompt replaced by "" with ``probability`` (caption dropout, so CFG's unconditional branch
+    trains too); the draw is keyed by the sample ids, so it does not depend on the batch layout."""
+    drop = ctx.rand((), ids, key="caption_dropout") < probability
+    return ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
+
+
 @torch.no_grad()
 def encode_frozen_prompts(model: FlowModel, prompts: list[str]):
     """Prompt embeddings with frozen text encoders (no graph kept)."""

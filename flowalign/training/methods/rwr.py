@@ -24,6 +24,7 @@ from flowalign.objectives.rwr import flow_rwr_loss, rwr_weights
 from flowalign.training.method import Method, StepContext
 from flowalign.training.methods.common import (
     TimeSampling,
+    drop_captions,
     encode_frozen_prompts,
     freeze_all_but_transformer,
     sample_training_t,
@@ -96,8 +97,7 @@ class FlowRWR(Method):
         noise = ctx.randn_like(x0, ids, key="noise")
         t = sample_training_t(self.config.time, ids, ctx)
         x_t = flow.interpolate(x0, noise, t)
-        drop = ctx.rand((), ids, key="caption_dropout") < self.config.caption_dropout
-        prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist(), strict=True)]
+        prompts = drop_captions(batch["prompt"], ids, ctx, self.config.caption_dropout)
         cond = encode_frozen_prompts(self.model, prompts)
         v = self.model.velocity(x_t, t, cond, net=ctx.module("transformer"))
         err = per_sample_mse(v.float(), flow.velocity_target(x0, noise).float())

@@ -19,7 +19,7 @@ from flowalign import flow
 from flowalign.models.base import FlowModel
 from flowalign.objectives.flow_matching import flow_matching_loss, time_loss_weight
 from flowalign.training.method import Method, StepContext
-from flowalign.training.methods.common import TimeSampling, sample_training_t
+from flowalign.training.methods.common import TimeSampling, drop_captions, sample_training_t
 
 
 @dataclass
@@ -86,9 +86,7 @@ class FlowMatchingSFT(Method):
         else:
             with torch.no_grad():
                 x0 = self.model.encode_media(batch["pixels"])
-        drop = ctx.rand((), ids, key="caption_dropout") < self.config.caption_dropout
-        prompts = ["" if d else p for p, d in zip(batch["prompt"], drop.tolist(), strict=True)]
-        return x0, prompts
+        return x0, drop_captions(batch["prompt"], ids, ctx, self.config.caption_dropout)
 
     def sample_t(self, ids: Tensor, ctx: StepContext) -> Tensor:
         cfg = self.config
