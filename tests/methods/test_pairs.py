@@ -33,14 +33,15 @@ def test_config_validation():
         PairsConfig(mode="random")
 
 
-def test_build_pairs_writes_a_loadable_dataset(toy_model, tmp_path):
-    def score_fn(media, prompts):  # brighter is better: a deterministic stand-in reward
-        bright = media.flatten(1).mean(1)
-        return {"bright": bright, "overall": bright}
+def _bright(media, prompts):  # brighter is better: a deterministic stand-in reward
+    bright = media.flatten(1).mean(1)
+    return {"bright": bright, "overall": bright}
 
+
+def test_build_pairs_writes_a_loadable_dataset(toy_model, tmp_path):
     cfg = PairsConfig(num_candidates=3, num_inference_steps=2, batch_size=4)
     prompts = ["a small red circle in the center", "a large blue square in the top left"]
-    cand, chosen = build_pairs(toy_model, prompts, score_fn, tmp_path / "pairs", cfg, progress=False)
+    cand, chosen = build_pairs(toy_model, prompts, _bright, tmp_path / "pairs", cfg, progress=False)
     assert cand.media.shape == (6, 3, 32, 32) and len(chosen) == 2
     data = load_preference_dataset(tmp_path / "pairs" / "pairs.jsonl")
     assert len(data) == 2
@@ -56,11 +57,6 @@ def test_build_pairs_writes_a_loadable_dataset(toy_model, tmp_path):
 def test_video_ext_is_validated():
     with pytest.raises(ValueError, match="video_ext"):
         PairsConfig(video_ext=".avi")
-
-
-def _bright(media, prompts):
-    bright = media.flatten(1).mean(1)
-    return {"bright": bright, "overall": bright}
 
 
 @pytest.fixture(scope="module")
