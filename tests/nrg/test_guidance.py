@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_PROMPTS
+from nrg_helpers import IMAGE_PROMPTS
 
 from flowalign.flow import expand_t
 from flowalign.pipelines import FlowPipeline

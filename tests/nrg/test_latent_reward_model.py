@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import IMAGE_PROMPTS, VIDEO_PROMPTS, tiny_toy
+from nrg_helpers import IMAGE_PROMPTS, VIDEO_PROMPTS, tiny_toy
 
 from flowalign.config import LoraConfig
 from flowalign.models import load_flow_model

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_toy
+from nrg_helpers import tiny_toy
 
 from flowalign.models import load_flow_model
 from flowalign.pipelines import FlowPipeline

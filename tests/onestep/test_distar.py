@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import SIZE, BrightnessReward, grads, make_batch, run_group
+from onestep_helpers import SIZE, grads, make_batch, run_group
+from stand_ins import BrightnessReward
 
 from flowalign import flow
 from flowalign.config import ConfigError

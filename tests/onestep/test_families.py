@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BrightnessReward, run_group
+from onestep_helpers import run_group
+from stand_ins import BrightnessReward
 
 from flowalign.models import load_flow_model
 from flowalign.pipelines.one_step import read_one_step_metadata

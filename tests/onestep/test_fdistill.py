@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import SIZE, grads, make_batch, run_group
+from onestep_helpers import SIZE, grads, make_batch, run_group
 
 from flowalign import flow
 from flowalign.config import ConfigError

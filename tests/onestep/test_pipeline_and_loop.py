@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import PROMPTS, SIZE, BrightnessReward
+from onestep_helpers import PROMPTS, SIZE
 from safetensors.torch import load_file
+from stand_ins import BrightnessReward
 
 from flowalign.config import CheckpointConfig, OptimConfig, TrainConfig
 from flowalign.models import load_flow_model

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PROMPTS, write_hf_clip_dir, write_open_clip_dir
 from PIL import Image
+from tiny_clip import PROMPTS, write_hf_clip_dir, write_open_clip_dir
 
 from flowalign.rewards import load_reward
 from flowalign.rewards.aesthetic import AestheticMLP
