@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flowalign.formats import read_tagged_json
 from flowalign.models.base import FlowModel, load_flow_model
 from flowalign.pipelines.text_to_media import FlowPipeline, GenerationOutput
 
@@ -100,15 +101,7 @@ def read_one_step_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
     file = Path(path) / ONE_STEP_FILE
     if not file.is_file():
         return None
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON: {err}") from err
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(
-            f"{file}: 'format' must be {FORMAT!r}, got {meta.get('format') if isinstance(meta, dict) else meta!r}"
-        )
-    return meta
+    return read_tagged_json(file, FORMAT)
 
 
 class OneStepPipeline:

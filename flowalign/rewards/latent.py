@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowalign.flow import t_to_timesteps
+from flowalign.formats import read_tagged_json
 from flowalign.models.base import FlowModel, PromptEmbeds
 
 __all__ = [
@@ -482,18 +483,13 @@ def read_spec(path: str | os.PathLike) -> LatentRewardSpec:
     """Read and validate ``latent_reward.json`` of a saved model folder."""
     path = Path(path)
     file = path / CONFIG_NAME
-    if not file.is_file():
-        raise LatentRewardLoadError(f"{path} is not a latent reward model folder: no {CONFIG_NAME} inside")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise LatentRewardLoadError(f"{file}: not valid JSON ({err})") from err
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise LatentRewardLoadError(f"{file}: 'format' must be {FORMAT!r}, got {data.get('format')!r}")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise LatentRewardLoadError(
-            f"{file}: format_version {data.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
-        )
+    data = read_tagged_json(
+        file,
+        FORMAT,
+        error=LatentRewardLoadError,
+        version=FORMAT_VERSION,
+        missing=f"no {CONFIG_NAME} inside ({path} is not a latent reward model folder)",
+    )
     try:
         norm = data.get("normalisation")
         spec = LatentRewardSpec(

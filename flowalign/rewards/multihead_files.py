@@ -20,6 +20,8 @@ from typing import Any
 
 from torch import Tensor
 
+from flowalign.formats import read_tagged_json
+
 __all__ = [
     "CONFIG_NAME",
     "TOKENIZER_DIR",
@@ -83,19 +85,13 @@ def read_config_blob(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
         MultiHeadLoadError: no such file, invalid JSON, another format or version.
     """
     file = Path(path) / CONFIG_NAME
-    if not file.is_file():
-        raise MultiHeadLoadError(f"{file}: missing ({path} is not a multihead reward folder)")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise MultiHeadLoadError(f"{file}: not valid JSON ({err})") from err
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise MultiHeadLoadError(f"{file}: 'format' must be {FORMAT!r}, got {got!r}")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise MultiHeadLoadError(
-            f"{file}: format_version {data.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
-        )
+    data = read_tagged_json(
+        file,
+        FORMAT,
+        error=MultiHeadLoadError,
+        version=FORMAT_VERSION,
+        missing=f"missing ({path} is not a multihead reward folder)",
+    )
     if not isinstance(data.get("config"), dict):
         raise MultiHeadLoadError(f"{file}: 'config' must be an object, got {data.get('config')!r}")
     return dict(data["config"]), str(data.get("dtype", "float32"))

@@ -36,6 +36,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from flowalign.formats import read_tagged_json
+
 __all__ = [
     "CacheError",
     "CachedDataset",
@@ -89,16 +91,12 @@ def _sha256(path: Path) -> str:
 
 
 def _read_index(cache_dir: Path) -> dict:
-    path = cache_dir / INDEX
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CacheError(f"{path}: missing (no cache here, or it was never completed)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CacheError(f"{path}: unreadable cache index: {err}") from None
-    if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT:
-        raise CacheError(f"{path}: not a {CACHE_FORMAT} index")
-    return index
+    return read_tagged_json(
+        cache_dir / INDEX,
+        CACHE_FORMAT,
+        error=CacheError,
+        missing="missing (no cache here, or it was never completed)",
+    )
 
 
 def build_cache(

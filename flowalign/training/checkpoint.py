@@ -41,6 +41,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from flowalign.formats import read_tagged_json
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "Checkpoint",
@@ -332,19 +334,16 @@ def remove_stale_tmp_dirs(output_dir: str | os.PathLike) -> list[Path]:
 def _read_manifest(path: Path) -> dict:
     """The manifest of checkpoint folder ``path``, or CheckpointError if absent or malformed."""
     mpath = path / MANIFEST
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{mpath}: missing (the checkpoint is incomplete)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{mpath}: unreadable manifest: {err}") from None
-    if (
-        not isinstance(manifest, dict)
-        or manifest.get("format") != CHECKPOINT_FORMAT
-        or not isinstance(manifest.get("files"), dict)
-        or not isinstance(manifest.get("step"), int)
-    ):
-        raise CheckpointError(f"{mpath}: not a {CHECKPOINT_FORMAT} manifest")
+    manifest = read_tagged_json(
+        mpath,
+        CHECKPOINT_FORMAT,
+        error=CheckpointError,
+        version=CHECKPOINT_VERSION,
+        version_key="version",
+        missing="missing (the checkpoint is incomplete)",
+    )
+    if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("step"), int):
+        raise CheckpointError(f"{mpath}: not a {CHECKPOINT_FORMAT} manifest ('files' or 'step' malformed)")
     match = _NAME_RE.match(path.name)
     if match and int(match.group(1)) != manifest["step"]:
         raise CheckpointError(f"{mpath}: records step {manifest['step']} but the folder is {path.name}")
