@@ -478,6 +478,17 @@ def tokenize_reconstruct(
     typer.echo(_json.dumps(metrics.get("mean", metrics), indent=1, default=str))
 
 
+def _parse_floats(text: str, option: str) -> list[float]:
+    """``"1,1.5,3"`` -> [1.0, 1.5, 3.0], or one error naming the option and the bad item."""
+    values = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise ValueError(f"{option}: {item!r} is not a number") from None
+    return values
+
+
 def _parse_weights(weights: str | None) -> dict[str, float] | None:
     from flowalign.rewards.combine import parse_weights
 
@@ -632,13 +643,19 @@ def eval_(
     weights: Annotated[str | None, typer.Option(help="Dimension weights for 'overall'.")] = None,
     steps: Annotated[int | None, typer.Option()] = None,
     guidance_scale: Annotated[float | None, typer.Option()] = None,
+    guidance_sweep: Annotated[
+        str | None,
+        typer.Option(
+            help="Evaluate every model at each of these guidance scales (e.g. 1,2,3), as NAME_cfgG."
+        ),
+    ] = None,
     rerun: Annotated[
         bool, typer.Option("--rerun", help="Re-run from OUT/report.json, reusing everything.")
     ] = False,
     device: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Compare checkpoints on prompt sets with rewards: one reproducible HTML + JSON report."""
-    from flowalign.evals.runner import EvalOptions, parse_model_spec, rerun_eval, run_eval
+    from flowalign.evals.runner import EvalOptions, parse_model_spec, rerun_eval, run_eval, sweep_guidance
     from flowalign.pipelines.generate_files import GenerationSettings
 
     try:
@@ -651,6 +668,10 @@ def eval_(
             for i, item in enumerate(models):
                 name, spec = parse_model_spec(item if "=" in item.split(":")[0] else f"model{i}={item}")
                 specs[name] = spec
+            if guidance_sweep is not None:
+                if guidance_scale is not None:
+                    fail("give --guidance-scale or --guidance-sweep, not both")
+                specs = sweep_guidance(specs, _parse_floats(guidance_sweep, "--guidance-sweep"))
             torch_device, torch_dtype = _device_and_dtype(device, None)
             options = EvalOptions(
                 settings=GenerationSettings(num_inference_steps=steps, guidance_scale=guidance_scale),

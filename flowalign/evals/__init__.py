@@ -18,6 +18,7 @@ _EXPORTS = {
     "EvalResult": "flowalign.evals.runner",
     "ModelSpec": "flowalign.evals.runner",
     "parse_model_spec": "flowalign.evals.runner",
+    "sweep_guidance": "flowalign.evals.runner",
     "run_eval": "flowalign.evals.runner",
     "rerun_eval": "flowalign.evals.runner",
     "PromptSet": "flowalign.evals.prompt_sets",

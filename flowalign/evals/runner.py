@@ -51,10 +51,20 @@ from flowalign.evals.samples import (
     _rel,
     _safe_name,
     parse_model_spec,
+    sweep_guidance,
 )
 from flowalign.pipelines.generate_files import GenerationSettings
 
-__all__ = ["EvalOptions", "EvalResult", "ModelSpec", "Sample", "parse_model_spec", "rerun_eval", "run_eval"]
+__all__ = [
+    "EvalOptions",
+    "EvalResult",
+    "ModelSpec",
+    "Sample",
+    "parse_model_spec",
+    "rerun_eval",
+    "run_eval",
+    "sweep_guidance",
+]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from flowalign.pipelines.generate_files import MANIFEST, GenerationSettings, rea
 if TYPE_CHECKING:
     from flowalign.evals.runner import EvalOptions
 
-__all__ = ["ModelSpec", "Sample", "parse_model_spec"]
+__all__ = ["ModelSpec", "Sample", "parse_model_spec", "sweep_guidance"]
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -109,6 +109,35 @@ def parse_model_spec(spec: str) -> tuple[str, ModelSpec]:
         except json.JSONDecodeError:
             settings[key.strip()] = value.strip()
     return name, ModelSpec(path.strip(), settings)
+
+
+def sweep_guidance(specs: dict[str, ModelSpec], scales: Sequence[float]) -> dict[str, ModelSpec]:
+    """Each model once per classifier-free guidance scale, named ``{name}_cfg{scale}`` (``base_cfg1.5``).
+
+    More guidance buys text alignment at a cost in quality, so a tuned model's gain is only real where it
+    beats the base's whole guidance curve; a sweep puts that curve in one report.
+
+    Raises:
+        ValueError: no scales, a scale below 1, a repeated scale, or a model whose spec already sets
+            ``guidance_scale`` or names existing samples (which cannot be drawn again at another scale).
+    """
+    if not scales:
+        raise ValueError("guidance sweep: give at least one guidance scale")
+    if len(set(scales)) != len(scales) or any(g < 1 for g in scales):
+        raise ValueError(f"guidance sweep: scales must be distinct and >= 1, got {list(scales)}")
+    swept = {}
+    for name, spec in specs.items():
+        if "guidance_scale" in spec.settings:
+            raise ValueError(
+                f"guidance sweep: model {name!r} already sets guidance_scale; drop one of the two"
+            )
+        if spec.is_samples:
+            raise ValueError(
+                f"guidance sweep: model {name!r} names existing samples ({spec.path}), not a model"
+            )
+        for g in scales:
+            swept[f"{name}_cfg{g:g}"] = replace(spec, settings={**spec.settings, "guidance_scale": float(g)})
+    return swept
 
 
 def _safe_name(name: str) -> str:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flowalign.evals import EvalOptions, ModelSpec, parse_model_spec, run_eval
+from flowalign.evals import EvalOptions, ModelSpec, parse_model_spec, run_eval, sweep_guidance
 from flowalign.pipelines.generate_files import GenerationSettings, read_manifest
 from flowalign.rewards.scoring import read_score_rows
 
@@ -215,3 +215,23 @@ def test_parse_model_spec():
         parse_model_spec("x=ckpt:oops")
     with pytest.raises(ValueError, match="empty path"):
         parse_model_spec("x=")
+
+
+def test_sweep_guidance_names_each_scale_and_refuses_conflicts(tmp_path):
+    specs = {"base": ModelSpec("ckpt/base", {"num_inference_steps": 8}), "dpo": ModelSpec("ckpt/dpo")}
+    swept = sweep_guidance(specs, [1, 1.5])
+    assert list(swept) == ["base_cfg1", "base_cfg1.5", "dpo_cfg1", "dpo_cfg1.5"]
+    assert swept["base_cfg1.5"] == ModelSpec("ckpt/base", {"num_inference_steps": 8, "guidance_scale": 1.5})
+    assert specs["base"].settings == {"num_inference_steps": 8}  # the input is left as it was
+    with pytest.raises(ValueError, match="'fixed' already sets guidance_scale"):
+        sweep_guidance({"fixed": ModelSpec("ckpt/x", {"guidance_scale": 3.0})}, [1, 2])
+    with pytest.raises(ValueError, match="distinct and >= 1"):
+        sweep_guidance(specs, [2, 2])
+    with pytest.raises(ValueError, match="distinct and >= 1"):
+        sweep_guidance(specs, [0.5])
+    with pytest.raises(ValueError, match="at least one"):
+        sweep_guidance(specs, [])
+    samples = tmp_path / "m.jsonl"
+    samples.write_text("")
+    with pytest.raises(ValueError, match="names existing samples"):
+        sweep_guidance({"old": ModelSpec(str(samples))}, [1])

@@ -44,3 +44,23 @@ def test_flow_dpo_on_the_toy_video_model_raises_visual_and_motion_quality(tmp_pa
     diff = after.scores["mq"] - before.scores["mq"]
     assert diff.mean() > 2 * diff.std() / diff.numel() ** 0.5, diff.mean()
     assert after.scores["ta"].mean() >= before.scores["ta"].mean() - 0.02
+
+
+@pytest.mark.slow
+def test_flow_dpo_without_guidance_raises_video_text_alignment(tmp_path):
+    """Measured with these 480 pairs (sampled and evaluated at guidance 1), 300 steps of 8:
+    ta +0.013 ± 0.004 (shape +0.062 ± 0.015), mq +0.037 ± 0.009, vq −0.010 ± 0.001.
+
+    Without classifier-free guidance the base's text alignment is 0.946 (0.986 at guidance 3): its
+    candidates differ in shape, so best-vs-worst pairs carry what DPO needs (README, toy video alignment).
+    """
+    torch.set_num_threads(2)
+    base = toy_base_model("video")
+    pairs = toy_pairs_cached(base, tmp_path / "pairs", num_prompts=480, guidance_scale=1.0, progress=False)
+    budget = AlignBudget(steps=300, batch_size=8, lr=3e-4)
+    tuned = train_toy_dpo(base, pairs, tmp_path / "dpo", budget, DPOConfig(beta=5000.0), progress=False)
+    before = evaluate_toy(base, guidance_scale=1.0, batch_size=64)
+    after = evaluate_toy(tuned, guidance_scale=1.0, batch_size=64)
+    diff = after.scores["ta"] - before.scores["ta"]
+    assert diff.mean() > 2 * diff.std() / diff.numel() ** 0.5, diff.mean()
+    assert after.scores["vq"].mean() >= before.scores["vq"].mean() - 0.05
