@@ -1,4 +1,5 @@
-"""Inline SVG plots for reports (no plotting dependency): interval ("forest") plots and overlaid histograms.
+"""Inline SVG plots for reports (no plotting dependency): interval ("forest") plots, overlaid histograms
+and curves with intervals (a reward against the guidance scale).
 
 Every text drawn is HTML-escaped, so model names and labels cannot inject markup.
 """
@@ -9,7 +10,7 @@ import math
 from collections.abc import Mapping, Sequence
 from html import escape
 
-__all__ = ["PALETTE", "colour_for", "forest_plot", "histogram_plot", "nice_ticks"]
+__all__ = ["PALETTE", "colour_for", "curve_plot", "forest_plot", "histogram_plot", "nice_ticks"]
 
 PALETTE: tuple[str, ...] = (
     "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
@@ -165,5 +166,83 @@ def histogram_plot(
         lx, ly = x0 + (i % 3) * ((x1 - x0) / 3), y0 + 30 + 14 * (i // 3)
         parts.append(f'<rect x="{lx:.1f}" y="{ly - 9:.1f}" width="10" height="10" fill="{colours[m]}"/>')
         parts.append(f'<text x="{lx + 14:.1f}" y="{ly:.1f}" class="label">{escape(m)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def curve_plot(
+    series: Mapping[str, Sequence[tuple[float, float, float | None, float | None]]],
+    *,
+    title: str,
+    x_label: str,
+    colours: Mapping[str, str] | None = None,
+    width: int = 460,
+    height: int = 220,
+) -> str:
+    """One line per series through (x, mean) points, with a vertical bar over each point's interval.
+
+    Args:
+        series: ``{name: [(x, mean, low, high), ...]}``; points are drawn in order of x.
+        title: drawn above the plot.
+        x_label: drawn under the x axis.
+        colours: ``{name: colour}`` (default: the palette in order).
+        width: SVG width in pixels.
+        height: SVG height in pixels.
+
+    Returns:
+        An ``<svg>`` element as a string, with a legend.
+    """
+    names = list(series)
+    colours = dict(colours or {n: colour_for(i) for i, n in enumerate(names)})
+    points = {n: sorted(p for p in series[n] if math.isfinite(p[1])) for n in names}
+    xs = [p[0] for ps in points.values() for p in ps]
+    ys = [v for ps in points.values() for p in ps for v in p[1:] if v is not None and math.isfinite(v)]
+    x_lo, x_hi = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    y_lo, y_hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    x_pad = (x_hi - x_lo) * 0.05 or 0.5
+    y_pad = (y_hi - y_lo) * 0.08 or max(abs(y_hi), 1.0) * 0.05
+    x_lo, x_hi, y_lo, y_hi = x_lo - x_pad, x_hi + x_pad, y_lo - y_pad, y_hi + y_pad
+    left, right, top, bottom = 48, 12, 26, 52 + 14 * math.ceil(len(names) / 3)
+    x0, x1, y0, y1 = left, width - right, height - bottom, top
+
+    def x(v: float) -> float:
+        return x0 + (v - x_lo) / (x_hi - x_lo) * (x1 - x0)
+
+    def y(v: float) -> float:
+        return y0 - (v - y_lo) / (y_hi - y_lo) * (y0 - y1)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot curve" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
+        f'<text x="{width / 2:.1f}" y="16" text-anchor="middle" class="title">{escape(title)}</text>',
+        f'<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="#666"/>',
+        f'<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{y1}" stroke="#666"/>',
+        f'<text x="{(x0 + x1) / 2:.1f}" y="{y0 + 28}" text-anchor="middle" class="label">{escape(x_label)}</text>',
+    ]
+    for tick in nice_ticks(x_lo, x_hi):
+        parts.append(
+            f'<text x="{x(tick):.1f}" y="{y0 + 14}" text-anchor="middle" class="tick">{_fmt_tick(tick)}</text>'
+        )
+    for tick in nice_ticks(y_lo, y_hi, 4):
+        parts.append(f'<line x1="{x0}" y1="{y(tick):.1f}" x2="{x1}" y2="{y(tick):.1f}" stroke="#e4e4e4"/>')
+        parts.append(
+            f'<text x="{x0 - 4}" y="{y(tick) + 4:.1f}" text-anchor="end" class="tick">{_fmt_tick(tick)}</text>'
+        )
+    for n in names:
+        line = " ".join(f"{x(px):.1f},{y(mean):.1f}" for px, mean, _, _ in points[n])
+        parts.append(f'<polyline fill="none" stroke="{colours[n]}" stroke-width="2" points="{line}"/>')
+        for px, mean, lo, hi in points[n]:
+            if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
+                parts.append(
+                    f'<line x1="{x(px):.1f}" y1="{y(lo):.1f}" x2="{x(px):.1f}" y2="{y(hi):.1f}" '
+                    f'stroke="{colours[n]}" stroke-width="2"/>'
+                )
+            parts.append(
+                f'<circle cx="{x(px):.1f}" cy="{y(mean):.1f}" r="3.5" fill="{colours[n]}" stroke="#222"/>'
+            )
+    for i, n in enumerate(names):
+        lx, ly = x0 + (i % 3) * ((x1 - x0) / 3), y0 + 46 + 14 * (i // 3)
+        parts.append(f'<rect x="{lx:.1f}" y="{ly - 9:.1f}" width="10" height="10" fill="{colours[n]}"/>')
+        parts.append(f'<text x="{lx + 14:.1f}" y="{ly:.1f}" class="label">{escape(n)}</text>')
     parts.append("</svg>")
     return "".join(parts)

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from flowalign.evals.grid import image_grid, upscale_nearest
-from flowalign.evals.plots import colour_for, forest_plot, histogram_plot
+from flowalign.evals.plots import colour_for, curve_plot, forest_plot, histogram_plot
+from flowalign.evals.samples import swept_model
 
 __all__ = [
     "format_number",
@@ -300,6 +301,7 @@ def _set_section(page: _Page, name: str) -> None:
             h = res["histograms"][d]
             plots.append(histogram_plot(h["edges"], h["counts"], title=f"{d}: distribution", colours=colours))
     page.add(f"<div class='plots'>{''.join(plots)}</div>")
+    _guidance_curves(page, name, dims)
 
     if res.get("by_group"):
         page.add("<h3>Mean per prompt group</h3>")
@@ -425,6 +427,32 @@ def _set_section(page: _Page, name: str) -> None:
             cells.append(f'<img class=\'sample\' alt="{alt}" src="{uri}">')
         rows.append(cells)
     page.add(_table(["prompt", *map(escape, models)], rows, "grid"))
+
+
+def _guidance_curves(page: _Page, name: str, dims: Sequence[str]) -> None:
+    """Each swept model's mean reward against its guidance scale (``flowalign eval --guidance-sweep``)."""
+    stats = page.report["results"][name]["stats"]
+    curves: dict[str, list[tuple[float, str]]] = {}
+    for entry in page.report.get("models") or []:
+        model, scale = swept_model(entry["name"]), (entry.get("generation") or {}).get("guidance_scale")
+        if model is not None and scale is not None and entry["name"] in stats:
+            curves.setdefault(model, []).append((float(scale), entry["name"]))
+    curves = {model: points for model, points in curves.items() if len(points) > 1}
+    if not curves:
+        return
+    colours = {model: colour_for(i) for i, model in enumerate(curves)}
+    plots = []
+    for d in dims:
+        series = {
+            model: [(g, s["mean"], s["ci_low"], s["ci_high"]) for g, m in points if (s := stats[m].get(d))]
+            for model, points in curves.items()
+        }
+        plots.append(
+            curve_plot(
+                series, title=f"{d} against guidance (95% CI)", x_label="guidance scale", colours=colours
+            )
+        )
+    page.add("<h3>Guidance curves</h3><div class='plots'>" + "".join(plots) + "</div>")
 
 
 def _calibration(page: _Page) -> None:

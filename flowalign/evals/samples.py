@@ -20,7 +20,9 @@ from flowalign.pipelines.generate_files import MANIFEST, GenerationSettings, rea
 if TYPE_CHECKING:
     from flowalign.evals.runner import EvalOptions
 
-__all__ = ["ModelSpec", "Sample", "parse_model_spec", "sweep_guidance"]
+__all__ = ["ModelSpec", "Sample", "parse_model_spec", "sweep_guidance", "swept_model"]
+
+_SWEPT = re.compile(r"^(?P<model>.+)_cfg(?P<scale>\d+(?:\.\d+)?)$")
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -138,6 +140,12 @@ def sweep_guidance(specs: dict[str, ModelSpec], scales: Sequence[float]) -> dict
         for g in scales:
             swept[f"{name}_cfg{g:g}"] = replace(spec, settings={**spec.settings, "guidance_scale": float(g)})
     return swept
+
+
+def swept_model(name: str) -> str | None:
+    """The model a :func:`sweep_guidance` name was made from (``"base_cfg1.5"`` -> ``"base"``), else None."""
+    match = _SWEPT.match(name)
+    return match["model"] if match else None
 
 
 def _safe_name(name: str) -> str:

@@ -206,3 +206,19 @@ def test_lpips_diversity_and_drift(toy_models, tmp_path):
     drift = res["against_base"]["b"]
     assert drift["drift_lpips"]["mean"] > 0 and drift["drift_pixel"]["n"] == 4
     assert out.report["settings"]["lpips"] == "random backbone"
+
+
+def test_a_guidance_sweep_gets_one_curve_per_swept_model(toy_models, tmp_path, rich_run):
+    from flowalign.evals import ModelSpec, sweep_guidance
+
+    specs = sweep_guidance({"a": ModelSpec(str(toy_models["a"]))}, [1, 2, 4]) | {
+        "b": ModelSpec(str(toy_models["b"]))
+    }
+    out = run_eval(specs, "toy-heldout@2", ["toy"], out_dir=tmp_path / "eval", progress=False,
+                   options=EvalOptions(settings=GenerationSettings(num_inference_steps=2), num_resamples=20))  # fmt: skip
+    html = out.html_path.read_text()
+    dims = out.report["dimensions"]
+    assert "<h3>Guidance curves</h3>" in html and html.count('class="plot curve"') == len(dims)
+    curve = html[html.index('class="plot curve"') :].split("</svg>")[0]
+    assert curve.count("<polyline") == 1 and curve.count("<circle") == 3  # model a at 1, 2, 4; b is not swept
+    assert "Guidance curves" not in rich_run.html_path.read_text()
