@@ -44,6 +44,25 @@ def _fmt_tick(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _svg_open(kind: str, width: int, height: int, title: str) -> list[str]:
+    """The opening ``<svg>`` tag of a ``kind`` plot and its title, centred at the top."""
+    return [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot {kind}" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
+        f'<text x="{width / 2:.1f}" y="16" text-anchor="middle" class="title">{escape(title)}</text>',
+    ]
+
+
+def _legend(names: Sequence[str], colours: Mapping[str, str], x0: float, x1: float, top: float) -> list[str]:
+    """A colour swatch and name per entry, three to a row from ``top`` down, spread over [x0, x1]."""
+    parts = []
+    for i, name in enumerate(names):
+        lx, ly = x0 + (i % 3) * ((x1 - x0) / 3), top + 14 * (i // 3)
+        parts.append(f'<rect x="{lx:.1f}" y="{ly - 9:.1f}" width="10" height="10" fill="{colours[name]}"/>')
+        parts.append(f'<text x="{lx + 14:.1f}" y="{ly:.1f}" class="label">{escape(name)}</text>')
+    return parts
+
+
 def forest_plot(
     rows: Sequence[tuple[str, float, float, float]],
     *,
@@ -75,9 +94,7 @@ def forest_plot(
         return x0 + (v - lo_all) / (hi_all - lo_all) * (x1 - x0)
 
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot forest" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
-        f'<text x="{width / 2:.1f}" y="16" text-anchor="middle" class="title">{escape(title)}</text>',
+        *_svg_open("forest", width, height, title),
     ]
     axis_y = top + row_h * len(rows) + 4
     parts.append(f'<line x1="{x0}" y1="{axis_y}" x2="{x1}" y2="{axis_y}" stroke="#666"/>')
@@ -141,9 +158,7 @@ def histogram_plot(
         return y0 - f / peak * (y0 - y1)
 
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot hist" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
-        f'<text x="{width / 2:.1f}" y="16" text-anchor="middle" class="title">{escape(title)}</text>',
+        *_svg_open("hist", width, height, title),
         f'<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="#666"/>',
         f'<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{y1}" stroke="#666"/>',
         f'<text x="{x0 - 4}" y="{y1 + 8}" text-anchor="end" class="tick">{peak:.2g}</text>',
@@ -162,10 +177,7 @@ def histogram_plot(
             f'<polyline fill="none" stroke="{colours[m]}" stroke-width="2" stroke-opacity="0.85" '
             f'points="{" ".join(points)}"/>'
         )
-    for i, m in enumerate(models):
-        lx, ly = x0 + (i % 3) * ((x1 - x0) / 3), y0 + 30 + 14 * (i // 3)
-        parts.append(f'<rect x="{lx:.1f}" y="{ly - 9:.1f}" width="10" height="10" fill="{colours[m]}"/>')
-        parts.append(f'<text x="{lx + 14:.1f}" y="{ly:.1f}" class="label">{escape(m)}</text>')
+    parts += _legend(models, colours, x0, x1, y0 + 30)
     parts.append("</svg>")
     return "".join(parts)
 
@@ -212,9 +224,7 @@ def curve_plot(
         return y0 - (v - y_lo) / (y_hi - y_lo) * (y0 - y1)
 
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot curve" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
-        f'<text x="{width / 2:.1f}" y="16" text-anchor="middle" class="title">{escape(title)}</text>',
+        *_svg_open("curve", width, height, title),
         f'<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="#666"/>',
         f'<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{y1}" stroke="#666"/>',
         f'<text x="{(x0 + x1) / 2:.1f}" y="{y0 + 28}" text-anchor="middle" class="label">{escape(x_label)}</text>',
@@ -240,9 +250,6 @@ def curve_plot(
             parts.append(
                 f'<circle cx="{x(px):.1f}" cy="{y(mean):.1f}" r="3.5" fill="{colours[n]}" stroke="#222"/>'
             )
-    for i, n in enumerate(names):
-        lx, ly = x0 + (i % 3) * ((x1 - x0) / 3), y0 + 46 + 14 * (i // 3)
-        parts.append(f'<rect x="{lx:.1f}" y="{ly - 9:.1f}" width="10" height="10" fill="{colours[n]}"/>')
-        parts.append(f'<text x="{lx + 14:.1f}" y="{ly:.1f}" class="label">{escape(n)}</text>')
+    parts += _legend(names, colours, x0, x1, y0 + 46)
     parts.append("</svg>")
     return "".join(parts)
