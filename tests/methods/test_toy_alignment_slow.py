@@ -10,6 +10,13 @@ from flowalign.toy.base import evaluate_toy, toy_base_model
 from flowalign.training.methods.dpo import DPOConfig
 
 
+def assert_rises(before, after, key: str) -> None:
+    """The paired gain in ``key`` (same prompts and seeds) exceeds two standard errors."""
+    diff = after.scores[key] - before.scores[key]
+    paired_se = diff.std() / diff.numel() ** 0.5
+    assert diff.mean() > 2 * paired_se, (key, diff.mean(), paired_se)
+
+
 @pytest.mark.slow
 def test_flow_dpo_improves_text_alignment_on_heldout_prompts(tmp_path):
     torch.set_num_threads(2)
@@ -19,9 +26,7 @@ def test_flow_dpo_improves_text_alignment_on_heldout_prompts(tmp_path):
         base, pairs, tmp_path / "dpo", AlignBudget(steps=300, lr=3e-4), DPOConfig(beta=5000.0), progress=False
     )
     before, after = evaluate_toy(base), evaluate_toy(tuned)  # 256 held-out samples, the same seeds
-    diff = after.scores["ta"] - before.scores["ta"]
-    paired_se = diff.std() / diff.numel() ** 0.5
-    assert diff.mean() > 2 * paired_se, (diff.mean(), paired_se)
+    assert_rises(before, after, "ta")
     assert after.scores["vq"].mean() >= before.scores["vq"].mean() - 0.05
 
 
@@ -39,10 +44,8 @@ def test_flow_dpo_on_the_toy_video_model_raises_visual_and_motion_quality(tmp_pa
     budget = AlignBudget(steps=100, batch_size=8, lr=3e-4)
     tuned = train_toy_dpo(base, pairs, tmp_path / "dpo", budget, DPOConfig(beta=5000.0), progress=False)
     before, after = evaluate_toy(base, batch_size=64), evaluate_toy(tuned, batch_size=64)
-    diff = after.scores["vq"] - before.scores["vq"]
-    assert diff.mean() > 2 * diff.std() / diff.numel() ** 0.5, diff.mean()
-    diff = after.scores["mq"] - before.scores["mq"]
-    assert diff.mean() > 2 * diff.std() / diff.numel() ** 0.5, diff.mean()
+    assert_rises(before, after, "vq")
+    assert_rises(before, after, "mq")
     assert after.scores["ta"].mean() >= before.scores["ta"].mean() - 0.02
 
 
@@ -61,6 +64,5 @@ def test_flow_dpo_without_guidance_raises_video_text_alignment(tmp_path):
     tuned = train_toy_dpo(base, pairs, tmp_path / "dpo", budget, DPOConfig(beta=5000.0), progress=False)
     before = evaluate_toy(base, guidance_scale=1.0, batch_size=64)
     after = evaluate_toy(tuned, guidance_scale=1.0, batch_size=64)
-    diff = after.scores["ta"] - before.scores["ta"]
-    assert diff.mean() > 2 * diff.std() / diff.numel() ** 0.5, diff.mean()
+    assert_rises(before, after, "ta")
     assert after.scores["vq"].mean() >= before.scores["vq"].mean() - 0.05
