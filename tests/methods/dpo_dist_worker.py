@@ -28,7 +28,7 @@ def pairs(n: int = 8) -> list[dict]:
     ]
 
 
-def run(model_dir: str, out: Path, batch_size: int):
+def run(model_dir: str, out: Path, batch_size: int, grad_accum_steps: int = 1):
     from flowalign.config import CheckpointConfig, LoraConfig, OptimConfig, TrainConfig
     from flowalign.models import load_flow_model
     from flowalign.training.loop import train
@@ -42,6 +42,7 @@ def run(model_dir: str, out: Path, batch_size: int):
         output_dir=out,
         max_steps=3,
         batch_size=batch_size,
+        grad_accum_steps=grad_accum_steps,
         log_every=1,
         trackers=[],
         cpu=True,
