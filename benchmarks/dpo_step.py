@@ -52,7 +52,7 @@ def run_variant(args) -> dict:
     from diffusers import SD3Transformer2DModel
 
     from flowalign.config import LoraConfig
-    from flowalign.training.lora import adapters_disabled, add_lora
+    from flowalign.models.lora import adapters_disabled, add_lora
 
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -520,7 +520,7 @@ def pairs(
     device: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Build a preference dataset from a model: K samples per prompt, scored, best vs worst."""
-    from flowalign.data.pairs import PairsConfig, build_pairs
+    from flowalign.workflows.pairs import PairsConfig, build_pairs
     from flowalign.data.prompts import load_prompts
     from flowalign.models import load_flow_model
     from flowalign.rewards import load_reward
@@ -568,7 +568,7 @@ def rechoose(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT_FILE.")] = False,
 ) -> None:
     """Choose pairs again from scored candidates with new weights, without sampling them again."""
-    from flowalign.data.pairs import rechoose_pairs
+    from flowalign.workflows.pairs import rechoose_pairs
 
     try:
         path, chosen = rechoose_pairs(
@@ -712,7 +712,7 @@ def demo(
     ] = 900,
 ) -> None:
     """The toy world end to end: base model, held-out evaluation with exact oracles, Flow-DPO."""
-    from flowalign.demo import DemoConfig, run_demo
+    from flowalign.experiments.demo import DemoConfig, run_demo
 
     try:
         report = run_demo(

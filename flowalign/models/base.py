@@ -234,7 +234,7 @@ class FlowModel(ABC):
         self, num_inference_steps: int, *, height: int, width: int, num_frames: int = 1, device=None
     ) -> Tensor:
         """Decreasing t grid ``[N + 1]`` from ~1 to 0, equal to the family's diffusers pipeline."""
-        from flowalign.sampling.schedules import scheduler_time_grid
+        from flowalign.models.schedules import scheduler_time_grid
 
         return scheduler_time_grid(self.sampling_scheduler(), num_inference_steps, device=device)
 

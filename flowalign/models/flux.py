@@ -19,7 +19,7 @@ from flowalign.models.base import (
     encode_with_image_vae,
     register_family,
 )
-from flowalign.sampling.schedules import flux_time_grid
+from flowalign.models.schedules import flux_time_grid
 
 
 def pack_2x2(x: Tensor) -> Tensor:

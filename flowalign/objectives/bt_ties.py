@@ -268,3 +268,25 @@ def tie_calibrated_accuracy(reward_a: Tensor, reward_b: Tensor, labels: Tensor) 
     if no_tie >= acc[best]:
         return no_tie, torch.tensor(-math.inf, dtype=delta.dtype, device=delta.device)
     return acc[best], abs_d[best]
+
+
+def labels_from_scores(scores_a: Tensor, scores_b: Tensor, *, tie_margin: float = 0.0) -> Tensor:
+    """Preference labels from clean-reward scores: 1 if a - b > margin, -1 if b - a > margin, else 0 (tie).
+
+    Args:
+        scores_a: teacher scores of A, any shape (e.g. [B, K]).
+        scores_b: teacher scores of B, same shape.
+        tie_margin: differences within +-margin are ties (>= 0).
+
+    Returns:
+        long tensor of the scores' shape; -2 (missing) where either score is NaN.
+    """
+    if scores_a.shape != scores_b.shape:
+        raise ValueError(
+            f"labels_from_scores: shapes differ, {tuple(scores_a.shape)} vs {tuple(scores_b.shape)}"
+        )
+    if tie_margin < 0:
+        raise ValueError(f"labels_from_scores: tie_margin must be >= 0, got {tie_margin}")
+    diff = scores_a.double() - scores_b.double()
+    labels = (diff > tie_margin).long() - (diff < -tie_margin).long()
+    return torch.where(torch.isnan(diff), torch.full_like(labels, LABEL_MISSING), labels)

@@ -56,7 +56,7 @@ def save_one_step(
     Returns:
         ``out_dir``.
     """
-    from flowalign.training.lora import has_lora, merge_lora
+    from flowalign.models.lora import has_lora, merge_lora
 
     if type(generator) is not type(teacher.transformer):
         raise ValueError(

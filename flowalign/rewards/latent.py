@@ -413,7 +413,7 @@ class LatentRewardModel(nn.Module):
         """Write ``latent_reward.json`` and ``model.safetensors`` (LoRA merged) atomically into ``out_dir``."""
         from safetensors.torch import save_file
 
-        from flowalign.training.lora import has_lora, merge_lora
+        from flowalign.models.lora import has_lora, merge_lora
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

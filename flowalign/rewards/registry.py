@@ -35,7 +35,7 @@ _BUILTIN: dict[str, str] = {
     "imagereward": "flowalign.rewards.imagereward:load_imagereward",
     "multihead": "flowalign.rewards.multihead:load_multihead",
     "toy": "flowalign.rewards.toy:load_toy",
-    "toy_classifier": "flowalign.toy.onestep:load_toy_classifier",
+    "toy_classifier": "flowalign.rewards.toy_classifier:load_toy_classifier",
     "videoreward": "flowalign.rewards.videoreward:load_videoreward",
 }
 _REGISTRY: dict[str, RewardLoader] = {}

@@ -7,7 +7,7 @@ from flowalign.sampling.samplers import (
     sample_heun,
     sample_one_step,
 )
-from flowalign.sampling.schedules import flux_time_grid, scheduler_time_grid, uniform_time_grid
+from flowalign.models.schedules import flux_time_grid, scheduler_time_grid, uniform_time_grid
 
 __all__ = [
     "VelocityFn",

@@ -234,7 +234,7 @@ class ToyRewardPairs(Dataset):
         scores_b: dict[str, Tensor],
         defects: list[tuple[Defects, Defects]],
     ) -> None:
-        from flowalign.training.methods.latent_reward import labels_from_scores
+        from flowalign.objectives.bt_ties import labels_from_scores
 
         self.kind, self.split, self.prompts = kind, split, prompts
         self.dimensions = toy_dimensions(kind)

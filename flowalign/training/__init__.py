@@ -1,7 +1,7 @@
-"""Training: the one accelerate loop, the Method contract, checkpoints, EMA, LoRA and caching.
+"""Training: the one accelerate loop, the Method contract, checkpoints, EMA and caching (LoRA: ``flowalign.models.lora``).
 
 Import from the submodules (``flowalign.training.loop``, ``.method``, ``.checkpoint``, ``.ema``,
-``.lora``, ``.cache``, ``.optim``, ``.batches``); the names below are re-exported lazily so ``import flowalign.training``
+``.cache``, ``.optim``, ``.batches``); the names below are re-exported lazily so ``import flowalign.training``
 stays cheap.
 """
 
@@ -24,10 +24,6 @@ _EXPORTS = {
     "find_latest_checkpoint": "checkpoint",
     "load_checkpoint": "checkpoint",
     "EMA": "ema",
-    "add_lora": "lora",
-    "adapters_disabled": "lora",
-    "save_lora": "lora",
-    "merge_lora": "lora",
     "CachedDataset": "cache",
     "ensure_cache": "cache",
     "fingerprint_module": "cache",

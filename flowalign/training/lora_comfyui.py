@@ -26,7 +26,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from flowalign.training.lora import _METADATA_KEY, LORA_WEIGHT_NAME
+from flowalign.models.lora import _METADATA_KEY, LORA_WEIGHT_NAME
 
 __all__ = ["WAN_BLOCK_NAMES", "WAN_TOP_NAMES", "convert_wan_lora_to_comfyui", "wan_lora_to_comfyui"]
 

@@ -249,7 +249,7 @@ class Method(abc.ABC):
         """Write the final model loadably. Default: per trainable module, a LoRA adapter
         (``<name>/pytorch_lora_weights.safetensors``) if it has one, else ``save_pretrained``
         (diffusers/transformers models) or the state dict as ``<name>.safetensors``."""
-        from flowalign.training.lora import has_lora, save_lora
+        from flowalign.models.lora import has_lora, save_lora
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -88,8 +88,7 @@ def _json_row(path: Path, line: str, number: int) -> dict:
 def sft_dataset(spec: str, kind: str, *, num_items: int, seed: int) -> Dataset:
     """``toy:train`` renders the toy world's training split; otherwise a manifest.jsonl path."""
     if spec.startswith(TOY_PREFIX):
-        from flowalign.toy.base import PrerenderedToy
-        from flowalign.toy.data import ToyDataset
+        from flowalign.toy.data import PrerenderedToy, ToyDataset
 
         return PrerenderedToy(ToyDataset(spec[len(TOY_PREFIX) :], kind=kind, num=num_items, seed=seed))
     return ManifestDataset(spec)

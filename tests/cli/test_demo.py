@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flowalign import demo
+from flowalign.experiments import demo
 from flowalign.models.toy import save_toy_model
 
 
@@ -32,14 +32,14 @@ def test_unknown_stage_is_named(tmp_path):
 def test_nrg_stage_writes_gains_plot_and_notes(tmp_path, monkeypatch):
     from functools import partial
 
-    from flowalign.training.methods import latent_reward
+    from flowalign.experiments import toy_nrg
 
     base = save_toy_model(tmp_path / "toy", "image", width=32, num_layers=1)
     small = partial(
-        latent_reward.run_toy_nrg_experiment,
+        toy_nrg.run_toy_nrg_experiment,
         num_train_prompts=2, samples_per_prompt=2, train_steps=1, batch_size=2, num_blocks=1,
     )  # fmt: skip
-    monkeypatch.setattr(latent_reward, "run_toy_nrg_experiment", small)
+    monkeypatch.setattr(toy_nrg, "run_toy_nrg_experiment", small)
     config = demo.DemoConfig(
         out_dir=tmp_path / "out", num_samples=4, num_inference_steps=2, nrg_counterfactual_pairs=2
     )
@@ -58,9 +58,9 @@ def test_nrg_stage_writes_gains_plot_and_notes(tmp_path, monkeypatch):
 
 def test_dpo_stage_adds_the_base_at_more_guidance(tmp_path, monkeypatch):
     """Flow-DPO's row comes with the base sampled at more guidance, the trade-off DPO has to beat."""
-    from flowalign.data.pairs import PairsConfig, build_pairs
+    from flowalign.workflows.pairs import PairsConfig, build_pairs
     from flowalign.models import load_flow_model
-    from flowalign.toy import alignment
+    from flowalign.experiments import toy_alignment as alignment
     from flowalign.toy.world import toy_prompts
 
     def brightness_pairs(base_dir, out_dir, **kwargs):  # an untrained base ties on the oracles

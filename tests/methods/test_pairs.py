@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from flowalign.data.pairs import PairsConfig, build_pairs, choose_pairs
+from flowalign.workflows.pairs import PairsConfig, build_pairs, choose_pairs
 from flowalign.data.preference import load_preference_dataset
 from flowalign.models import load_flow_model
 
@@ -71,7 +71,7 @@ def tiny_video_model(tmp_path_factory):
 
 def test_npy_video_pairs_read_back_the_pixels_that_were_scored(tiny_video_model, tmp_path):
     """Candidates lie on the 8-bit grid, so .npy files, the scores and the returned media all agree."""
-    from flowalign.toy.alignment import load_toy_pairs
+    from flowalign.experiments.toy_alignment import load_toy_pairs
 
     cfg = PairsConfig(num_candidates=2, num_inference_steps=2, batch_size=4, video_ext=".npy")
     prompts = ["a small red circle in the center moving right", "a large blue square in the top left"]
@@ -108,8 +108,8 @@ def scored_folder(toy_model, tmp_path):
 
 
 def test_rechoose_ranks_the_stored_scores_again_without_copying_media(scored_folder):
-    from flowalign.data.pairs import rechoose_pairs
-    from flowalign.toy.alignment import load_toy_pairs
+    from flowalign.workflows.pairs import rechoose_pairs
+    from flowalign.experiments.toy_alignment import load_toy_pairs
 
     folder, cand, chosen = scored_folder
     before = (folder / "pairs.jsonl").read_text()
@@ -125,7 +125,7 @@ def test_rechoose_ranks_the_stored_scores_again_without_copying_media(scored_fol
 
 
 def test_rechoose_all_pairs_over_a_margin_matches_choose_pairs(scored_folder):
-    from flowalign.data.pairs import rechoose_pairs
+    from flowalign.workflows.pairs import rechoose_pairs
 
     folder, cand, _ = scored_folder
     _, pairs = rechoose_pairs(folder, {"bright": 2.0}, filename="all.jsonl", mode="all", margin=0.001)
@@ -134,7 +134,7 @@ def test_rechoose_all_pairs_over_a_margin_matches_choose_pairs(scored_folder):
 
 def test_rechoose_errors_name_the_problem(scored_folder, tmp_path_factory):
     from flowalign.data.errors import DataError
-    from flowalign.data.pairs import rechoose_pairs
+    from flowalign.workflows.pairs import rechoose_pairs
 
     folder, _, _ = scored_folder
     with pytest.raises(DataError, match=r"candidates.jsonl: line 1: no score 'ta'.*bright"):

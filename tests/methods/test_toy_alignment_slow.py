@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowalign.toy.alignment import AlignBudget, toy_pairs_cached, train_toy_dpo
-from flowalign.toy.base import evaluate_toy, toy_base_model
+from flowalign.experiments.toy_alignment import AlignBudget, toy_pairs_cached, train_toy_dpo
+from flowalign.experiments.toy_base import evaluate_toy, toy_base_model
 from flowalign.training.methods.dpo import DPOConfig
 
 

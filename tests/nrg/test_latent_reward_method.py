@@ -8,6 +8,7 @@ from nrg_helpers import IMAGE_PROMPTS
 from torch import nn
 
 from flowalign.config import LoraConfig, TrainConfig
+from flowalign.objectives.bt_ties import labels_from_scores
 from flowalign.rewards.latent import LatentRewardModel
 from flowalign.rewards.toy import ToyOracleReward
 from flowalign.training.loop import train
@@ -17,7 +18,6 @@ from flowalign.training.methods.latent_reward import (
     LatentRewardTrainingConfig,
     PreferenceItems,
     ScoredPairs,
-    labels_from_scores,
     pairs_within_groups,
 )
 

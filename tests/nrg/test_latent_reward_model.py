@@ -16,7 +16,7 @@ from flowalign.rewards.latent import (
     LatentRewardModel,
     supported_transformers,
 )
-from flowalign.training.lora import add_lora
+from flowalign.models.lora import add_lora
 
 
 def _inputs(model, prompts, shape, seed=0):

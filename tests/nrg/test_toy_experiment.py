@@ -19,7 +19,7 @@ from flowalign.pipelines import FlowPipeline
 from flowalign.rewards.latent import LatentRewardModel
 from flowalign.toy.oracles import score_images
 from flowalign.toy.world import toy_prompts
-from flowalign.training.methods.latent_reward import run_toy_nrg_experiment
+from flowalign.experiments.toy_nrg import run_toy_nrg_experiment
 
 SETTINGS = ["unguided", "noisy_rm:ta", "noisy_rm:vq", "noisy_rm:vq+ta", "clean_rm:vq"]
 

@@ -137,7 +137,7 @@ def test_critic_step_trains_the_online_score_only(teacher):
 def test_toy_classifier_reward_loads_by_name(teacher, tmp_path):
     from safetensors.torch import save_file
 
-    from flowalign.toy.onestep import ToyAttributeClassifier
+    from flowalign.rewards.toy_classifier import ToyAttributeClassifier
 
     clf = ToyAttributeClassifier(width=8, size=SIZE)
     save_file(dict(clf.state_dict()), str(tmp_path / "model.safetensors"))

@@ -14,7 +14,7 @@ from flowalign.config import CheckpointConfig, OptimConfig, TrainConfig
 from flowalign.models import load_flow_model
 from flowalign.pipelines import FlowPipeline
 from flowalign.pipelines.one_step import ONE_STEP_FILE, OneStepPipeline, read_one_step_metadata
-from flowalign.toy.onestep import render_prompts
+from flowalign.experiments.toy_onestep import render_prompts
 from flowalign.training.loop import METRICS_FILE, train
 from flowalign.training.methods.distar import DiffInstructStar, DistarConfig, DistarRun, run_distar
 from flowalign.training.methods.fdistill import FDistill, FDistillConfig, FDistillRun, run_fdistill
@@ -166,7 +166,7 @@ def test_run_fdistill_and_run_distar_entry_points(teacher_dir, tmp_path):
 
 
 def test_lora_fake_score_trains_adapters_on_the_teacher(teacher, tmp_path):
-    from flowalign.training.lora import has_lora, lora_parameters
+    from flowalign.models.lora import has_lora, lora_parameters
 
     method = DiffInstructStar(
         teacher,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowalign.toy.onestep import OneStepToySettings, one_step_demo
+from flowalign.experiments.toy_onestep import OneStepToySettings, one_step_demo
 
 pytestmark = pytest.mark.slow
 

@@ -37,7 +37,7 @@ def _warm_up() -> None:
     import flowalign.evals.runner  # noqa: F401
     import flowalign.models.toy  # noqa: F401
     import flowalign.rewards.scoring  # noqa: F401
-    import flowalign.training.lora  # noqa: F401
+    import flowalign.models.lora  # noqa: F401
 
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
 

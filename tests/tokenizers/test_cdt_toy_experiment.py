@@ -8,7 +8,7 @@ import pytest
 import torch
 from cdt_testing import make_model, tiny_config
 
-from flowalign.tokenizers.toy_experiment import (
+from flowalign.experiments.toy_cdt import (
     ToyComparisonConfig,
     _mean_colour_psnr,
     evaluate_tokenizer,
@@ -54,7 +54,7 @@ def test_short_comparison_writes_results(tmp_path):
 
 @pytest.mark.slow
 def test_toy_comparison_full_budget(tmp_path):
-    """The reported toy result (the seed-0, 200-step rows of toy_experiment.py's table; 3-6 min per model
+    """The reported toy result (the seed-0, 200-step rows of toy_cdt.py's table; 3-6 min per model
     on 2 cores). Which decoder wins is reported, not asserted."""
     results = run_toy_comparison(tmp_path, ToyComparisonConfig(eval_steps=(1, 4)))
     baseline = results["mean_colour_psnr"]

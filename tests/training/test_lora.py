@@ -12,7 +12,7 @@ from flowalign import flow
 from flowalign.config import LoraConfig, OptimConfig, TrainConfig
 from flowalign.training.checkpoint import load_checkpoint
 from flowalign.training.loop import train
-from flowalign.training.lora import (
+from flowalign.models.lora import (
     LORA_WEIGHT_NAME,
     adapters_disabled,
     add_lora,

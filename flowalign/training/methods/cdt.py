@@ -47,7 +47,7 @@ class CDTLossConfig:
     """Decode a reparameterised sample of q(z|x) (True) or its mean (False)."""
     time_power: float = 1.0
     """p in i = floor(T u^(1/p)): 1 = uniform DDPM indices; p > 1 favours the noisy end, where one-step
-    decoding starts (p = 3 gave the better one-step CDT in the toy comparison, tokenizers/toy_experiment.py)."""
+    decoding starts (p = 3 gave the better one-step CDT in the toy comparison, experiments/toy_cdt.py)."""
 
     def __post_init__(self) -> None:
         for key in ("mse_weight", "kl_weight", "lpips_weight"):

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from flowalign import flow
 from flowalign.config import LoraConfig
 from flowalign.models.base import FlowModel
-from flowalign.training.lora import adapters_disabled, add_lora, has_lora
+from flowalign.models.lora import adapters_disabled, add_lora, has_lora
 from flowalign.training.method import StepContext
 
 

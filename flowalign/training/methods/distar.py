@@ -129,7 +129,6 @@ class DiffInstructStar(OneStepDistillation):
                         "or reward_scale 0 for plain score-divergence distillation"
                     )
 
-                _register_toy_rewards()
                 name, options = parse_reward_spec(cfg.reward)
                 reward = load_reward(name, device=teacher.device, **options)
             self.reward_weights = check_reward(reward, cfg.reward_weights)
@@ -196,11 +195,6 @@ class DiffInstructStar(OneStepDistillation):
             c=self.huber_c,
             weights=weights,
         )
-
-
-def _register_toy_rewards() -> None:
-    """Make the toy world's differentiable reward ("toy_classifier") loadable by name."""
-    import flowalign.toy.onestep  # noqa: F401  (registers it on import)
 
 
 # ------------------------------------------------------------------------------------------------ run

@@ -19,7 +19,7 @@ from flowalign import flow
 from flowalign.config import LoraConfig
 from flowalign.models.base import FlowModel
 from flowalign.objectives.dpo import flow_dpo_loss, velocity_errors_for_pairs
-from flowalign.training.lora import has_lora, save_lora
+from flowalign.models.lora import has_lora, save_lora
 from flowalign.training.method import Method, StepContext
 from flowalign.training.methods.common import (
     FrozenReference,
@@ -125,7 +125,7 @@ def export_merged(model: FlowModel, out_dir: Path) -> None:
     """Save the model with LoRA merged into a copy of the transformer (the live model keeps its adapters)."""
     import copy
 
-    from flowalign.training.lora import merge_lora
+    from flowalign.models.lora import merge_lora
 
     merged = merge_lora(copy.deepcopy(model.transformer))
     with model.swapped(transformer=merged):

@@ -7,7 +7,7 @@ Each preference pair (x0_w, x0_l, c) is noised at one shared time t, each member
 and the reward r_k(x_t, t, c) is fitted per dimension k with Bradley-Terry-with-ties
 (:func:`flowalign.objectives.bt_ties.btt_loss`). Labels come from the batch (human labels) or from a
 clean-input teacher reward (distillation: the teacher scores both clean items and
-:func:`labels_from_scores` turns the difference into 1 / -1 / tie with a margin). ``clean_inputs=True``
+:func:`flowalign.objectives.bt_ties.labels_from_scores` turns the difference into 1 / -1 / tie with a margin). ``clean_inputs=True``
 is the ablation the paper reports as failing (Table 7): t = 0 always, a reward that never saw noise.
 
 Shared vs independent noise (``share_noise``, default False: a deviation from the issue's "shared t and
@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 from flowalign import flow
 from flowalign.config import LoraConfig
 from flowalign.models.base import FlowModel, PromptEmbeds
-from flowalign.objectives.bt_ties import LABEL_MISSING, btt_loss, pairwise_accuracy
+from flowalign.objectives.bt_ties import LABEL_MISSING, btt_loss, labels_from_scores, pairwise_accuracy
 from flowalign.rewards.latent import LatentRewardModel
 from flowalign.training.method import Method, StepContext
 
@@ -51,7 +51,6 @@ __all__ = [
     "LatentRewardTrainingConfig",
     "PreferenceItems",
     "ScoredPairs",
-    "labels_from_scores",
     "pairs_within_groups",
 ]
 
@@ -103,28 +102,6 @@ class LatentRewardTrainingConfig:
             raise ValueError(
                 f"latent reward config: norm_momentum must be in [0, 1), got {self.norm_momentum}"
             )
-
-
-def labels_from_scores(scores_a: Tensor, scores_b: Tensor, *, tie_margin: float = 0.0) -> Tensor:
-    """Preference labels from clean-reward scores: 1 if a - b > margin, -1 if b - a > margin, else 0 (tie).
-
-    Args:
-        scores_a: teacher scores of A, any shape (e.g. [B, K]).
-        scores_b: teacher scores of B, same shape.
-        tie_margin: differences within +-margin are ties (>= 0).
-
-    Returns:
-        long tensor of the scores' shape; -2 (missing) where either score is NaN.
-    """
-    if scores_a.shape != scores_b.shape:
-        raise ValueError(
-            f"labels_from_scores: shapes differ, {tuple(scores_a.shape)} vs {tuple(scores_b.shape)}"
-        )
-    if tie_margin < 0:
-        raise ValueError(f"labels_from_scores: tie_margin must be >= 0, got {tie_margin}")
-    diff = scores_a.double() - scores_b.double()
-    labels = (diff > tie_margin).long() - (diff < -tie_margin).long()
-    return torch.where(torch.isnan(diff), torch.full_like(labels, LABEL_MISSING), labels)
 
 
 def pairs_within_groups(
@@ -254,7 +231,7 @@ class LatentRewardTraining(Method):
         for p in reward_model.unused_parameters():
             p.requires_grad_(False)
         if cfg.trunk_training == "lora":
-            from flowalign.training.lora import add_lora
+            from flowalign.models.lora import add_lora
 
             add_lora(reward_model.trunk, cfg.lora)
         k = len(cfg.dimensions)
@@ -402,254 +379,3 @@ class LatentRewardTraining(Method):
             theta=cfg.theta,
         )
         rm.save_pretrained(out_dir)
-
-
-# ---------------------------------------------------------------------------------------------
-# The toy-world experiment (issue 6): does noise-aware latent guidance move the oracle scores?
-
-
-def _mean_se(values: Tensor) -> tuple[float, float]:
-    v = values.double().flatten()
-    se = float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else float("nan")
-    return float(v.mean()), se
-
-
-def _sample_and_score(model, prompts, noise, *, steps, cfg_scale, batch_size, transforms_for=None):
-    """Generate from fixed ``noise`` in batches, score with the toy oracles; returns (latents, scores)."""
-    from flowalign.pipelines import FlowPipeline
-    from flowalign.toy.oracles import score_images
-
-    pipe, latents, scores = FlowPipeline(model), [], {}
-    size = noise.shape[-1]
-    for lo in range(0, len(prompts), batch_size):
-        chunk = prompts[lo : lo + batch_size]
-        out = pipe(
-            chunk,
-            latents=noise[lo : lo + batch_size],
-            num_inference_steps=steps,
-            guidance_scale=cfg_scale,
-            height=size,
-            width=size,
-            velocity_transforms=None if transforms_for is None else transforms_for(chunk),
-        )
-        latents.append(out.latents)
-        for key, value in score_images(out.media, chunk).items():
-            scores.setdefault(key, []).append(value)
-    return torch.cat(latents), {k: torch.cat(v) for k, v in scores.items()}
-
-
-def _pair_accuracy(
-    guide, model, latents, prompts, scores, *, t: float, seed: int
-) -> dict[str, tuple[float, float]]:
-    """Accuracy +- binomial standard error of the guide on same-caption non-tie pairs noised to time t."""
-    nan = (float("nan"), float("nan"))
-    pairs = pairs_within_groups(prompts)
-    if not pairs:
-        return dict.fromkeys(guide.dimensions, nan)
-    i, j = (torch.tensor(c) for c in zip(*pairs, strict=True))
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
-    x_t = flow.interpolate(latents, noise, t)
-    with torch.no_grad():
-        cond, _ = model.encode_prompt(prompts)
-        r = guide(x_t.to(guide.device), torch.full((len(prompts),), t, device=guide.device), cond)
-    out = {}
-    for d in guide.dimensions:
-        labels = labels_from_scores(scores[d][i], scores[d][j], tie_margin=_TIE_MARGIN[d])
-        n = int((labels.abs() == 1).sum())
-        acc = float(pairwise_accuracy(r[d][i].cpu(), r[d][j].cpu(), labels))
-        out[d] = (acc, math.sqrt(acc * (1 - acc) / n)) if n else nan
-    return out
-
-
-_TIE_MARGIN = {"vq": 0.05, "ta": 0.1}  # ta is a multiple of 0.25: equal ta is a tie
-
-
-def _counterfactual_renders(num: int, *, seed: int, size: int) -> tuple[list[str], Tensor, Tensor]:
-    """``num`` (caption, true render, render with a wrong shape or colour) triples from the train split.
-
-    The two renders share every pixel of geometry but the changed attribute, so they contrast exactly
-    what text alignment measures; 70% change the shape (the base model's weakest attribute), 30% the
-    colour.
-    """
-    import dataclasses
-
-    import numpy as np
-
-    from flowalign.toy.render import render_images
-    from flowalign.toy.world import COLOURS, SHAPES, sample_scene
-
-    rng = np.random.default_rng([seed, 7])
-    true, wrong = [], []
-    for k in range(num):
-        scene = sample_scene(k, seed=seed + 1, split="train")
-        attrs = scene.attributes
-        field_name, vocab = ("shape", SHAPES) if rng.random() < 0.7 else ("colour", COLOURS)
-        others = [v for v in vocab if v != getattr(attrs, field_name)]
-        changed = dataclasses.replace(attrs, **{field_name: others[int(rng.integers(len(others)))]})
-        true.append(scene)
-        wrong.append(dataclasses.replace(scene, attributes=changed))
-    return [s.caption for s in true], render_images(true, size=size), render_images(wrong, size=size)
-
-
-def run_toy_nrg_experiment(
-    base_model_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    num_train_prompts: int = 64,
-    samples_per_prompt: int = 8,
-    num_eval: int = 256,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 3.0,
-    train_steps: int = 300,
-    batch_size: int = 32,
-    lr: float = 3e-4,
-    num_blocks: int = 2,
-    strength: float = 1.0,
-    settings: Mapping[str, Mapping[str, float]] | None = None,
-    size: int | None = None,
-    clean_weights: Mapping[str, float] | None = None,
-    share_noise: bool = False,
-    counterfactual_pairs: int = 1024,
-    seed: int = 0,
-) -> dict[str, dict[str, tuple[float, float]]]:
-    """Train latent rewards on the toy image model's own samples (oracle-labelled) and compare guidance.
-
-    1. Samples ``samples_per_prompt`` images for ``num_train_prompts`` training captions, scores them
-       with the toy oracles and pairs samples of the same caption (ties within 0.05 vq / 0.1 ta).
-    2. Trains two latent reward models (dimensions vq, ta) on those pairs: noise-aware (t ~ U[0, 0.98])
-       and the clean-input ablation (t = 0), ``train_steps`` steps each, exported under ``out_dir``.
-    3. Samples ``num_eval`` held-out-caption images from the same noise for every setting: unguided,
-       guided by the noisy reward with each weight set in ``settings`` (default ta, vq and an even
-       mix), and guided by the clean-input reward with ``clean_weights`` (default {vq: 1}); scores them
-       with the oracles.
-
-    Args:
-        base_model_dir: a trained toy image model folder (diffusers layout).
-        out_dir: where the reward-model runs, ``results.json`` and ``summary.md`` go.
-        num_train_prompts, samples_per_prompt: size of the distillation set.
-        num_eval: held-out samples per setting (>= 256 for the reported numbers).
-        num_inference_steps, guidance_scale: sampling settings (Euler, CFG).
-        train_steps, batch_size, lr, num_blocks: latent reward training.
-        strength: guidance strength w.
-        settings: {name: weights} guided by the noisy reward.
-        size: image side (default: the model's default height).
-        clean_weights: weights of the clean-input-reward setting ("clean_rm:<dims>").
-        share_noise: noise the two members of a training pair with one draw (see the config).
-        counterfactual_pairs: add this many rendered pairs (true render vs the same scene with a wrong
-            shape or colour, labelled by the oracles) to the sampled pairs.
-        seed: seeds prompts, noise and training.
-
-    Returns:
-        {setting: {metric: (mean, standard error)}}: oracle vq, ta, all_correct over the eval samples
-        per setting, for guided settings also ``{metric}_gain`` = mean of guided - unguided on the
-        same noise and caption (paired standard error); and for "rm_accuracy:noisy" / "rm_accuracy:clean", the pairwise accuracy of each
-        reward (with binomial standard error) on same-caption non-tie pairs of the unguided eval
-        samples noised to t = 0, 0.5, 0.8 ("{dim}_accuracy@t={t}").
-    """
-    import json
-    import time
-
-    from flowalign.config import OptimConfig, TrainConfig
-    from flowalign.models import load_flow_model
-    from flowalign.sampling.nrg import latent_reward_guidance
-    from flowalign.toy.world import toy_prompts
-    from flowalign.training.loop import train
-
-    wall, cpu = time.perf_counter(), time.process_time()
-    out_dir = Path(out_dir)
-    model = load_flow_model(base_model_dir).eval()
-    if model.is_video:
-        raise ValueError(
-            f"{base_model_dir}: run_toy_nrg_experiment needs an image model (the toy image oracles)"
-        )
-    size = size or model.default_height
-    settings = dict(settings or {"ta": {"ta": 1.0}, "vq": {"vq": 1.0}, "vq+ta": {"vq": 0.5, "ta": 0.5}})
-    g = torch.Generator().manual_seed(seed)
-    train_captions = toy_prompts("train", "image")
-    picks = torch.randperm(len(train_captions), generator=g)[:num_train_prompts].tolist()
-    prompts = [train_captions[k] for k in picks for _ in range(samples_per_prompt)]
-    noise = torch.randn(len(prompts), 3, size, size, generator=g)
-    sample = dict(steps=num_inference_steps, cfg_scale=guidance_scale, batch_size=64)
-    latents, scores = _sample_and_score(model, prompts, noise, **sample)
-    index_pairs = pairs_within_groups(prompts)
-    if counterfactual_pairs:
-        from flowalign.toy.oracles import score_images
-
-        captions, true, wrong = _counterfactual_renders(counterfactual_pairs, seed=seed, size=size)
-        n, m = len(prompts), len(captions)
-        media = torch.cat([true, wrong])
-        extra = score_images(media, captions + captions)
-        with torch.no_grad():
-            latents = torch.cat([latents, model.encode_media(media.to(model.device)).cpu()])
-        scores = {d: torch.cat([scores[d], extra[d]]) for d in ("vq", "ta")}
-        prompts = prompts + captions + captions
-        index_pairs += [(n + k, n + m + k) for k in range(m)]
-    pairs = ScoredPairs(
-        latents,
-        prompts,
-        {d: scores[d] for d in ("vq", "ta")},
-        index_pairs,
-        tie_margin=_TIE_MARGIN,
-    )
-
-    guides = {}
-    for kind in ("noisy", "clean"):
-        cfg = LatentRewardTrainingConfig(
-            dimensions=["vq", "ta"],
-            num_blocks=num_blocks,
-            trunk_training="lora",
-            clean_inputs=kind == "clean",
-            share_noise=share_noise,
-        )
-        method = LatentRewardTraining(model, cfg)
-        run = TrainConfig(
-            output_dir=out_dir / f"rm_{kind}",
-            max_steps=train_steps,
-            batch_size=batch_size,
-            seed=seed,
-            trackers=[],
-            cpu=model.device.type == "cpu",
-            log_every=50,
-            optim=OptimConfig(lr=lr, weight_decay=0.0, warmup_steps=min(20, train_steps // 10)),
-        )
-        result = train(method, pairs, run, progress=False, resume=True)  # a rerun reuses finished runs
-        guides[kind] = LatentRewardModel.from_pretrained(result.export_dir, model=model, device=model.device)
-
-    heldout = toy_prompts("heldout", "image")
-    eval_prompts = [heldout[k % len(heldout)] for k in range(num_eval)]
-    eval_noise = torch.randn(num_eval, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
-    runs = {"unguided": (None, {})} | {f"noisy_rm:{n}": ("noisy", w) for n, w in settings.items()}
-    clean_weights = dict(clean_weights or {"vq": 1.0})
-    runs["clean_rm:" + "+".join(clean_weights)] = ("clean", clean_weights)
-    results: dict[str, dict[str, tuple[float, float]]] = {}
-    unguided = None
-    for name, (kind, weights) in runs.items():
-        transforms = None
-        if kind is not None:
-
-            def transforms(chunk, guide=guides[kind], weights=weights):
-                return [latent_reward_guidance(model, guide, chunk, weights, strength=strength)]
-
-        lat, sc = _sample_and_score(model, eval_prompts, eval_noise, transforms_for=transforms, **sample)
-        unguided = (lat, sc) if kind is None else unguided
-        results[name] = {m: _mean_se(sc[m]) for m in ("vq", "ta", "all_correct")}
-        if kind is not None:  # paired: same noise and caption as the unguided sample
-            results[name] |= {
-                f"{m}_gain": _mean_se(sc[m] - unguided[1][m]) for m in ("vq", "ta", "all_correct")
-            }
-    for kind, guide in guides.items():
-        row = {}
-        for t in (0.0, 0.5, 0.8):
-            acc = _pair_accuracy(guide, model, unguided[0], eval_prompts, unguided[1], t=t, seed=seed + 2)
-            row.update({f"{d}_accuracy@t={t}": v for d, v in acc.items()})
-        results[f"rm_accuracy:{kind}"] = row
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines, header = [], None
-    for name, row in results.items():
-        if list(row) != header:
-            header = list(row)
-            lines += ["", "| setting | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
-        lines.append(f"| {name} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in row.values()) + " |")
-    lines.append(f"\nwall {time.perf_counter() - wall:.0f} s, CPU {time.process_time() - cpu:.0f} s")
-    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
-    return results

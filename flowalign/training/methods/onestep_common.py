@@ -341,8 +341,7 @@ def build_dataset(data: OneStepData, *, kind: str, needs_real: bool) -> Dataset:
         ValueError: no source, or only prompts where real media are needed.
     """
     if data.toy_items > 0:
-        from flowalign.toy.base import PrerenderedToy
-        from flowalign.toy.data import ToyDataset
+        from flowalign.toy.data import PrerenderedToy, ToyDataset
 
         return PrerenderedToy(ToyDataset("train", kind=kind, num=data.toy_items))
     if data.real_manifest is not None:
@@ -407,7 +406,7 @@ class OneStepDistillation(Method):
         if config.fake_score == "full":
             self.fake = copy.deepcopy(teacher.transformer).float().requires_grad_(True).train()
         else:
-            from flowalign.training.lora import add_lora
+            from flowalign.models.lora import add_lora
 
             with seeded(0):  # the adapters' random init must not depend on the global RNG (exact resume)
                 add_lora(teacher.transformer, config.fake_score_lora)
@@ -500,7 +499,7 @@ class OneStepDistillation(Method):
     def teacher_mode(self) -> Iterator[None]:
         """Inside the block the teacher transformer is the plain teacher (LoRA fake-score adapters off)."""
         if self.fake is self.teacher.transformer:
-            from flowalign.training.lora import adapters_disabled
+            from flowalign.models.lora import adapters_disabled
 
             with adapters_disabled(self.teacher.transformer):
                 yield

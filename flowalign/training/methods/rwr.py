@@ -105,7 +105,7 @@ class FlowRWR(Method):
         return loss.mean(), metrics
 
     def export(self, out_dir: Path) -> None:
-        from flowalign.training.lora import has_lora, save_lora
+        from flowalign.models.lora import has_lora, save_lora
 
         self.model.transformer.eval()
         if has_lora(self.model.transformer):

@@ -4,7 +4,7 @@ The base model samples K candidates for each training prompt; the exact oracles 
 best and worst of each prompt form a preference pair (Flow-DPO's data), every candidate with its
 reward is Flow-RWR's data, and the winners alone are plain SFT's data (the paper's baselines).
 All three train LoRA adapters with the same data and step budget, so their held-out oracle scores
-(:func:`flowalign.toy.base.evaluate_toy`) compare the methods, not the budgets.
+(:func:`flowalign.experiments.toy_base.evaluate_toy`) compare the methods, not the budgets.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from flowalign.config import CheckpointConfig, LoraConfig, OptimConfig, TrainConfig
-from flowalign.data.pairs import Candidates, PairsConfig, build_pairs, read_candidate_scores
+from flowalign.workflows.pairs import Candidates, PairsConfig, build_pairs, read_candidate_scores
 from flowalign.models import load_flow_model
 from flowalign.rewards.combine import RewardCombiner
 from flowalign.rewards.toy import ToyOracleReward
@@ -87,7 +87,7 @@ def load_toy_pairs(out_dir: str | Path, pairs_file: str = "pairs.jsonl") -> ToyP
     """Read back what :func:`toy_pairs` wrote (candidates.jsonl + pairs.jsonl) without sampling again.
 
     ``pairs_file`` may name another choice of pairs from the same candidates
-    (:func:`flowalign.data.pairs.rechoose_pairs`).
+    (:func:`flowalign.workflows.pairs.rechoose_pairs`).
     """
     from flowalign.data.media import load_media
 
@@ -207,7 +207,7 @@ def train_toy_sft_winners(base_dir, pairs: ToyPairs, out_dir, budget: AlignBudge
 
 
 def _export_lora_model(model, out_dir) -> None:
-    from flowalign.training.lora import save_lora
+    from flowalign.models.lora import save_lora
     from flowalign.training.methods.dpo import export_merged
 
     model.transformer.eval()

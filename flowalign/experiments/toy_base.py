@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from flowalign.config import CheckpointConfig, EMAConfig, OptimConfig, TrainConfig
 from flowalign.evals.stats import summarise
@@ -27,10 +26,9 @@ from flowalign.models import load_flow_model
 from flowalign.models.base import FlowModel
 from flowalign.models.toy import ToyModel, build_toy_pipeline
 from flowalign.pipelines import FlowPipeline
-from flowalign.toy.data import ToyDataset
+from flowalign.toy.data import PrerenderedToy, ToyDataset, cache_root
 from flowalign.toy.language import pretrain_on_captions
 from flowalign.toy.oracles import score_images, score_videos
-from flowalign.toy.render import render_images, render_videos
 from flowalign.toy.world import toy_prompts
 from flowalign.training.loop import train
 from flowalign.training.methods.sft import FlowMatchingSFT, SFTConfig
@@ -95,33 +93,6 @@ def default_recipe(kind: str) -> ToyBaseRecipe:
             language_pretraining_steps=600,
         )
     raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
-
-
-class PrerenderedToy(Dataset):
-    """A :class:`ToyDataset` rendered once up front in large batches (rendering per item costs ~25% of a step)."""
-
-    def __init__(self, source: ToyDataset, *, chunk: int = 4096):
-        self.prompts = [source.scene(i).caption for i in range(len(source))]
-        scenes = [source.scene(i) for i in range(len(source))]
-        render = render_images if source.kind == "image" else render_videos
-        kwargs = (
-            {"size": source.size}
-            if source.kind == "image"
-            else {"size": source.size, "num_frames": source.num_frames}
-        )
-        self.pixels = torch.cat(
-            [render(scenes[i : i + chunk], **kwargs) for i in range(0, len(scenes), chunk)]
-        )
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"pixels": self.pixels[i], "prompt": self.prompts[i], "index": i}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FLOWALIGN_CACHE", Path.home() / ".cache" / "flowalign"))
 
 
 def train_toy_base(recipe: ToyBaseRecipe, out_dir: str | Path, *, progress: bool = True) -> Path:

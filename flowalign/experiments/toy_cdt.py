@@ -5,7 +5,7 @@ deterministic KL-VAE decoder. This trains both on the toy world's moving shapes 
 scores one-step reconstructions of held-out clips (attribute combinations never seen in training)
 with PSNR, SSIM and LPIPS::
 
-    python -m flowalign.tokenizers.toy_experiment --out runs/cdt-toy [--steps 200] [--seed 0]
+    python -m flowalign.experiments.toy_cdt --out runs/cdt-toy [--steps 200] [--seed 0]
 
 Both runs use :class:`~flowalign.training.methods.cdt.CDTTraining` with the same seed, data order,
 optimiser, steps and loss weights; only ``decoder_type`` differs. Without torchvision's ImageNet
@@ -209,7 +209,7 @@ def _jsonable(obj):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m flowalign.tokenizers.toy_experiment --out DIR [--steps N] ...``."""
+    """Command line: ``python -m flowalign.experiments.toy_cdt --out DIR [--steps N] ...``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--steps", type=int, default=ToyComparisonConfig.max_steps)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from flowalign.data.media import save_image
 from flowalign.evals.grid import image_grid, upscale_nearest
-from flowalign.toy.base import ToyBaseRecipe, ToyEvaluation, evaluate_toy, toy_base_model
+from flowalign.experiments.toy_base import ToyBaseRecipe, ToyEvaluation, evaluate_toy, toy_base_model
 
 DIMENSIONS = ("ta", "vq", "ta_shape", "ta_colour", "ta_size", "ta_position", "all_correct")
 LABELS = {
@@ -174,7 +174,7 @@ def stage_base(config: DemoConfig, report: DemoReport, *, progress: bool) -> Pat
 
 
 def stage_dpo(config: DemoConfig, report: DemoReport, base_dir: Path, *, progress: bool) -> Path:
-    from flowalign.toy.alignment import AlignBudget, toy_pairs_cached, train_toy_dpo
+    from flowalign.experiments.toy_alignment import AlignBudget, toy_pairs_cached, train_toy_dpo
     from flowalign.training.methods.dpo import DPOConfig
 
     start = time.perf_counter()
@@ -224,7 +224,7 @@ def stage_nrg(config: DemoConfig, report: DemoReport, base_dir: Path) -> dict:
     clean-input reward used on noisy inputs.
     """
     from flowalign.evals.plots import forest_plot
-    from flowalign.training.methods.latent_reward import run_toy_nrg_experiment
+    from flowalign.experiments.toy_nrg import run_toy_nrg_experiment
 
     start = time.perf_counter()
     out = config.out_dir / "nrg"
@@ -298,7 +298,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoReport:
     if "nrg" in config.stages:
         stage_nrg(config, report, models["base"])
     if "onestep" in config.stages:
-        from flowalign.toy.onestep import one_step_demo
+        from flowalign.experiments.toy_onestep import one_step_demo
 
         result = one_step_demo(config.out_dir / "onestep", teacher_dir=models["base"])
         (config.out_dir / "onestep.md").write_text(result["text"] + "\n")

@@ -1,13 +1,10 @@
 """Toy-world experiments for the one-step methods: f-distill and Diff-Instruct* on the toy image teacher.
 
-Pieces the demo calls:
+Pieces the demo calls (the differentiable reward DI* optimises is
+:class:`flowalign.rewards.toy_classifier.ToyAttributeClassifier`; the sample-set metrics are in
+:mod:`flowalign.toy.metrics`):
 
-- :class:`ToyAttributeClassifier` ("toy_classifier" in the reward registry): a small CNN trained on toy
-  renders to predict the four attributes; its reward ta = mean_k p_k(stated attribute k | image) is a
-  differentiable stand-in for the exact (non-differentiable) oracle's text alignment. DI* optimises it;
-  evaluation always uses the exact oracles.
-- metrics: :func:`attribute_histogram_distance` (exact total-variation distance between detected-attribute
-  histograms), :func:`diversity` (within-prompt pixel spread and jitter spread), :func:`one_step_report`.
+- :func:`one_step_report`: one table row (oracle scores, TV distance to the teacher, diversity);
 - experiments: :func:`fdistill_experiment` (one-step vs teacher), :func:`divergence_comparison`
   (reverse-KL vs JS vs forward-KL at the same budget), :func:`distar_experiment` (DI* vs teacher and vs the
   KL-regularised variant at matched reward). Each returns rows the demo prints as a table.
@@ -15,288 +12,33 @@ Pieces the demo calls:
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import math
-import os
 import shutil
 import time
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from flowalign.rewards.base import RewardModel
-from flowalign.toy.world import COLOURS, POSITIONS, SHAPES, SIZES, parse_caption
+from flowalign.rewards.toy_classifier import load_toy_classifier
+from flowalign.toy.metrics import attribute_histogram_distance, diversity
+from flowalign.toy.world import parse_caption
 
 __all__ = [
     "OneStepToySettings",
-    "ToyAttributeClassifier",
-    "attribute_histogram_distance",
     "distar_experiment",
     "distill_toy",
     "divergence_comparison",
-    "diversity",
     "fdistill_experiment",
     "format_table",
-    "load_toy_classifier",
     "one_step_demo",
     "one_step_report",
-    "train_toy_classifier",
 ]
-
-ATTRIBUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("shape", SHAPES),
-    ("colour", COLOURS),
-    ("size", SIZES),
-    ("position", POSITIONS),
-)
-CLASSIFIER_VERSION = "1"
-
-
-# ------------------------------------------------------------------------------------------------ reward
-class ToyAttributeClassifier(RewardModel):
-    """Differentiable toy text-alignment reward: ta = mean over attributes of p(stated value | image).
-
-    A 4-layer CNN on 32x32 images with one softmax head per attribute (shape, colour, size, position).
-
-    Args:
-        width: channels of the first conv layer (doubling after each stride-2 layer).
-        size: input side in pixels.
-    """
-
-    name = "toy_classifier"
-    dimensions = ("ta",)
-    differentiable = True
-    media_kind = "image"
-
-    def __init__(self, *, width: int = 32, size: int = 32, batch_size: int = 256) -> None:
-        super().__init__(batch_size=batch_size, text_cache_size=0)
-        self.width, self.size = width, size
-        c1, c2, c3 = width, 2 * width, 4 * width
-        self.net = nn.Sequential(
-            nn.Conv2d(3, c1, 3, padding=1),
-            nn.SiLU(),
-            nn.Conv2d(c1, c2, 3, stride=2, padding=1),
-            nn.SiLU(),  # [B, c2, 16, 16]
-            nn.Conv2d(c2, c2, 3, stride=2, padding=1),
-            nn.SiLU(),  # [B, c2, 8, 8]
-            nn.Conv2d(c2, c3, 3, stride=2, padding=1),
-            nn.SiLU(),  # [B, c3, 4, 4]
-            nn.Flatten(),
-        )
-        feat = c3 * (size // 8) ** 2
-        self.heads = nn.ModuleDict({name: nn.Linear(feat, len(vocab)) for name, vocab in ATTRIBUTES})
-
-    def logits(self, images: Tensor) -> dict[str, Tensor]:
-        """Per-attribute logits ``{name: [B, V]}`` of images [B, 3, H, W] in [0, 1]."""
-        if images.shape[-1] != self.size or images.shape[-2] != self.size:
-            raise ValueError(
-                f"{self.name}: trained on {self.size}x{self.size} images, got {list(images.shape[-2:])}"
-            )
-        h = self.net(images.to(self.dtype) * 2 - 1)
-        return {name: head(h) for name, head in self.heads.items()}
-
-    def _score_images(self, images: Tensor, prompts: list[str] | None) -> dict[str, Tensor]:
-        assert prompts is not None
-        targets = _targets(prompts, images.device)
-        logits = self.logits(images)
-        probs = [
-            F.softmax(logits[n].float(), dim=1).gather(1, targets[n][:, None])[:, 0] for n, _ in ATTRIBUTES
-        ]
-        return {"ta": torch.stack(probs, dim=1).mean(dim=1)}
-
-
-def _targets(prompts: Sequence[str], device: torch.device) -> dict[str, Tensor]:
-    attrs = [parse_caption(p) for p in prompts]
-    return {
-        name: torch.tensor([vocab.index(getattr(a, name)) for a in attrs], device=device)
-        for name, vocab in ATTRIBUTES
-    }
-
-
-@dataclass
-class ClassifierRecipe:
-    """How the toy classifier is trained (its cache key is a hash of this)."""
-
-    num_items: int = 20_000
-    steps: int = 600
-    batch_size: int = 128
-    lr: float = 2e-3
-    width: int = 32
-    max_noise: float = 0.15
-    """Augmentation: Gaussian pixel noise with std ~ U[0, max_noise], and blur on a quarter of the batch."""
-    seed: int = 0
-
-    def key(self) -> str:
-        blob = json.dumps({"recipe": asdict(self), "version": CLASSIFIER_VERSION}, sort_keys=True)
-        return f"toy-classifier-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
-
-
-def _augment(x: Tensor, g: torch.Generator, max_noise: float) -> Tensor:
-    b = x.shape[0]
-    blur = torch.rand(b, generator=g) < 0.25
-    if blur.any():
-        kernel = torch.tensor([1.0, 2.0, 1.0])
-        k2 = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
-        x = torch.where(blur[:, None, None, None], F.conv2d(x, k2, padding=1, groups=3), x)
-    std = torch.rand(b, 1, 1, 1, generator=g) * max_noise
-    return (x + std * torch.randn(x.shape, generator=g)).clamp(0, 1)
-
-
-def train_toy_classifier(recipe: ClassifierRecipe, out_dir: str | Path) -> Path:
-    """Train the attribute classifier on train-split renders; writes config.json + model.safetensors."""
-    from safetensors.torch import save_file
-
-    from flowalign.toy.base import PrerenderedToy
-    from flowalign.toy.data import ToyDataset
-
-    out_dir = Path(out_dir)
-    torch.manual_seed(recipe.seed)
-    data = PrerenderedToy(ToyDataset("train", num=recipe.num_items, seed=recipe.seed + 17))
-    targets = _targets(data.prompts, torch.device("cpu"))
-    model = ToyAttributeClassifier(width=recipe.width).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps)
-    g = torch.Generator().manual_seed(recipe.seed)
-    for _ in range(recipe.steps):
-        idx = torch.randint(0, len(data), (recipe.batch_size,), generator=g)
-        logits = model.logits(_augment(data.pixels[idx], g, recipe.max_noise))
-        loss = sum(F.cross_entropy(logits[n], targets[n][idx]) for n, _ in ATTRIBUTES)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
-    (out_dir / "config.json").write_text(
-        json.dumps({"width": recipe.width, "size": 32, "recipe": asdict(recipe)})
-    )
-    return out_dir
-
-
-def load_toy_classifier(
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    path: str | None = None,
-    recipe: ClassifierRecipe | None = None,
-) -> ToyAttributeClassifier:
-    """The toy classifier reward from ``path``, or the cached one for ``recipe`` (trained now if missing)."""
-    from safetensors.torch import load_file
-
-    from flowalign.toy.base import cache_root
-
-    if path is None:
-        recipe = recipe or ClassifierRecipe()
-        folder = cache_root() / recipe.key()
-        if not (folder / "model.safetensors").is_file():
-            tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            train_toy_classifier(recipe, tmp)
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-        path = str(folder)
-    folder = Path(path)
-    for name in ("config.json", "model.safetensors"):
-        if not (folder / name).is_file():
-            raise ValueError(f"toy_classifier: {folder} has no {name}")
-    config = json.loads((folder / "config.json").read_text())
-    model = ToyAttributeClassifier(width=int(config["width"]), size=int(config["size"]))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return model.to(device=device, dtype=dtype).requires_grad_(False).eval()
-
-
-def _register() -> None:
-    from flowalign.rewards.registry import available_rewards, register_reward
-
-    if "toy_classifier" not in available_rewards():
-        register_reward("toy_classifier")(load_toy_classifier)
-
-
-_register()
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-def _keys(rows: list[dict[str, object]]) -> list[tuple]:
-    return [tuple(r[n] for n, _ in ATTRIBUTES) if r["present"] else ("absent",) for r in rows]
-
-
-def _tv(a: Sequence[Any], b: Sequence[Any]) -> float:
-    ca, cb = Counter(a), Counter(b)
-    na, nb = len(a), len(b)
-    return 0.5 * sum(abs(ca[k] / na - cb[k] / nb) for k in set(ca) | set(cb))
-
-
-def attribute_histogram_distance(media_a: Tensor, media_b: Tensor) -> dict[str, float]:
-    """Exact total-variation distances between what the oracle detects in two sample sets.
-
-    TV(P, Q) = 1/2 sum_k |P(k) - Q(k)| over the joint (shape, colour, size, position) histogram (with
-    an "absent" bin for samples where no object is detected), and over each attribute's marginal.
-
-    Args:
-        media_a: images [N, 3, H, W] in [0, 1].
-        media_b: images [M, 3, H, W] in [0, 1].
-
-    Returns:
-        {"tv_joint", "tv_shape", "tv_colour", "tv_size", "tv_position"} in [0, 1].
-    """
-    from flowalign.toy.oracles import detect_attributes
-
-    rows_a, rows_b = detect_attributes(media_a), detect_attributes(media_b)
-    out = {"tv_joint": _tv(_keys(rows_a), _keys(rows_b))}
-    for name, _ in ATTRIBUTES:
-        out[f"tv_{name}"] = _tv([r[name] for r in rows_a], [r[name] for r in rows_b])
-    return out
-
-
-def diversity(media: Tensor, prompts: Sequence[str]) -> dict[str, float]:
-    """Within-prompt diversity of samples (higher = more diverse; mode collapse drives both to 0).
-
-    - "pixel": mean over prompts of the mean pairwise RMS pixel distance between that prompt's samples;
-    - "jitter": mean over prompts of the std of the detected object's (extent, cx, cy), in pixels at 32x32
-      (the renders' own jitter the caption leaves free: a generator that always draws the same
-      object drops it).
-
-    Args:
-        media: images [N, 3, H, W] in [0, 1].
-        prompts: N prompts; groups of equal prompts need >= 2 samples to count.
-
-    Returns:
-        {"pixel": float, "jitter": float, "groups": number of prompts with >= 2 samples}.
-    """
-    from flowalign.toy.oracles import detect_attributes
-
-    if len(prompts) != media.shape[0]:
-        raise ValueError(f"diversity: {media.shape[0]} samples but {len(prompts)} prompts")
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(p, []).append(i)
-    rows = detect_attributes(media)
-    flat = media.reshape(media.shape[0], -1).double()
-    pixel, jitter = [], []
-    for idx in groups.values():
-        if len(idx) < 2:
-            continue
-        pairs = list(itertools.combinations(idx, 2))
-        pixel.append(sum((flat[i] - flat[j]).pow(2).mean().sqrt().item() for i, j in pairs) / len(pairs))
-        present = [rows[i] for i in idx if rows[i]["present"]]
-        if len(present) >= 2:
-            geo = torch.tensor([[r["extent"], r["cx"], r["cy"]] for r in present], dtype=torch.float64) * 32
-            jitter.append(geo.std(dim=0, unbiased=True).mean().item())
-    if not pixel:
-        raise ValueError("diversity: no prompt has two or more samples")
-    return {
-        "pixel": sum(pixel) / len(pixel),
-        "jitter": sum(jitter) / len(jitter) if jitter else 0.0,
-        "groups": len(pixel),
-    }
 
 
 def _mean(x: Tensor) -> float:
@@ -314,7 +56,7 @@ def one_step_report(
 
     Args:
         name: the row's label.
-        evaluation: a :class:`flowalign.toy.base.ToyEvaluation`.
+        evaluation: a :class:`flowalign.experiments.toy_base.ToyEvaluation`.
         reference_media: the samples distances are measured against (the teacher's, same prompts/seeds).
         seconds: training time to record.
         steps: sampling steps (NFE without CFG).
@@ -388,7 +130,7 @@ class OneStepToySettings:
 def _teacher_dir(teacher_dir: str | Path | None) -> Path:
     if teacher_dir is not None:
         return Path(teacher_dir)
-    from flowalign.toy.base import toy_base_model
+    from flowalign.experiments.toy_base import toy_base_model
 
     return toy_base_model("image")
 
@@ -428,8 +170,7 @@ def distill_toy(
     """
     from flowalign.config import OptimConfig
     from flowalign.models import load_flow_model
-    from flowalign.toy.base import PrerenderedToy
-    from flowalign.toy.data import ToyDataset
+    from flowalign.toy.data import PrerenderedToy, ToyDataset
     from flowalign.training.loop import train
     from flowalign.training.methods.distar import DiffInstructStar, DistarConfig
     from flowalign.training.methods.fdistill import FDistill
@@ -514,7 +255,7 @@ def render_prompts(prompts: Sequence[str], *, seed: int = 0, size: int = 32) -> 
 
 def evaluate_one_step(model, settings: OneStepToySettings | None = None):
     """Held-out one-step samples of a distilled generator (no CFG: the teacher's is distilled in)."""
-    from flowalign.toy.base import evaluate_toy
+    from flowalign.experiments.toy_base import evaluate_toy
 
     s = settings or OneStepToySettings()
     return evaluate_toy(
@@ -524,7 +265,7 @@ def evaluate_one_step(model, settings: OneStepToySettings | None = None):
 
 def teacher_baseline(teacher_dir: str | Path | None = None, settings: OneStepToySettings | None = None):
     """The teacher's multi-step samples (Euler, CFG) on the same held-out prompts and seeds."""
-    from flowalign.toy.base import evaluate_toy
+    from flowalign.experiments.toy_base import evaluate_toy
 
     s = settings or OneStepToySettings()
     torch.set_num_threads(s.threads)
@@ -538,7 +279,7 @@ def teacher_baseline(teacher_dir: str | Path | None = None, settings: OneStepToy
 
 
 def _baseline_rows(teacher_dir: Path, s: OneStepToySettings, baseline) -> tuple[list[dict[str, Any]], Tensor]:
-    from flowalign.toy.base import ToyEvaluation, evaluate_toy
+    from flowalign.experiments.toy_base import ToyEvaluation, evaluate_toy
     from flowalign.toy.oracles import score_images
 
     ref = baseline.media

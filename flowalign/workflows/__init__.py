@@ -1,0 +1,1 @@
+"""Workflows that chain the lower layers: sample -> score -> pair (``flowalign.workflows.pairs``)."""
