@@ -8,10 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from flowalign.data.media import load_image, load_video
+from flowalign.data.media import load_image, load_media, load_video
+from flowalign.data.pairs import PairsConfig, build_pairs
 from flowalign.models import load_flow_model
 from flowalign.models.base import net_dtype
 from flowalign.pipelines.generate_files import GenerationSettings, generate_files
+from flowalign.rewards.base import RewardModel
+from flowalign.rewards.registry import available_rewards, register_reward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,6 +25,24 @@ BF16_UNIT_ROUNDOFF = 2.0**-8  # bf16 keeps 8 significant bits (7 stored + the im
 
 def _size(family: str) -> dict:
     return dict(height=64, width=64, num_frames=5 if family == "wan" else 1)
+
+
+class _Brightness(RewardModel):
+    """Mean pixel value (videos: per frame, then averaged by the base class)."""
+
+    name = "bf16-brightness"
+    dimensions = ("bright",)
+    media_kind = "image"
+
+    def _score_images(self, images, prompts):
+        return {"bright": images.mean(dim=(1, 2, 3))}
+
+
+if _Brightness.name not in available_rewards():
+
+    @register_reward(_Brightness.name)
+    def _load_brightness(*, device="cpu", dtype=torch.float32, **kwargs) -> _Brightness:
+        return _Brightness(**kwargs)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -123,3 +144,57 @@ def test_net_dtype_counts_base_weights_not_lora_or_fp32_islands():
     net.lora_A = nn.Linear(8, 64)  # fp32 adapter weights, larger than the base: still not counted
     assert net_dtype(net) == torch.bfloat16
     assert net_dtype(nn.Linear(2, 2)) == torch.float32
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_build_pairs_in_bf16(family, tiny_model_dir, tmp_path):
+    """What ``flowalign pairs`` runs, on a model loaded in bf16: scored candidates, one pair per prompt."""
+    model = load_flow_model(tiny_model_dir(family), torch_dtype=torch.bfloat16)
+    size = _size(family)
+    model.default_height, model.default_width = size["height"], size["width"]  # PairsConfig has no size
+    model.default_num_frames = size["num_frames"]
+    brightness = _Brightness()
+
+    def score(media, prompts):
+        assert media.dtype == torch.float32 and torch.isfinite(media).all()
+        out = brightness.score(media, prompts)
+        return {**out, "overall": out["bright"]}
+
+    config = PairsConfig(num_candidates=2, num_inference_steps=2, video_ext=".npy")
+    candidates, chosen = build_pairs(model, PROMPTS, score, tmp_path, config, progress=False)
+    assert len(chosen) == len(PROMPTS)
+    assert torch.isfinite(candidates.scores["overall"]).all()
+    rows = [json.loads(line) for line in (tmp_path / "candidates.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * len(PROMPTS)
+    shape = (3, size["height"], size["width"])
+    if family == "wan":
+        shape = (size["num_frames"], *shape)
+    for row in rows:
+        assert load_media(tmp_path / row["file"]).shape == shape
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_run_eval_in_bf16(family, tiny_model_dir, tmp_path):
+    """What ``flowalign eval`` runs, with ``EvalOptions.dtype`` bf16: every sample generated and scored."""
+    from flowalign.evals import EvalOptions, run_eval
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    size = _size(family)
+    options = EvalOptions(
+        settings=GenerationSettings(num_inference_steps=2, **size), dtype=torch.bfloat16, num_resamples=20
+    )
+    result = run_eval(
+        {"m": tiny_model_dir(family)},
+        str(prompts),
+        [_Brightness.name],
+        out_dir=tmp_path / "eval",
+        options=options,
+        render=False,
+        progress=False,
+    )
+    assert result.failures == []
+    assert result.report["timings"]["num_samples"] == len(PROMPTS)
+    assert result.report["settings"]["options"]["dtype"] == "bfloat16"
+    stats = result.report["results"]["prompts"]["stats"]["m"]["bright"]
+    assert stats["n"] == len(PROMPTS) and 0 < stats["min"] <= stats["max"] < 1
