@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from flowalign import flow
 from flowalign.config import LoraConfig
-from flowalign.models.base import FlowModel, PromptEmbeds
+from flowalign.models.base import FlowModel, PromptEmbeds, net_dtype
 from flowalign.training.cache import PromptEmbedCache, text_encoder_names
 from flowalign.training.lora import adapters_disabled, add_lora, has_lora
 from flowalign.training.method import StepContext
@@ -108,7 +108,7 @@ class FrozenReference:
         self.uses_adapters = has_lora(transformer)
         self.copy: nn.Module | None = None
         if not self.uses_adapters:
-            dtype = dtype or next(transformer.parameters()).dtype
+            dtype = dtype or net_dtype(transformer)
             self.copy = frozen_copy(transformer, dtype)
 
     @contextmanager
