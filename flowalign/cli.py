@@ -520,11 +520,11 @@ def pairs(
     device: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Build a preference dataset from a model: K samples per prompt, scored, best vs worst."""
-    from flowalign.workflows.pairs import PairsConfig, build_pairs
     from flowalign.data.prompts import load_prompts
     from flowalign.models import load_flow_model
     from flowalign.rewards import load_reward
     from flowalign.rewards.combine import RewardCombiner
+    from flowalign.workflows.pairs import PairsConfig, build_pairs
 
     try:
         if toy_split is not None:

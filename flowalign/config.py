@@ -171,7 +171,10 @@ class TrainConfig:
     grad_accum_steps: int = 1
     """Micro-steps whose gradients are averaged before each optimizer step."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast dtype for the forward pass; weights, optimizer state and EMA stay fp32."""
+    """The compute dtype of the run, its one dtype setting: frozen weights (text encoders, VAE, the
+    transformer base of a LoRA run, a full fine-tune's reference copy) load in it, and the forward
+    pass runs under its autocast; trainable parameters (LoRA adapters, or fp32 master weights of a
+    full fine-tune), optimizer state and EMA stay fp32. A family's fp32 parts (Wan's VAE) stay fp32."""
     grad_clip: float | None = 1.0
     """Clip the global gradient norm of each parameter group to this value (None = no clipping)."""
     gradient_checkpointing: bool = False

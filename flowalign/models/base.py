@@ -6,6 +6,10 @@ Everything outside ``flowalign.models`` works in canonical space (see ``flowalig
 - ``x_t = (1 - t) x0 + t noise`` with ``t`` in [0, 1] (1 = noise) and ``v = noise - x0``;
 - media are float tensors in [0, 1]: ``[B, 3, H, W]`` images, ``[B, T, 3, H, W]`` videos.
 
+Dtypes: a model computes in the dtype it was loaded in (bf16, fp16 or fp32; a family's fp32
+components, such as Wan's VAE, stay fp32), while latents, velocities and media cross the port in
+at least fp32: each adapter casts its inputs to the network's dtype and its outputs back.
+
 A family adapter wraps the family's diffusers pipeline (which owns loading, saving and the text
 encoders) and converts at the port: timestep scaling, latent packing, VAE scale and shift, video axes.
 """
@@ -28,6 +32,31 @@ from torch import Tensor, nn
 
 # diffusers renamed ``torch_dtype`` to ``dtype`` in 0.40.
 _DTYPE_KWARG = "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in fp32 when it is in a half-precision dtype (bf16, fp16); fp32 and fp64 stay as they are.
+
+    Latents, velocities and media leave a model in at least fp32, whatever its compute dtype: the
+    samplers and losses integrate and reduce in full precision.
+    """
+    return x.to(torch.promote_types(x.dtype, torch.float32)) if x.is_floating_point() else x
+
+
+def net_dtype(net: nn.Module) -> torch.dtype:
+    """The compute dtype of a velocity network: the dtype of most of its base (non-LoRA) weights.
+
+    Wrappers (DDP, ``torch.compile``) are seen through; LoRA parameters (fp32 while the frozen base
+    is bf16) and small fp32 islands a family keeps (Wan's norms and time embedder) are outvoted
+    by element count, so a bf16 base reads as bf16 and an fp32 full fine-tune as fp32.
+    """
+    counts: dict[torch.dtype, int] = {}
+    for name, p in net.named_parameters():
+        if p.is_floating_point() and "lora_" not in name:
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    if not counts:
+        return torch.float32
+    return max(counts, key=counts.get)
 
 
 class ModelLoadError(ValueError):
@@ -100,9 +129,28 @@ class FlowModel(ABC):
     default_num_frames: ClassVar[int] = 1
     # Components that may be absent from a saved folder (loaded as None).
     optional_components: ClassVar[tuple[str, ...]] = ()
+    # Components kept in fp32 whatever the compute dtype (the family's diffusers pipeline does the same).
+    fp32_components: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, pipe: DiffusionPipeline):
+    def __init__(self, pipe: DiffusionPipeline, *, compute_dtype: torch.dtype | None = None):
         self.pipe = pipe
+        self.compute_dtype = compute_dtype or net_dtype(pipe.transformer)
+        """The dtype of the frozen weights (text encoders, a frozen transformer or reference): the
+        dtype the model was loaded in, before any trainable part is kept in fp32."""
+
+    @classmethod
+    def component_dtypes(cls, torch_dtype: torch.dtype | dict[str, torch.dtype]) -> dict[str, torch.dtype]:
+        """Per-component load dtypes, diffusers style (``{"default": ..., name: ...}``).
+
+        A single dtype applies to every component except the family's ``fp32_components``; a dict
+        overrides per component on top of that (e.g. ``{"default": bf16, "transformer": fp32}`` for
+        a full fine-tune with fp32 master weights and bf16 frozen parts).
+        """
+        given = dict(torch_dtype) if isinstance(torch_dtype, dict) else {"default": torch_dtype}
+        dtypes = {"default": given.pop("default", torch.float32)}
+        dtypes.update({name: torch.float32 for name in cls.fp32_components})
+        dtypes.update(given)
+        return dtypes
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -110,24 +158,29 @@ class FlowModel(ABC):
         cls,
         path_or_id: str | Path,
         *,
-        torch_dtype: torch.dtype = torch.float32,
+        torch_dtype: torch.dtype | dict[str, torch.dtype] = torch.float32,
         device: torch.device | str = "cpu",
         **components: Any,
     ) -> FlowModel:
-        """Load from a hub id or a local folder in diffusers' layout; ``components`` replace parts."""
+        """Load from a hub id or a local folder in diffusers' layout; ``components`` replace parts.
+
+        Each component is read straight into its dtype from :meth:`component_dtypes` (no fp32
+        copy of a bf16 model on the way), then moved to ``device``.
+        """
         kwargs = {name: None for name in cls.optional_components}
         # Components saved as None (e.g. SD3 without T5) must be passed as None explicitly.
         expected, _ = cls.pipeline_class._get_signature_keys(cls.pipeline_class)
         index = read_model_index(path_or_id)
         kwargs.update({name: None for name in expected if index.get(name, [None, None])[0] is None})
         kwargs.update(components)
-        kwargs[_DTYPE_KWARG] = torch_dtype
+        dtypes = cls.component_dtypes(torch_dtype)
+        kwargs[_DTYPE_KWARG] = dtypes
         try:
             pipe = cls.pipeline_class.from_pretrained(str(path_or_id), **kwargs)
         except (OSError, ValueError, TypeError, KeyError) as err:
             raise ModelLoadError(f"cannot load {cls.family} model from {path_or_id}: {err}") from err
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe.to(device))
+        return cls(pipe.to(device), compute_dtype=dtypes["default"])
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the whole model (weights as safetensors) in diffusers' layout."""
@@ -144,7 +197,8 @@ class FlowModel(ABC):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        """The transformer's compute dtype (see :func:`net_dtype`)."""
+        return net_dtype(self.transformer)
 
     @property
     def uses_guidance_embedding(self) -> bool:
@@ -152,7 +206,12 @@ class FlowModel(ABC):
         return False
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FlowModel:
-        self.pipe.to(device=device, dtype=dtype)
+        """Move every component; a ``dtype`` becomes the compute dtype (``fp32_components`` stay fp32)."""
+        for name, module in self.modules().items():
+            target = torch.float32 if dtype is not None and name in self.fp32_components else dtype
+            module.to(device=device, dtype=target)
+        if dtype is not None:
+            self.compute_dtype = dtype
         return self
 
     def eval(self) -> FlowModel:
@@ -215,7 +274,9 @@ class FlowModel(ABC):
         """Predicted velocity ``v(x_t, t, c)``, canonical shape of ``x``; ``t`` is ``[B]`` in [0, 1].
 
         ``net`` replaces the transformer (same architecture: a policy, a reference, a fake score);
-        ``guidance`` is the embedded guidance scale for guidance-distilled families.
+        ``guidance`` is the embedded guidance scale for guidance-distilled families. Inputs are cast
+        to the network's dtype (:func:`net_dtype`), so a bf16 network takes fp32 latents; the
+        output comes back in ``x``'s dtype.
         """
 
     # ------------------------------------------------------------------ time grid
@@ -262,14 +323,14 @@ def encode_with_image_vae(vae: nn.Module, media: Tensor, generator: torch.Genera
     The latent distribution's mode, or a sample when a generator is given.
     """
     dist = vae.encode((media * 2 - 1).to(vae.dtype)).latent_dist
-    z = dist.sample(generator) if generator is not None else dist.mode()
+    z = at_least_fp32(dist.sample(generator) if generator is not None else dist.mode())
     return (z - vae.config.shift_factor) * vae.config.scaling_factor
 
 
 def decode_with_image_vae(vae: nn.Module, latents: Tensor) -> Tensor:
-    """The inverse of :func:`encode_with_image_vae`: latents -> images in [0, 1]."""
+    """The inverse of :func:`encode_with_image_vae`: latents -> images in [0, 1] (at least fp32)."""
     z = latents / vae.config.scaling_factor + vae.config.shift_factor
-    image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+    image = at_least_fp32(vae.decode(z.to(vae.dtype), return_dict=False)[0])
     return (image / 2 + 0.5).clamp(0, 1)
 
 
@@ -330,11 +391,15 @@ def family_for(path_or_id: str | Path) -> type[FlowModel]:
 def load_flow_model(
     path_or_id: str | Path,
     *,
-    torch_dtype: torch.dtype = torch.float32,
+    torch_dtype: torch.dtype | dict[str, torch.dtype] = torch.float32,
     device: torch.device | str = "cpu",
     **components: Any,
 ) -> FlowModel:
-    """Load any supported family from a hub id or a local diffusers folder."""
+    """Load any supported family from a hub id or a local diffusers folder.
+
+    ``torch_dtype`` is the compute dtype of every component (or a per-component dict, see
+    :meth:`FlowModel.component_dtypes`); the family's fp32 components (Wan's VAE) stay fp32.
+    """
     return family_for(path_or_id).from_pretrained(
         path_or_id, torch_dtype=torch_dtype, device=device, **components
     )

@@ -17,6 +17,7 @@ from flowalign.models.base import (
     PromptEmbeds,
     decode_with_image_vae,
     encode_with_image_vae,
+    net_dtype,
     register_family,
 )
 from flowalign.models.schedules import flux_time_grid
@@ -106,6 +107,7 @@ class FluxModel(FlowModel):
 
     def velocity(self, x, t, cond, *, guidance=None, net: nn.Module | None = None):
         net = net or self.transformer
+        dtype = net_dtype(net)
         b, _, h, w = x.shape
         if self.uses_guidance_embedding:
             scale = 3.5 if guidance is None else guidance
@@ -113,13 +115,15 @@ class FluxModel(FlowModel):
         else:
             guidance_in = None
         out = net(
-            hidden_states=pack_2x2(x),  # [B, (H/2)(W/2), 4C]
-            timestep=t.to(x.dtype),  # not * 1000: the FLUX transformer scales inside
+            hidden_states=pack_2x2(x).to(dtype),  # [B, (H/2)(W/2), 4C]
+            # not * 1000: the FLUX transformer scales inside (after casting t to its dtype, as
+            # FluxPipeline does with its latents' dtype)
+            timestep=t.to(dtype),
             guidance=guidance_in,
-            pooled_projections=cond.pooled,
-            encoder_hidden_states=cond.embeds,
+            pooled_projections=cond.pooled.to(dtype),
+            encoder_hidden_states=cond.embeds.to(dtype),
             txt_ids=cond.text_ids,
             img_ids=image_position_ids(h, w, device=x.device, dtype=x.dtype),
             return_dict=False,
         )[0]
-        return unpack_2x2(out, height=h, width=w)
+        return unpack_2x2(out, height=h, width=w).to(x.dtype)

@@ -7,6 +7,7 @@ from the scheduler config (3.0 for SD3-medium and SD3.5).
 
 from __future__ import annotations
 
+import torch
 from diffusers import StableDiffusion3Pipeline
 from torch import Tensor, nn
 
@@ -16,6 +17,7 @@ from flowalign.models.base import (
     PromptEmbeds,
     decode_with_image_vae,
     encode_with_image_vae,
+    net_dtype,
     register_family,
 )
 
@@ -70,10 +72,13 @@ class SD3Model(FlowModel):
 
     def velocity(self, x, t, cond, *, guidance=None, net: nn.Module | None = None):
         net = net or self.transformer
-        return net(
-            hidden_states=x,
-            timestep=t_to_timesteps(t.to(x.dtype)),  # SD3 takes t * 1000
-            encoder_hidden_states=cond.embeds,
-            pooled_projections=cond.pooled,
+        dtype = net_dtype(net)
+        out = net(
+            hidden_states=x.to(dtype),
+            # SD3 takes t * 1000, in fp32 at least (as StableDiffusion3Pipeline passes it)
+            timestep=t_to_timesteps(t.to(torch.promote_types(dtype, torch.float32))),
+            encoder_hidden_states=cond.embeds.to(dtype),
+            pooled_projections=cond.pooled.to(dtype),
             return_dict=False,
         )[0]
+        return out.to(x.dtype)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 from flowalign.flow import t_to_timesteps
-from flowalign.models.base import FlowModel, PromptEmbeds, register_family
+from flowalign.models.base import FlowModel, PromptEmbeds, net_dtype, register_family
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 TOY_MAX_TOKENS = 16
@@ -189,18 +189,24 @@ class ToyModel(FlowModel):
 
     def velocity(self, x, t, cond, *, guidance=None, net: nn.Module | None = None):
         net = net or self.transformer
-        timestep = t_to_timesteps(t.to(x.dtype))
+        dtype = net_dtype(net)
+        timestep = t_to_timesteps(t.to(torch.promote_types(dtype, torch.float32)))
         if self.is_video:
-            return net(
-                hidden_states=x, timestep=timestep, encoder_hidden_states=cond.embeds, return_dict=False
+            out = net(
+                hidden_states=x.to(dtype),
+                timestep=timestep,
+                encoder_hidden_states=cond.embeds.to(dtype),
+                return_dict=False,
             )[0]
-        return net(
-            hidden_states=x,
-            timestep=timestep,
-            encoder_hidden_states=cond.embeds,
-            pooled_projections=cond.pooled,
-            return_dict=False,
-        )[0]
+        else:
+            out = net(
+                hidden_states=x.to(dtype),
+                timestep=timestep,
+                encoder_hidden_states=cond.embeds.to(dtype),
+                pooled_projections=cond.pooled.to(dtype),
+                return_dict=False,
+            )[0]
+        return out.to(x.dtype)
 
 
 def toy_corpus() -> list[str]:

@@ -15,7 +15,7 @@ from diffusers import WanPipeline
 from torch import Tensor, nn
 
 from flowalign.flow import t_to_timesteps
-from flowalign.models.base import FlowModel, PromptEmbeds, register_family
+from flowalign.models.base import FlowModel, PromptEmbeds, at_least_fp32, net_dtype, register_family
 
 
 @register_family("WanPipeline")
@@ -31,6 +31,7 @@ class WanModel(FlowModel):
     default_width = 832
     default_num_frames = 81
     optional_components = ("transformer_2",)
+    fp32_components = ("vae",)  # as WanPipeline's model cards load it: the causal 3-D VAE stays fp32
     max_sequence_length = 512
 
     def encode_prompt(self, prompts, *, negative_prompts=None, with_uncond=False):
@@ -41,9 +42,8 @@ class WanModel(FlowModel):
             max_sequence_length=self.max_sequence_length,
             device=self.device,
         )
-        dtype = self.transformer.dtype
-        cond = PromptEmbeds(embeds=embeds.to(dtype))
-        uncond = PromptEmbeds(embeds=neg_embeds.to(dtype)) if with_uncond else None
+        cond = PromptEmbeds(embeds=embeds)
+        uncond = PromptEmbeds(embeds=neg_embeds) if with_uncond else None
         return cond, uncond
 
     @property
@@ -74,7 +74,7 @@ class WanModel(FlowModel):
         vae = self.pipe.vae
         video = (media * 2 - 1).permute(0, 2, 1, 3, 4).to(vae.dtype)  # [B, T, 3, H, W] -> [B, 3, T, H, W]
         dist = vae.encode(video).latent_dist
-        z = dist.sample(generator) if generator is not None else dist.mode()
+        z = at_least_fp32(dist.sample(generator) if generator is not None else dist.mode())
         mean, std = self._latent_stats(z)
         return (z - mean) / std
 
@@ -83,14 +83,17 @@ class WanModel(FlowModel):
         mean, std = self._latent_stats(latents.to(vae.dtype))
         # same arithmetic as WanPipeline: latents / (1 / std) + mean
         z = latents.to(vae.dtype) / (1.0 / std) + mean
-        video = vae.decode(z, return_dict=False)[0]  # [B, 3, T, H, W] in [-1, 1]
+        video = at_least_fp32(vae.decode(z, return_dict=False)[0])  # [B, 3, T, H, W] in [-1, 1]
         return (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)  # [B, T, 3, H, W]
 
     def velocity(self, x, t, cond, *, guidance=None, net: nn.Module | None = None):
         net = net or self.transformer
-        return net(
-            hidden_states=x.to(self.transformer.dtype),
-            timestep=t_to_timesteps(t.to(x.dtype)),  # Wan takes t * 1000
-            encoder_hidden_states=cond.embeds,
+        dtype = net_dtype(net)
+        out = net(
+            hidden_states=x.to(dtype),
+            # Wan takes t * 1000, in fp32 at least (as WanPipeline passes it)
+            timestep=t_to_timesteps(t.to(torch.promote_types(dtype, torch.float32))),
+            encoder_hidden_states=cond.embeds.to(dtype),
             return_dict=False,
         )[0]
+        return out.to(x.dtype)

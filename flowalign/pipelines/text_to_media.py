@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flowalign.models.base import FlowModel
+from flowalign.models.base import FlowModel, at_least_fp32
 from flowalign.sampling.guidance import VelocityTransform, apply_transforms, model_velocity_fn
 from flowalign.sampling.samplers import StepCallback, get_sampler, sample_one_step
 
@@ -39,7 +39,9 @@ class FlowPipeline:
     Argument names follow diffusers' pipelines. Guidance: for ordinary models ``guidance_scale``
     is classifier-free guidance (1 = off); for guidance-distilled models (FLUX.1-dev) it is the
     embedded guidance input and ``true_cfg_scale`` turns on real CFG with the negative prompt.
-    ``velocity_transforms`` wrap the guided velocity (reward guidance plugs in here).
+    ``velocity_transforms`` wrap the guided velocity (reward guidance plugs in here). The model
+    computes in the dtype it was loaded in (e.g. bf16); the sampler's latents, the velocities it
+    sees and the returned media are at least fp32.
     """
 
     def __init__(self, model: FlowModel):
@@ -106,6 +108,7 @@ class FlowPipeline:
             latents = model.prepare_noise(
                 batch, height=height, width=width, num_frames=num_frames, generator=generator
             )
+        latents = at_least_fp32(latents)  # the sampler integrates in fp32 whatever the model's dtype
         v_fn = model_velocity_fn(
             model,
             cond,

@@ -316,3 +316,110 @@ class CachedDataset(Dataset):
         for key, values in self.meta.items():
             item[key] = values[i]
         return item
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt embeddings of a training set
+
+
+class _Prompts(Dataset):
+    def __init__(self, prompts: list[str]) -> None:
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"prompt": self.prompts[i]}
+
+
+def text_encoder_names(model: Any) -> list[str]:
+    """The pipeline components of a FlowModel that encode prompts (``text_encoder``, ``text_encoder_2``, ...)."""
+    return sorted(name for name in model.modules() if name.startswith("text_encoder"))
+
+
+class PromptEmbedCache:
+    """Prompt embeddings of a fixed prompt set, encoded once by the frozen text encoders and reused.
+
+    A training step then reads its prompts' rows instead of running every text encoder (twice per
+    pair for DPO), and the text encoders can leave the device. Rows are kept in memory
+    (``cache_dir=None``) or in a :func:`build_cache` folder whose fingerprint covers the text
+    encoders' weights, the family, the maximum prompt length and the sorted prompt set, so a run
+    that resumes, or a second run on the same data and model, reuses it. Rows keep the text
+    encoders' dtype, so a cached row equals the per-step encoding of the same prompt.
+    """
+
+    def __init__(self, prompts: list[str], rows: Dataset | dict[str, Tensor]) -> None:
+        self.prompts = prompts
+        self.position = {p: i for i, p in enumerate(prompts)}
+        self._rows = rows
+
+    @classmethod
+    def build(
+        cls,
+        model: Any,
+        prompts: Sequence[str],
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        batch_size: int = 8,
+    ) -> PromptEmbedCache:
+        """Encode the distinct ``prompts`` with ``model.encode_prompt`` (or open a matching cache)."""
+        unique = sorted(set(prompts))
+        if not unique:
+            raise ValueError("cannot cache the embeddings of an empty prompt list")
+
+        def encode(batch: dict) -> dict[str, Tensor]:
+            cond, _ = model.encode_prompt(list(batch["prompt"]))
+            out = {"embeds": cond.embeds}
+            if cond.pooled is not None:
+                out["pooled"] = cond.pooled
+            if cond.text_ids is not None:  # shared by the batch: stored with every row
+                out["text_ids"] = cond.text_ids.unsqueeze(0).expand(len(cond), *cond.text_ids.shape)
+            return out
+
+        data = _Prompts(unique)
+        if cache_dir is None:
+            parts: dict[str, list[Tensor]] = {}
+            with torch.no_grad():
+                for start in range(0, len(unique), batch_size):
+                    for key, value in encode({"prompt": unique[start : start + batch_size]}).items():
+                        parts.setdefault(key, []).append(value.detach().to("cpu"))
+            return cls(unique, {key: torch.cat(values) for key, values in parts.items()})
+        encoders = text_encoder_names(model)
+        digest = hashlib.sha256("\n".join(unique).encode()).hexdigest()
+        extra = "|".join(
+            [f"family={model.family}", f"max_len={getattr(model, 'max_sequence_length', None)}", digest]
+            + [f"{name}={fingerprint_module(model.modules()[name])}" for name in encoders]
+        )
+        fingerprint = fingerprint_module(extra=extra)
+        rows = ensure_cache(
+            data, encode, cache_dir, fingerprint=fingerprint, batch_size=batch_size, collate=_collate_prompts
+        )
+        return cls(unique, rows)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def lookup(self, prompts: Sequence[str], device: torch.device | str | None = None) -> Any:
+        """The :class:`~flowalign.models.base.PromptEmbeds` of ``prompts`` (a batch, repeats allowed)."""
+        from flowalign.models.base import PromptEmbeds
+
+        missing = [p for p in prompts if p not in self.position]
+        if missing:
+            raise ValueError(f"prompt {missing[0]!r:.80} is not in the prompt cache ({len(self)} prompts)")
+        idx = [self.position[p] for p in prompts]
+        if isinstance(self._rows, dict):
+            table = {key: value[idx] for key, value in self._rows.items()}
+        else:
+            items = [self._rows[i] for i in idx]
+            table = {key: torch.stack([item[key] for item in items]) for key in self._rows.keys}
+        text_ids = table.get("text_ids")
+        return PromptEmbeds(
+            embeds=table["embeds"],
+            pooled=table.get("pooled"),
+            text_ids=None if text_ids is None else text_ids[0],
+        ).to(device=device)
+
+
+def _collate_prompts(items: list[dict]) -> dict:
+    return {"prompt": [item["prompt"] for item in items]}

@@ -3,6 +3,13 @@
 Each run config nests the loop's :class:`TrainConfig` and the method's own config; it loads from
 YAML plus ``key=value`` overrides (:func:`flowalign.config.load_config`) and is saved next to every
 checkpoint, so ``--resume`` continues with exactly the settings of the run.
+
+Loading follows one dtype policy, set by ``train.mixed_precision`` alone (:func:`compute_dtype`):
+frozen components (text encoders, the VAE, a LoRA run's transformer base) are read from disk
+straight into the compute dtype, components trained in full (the transformer of a fine-tune
+without LoRA) in fp32 as master weights, and LoRA adapters are created in fp32. The device is
+this process's own (:func:`training_device`), known before loading, so each rank reads its
+model onto its own GPU.
 """
 
 from __future__ import annotations
@@ -27,16 +34,66 @@ from flowalign.training.methods.rwr import FlowRWR, RWRConfig, WeightedSamples
 from flowalign.training.methods.sft import FlowMatchingSFT, SFTConfig
 
 TOY_PREFIX = "toy:"
+COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_model_spec(spec: str, *, device: str | None = None) -> FlowModel:
-    """``toy:image`` / ``toy:video`` builds a fresh toy model; anything else is a hub id or folder."""
+def compute_dtype(train: TrainConfig) -> torch.dtype:
+    """The dtype of a run's frozen weights and autocast: fp32, bf16 or fp16 for mixed_precision no/bf16/fp16."""
+    if train.mixed_precision not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"train.mixed_precision must be one of {sorted(COMPUTE_DTYPES)}, got {train.mixed_precision!r}"
+        )
+    return COMPUTE_DTYPES[train.mixed_precision]
+
+
+def training_device(train: TrainConfig) -> torch.device:
+    """This process's training device, before the loop's Accelerator exists (``cuda:<local rank>`` under
+    a distributed launch; the CPU with ``train.cpu`` or without a GPU)."""
+    if train.cpu:
+        return torch.device("cpu")
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def load_model_spec(
+    spec: str,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | dict[str, torch.dtype] = torch.float32,
+) -> FlowModel:
+    """``toy:image`` / ``toy:video`` builds a fresh toy model; anything else is a hub id or folder.
+
+    ``dtype``: one dtype for every component or a per-component dict (see
+    :meth:`FlowModel.component_dtypes`).
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith(TOY_PREFIX):
         from flowalign.models.toy import ToyModel, build_toy_pipeline
 
-        return ToyModel(build_toy_pipeline(spec[len(TOY_PREFIX) :])).to(device)
-    return load_flow_model(spec, device=device)
+        model = ToyModel(build_toy_pipeline(spec[len(TOY_PREFIX) :]))
+        dtypes = model.component_dtypes(dtype)
+        for name, module in model.modules().items():
+            module.to(device=device, dtype=dtypes.get(name, dtypes["default"]))
+        model.compute_dtype = dtypes["default"]
+        return model
+    return load_flow_model(spec, device=device, torch_dtype=dtype)
+
+
+def load_training_model(spec: str, train: TrainConfig, *, full: tuple[str, ...] = ()) -> FlowModel:
+    """The model of a run under the dtype policy, on :func:`training_device`; the components named in
+    ``full`` are trained in full and load in fp32, every other one in :func:`compute_dtype`."""
+    dtypes = {"default": compute_dtype(train)} | {name: torch.float32 for name in full}
+    return load_model_spec(spec, device=training_device(train), dtype=dtypes)
+
+
+def cache_run_prompts(method, prompts: list[str], train: TrainConfig) -> None:
+    """Encode a run's prompts once into ``<output_dir>/cache/prompts`` (the main process builds it,
+    the others then open it) and take the text encoders off the device."""
+    from accelerate import PartialState
+
+    with PartialState(cpu=train.cpu).main_process_first():
+        method.cache_prompts(prompts, cache_dir=Path(train.output_dir) / "cache" / "prompts")
 
 
 class ManifestDataset(Dataset):
@@ -120,6 +177,9 @@ class DPORun:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     lora: LoraConfig | None = field(default_factory=LoraConfig)
     """LoRA on the transformer (reference = adapters off); null for a full fine-tune with a frozen copy."""
+    cache_prompts: bool = True
+    """Encode each distinct prompt once before training (kept in ``<output_dir>/cache/prompts`` and
+    reused on resume) and train with the text encoders off the device; false encodes every step."""
 
 
 @dataclass(kw_only=True)
@@ -134,6 +194,8 @@ class RWRRun:
     train: TrainConfig = field(default_factory=TrainConfig)
     rwr: RWRConfig = field(default_factory=RWRConfig)
     lora: LoraConfig | None = field(default_factory=LoraConfig)
+    cache_prompts: bool = True
+    """Encode each distinct prompt once before training (see :attr:`DPORun.cache_prompts`)."""
 
 
 class PairDataset(Dataset):
@@ -150,6 +212,9 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         pair = self.pairs[i]
         return {"media_w": pair.media_w, "media_l": pair.media_l, "prompt": pair.prompt, "index": i}
+
+    def prompts(self) -> list[str]:
+        return [pair.prompt for pair in self.pairs]
 
 
 def _read_candidates(
@@ -209,7 +274,8 @@ def load_candidates(path: str | Path, reward_key: str) -> tuple[torch.Tensor, li
 
 def run_sft(run: SFTRun, *, resume: bool = False, progress: bool = True) -> TrainResult:
     torch.manual_seed(run.train.seed)  # random initialisations (LoRA, heads) follow the run seed
-    model = load_model_spec(run.model, device="cpu" if run.train.cpu else None)
+    full = ("transformer", "text_encoder") if run.sft.train_text_encoder else ("transformer",)
+    model = load_training_model(run.model, run.train, full=full)
     kind = "video" if model.is_video else "image"
     data = sft_dataset(run.data, kind, num_items=run.num_items, seed=run.train.seed)
     return train(
@@ -218,18 +284,30 @@ def run_sft(run: SFTRun, *, resume: bool = False, progress: bool = True) -> Trai
 
 
 def run_dpo(run: DPORun, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    method, data = prepare_dpo(run)
+    return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
+
+
+def prepare_dpo(run: DPORun) -> tuple[FlowDPO, PairDataset]:
+    """The method and dataset of a DPO run: model loaded under the dtype policy on this process's
+    device, LoRA (fp32) attached, prompts cached when ``run.cache_prompts``."""
     torch.manual_seed(run.train.seed)  # random initialisations (LoRA, heads) follow the run seed
-    model = load_model_spec(run.model, device="cpu" if run.train.cpu else None)
+    model = load_training_model(run.model, run.train, full=() if run.lora else ("transformer",))
     method = FlowDPO(model, run.dpo, lora=run.lora)
-    return train(method, PairDataset(run.data), run.train, resume=resume, progress=progress, run_config=run)
+    data = PairDataset(run.data)
+    if run.cache_prompts:
+        cache_run_prompts(method, data.prompts(), run.train)
+    return method, data
 
 
 def run_rwr(run: RWRRun, *, resume: bool = False, progress: bool = True) -> TrainResult:
     torch.manual_seed(run.train.seed)  # random initialisations (LoRA, heads) follow the run seed
-    model = load_model_spec(run.model, device="cpu" if run.train.cpu else None)
+    model = load_training_model(run.model, run.train, full=() if run.lora else ("transformer",))
     media, prompts, rewards = load_candidates(run.data, run.reward_key)
     data = WeightedSamples(media, prompts, rewards, run.rwr)
     method = FlowRWR(model, run.rwr, lora=run.lora)
+    if run.cache_prompts:
+        cache_run_prompts(method, prompts, run.train)
     return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
 
 
@@ -316,7 +394,8 @@ def run_latent_reward(run: LatentRewardRun, *, resume: bool = False, progress: b
     from flowalign.training.methods.latent_reward import LatentRewardTraining
 
     torch.manual_seed(run.train.seed)  # random initialisations (LoRA, heads) follow the run seed
-    model = load_model_spec(run.model, device="cpu" if run.train.cpu else None)
+    # the guide's trunk is cut from the transformer and may be trained in full: fp32 master weights
+    model = load_training_model(run.model, run.train, full=("transformer",))
     teacher = None
     if run.teacher:
         name, options = parse_reward_spec(run.teacher)

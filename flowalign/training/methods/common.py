@@ -1,8 +1,17 @@
-"""Pieces shared by the flow-model methods: training-time sampling and frozen-reference handling."""
+"""Pieces shared by the flow-model methods: training-time sampling, frozen-reference handling,
+the dtype policy of trainable parameters and cached prompt conditioning.
+
+Dtype policy: frozen weights (a LoRA base, a reference copy, text encoders, the VAE) stay in the
+model's compute dtype (``FlowModel.compute_dtype``: bf16 when the run's ``mixed_precision`` is
+bf16); trainable parameters (LoRA adapters, or the whole transformer of a full fine-tune: the
+master weights) are kept in fp32, and the loop's autocast runs their forward in the compute dtype.
+"""
 
 from __future__ import annotations
 
 import copy
+import os
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -11,8 +20,9 @@ from torch import Tensor, nn
 
 from flowalign import flow
 from flowalign.config import LoraConfig
-from flowalign.models.base import FlowModel
+from flowalign.models.base import FlowModel, PromptEmbeds, net_dtype
 from flowalign.models.lora import adapters_disabled, add_lora, has_lora
+from flowalign.training.cache import PromptEmbedCache, text_encoder_names
 from flowalign.training.method import StepContext
 
 
@@ -40,8 +50,19 @@ def sample_training_t(cfg: TimeSampling, ids: Tensor, ctx: StepContext, *, key: 
     ).to(ctx.device)
 
 
+def trainable_to_fp32(module: nn.Module) -> None:
+    """Keep every trainable (``requires_grad``) half-precision parameter of ``module`` in fp32, in place."""
+    for p in module.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float64:
+            p.data = p.data.to(torch.float32)
+
+
 def freeze_all_but_transformer(model: FlowModel, lora: LoraConfig | None) -> None:
-    """Freeze every component; then either attach LoRA to the transformer or make it fully trainable."""
+    """Freeze every component; then either attach LoRA to the transformer or make it fully trainable.
+
+    The trainable parameters end in fp32 (LoRA adapters on a bf16 base, or fp32 master weights of a
+    full fine-tune); frozen ones keep their dtype.
+    """
     for module in model.modules().values():
         module.requires_grad_(False).eval()
     if lora is not None:
@@ -49,21 +70,46 @@ def freeze_all_but_transformer(model: FlowModel, lora: LoraConfig | None) -> Non
             add_lora(model.transformer, lora)
     else:
         model.transformer.requires_grad_(True)
+    trainable_to_fp32(model.transformer)
     model.transformer.train()
+
+
+def frozen_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen eval-mode copy of ``module`` with floating weights and buffers in ``dtype``.
+
+    Each tensor is cast while it is copied, so an fp32 module never exists twice; submodules that
+    the model class keeps in fp32 (diffusers' ``_keep_in_fp32_modules``) stay fp32.
+    """
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    memo: dict[int, object] = {}
+    named = list(module.named_parameters(remove_duplicate=False)) + list(
+        module.named_buffers(remove_duplicate=False)
+    )
+    for name, tensor in named:
+        if id(tensor) in memo or not tensor.is_floating_point():
+            continue
+        target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
+        clone = tensor.detach().to(dtype=target, copy=True)
+        memo[id(tensor)] = (
+            nn.Parameter(clone, requires_grad=False) if isinstance(tensor, nn.Parameter) else clone
+        )
+    return copy.deepcopy(module, memo).requires_grad_(False).eval()
 
 
 class FrozenReference:
     """The reference velocity network of preference methods.
 
     With LoRA the reference is the policy with its adapters disabled (no second copy in memory);
-    for a full fine-tune it is a frozen deep copy of the initial transformer.
+    for a full fine-tune it is a frozen copy of the initial transformer in ``dtype`` (the compute
+    dtype: bf16 next to fp32 master weights; default: the transformer's own dtype).
     """
 
-    def __init__(self, transformer: nn.Module):
+    def __init__(self, transformer: nn.Module, dtype: torch.dtype | None = None):
         self.uses_adapters = has_lora(transformer)
         self.copy: nn.Module | None = None
         if not self.uses_adapters:
-            self.copy = copy.deepcopy(transformer).requires_grad_(False).eval()
+            dtype = dtype or net_dtype(transformer)
+            self.copy = frozen_copy(transformer, dtype)
 
     @contextmanager
     def network(self, policy: nn.Module):
@@ -87,3 +133,46 @@ def encode_frozen_prompts(model: FlowModel, prompts: list[str]):
     """Prompt embeddings with frozen text encoders (no graph kept)."""
     cond, _ = model.encode_prompt(prompts)
     return cond
+
+
+class CachedPrompts:
+    """Mixin for methods conditioned on prompts through frozen text encoders (``self.model``).
+
+    Without a cache every step encodes its prompts; after :meth:`cache_prompts` steps read the
+    cached rows, and the text encoders go to the CPU and drop out of ``frozen_modules`` (the loop
+    would otherwise move them back onto the device).
+    """
+
+    model: FlowModel
+    prompt_cache: PromptEmbedCache | None = None
+
+    def cache_prompts(
+        self,
+        prompts: Sequence[str],
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        batch_size: int = 8,
+        offload: bool = True,
+    ) -> PromptEmbedCache:
+        """Encode the distinct ``prompts`` once (or open the matching cache in ``cache_dir``); with
+        ``offload`` the text encoders then move to the CPU."""
+        self.prompt_cache = PromptEmbedCache.build(
+            self.model, prompts, cache_dir=cache_dir, batch_size=batch_size
+        )
+        if offload:
+            for name in text_encoder_names(self.model):
+                self.model.modules()[name].to("cpu")
+        return self.prompt_cache
+
+    def condition(self, prompts: Sequence[str], device: torch.device) -> PromptEmbeds:
+        """The prompts' embeddings on ``device``: read from the cache when there is one, else encoded."""
+        if self.prompt_cache is not None:
+            return self.prompt_cache.lookup(prompts, device)
+        return encode_frozen_prompts(self.model, list(prompts))
+
+    def without_text_encoders(self, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        """``modules`` less the text encoders when the prompts are cached (they stay on the CPU)."""
+        if self.prompt_cache is None:
+            return modules
+        encoders = set(text_encoder_names(self.model))
+        return {k: v for k, v in modules.items() if k not in encoders}

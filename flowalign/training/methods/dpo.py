@@ -18,13 +18,13 @@ from torch import nn
 from flowalign import flow
 from flowalign.config import LoraConfig
 from flowalign.models.base import FlowModel
-from flowalign.objectives.dpo import flow_dpo_loss, velocity_errors_for_pairs
 from flowalign.models.lora import has_lora, save_lora
+from flowalign.objectives.dpo import flow_dpo_loss, velocity_errors_for_pairs
 from flowalign.training.method import Method, StepContext
 from flowalign.training.methods.common import (
+    CachedPrompts,
     FrozenReference,
     TimeSampling,
-    encode_frozen_prompts,
     freeze_all_but_transformer,
     sample_training_t,
 )
@@ -44,8 +44,12 @@ class DPOConfig:
     """How the shared t of each pair is drawn."""
 
 
-class FlowDPO(Method):
-    """Flow-DPO. Batches: ``media_w``/``media_l`` (or cached ``latents_w``/``latents_l``), ``prompt``, ``index``."""
+class FlowDPO(CachedPrompts, Method):
+    """Flow-DPO. Batches: ``media_w``/``media_l`` (or cached ``latents_w``/``latents_l``), ``prompt``, ``index``.
+
+    Call :meth:`cache_prompts` with the dataset's prompts before training to encode each prompt
+    once instead of twice per pair and step (the text encoders then leave the device).
+    """
 
     def __init__(self, model: FlowModel, config: DPOConfig | None = None, *, lora: LoraConfig | None = None):
         self.model = model
@@ -55,13 +59,15 @@ class FlowDPO(Method):
         if self.config.reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {self.config.reduction!r}")
         freeze_all_but_transformer(model, lora)
-        self.reference = FrozenReference(model.transformer)
+        self.reference = FrozenReference(model.transformer, model.compute_dtype)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"transformer": self.model.transformer}
 
     def frozen_modules(self) -> dict[str, nn.Module]:
-        frozen = {k: v for k, v in self.model.modules().items() if k != "transformer"}
+        frozen = self.without_text_encoders(
+            {k: v for k, v in self.model.modules().items() if k != "transformer"}
+        )
         if self.reference.copy is not None:
             frozen["reference"] = self.reference.copy
         return frozen
@@ -92,7 +98,7 @@ class FlowDPO(Method):
         t = sample_training_t(self.config.time, ids, ctx).repeat(2)  # shared per pair
         x_t = flow.interpolate(x0, noise, t)
         v_target = flow.velocity_target(x0, noise)
-        cond = encode_frozen_prompts(self.model, list(batch["prompt"]) * 2)
+        cond = self.condition(list(batch["prompt"]) * 2, x0.device)
         v_policy = self.model.velocity(x_t, t, cond, net=ctx.module("transformer"))
         with torch.no_grad(), self.reference.network(self.model.transformer) as ref_net:
             v_ref = self.model.velocity(x_t, t, cond, net=ref_net)

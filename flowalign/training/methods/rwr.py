@@ -23,9 +23,9 @@ from flowalign.objectives.flow_matching import per_sample_mse
 from flowalign.objectives.rwr import flow_rwr_loss, rwr_weights
 from flowalign.training.method import Method, StepContext
 from flowalign.training.methods.common import (
+    CachedPrompts,
     TimeSampling,
     drop_captions,
-    encode_frozen_prompts,
     freeze_all_but_transformer,
     sample_training_t,
 )
@@ -73,8 +73,11 @@ class WeightedSamples(Dataset):
         return {"pixels": self.media[i], "prompt": self.prompts[i], "weight": self.weights[i], "index": i}
 
 
-class FlowRWR(Method):
-    """Reward-weighted flow matching. Batches: ``pixels`` (or ``latents``), ``prompt``, ``weight``, ``index``."""
+class FlowRWR(CachedPrompts, Method):
+    """Reward-weighted flow matching. Batches: ``pixels`` (or ``latents``), ``prompt``, ``weight``, ``index``.
+
+    :meth:`cache_prompts` encodes the prompts once (the empty prompt of caption dropout included).
+    """
 
     def __init__(self, model: FlowModel, config: RWRConfig | None = None, *, lora: LoraConfig | None = None):
         self.model = model
@@ -85,7 +88,13 @@ class FlowRWR(Method):
         return {"transformer": self.model.transformer}
 
     def frozen_modules(self) -> dict[str, nn.Module]:
-        return {k: v for k, v in self.model.modules().items() if k != "transformer"}
+        return self.without_text_encoders(
+            {k: v for k, v in self.model.modules().items() if k != "transformer"}
+        )
+
+    def cache_prompts(self, prompts, **kwargs):
+        extra = [""] if self.config.caption_dropout > 0 else []
+        return super().cache_prompts(list(prompts) + extra, **kwargs)
 
     def compute_loss(self, batch: dict, ctx: StepContext, group: str):
         ids = batch["index"]
@@ -98,7 +107,7 @@ class FlowRWR(Method):
         t = sample_training_t(self.config.time, ids, ctx)
         x_t = flow.interpolate(x0, noise, t)
         prompts = drop_captions(batch["prompt"], ids, ctx, self.config.caption_dropout)
-        cond = encode_frozen_prompts(self.model, prompts)
+        cond = self.condition(prompts, x0.device)
         v = self.model.velocity(x_t, t, cond, net=ctx.module("transformer"))
         err = per_sample_mse(v.float(), flow.velocity_target(x0, noise).float())
         loss, metrics = flow_rwr_loss(err, batch["weight"].float())
