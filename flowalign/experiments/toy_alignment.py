@@ -17,7 +17,6 @@ import torch
 from torch.utils.data import Dataset
 
 from flowalign.config import CheckpointConfig, LoraConfig, OptimConfig, TrainConfig
-from flowalign.workflows.pairs import Candidates, PairsConfig, build_pairs, read_candidate_scores
 from flowalign.models import load_flow_model
 from flowalign.rewards.combine import RewardCombiner
 from flowalign.rewards.toy import ToyOracleReward
@@ -26,6 +25,7 @@ from flowalign.training.loop import train
 from flowalign.training.methods.dpo import DPOConfig, FlowDPO
 from flowalign.training.methods.rwr import FlowRWR, RWRConfig, WeightedSamples
 from flowalign.training.methods.sft import FlowMatchingSFT, SFTConfig
+from flowalign.workflows.pairs import Candidates, PairsConfig, build_pairs, read_candidate_scores
 
 
 @dataclass
