@@ -1,5 +1,6 @@
 """Time grids, stateless flow samplers and guidance transforms."""
 
+from flowalign.models.schedules import flux_time_grid, scheduler_time_grid, uniform_time_grid
 from flowalign.sampling.samplers import (
     VelocityFn,
     get_sampler,
@@ -7,7 +8,6 @@ from flowalign.sampling.samplers import (
     sample_heun,
     sample_one_step,
 )
-from flowalign.models.schedules import flux_time_grid, scheduler_time_grid, uniform_time_grid
 
 __all__ = [
     "VelocityFn",

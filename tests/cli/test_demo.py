@@ -58,10 +58,10 @@ def test_nrg_stage_writes_gains_plot_and_notes(tmp_path, monkeypatch):
 
 def test_dpo_stage_adds_the_base_at_more_guidance(tmp_path, monkeypatch):
     """Flow-DPO's row comes with the base sampled at more guidance, the trade-off DPO has to beat."""
-    from flowalign.workflows.pairs import PairsConfig, build_pairs
-    from flowalign.models import load_flow_model
     from flowalign.experiments import toy_alignment as alignment
+    from flowalign.models import load_flow_model
     from flowalign.toy.world import toy_prompts
+    from flowalign.workflows.pairs import PairsConfig, build_pairs
 
     def brightness_pairs(base_dir, out_dir, **kwargs):  # an untrained base ties on the oracles
         def bright(media, prompts):

@@ -41,8 +41,8 @@ TWO_PROMPTS = ["a small red circle in the center", "a large blue square in the t
 
 def tiny_pairs(model_dir, out_dir, score, *, num_candidates: int = 2):
     """`flowalign pairs` output (candidates.jsonl + pairs.jsonl) of a tiny model ranked by ``score``."""
-    from flowalign.workflows.pairs import PairsConfig, build_pairs
     from flowalign.models import load_flow_model
+    from flowalign.workflows.pairs import PairsConfig, build_pairs
 
     config = PairsConfig(num_candidates=num_candidates, num_inference_steps=2)
     build_pairs(load_flow_model(model_dir), TWO_PROMPTS, score, out_dir, config, progress=False)

@@ -9,8 +9,8 @@ import torch
 
 from flowalign.config import CheckpointConfig, LoraConfig, OptimConfig, TrainConfig
 from flowalign.models import load_flow_model
-from flowalign.training.loop import train
 from flowalign.models.lora import has_lora
+from flowalign.training.loop import train
 from flowalign.training.method import StepContext
 from flowalign.training.methods.dpo import DPOConfig, FlowDPO
 from flowalign.training.methods.rwr import FlowRWR, RWRConfig, WeightedSamples

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from flowalign.workflows.pairs import PairsConfig, build_pairs, choose_pairs
 from flowalign.data.preference import load_preference_dataset
 from flowalign.models import load_flow_model
+from flowalign.workflows.pairs import PairsConfig, build_pairs, choose_pairs
 
 
 def test_choose_best_worst_and_ties():
@@ -108,8 +108,8 @@ def scored_folder(toy_model, tmp_path):
 
 
 def test_rechoose_ranks_the_stored_scores_again_without_copying_media(scored_folder):
-    from flowalign.workflows.pairs import rechoose_pairs
     from flowalign.experiments.toy_alignment import load_toy_pairs
+    from flowalign.workflows.pairs import rechoose_pairs
 
     folder, cand, chosen = scored_folder
     before = (folder / "pairs.jsonl").read_text()

@@ -10,13 +10,13 @@ from nrg_helpers import IMAGE_PROMPTS, VIDEO_PROMPTS, tiny_toy
 
 from flowalign.config import LoraConfig
 from flowalign.models import load_flow_model
+from flowalign.models.lora import add_lora
 from flowalign.rewards.latent import (
     CONFIG_NAME,
     LatentRewardLoadError,
     LatentRewardModel,
     supported_transformers,
 )
-from flowalign.models.lora import add_lora
 
 
 def _inputs(model, prompts, shape, seed=0):

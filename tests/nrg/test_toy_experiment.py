@@ -14,12 +14,12 @@ import pytest
 import torch
 from nrg_helpers import tiny_toy
 
+from flowalign.experiments.toy_nrg import run_toy_nrg_experiment
 from flowalign.models import load_flow_model
 from flowalign.pipelines import FlowPipeline
 from flowalign.rewards.latent import LatentRewardModel
 from flowalign.toy.oracles import score_images
 from flowalign.toy.world import toy_prompts
-from flowalign.experiments.toy_nrg import run_toy_nrg_experiment
 
 SETTINGS = ["unguided", "noisy_rm:ta", "noisy_rm:vq", "noisy_rm:vq+ta", "clean_rm:vq"]
 

@@ -35,9 +35,9 @@ def _warm_up() -> None:
 
     import flowalign.cli  # noqa: F401
     import flowalign.evals.runner  # noqa: F401
+    import flowalign.models.lora  # noqa: F401
     import flowalign.models.toy  # noqa: F401
     import flowalign.rewards.scoring  # noqa: F401
-    import flowalign.models.lora  # noqa: F401
 
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
 

@@ -4,8 +4,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection
 
-from flowalign.models.toy import ToyModel, ToyWanTransformer3DModel, build_toy_pipeline
 from flowalign.experiments.toy_base import ToyBaseRecipe, default_recipe, toy_base_model
+from flowalign.models.toy import ToyModel, ToyWanTransformer3DModel, build_toy_pipeline
 from flowalign.toy.language import pretrain_on_captions
 from flowalign.training.methods.sft import SFTConfig
 

@@ -10,8 +10,6 @@ from torch.utils.data import Dataset
 
 from flowalign import flow
 from flowalign.config import LoraConfig, OptimConfig, TrainConfig
-from flowalign.training.checkpoint import load_checkpoint
-from flowalign.training.loop import train
 from flowalign.models.lora import (
     LORA_WEIGHT_NAME,
     adapters_disabled,
@@ -21,6 +19,8 @@ from flowalign.models.lora import (
     merge_lora,
     save_lora,
 )
+from flowalign.training.checkpoint import load_checkpoint
+from flowalign.training.loop import train
 from flowalign.training.method import Method
 
 

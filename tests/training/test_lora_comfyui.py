@@ -8,8 +8,8 @@ import torch
 from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
 
 from flowalign.config import LoraConfig
-from flowalign.models.toy import build_toy_pipeline
 from flowalign.models.lora import add_lora, save_lora
+from flowalign.models.toy import build_toy_pipeline
 from flowalign.training.lora_comfyui import convert_wan_lora_to_comfyui, wan_lora_to_comfyui
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2", "proj_out", "time_proj"]

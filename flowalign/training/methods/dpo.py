@@ -18,8 +18,8 @@ from torch import nn
 from flowalign import flow
 from flowalign.config import LoraConfig
 from flowalign.models.base import FlowModel
-from flowalign.objectives.dpo import flow_dpo_loss, velocity_errors_for_pairs
 from flowalign.models.lora import has_lora, save_lora
+from flowalign.objectives.dpo import flow_dpo_loss, velocity_errors_for_pairs
 from flowalign.training.method import Method, StepContext
 from flowalign.training.methods.common import (
     FrozenReference,
