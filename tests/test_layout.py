@@ -41,11 +41,11 @@ _ORCHESTRATION = "one long orchestration function: to split into setup, steps an
 EXCEPTIONS: dict[str, str] = {
     # modules
     "config": "the generic loader plus the training configs; TrainConfig is to move to training/",
-    "data.media": "image and video readers and writers for every format in one module; to split by kind",
-    "data.preference": "readers of three preference formats (jsonl, VideoAlign csv, parquet); one per format",
-    "rewards.latent": "the latent reward model with its heads, normalisation and save/load; heads to split off",
-    "rewards.videoreward": "the VideoAlign reward with its loader and input preparation; loader to split off",
-    "toy.oracles": "the exact image and video oracles with their template fit; video part to split off",
+    "data.media": "image and video reading and writing (PIL, GIF, npy, ffmpeg, PyAV) in one; to split by kind",
+    "data.preference": "one PreferenceDataset class (245 lines) reads every layout; to split a reader per layout",
+    "rewards.latent": "LatentRewardModel alone is 264 lines (trunk, heads, normalisation, save/load)",
+    "rewards.videoreward": "the VideoReward class (206 lines) and its checkpoint loader; the loader to split off",
+    "toy.oracles": "frame detection, clip tracking and scoring of the exact oracles; clips to split off",
     "training.loop": "the one training loop; train() to split into setup, log step, checkpoint policy, export",
     "training.methods.onestep_common": "the one-step base class plus f-distill-only heads and the data config",
     # functions
