@@ -6,7 +6,7 @@
 Scheduler values are called ``timesteps`` and equal ``t * num_train_timesteps`` (1000 for every
 supported family). Everything outside ``flowalign.models`` works with ``t``; adapters convert.
 
-Conversions (algorithms.md 0.1), exact for the conditional expectations a network estimates:
+Conversions (docs/algorithms.md 0.1), exact for the conditional expectations a network estimates:
 
     x0_hat    = x_t - t * v_hat
     noise_hat = x_t + (1 - t) * v_hat
@@ -152,7 +152,7 @@ def sample_t(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Draw training times t in (0, 1) (algorithms.md 5.2).
+    """Draw training times t in (0, 1) (docs/algorithms.md 5.2).
 
     - "logit_normal": t = sigmoid(n), n ~ N(logit_mean, logit_std^2) (SD3's rf/lognorm(0, 1)).
     - "mode": t = 1 - u - mode_scale (cos^2(pi u / 2) - 1 + u), u ~ U(0, 1).

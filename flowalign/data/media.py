@@ -1,6 +1,6 @@
 """Read and write images and videos as float tensors in [0, 1].
 
-The reward boundary of flowalign (see DESIGN.md) speaks one format: images are float32
+The reward boundary of flowalign (see docs/design.md) speaks one format: images are float32
 ``[3, H, W]`` and videos float32 ``[T, 3, H, W]`` with values in [0, 1]. This module is the
 only place that turns files into that format and back.
 

@@ -14,11 +14,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "EvalOptions": "flowalign.evals.runner",
+    "EvalOptions": "flowalign.evals.types",
     "EvalResult": "flowalign.evals.runner",
-    "ModelSpec": "flowalign.evals.runner",
-    "parse_model_spec": "flowalign.evals.runner",
-    "sweep_guidance": "flowalign.evals.runner",
+    "ModelSpec": "flowalign.evals.types",
+    "parse_model_spec": "flowalign.evals.samples",
+    "sweep_guidance": "flowalign.evals.samples",
     "run_eval": "flowalign.evals.runner",
     "rerun_eval": "flowalign.evals.runner",
     "PromptSet": "flowalign.evals.prompt_sets",

@@ -56,9 +56,9 @@ def load_lpips(
     model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
     if backbone_weights is not None:
         path = Path(backbone_weights)
-        from flowalign.evals.fid import _read_state_dict
+        from flowalign.evals.fid import read_state_dict
 
-        state = _read_state_dict(path)
+        state = read_state_dict(path)
         mapped, missing = {}, []
         for (
             name,
@@ -122,7 +122,7 @@ def within_group_diversity(
         Per distance name: ``mean``, ``ci_low``, ``ci_high`` (95%, resampling prompts) and ``num_groups``;
         NaN values when no prompt has two samples.
     """
-    from flowalign.evals.metrics import bootstrap_means
+    from flowalign.evals.stats import bootstrap_means
 
     per_group: dict[str, list[float]] = {name: [] for name in distances}
     for media in groups:

@@ -145,7 +145,8 @@ class InceptionFeatures(nn.Module):
         return self.net((x * 2 - 1).to(dtype)).float()
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """Tensors of a ``.safetensors`` or torch ``.pth`` weights file (torch files with ``weights_only``)."""
     if not path.is_file():
         raise FileNotFoundError(f"feature-extractor weights not found: {path}")
     if path.suffix == ".safetensors":
@@ -183,7 +184,7 @@ def load_inception_features(
     path = Path(weights)
     state = {
         k.removeprefix("module."): v
-        for k, v in _read_state_dict(path).items()
+        for k, v in read_state_dict(path).items()
         if not k.removeprefix("module.").startswith(("AuxLogits.", "fc."))
     }
     model = InceptionFeatures()

@@ -1,8 +1,8 @@
 """Evaluation metrics on reward scores: per-dimension statistics, paired win rates, calibration, drift.
 
 All functions are pure (tensors in, plain floats/dicts out), so reports can be recomputed from files.
-FID lives in :mod:`flowalign.evals.fid` and diversity in :mod:`flowalign.evals.diversity`; both are
-re-exported here.
+FID lives in :mod:`flowalign.evals.fid`, diversity in :mod:`flowalign.evals.diversity` and the bootstrap
+in :mod:`flowalign.evals.stats`.
 
 Samples of one prompt are correlated (same caption, often near-identical pictures), so confidence
 intervals resample *prompts*, not samples, when prompt groups are given (a cluster bootstrap): an
@@ -17,98 +17,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from flowalign.evals.diversity import (
-    attribute_entropy,
-    load_lpips,
-    lpips_distance,
-    pixel_distance,
-    within_group_diversity,
-)
-from flowalign.evals.fid import (
-    feature_statistics,
-    fid_from_features,
-    frechet_distance,
-    load_inception_features,
-    toy_features,
-)
-from flowalign.evals.stats import mean_and_se, win_rate
+from flowalign.evals.stats import bootstrap_means, group_ids, mean_and_se, percentile_interval, win_rate
 
 __all__ = [
-    "attribute_entropy",
-    "bootstrap_means",
     "dimension_stats",
     "expected_calibration_error",
-    "feature_statistics",
-    "fid_from_features",
-    "frechet_distance",
     "hacking_flags",
-    "load_inception_features",
-    "load_lpips",
-    "lpips_distance",
     "paired_difference",
     "paired_win_rate",
-    "pixel_distance",
     "preference_calibration",
-    "toy_features",
-    "within_group_diversity",
 ]
-
-
-def _group_ids(groups: Tensor | Sequence | None, n: int) -> Tensor | None:
-    """Map arbitrary group labels to 0..G-1 (None: every sample its own group)."""
-    if groups is None:
-        return None
-    labels = groups.tolist() if isinstance(groups, Tensor) else list(groups)
-    if len(labels) != n:
-        raise ValueError(f"got {len(labels)} group labels for {n} values; they must match")
-    index: dict = {}
-    return torch.tensor([index.setdefault(g, len(index)) for g in labels], dtype=torch.long)
-
-
-def bootstrap_means(
-    values: Tensor,
-    groups: Tensor | Sequence | None = None,
-    *,
-    num_resamples: int = 2000,
-    seed: int = 0,
-) -> Tensor:
-    """Bootstrap distribution of the mean, resampling whole groups when ``groups`` is given.
-
-    With groups g = 1..G holding sums S_g and counts n_g, one resample draws G groups with
-    replacement and returns sum(S) / sum(n) over the drawn groups (the cluster bootstrap of the
-    ratio estimator, which is the plain mean when every group has the same size).
-
-    Args:
-        values: [N] scores.
-        groups: N group labels (e.g. prompt indices) or None for i.i.d. resampling of samples.
-        num_resamples: number of bootstrap resamples R.
-        seed: seed of the resampling generator (results are reproducible).
-
-    Returns:
-        [R] float64 resampled means.
-    """
-    values = values.detach().double().flatten()
-    n = values.numel()
-    if n == 0:
-        raise ValueError("cannot bootstrap an empty set of values")
-    gen = torch.Generator().manual_seed(seed)
-    ids = _group_ids(groups, n)
-    if ids is None:
-        idx = torch.randint(0, n, (num_resamples, n), generator=gen)  # [R, N]
-        return values[idx].mean(dim=1)
-    num_groups = int(ids.max()) + 1
-    sums = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, ids, values)  # [G]
-    counts = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, ids, torch.ones_like(values))
-    idx = torch.randint(0, num_groups, (num_resamples, num_groups), generator=gen)  # [R, G]
-    return sums[idx].sum(dim=1) / counts[idx].sum(dim=1)
-
-
-def _interval(means: Tensor, level: float) -> tuple[float, float]:
-    if not 0 < level < 1:
-        raise ValueError(f"confidence level must be in (0, 1), got {level}")
-    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
-    q = torch.quantile(means, torch.tensor([lo, hi], dtype=means.dtype))
-    return float(q[0]), float(q[1])
 
 
 def dimension_stats(
@@ -135,8 +53,8 @@ def dimension_stats(
     values = values.detach().double().flatten()
     mean, se = mean_and_se(values)
     means = bootstrap_means(values, groups, num_resamples=num_resamples, seed=seed)
-    ci_low, ci_high = _interval(means, level)
-    ids = _group_ids(groups, values.numel())
+    ci_low, ci_high = percentile_interval(means, level)
+    ids = group_ids(groups, values.numel())
     if ids is not None:
         se = float(means.std()) if values.numel() > 1 else 0.0
     return {
@@ -186,7 +104,7 @@ def paired_win_rate(
     points = (diff > tie_tolerance).double() + 0.5 * (
         diff.abs() <= tie_tolerance
     ).double()  # [N] in {0, .5, 1}
-    ci_low, ci_high = _interval(
+    ci_low, ci_high = percentile_interval(
         bootstrap_means(points, groups, num_resamples=num_resamples, seed=seed), level
     )
     out = win_rate(a, b, tie_tolerance=tie_tolerance)
@@ -226,7 +144,9 @@ def paired_difference(
             f"paired scores must have the same shape, got {tuple(model.shape)} and {tuple(base.shape)}"
         )
     diff = model.detach().double().flatten() - base.detach().double().flatten()
-    ci_low, ci_high = _interval(bootstrap_means(diff, groups, num_resamples=num_resamples, seed=seed), level)
+    ci_low, ci_high = percentile_interval(
+        bootstrap_means(diff, groups, num_resamples=num_resamples, seed=seed), level
+    )
     base_std = float(base.double().std()) if base.numel() > 1 else 0.0
     delta = float(diff.mean())
     return {
@@ -360,7 +280,7 @@ def preference_calibration(
     """Accuracy and calibration of a reward model against human-labelled pairs.
 
     The reward difference is read as a Bradley-Terry logit, P(A > B) = sigmoid((a - b) / T), or with
-    ``theta`` > 1 as Bradley-Terry with ties (Rao-Kupper, algorithms.md 1A) over three outcomes.
+    ``theta`` > 1 as Bradley-Terry with ties (Rao-Kupper, docs/algorithms.md 1A) over three outcomes.
     ECE compares the predicted outcome's probability with how often it happens. Rewards not trained
     as logits (CLIP similarity, oracle scores) are miscalibrated at T = 1 by construction, so the
     temperature minimising the negative log-likelihood is also fitted and the ECE after it reported.

@@ -29,6 +29,7 @@ from torch import Tensor
 from flowalign.evals.grid import image_grid, upscale_nearest
 from flowalign.evals.plots import colour_for, curve_plot, forest_plot, histogram_plot
 from flowalign.evals.samples import swept_model
+from flowalign.evals.types import clean_json
 
 __all__ = [
     "format_number",
@@ -85,7 +86,6 @@ def format_number(value: Any) -> str:
 
 def write_report_json(report: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> Path:
     """Write ``report.json`` atomically (strict JSON: NaN/inf become null) and return its path."""
-    from flowalign.evals.summary import clean_json
 
     path = Path(out_dir) / REPORT_JSON
     tmp = path.with_name(f".{REPORT_JSON}.tmp")

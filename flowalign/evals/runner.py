@@ -32,7 +32,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,75 +40,27 @@ import torch
 
 from flowalign.evals.prompt_sets import PromptSet, load_prompt_set, write_prompt_set
 from flowalign.evals.samples import (
+    SampleGenerator,
+    check_seeds,
+    effective_settings,
+    external_samples,
+)
+from flowalign.evals.types import (
+    EvalOptions,
     ModelSpec,
     Sample,
-    _check_seeds,
-    _digest,
-    _effective_settings,
-    _external_samples,
-    _failure,
-    _Generator,
-    _rel,
-    _safe_name,
-    parse_model_spec,
-    sweep_guidance,
+    digest,
+    failure,
+    relative_path,
+    safe_name,
 )
 from flowalign.pipelines.generate_files import GenerationSettings
 
 __all__ = [
-    "EvalOptions",
     "EvalResult",
-    "ModelSpec",
-    "Sample",
-    "parse_model_spec",
     "rerun_eval",
     "run_eval",
-    "sweep_guidance",
 ]
-
-
-@dataclass
-class EvalOptions:
-    """Everything about an evaluation besides models, prompts, rewards, samples and seeds.
-
-    Attributes:
-        settings: generation settings shared by all models (``seed``/``samples_per_prompt`` are set
-            by :func:`run_eval`); unset fields take each family's defaults.
-        weights: ``{dimension: w}`` for the ``overall`` column (sum of w times the z-scored
-            dimension); None weighs every dimension 1. Only reported with two or more dimensions.
-        base: name of the base model: every other model gets paired reward changes, drift and
-            reward-hacking flags against it.
-        trained_rewards: dimensions the tuned models were trained on; the others count as held-out
-            rewards for the hacking flags (None: no held-out analysis).
-        tie_tolerance: win-rate tie tolerance, one number or ``{dimension: tol}``.
-        lpips_weights: local torchvision AlexNet weights for LPIPS diversity and drift.
-        lpips_random_backbone: use LPIPS with a random backbone when no weights are given (tests).
-        fid_weights: local torchvision Inception-v3 weights for FID against ``fid_reference``.
-        fid_reference: reference media (a folder of media files or a manifest) for that FID.
-        calibration_pairs: a preference dataset (see ``flowalign.data.preference``) to measure each
-            reward's accuracy and calibration against human labels.
-        device: where models and rewards run.
-        dtype: their dtype.
-        batch_size: generation and scoring batch size.
-        num_resamples: bootstrap resamples for every interval.
-        max_grid_prompts: prompts shown in the report's grids, spread over each set.
-    """
-
-    settings: GenerationSettings = field(default_factory=GenerationSettings)
-    weights: dict[str, float] | None = None
-    base: str | None = None
-    trained_rewards: list[str] | None = None
-    tie_tolerance: float | dict[str, float] = 0.0
-    lpips_weights: str | None = None
-    lpips_random_backbone: bool = False
-    fid_weights: str | None = None
-    fid_reference: str | None = None
-    calibration_pairs: str | None = None
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    batch_size: int = 16
-    num_resamples: int = 2000
-    max_grid_prompts: int = 12
 
 
 @dataclass
@@ -122,7 +74,7 @@ class EvalResult:
 
 
 def _reward_tag(name: str, options: Mapping[str, Any]) -> str:
-    return _safe_name(name) + (f"-{_digest(options, 8)}" if options else "")
+    return safe_name(name) + (f"-{digest(options, 8)}" if options else "")
 
 
 def _score_all(
@@ -158,14 +110,14 @@ def _score_all(
         try:
             name, reward_options = parse_reward_spec(spec)
         except ValueError as err:
-            failures.append(_failure("score", err, reward=spec))
+            failures.append(failure("score", err, reward=spec))
             continue
         out = scores_dir / f"{_reward_tag(name, reward_options)}.jsonl"
         info: dict[str, Any] = {
             "spec": spec,
             "name": name,
             "options": reward_options,
-            "file": _rel(out, out_dir),
+            "file": relative_path(out, out_dir),
         }
         try:
             existing = {str(r["id"]): r for r in read_score_rows(out) if r.get("rewards") == [name]}
@@ -181,7 +133,7 @@ def _score_all(
                 info["num_scored"] = result.num_scored
                 existing = {str(r["id"]): r for r in result.rows}
         except Exception as err:  # noqa: BLE001 - a failing reward is reported; the others go on
-            failures.append(_failure("score", err, reward=spec))
+            failures.append(failure("score", err, reward=spec))
             existing = {str(r["id"]): r for r in read_score_rows(out) if r.get("rewards") == [name]}
         columns = {k for row in existing.values() for k, v in row.items() if isinstance(v, int | float)}
         columns.discard("overall")
@@ -260,7 +212,7 @@ def _fingerprint(path: str) -> str | None:
             continue
         rel = file.relative_to(folder).as_posix()
         parts.append([rel, file.read_text() if file.suffix == ".json" else file.stat().st_size])
-    return _digest(parts, 16)
+    return digest(parts, 16)
 
 
 def run_eval(
@@ -310,7 +262,7 @@ def run_eval(
     if not seeds:
         raise ValueError("run_eval: seeds is empty; give at least one base seed")
     specs = {n: m if isinstance(m, ModelSpec) else ModelSpec(os.fspath(m)) for n, m in models.items()}
-    folders = [_safe_name(n) for n in specs]
+    folders = [safe_name(n) for n in specs]
     if len(set(folders)) != len(folders):
         raise ValueError(f"model names {list(specs)} collide as folder names {folders}; rename them")
     if options.base is not None and options.base not in specs:
@@ -329,40 +281,40 @@ def run_eval(
         try:
             pset = load_prompt_set(spec)
         except (ValueError, OSError) as err:
-            failures.append(_failure("prompts", err, prompt_set=str(spec)))
+            failures.append(failure("prompts", err, prompt_set=str(spec)))
             continue
         taken = {s.name for s in sets}
         if pset.name in taken:
             pset = replace(pset, name=f"{pset.name}-{len(sets)}")
         sets.append(pset)
-    _check_seeds(seeds, sets, samples_per_prompt)
+    check_seeds(seeds, sets, samples_per_prompt)
     out_dir.mkdir(parents=True, exist_ok=True)
     for pset in sets:
         (out_dir / "prompts").mkdir(exist_ok=True)
-        write_prompt_set(pset, out_dir / "prompts" / f"{_safe_name(pset.name)}.jsonl")
+        write_prompt_set(pset, out_dir / "prompts" / f"{safe_name(pset.name)}.jsonl")
 
     clock = {"start": time.perf_counter()}
-    generator = _Generator(options, failures, progress)
+    generator = SampleGenerator(options, failures, progress)
     collected: dict[str, dict[str, list[Sample]]] = {s.name: {} for s in sets}
     for name, spec in specs.items():
         for pset in sets:
             try:
                 if spec.is_samples:
-                    found, missing = _external_samples(spec, pset, out_dir)
+                    found, missing = external_samples(spec, pset, out_dir)
                     if missing:
                         failures.append(
-                            _failure("samples", f"{len(missing)} file(s) named in {spec.path} do not exist, "
+                            failure("samples", f"{len(missing)} file(s) named in {spec.path} do not exist, "
                                      f"e.g. {missing[0]}", model=name, prompt_set=pset.name)
                         )  # fmt: skip
                     if not found and not missing:
                         failures.append(
-                            _failure("samples", f"no sample in {spec.path} has a prompt of set {pset.name!r}",
+                            failure("samples", f"no sample in {spec.path} has a prompt of set {pset.name!r}",
                                      model=name, prompt_set=pset.name)
                         )  # fmt: skip
                 else:
                     found = generator.samples(name, spec, pset, seeds, samples_per_prompt, out_dir)
             except Exception as err:  # noqa: BLE001 - reported, the other models go on
-                failures.append(_failure("samples", err, model=name, prompt_set=pset.name))
+                failures.append(failure("samples", err, model=name, prompt_set=pset.name))
                 found = []
             if found:
                 collected[pset.name][name] = found
@@ -409,14 +361,14 @@ def run_eval(
         "options": _options_record(options),
     }
     for entry in report["prompt_sets"]:
-        entry["file"] = f"prompts/{_safe_name(entry['name'])}.jsonl"
+        entry["file"] = f"prompts/{safe_name(entry['name'])}.jsonl"
     report["models"] = [
         {
             "name": name,
             "path": spec.path,
             "source": "samples" if spec.is_samples else "model",
             "settings": spec.settings,
-            "generation": _effective_settings(options.settings, spec, name),
+            "generation": effective_settings(options.settings, spec, name),
             "guidance_key": spec.guidance_key or None,
             "fingerprint": None if spec.is_samples else _fingerprint(spec.path),
             "status": "failed" if any(f.get("model") == name for f in failures) else "ok",

@@ -5,83 +5,29 @@ Used by :func:`flowalign.evals.runner.run_eval`; see its module docstring for th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flowalign.evals.prompt_sets import PromptSet
+from flowalign.evals.types import EvalOptions, ModelSpec, Sample, digest, failure, relative_path, safe_name
 from flowalign.pipelines.generate_files import MANIFEST, GenerationSettings, read_manifest
 
-if TYPE_CHECKING:
-    from flowalign.evals.runner import EvalOptions
-
-__all__ = ["ModelSpec", "Sample", "parse_model_spec", "sweep_guidance", "swept_model"]
+__all__ = [
+    "SampleGenerator",
+    "check_seeds",
+    "effective_settings",
+    "external_samples",
+    "parse_model_spec",
+    "sweep_guidance",
+    "swept_model",
+]
 
 _SWEPT = re.compile(r"^(?P<model>.+)_cfg(?P<scale>\d+(?:\.\d+)?)$")
-
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-@dataclass
-class ModelSpec:
-    """What to evaluate under one name.
-
-    Attributes:
-        path: a model folder or hub id, or existing samples (a ``manifest.jsonl`` or a folder with one).
-        settings: overrides of :class:`GenerationSettings` for this model only, e.g.
-            ``{"one_step": True}`` for a one-step generator or ``{"sampler": "heun"}`` to compare samplers.
-        guidance: inference-time guidance (Flow-NRG): ``(model, prompts) -> velocity transforms`` for a
-            pipeline call on exactly those prompts (one per sample), e.g.
-            ``lambda m, p: [latent_reward_guidance(m, guide, p, {"ta": 1.0}, strength=0.5)]``.
-        guidance_key: a stable description of that guidance (its reward checkpoint, weights, strength):
-            part of the key of the samples folder, so changed guidance draws new samples. A spec with a
-            key but no ``guidance`` reuses guided samples drawn before (what :func:`rerun_eval` does) and
-            reports a failure if any are missing.
-    """
-
-    path: str
-    settings: dict[str, Any] = field(default_factory=dict)
-    guidance: Callable[[Any, list[str]], list[Any]] | None = None
-    guidance_key: str = ""
-
-    def __post_init__(self) -> None:
-        if self.guidance is not None and not self.guidance_key:
-            raise ValueError(
-                f"ModelSpec({self.path!r}): a guided model needs guidance_key, a stable description of the "
-                "guidance (reward, weights, strength) that keys its samples folder"
-            )
-
-    @property
-    def is_samples(self) -> bool:
-        """True when ``path`` names existing samples rather than a model."""
-        p = Path(self.path)
-        if p.suffix == ".jsonl":
-            return True
-        return p.is_dir() and (p / MANIFEST).is_file() and not (p / "model_index.json").is_file()
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One sample of one model on one prompt set.
-
-    Attributes:
-        key: (prompt index in the set, repetition): the pairing key across models.
-        prompt: the prompt.
-        seed: its generation seed (None for external samples without one).
-        file: the media file.
-        score_id: its id in ``scores/manifest.jsonl`` and the scores files.
-    """
-
-    key: tuple[int, int]
-    prompt: str
-    seed: int | None
-    file: Path
-    score_id: str
 
 
 def parse_model_spec(spec: str) -> tuple[str, ModelSpec]:
@@ -148,27 +94,6 @@ def swept_model(name: str) -> str | None:
     return match["model"] if match else None
 
 
-def _safe_name(name: str) -> str:
-    return _SAFE.sub("_", name).strip("._") or "unnamed"
-
-
-def _digest(obj: Any, length: int = 10) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
-
-
-def _failure(stage: str, error: BaseException | str, **where: Any) -> dict[str, Any]:
-    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    return {"stage": stage, **where, "error": message}
-
-
-def _rel(path: Path, root: Path) -> str:
-    """A path relative to the report folder when inside it (so the folder can move), else absolute."""
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return str(path.resolve())
-
-
 def _settings_for(base: GenerationSettings, spec: ModelSpec, name: str) -> GenerationSettings:
     """Shared settings, then a one-step checkpoint's recorded sampling, then the model's own overrides.
 
@@ -194,7 +119,7 @@ def _settings_for(base: GenerationSettings, spec: ModelSpec, name: str) -> Gener
     return replace(base, **(overrides | spec.settings))
 
 
-def _effective_settings(base: GenerationSettings, spec: ModelSpec, name: str) -> dict[str, Any] | None:
+def effective_settings(base: GenerationSettings, spec: ModelSpec, name: str) -> dict[str, Any] | None:
     """What a model samples with (None for existing samples or an unreadable one-step file)."""
     if spec.is_samples:
         return None
@@ -205,7 +130,7 @@ def _effective_settings(base: GenerationSettings, spec: ModelSpec, name: str) ->
     return {k: v for k, v in settings.items() if k not in ("seed", "samples_per_prompt", "extra")}
 
 
-def _check_seeds(seeds: Sequence[int], sets: list[PromptSet], k: int) -> None:
+def check_seeds(seeds: Sequence[int], sets: list[PromptSet], k: int) -> None:
     ordered = sorted(seeds)
     if len(set(ordered)) != len(ordered):
         raise ValueError(f"seeds must be distinct, got {list(seeds)}")
@@ -225,7 +150,7 @@ def _num_done(folder: Path, expected: int) -> int:
     return sum(f"{i:06d}" in ids for i in range(expected))
 
 
-class _Generator:
+class SampleGenerator:
     """Loads each model at most once, and only when it has samples left to draw."""
 
     def __init__(self, options: EvalOptions, failures: list[dict], progress: bool) -> None:
@@ -251,12 +176,12 @@ class _Generator:
             model = self.model(name, spec)
         except Exception as err:  # noqa: BLE001 - any load error is reported, the rest goes on
             self.broken.add(name)
-            self.failures.append(_failure("load", err, model=name, path=spec.path))
+            self.failures.append(failure("load", err, model=name, path=spec.path))
             return
         try:
             run(model)
         except Exception as err:  # noqa: BLE001 - what was written stays; the failure is reported
-            self.failures.append(_failure("generate", err, model=name, **where))
+            self.failures.append(failure("generate", err, model=name, **where))
 
     def samples(
         self, name: str, spec: ModelSpec, pset: PromptSet, seeds: Sequence[int], k: int, out_dir: Path
@@ -274,10 +199,10 @@ class _Generator:
             "model": spec.path,
             "settings": asdict(replace(settings, seed=0)),
             "samples_per_prompt": k,
-            "prompts": _digest(list(pset.prompts), 64),
+            "prompts": digest(list(pset.prompts), 64),
             "guidance": spec.guidance_key or None,
         }
-        folder = out_dir / "samples" / _safe_name(pset.name) / _safe_name(name) / _digest(ident)
+        folder = out_dir / "samples" / safe_name(pset.name) / safe_name(name) / digest(ident)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "generation.json").write_text(json.dumps(ident, indent=2, default=str) + "\n")
         samples: list[Sample] = []
@@ -316,7 +241,11 @@ class _Generator:
                     file = job_dir / row["file"]
                     samples.append(
                         Sample(
-                            (j0 + j, rep * k + r), row["prompt"], row.get("seed"), file, _rel(file, out_dir)
+                            (j0 + j, rep * k + r),
+                            row["prompt"],
+                            row.get("seed"),
+                            file,
+                            relative_path(file, out_dir),
                         )
                     )
         return samples
@@ -325,7 +254,7 @@ class _Generator:
         self.loaded.clear()
 
 
-def _external_samples(spec: ModelSpec, pset: PromptSet, out_dir: Path) -> tuple[list[Sample], list[Path]]:
+def external_samples(spec: ModelSpec, pset: PromptSet, out_dir: Path) -> tuple[list[Sample], list[Path]]:
     """Rows of an existing manifest whose prompt is in the set, paired by (prompt, occurrence); and the
     files its rows name that do not exist."""
     from flowalign.rewards.scoring import resolve_media
@@ -349,6 +278,8 @@ def _external_samples(spec: ModelSpec, pset: PromptSet, out_dir: Path) -> tuple[
         rep = seen.get(j, 0)
         seen[j] = rep + 1
         samples.append(
-            Sample((j, rep), item.prompt, rows[item.id].get("seed"), item.file, _rel(item.file, out_dir))
+            Sample(
+                (j, rep), item.prompt, rows[item.id].get("seed"), item.file, relative_path(item.file, out_dir)
+            )
         )
     return samples, missing

@@ -12,22 +12,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from flowalign.evals import metrics
+from flowalign.evals import diversity, fid, metrics
 from flowalign.evals.prompt_sets import PromptSet, spread_indices
-
-if TYPE_CHECKING:
-    from flowalign.evals.runner import EvalOptions
-    from flowalign.evals.samples import Sample
+from flowalign.evals.types import EvalOptions, Sample, digest, relative_path
 
 __all__ = ["REPORT_FORMAT", "calibrate_rewards", "summarise_eval"]
 
@@ -117,7 +113,7 @@ class _Extras:
         wanted = self.options.lpips_weights or self.options.lpips_random_backbone
         if self._lpips is None and wanted and "lpips" not in self._failed:
             try:
-                self._lpips = metrics.load_lpips(
+                self._lpips = diversity.load_lpips(
                     backbone_weights=self.options.lpips_weights,
                     random_backbone=self.options.lpips_random_backbone,
                     device=self.options.device,
@@ -135,7 +131,7 @@ class _Extras:
             try:
                 from flowalign.rewards.scoring import resolve_media
 
-                self._inception = metrics.load_inception_features(opts.fid_weights, device=opts.device)
+                self._inception = fid.load_inception_features(opts.fid_weights, device=opts.device)
                 files = [i.file for i in resolve_media(opts.fid_reference)]
                 self._reference = _features(files, self._inception, opts)
             except (ValueError, OSError) as err:
@@ -172,17 +168,17 @@ def _diversity(
     groups = [g for g in by_prompt.values() if len(g) > 1]
     out: dict[str, Any] = {}
     if groups:
-        distances = {"pixel": metrics.pixel_distance}
+        distances = {"pixel": diversity.pixel_distance}
         if extras.lpips is not None:
-            distances["lpips"] = partial(metrics.lpips_distance, extras.lpips)
+            distances["lpips"] = partial(diversity.lpips_distance, extras.lpips)
         loaded = (_load([s.file for s in g]) for g in groups)  # one prompt's samples in memory at a time
-        out |= metrics.within_group_diversity(loaded, distances, num_resamples=options.num_resamples)
+        out |= diversity.within_group_diversity(loaded, distances, num_resamples=options.num_resamples)
     if detections is not None:
         from flowalign.toy.world import parse_caption
 
         is_video = any(d.get("motion") is not None for d in detections) or pset.kind == "video"
         reference = [parse_caption(s.prompt).as_dict() for s in samples]
-        out["attributes"] = metrics.attribute_entropy(detections, _toy_vocab(is_video), reference=reference)
+        out["attributes"] = diversity.attribute_entropy(detections, _toy_vocab(is_video), reference=reference)
     return out
 
 
@@ -201,15 +197,15 @@ def _fid(
         ref2 = toy_features(toy_reference_media(prompts, seed=1, size=size, num_frames=frames))
         feats = toy_features_from_detections(detections, is_video=frames is not None)
         out["toy"] = {
-            "fid": metrics.fid_from_features(feats, ref),
-            "floor": metrics.fid_from_features(ref2, ref),
+            "fid": fid.fid_from_features(feats, ref),
+            "floor": fid.fid_from_features(ref2, ref),
             "n": len(samples),
         }
     pair = extras.inception_reference()
     if pair is not None and len(samples) >= 2:
         extractor, reference = pair
         feats = _features([s.file for s in samples], extractor, options)
-        out["inception"] = {"fid": metrics.fid_from_features(feats, reference), "n": len(samples),
+        out["inception"] = {"fid": fid.fid_from_features(feats, reference), "n": len(samples),
                             "n_reference": int(reference.shape[0])}  # fmt: skip
     return out
 
@@ -243,9 +239,9 @@ def _against_base(
                     f"sizes differ from the base ({tuple(a.shape[1:])} vs {tuple(b.shape[1:])})"
                 )
                 break
-            drift_pixel.append(metrics.pixel_distance(a, b))
+            drift_pixel.append(diversity.pixel_distance(a, b))
             if extras.lpips is not None:
-                drift_lpips.append(metrics.lpips_distance(extras.lpips, a, b))
+                drift_lpips.append(diversity.lpips_distance(extras.lpips, a, b))
             groups += [p.key[0] for p, _ in chunk]
         if drift_pixel:
             out["drift_pixel"] = metrics.dimension_stats(
@@ -299,7 +295,6 @@ def _summarise_set(
     options: EvalOptions,
     out_dir: Path,
 ) -> dict[str, Any]:
-    from flowalign.evals.samples import _rel
 
     models = list(per_model)
     result: dict[str, Any] = {"models": models, "num_samples": {m: len(per_model[m]) for m in models}}
@@ -370,7 +365,7 @@ def _summarise_set(
         cells = {}
         for model in models:
             files = sorted((s for s in per_model[model] if s.key[0] == j), key=lambda s: s.key[1])
-            cells[model] = [_rel(s.file, out_dir) for s in files]
+            cells[model] = [relative_path(s.file, out_dir) for s in files]
         if any(cells.values()):
             grid.append({"index": j, "prompt": pset.prompts[j], "samples": cells})
     result["grid"] = grid
@@ -442,9 +437,8 @@ def calibrate_rewards(
         try:
             name, reward_options = parse_reward_spec(spec)
             key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, spec], sort_keys=True)
-            from flowalign.evals.samples import _digest
 
-            cache = cache_dir / f"{_digest(key, 16)}.json"
+            cache = cache_dir / f"{digest(key, 16)}.json"
             if cache.is_file():
                 raw = json.loads(cache.read_text())
             else:
@@ -489,16 +483,3 @@ def calibrate_rewards(
         except Exception as err:  # noqa: BLE001 - one failing reward does not stop the report
             failures.append({"stage": "calibration", "reward": spec, "error": f"{type(err).__name__}: {err}"})
     return out
-
-
-def clean_json(obj: Any) -> Any:
-    """NaN/inf -> None and tuples -> lists, so the report is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): clean_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [clean_json(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj

@@ -312,7 +312,8 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoReport:
 
 def stage_report(config: DemoConfig, report: DemoReport, models: dict[str, Path], *, progress: bool) -> None:
     """The evaluation report (``report/report.html``): every model on every held-out prompt, side by side."""
-    from flowalign.evals.runner import EvalOptions, run_eval
+    from flowalign.evals.runner import run_eval
+    from flowalign.evals.types import EvalOptions
     from flowalign.pipelines.generate_files import GenerationSettings
 
     settings = GenerationSettings(

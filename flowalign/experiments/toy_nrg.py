@@ -8,7 +8,9 @@ paired oracle gains.
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,8 +18,14 @@ import torch
 from torch import Tensor
 
 from flowalign import flow
+from flowalign.config import OptimConfig, TrainConfig
+from flowalign.models import load_flow_model
 from flowalign.objectives.bt_ties import labels_from_scores, pairwise_accuracy
 from flowalign.rewards.latent import LatentRewardModel
+from flowalign.sampling.nrg import latent_reward_guidance
+from flowalign.toy.oracles import score_images
+from flowalign.toy.world import toy_prompts
+from flowalign.training.loop import train
 from flowalign.training.methods.latent_reward import (
     LatentRewardTraining,
     LatentRewardTrainingConfig,
@@ -164,15 +172,6 @@ def run_toy_nrg_experiment(
         reward (with binomial standard error) on same-caption non-tie pairs of the unguided eval
         samples noised to t = 0, 0.5, 0.8 ("{dim}_accuracy@t={t}").
     """
-    import json
-    import time
-
-    from flowalign.config import OptimConfig, TrainConfig
-    from flowalign.models import load_flow_model
-    from flowalign.sampling.nrg import latent_reward_guidance
-    from flowalign.toy.world import toy_prompts
-    from flowalign.training.loop import train
-
     wall, cpu = time.perf_counter(), time.process_time()
     out_dir = Path(out_dir)
     model = load_flow_model(base_model_dir).eval()
@@ -182,63 +181,39 @@ def run_toy_nrg_experiment(
         )
     size = size or model.default_height
     settings = dict(settings or {"ta": {"ta": 1.0}, "vq": {"vq": 1.0}, "vq+ta": {"vq": 0.5, "ta": 0.5}})
-    g = torch.Generator().manual_seed(seed)
-    train_captions = toy_prompts("train", "image")
-    picks = torch.randperm(len(train_captions), generator=g)[:num_train_prompts].tolist()
-    prompts = [train_captions[k] for k in picks for _ in range(samples_per_prompt)]
-    noise = torch.randn(len(prompts), 3, size, size, generator=g)
+    prompts, noise = _training_prompts(num_train_prompts, samples_per_prompt, size=size, seed=seed)
     sample = dict(steps=num_inference_steps, cfg_scale=guidance_scale, batch_size=64)
-    latents, scores = _sample_and_score(model, prompts, noise, **sample)
-    index_pairs = pairs_within_groups(prompts)
-    if counterfactual_pairs:
-        from flowalign.toy.oracles import score_images
+    pairs = _distillation_pairs(model, prompts, noise, sample, counterfactual_pairs, seed=seed, size=size)
+    training = dict(num_blocks=num_blocks, share_noise=share_noise, steps=train_steps, batch_size=batch_size)
+    guides = _train_guides(model, pairs, out_dir, lr=lr, seed=seed, **training)
 
-        captions, true, wrong = _counterfactual_renders(counterfactual_pairs, seed=seed, size=size)
-        n, m = len(prompts), len(captions)
-        media = torch.cat([true, wrong])
-        extra = score_images(media, captions + captions)
-        with torch.no_grad():
-            latents = torch.cat([latents, model.encode_media(media.to(model.device)).cpu()])
-        scores = {d: torch.cat([scores[d], extra[d]]) for d in ("vq", "ta")}
-        prompts = prompts + captions + captions
-        index_pairs += [(n + k, n + m + k) for k in range(m)]
-    pairs = ScoredPairs(
-        latents,
-        prompts,
-        {d: scores[d] for d in ("vq", "ta")},
-        index_pairs,
-        tie_margin=_TIE_MARGIN,
-    )
-
-    guides = {}
-    for kind in ("noisy", "clean"):
-        cfg = LatentRewardTrainingConfig(
-            dimensions=["vq", "ta"],
-            num_blocks=num_blocks,
-            trunk_training="lora",
-            clean_inputs=kind == "clean",
-            share_noise=share_noise,
-        )
-        method = LatentRewardTraining(model, cfg)
-        run = TrainConfig(
-            output_dir=out_dir / f"rm_{kind}",
-            max_steps=train_steps,
-            batch_size=batch_size,
-            seed=seed,
-            trackers=[],
-            cpu=model.device.type == "cpu",
-            log_every=50,
-            optim=OptimConfig(lr=lr, weight_decay=0.0, warmup_steps=min(20, train_steps // 10)),
-        )
-        result = train(method, pairs, run, progress=False, resume=True)  # a rerun reuses finished runs
-        guides[kind] = LatentRewardModel.from_pretrained(result.export_dir, model=model, device=model.device)
-
-    heldout = toy_prompts("heldout", "image")
-    eval_prompts = [heldout[k % len(heldout)] for k in range(num_eval)]
-    eval_noise = torch.randn(num_eval, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
     runs = {"unguided": (None, {})} | {f"noisy_rm:{n}": ("noisy", w) for n, w in settings.items()}
     clean_weights = dict(clean_weights or {"vq": 1.0})
     runs["clean_rm:" + "+".join(clean_weights)] = ("clean", clean_weights)
+    results = _evaluate(
+        model, guides, runs, sample, num_eval=num_eval, size=size, strength=strength, seed=seed
+    )
+    _write_results(
+        out_dir, results, f"wall {time.perf_counter() - wall:.0f} s, CPU {time.process_time() - cpu:.0f} s"
+    )
+    return results
+
+
+def _training_prompts(num_prompts: int, per_prompt: int, *, size: int, seed: int) -> tuple[list[str], Tensor]:
+    """``num_prompts`` random train-split captions, each ``per_prompt`` times, and one noise draw each."""
+    g = torch.Generator().manual_seed(seed)
+    train_captions = toy_prompts("train", "image")
+    picks = torch.randperm(len(train_captions), generator=g)[:num_prompts].tolist()
+    prompts = [train_captions[k] for k in picks for _ in range(per_prompt)]
+    return prompts, torch.randn(len(prompts), 3, size, size, generator=g)
+
+
+def _evaluate(model, guides, runs, sample, *, num_eval: int, size: int, strength: float, seed: int):
+    """Oracle scores of every setting in ``runs`` ({name: (guide kind or None, weights)}) on the same
+    held-out captions and noise, paired gains against the unguided samples, and each guide's pair accuracy."""
+    heldout = toy_prompts("heldout", "image")
+    eval_prompts = [heldout[k % len(heldout)] for k in range(num_eval)]
+    eval_noise = torch.randn(num_eval, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
     results: dict[str, dict[str, tuple[float, float]]] = {}
     unguided = None
     for name, (kind, weights) in runs.items():
@@ -261,6 +236,64 @@ def run_toy_nrg_experiment(
             acc = _pair_accuracy(guide, model, unguided[0], eval_prompts, unguided[1], t=t, seed=seed + 2)
             row.update({f"{d}_accuracy@t={t}": v for d, v in acc.items()})
         results[f"rm_accuracy:{kind}"] = row
+    return results
+
+
+def _distillation_pairs(model, prompts, noise, sample, counterfactual_pairs: int, *, seed: int, size: int):
+    """The model's own samples of ``prompts`` scored by the oracles and paired within each caption, plus
+    ``counterfactual_pairs`` rendered (true, wrong shape or colour) pairs."""
+    latents, scores = _sample_and_score(model, prompts, noise, **sample)
+    index_pairs = pairs_within_groups(prompts)
+    if counterfactual_pairs:
+        captions, true, wrong = _counterfactual_renders(counterfactual_pairs, seed=seed, size=size)
+        n, m = len(prompts), len(captions)
+        media = torch.cat([true, wrong])
+        extra = score_images(media, captions + captions)
+        with torch.no_grad():
+            latents = torch.cat([latents, model.encode_media(media.to(model.device)).cpu()])
+        scores = {d: torch.cat([scores[d], extra[d]]) for d in ("vq", "ta")}
+        prompts = prompts + captions + captions
+        index_pairs += [(n + k, n + m + k) for k in range(m)]
+    return ScoredPairs(
+        latents,
+        prompts,
+        {d: scores[d] for d in ("vq", "ta")},
+        index_pairs,
+        tie_margin=_TIE_MARGIN,
+    )
+
+
+def _train_guides(
+    model, pairs, out_dir: Path, *, num_blocks, share_noise, steps, batch_size, lr, seed
+) -> dict[str, LatentRewardModel]:
+    """The noise-aware ("noisy") and clean-input ("clean") latent rewards trained on ``pairs``."""
+    guides = {}
+    for kind in ("noisy", "clean"):
+        cfg = LatentRewardTrainingConfig(
+            dimensions=["vq", "ta"],
+            num_blocks=num_blocks,
+            trunk_training="lora",
+            clean_inputs=kind == "clean",
+            share_noise=share_noise,
+        )
+        method = LatentRewardTraining(model, cfg)
+        run = TrainConfig(
+            output_dir=out_dir / f"rm_{kind}",
+            max_steps=steps,
+            batch_size=batch_size,
+            seed=seed,
+            trackers=[],
+            cpu=model.device.type == "cpu",
+            log_every=50,
+            optim=OptimConfig(lr=lr, weight_decay=0.0, warmup_steps=min(20, steps // 10)),
+        )
+        result = train(method, pairs, run, progress=False, resume=True)  # a rerun reuses finished runs
+        guides[kind] = LatentRewardModel.from_pretrained(result.export_dir, model=model, device=model.device)
+    return guides
+
+
+def _write_results(out_dir: Path, results: dict[str, dict[str, tuple[float, float]]], footer: str) -> None:
+    """``results.json`` and ``summary.md`` (one table per run of settings with the same metrics)."""
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     lines, header = [], None
     for name, row in results.items():
@@ -268,6 +301,5 @@ def run_toy_nrg_experiment(
             header = list(row)
             lines += ["", "| setting | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
         lines.append(f"| {name} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in row.values()) + " |")
-    lines.append(f"\nwall {time.perf_counter() - wall:.0f} s, CPU {time.process_time() - cpu:.0f} s")
+    lines.append(f"\n{footer}")
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
-    return results

@@ -2,9 +2,8 @@
 
 Pieces the demo calls (the differentiable reward DI* optimises is
 :class:`flowalign.rewards.toy_classifier.ToyAttributeClassifier`; the sample-set metrics are in
-:mod:`flowalign.toy.metrics`):
+:mod:`flowalign.toy.metrics`, with the table rows of :func:`flowalign.toy.metrics.one_step_report`):
 
-- :func:`one_step_report`: one table row (oracle scores, TV distance to the teacher, diversity);
 - experiments: :func:`fdistill_experiment` (one-step vs teacher), :func:`divergence_comparison`
   (reverse-KL vs JS vs forward-KL at the same budget), :func:`distar_experiment` (DI* vs teacher and vs the
   KL-regularised variant at matched reward). Each returns rows the demo prints as a table.
@@ -26,8 +25,8 @@ from torch import Tensor
 
 from flowalign.rewards.base import RewardModel
 from flowalign.rewards.toy_classifier import load_toy_classifier
-from flowalign.toy.metrics import attribute_histogram_distance, diversity
-from flowalign.toy.world import parse_caption
+from flowalign.toy.metrics import format_table, one_step_report, sample_mean
+from flowalign.toy.render import render_prompts
 
 __all__ = [
     "OneStepToySettings",
@@ -35,65 +34,10 @@ __all__ = [
     "distill_toy",
     "divergence_comparison",
     "fdistill_experiment",
-    "format_table",
     "one_step_demo",
-    "one_step_report",
 ]
 
 
-def _mean(x: Tensor) -> float:
-    return float(x.double().mean())
-
-
-def _se(x: Tensor) -> float:
-    return float(x.double().std() / math.sqrt(x.numel())) if x.numel() > 1 else 0.0
-
-
-def one_step_report(
-    name: str, evaluation, *, reference_media: Tensor, seconds: float | None = None, steps: int | None = None
-) -> dict[str, Any]:
-    """One table row: oracle TA / all-correct / VQ (mean and SE), TV to the reference, diversity.
-
-    Args:
-        name: the row's label.
-        evaluation: a :class:`flowalign.experiments.toy_base.ToyEvaluation`.
-        reference_media: the samples distances are measured against (the teacher's, same prompts/seeds).
-        seconds: training time to record.
-        steps: sampling steps (NFE without CFG).
-    """
-    s = evaluation.scores
-    row: dict[str, Any] = {"model": name}
-    if steps is not None:
-        row["steps"] = steps
-    for key in ("ta", "all_correct", "vq"):
-        row[key], row[f"{key}_se"] = _mean(s[key]), _se(s[key])
-    row["tv_joint"] = attribute_histogram_distance(evaluation.media, reference_media)["tv_joint"]
-    div = diversity(evaluation.media, evaluation.prompts)
-    row["div_pixel"], row["div_jitter"] = div["pixel"], div["jitter"]
-    if seconds is not None:
-        row["train_cpu_s"] = seconds
-    return row
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Rows as a fixed-width text table (numbers to 3 decimals; "x +- se" where an SE is present)."""
-    cols = [k for k in rows[0] if not k.endswith("_se")]
-    for row in rows[1:]:
-        cols += [k for k in row if not k.endswith("_se") and k not in cols]
-
-    def cell(row: dict, key: str) -> str:
-        v = row.get(key, "")
-        if isinstance(v, float):
-            se = row.get(f"{key}_se")
-            return f"{v:.3f}" + (f"+-{se:.3f}" if se is not None else "")
-        return str(v)
-
-    table = [cols] + [[cell(r, k) for k in cols] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in table)
-
-
-# ------------------------------------------------------------------------------------------------ experiments
 @dataclass
 class OneStepToySettings:
     """Budget and hyper-parameters of the toy one-step experiments (2 CPU cores, minutes per run)."""
@@ -104,7 +48,7 @@ class OneStepToySettings:
     generator_every: int = 2
     """K: generator step every K-th step (a small K suits the short toy budget)."""
     guidance_scale: float = 3.0
-    """Teacher CFG (the toy teacher's best scale, shared/research/toy-feasibility.md)."""
+    """Teacher CFG (the toy teacher's best scale, docs/toy-world.md)."""
     generator_lr: float = 3e-4
     critic_lr: float = 1e-3
     generator_beta1: float = 0.9
@@ -227,30 +171,6 @@ def weight_spread(run_dir: str | Path, *, last: int = 20) -> dict[str, float]:
         "w_max": sum(r["generator/weight_max"] for r in rows) / len(rows),
         "w_min": sum(r["generator/weight_min"] for r in rows) / len(rows),
     }
-
-
-def render_prompts(prompts: Sequence[str], *, seed: int = 0, size: int = 32) -> Tensor:
-    """Ground-truth renders [N, 3, size, size] of image captions with the world's own jitter (the data row)."""
-    import numpy as np
-
-    from flowalign.toy.render import render_images
-    from flowalign.toy.world import ANCHORS, EXTENT, EXTENT_JITTER, POSITION_JITTER, Scene
-
-    rng = np.random.default_rng(seed)
-    scenes = []
-    for p in prompts:
-        a = parse_caption(p)
-        u = rng.uniform(-1.0, 1.0, size=3)
-        ax, ay = ANCHORS[a.position]
-        scenes.append(
-            Scene(
-                a,
-                EXTENT[a.size] + EXTENT_JITTER * u[0],
-                ax + POSITION_JITTER * u[1],
-                ay + POSITION_JITTER * u[2],
-            )
-        )
-    return render_images(scenes, size=size)
 
 
 def evaluate_one_step(model, settings: OneStepToySettings | None = None):
@@ -423,7 +343,7 @@ def _checkpoint_rows(
         row = one_step_report(
             f"{label} @ {int(ckpt.name.split('-')[-1])}", evaluation, reference_media=ref, steps=1
         )
-        row["reward"] = _mean(reward.score(evaluation.media, evaluation.prompts)["ta"])
+        row["reward"] = sample_mean(reward.score(evaluation.media, evaluation.prompts)["ta"])
         rows.append(row)
     return rows
 
@@ -462,11 +382,11 @@ def distar_experiment(
     reward = load_toy_classifier()
     start_eval = evaluate_one_step(init_dir, s)
     init_row = one_step_report("initial 1-step generator", start_eval, reference_media=ref, steps=1)
-    init_row["reward"] = _mean(reward.score(start_eval.media, start_eval.prompts)["ta"])
+    init_row["reward"] = sample_mean(reward.score(start_eval.media, start_eval.prompts)["ta"])
     teacher_row = one_step_report(
         f"teacher {s.teacher_steps}-step", baseline, reference_media=ref, steps=s.teacher_steps
     )
-    teacher_row["reward"] = _mean(reward.score(baseline.media, baseline.prompts)["ta"])
+    teacher_row["reward"] = sample_mean(reward.score(baseline.media, baseline.prompts)["ta"])
     trajectories = {}
     seconds = {}
     for regularizer in ("score", "kl"):

@@ -108,12 +108,6 @@ class ToyFlowPipeline(DiffusionPipeline):
             transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
         )
 
-    def __call__(self, prompt: str | list[str], **kwargs):
-        """Generate with flowalign's pipeline (diffusers-style convenience)."""
-        from flowalign.pipelines import FlowPipeline
-
-        return FlowPipeline(ToyModel(self))(prompt, **kwargs)
-
 
 @register_family("ToyFlowPipeline")
 class ToyModel(FlowModel):

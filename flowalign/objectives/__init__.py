@@ -1,6 +1,6 @@
 """Pure objectives: tensors in, per-sample loss and detached metrics out (no modules, configs or I/O).
 
-One module per method (algorithms.md section in brackets):
+One module per method (docs/algorithms.md section in brackets):
     flow_matching   per-sample errors, SD3 time weightings, weighted flow matching   [5.2]
     dpo             Flow-DPO and Diffusion-DPO, pair-batch helpers                   [1B, 5.1]
     rwr             Flow-RWR reward weights and loss                                 [1C]

@@ -1,4 +1,4 @@
-"""Bradley-Terry with ties (Rao-Kupper) for multi-dimensional reward models (algorithms.md 1A).
+"""Bradley-Terry with ties (Rao-Kupper) for multi-dimensional reward models (docs/algorithms.md 1A).
 
 Labels (per pair and reward dimension), as long integers:
     1 = A better, -1 = B better, 0 = tie, -2 = missing (the reference data uses 22 for missing).
@@ -55,7 +55,7 @@ def _check_theta(fn: str, theta: float) -> None:
 
 
 def btt_probabilities(reward_a: Tensor, reward_b: Tensor, *, theta: float = 5.0) -> BTTProbabilities:
-    """Outcome probabilities of Bradley-Terry with ties (Rao & Kupper 1967; VideoAlign Sec. 3, algorithms.md 1A).
+    """Outcome probabilities of Bradley-Terry with ties (Rao & Kupper 1967; VideoAlign Sec. 3, docs/algorithms.md 1A).
 
         P(A > B) = e^a / (e^a + theta e^b) = sigmoid(a - b - log theta)
         P(B > A) = sigmoid(b - a - log theta)
@@ -108,7 +108,7 @@ def btt_loss(
     theta: float = 5.0,
     average: Average = "all_slots",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Bradley-Terry-with-ties negative log-likelihood per pair (VideoAlign, algorithms.md 1A).
+    """Bradley-Terry-with-ties negative log-likelihood per pair (VideoAlign, docs/algorithms.md 1A).
 
     Per pair i and reward dimension k, with the chosen-minus-rejected margin s = +-(a - b) and
     Delta = a - b:
@@ -208,7 +208,7 @@ def _correct_sign(delta: Tensor, labels: Tensor) -> Tensor:
 
 
 def pairwise_accuracy(reward_a: Tensor, reward_b: Tensor, labels: Tensor) -> Tensor:
-    """Preference accuracy without ties: C / (C + D) over labelled non-tie slots (algorithms.md 1A).
+    """Preference accuracy without ties: C / (C + D) over labelled non-tie slots (docs/algorithms.md 1A).
 
     A slot is concordant when sign(a - b) matches the label; a difference of exactly 0 is discordant
     (as in VideoAlign's ``calc_accuracy.py``).

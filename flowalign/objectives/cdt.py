@@ -1,4 +1,4 @@
-"""CDT tokenizer loss: x0 regression of the diffusion decoder + KL of the posterior + LPIPS (algorithms.md 4.2).
+"""CDT tokenizer loss: x0 regression of the diffusion decoder + KL of the posterior + LPIPS (docs/algorithms.md 4.2).
 
     L = w_mse * mean_j (x0_hat - x)_j^2
       + w_kl  * KL(q(z | x) || N(0, I)) / D_x
@@ -6,7 +6,7 @@
 
 with x0_hat the denoiser's clean-video prediction from x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps,
 D_x the number of video elements per sample, and videos in [-1, 1]. The paper names the three
-terms but publishes no weights, time distribution or schedule (algorithms.md 4.2, 6.5).
+terms but publishes no weights, time distribution or schedule (docs/algorithms.md 4.2, 6.5).
 
 Weights here (choices, not the paper's):
 - ``mse_weight = 1``.

@@ -1,10 +1,10 @@
-"""Diff-Instruct* (DI*): reward + score-divergence regularisation for one-step generators (algorithms.md 3).
+"""Diff-Instruct* (DI*): reward + score-divergence regularisation for one-step generators (docs/algorithms.md 3).
 
     min_theta  -alpha_rew E[r(g(z), c)] + D^[0,T](p_theta, p_ref^omega)
 
 with the score-based divergence D = int w(t) E_{x_t ~ p_sg(theta),t}[ d(s_theta,t(x_t) - s_ref,t(x_t)) ] dt
 and the pseudo-Huber distance d(y) = sqrt(||y||^2 + c^2) - c. No training code was released; the
-tractable loss below is the derivation of algorithms.md 3.2 (an online score network s_psi stands in
+tractable loss below is the derivation of docs/algorithms.md 3.2 (an online score network s_psi stands in
 for the student's score):
 
     y_t       = s_psi(x_t) - s_ref^omega(x_t)
@@ -49,7 +49,7 @@ def _sq_norm(y: Tensor) -> Tensor:
 
 
 def pseudo_huber(y: Tensor, *, c: float) -> Tensor:
-    """Pseudo-Huber distance per sample: d(y) = sqrt(||y||^2 + c^2) - c (algorithms.md 3.1).
+    """Pseudo-Huber distance per sample: d(y) = sqrt(||y||^2 + c^2) - c (docs/algorithms.md 3.1).
 
     Computed as ||y||^2 / (sqrt(||y||^2 + c^2) + c), the same number without cancellation for small y.
     d(0) = 0, d ~ ||y||^2 / (2c) for ||y|| << c, d ~ ||y|| - c for ||y|| >> c.
@@ -103,7 +103,7 @@ def distance_grad(y: Tensor, *, distance: Distance = "pseudo_huber", c: float | 
 
 
 def guided_reference(cond: Tensor, uncond: Tensor, *, guidance_scale: float) -> Tensor:
-    """Classifier-free-guided reference (algorithms.md 3.3): uncond + omega (cond - uncond).
+    """Classifier-free-guided reference (docs/algorithms.md 3.3): uncond + omega (cond - uncond).
 
     Valid for velocities or scores alike: the velocity-to-score map at fixed (x_t, t) is affine with
     weights summing to one, so guiding velocities and converting equals converting and guiding scores.
@@ -141,7 +141,7 @@ def score_divergence_surrogate(
     c: float | None = None,
     weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The DI* tractable regulariser in score form (algorithms.md 3.2), for any diffusion path.
+    """The DI* tractable regulariser in score form (docs/algorithms.md 3.2), for any diffusion path.
 
         y   = s_psi(x_t) - s_ref(x_t)
         L_i = -w_i d'(y_i)^T ( s_psi(x_t)_i - grad log p(x_t | x0)_i )     (sum over elements)
@@ -216,7 +216,7 @@ def distar_regularizer(
     c: float | None = None,
     weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """DI* score-divergence regulariser for rectified-flow networks (algorithms.md 3.2 in velocity form).
+    """DI* score-divergence regulariser for rectified-flow networks (docs/algorithms.md 3.2 in velocity form).
 
     Converts velocities to scores, s = -(x_t + (1 - t) v) / t, and applies
     :func:`score_divergence_surrogate` with grad log p(x_t | x0) = -noise / t.
@@ -270,14 +270,14 @@ def distar_generator_loss(
     c: float | None = None,
     weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """DI* generator loss per sample (algorithms.md 3.2): L_G = -alpha_rew r(x0, c) + L_reg.
+    """DI* generator loss per sample (docs/algorithms.md 3.2): L_G = -alpha_rew r(x0, c) + L_reg.
 
     With ``reward_scale = 0`` this is score-divergence distillation (SIM with d pseudo-Huber; Fisher
     divergence with d = l2); the CFG scale of ``v_ref`` adds the implicit reward log p_ref(c | x_t).
 
     Args:
         reward: differentiable reward of the clean generator sample [B] (must carry grad when
-            reward_scale != 0; may be None when reward_scale = 0). Normalise its scale (algorithms.md 3.5).
+            reward_scale != 0; may be None when reward_scale = 0). Normalise its scale (docs/algorithms.md 3.5).
         v_online: online score network's velocity at x_t [B, ...] (see :func:`distar_regularizer`).
         v_ref: CFG-guided reference velocity at x_t [B, ...].
         x_t: noised generator sample [B, ...] carrying the generator's graph.
@@ -315,7 +315,7 @@ def kl_reward_generator_loss(
     reward_scale: float,
     weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """KL-regularised reward maximisation for a one-step generator (Diff-Instruct / DI++ baseline, algorithms.md 3.3).
+    """KL-regularised reward maximisation for a one-step generator (Diff-Instruct / DI++ baseline, docs/algorithms.md 3.3).
 
         grad KL(p_theta,t || p_ref,t) = E[ (s_theta(x_t) - s_ref(x_t))^T dx_t/dtheta ]
         L_i = -alpha_rew r_i + w_i sum_j sg(s_psi(x_t) - s_ref^omega(x_t))_ij x_t,ij
@@ -367,7 +367,7 @@ def kl_reward_generator_loss(
 def online_score_loss(
     v_online: Tensor, x0: Tensor, noise: Tensor, *, weights: Tensor | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Denoising loss of DI*'s online score network on detached generator samples (algorithms.md 3.4 (a)).
+    """Denoising loss of DI*'s online score network on detached generator samples (docs/algorithms.md 3.4 (a)).
 
         L_i = w_i mean_j (v_psi(x_t)_ij - sg(noise - x0)_ij)^2,   x0 = sg(g(z)),  x_t = (1 - t) x0 + t noise
 

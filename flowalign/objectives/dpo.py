@@ -5,7 +5,7 @@ dim 0, i.e. a [2P, ...] batch is ``[w_0, ..., w_{P-1}, l_0, ..., l_{P-1}]``, whe
 (w_i, l_i) and both members share one noise draw and one t. ``torch.cat([x_w, x_l])`` builds it and
 :func:`velocity_errors_for_pairs` splits it.
 
-Beta conventions (algorithms.md 1B, 5.1, 6.1/6.6). Errors may be a per-element *mean* (the
+Beta conventions (docs/algorithms.md 1B, 5.1, 6.1/6.6). Errors may be a per-element *mean* (the
 reference code, ``reduction="mean"``) or a *sum* (the papers' squared norm). The loss is linear in
 beta times the errors, so (mean, beta) equals (sum, beta / D) with D the elements per sample.
 ``beta`` here multiplies whatever errors you pass, with the 1/2 of the reference code inside:
@@ -56,7 +56,7 @@ def _inside(e_w: Tensor, e_l: Tensor, r_w: Tensor, r_l: Tensor, beta: float | Te
 def flow_dpo_beta(
     t: Tensor | None, *, beta: float, beta_schedule: BetaSchedule = "constant"
 ) -> Tensor | float:
-    """The per-pair DPO strength beta_t of Flow-DPO (algorithms.md 1B).
+    """The per-pair DPO strength beta_t of Flow-DPO (docs/algorithms.md 1B).
 
         "constant": beta_t = beta              (the paper's recommendation and the released code)
         "t2":       beta_t = beta (1 - t)^2    (the theory-derived weight; equals Diffusion-DPO on eps errors)
@@ -142,7 +142,7 @@ def flow_dpo_loss(
     t: Tensor | None = None,
     beta_schedule: BetaSchedule = "constant",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    r"""Flow-DPO loss per pair (Liu et al. 2025, "Improving Video Generation with Human Feedback", Sec. 4; algorithms.md 1B).
+    r"""Flow-DPO loss per pair (Liu et al. 2025, "Improving Video Generation with Human Feedback", Sec. 4; docs/algorithms.md 1B).
 
     With one shared noise and t per pair, x_t^{w/l} = (1 - t) x0^{w/l} + t noise and velocity errors
     e = ||(noise - x0) - v(x_t, t, c)||^2 for the policy (e) and the frozen reference (e_ref):
@@ -194,7 +194,7 @@ def diffusion_dpo_loss(
     *,
     beta: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Diffusion-DPO loss per pair for epsilon-prediction models (Wallace et al. 2024, eq. 14; algorithms.md 5.1).
+    """Diffusion-DPO loss per pair for epsilon-prediction models (Wallace et al. 2024, eq. 14; docs/algorithms.md 5.1).
 
     With e = ||noise - eps(x_t, t)||^2 (shared noise and t per pair; T * omega(lambda_t) absorbed into beta):
 
@@ -283,7 +283,7 @@ def velocity_errors_for_pairs(
 def check_shared_pair_noise(noise: Tensor, t: Tensor | None = None, *, atol: float = 0.0) -> None:
     """Raise ``ValueError`` unless chosen and rejected share their noise (and t) in a [2P, ...] batch.
 
-    Flow-DPO and Diffusion-DPO need one noise draw and one t per pair (algorithms.md 1B: the
+    Flow-DPO and Diffusion-DPO need one noise draw and one t per pair (docs/algorithms.md 1B: the
     variance of the loss explodes otherwise). Call it where the pair batch is built.
 
     Args:

@@ -1,4 +1,4 @@
-"""The f-divergences of f-distill: f, f'' and the weighting h(r) = r^2 f''(r) (algorithms.md 2.1).
+"""The f-divergences of f-distill: f, f'' and the weighting h(r) = r^2 f''(r) (docs/algorithms.md 2.1).
 
 D_f(p || q) = E_q[f(p / q)] with f convex and f(1) = 0. f-distill weights the score-distillation
 gradient of each student sample by h(r) at its density ratio r = p / q (paper Table 1):

@@ -1,4 +1,4 @@
-"""f-distill: one-step distillation by f-divergence distribution matching (Xu, Nie, Vahdat 2025; algorithms.md 2).
+"""f-distill: one-step distillation by f-divergence distribution matching (Xu, Nie, Vahdat 2025; docs/algorithms.md 2).
 
 Student marginal q (noised one-step samples x = G(z)), teacher marginal p, density ratio r = p / q
 estimated by a discriminator with logit l (optimal D = p / (p + q) gives r = e^l). The student
@@ -8,7 +8,7 @@ gradient is the score-distillation (DMD / VSD) gradient re-weighted per sample b
 
 Pieces, in the order a training step uses them:
     f_divergences.py          f, f'' and h for each divergence (registry by name, FastGen's short names)
-    density_ratio_from_logits logits -> r with the logit clamp and ratio clamp (algorithms.md 2.3 step 1)
+    density_ratio_from_logits logits -> r with the logit clamp and ratio clamp (docs/algorithms.md 2.3 step 1)
     RatioBinEMA               per-time-bin ratio normalisation with an EMA; all-reduce by the caller (step 2)
     f_distill_weights         all of 2.3: r -> r~ -> h(r~) -> h~ = h / mean h
     fdistill_generator_loss   the surrogate with the DMD normalisation + GAN term (2.4)
@@ -65,7 +65,7 @@ __all__ = [
 ReduceFn = Callable[[Tensor], Tensor]
 
 # ---------------------------------------------------------------------------------------------------------------
-# Density ratio from discriminator logits and its normalisation (algorithms.md 2.2-2.3).
+# Density ratio from discriminator logits and its normalisation (docs/algorithms.md 2.2-2.3).
 
 
 def density_ratio_from_logits(
@@ -75,7 +75,7 @@ def density_ratio_from_logits(
     ratio_min: float | None = 0.1,
     ratio_max: float | None = 20.0,
 ) -> Tensor:
-    """Density ratio r = p / q = exp(l) from discriminator logits, clamped (algorithms.md 2.3 step 1).
+    """Density ratio r = p / q = exp(l) from discriminator logits, clamped (docs/algorithms.md 2.3 step 1).
 
         l = clip(mean_heads logits, -logit_clamp, logit_clamp),   r = clip(exp(l), ratio_min, ratio_max)
 
@@ -129,7 +129,7 @@ def time_bin_index(t: Tensor, *, num_bins: int = 10, t_min: float = 0.0, t_max: 
 
 @dataclass(eq=False)
 class RatioBinEMA:
-    """Per-time-bin running mean of the density ratio, for the ratio normalisation of algorithms.md 2.3 step 2.
+    """Per-time-bin running mean of the density ratio, for the ratio normalisation of docs/algorithms.md 2.3 step 2.
 
     Since E_q[p / q] = 1, dividing r by its mean within each noise level removes the discriminator's
     calibration bias there: m_b <- decay m_b + (1 - decay) mean_{i in b} r_i for each bin b present in
@@ -272,7 +272,7 @@ def _global_mean(x: Tensor, reduce_fn: ReduceFn | None) -> Tensor:
 
 
 def normalize_weights(h: Tensor, *, eps: float = 1e-6, reduce_fn: ReduceFn | None = None) -> Tensor:
-    """Global weight normalisation h~_i = h_i / max(mean_global h, eps) (algorithms.md 2.3 step 3).
+    """Global weight normalisation h~_i = h_i / max(mean_global h, eps) (docs/algorithms.md 2.3 step 3).
 
     Args:
         h: raw weights [B] (local batch).
@@ -301,7 +301,7 @@ def f_distill_weights(
     eps: float = 1e-6,
     reduce_fn: ReduceFn | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-sample f-distill weights h~ from discriminator logits (algorithms.md 2.3, all three steps).
+    """Per-sample f-distill weights h~ from discriminator logits (docs/algorithms.md 2.3, all three steps).
 
         r   = clip(exp(clip(l, +-10)), 0.1, 20)                 ratio from the logits (detached)
         r~  = r / m_{bin(t)}                                     per-time-bin ratio normalisation (EMA)
@@ -353,7 +353,7 @@ def f_distill_weights(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Losses (algorithms.md 2.4, 2.5).
+# Losses (docs/algorithms.md 2.4, 2.5).
 
 
 def fdistill_generator_loss(
@@ -367,7 +367,7 @@ def fdistill_generator_loss(
     dmd_normalize: bool = True,
     eps: float = 1e-6,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """f-distill generator loss per sample: weighted distribution matching + GAN (algorithms.md 2.4).
+    """f-distill generator loss per sample: weighted distribution matching + GAN (docs/algorithms.md 2.4).
 
         kappa_i = 1 / (mean_j |x_ij - x0_teacher_ij| + eps)               DMD normalisation (detached)
         g_i     = h~_i kappa_i (x0_fake_i - x0_teacher_i)                  (detached)
@@ -375,7 +375,7 @@ def fdistill_generator_loss(
 
     so dL_i/dx_i = g_i / D (D elements): gradient descent moves x toward the teacher's denoised
     prediction and away from the fake-score one. Since x0_fake - x0_teacher = (sigma^2 / alpha)
-    (s_q - s_p) (algorithms.md 0.2; sigma^2 / alpha = t^2 / (1 - t) in rectified flow), this is the
+    (s_q - s_p) (docs/algorithms.md 0.2; sigma^2 / alpha = t^2 / (1 - t) in rectified flow), this is the
     f-distill gradient -h (s_p - s_q) up to positive per-sample scale. With weights = None (h~ = 1)
     it is exactly the DMD2 generator loss. The value of the first term is not a divergence; only its
     gradient matters. Flow models: x0 = ``flow.x0_from_velocity(x_t, v, t)`` for teacher (with CFG) and fake.
@@ -439,7 +439,7 @@ def fdistill_generator_loss(
 def fake_score_loss(
     v_fake: Tensor, x0: Tensor, noise: Tensor, *, weights: Tensor | None = None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Fake-score (online score) denoising loss in flow-velocity form (algorithms.md 2.5).
+    """Fake-score (online score) denoising loss in flow-velocity form (docs/algorithms.md 2.5).
 
         L_i = w_i mean_j (v_fake(x_t, t)_ij - sg(noise - x0)_ij)^2,   x_t = (1 - t) sg(x0) + t noise
 

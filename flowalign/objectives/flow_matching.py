@@ -1,6 +1,6 @@
 """Flow-matching regression: per-sample errors, time weightings and the weighted loss.
 
-Convention (flowalign.flow, algorithms.md 0.1): x_t = (1 - t) x0 + t noise, target v = noise - x0.
+Convention (flowalign.flow, docs/algorithms.md 0.1): x_t = (1 - t) x0 + t noise, target v = noise - x0.
 Every function here is pure: tensors in, per-sample tensors (and detached metrics) out, in fp32.
 """
 
@@ -35,7 +35,7 @@ def per_sample_mse(pred: Tensor, target: Tensor, *, reduction: Reduction = "mean
         e_i = reduce_{j} (pred_ij - target_ij)^2,   reduce = mean (default) or sum over the D elements.
 
     "mean" is the per-element convention of the reference Flow-DPO / Diffusion-DPO code; "sum" is the
-    squared L2 norm of the papers (algorithms.md 0.3). The two differ by the factor D = elements per sample.
+    squared L2 norm of the papers (docs/algorithms.md 0.3). The two differ by the factor D = elements per sample.
 
     Args:
         pred: prediction [B, ...] (any float dtype; computed in fp32 or fp64).
@@ -79,7 +79,7 @@ def velocity_error(v_pred: Tensor, v_target: Tensor, *, reduction: Reduction = "
 
 
 def time_loss_weight(t: Tensor, scheme: TimeWeighting = "none") -> Tensor:
-    """Per-sample loss weight w(t) of the SD3 training helpers (algorithms.md 5.2).
+    """Per-sample loss weight w(t) of the SD3 training helpers (docs/algorithms.md 5.2).
 
         "none":       w = 1
         "sigma_sqrt": w = t^-2                                   (sigma = t in the rectified-flow path)
@@ -116,7 +116,7 @@ def flow_matching_loss(
     weights: Tensor | None = None,
     reduction: Reduction = "mean",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """(Weighted) flow-matching loss per sample (algorithms.md 5.2).
+    """(Weighted) flow-matching loss per sample (docs/algorithms.md 5.2).
 
         L_i = w_i * reduce_j (v_pred_ij - v_target_ij)^2,   v_target = noise - x0.
 

@@ -1,4 +1,4 @@
-"""GAN terms of f-distill's discriminator (density-ratio estimator) and generator (algorithms.md 2.2, 2.4).
+"""GAN terms of f-distill's discriminator (density-ratio estimator) and generator (docs/algorithms.md 2.2, 2.4).
 
 The discriminator reads noised samples (through frozen teacher features) and outputs one logit per
 head, l = log D / (1 - D); at the optimum D = p / (p + q), so r = p / q = e^l. Multi-head logits
@@ -38,7 +38,7 @@ def gan_generator_loss(fake_logits: Tensor) -> Tensor:
 
 
 def gan_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Discriminator loss per sample pair (algorithms.md 2.2), averaged over heads:
+    """Discriminator loss per sample pair (docs/algorithms.md 2.2), averaged over heads:
 
         L_D,i = softplus(-l(x_real_i)) + softplus(l(x_fake_i))
 

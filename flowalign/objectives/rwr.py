@@ -1,4 +1,4 @@
-"""Flow-RWR: reward-weighted flow matching (algorithms.md 1C).
+"""Flow-RWR: reward-weighted flow matching (docs/algorithms.md 1C).
 
 The KL-regularised reward objective max E[r] - beta KL(p || p_ref) has the optimum
 p* ∝ p_ref exp(r / beta). Projecting p* onto the model with forward KL gives flow matching on
@@ -28,7 +28,7 @@ def rwr_weights(
     group_ids: Tensor | None = None,
     max_weight: float | None = None,
 ) -> Tensor:
-    """Self-normalised reward weights for Flow-RWR (algorithms.md 1C, the [RECON] normalisation).
+    """Self-normalised reward weights for Flow-RWR (docs/algorithms.md 1C, the [RECON] normalisation).
 
     For sample i in prompt group g (n_g members):
 
@@ -93,7 +93,7 @@ def rwr_weights(
 
 
 def flow_rwr_loss(err: Tensor, weights: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Flow-RWR loss per sample: reward-weighted flow matching (algorithms.md 1C).
+    """Flow-RWR loss per sample: reward-weighted flow matching (docs/algorithms.md 1C).
 
         L_i = w_i * err_i,   err_i = ||(noise - x0_i) - v(x_t_i, t_i, c_i)||^2 (mean or sum over elements)
 

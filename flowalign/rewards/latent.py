@@ -1,6 +1,6 @@
 """A noise-aware latent reward model for Flow-NRG: reads (x_t, t, prompt), returns one score per dimension.
 
-Architecture (algorithms.md 1D; the paper's exact one is not published, this is our design):
+Architecture (docs/algorithms.md 1D; the paper's exact one is not published, this is our design):
 
     tokens, temb = trunk(x_t, t, c)          the base flow transformer's patch embedding, time/text
                                              embedding and first k blocks (a copy: frozen, LoRA or full)

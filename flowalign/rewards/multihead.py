@@ -1,6 +1,6 @@
 """flowalign's own multi-dimensional reward model: one head per dimension on a CLIP-style backbone.
 
-Architecture (after VideoReward, algorithms.md 1A; the backbone is an open_clip CLIP instead of a VLM):
+Architecture (after VideoReward, docs/algorithms.md 1A; the backbone is an open_clip CLIP instead of a VLM):
 
     p_j, z_j = E_img(frame_j)                   pooled embedding [E] and patch tokens [L, W] (open_clip ViT)
     a_j = A(z_j)                                token features [L, H], A = Linear + GELU

@@ -8,7 +8,7 @@ flowalign does not ship that template (it is VideoAlign's text): the loader read
 ``prompt_template.txt`` in the checkpoint folder or from ``template=PATH``, checks it holds
 ``{text_prompt}`` and the three tokens once each in order, and warns when its sha256 differs from the
 published text's (:mod:`flowalign.rewards.videoreward_inputs`).
-Each dimension reads the last hidden state h at its own token (algorithms.md 1A):
+Each dimension reads the last hidden state h at its own token (docs/algorithms.md 1A):
 
     r_k = w_k . h(<|k_reward|>)        head hidden -> 3: w_k = row k (the diagonal of the 3 x 3 block)
                                        head hidden -> 1: w_k = w, one row shared by the three tokens

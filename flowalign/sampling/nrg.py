@@ -1,4 +1,4 @@
-r"""Flow-NRG: inference-time reward guidance as a velocity transform (algorithms.md 1D).
+r"""Flow-NRG: inference-time reward guidance as a velocity transform (docs/algorithms.md 1D).
 
 Tilting each marginal by the reward, p~_t(x) ∝ p_t(x) exp(w r(x, t)), adds w ∇r to the score; with
 v = -(x + t s) / (1 - t) (flow.py) the guided velocity is
@@ -136,7 +136,7 @@ def reward_guidance(
     t_max: float = 0.98,
     step_range: tuple[float, float] | None = None,
 ) -> VelocityTransform:
-    """Velocity transform v -> v - w * t / (1 - t) * ∇_x r(x, t)  (Flow-NRG, algorithms.md 1D).
+    """Velocity transform v -> v - w * t / (1 - t) * ∇_x r(x, t)  (Flow-NRG, docs/algorithms.md 1D).
 
     Args:
         reward_fn: (x_t [B, ...], t [B]) -> [B], differentiable in x_t (already the weighted sum of

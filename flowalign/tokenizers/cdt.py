@@ -1,8 +1,8 @@
-"""CDT, the conditioned-diffusion video tokenizer (Yang, Li et al., arXiv 2503.03708; algorithms.md 4).
+"""CDT, the conditioned-diffusion video tokenizer (Yang, Li et al., arXiv 2503.03708; docs/algorithms.md 4).
 
 A causal 3-D encoder compresses a video into a KL-regularised latent; a conditioning decoder turns
 the latent into a feature pyramid; a causal 3-D U-Net, conditioned on that pyramid, predicts the
-clean video x0 from a noisy one. Reconstruction is one DDIM step from scaled noise (algorithms.md
+clean video x0 from a noisy one. Reconstruction is one DDIM step from scaled noise (docs/algorithms.md
 4.3)::
 
     z      = mean of E(x)                                [B, 16, 1+k, H/8, W/8]
@@ -14,7 +14,7 @@ VAEs (``AutoencoderKLWan``); :func:`encode_video` / :func:`decode_video` speak t
 for a temporal factor t_f) and sides divisible by 8 (the spatial factor); anything else is refused.
 
 Any length: encoding and decoding run chunk by chunk with a :class:`FeatureCache` per network
-(algorithms.md 4.4), so memory stays flat in the video length and the result equals a single pass.
+(docs/algorithms.md 4.4), so memory stays flat in the video length and the result equals a single pass.
 Decoding loops the chunks outermost and the DDIM steps innermost with one denoiser cache per step,
 which gives the same numbers as the released code's step-outer loop but lets the output stream.
 
@@ -406,7 +406,7 @@ class ConditionedDiffusionTokenizer(ModelMixin, ConfigMixin):
 
 
 def default_chunk_sizes(height: int, width: int, *, time_factor: int = 4) -> tuple[int, int]:
-    """(encode chunk frames, decode chunk latent frames) for H x W video, scaled by area (algorithms.md 4.4).
+    """(encode chunk frames, decode chunk latent frames) for H x W video, scaled by area (docs/algorithms.md 4.4).
 
     The released code encodes 4 frames and decodes 1 latent frame per chunk at 1024 x 1024 and
     scales both by (1024 / H)(1024 / W); encode chunks are rounded down to a multiple of the

@@ -6,7 +6,7 @@ previous chunk lives in a :class:`FeatureCache` passed through ``forward`` (the 
 no state): a causal conv with time kernel k keeps the last k - 1 input frames, the temporal
 down-sampler the last frame, the temporal up-sampler only whether it has seen a chunk.
 ``cache=None`` means "a fresh cache", so a single pass over the whole clip and the first chunk
-of a chunked pass behave identically (algorithms.md 4.4).
+of a chunked pass behave identically (docs/algorithms.md 4.4).
 
 Normalisation is a per-position channel LayerNorm and attention is per frame: nothing pools over
 time, which would break causality and chunking.
@@ -127,7 +127,7 @@ class CausalConv3d(nn.Conv3d):
         x = F.pad(x, (*self._space_pad, pad_t, 0), mode=self.pad_mode)  # [B, C, T + k_t - 1, H + 2p, W + 2p]
         if x.numel() <= _INT32_MAX:
             return super().forward(x)
-        # Kernels index with int32 beyond 2^31 elements: convolve window by window (algorithms.md 4.5).
+        # Kernels index with int32 beyond 2^31 elements: convolve window by window (docs/algorithms.md 4.5).
         kt = self.kernel_size[0]
         return torch.cat(
             [super(CausalConv3d, self).forward(x[:, :, j : j + kt]) for j in range(x.shape[2] - kt + 1)], 2

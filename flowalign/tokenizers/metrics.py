@@ -1,6 +1,6 @@
 """Reconstruction metrics on tensors: PSNR, SSIM (Gaussian window) and LPIPS, per frame.
 
-They follow the Open-Sora-Plan scripts the CDT release evaluates with (algorithms.md 4.7): frames in
+They follow the Open-Sora-Plan scripts the CDT release evaluates with (docs/algorithms.md 4.7): frames in
 [0, 1]; PSNR = 10 log10(1 / MSE) per frame (100 dB when MSE < 1e-10); SSIM per channel with an
 11 x 11 Gaussian window (sigma 1.5), C1 = (0.01 L)^2, C2 = (0.03 L)^2, averaged over the positions
 where the window fits inside the frame (the scripts' ``filter2D(...)[5:-5, 5:-5]``) and over

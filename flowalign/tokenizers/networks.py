@@ -1,4 +1,4 @@
-"""The three networks of CDT (algorithms.md 4.1): encoder, conditioning decoder, causal U-Net denoiser.
+"""The three networks of CDT (docs/algorithms.md 4.1): encoder, conditioning decoder, causal U-Net denoiser.
 
 Shapes (video ``[B, 3, 1 + 4k, H, W]``, 4 stages with 8x space and 4x time compression)::
 

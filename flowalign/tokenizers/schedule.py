@@ -1,4 +1,4 @@
-"""Noise schedule and DDIM sampling of the CDT diffusion decoder (algorithms.md 4.1, 4.3).
+"""Noise schedule and DDIM sampling of the CDT diffusion decoder (docs/algorithms.md 4.1, 4.3).
 
 Discrete cosine schedule (Nichol & Dhariwal 2021) with T = 8192 steps by default, the DDP/DDIM
 convention x_i = sqrt(abar_i) x0 + sqrt(1 - abar_i) eps (index i = T - 1 is almost pure noise), and

@@ -2,8 +2,10 @@
 
 ``world`` holds the vocabulary, scenes, captions and the train/held-out split; ``render`` draws scenes;
 ``data`` serves them as a torch Dataset or exports them to files; ``oracles`` scores images and clips
-against captions from pixels only. The tiny flow model lives in ``flowalign.toy.model`` (not imported
-here, so the world stays light).
+against captions from pixels only; ``metrics`` compares sample sets by what the oracles detect;
+``language`` pretrains a text encoder on the captions; ``reward_pairs`` builds oracle-labelled reward
+pairs. A library only: the toy flow model family is ``flowalign.models.toy`` and the experiments on the
+toy world are in ``flowalign.experiments``.
 """
 
 from flowalign.toy.data import ToyDataset, export_toy_dataset, load_toy_export

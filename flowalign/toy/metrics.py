@@ -1,12 +1,14 @@
 """Sample-set metrics on the toy world from the exact oracle's detections (no learned features).
 
 :func:`attribute_histogram_distance`: exact total-variation distances between the attribute histograms of
-two sample sets; :func:`diversity`: within-prompt pixel spread and the spread of the object's free jitter.
+two sample sets; :func:`diversity`: within-prompt pixel spread and the spread of the object's free jitter;
+:func:`one_step_report` puts them in one table row beside the oracle scores, :func:`format_table` prints rows.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -97,3 +99,61 @@ def diversity(media: Tensor, prompts: Sequence[str]) -> dict[str, float]:
         "jitter": sum(jitter) / len(jitter) if jitter else 0.0,
         "groups": len(pixel),
     }
+
+
+def sample_mean(x: Tensor) -> float:
+    """Mean of a score tensor, accumulated in float64."""
+    return float(x.double().mean())
+
+
+def standard_error(x: Tensor) -> float:
+    """Standard error s / sqrt(n) of the mean (0 for a single value)."""
+    return float(x.double().std() / math.sqrt(x.numel())) if x.numel() > 1 else 0.0
+
+
+def one_step_report(
+    name: str, evaluation, *, reference_media: Tensor, seconds: float | None = None, steps: int | None = None
+) -> dict[str, Any]:
+    """One table row: oracle TA / all-correct / VQ (mean and SE), TV to the reference, diversity.
+
+    Args:
+        name: the row's label.
+        evaluation: a toy evaluation (``scores``, ``media``, ``prompts``), e.g.
+            :class:`flowalign.experiments.toy_base.ToyEvaluation`.
+        reference_media: the samples distances are measured against (the teacher's, same prompts/seeds).
+        seconds: training time to record.
+        steps: sampling steps (NFE without CFG).
+    """
+    s = evaluation.scores
+    row: dict[str, Any] = {"model": name}
+    if steps is not None:
+        row["steps"] = steps
+    for key in ("ta", "all_correct", "vq"):
+        row[key], row[f"{key}_se"] = sample_mean(s[key]), standard_error(s[key])
+    row["tv_joint"] = attribute_histogram_distance(evaluation.media, reference_media)["tv_joint"]
+    div = diversity(evaluation.media, evaluation.prompts)
+    row["div_pixel"], row["div_jitter"] = div["pixel"], div["jitter"]
+    if seconds is not None:
+        row["train_cpu_s"] = seconds
+    return row
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Rows as a fixed-width text table (numbers to 3 decimals; "x +- se" where an SE is present)."""
+    cols = [k for k in rows[0] if not k.endswith("_se")]
+    for row in rows[1:]:
+        cols += [k for k in row if not k.endswith("_se") and k not in cols]
+
+    def cell(row: dict, key: str) -> str:
+        v = row.get(key, "")
+        if isinstance(v, float):
+            se = row.get(f"{key}_se")
+            return f"{v:.3f}" + (f"+-{se:.3f}" if se is not None else "")
+        return str(v)
+
+    table = [cols] + [[cell(r, k) for k in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in table)
+
+
+# ------------------------------------------------------------------------------------------------ experiments

@@ -16,7 +16,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from flowalign.toy.world import BACKGROUND_RGB, PALETTE, SHAPES, Scene
+from flowalign.toy.world import (
+    ANCHORS,
+    BACKGROUND_RGB,
+    EXTENT,
+    EXTENT_JITTER,
+    PALETTE,
+    POSITION_JITTER,
+    SHAPES,
+    Scene,
+    parse_caption,
+)
 
 
 def background_rgb(*, device: torch.device | str | None = None) -> Tensor:
@@ -166,3 +176,24 @@ def render_video(
 ) -> Tensor:
     """Render one clip: float32 [T, 3, size, size] in [0, 1] (see :func:`render_videos`)."""
     return render_videos([scene], num_frames=num_frames, size=size, device=device)[0]
+
+
+def render_prompts(prompts: Sequence[str], *, seed: int = 0, size: int = 32) -> Tensor:
+    """Ground-truth renders [N, 3, size, size] of image captions with the world's own jitter (the data row)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for p in prompts:
+        a = parse_caption(p)
+        u = rng.uniform(-1.0, 1.0, size=3)
+        ax, ay = ANCHORS[a.position]
+        scenes.append(
+            Scene(
+                a,
+                EXTENT[a.size] + EXTENT_JITTER * u[0],
+                ax + POSITION_JITTER * u[1],
+                ay + POSITION_JITTER * u[2],
+            )
+        )
+    return render_images(scenes, size=size)

@@ -9,7 +9,7 @@ were chosen at 32x32 (the default) and are quoted in pixels at 32 in the comment
 fully inside the frame for every frame of a video, which keeps the pixel oracles exact.
 
 Design choice: ONE object per image. Two objects plus a relation would add headroom, but the feasibility
-run (shared/research/toy-feasibility.md) showed a 2.3M-parameter model needs ~13 minutes on 2 CPU cores to
+run (docs/toy-world.md) showed a 2.3M-parameter model needs ~13 minutes on 2 CPU cores to
 get one object's shape right; a second object would not be learnt in the ~6-minute budget. Headroom comes
 instead from 5 shapes (including diamond and cross), 8 colours with close pairs (orange/yellow,
 green/teal, blue/purple, red/orange), 2 sizes and 5 positions (4 corners + center).

@@ -7,24 +7,25 @@ import functools
 import pytest
 import torch
 
-from flowalign.evals import metrics
+from flowalign.evals import diversity as evals_diversity
+from flowalign.evals import fid as evals_fid
 from flowalign.evals.fid import InceptionFeatures, toy_features, toy_reference_media
 from flowalign.toy.world import COLOURS, SHAPES, toy_prompts
 
 
 def test_lpips_needs_weights_or_an_explicit_random_backbone():
     with pytest.raises(ValueError, match="backbone_weights"):
-        metrics.load_lpips()
+        evals_diversity.load_lpips()
 
 
 def test_lpips_random_backbone_is_zero_on_identical_images_and_positive_otherwise():
-    model = metrics.load_lpips(random_backbone=True)
+    model = evals_diversity.load_lpips(random_backbone=True)
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(3, 3, 32, 32, generator=g), torch.rand(3, 3, 32, 32, generator=g)
-    assert torch.allclose(metrics.lpips_distance(model, x, x), torch.zeros(3), atol=1e-6)
-    assert (metrics.lpips_distance(model, x, y) > 0).all()
+    assert torch.allclose(evals_diversity.lpips_distance(model, x, x), torch.zeros(3), atol=1e-6)
+    assert (evals_diversity.lpips_distance(model, x, y) > 0).all()
     clips = torch.rand(2, 4, 3, 32, 32, generator=g)
-    assert metrics.lpips_distance(model, clips, clips.flip(0)).shape == (2,)
+    assert evals_diversity.lpips_distance(model, clips, clips.flip(0)).shape == (2,)
 
 
 def test_lpips_loads_torchvision_alexnet_weights_from_a_local_file(tmp_path):
@@ -34,12 +35,12 @@ def test_lpips_loads_torchvision_alexnet_weights_from_a_local_file(tmp_path):
     torch.manual_seed(0)
     net = alexnet(weights=None)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "alexnet.safetensors")
-    model = metrics.load_lpips(backbone_weights=tmp_path / "alexnet.safetensors")
+    model = evals_diversity.load_lpips(backbone_weights=tmp_path / "alexnet.safetensors")
     assert torch.equal(model.net.slice1[0].weight, net.features[0].weight)
     assert torch.equal(getattr(model.net.slice5, "10").bias, net.features[10].bias)
     save_file({"classifier.1.weight": torch.zeros(2, 2)}, tmp_path / "wrong.safetensors")
     with pytest.raises(ValueError, match=r"wrong\.safetensors.*features\.0\.weight"):
-        metrics.load_lpips(backbone_weights=tmp_path / "wrong.safetensors")
+        evals_diversity.load_lpips(backbone_weights=tmp_path / "wrong.safetensors")
 
 
 def test_within_group_diversity_separates_collapsed_from_varied_samples():
@@ -47,14 +48,19 @@ def test_within_group_diversity_separates_collapsed_from_varied_samples():
     collapsed = [torch.rand(1, 3, 8, 8, generator=g).expand(4, -1, -1, -1) for _ in range(5)]
     varied = [torch.rand(4, 3, 8, 8, generator=g) for _ in range(5)]
     single = [torch.rand(1, 3, 8, 8, generator=g)]
-    out_c = metrics.within_group_diversity(
-        iter(collapsed), {"pixel": metrics.pixel_distance}, num_resamples=100
+    out_c = evals_diversity.within_group_diversity(
+        iter(collapsed), {"pixel": evals_diversity.pixel_distance}, num_resamples=100
     )
-    out_v = metrics.within_group_diversity(iter(varied), {"pixel": metrics.pixel_distance}, num_resamples=100)
+    out_v = evals_diversity.within_group_diversity(
+        iter(varied), {"pixel": evals_diversity.pixel_distance}, num_resamples=100
+    )
     assert out_c["pixel"]["mean"] == 0.0 and out_c["pixel"]["num_groups"] == 5
     assert out_v["pixel"]["ci_low"] > 0.2  # uniform noise: RMS distance ~ 1/sqrt(6) = 0.41
     assert (
-        metrics.within_group_diversity(single, {"pixel": metrics.pixel_distance})["pixel"]["num_groups"] == 0
+        evals_diversity.within_group_diversity(single, {"pixel": evals_diversity.pixel_distance})["pixel"][
+            "num_groups"
+        ]
+        == 0
     )
 
 
@@ -62,8 +68,8 @@ def test_attribute_entropy_uniform_and_collapsed():
     uniform = [{"present": True, "shape": s, "colour": c} for s in SHAPES for c in COLOURS]
     collapsed = [{"present": True, "shape": "circle", "colour": "red"} for _ in uniform]
     vocab = {"shape": SHAPES, "colour": COLOURS}
-    u = metrics.attribute_entropy(uniform, vocab, reference=uniform)
-    c = metrics.attribute_entropy(collapsed + [{"present": False, "shape": None, "colour": None}], vocab,
+    u = evals_diversity.attribute_entropy(uniform, vocab, reference=uniform)
+    c = evals_diversity.attribute_entropy(collapsed + [{"present": False, "shape": None, "colour": None}], vocab,
                                   reference=uniform)  # fmt: skip
     assert u["attributes"]["colour"]["entropy_bits"] == pytest.approx(3.0)
     assert u["attributes"]["shape"]["normalised"] == pytest.approx(1.0)
@@ -87,7 +93,7 @@ def inception_file(tmp_path_factory):
 
 def test_inception_weights_load_from_a_local_file(inception_file, tmp_path):
     path, reference = inception_file
-    extractor = metrics.load_inception_features(path)
+    extractor = evals_fid.load_inception_features(path)
     assert isinstance(extractor, InceptionFeatures)
     ours = dict(extractor.net.named_parameters())
     for name, param in reference.named_parameters():
@@ -95,15 +101,15 @@ def test_inception_weights_load_from_a_local_file(inception_file, tmp_path):
             assert torch.equal(ours[name], param), name
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match=r"other\.pth: not a torchvision inception_v3"):
-        metrics.load_inception_features(tmp_path / "other.pth")
+        evals_fid.load_inception_features(tmp_path / "other.pth")
     with pytest.raises(FileNotFoundError):
-        metrics.load_inception_features(tmp_path / "absent.pth")
+        evals_fid.load_inception_features(tmp_path / "absent.pth")
 
 
 @pytest.mark.slow
 def test_inception_features_equal_torchvision_pool_features(inception_file):
     path, reference = inception_file
-    extractor = metrics.load_inception_features(path)
+    extractor = evals_fid.load_inception_features(path)
     images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         feats = extractor(images)
@@ -120,7 +126,7 @@ def test_toy_fid_ranks_renders_above_noise_and_blur():
     reference = toy_features(toy_reference_media(prompts, seed=0))
     noise = torch.rand(renders.shape, generator=torch.Generator().manual_seed(0))
     blurred = torch.nn.functional.avg_pool2d(renders, 5, stride=1, padding=2, count_include_pad=False)
-    fid = functools.partial(metrics.fid_from_features, features_b=reference)
+    fid = functools.partial(evals_fid.fid_from_features, features_b=reference)
     f_render, f_blur, f_noise = (
         fid(toy_features(renders)),
         fid(toy_features(blurred)),

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from flowalign.evals import diversity as evals_diversity
+from flowalign.evals import fid as evals_fid
 from flowalign.evals import metrics
 from flowalign.evals.stats import win_rate
 
@@ -24,7 +26,7 @@ def _random_cov(d: int, seed: int) -> torch.Tensor:
 def test_frechet_one_dimensional_closed_form():
     # FD(N(m1, s1^2), N(m2, s2^2)) = (m1 - m2)^2 + (s1 - s2)^2
     for m1, s1, m2, s2 in [(0.0, 1.0, 0.0, 1.0), (1.0, 2.0, -0.5, 0.5), (3.0, 0.1, 3.0, 4.0)]:
-        got = metrics.frechet_distance(
+        got = evals_fid.frechet_distance(
             torch.tensor([m1]), torch.tensor([[s1**2]]), torch.tensor([m2]), torch.tensor([[s2**2]])
         )
         assert got == pytest.approx((m1 - m2) ** 2 + (s1 - s2) ** 2, rel=1e-9, abs=1e-12)
@@ -38,10 +40,10 @@ def test_frechet_diagonal_and_commuting_closed_form():
     b = torch.linspace(2.0, 0.5, d, dtype=torch.float64)
     mu1, mu2 = torch.zeros(d, dtype=torch.float64), torch.arange(d, dtype=torch.float64) / 3
     expected = float(((mu1 - mu2) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum())
-    assert metrics.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(
+    assert evals_fid.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(
         expected, rel=1e-9
     )
-    rotated = metrics.frechet_distance(mu1, q @ torch.diag(a) @ q.T, mu2, q @ torch.diag(b) @ q.T)
+    rotated = evals_fid.frechet_distance(mu1, q @ torch.diag(a) @ q.T, mu2, q @ torch.diag(b) @ q.T)
     assert rotated == pytest.approx(expected, rel=1e-8)
 
 
@@ -52,11 +54,11 @@ def test_frechet_matches_scipy_sqrtm_on_general_covariances():
     mu1, mu2 = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
     covmean = scipy_linalg.sqrtm(s1.numpy() @ s2.numpy()).real
     expected = float(((mu1 - mu2) ** 2).sum()) + float(np.trace(s1.numpy() + s2.numpy() - 2 * covmean))
-    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-7)
-    assert metrics.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+    assert evals_fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-7)
+    assert evals_fid.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
     # symmetric in its two arguments
-    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(
-        metrics.frechet_distance(mu2, s2, mu1, s1)
+    assert evals_fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(
+        evals_fid.frechet_distance(mu2, s2, mu1, s1)
     )
 
 
@@ -69,22 +71,22 @@ def test_fid_from_features_converges_to_the_gaussian_closed_form():
         + 1.0
     )
     expected = 2 * 1.0**2 + (1.0 - 0.5) ** 2 + (2.0 - 2.0) ** 2  # mean shift 1 in both dims
-    assert metrics.fid_from_features(a, b) == pytest.approx(expected, rel=0.05)
+    assert evals_fid.fid_from_features(a, b) == pytest.approx(expected, rel=0.05)
 
 
 def test_frechet_is_real_and_nonnegative_for_singular_covariances():
     # fewer samples than dimensions: rank-deficient covariances must not produce NaN or complex parts
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(5, 20, generator=g), torch.randn(5, 20, generator=g) + 0.1
-    value = metrics.fid_from_features(a, b)
+    value = evals_fid.fid_from_features(a, b)
     assert math.isfinite(value) and value >= -1e-9
 
 
 def test_frechet_shape_errors_name_shapes():
     with pytest.raises(ValueError, match="shapes do not match"):
-        metrics.frechet_distance(torch.zeros(2), torch.eye(2), torch.zeros(3), torch.eye(3))
+        evals_fid.frechet_distance(torch.zeros(2), torch.eye(2), torch.zeros(3), torch.eye(3))
     with pytest.raises(ValueError, match="N >= 2"):
-        metrics.feature_statistics(torch.zeros(1, 4))
+        evals_fid.feature_statistics(torch.zeros(1, 4))
 
 
 # --------------------------------------------------------------------------- win rates
@@ -140,6 +142,17 @@ def test_bootstrap_ci_coverage_iid():
         s = metrics.dimension_stats(x, num_resamples=400, seed=t)
         hits += s["ci_low"] <= 0.3 <= s["ci_high"]
     assert 0.88 <= hits / trials <= 0.99
+
+
+def test_bootstrap_ci_is_the_interval_dimension_stats_reports():
+    """One bootstrap for both: the same draws give the same interval, with and without prompt groups."""
+    from flowalign.evals.stats import bootstrap_ci
+
+    x = torch.randn(24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    groups = [i // 3 for i in range(24)]
+    for g in (None, groups):
+        s = metrics.dimension_stats(x, g, num_resamples=300, seed=5)
+        assert bootstrap_ci(x, g, num_resamples=300, seed=5) == (s["ci_low"], s["ci_high"])
 
 
 def test_cluster_bootstrap_covers_where_iid_bootstrap_does_not():
@@ -241,8 +254,8 @@ def test_paired_difference_and_hacking_flags():
 
 def test_pixel_distance_zero_iff_identical():
     x = torch.rand(3, 3, 8, 8)
-    assert torch.equal(metrics.pixel_distance(x, x), torch.zeros(3))
+    assert torch.equal(evals_diversity.pixel_distance(x, x), torch.zeros(3))
     y = x.clone()
     y[1] = 1 - y[1]
-    d = metrics.pixel_distance(x, y)
+    d = evals_diversity.pixel_distance(x, y)
     assert d[0] == 0 and d[2] == 0 and d[1] > 0

@@ -1,4 +1,4 @@
-"""Flow-NRG guidance transforms (algorithms.md 1D tests): no-op cases, the sign and size of the term, errors."""
+"""Flow-NRG guidance transforms (docs/algorithms.md 1D tests): no-op cases, the sign and size of the term, errors."""
 
 from __future__ import annotations
 

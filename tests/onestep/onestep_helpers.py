@@ -18,7 +18,7 @@ PROMPTS = [
 
 def make_batch(num: int = 4, *, pixels: bool = True) -> dict:
     """Prompts, indices and (optionally) real renders of those prompts at 24x24."""
-    from flowalign.experiments.toy_onestep import render_prompts
+    from flowalign.toy.render import render_prompts
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num)]
     batch = {"prompt": prompts, "index": torch.arange(num)}

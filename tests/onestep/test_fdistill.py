@@ -1,4 +1,4 @@
-"""f-distill Method: gradient routing, the algorithms.md 2.9 properties at method level, bad inputs."""
+"""f-distill Method: gradient routing, the docs/algorithms.md 2.9 properties at method level, bad inputs."""
 
 from __future__ import annotations
 

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from stand_ins import BrightnessReward
 
 from flowalign.config import CheckpointConfig, OptimConfig, TrainConfig
-from flowalign.experiments.toy_onestep import render_prompts
 from flowalign.models import load_flow_model
 from flowalign.pipelines import FlowPipeline
 from flowalign.pipelines.one_step import ONE_STEP_FILE, OneStepPipeline, read_one_step_metadata
+from flowalign.toy.render import render_prompts
 from flowalign.training.loop import METRICS_FILE, train
 from flowalign.training.methods.distar import DiffInstructStar, DistarConfig, DistarRun, run_distar
 from flowalign.training.methods.fdistill import FDistill, FDistillConfig, FDistillRun, run_fdistill

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowalign.experiments.toy_onestep import format_table, render_prompts
 from flowalign.rewards.registry import available_rewards
 from flowalign.rewards.toy_classifier import ToyAttributeClassifier
-from flowalign.toy.metrics import attribute_histogram_distance, diversity
+from flowalign.toy.metrics import attribute_histogram_distance, diversity, format_table
 from flowalign.toy.oracles import score_images
+from flowalign.toy.render import render_prompts
 
 PROMPTS = [
     "a small red circle in the center",

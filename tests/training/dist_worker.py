@@ -3,7 +3,7 @@
 usage: dist_worker.py OUTPUT_DIR
 Trains the toy method with batch_size 2 per process (global batch 4) and prints markers:
 ``WORLD=<n> RANK=<r> TYPE=<distributed type>`` on every rank, ``PARAMS-EQUAL=<bool>`` and
-``DIST-DONE`` on the main process. Ends with the gloo exit workaround (environment.md section 5).
+``DIST-DONE`` on the main process. Ends with the gloo exit workaround (docs/design.md).
 """
 
 from __future__ import annotations

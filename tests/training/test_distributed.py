@@ -59,7 +59,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=HERE.parent.parent)
     log = proc.stdout + proc.stderr
-    # judged by markers, not the exit code (gloo can abort at interpreter exit, environment.md 5)
+    # judged by markers, not the exit code (gloo can abort at interpreter exit, docs/design.md)
     assert "DIST-DONE" in log, log[-4000:]
     assert "WORLD=2 RANK=0" in log and "WORLD=2 RANK=1" in log, log[-4000:]
     assert "TYPE=DistributedType.MULTI_CPU" in log and "PARAMS-EQUAL=True STEP=5" in log, log[-4000:]

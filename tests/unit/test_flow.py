@@ -1,4 +1,4 @@
-"""The time convention, conversions, shifts and time densities (algorithms.md 0.1, 5.2)."""
+"""The time convention, conversions, shifts and time densities (docs/algorithms.md 0.1, 5.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Properties of flowalign.objectives.bt_ties (algorithms.md 1A)."""
+"""Properties of flowalign.objectives.bt_ties (docs/algorithms.md 1A)."""
 
 from __future__ import annotations
 

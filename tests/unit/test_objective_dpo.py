@@ -1,4 +1,4 @@
-"""Properties of flowalign.objectives.dpo (algorithms.md 1B and 5.1)."""
+"""Properties of flowalign.objectives.dpo (docs/algorithms.md 1B and 5.1)."""
 
 from __future__ import annotations
 

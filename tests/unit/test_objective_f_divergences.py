@@ -1,4 +1,4 @@
-"""Properties of flowalign.objectives.f_divergences (algorithms.md 2.1 and 2.9)."""
+"""Properties of flowalign.objectives.f_divergences (docs/algorithms.md 2.1 and 2.9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Properties of flowalign.objectives.fdistill (algorithms.md 2.3-2.5 and the checks of 2.9)."""
+"""Properties of flowalign.objectives.fdistill (docs/algorithms.md 2.3-2.5 and the checks of 2.9)."""
 
 from __future__ import annotations
 
@@ -230,7 +230,7 @@ def test_gan_term_is_added_with_its_weight_and_reaches_the_logits():
 
 @pytest.mark.parametrize("theta", [0.6, -0.4])
 def test_gaussian_toy_gradient_equals_theta(theta):
-    # teacher p = N(0, 1), student q = N(theta, 1), x = theta + z; exact scores and ratio (algorithms.md 2.9).
+    # teacher p = N(0, 1), student q = N(theta, 1), x = theta + z; exact scores and ratio (docs/algorithms.md 2.9).
     # With x0_hat = x + s(x) (unit noise scale), x0_fake - x0_teacher = s_q - s_p = theta, and the
     # f-distill gradient -E_q[h(r) (s_p - s_q)] = theta E_q[h(r)] = theta for h = 1 and h = r (E_q[r] = 1).
     n = 50_000

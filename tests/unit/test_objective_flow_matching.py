@@ -1,4 +1,4 @@
-"""Properties of flowalign.objectives.flow_matching (algorithms.md 5.2)."""
+"""Properties of flowalign.objectives.flow_matching (docs/algorithms.md 5.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Properties of flowalign.objectives.gan (algorithms.md 2.2)."""
+"""Properties of flowalign.objectives.gan (docs/algorithms.md 2.2)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_heads_are_averaged_per_sample():
 
 def test_optimal_discriminator_logit_is_the_log_density_ratio():
     # real ~ p = N(0, 1), fake ~ q = N(theta, 1): the minimiser is l*(x) = log p/q = -theta x + theta^2 / 2,
-    # so r = exp(l) is the density ratio f-distill needs (algorithms.md 2.2)
+    # so r = exp(l) is the density ratio f-distill needs (docs/algorithms.md 2.2)
     theta, n = 0.8, 20_000
     g = torch.Generator().manual_seed(1)
     x_real = torch.randn(n, generator=g, dtype=torch.float64)

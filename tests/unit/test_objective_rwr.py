@@ -1,4 +1,4 @@
-"""Properties of flowalign.objectives.rwr (algorithms.md 1C)."""
+"""Properties of flowalign.objectives.rwr (docs/algorithms.md 1C)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stateless samplers, time grids and CFG (algorithms.md 5.2 tests)."""
+"""Stateless samplers, time grids and CFG (docs/algorithms.md 5.2 tests)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training the CDT tokenizer (algorithms.md 4.2) and its KL-VAE baseline on the shared loop.
+"""Training the CDT tokenizer (docs/algorithms.md 4.2) and its KL-VAE baseline on the shared loop.
 
 Per micro-batch of clips x in [-1, 1] ([B, 3, 1 + 4k, H, W]):
 

@@ -28,7 +28,7 @@ from flowalign.training.method import StepContext
 
 @dataclass
 class TimeSampling:
-    """How training times are drawn (algorithms.md 5.2)."""
+    """How training times are drawn (docs/algorithms.md 5.2)."""
 
     time_density: str = "logit_normal"
     """"logit_normal", "uniform" or "mode"."""

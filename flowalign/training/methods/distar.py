@@ -1,9 +1,9 @@
-"""Diff-Instruct* (DI*): a reward-aligned one-step generator regularised by a score divergence (algorithms.md 3).
+"""Diff-Instruct* (DI*): a reward-aligned one-step generator regularised by a score divergence (docs/algorithms.md 3).
 
     min_theta  -reward_scale E[r(g(z), c)] + alpha D^[0,T](p_theta, p_ref^omega)
 
 D is the score-based divergence with the pseudo-Huber distance, optimised through the tractable
-surrogate of algorithms.md 3.2 (``objectives.distar.distar_generator_loss``): the gradient flows
+surrogate of docs/algorithms.md 3.2 (``objectives.distar.distar_generator_loss``): the gradient flows
 through the noised sample x_t into BOTH score networks (online score s_psi and the CFG-guided
 teacher s_ref^omega, parameters frozen) and into the conditional score. The reward is any
 differentiable pixel :class:`~flowalign.rewards.base.RewardModel`; r = sum_k w_k r_k over its
@@ -45,7 +45,7 @@ __all__ = ["DiffInstructStar", "DistarConfig", "DistarRun", "run_distar"]
 
 @dataclass(kw_only=True)
 class DistarConfig(OneStepConfig):
-    """DI* settings (algorithms.md 3.4; the paper publishes few, see the RECON notes there)."""
+    """DI* settings (docs/algorithms.md 3.4; the paper publishes few, see the RECON notes there)."""
 
     reward: str = ""
     """Reward spec for the registry, e.g. "pickscore" or "toy_classifier:path=/dir" (unused if reward_scale = 0)."""
@@ -179,7 +179,7 @@ class DiffInstructStar(OneStepDistillation):
             return kl_reward_generator_loss(
                 reward, v_online, v_ref, x_t, t, reward_scale=cfg.reward_scale, weights=weights
             )
-        # both score networks see x_t with its graph and frozen parameters (algorithms.md 3.2)
+        # both score networks see x_t with its graph and frozen parameters (docs/algorithms.md 3.2)
         with frozen(self.fake):
             v_online = self.velocity(x_t, t, cond, net=self.fake)
             v_ref = self.teacher_velocity(x_t, t, cond, uncond)

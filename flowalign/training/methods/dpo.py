@@ -1,7 +1,7 @@
 """Flow-DPO (and Diffusion-DPO for epsilon models) on preference pairs, for any FlowModel.
 
     L = -log sigmoid( -(beta_t / 2) [ (e_w - e_w_ref) - (e_l - e_l_ref) ] ),
-    e = || (noise - x0) - v(x_t, t, c) ||^2,  one shared noise and t per pair (algorithms.md 1B).
+    e = || (noise - x0) - v(x_t, t, c) ||^2,  one shared noise and t per pair (docs/algorithms.md 1B).
 
 Chosen and rejected run in one batch ([w_0..w_{P-1}, l_0..l_{P-1}]); the reference is the policy
 with its LoRA adapters disabled (no second copy) or a frozen copy for a full fine-tune.

@@ -1,4 +1,4 @@
-"""f-distill: a one-step generator from a flow teacher by f-divergence distribution matching (algorithms.md 2).
+"""f-distill: a one-step generator from a flow teacher by f-divergence distribution matching (docs/algorithms.md 2).
 
     grad D = -E[ h(r) (grad log p_t - grad log q_t)^T dx_t/dtheta ],   h(r) = r^2 f''(r),   r = p_t / q_t
 
@@ -80,7 +80,7 @@ class FDistillConfig(OneStepConfig):
     logit_clamp: float = 10.0
     ratio_min: float = 0.1
     ratio_max: float = 20.0
-    """Clamps of the discriminator logit and of the ratio r = e^l before h (algorithms.md 2.3)."""
+    """Clamps of the discriminator logit and of the ratio r = e^l before h (docs/algorithms.md 2.3)."""
     dmd_normalize: bool = True
     """Scale each sample's gradient by 1 / mean|x - x0_teacher| (DMD2, FastGen)."""
 

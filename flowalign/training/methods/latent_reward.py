@@ -1,4 +1,4 @@
-"""Training the noise-aware latent reward model of Flow-NRG with the BTT loss (algorithms.md 1A, 1D).
+"""Training the noise-aware latent reward model of Flow-NRG with the BTT loss (docs/algorithms.md 1A, 1D).
 
 Each preference pair (x0_w, x0_l, c) is noised at one shared time t, each member with its own noise,
 
@@ -18,7 +18,7 @@ constrains it, and guidance follows its gradient too. On the toy model (LoRA tru
 the oracle vq (-0.039 +- 0.007 at strength 0.3, -0.34 at 1), and shared-noise rewards ranked
 independently noised pairs at chance for t >= 0.3; a reward trained with one draw per member (2,688
 pairs, 400 steps) raised it (+0.010 +- 0.001, +0.025 +- 0.004). Only t is shared in VideoAlign's
-description (algorithms.md 1D); ``share_noise=True`` keeps the other variant available.
+description (docs/algorithms.md 1D); ``share_noise=True`` keeps the other variant available.
 
 Dataset items are dicts: ``"prompt"``; ``"latents_w"``/``"latents_l"`` (canonical latents) or
 ``"media_w"``/``"media_l"`` (pixels in [0, 1]); optional ``"labels"`` ``{name: 1 | 0 | -1 | -2}`` (1 = w

@@ -7,7 +7,7 @@ network that tracks the generator's own distribution, alternating two parameter 
     "critic"     the other steps: the fake-score denoising loss on fresh, detached generator samples
                  (+ the discriminator's GAN loss for f-distill).
 
-Conventions (``flowalign.flow``, algorithms.md 0.1): x_t = (1 - t) x0 + t noise, t = 1 is noise,
+Conventions (``flowalign.flow``, docs/algorithms.md 0.1): x_t = (1 - t) x0 + t noise, t = 1 is noise,
 v = noise - x0. The generator is the teacher's transformer, copied and fine-tuned, called once at
 t = 1 on pure noise z:  x0 = z - v_G(z, 1, c)  (the same formula as ``FlowPipeline(one_step=True)``).
 The fake score is a full copy of the teacher (``fake_score="full"``) or LoRA adapters on the teacher
@@ -160,7 +160,7 @@ class _StopForward(Exception):
 
 
 class TeacherFeatures:
-    """Token features of the frozen teacher at chosen blocks, read by forward hooks (algorithms.md 2.2).
+    """Token features of the frozen teacher at chosen blocks, read by forward hooks (docs/algorithms.md 2.2).
 
     The forward stops after the deepest chosen block. A block's output is its hidden states
     ``[B, N, D]`` (the last element when it returns a tuple: SD3 and FLUX blocks return
@@ -472,7 +472,7 @@ class OneStepDistillation(Method):
         raise TypeError(f"{type(self).__name__} must define generator_loss")
 
     def critic_loss(self, batch: dict, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
-        """Fake-score denoising loss on fresh detached generator samples (algorithms.md 2.5 / 3.4 (a)),
+        """Fake-score denoising loss on fresh detached generator samples (docs/algorithms.md 2.5 / 3.4 (a)),
         plus :meth:`extra_critic_loss` (f-distill's discriminator)."""
         ids = batch["index"]
         cond, _ = self.encode(batch["prompt"], with_uncond=False)

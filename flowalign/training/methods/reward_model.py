@@ -1,4 +1,4 @@
-"""Training a multi-dimensional reward model with Bradley-Terry-with-ties (VideoReward, algorithms.md 1A).
+"""Training a multi-dimensional reward model with Bradley-Terry-with-ties (VideoReward, docs/algorithms.md 1A).
 
 Each training item is a pair (A, B) of one prompt with per-dimension labels 1 (A better), -1 (B
 better), 0 (tie) or -2 (missing). Both members are scored in one batch, r = r(A), r(B) in R^K, and

@@ -1,4 +1,4 @@
-"""Flow-RWR: reward-weighted flow matching on scored samples (algorithms.md 1C).
+"""Flow-RWR: reward-weighted flow matching on scored samples (docs/algorithms.md 1C).
 
     L = E[ w(x0, c) || (noise - x0) - v(x_t, t, c) ||^2 ],   w = softmax_group(r / beta) * group size, clipped.
 

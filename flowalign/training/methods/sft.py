@@ -1,4 +1,4 @@
-"""Flow-matching supervised fine-tuning (SD3 recipe, algorithms.md 5.2): the first method on the loop.
+"""Flow-matching supervised fine-tuning (SD3 recipe, docs/algorithms.md 5.2): the first method on the loop.
 
     L = E_{t, x0, noise} [ w(t) || v_theta(x_t, t, c) - (noise - x0) ||^2 ],   x_t = (1 - t) x0 + t noise,
 
@@ -27,7 +27,7 @@ class SFTConfig:
     """Flow-matching SFT settings."""
 
     time_density: str = "logit_normal"
-    """"logit_normal", "uniform" or "mode" (algorithms.md 5.2)."""
+    """"logit_normal", "uniform" or "mode" (docs/algorithms.md 5.2)."""
     logit_mean: float = 0.0
     logit_std: float = 1.0
     time_shift: float = 1.0

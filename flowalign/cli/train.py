@@ -1,0 +1,277 @@
+"""``flowalign train <method>``: one command per method, each a YAML recipe plus shortcut options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flowalign.cli.app import USER_ERRORS, app, fail
+
+train_app = typer.Typer(help="Train a method on the shared loop.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML recipe (e.g. configs/toy_dpo.yaml).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: --set train.optim.lr=1e-4")
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.")
+]
+
+
+def _run_training(run_cls, runner, config, overrides, resume, shortcuts: dict[str, object]) -> None:
+    from flowalign.config import load_config
+
+    sets = [f"{key}={value}" for key, value in shortcuts.items() if value is not None] + list(overrides or [])
+    try:
+        run = load_config(run_cls, config, sets)
+        result = runner(run, resume=resume)
+    except USER_ERRORS as err:
+        fail(str(err).splitlines()[0])
+    where = result.export_dir or result.checkpoint
+    typer.echo(f"trained {result.step} steps; model in {where}")
+
+
+@train_app.command("sft")
+def train_sft(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option(help="Hub id, folder, or toy:image / toy:video.")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="toy:train or a manifest.jsonl of media + prompts.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (checkpoints, logs, final model).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Flow-matching fine-tuning (pretrains the toy base models)."""
+    from flowalign.training.runs import SFTRun, run_sft
+
+    _run_training(
+        SFTRun,
+        run_sft,
+        config,
+        set_,
+        resume,
+        {"model": model, "data": data, "train.output_dir": out, "train.max_steps": steps},
+    )
+
+
+@train_app.command("dpo")
+def train_dpo(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option(help="Base model: hub id or folder.")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="pairs.jsonl, VideoAlign csv or Pick-a-Pic parquet.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    beta: Annotated[float | None, typer.Option(help="DPO beta (mean-reduced errors).")] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Flow-DPO preference fine-tuning (LoRA by default; --set lora=null for a full fine-tune)."""
+    from flowalign.training.runs import DPORun, run_dpo
+
+    _run_training(
+        DPORun,
+        run_dpo,
+        config,
+        set_,
+        resume,
+        {"model": model, "data": data, "train.output_dir": out, "train.max_steps": steps, "dpo.beta": beta},
+    )
+
+
+@train_app.command("rwr")
+def train_rwr(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option(help="Base model: hub id or folder.")] = None,
+    data: Annotated[str | None, typer.Option(help="candidates.jsonl from `flowalign pairs`.")] = None,
+    out: Annotated[Path | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    temperature: Annotated[float | None, typer.Option(help="RWR temperature beta.")] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Flow-RWR: reward-weighted flow matching on scored samples."""
+    from flowalign.training.runs import RWRRun, run_rwr
+
+    _run_training(
+        RWRRun,
+        run_rwr,
+        config,
+        set_,
+        resume,
+        {
+            "model": model,
+            "data": data,
+            "train.output_dir": out,
+            "train.max_steps": steps,
+            "rwr.temperature": temperature,
+        },
+    )
+
+
+@train_app.command("latent-reward")
+def train_latent_reward(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option(help="Flow model the guide is for: hub id or folder.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Preference pairs with per-dimension labels, or candidates.jsonl from `pairs`."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    dimensions: Annotated[str | None, typer.Option(help="Reward dimensions, e.g. vq,ta or vq,mq,ta.")] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="Clean reward that labels every batch instead (e.g. toy).")
+    ] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Noise-aware latent reward for Flow-NRG guidance (`generate --guide OUT/final`)."""
+    from flowalign.training.runs import LatentRewardRun, run_latent_reward
+
+    _run_training(
+        LatentRewardRun,
+        run_latent_reward,
+        config,
+        set_,
+        resume,
+        {
+            "model": model,
+            "data": data,
+            "teacher": teacher,
+            "train.output_dir": out,
+            "train.max_steps": steps,
+            "reward.dimensions": f"[{dimensions}]" if dimensions else None,
+        },
+    )
+
+
+@train_app.command("fdistill")
+def train_fdistill(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher: hub id or folder of a flow model.")] = None,
+    divergence: Annotated[
+        str | None, typer.Option(help="js, kl, rkl, sf, sh, jf, pearson, neyman, alpha.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """f-distill: a one-step generator by f-divergence distribution matching."""
+    from flowalign.training.methods.fdistill import FDistillRun, run_fdistill
+
+    _run_training(
+        FDistillRun,
+        run_fdistill,
+        config,
+        set_,
+        resume,
+        {
+            "teacher": teacher,
+            "method.divergence": divergence,
+            "train.output_dir": out,
+            "train.max_steps": steps,
+        },
+    )
+
+
+@train_app.command("distar")
+def train_distar(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="Teacher (reference diffusion): hub id or folder.")
+    ] = None,
+    reward: Annotated[str | None, typer.Option(help="A differentiable reward name.")] = None,
+    reward_scale: Annotated[float | None, typer.Option()] = None,
+    alpha: Annotated[float | None, typer.Option(help="Weight of the score-divergence regulariser.")] = None,
+    out: Annotated[Path | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Diff-Instruct*: a reward-aligned one-step generator with score-divergence regularisation."""
+    from flowalign.training.methods.distar import DistarRun, run_distar
+
+    _run_training(
+        DistarRun,
+        run_distar,
+        config,
+        set_,
+        resume,
+        {
+            "teacher": teacher,
+            "method.reward": reward,
+            "method.reward_scale": reward_scale,
+            "method.alpha": alpha,
+            "train.output_dir": out,
+            "train.max_steps": steps,
+        },
+    )
+
+
+@train_app.command("cdt")
+def train_cdt_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """CDT: a conditioned-diffusion video tokenizer (toy clips by default; --set data.source=DIR)."""
+    from flowalign.training.methods.cdt import CDTRunConfig, train_cdt
+
+    _run_training(
+        CDTRunConfig, train_cdt, config, set_, resume, {"train.output_dir": out, "train.max_steps": steps}
+    )
+
+
+@train_app.command("reward")
+def train_reward(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Preference pairs with per-dimension labels (jsonl, VideoAlign csv, parquet)."),
+    ] = None,
+    toy: Annotated[
+        str | None, typer.Option(help="Oracle-labelled toy pairs instead: image or video.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Multi-head reward model (vq/mq/ta heads, BTT loss); prints held-out accuracy per dimension."""
+    from flowalign.config import load_config
+    from flowalign.training.methods.reward_run import RewardModelRun, run_reward_model
+
+    if data is not None and toy is not None:
+        fail("give --data PAIRS or --toy image|video, not both")
+    if toy is not None and toy not in ("image", "video"):
+        fail(f"--toy must be image or video, got {toy!r}")
+    shortcuts = {
+        "data.source": f"toy:{toy}" if toy else data,
+        "train.output_dir": out,
+        "train.max_steps": steps,
+    }
+    sets = [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + list(set_ or [])
+    try:
+        result = run_reward_model(load_config(RewardModelRun, config, sets), resume=resume)
+    except (ValueError, FileExistsError) as err:
+        fail(str(err))  # all lines: a dataset check lists each invalid row
+    typer.echo(
+        f"trained {result.train.step} steps; model in {result.train.export_dir or result.train.checkpoint}"
+    )
+    for dim, row in (result.metrics or {}).items():
+        typer.echo(
+            f"held-out {dim}: accuracy {row['accuracy']:.4f} ({row['num_decided']} non-tie pairs), "
+            f"with ties {row['accuracy_with_ties']:.4f} ({row['num_pairs']} pairs)"
+        )
+    if result.metrics_path is not None:
+        typer.echo(f"wrote {result.metrics_path}")
