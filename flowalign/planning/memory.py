@@ -30,6 +30,7 @@ from typing import Literal
 
 from flowalign.planning.activations import BF16, FP32, transformer_activations
 from flowalign.planning.architectures import (
+    TEXT_ENCODERS,
     Architecture,
     buffer_count,
     get_architecture,
@@ -140,8 +141,6 @@ def _text_encode_peak(arch: Architecture, recipe: Recipe, samples: int) -> float
     """No-grad encoder peak: the largest encoder's hidden state, its MLP hidden and attention output."""
     best = 0.0
     for key in arch.text_encoders:
-        from flowalign.planning.architectures import TEXT_ENCODERS
-
         cfg = TEXT_ENCODERS[key]["config"]
         width = cfg.get("hidden_size", cfg.get("d_model"))
         ffn = cfg.get("intermediate_size", cfg.get("d_ff"))
@@ -155,7 +154,10 @@ def _trainable_params(recipe: Recipe) -> tuple[int, int]:
     total = param_count(recipe.arch)
     lora = lora_param_count(recipe.arch, recipe.lora_rank, recipe.lora_targets) if recipe.lora_rank else 0
     if recipe.method == "fdistill":
-        fake = lora if recipe.fake_score == "lora" else total
+        rank = recipe.lora_rank or 16  # the fake score's adapters (f-distill's default rank)
+        fake = (
+            lora_param_count(recipe.arch, rank, recipe.lora_targets) if recipe.fake_score == "lora" else total
+        )
         return total + fake, total  # generator (full) + fake score; the teacher stays frozen
     if recipe.lora_rank is not None:
         return lora, total
@@ -243,6 +245,7 @@ SWITCHES: tuple[tuple[str, dict], ...] = (
     ("cached text embeddings (encoders off the GPU)", {"text_encoders": "cached"}),
     ("cached VAE latents", {"vae": "cached"}),
     ("8-bit AdamW", {"optimizer": "adamw8bit"}),
+    ("LoRA fake score (f-distill)", {"fake_score": "lora"}),
     ("LoRA rank 8", {"lora_rank": 8}),
     ("8-bit frozen base", {"base_dtype": "int8"}),
     ("4-bit (nf4) frozen base", {"base_dtype": "nf4"}),
@@ -251,6 +254,8 @@ SWITCHES: tuple[tuple[str, dict], ...] = (
 
 
 def _applies(recipe: Recipe, changes: dict) -> bool:
+    if "fake_score" in changes and recipe.method != "fdistill":
+        return False
     if "lora_rank" in changes or "base_dtype" in changes:
         if recipe.lora_rank is None:
             return False
