@@ -1,0 +1,354 @@
+"""Published configurations of the real transformers, text encoders and VAEs, and exact parameter counts.
+
+The dicts below are the constructor arguments of the diffusers / transformers classes as published with
+each checkpoint (``transformer/config.json``, ``text_encoder*/config.json``, ``vae/config.json``), written
+out so that planning needs no download. :func:`param_count` builds the class on the ``meta`` device (no
+memory, no initialisation) and sums its parameters, so every count is exact for the configuration.
+
+Each transformer entry also carries the latent geometry the planner needs: VAE channels and strides,
+the patch size and the default number of text tokens the pipeline feeds the transformer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_SD3_DUAL = list(range(13))  # SD3.5-Medium: MMDiT-X self-attention in the first 13 blocks
+
+SD3_VAE = {
+    "class": "AutoencoderKL",
+    "config": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 16,
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    },
+}
+WAN_VAE = {
+    "class": "AutoencoderKLWan",
+    "config": {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2},
+}
+
+_CLIP_L = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+_CLIP_G = {
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+_T5_XXL = {
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": 24,
+    "vocab_size": 32128,
+    "feed_forward_proj": "gated-gelu",
+}
+
+TEXT_ENCODERS: dict[str, dict[str, Any]] = {
+    "clip-l": {"class": "CLIPTextModelWithProjection", "config": _CLIP_L},
+    "clip-l-noproj": {"class": "CLIPTextModel", "config": _CLIP_L},
+    "clip-g": {"class": "CLIPTextModelWithProjection", "config": _CLIP_G},
+    "t5-xxl": {"class": "T5EncoderModel", "config": _T5_XXL},
+    "umt5-xxl": {"class": "UMT5EncoderModel", "config": {**_T5_XXL, "vocab_size": 256384}},
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One published model: its transformer config plus the geometry and components around it."""
+
+    name: str
+    family: str
+    """"sd3", "flux" or "wan": selects the transformer class and its block structure."""
+    transformer: dict[str, Any]
+    text_encoders: tuple[str, ...]
+    """Keys of :data:`TEXT_ENCODERS` the pipeline loads."""
+    text_tokens: int
+    """Text tokens the transformer attends to per sample (after the encoders, padded as the pipeline pads)."""
+    vae: dict[str, Any] = field(default_factory=lambda: SD3_VAE)
+    vae_dtype: str = "bf16"
+    """The dtype the reference pipelines keep the VAE in (diffusers keeps Wan's VAE in fp32)."""
+    spatial_stride: int = 8
+    temporal_stride: int = 1
+    """Frames per latent frame after the first (Wan: 4; images: 1)."""
+    latent_channels: int = 16
+
+    @property
+    def hidden(self) -> int:
+        t = self.transformer
+        return t["num_attention_heads"] * t["attention_head_dim"]
+
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        """(frames, height, width) latent patch that becomes one token."""
+        if self.family == "flux":
+            return (1, 2, 2)  # the pipeline packs 2x2 latent patches into the 64 input channels
+        p = self.transformer.get("patch_size", 1)
+        return tuple(p) if isinstance(p, list | tuple) else (1, p, p)
+
+    def latent_shape(self, height: int, width: int, frames: int = 1) -> tuple[int, int, int, int]:
+        """(channels, latent frames, latent height, latent width) of a ``frames`` x ``height`` x ``width`` sample."""
+        s = self.spatial_stride
+        if height % s or width % s:
+            raise ValueError(f"{self.name}: height and width must be multiples of {s}, got {height}x{width}")
+        lf = 1 + (frames - 1) // self.temporal_stride if self.temporal_stride > 1 else frames
+        return (self.latent_channels, lf, height // s, width // s)
+
+    def image_tokens(self, height: int, width: int, frames: int = 1) -> int:
+        """Transformer tokens of one sample's latent (after patchify)."""
+        _, lf, lh, lw = self.latent_shape(height, width, frames)
+        pf, ph, pw = self.patch
+        if lh % ph or lw % pw or lf % pf:
+            raise ValueError(f"{self.name}: latent {lf}x{lh}x{lw} is not divisible by the patch {self.patch}")
+        return (lf // pf) * (lh // ph) * (lw // pw)
+
+
+_SD3_COMMON = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "attention_head_dim": 64,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 2048,
+    "qk_norm": "rms_norm",
+}
+_FLUX_COMMON = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "axes_dims_rope": [16, 56, 56],
+}
+_WAN_COMMON = {
+    "patch_size": [1, 2, 2],
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+_SD3_TEXT = ("clip-l", "clip-g", "t5-xxl")
+_FLUX_TEXT = ("clip-l-noproj", "t5-xxl")
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in (
+        Architecture(
+            "sd35m",
+            "sd3",
+            {
+                **_SD3_COMMON,
+                "num_layers": 24,
+                "num_attention_heads": 24,
+                "caption_projection_dim": 1536,
+                "pos_embed_max_size": 384,
+                "dual_attention_layers": _SD3_DUAL,
+            },
+            _SD3_TEXT,
+            text_tokens=77 + 256,
+        ),
+        Architecture(
+            "sd35l",
+            "sd3",
+            {
+                **_SD3_COMMON,
+                "num_layers": 38,
+                "num_attention_heads": 38,
+                "caption_projection_dim": 2432,
+                "pos_embed_max_size": 192,
+            },
+            _SD3_TEXT,
+            text_tokens=77 + 256,
+        ),
+        Architecture(
+            "flux-dev",
+            "flux",
+            {**_FLUX_COMMON, "guidance_embeds": True},
+            _FLUX_TEXT,
+            text_tokens=512,
+        ),
+        Architecture(
+            "flux-schnell",
+            "flux",
+            {**_FLUX_COMMON, "guidance_embeds": False},
+            _FLUX_TEXT,
+            text_tokens=256,
+        ),
+        Architecture(
+            "wan-1.3b",
+            "wan",
+            {**_WAN_COMMON, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
+            ("umt5-xxl",),
+            text_tokens=512,
+            vae=WAN_VAE,
+            vae_dtype="fp32",
+            temporal_stride=4,
+        ),
+        Architecture(
+            "wan-14b",
+            "wan",
+            {**_WAN_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
+            ("umt5-xxl",),
+            text_tokens=512,
+            vae=WAN_VAE,
+            vae_dtype="fp32",
+            temporal_stride=4,
+        ),
+    )
+}
+
+_TRANSFORMER_CLASS = {
+    "sd3": "SD3Transformer2DModel",
+    "flux": "FluxTransformer2DModel",
+    "wan": "WanTransformer3DModel",
+}
+
+
+def get_architecture(name: str) -> Architecture:
+    """The architecture called ``name``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+_CONFIG_CLASS = {
+    "CLIPTextModel": "CLIPTextConfig",
+    "CLIPTextModelWithProjection": "CLIPTextConfig",
+    "T5EncoderModel": "T5Config",
+    "UMT5EncoderModel": "UMT5Config",
+}
+
+
+def _class(name: str):
+    import diffusers
+    import transformers
+
+    return getattr(diffusers, name, None) or getattr(transformers, name)
+
+
+def build(class_name: str, config: dict[str, Any], device: str | torch.device = "meta") -> torch.nn.Module:
+    """Instantiate ``class_name`` (a diffusers or transformers model class) from ``config`` on ``device``."""
+    cls = _class(class_name)
+    config_class = _CONFIG_CLASS.get(class_name)
+    with torch.device(device):
+        if config_class is not None:
+            return cls(_class(config_class)(**config))
+        return cls(**config)
+
+
+def build_transformer(arch: Architecture, device: str | torch.device = "meta") -> torch.nn.Module:
+    """The architecture's diffusers transformer class built from its published config on ``device``."""
+    return build(_TRANSFORMER_CLASS[arch.family], arch.transformer, device)
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+_CACHE: dict[tuple, int] = {}
+
+
+def _key(arch: Architecture) -> tuple:
+    return (arch.name, repr(sorted(arch.transformer.items())))
+
+
+def param_count(component: str | Architecture) -> int:
+    """Exact parameter count of a component, built on the meta device (cached).
+
+    ``component`` is an :class:`Architecture` or its name (its transformer), ``"vae:<arch>"`` or a
+    text-encoder key.
+    """
+    if isinstance(component, Architecture):
+        key = ("transformer", *_key(component))
+        if key not in _CACHE:
+            _CACHE[key] = _count(build_transformer(component))
+        return _CACHE[key]
+    if component.startswith("vae:"):
+        return vae_param_count(get_architecture(component[4:]))
+    if component in TEXT_ENCODERS:
+        if (component,) not in _CACHE:
+            enc = TEXT_ENCODERS[component]
+            _CACHE[(component,)] = _count(build(enc["class"], enc["config"]))
+        return _CACHE[(component,)]
+    return param_count(get_architecture(component))
+
+
+def buffer_count(arch: Architecture) -> int:
+    """Elements of the transformer's buffers (position tables such as SD3's sin-cos table), meta-built."""
+    key = ("buffers", *_key(arch))
+    if key not in _CACHE:
+        _CACHE[key] = sum(b.numel() for b in build_transformer(arch).buffers())
+    return _CACHE[key]
+
+
+def vae_param_count(arch: Architecture) -> int:
+    """Exact parameter count of ``arch``'s VAE (meta-built, cached)."""
+    vae = arch.vae
+    key = ("vae", vae["class"], repr(sorted(vae["config"].items())))
+    if key not in _CACHE:
+        _CACHE[key] = _count(build(vae["class"], vae["config"]))
+    return _CACHE[key]
+
+
+def lora_param_count(arch: str | Architecture, rank: int, targets: tuple[str, ...]) -> int:
+    """Parameters of rank-``rank`` LoRA adapters on every linear layer of the transformer whose name ends
+    with one of ``targets``: r (in + out) per adapted layer, counted on the meta-built model."""
+    arch = get_architecture(arch) if isinstance(arch, str) else arch
+    key = ("lora", *_key(arch), tuple(targets))
+    if key not in _CACHE:
+        net = build_transformer(arch)
+        _CACHE[key] = sum(
+            m.in_features + m.out_features
+            for name, m in net.named_modules()
+            if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
+        )
+    return rank * _CACHE[key]
+
+
+def shrunk(arch: Architecture, layers: int, single_layers: int | None = None) -> Architecture:
+    """``arch`` with only its first ``layers`` blocks (and ``single_layers`` FLUX single blocks); every
+    other setting, dual-attention layers below ``layers`` included, is kept."""
+    t = dict(arch.transformer, num_layers=layers)
+    if "dual_attention_layers" in t:
+        t["dual_attention_layers"] = [i for i in t["dual_attention_layers"] if i < layers]
+    if single_layers is not None:
+        t["num_single_layers"] = single_layers
+    return dataclasses.replace(arch, name=f"{arch.name}-{layers}l", transformer=t)

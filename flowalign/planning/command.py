@@ -1,0 +1,165 @@
+"""``flowalign plan CONFIG_OR_PRESET``: the predicted peak memory per GPU of a recipe, as a table.
+
+    flowalign plan sd35m-lora-dpo --gpu-memory 24
+    flowalign plan all                                   # every preset, fits at 24 / 40 / 80 GB
+    flowalign plan configs/sd35m_dpo.yaml --height 1024 --width 1024 --num-gpus 8 --strategy fsdp
+
+A preset names a recipe of :data:`PRESETS`; a YAML file is read for ``model`` (a hub id or a folder
+whose ``transformer/config.json`` matches a known architecture), ``train.batch_size``,
+``train.gradient_checkpointing``, ``train.ema.use`` and ``lora.rank`` (no ``lora`` section: full
+fine-tune); the method is the file's ``dpo`` / ``sft`` / ``fdistill`` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from flowalign.planning.architectures import ARCHITECTURES
+from flowalign.planning.memory import GIB, STRATEGIES, Plan, Recipe, plan, suggest
+
+_WAN_33 = {"height": 480, "width": 832, "frames": 33}
+_WAN_81 = {"height": 480, "width": 832, "frames": 81}
+PRESETS: dict[str, Recipe] = {
+    "sd35m-lora-dpo": Recipe("sd35m"),
+    "sd35l-lora-dpo": Recipe("sd35l"),
+    "flux-dev-lora-dpo": Recipe("flux-dev"),
+    "flux-dev-lora-dpo-8bit": Recipe("flux-dev", base_dtype="int8"),
+    "wan-1.3b-lora-dpo": Recipe("wan-1.3b", **_WAN_33),
+    "wan-14b-lora-dpo": Recipe("wan-14b", **_WAN_81),
+    "sd35m-fdistill": Recipe("sd35m", method="fdistill", lora_rank=None),
+    "sd35m-full-dpo": Recipe("sd35m", lora_rank=None),
+    "flux-dev-full-dpo-fsdp8": Recipe("flux-dev", lora_rank=None, num_gpus=8, strategy="fsdp"),
+    "wan-14b-lora-dpo-fsdp8": Recipe("wan-14b", num_gpus=8, strategy="fsdp", **_WAN_81),
+}
+"""The recipes of the README table: one pair per GPU, bf16 autocast, gradient checkpointing, cached text
+embeddings, the VAE on the device; LoRA rank 16 on the attention projections unless full."""
+
+_HUB_IDS = {
+    "stabilityai/stable-diffusion-3.5-medium": "sd35m",
+    "stabilityai/stable-diffusion-3.5-large": "sd35l",
+    "black-forest-labs/FLUX.1-dev": "flux-dev",
+    "black-forest-labs/FLUX.1-schnell": "flux-schnell",
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan-1.3b",
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan-14b",
+}
+_COMPARE = ("num_layers", "num_attention_heads", "attention_head_dim", "num_single_layers", "ffn_dim")
+
+
+def _architecture_of(model: str, source: str) -> str:
+    """The architecture name of a hub id or a local diffusers folder."""
+    if model in _HUB_IDS:
+        return _HUB_IDS[model]
+    cfg_path = Path(model) / "transformer" / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(
+            f"{source}: model {model!r} is neither a known hub id nor a folder with {cfg_path.name}"
+        )
+    cfg = json.loads(cfg_path.read_text())
+    for name, arch in ARCHITECTURES.items():
+        if all(cfg.get(k) == arch.transformer.get(k) for k in _COMPARE):
+            return name
+    raise ValueError(f"{source}: {cfg_path} matches no known architecture ({', '.join(ARCHITECTURES)})")
+
+
+def recipe_from_yaml(path: Path) -> Recipe:
+    """A recipe from a training config file (see the module docstring for the keys read)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: cannot read the config: {err}") from None
+    if not isinstance(data, dict) or "model" not in data:
+        raise ValueError(f"{path}: no 'model' key")
+    train = data.get("train") or {}
+    method = next((m for m in ("dpo", "fdistill", "sft") if m in data), "dpo")
+    lora = data.get("lora")
+    return Recipe(
+        _architecture_of(str(data["model"]), str(path)),
+        method=method,
+        batch=int(train.get("batch_size", 1)),
+        gradient_checkpointing=bool(train.get("gradient_checkpointing", False)),
+        ema=bool((train.get("ema") or {}).get("use", False)),
+        lora_rank=int(lora.get("rank", 16)) if isinstance(lora, dict) else None,
+    )
+
+
+def _row(name: str, p: Plan, sizes: list[float]) -> str:
+    r = p.recipe
+    gpus = f"{r.num_gpus}x {r.strategy}" if r.num_gpus > 1 else "1"
+    mode = f"LoRA r{r.lora_rank}" if r.lora_rank and r.method != "fdistill" else "full"
+    fits = "  ".join(("yes" if p.fits(s) else "no ").ljust(5) for s in sizes)
+    base = r.base_dtype if r.lora_rank else "-"
+    return f"{name:<26} {r.method:<8} {mode:<8} {base:<5} {gpus:<8} {p.peak / GIB:7.1f}   {fits}"
+
+
+def _breakdown(p: Plan) -> list[str]:
+    lines = [f"  {k:<46} {v / GIB:7.2f}" for k, v in p.resident.items()]
+    lines.append(f"  peak phase: {p.peak_phase}")
+    lines += [f"  {k:<46} {v / GIB:7.2f}" for k, v in p.phases[p.peak_phase].items()]
+    return lines
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="flowalign plan", description="Predicted peak memory per GPU.")
+    ap.add_argument("target", help=f"a preset ({', '.join(PRESETS)}), 'all', or a YAML config")
+    ap.add_argument("--gpu-memory", type=float, action="append", help="GiB per GPU (repeatable)")
+    ap.add_argument("--num-gpus", type=int)
+    ap.add_argument("--strategy", choices=STRATEGIES)
+    ap.add_argument("--height", type=int)
+    ap.add_argument("--width", type=int)
+    ap.add_argument("--frames", type=int)
+    ap.add_argument("--batch", type=int, help="pairs (DPO) or samples per GPU and micro-step")
+    ap.add_argument("--lora-rank", type=int)
+    ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--breakdown", action="store_true", help="print every item of each plan")
+    return ap
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    keys = {"num_gpus": "num_gpus", "strategy": "strategy", "height": "height", "width": "width"}
+    keys |= {"frames": "frames", "batch": "batch", "lora_rank": "lora_rank"}
+    out = {field: getattr(args, arg) for arg, field in keys.items() if getattr(args, arg) is not None}
+    if args.no_checkpointing:
+        out["gradient_checkpointing"] = False
+    return out
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+    """Print the plan table; returns the exit code (2 with one ``error:`` line on bad input)."""
+    args = _parser().parse_args(argv)
+    sizes = args.gpu_memory or [24.0, 40.0, 80.0]
+    try:
+        if args.target == "all":
+            recipes = dict(PRESETS)
+        elif args.target in PRESETS:
+            recipes = {args.target: PRESETS[args.target]}
+        elif Path(args.target).suffix in (".yaml", ".yml"):
+            recipes = {Path(args.target).stem: recipe_from_yaml(Path(args.target))}
+        else:
+            raise ValueError(f"{args.target!r} is neither a preset ({', '.join(PRESETS)}) nor a .yaml file")
+        plans = {name: plan(r.replace(**_overrides(args))) for name, r in recipes.items()}
+    except ValueError as err:
+        print(f"error: {err}")
+        return 2
+    fit_head = "  ".join(f"{s:g}GB".ljust(5) for s in sizes)
+    print(f"{'recipe':<26} {'method':<8} {'train':<8} {'base':<5} {'GPUs':<8} {'GiB/GPU':>7}   {fit_head}")
+    for name, p in plans.items():
+        print(_row(name, p, sizes))
+        if args.breakdown:
+            print("\n".join(_breakdown(p)))
+    for name, p in plans.items():
+        for size in sizes:
+            if p.fits(size):
+                continue
+            switches, after = suggest(p.recipe, size)
+            if after.fits(size):
+                print(f"{name} at {size:g} GB: fits with {', '.join(switches)} -> {after.peak / GIB:.1f} GiB")
+            else:
+                print(
+                    f"{name} at {size:g} GB: does not fit with every switch ({after.peak / GIB:.1f} GiB); "
+                    "shard over more GPUs or lower the resolution or frame count"
+                )
+    return 0
