@@ -31,6 +31,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from flowalign.files import match_umask
+
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
@@ -541,6 +543,7 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        match_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
