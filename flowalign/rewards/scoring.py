@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flowalign.data.paths import resolve_data_path
 from flowalign.rewards.base import RewardInputError
 from flowalign.rewards.combine import RewardCombiner
 from flowalign.rewards.registry import available_rewards, load_reward
@@ -98,17 +99,23 @@ def _read_manifest(path: Path) -> list[MediaItem]:
         if item_id in seen:
             raise ValueError(f"{path}: line {number}: id {item_id!r} appears twice")
         seen.add(item_id)
-        items.append(MediaItem(item_id, path.parent / str(row["file"]), prompt))
+        # Confined like training data (flowalign.data.paths): no '..', nothing absolute outside the folder.
+        file = resolve_data_path(path.parent, row["file"], source=path, where=f"line {number}", key="file")
+        items.append(MediaItem(item_id, file, prompt))
     if not items:
         raise ValueError(f"{path}: the manifest has no rows")
     return items
 
 
 def resolve_media(
-    media: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    media: Sequence[str | os.PathLike[str]] | Sequence[MediaItem] | str | os.PathLike[str],
     prompts: Sequence[str] | None = None,
 ) -> list[MediaItem]:
     """Turn a manifest, a folder or a file list (plus prompts) into :class:`MediaItem` s.
+
+    A manifest's ``file`` values are relative to its folder and confined to it (no ``..``, no absolute
+    path outside it: :func:`flowalign.data.paths.resolve_data_path`, the rule of the training loaders).
+    A list of :class:`MediaItem` (built by the caller, e.g. the eval runner) is taken as it is.
 
     Raises:
         ValueError: an empty input, a malformed manifest (naming file and line), prompts given
@@ -134,6 +141,15 @@ def resolve_media(
             pairs = [(p.name, p) for p in files]
         else:
             pairs = [(str(path), path)]
+    elif media and all(isinstance(m, MediaItem) for m in media):
+        if prompts is not None:
+            raise ValueError("media items carry their prompts; do not also pass a prompt list")
+        ids = [m.id for m in media]
+        if len(set(ids)) != len(ids):
+            raise ValueError(
+                f"media id {next(i for i in ids if ids.count(i) > 1)!r} appears twice in the input"
+            )
+        return list(media)
     else:
         pairs = [(str(p), Path(p)) for p in media]
         if not pairs:
@@ -260,7 +276,7 @@ def _batches(
 
 def score_files(
     reward_names: Sequence[str],
-    media: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    media: Sequence[str | os.PathLike[str]] | Sequence[MediaItem] | str | os.PathLike[str],
     prompts: Sequence[str] | None = None,
     weights: Mapping[str, float] | None = None,
     out: str | os.PathLike[str] = "scores.jsonl",
