@@ -20,6 +20,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import tempfile
 import textwrap
@@ -31,7 +32,11 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from flowalign.files import match_umask
+from flowalign.validation import check_number, load_yaml_bounded, short_repr
+
 __all__ = [
+    "ALLOW_INF",
     "CheckpointConfig",
     "ConfigError",
     "EMAConfig",
@@ -246,8 +251,30 @@ class _CoerceError(Exception):
     pass
 
 
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Convert ``value`` (from YAML or an override) to the annotated type ``tp``."""
+ALLOW_INF = {"allow_inf": True}
+"""Field metadata of a float field for which +-inf is a meaningful setting (e.g. an exact limit)."""
+
+_MAX_YAML_BYTES = 1 << 20  # a config file above 1 MiB is refused unread (the recipes are ~1-3 KB)
+
+
+def _allow_inf(cls: type) -> frozenset[str]:
+    """Names of the fields of dataclass ``cls`` whose metadata allows +-inf."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("allow_inf"))
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` bounded in nesting depth and alias expansion (``load_yaml_bounded``)."""
+    try:
+        return load_yaml_bounded(text, source)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str, allow_inf: bool = False) -> Any:
+    """Convert ``value`` (from YAML or an override) to the annotated type ``tp``.
+
+    Floats must be finite (NaN never passes; +-inf only where the field's metadata has ``allow_inf``).
+    """
     if tp is Any:
         return value
     if _is_union(tp):
@@ -261,49 +288,57 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key, source)
+                return _coerce(value, arg, key, source, allow_inf)
             except _CoerceError as err:
                 errors.append(str(err))
-        raise _CoerceError(f"expected {_type_name(tp)}, got {value!r}")
+        if len(errors) == 1:  # Optional[X]: X's own reason (e.g. "must be finite")
+            raise _CoerceError(errors[0])
+        raise _CoerceError(f"expected {_type_name(tp)}, got {short_repr(value)}")
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise _CoerceError(f"expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise _CoerceError(f"expected a mapping of {tp.__name__} fields, got {short_repr(value)}")
         return _build(tp, value, key + ".", source)
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value in choices and type(value) in {type(c) for c in choices}:
             return value
-        raise _CoerceError(f"expected one of {list(choices)}, got {value!r}")
+        raise _CoerceError(f"expected one of {list(choices)}, got {short_repr(value)}")
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
-            raise _CoerceError(f"expected a list ({_type_name(tp)}), got {value!r}")
+            raise _CoerceError(f"expected a list ({_type_name(tp)}), got {short_repr(value)}")
         args = typing.get_args(tp)
         if origin is list:
-            return [_coerce(v, args[0] if args else Any, key, source) for v in value]
+            return [_coerce(v, args[0] if args else Any, key, source, allow_inf) for v in value]
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key, source) for v in value)
+            return tuple(_coerce(v, args[0], key, source, allow_inf) for v in value)
         if args and len(args) != len(value):
-            raise _CoerceError(f"expected {len(args)} values ({_type_name(tp)}), got {len(value)}: {value!r}")
+            raise _CoerceError(
+                f"expected {len(args)} values ({_type_name(tp)}), got {len(value)}: {short_repr(value)}"
+            )
         return tuple(
-            _coerce(v, a, key, source) for v, a in zip(value, args or [Any] * len(value), strict=True)
+            _coerce(v, a, key, source, allow_inf)
+            for v, a in zip(value, args or [Any] * len(value), strict=True)
         )
     if origin is dict:
         if not isinstance(value, dict):
-            raise _CoerceError(f"expected a mapping ({_type_name(tp)}), got {value!r}")
+            raise _CoerceError(f"expected a mapping ({_type_name(tp)}), got {short_repr(value)}")
         kt, vt = typing.get_args(tp) or (Any, Any)
-        return {_coerce(k, kt, key, source): _coerce(v, vt, f"{key}.{k}", source) for k, v in value.items()}
+        return {
+            _coerce(k, kt, key, source): _coerce(v, vt, f"{key}.{k}", source, allow_inf)
+            for k, v in value.items()
+        }
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise _CoerceError(f"expected a bool (true/false), got {value!r}")
+        raise _CoerceError(f"expected a bool (true/false), got {short_repr(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise _CoerceError(f"expected an int, got {value!r}")
+            raise _CoerceError(f"expected an int, got {short_repr(value)}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -315,29 +350,35 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 number = float("nan")
             if number.is_integer():
                 return int(number)
-        raise _CoerceError(f"expected an int, got {value!r}")
+        raise _CoerceError(f"expected an int, got {short_repr(value)}")
     if tp is float:
         if isinstance(value, bool):
-            raise _CoerceError(f"expected a float, got {value!r}")
+            raise _CoerceError(f"expected a float, got {short_repr(value)}")
+        number = None
         if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value) if not isinstance(value, int) or abs(value) < 2**1023 else math.inf
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise _CoerceError(f"expected a float, got {value!r}")
+        if number is None:
+            raise _CoerceError(f"expected a float, got {short_repr(value)}")
+        try:
+            return float(check_number(number, "the value", allow_inf=allow_inf))
+        except ValueError as err:
+            raise _CoerceError(str(err)) from None
     if tp is str:
         if isinstance(value, str):
             return value
-        raise _CoerceError(f"expected a string, got {value!r}")
+        raise _CoerceError(f"expected a string, got {short_repr(value)}")
     if tp is Path:
         if isinstance(value, str | os.PathLike):
             return Path(value)
-        raise _CoerceError(f"expected a path string, got {value!r}")
+        raise _CoerceError(f"expected a path string, got {short_repr(value)}")
     if isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise _CoerceError(f"expected {_type_name(tp)}, got {value!r}")
+    raise _CoerceError(f"expected {_type_name(tp)}, got {short_repr(value)}")
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -362,7 +403,7 @@ def _unknown_key_error(root: type, full_key: str, source: str, prefix: str = "")
         if cand.rsplit(".", 1)[-1] == last and cand not in close:
             close.append(cand)
     hint = f"; did you mean {', '.join(repr(c) for c in close[:4])}?" if close else ""
-    return ConfigError(f"unknown config key {full_key!r} in {source}{hint}", key=full_key)
+    return ConfigError(f"unknown config key {short_repr(full_key)} in {source}{hint}", key=full_key)
 
 
 def _build(cls: type[C], data: dict, prefix: str, source: str) -> C:
@@ -374,7 +415,7 @@ def _build(cls: type[C], data: dict, prefix: str, source: str) -> C:
         if not isinstance(name, str) or name not in names:
             raise _unknown_key_error(cls, f"{prefix}{name}", source, prefix)
         try:
-            kwargs[name] = _coerce(value, hints[name], prefix + name, source)
+            kwargs[name] = _coerce(value, hints[name], prefix + name, source, name in _allow_inf(cls))
         except _CoerceError as err:
             raise ConfigError(
                 f"invalid value for {prefix + name!r} in {source}: {err}", key=prefix + name
@@ -441,12 +482,7 @@ def _set_dotted(root: type, data: dict, dotted: str, raw: str, source: str) -> N
             if is_text and not (is_optional and raw.strip() in ("null", "~")):
                 node[part] = raw  # keep text verbatim ("001" stays "001")
             else:
-                try:
-                    node[part] = yaml.safe_load(raw) if raw.strip() else None
-                except yaml.YAMLError as err:
-                    raise ConfigError(
-                        f"{source}: cannot parse the value of {dotted!r}: {err}", key=dotted
-                    ) from None
+                node[part] = _load_yaml(raw, f"{source}: the value of {dotted!r}") if raw.strip() else None
             return
         sub = _dataclass_in(tp)
         if not isinstance(node.get(part), dict):
@@ -482,13 +518,14 @@ def load_config(
         path = Path(yaml_path)
         source = str(path)
         try:
+            if path.stat().st_size > _MAX_YAML_BYTES:
+                raise ConfigError(
+                    f"config file {path} is {path.stat().st_size} bytes; files above {_MAX_YAML_BYTES} are refused"
+                )
             text = path.read_text(encoding="utf-8")
-        except OSError as err:
+        except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"cannot read config file {path}: {err}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        loaded = _load_yaml(text, f"config file {path}")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -504,10 +541,10 @@ def load_config(
             pass
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
+            raise ConfigError(f"override {short_repr(item)} is not of the form key=value")
         dotted, raw = item.split("=", 1)
         dotted = dotted.strip()
-        osource = f"override {item!r}"
+        osource = f"override {short_repr(item)}"
         _set_dotted(cls, data, dotted, raw, osource)
         try:
             _build(cls, data, "", osource)
@@ -544,6 +581,7 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        match_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

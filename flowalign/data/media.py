@@ -36,6 +36,7 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 from torch import Tensor
 
 from flowalign.data.errors import DataError
+from flowalign.files import match_umask
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -418,6 +419,7 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        match_umask(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -87,7 +87,7 @@ def _score_all(
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """Score every sample with every reward (incrementally); returns {score_id: {column: value}} and reward info."""
     from flowalign.rewards.registry import parse_reward_spec
-    from flowalign.rewards.scoring import read_score_rows, score_files
+    from flowalign.rewards.scoring import MediaItem, read_score_rows, score_files
 
     scores_dir = out_dir / "scores"
     scores_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,8 @@ def _score_all(
     ]
     tmp = manifest.with_name(".manifest.jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, manifest)
+    os.replace(tmp, manifest)  # the record of what was scored; the items themselves are passed directly
+    items = [MediaItem(sid, s.file, s.prompt) for sid, s in unique.items()]
 
     merged: dict[str, dict[str, float]] = {sid: {} for sid in unique}
     rewards_info = []
@@ -126,7 +127,7 @@ def _score_all(
             info["num_scored"] = 0
             if todo and unique:
                 result = score_files(
-                    [name], manifest, weights=None, out=out, batch_size=options.batch_size,
+                    [name], items, weights=None, out=out, batch_size=options.batch_size,
                     device=options.device, dtype=options.dtype,
                     reward_kwargs={name: reward_options} if reward_options else None, progress=progress,
                 )  # fmt: skip

@@ -143,10 +143,18 @@ def check_seeds(seeds: Sequence[int], sets: list[PromptSet], k: int) -> None:
             )
 
 
+def _row_file(folder: Path, row: dict) -> Path:
+    """The file a sample manifest row names, confined to its folder like training data."""
+    from flowalign.data.paths import resolve_data_path
+
+    where = f"id {str(row.get('id'))[:40]!r}"
+    return resolve_data_path(folder, row.get("file"), source=folder / MANIFEST, where=where, key="file")
+
+
 def _num_done(folder: Path, expected: int) -> int:
     """How many of the sample ids 0..expected-1 a folder's manifest holds with their file on disk."""
     rows = read_manifest(folder / MANIFEST)
-    ids = {r["id"] for r in rows if (folder / r["file"]).is_file()}
+    ids = {r["id"] for r in rows if _row_file(folder, r).is_file()}
     return sum(f"{i:06d}" in ids for i in range(expected))
 
 
@@ -235,10 +243,10 @@ class SampleGenerator:
                     self._draw(name, spec, run, where={"prompt_set": pset.name, "seed": seed})
                 for row in read_manifest(job_dir / MANIFEST):
                     i = int(row["id"])
-                    if i >= expected or not (job_dir / row["file"]).is_file():
+                    file = _row_file(job_dir, row)
+                    if i >= expected or not file.is_file():
                         continue
                     j, r = divmod(i, k)
-                    file = job_dir / row["file"]
                     samples.append(
                         Sample(
                             (j0 + j, rep * k + r),

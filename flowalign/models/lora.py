@@ -23,6 +23,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import Tensor, nn
 
 from flowalign.config import LoraConfig
+from flowalign.files import match_umask
 
 __all__ = [
     "LORA_WEIGHT_NAME",
@@ -167,6 +168,7 @@ def save_lora(
     os.close(fd)
     try:
         safetensors.torch.save_file(state, tmp, metadata=header)
+        match_umask(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

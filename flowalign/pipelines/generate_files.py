@@ -11,11 +11,14 @@ import torch
 from tqdm.auto import tqdm
 
 from flowalign.data.media import save_image, save_video
+from flowalign.files import exclusive_lock, first_difference
 from flowalign.models.base import FlowModel
 from flowalign.pipelines.text_to_media import FlowPipeline
 from flowalign.sampling.guidance import VelocityTransform
+from flowalign.validation import short_repr
 
 MANIFEST = "manifest.jsonl"
+LOCK = ".manifest.lock"  # held by the process writing the folder (see generate_files)
 
 
 @dataclass
@@ -107,12 +110,18 @@ def generate_files(
 
     Sample ``i`` (in prompt order) uses seed ``settings.seed + i`` with its own generator, so a
     sample does not depend on the batch size. Samples already in the manifest are skipped, so an
-    interrupted run continues where it stopped. Images are written as PNG, videos as MP4 and GIF.
-    ``transforms_factory(prompts)`` builds velocity transforms for each batch's prompts (reward
-    guidance conditions on them); ``velocity_transforms`` apply to every batch as they are.
+    interrupted run continues where it stopped -- but only if they were made as this run would make
+    them (same prompt, seed, model and settings); otherwise a ValueError names the first differing
+    field. Several processes may write one folder: each holds ``.manifest.lock`` while it works, so the
+    second waits and then finds the first's samples (never a duplicate row). Images are written as PNG,
+    videos as MP4 and GIF. ``transforms_factory(prompts)`` builds velocity transforms for each batch's
+    prompts (reward guidance conditions on them); ``velocity_transforms`` apply to every batch as they are.
 
     Returns:
         The manifest rows of this call's new samples.
+
+    Raises:
+        ValueError: no prompts, a bad batch size, or samples in the folder made with other settings.
     """
     if not prompts:
         raise ValueError("no prompts given: the prompt list is empty")
@@ -123,15 +132,66 @@ def generate_files(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = out_dir / MANIFEST
-    _repair_tail(manifest)  # else the first new row would be glued to a line cut by an interrupted run
-    done = {row["id"] for row in read_manifest(manifest)}
     jobs = [
         (f"{i:06d}", prompt, settings.seed + i)
         for i, prompt in enumerate(p for p in prompts for _ in range(settings.samples_per_prompt))
     ]
-    todo = [job for job in jobs if job[0] not in done]
-    pipeline = FlowPipeline(model)
     record = {k: v for k, v in asdict(settings).items() if k not in ("seed", "extra")} | settings.extra
+    with exclusive_lock(out_dir / LOCK):
+        _repair_tail(manifest)  # else the first new row would be glued to a line cut by an interrupted run
+        rows = read_manifest(manifest)
+        _check_resume(manifest, rows, jobs, model_name=model_name, family=model.family, record=record)
+        done = {row["id"] for row in rows}
+        todo = [job for job in jobs if job[0] not in done]
+        return _run_jobs(
+            model, todo, out_dir, settings, record, batch_size=batch_size, model_name=model_name,
+            velocity_transforms=velocity_transforms, transforms_factory=transforms_factory, progress=progress,
+        )  # fmt: skip
+
+
+def _check_resume(
+    manifest: Path,
+    rows: list[dict],
+    jobs: list[tuple[str, str, int]],
+    *,
+    model_name: str,
+    family: str,
+    record: dict,
+) -> None:
+    """Raise ValueError if a sample this run would reuse was made with another prompt, seed, model or
+    settings, naming the first differing field (a folder holds one configuration's samples)."""
+    wanted = {sample_id: (prompt, seed) for sample_id, prompt, seed in jobs}
+    for row in rows:
+        if row.get("id") not in wanted:
+            continue
+        prompt, seed = wanted[row["id"]]
+        now = {"prompt": prompt, "seed": seed, "model": model_name, "family": family, "settings": record}
+        diff = first_difference(row, now)
+        if diff is not None:
+            key, old, new = diff
+            raise ValueError(
+                f"{manifest}: sample {row['id']} was made with {key}={short_repr(old)}, but this run has "
+                f"{key}={short_repr(new)}; write to a new output folder (or delete this one) to sample with "
+                "other settings"
+            )
+
+
+def _run_jobs(
+    model: FlowModel,
+    todo: list[tuple[str, str, int]],
+    out_dir: Path,
+    settings: GenerationSettings,
+    record: dict,
+    *,
+    batch_size: int,
+    model_name: str,
+    velocity_transforms: list[VelocityTransform] | None,
+    transforms_factory: Callable[[list[str]], list[VelocityTransform]] | None,
+    progress: bool,
+) -> list[dict]:
+    """Sample the jobs in batches, saving each file and appending its manifest row as soon as it exists."""
+    manifest = out_dir / MANIFEST
+    pipeline = FlowPipeline(model)
     written: list[dict] = []
     bar = tqdm(total=len(todo), desc="generating", unit="sample", disable=not progress)
     with manifest.open("a") as sink:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flowalign.files import match_umask
 from flowalign.formats import read_tagged_json
 from flowalign.models.base import FlowModel, load_flow_model
 from flowalign.pipelines.text_to_media import FlowPipeline, GenerationOutput
@@ -88,6 +89,7 @@ def save_one_step(
     fd, tmp = tempfile.mkstemp(prefix=f".{ONE_STEP_FILE}.", dir=out_dir)
     with os.fdopen(fd, "w") as fh:
         json.dump(meta, fh, indent=2, sort_keys=True, default=str)
+    match_umask(tmp)
     os.replace(tmp, out_dir / ONE_STEP_FILE)
     return out_dir
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowalign.files import match_umask
 from flowalign.flow import t_to_timesteps
 from flowalign.formats import read_tagged_json
 from flowalign.models.base import FlowModel, PromptEmbeds
@@ -537,6 +538,7 @@ def _atomic(target: Path, write: Callable[[str], object]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        match_umask(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
+from flowalign.files import match_umask
 from flowalign.formats import read_tagged_json
 
 __all__ = [
@@ -69,6 +70,7 @@ def write_folder(
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
+        match_umask(tmp)
         os.replace(tmp, out_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

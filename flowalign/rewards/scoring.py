@@ -29,9 +29,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flowalign.data.paths import resolve_data_path
+from flowalign.files import exclusive_lock, first_difference
 from flowalign.rewards.base import RewardInputError
 from flowalign.rewards.combine import RewardCombiner
 from flowalign.rewards.registry import available_rewards, load_reward
+from flowalign.validation import short_repr
 
 __all__ = ["MediaItem", "ScoreResult", "read_score_rows", "resolve_media", "score_files"]
 
@@ -98,17 +101,23 @@ def _read_manifest(path: Path) -> list[MediaItem]:
         if item_id in seen:
             raise ValueError(f"{path}: line {number}: id {item_id!r} appears twice")
         seen.add(item_id)
-        items.append(MediaItem(item_id, path.parent / str(row["file"]), prompt))
+        # Confined like training data (flowalign.data.paths): no '..', nothing absolute outside the folder.
+        file = resolve_data_path(path.parent, row["file"], source=path, where=f"line {number}", key="file")
+        items.append(MediaItem(item_id, file, prompt))
     if not items:
         raise ValueError(f"{path}: the manifest has no rows")
     return items
 
 
 def resolve_media(
-    media: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    media: Sequence[str | os.PathLike[str]] | Sequence[MediaItem] | str | os.PathLike[str],
     prompts: Sequence[str] | None = None,
 ) -> list[MediaItem]:
     """Turn a manifest, a folder or a file list (plus prompts) into :class:`MediaItem` s.
+
+    A manifest's ``file`` values are relative to its folder and confined to it (no ``..``, no absolute
+    path outside it: :func:`flowalign.data.paths.resolve_data_path`, the rule of the training loaders).
+    A list of :class:`MediaItem` (built by the caller, e.g. the eval runner) is taken as it is.
 
     Raises:
         ValueError: an empty input, a malformed manifest (naming file and line), prompts given
@@ -134,6 +143,15 @@ def resolve_media(
             pairs = [(p.name, p) for p in files]
         else:
             pairs = [(str(path), path)]
+    elif media and all(isinstance(m, MediaItem) for m in media):
+        if prompts is not None:
+            raise ValueError("media items carry their prompts; do not also pass a prompt list")
+        ids = [m.id for m in media]
+        if len(set(ids)) != len(ids):
+            raise ValueError(
+                f"media id {next(i for i in ids if ids.count(i) > 1)!r} appears twice in the input"
+            )
+        return list(media)
     else:
         pairs = [(str(p), Path(p)) for p in media]
         if not pairs:
@@ -260,7 +278,7 @@ def _batches(
 
 def score_files(
     reward_names: Sequence[str],
-    media: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    media: Sequence[str | os.PathLike[str]] | Sequence[MediaItem] | str | os.PathLike[str],
     prompts: Sequence[str] | None = None,
     weights: Mapping[str, float] | None = None,
     out: str | os.PathLike[str] = "scores.jsonl",
@@ -329,20 +347,73 @@ def score_files(
     out.parent.mkdir(parents=True, exist_ok=True)
     is_parquet = out.suffix == ".parquet"
     sink_path = out.with_name(out.name + ".partial.jsonl") if is_parquet else out
-    existing = _read_parquet_rows(out) if is_parquet else []
-    existing += read_score_rows(sink_path, repair=True)
+    settings = {
+        "weights": dict(weights) if weights else None,
+        "normalisation": {k: list(v) for k, v in normalisation.items()} if normalisation else None,
+        "reward_options": {k: dict(v) for k, v in reward_kwargs.items()} if reward_kwargs else None,
+        "max_frames": max_frames,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    settings = json.loads(json.dumps(settings, default=str))  # as the rows record it
+    with exclusive_lock(out.with_name(f".{out.name}.lock")):  # one writer of ``out`` at a time
+        existing = _read_parquet_rows(out) if is_parquet else []
+        existing += read_score_rows(sink_path, repair=True)
+        _check_existing(out, existing, names, settings, items)
+        done = {str(row["id"]) for row in existing}
+        todo = [item for item in items if item.id not in done]
+        new_rows = _score_todo(
+            todo, len(items), combiner, sink_path, names, settings,
+            batch_size=batch_size, device=device, max_frames=max_frames, progress=progress,
+        )  # fmt: skip
+        all_rows = {str(r["id"]): r for r in [*existing, *new_rows]}
+        if is_parquet:
+            _write_parquet(out, list(all_rows.values()))
+            sink_path.unlink(missing_ok=True)
+    rows = [all_rows[item.id] for item in items]
+    return ScoreResult(out, rows, len(new_rows), len(items) - len(todo), tuple(columns))
+
+
+def _check_existing(
+    out: Path, existing: list[dict[str, Any]], names: list[str], settings: dict, items: Sequence[MediaItem]
+) -> None:
+    """Raise ValueError unless every row already in ``out`` was scored as this run would score it: the
+    same rewards and settings (weights, normalisation, reward options, frames, dtype), and, for the ids
+    this run asks for, the same prompt. Rows written before settings were recorded are not checked."""
+    prompts = {item.id: item.prompt for item in items}
     for row in existing:
         if row.get("rewards") != names:
             raise ValueError(
                 f"{out}: row {row['id']!r} was scored with rewards {row.get('rewards')}, not {names}; "
                 f"write to another file or delete it to rescore"
             )
-    done = {str(row["id"]) for row in existing}
-    todo = [item for item in items if item.id not in done]
+        recorded = {"prompt": row.get("prompt"), "settings": row["settings"]} if "settings" in row else None
+        if recorded is None:
+            continue
+        wanted = {"prompt": prompts.get(str(row["id"]), row.get("prompt")), "settings": settings}
+        diff = first_difference(recorded, wanted)
+        if diff is not None:
+            key, old, new = diff
+            raise ValueError(
+                f"{out}: row {row['id']!r} was scored with {key}={short_repr(old)}, but this run has "
+                f"{key}={short_repr(new)}; write to another file (or delete this one) to score with other settings"
+            )
 
-    bar = tqdm(
-        total=len(items), initial=len(items) - len(todo), desc="scoring", unit="item", disable=not progress
-    )
+
+def _score_todo(
+    todo: list[MediaItem],
+    total: int,
+    combiner: RewardCombiner,
+    sink_path: Path,
+    names: list[str],
+    settings: dict,
+    *,
+    batch_size: int,
+    device: str | torch.device,
+    max_frames: int | None,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Score ``todo`` batch by batch, appending (and flushing) each batch's rows to ``sink_path``."""
+    bar = tqdm(total=total, initial=total - len(todo), desc="scoring", unit="item", disable=not progress)
     new_rows: list[dict[str, Any]] = []
     with sink_path.open("a") as sink:
         for batch_items, batch in _batches(
@@ -358,15 +429,10 @@ def score_files(
             for j, item in enumerate(batch_items):
                 row = {"id": item.id, "file": str(item.file), "prompt": item.prompt, "rewards": names}
                 row.update({k: float(v[j]) for k, v in values.items()})
+                row["settings"] = settings
                 sink.write(json.dumps(row) + "\n")
                 new_rows.append(row)
             sink.flush()
             bar.update(len(batch_items))
     bar.close()
-
-    all_rows = {str(r["id"]): r for r in [*existing, *new_rows]}
-    if is_parquet:
-        _write_parquet(out, list(all_rows.values()))
-        sink_path.unlink(missing_ok=True)
-    rows = [all_rows[item.id] for item in items]
-    return ScoreResult(out, rows, len(new_rows), len(items) - len(todo), tuple(columns))
+    return new_rows

@@ -17,14 +17,22 @@ Per frame (``_detect``), batched over frames with tensor ops:
    if its alpha mass is >= 4 px (at 32x32) and its best template error is <= 0.5 (renders <= 0.05,
    Gaussian blurs of sigma 2 ~0.3, noise fields >= 0.55): pure noise shows no object and scores 0.
    Size is the extent against the midpoint of small and large, position the nearest anchor, colour the
-   nearest palette entry to c.
-5. visual quality vq = present * clean * crisp * single, each in [0, 1]:
+   nearest palette entry to c; the colour counts as stated only within half the closest palette pair's
+   distance of that entry (33.5/255), so an off-palette object matches no colour.
+5. plausibility (the world draws one object of a toy size wholly inside the frame); the object is
+   present only if also: extent within [6.5, 16.5] px at 32x32 (each size +- half the gap between them;
+   a frame filled by one colour reads as a frame-sized square), no interior pixel (alpha >= 0.9) on
+   the frame's outermost pixels (renders keep every edge >= 0.25 px inside, border alpha <= 0.75), and
+   stray < 1/2 (the object holds most of the foreground: copies of the shape are no object).
+6. visual quality vq = present * clean * crisp * single * shaped, each in [0, 1]:
    clean = mean over pixels of exp(-(r / 0.05)^2)               (noise, off-palette tint, stray colours)
    crisp = clamp((2.1 - w) / (2.1 - 1.3), 0, 1), w = #{0.1 < alpha < 0.9} / TV(alpha)
            (mean edge width in pixels; renders have w <= 1.18, Gaussian blurs of sigma 0.6 / 1.0 have
            w ~ 1.5 / 2.2)
    single = clamp(1 - 5 * stray, 0, 1), stray = fraction of the foreground's mass (foreground pixels
            weighted by min(1, d / |c - bg|)) outside the object: ghosts, speckles, second objects.
+   shaped = clamp((0.4 - e) / (0.4 - 0.25), 0, 1), e the best template error (renders <= 0.05; crisp
+           lumps such as touching copies of a shape >= 0.43).
 
 Videos: frames are detected independently, then a frame is "good" if the object is present with area
 within 25% and colour within 0.1 of the clip's medians. mq = persist * smooth with
@@ -43,22 +51,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flowalign.toy.oracle_inputs import MAX_SIZE, MIN_SIZE, check_media, parse_prompts
 from flowalign.toy.render import background_rgb, palette_rgb, shape_alpha
 from flowalign.toy.world import (
     ANCHORS,
     COLOURS,
+    EXTENT,
     MOTIONS,
+    PALETTE,
     POSITIONS,
     SHAPES,
     SIZE_THRESHOLD,
     SIZES,
-    Attributes,
-    parse_caption,
 )
 
 IMAGE_ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "size", "position")
 VIDEO_ATTRIBUTES: tuple[str, ...] = IMAGE_ATTRIBUTES + ("motion",)
-MIN_SIZE = 24  # below this the small shapes are too few pixels to tell apart
+__all__ = ["MAX_SIZE", "MIN_SIZE", "detect_attributes", "score_images", "score_videos"]
 
 _CHUNK_PIXELS = 2**22
 _FG_THRESHOLD = 0.12  # |p - bg| above which a pixel is foreground
@@ -67,9 +76,11 @@ _MIN_AREA_PX = 4.0  # alpha mass (pixels at 32x32) below which no object is pres
 # ~0.29, noise fields 0.55-1.4).
 _OBJECT_MAX_ERROR = 0.5
 _CLEAN_TAU = 0.05
+_SHAPED_OK, _SHAPED_BAD = 0.25, 0.4  # template error: renders <= 0.05, lumps of copies >= 0.43
 _MID_LO, _MID_HI = 0.1, 0.9
 _EDGE_W_OK, _EDGE_W_BAD = 1.3, 2.1
 _STRAY_SCALE = 5.0
+_MAX_STRAY = 0.5  # the object must hold most of the foreground: two equal copies are no object
 _AREA_TOL, _COLOUR_TOL = 0.25, 0.1
 _PERSIST_POWER = 4.0
 _SMOOTH_TAU = 0.75 / 32  # fraction of the width (0.75 px at 32x32)
@@ -78,6 +89,11 @@ _STILL_THRESHOLD = 2.0 / 32  # displacement over the clip below which the object
 _AREA_COEF = {"circle": math.pi / 4, "square": 1.0, "diamond": 0.5, "triangle": 0.5, "cross": 5 / 9}
 _REFINE = 1  # extent refinements: Newton step on area(template) = area(object)
 _CENTROID_OFFSET = {"triangle": 1 / 6}  # centroid below the box centre, in units of extent
+# The world's two extents, each widened by half the gap between them: [6.5, 16.5] px at 32x32.
+_HALF_GAP = (EXTENT["large"] - EXTENT["small"]) / 2
+_MIN_EXTENT, _MAX_EXTENT = EXTENT["small"] - _HALF_GAP, EXTENT["large"] + _HALF_GAP
+# A colour further than half the closest palette pair's distance from every entry is no palette colour.
+_PALETTE_TOL = torch.pdist(torch.tensor(list(PALETTE.values()), dtype=torch.float64)).min().item() / 510
 
 
 @dataclass
@@ -87,6 +103,7 @@ class _Frames:
     present: Tensor
     shape_id: Tensor
     colour_id: Tensor
+    on_palette: Tensor
     rgb: Tensor
     extent: Tensor
     cx: Tensor
@@ -100,42 +117,8 @@ class _Frames:
 
     @property
     def vq(self) -> Tensor:
-        return self.present.float() * self.clean * self.crisp * self.single
-
-
-def _check_media(media: Tensor, *, ndim: int, name: str) -> None:
-    expected = "[B, 3, H, W]" if ndim == 4 else "[B, T, 3, H, W]"
-    if not isinstance(media, Tensor):
-        raise ValueError(f"toy oracle: {name} must be a torch.Tensor {expected}, got {type(media).__name__}")
-    if media.ndim != ndim or media.shape[-3] != 3 or media.shape[0] == 0:
-        raise ValueError(
-            f"toy oracle: {name} must have shape {expected} with B >= 1, got {tuple(media.shape)}"
-        )
-    h, w = media.shape[-2:]
-    if h != w or h < MIN_SIZE:
-        raise ValueError(f"toy oracle: {name} frames must be square and >= {MIN_SIZE} px, got H={h}, W={w}")
-    if not media.is_floating_point():
-        raise ValueError(f"toy oracle: {name} must be float in [0, 1], got dtype {media.dtype}")
-    lo, hi = float(media.min()), float(media.max())
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1e-4 or hi > 1 + 1e-4:
-        raise ValueError(f"toy oracle: {name} must be finite and in [0, 1], got min {lo:.4g}, max {hi:.4g}")
-
-
-def _parse_prompts(prompts: Sequence[str], batch: int, *, is_video: bool) -> list[Attributes]:
-    if isinstance(prompts, str) or len(prompts) != batch:
-        got = "a str" if isinstance(prompts, str) else f"{len(prompts)} prompts"
-        raise ValueError(f"toy oracle: expected a list of {batch} prompts (one per sample), got {got}")
-    parsed = []
-    for i, prompt in enumerate(prompts):
-        try:
-            attrs = parse_caption(prompt)
-        except ValueError as err:
-            raise ValueError(f"toy oracle: prompt {i}: {err}") from None
-        if (attrs.motion is not None) != is_video:
-            want = "a video caption (with motion)" if is_video else "an image caption (no motion)"
-            raise ValueError(f"toy oracle: prompt {i} {prompt!r} is not {want}")
-        parsed.append(attrs)
-    return parsed
+        shaped = ((_SHAPED_BAD - self.shape_error) / (_SHAPED_BAD - _SHAPED_OK)).clamp(0.0, 1.0)
+        return self.present.float() * self.clean * self.crisp * self.single * shaped
 
 
 def _max3x3(x: Tensor) -> Tensor:
@@ -250,9 +233,8 @@ def _detect_chunk(frames: Tensor) -> _Frames:
     pick = shape_id[:, None]
     extent = torch.stack(extents, dim=1).gather(1, pick)[:, 0]
     cy = torch.stack(centres_y, dim=1).gather(1, pick)[:, 0]
-    colour_id = torch.cdist(rgb, palette_rgb(device=dev)).argmin(dim=1)
+    colour_dist, colour_id = torch.cdist(rgb, palette_rgb(device=dev)).min(dim=1)
     shape_error = err.gather(1, pick)[:, 0]
-    present = big_enough & (shape_error <= _OBJECT_MAX_ERROR)
 
     clean = torch.exp(-((resid / _CLEAN_TAU) ** 2)).flatten(1).mean(dim=1)
     mid = ((alpha > _MID_LO) & (alpha < _MID_HI)).float().flatten(1).sum(dim=1)
@@ -263,11 +245,20 @@ def _detect_chunk(frames: Tensor) -> _Frames:
     fg = (dist / axis_sq.sqrt()[:, None, None]).clamp(0.0, 1.0) * (dist > _FG_THRESHOLD)
     stray = (fg * (1.0 - region)).flatten(1).sum(dim=1) / fg.flatten(1).sum(dim=1).clamp_min(1e-6)
     single = (1.0 - _STRAY_SCALE * stray).clamp(0.0, 1.0)
+    # Plausibility (step 5): one object of a toy size, wholly inside the frame.
+    # The world keeps every edge >= 0.25 px inside the frame (border alpha <= 0.75); an interior pixel
+    # (alpha >= _MID_HI) on the border means the object reaches the edge or is cut by it.
+    solid = a_obj >= _MID_HI
+    on_border = solid[:, 0].any(1) | solid[:, -1].any(1) | solid[:, :, 0].any(1) | solid[:, :, -1].any(1)
+    toy_size = (extent >= _MIN_EXTENT) & (extent <= _MAX_EXTENT)
+    plausible = toy_size & ~on_border & (stray < _MAX_STRAY)
+    present = big_enough & (shape_error <= _OBJECT_MAX_ERROR) & plausible
 
     return _Frames(
         present=present,
         shape_id=shape_id,
         colour_id=colour_id,
+        on_palette=colour_dist <= _PALETTE_TOL,
         rgb=rgb,
         extent=extent,
         cx=cen_x,
@@ -297,6 +288,7 @@ class _Clips:
     present: Tensor
     shape_id: Tensor
     colour_id: Tensor
+    on_palette: Tensor
     size_id: Tensor
     position_id: Tensor
     motion_id: Tensor
@@ -358,6 +350,7 @@ def _detect_clips(videos: Tensor) -> _Clips:
     clip_rgb = torch.where(any_good[:, None], ref_rgb.nan_to_num(0.0), background_rgb(device=videos.device))
     extent = torch.where(good, per_clip(det.extent), nan).nanmedian(dim=1).values.nan_to_num(0.0)
 
+    colour_dist, colour_id = torch.cdist(clip_rgb, palette_rgb(device=videos.device)).min(dim=1)
     still = torch.maximum(dx.abs(), dy.abs()) < _STILL_THRESHOLD
     horizontal = dx.abs() >= dy.abs()
     m = MOTIONS.index
@@ -370,7 +363,8 @@ def _detect_clips(videos: Tensor) -> _Clips:
     return _Clips(
         present=any_good,
         shape_id=shape_votes.argmax(dim=1),
-        colour_id=torch.cdist(clip_rgb, palette_rgb(device=videos.device)).argmin(dim=1),
+        colour_id=colour_id,
+        on_palette=colour_dist <= _PALETTE_TOL,
         size_id=_size_id(extent),
         position_id=_position_id(cx, cy),
         motion_id=motion_id,
@@ -395,7 +389,8 @@ def score_images(images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
     """Oracle rewards of images against their toy captions, from pixels only.
 
     ta = (ta_shape + ta_colour + ta_size + ta_position) / 4, each 0/1 (attribute detected == stated);
-    all_correct = product of the four; vq = present * clean * crisp * single (module docstring).
+    all_correct = product of the four; vq = present * clean * crisp * single * shaped (module
+    docstring).
 
     Args:
         images: float [B, 3, H, W] in [0, 1], H == W >= 24.
@@ -405,12 +400,14 @@ def score_images(images: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
         float32 [B] tensors in [0, 1] on the images' device, keys "ta", "vq", "ta_shape", "ta_colour",
         "ta_size", "ta_position", "all_correct".
     """
-    _check_media(images, ndim=4, name="images")
-    attrs = _parse_prompts(prompts, images.shape[0], is_video=False)
+    check_media(images, ndim=4, name="images")
+    attrs = parse_prompts(prompts, images.shape[0], is_video=False)
     det = _detect(images)
     hits = {
         "ta_shape": _match(det.shape_id, det.present, [SHAPES.index(a.shape) for a in attrs]),
-        "ta_colour": _match(det.colour_id, det.present, [COLOURS.index(a.colour) for a in attrs]),
+        "ta_colour": _match(
+            det.colour_id, det.present & det.on_palette, [COLOURS.index(a.colour) for a in attrs]
+        ),
         "ta_size": _match(_size_id(det.extent), det.present, [SIZES.index(a.size) for a in attrs]),
         "ta_position": _match(
             _position_id(det.cx, det.cy), det.present, [POSITIONS.index(a.position) for a in attrs]
@@ -434,12 +431,14 @@ def score_videos(videos: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
         float32 [B] tensors in [0, 1] on the videos' device, keys "ta", "vq", "mq", "ta_shape",
         "ta_colour", "ta_size", "ta_position", "ta_motion", "all_correct".
     """
-    _check_media(videos, ndim=5, name="videos")
-    attrs = _parse_prompts(prompts, videos.shape[0], is_video=True)
+    check_media(videos, ndim=5, name="videos")
+    attrs = parse_prompts(prompts, videos.shape[0], is_video=True)
     clip = _detect_clips(videos)
     hits = {
         "ta_shape": _match(clip.shape_id, clip.present, [SHAPES.index(a.shape) for a in attrs]),
-        "ta_colour": _match(clip.colour_id, clip.present, [COLOURS.index(a.colour) for a in attrs]),
+        "ta_colour": _match(
+            clip.colour_id, clip.present & clip.on_palette, [COLOURS.index(a.colour) for a in attrs]
+        ),
         "ta_size": _match(clip.size_id, clip.present, [SIZES.index(a.size) for a in attrs]),
         "ta_position": _match(clip.position_id, clip.present, [POSITIONS.index(a.position) for a in attrs]),
         "ta_motion": _match(clip.motion_id, clip.present, [MOTIONS.index(str(a.motion)) for a in attrs]),
@@ -468,7 +467,7 @@ def detect_attributes(media: Tensor) -> list[dict[str, object]]:
         "single"; "vq", "mq", "persist", "smooth", "dx", "dy" for clips.
     """
     if isinstance(media, Tensor) and media.ndim == 5:
-        _check_media(media, ndim=5, name="videos")
+        check_media(media, ndim=5, name="videos")
         c = _detect_clips(media)
         rows = []
         for i in range(media.shape[0]):
@@ -494,7 +493,7 @@ def detect_attributes(media: Tensor) -> list[dict[str, object]]:
                 }
             )
         return rows
-    _check_media(media, ndim=4, name="images")
+    check_media(media, ndim=4, name="images")
     d = _detect(media)
     size_id, position_id = _size_id(d.extent), _position_id(d.cx, d.cy)
     rows = []

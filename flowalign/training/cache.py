@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from flowalign.files import match_umask
 from flowalign.formats import read_tagged_json
 
 __all__ = [
@@ -209,6 +210,7 @@ def build_cache(
             trash = cache_dir.with_name(f"{cache_dir.name}.del-{os.getpid()}")
             os.replace(cache_dir, trash)
             shutil.rmtree(trash, ignore_errors=True)
+        match_umask(tmp)  # safetensors writes 0600
         os.replace(tmp, cache_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

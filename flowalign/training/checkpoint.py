@@ -41,6 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from flowalign.files import match_umask
 from flowalign.formats import read_tagged_json
 
 __all__ = [
@@ -265,6 +266,7 @@ def save_checkpoint(
         }
         manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step, "files": files}
         _write_file(tmp / MANIFEST, _text_saver(json.dumps(manifest, indent=2, sort_keys=True)))
+        match_umask(tmp)  # safetensors writes 0600
         _fsync_path(tmp)
         if final.exists():
             _remove_dir(final)

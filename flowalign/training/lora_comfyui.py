@@ -26,6 +26,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from flowalign.files import match_umask
 from flowalign.models.lora import _METADATA_KEY, LORA_WEIGHT_NAME
 
 __all__ = ["WAN_BLOCK_NAMES", "WAN_TOP_NAMES", "convert_wan_lora_to_comfyui", "wan_lora_to_comfyui"]
@@ -125,6 +126,7 @@ def convert_wan_lora_to_comfyui(src: str | os.PathLike, dst: str | os.PathLike) 
     os.close(fd)
     try:
         safetensors.torch.save_file(converted, tmp, metadata={"format": "pt"})
+        match_umask(tmp)
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from flowalign.config import OptimConfig
+from flowalign.files import match_umask
 
 __all__ = ["Method", "StepContext", "sample_seed"]
 
@@ -258,8 +259,10 @@ class Method(abc.ABC):
                 save_lora(module, out_dir / name)
             elif hasattr(module, "save_pretrained"):
                 module.save_pretrained(out_dir / name, safe_serialization=True)
+                match_umask(out_dir / name)  # safetensors writes 0600
             else:
                 from safetensors.torch import save_file
 
                 state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
                 save_file(state, str(out_dir / f"{name}.safetensors"))
+                match_umask(out_dir / f"{name}.safetensors")

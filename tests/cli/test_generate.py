@@ -48,7 +48,7 @@ def test_generate_images_writes_files_and_manifest(tiny_model_dir, tmp_path):
     assert rows[0]["settings"]["num_inference_steps"] == 2 and rows[0]["settings"]["guidance_scale"] == 7.0
     image = load_image(out / rows[0]["file"])
     assert image.shape == (3, 32, 32)
-    # re-running skips what exists: the manifest does not grow
+    # re-running with the same settings skips what exists: the manifest does not grow
     res = run(
         "--model",
         tiny_model_dir("sd3"),
@@ -64,10 +64,17 @@ def test_generate_images_writes_files_and_manifest(tiny_model_dir, tmp_path):
         32,
         "--width",
         32,
+        "--seed",
+        10,
         "--out",
         out,
     )
-    assert res.exit_code == 0
+    assert res.exit_code == 0, res.output
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 4
+    # with another seed it is refused (the samples would not be this run's), naming the seed
+    res = run("--model", tiny_model_dir("sd3"), "--prompt", "a red circle", "--prompt", "a cat",
+              "--samples-per-prompt", 2, "--steps", 2, "--height", 32, "--width", 32, "--out", out)  # fmt: skip
+    assert res.exit_code != 0 and "seed=" in res.output, res.output
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 4
 
 

@@ -44,6 +44,12 @@ def render() -> str:
         "fuzz": "Fuzzed inputs (hypothesis examples tried, by input kind)",
         "loading": "Safe loading",
         "numerics": "Numerical guards",
+        "concurrency": "Two processes, one output folder (real processes, exactly one row per id)",
+        "settings-aware resume": "Resume keyed by settings (a changed field is refused, named)",
+        "oracle blind spots": "Toy oracle blind spots (images that do not draw the scene score 0)",
+        "numbers": "Numbers and YAML from any source (finite, bounded, named)",
+        "paths": "score / eval manifests confined to their folder",
+        "file modes": "Atomic writes respect the umask (file kinds checked, by umask -> mode)",
     }
     for section in [*titles, *sorted(set(_DATA) - set(titles))]:
         values = _DATA.get(section)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from flowalign import flow
-from flowalign.config import LoraConfig
+from flowalign.config import ALLOW_INF, LoraConfig
 from flowalign.models.base import FlowModel
 from flowalign.objectives.flow_matching import per_sample_mse
 from flowalign.objectives.rwr import flow_rwr_loss, rwr_weights
@@ -36,8 +36,9 @@ from flowalign.training.methods.dpo import export_merged
 class RWRConfig:
     """Flow-RWR settings."""
 
-    temperature: float = 0.1
-    """beta in exp(r / beta): small favours the best sample of each group, large tends to plain SFT."""
+    temperature: float = field(default=0.1, metadata=ALLOW_INF)
+    """beta in exp(r / beta): small favours the best sample of each group, large tends to plain SFT
+    (``inf``: uniform weights, exactly plain flow matching on the samples)."""
     max_weight: float | None = 5.0
     """Clip of the self-normalised weights (bounds the gradient variance)."""
     caption_dropout: float = 0.0
