@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from flowalign import flow
 from flowalign.config import LoraConfig
 from flowalign.models.base import FlowModel
+from flowalign.training.distributed import SHARD_FROZEN
 from flowalign.training.lora import adapters_disabled, add_lora, has_lora
 from flowalign.training.method import StepContext
 
@@ -55,8 +56,11 @@ def freeze_all_but_transformer(model: FlowModel, lora: LoraConfig | None) -> Non
 class FrozenReference:
     """The reference velocity network of preference methods.
 
-    With LoRA the reference is the policy with its adapters disabled (no second copy in memory);
-    for a full fine-tune it is a frozen deep copy of the initial transformer.
+    With LoRA the reference is the policy with its adapters disabled (no second copy in memory). Under
+    FSDP2 the policy is sharded in place, so this runs the sharded module (its forward gathers the
+    base weights); under DeepSpeed ZeRO-3 the engine's hooks on the module gather them.
+    For a full fine-tune it is a frozen deep copy of the initial transformer, marked so that FSDP2 runs
+    shard it like the policy instead of keeping a whole copy on every process.
     """
 
     def __init__(self, transformer: nn.Module):
@@ -64,6 +68,7 @@ class FrozenReference:
         self.copy: nn.Module | None = None
         if not self.uses_adapters:
             self.copy = copy.deepcopy(transformer).requires_grad_(False).eval()
+            setattr(self.copy, SHARD_FROZEN, True)
 
     @contextmanager
     def network(self, policy: nn.Module):
