@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DDP",
@@ -128,24 +131,21 @@ def _group_owner(params: list[nn.Parameter], modules: Mapping[str, nn.Module], g
 
 
 def _configure_deepspeed(acc: Any, cfg: Any) -> None:
-    """Fill the DeepSpeed config's "auto" batch/accumulation/clipping values from the run config;
-    values set in the file must agree with it."""
-    plugin = acc.state.deepspeed_plugin
+    """Set the DeepSpeed config's batch, accumulation and clipping values from the run config, the one
+    source of them (a differing value from the accelerate or DeepSpeed config file is replaced, with
+    a warning)."""
+    ds = acc.state.deepspeed_plugin.deepspeed_config
     wanted = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "train_batch_size": cfg.batch_size * cfg.grad_accum_steps * acc.num_processes,
         "gradient_clipping": float(cfg.grad_clip) if cfg.grad_clip is not None else 0.0,
     }
-    ds = plugin.deepspeed_config
     for key, value in wanted.items():
-        if key not in ds or ds[key] == "auto":
-            ds[key] = value
-        elif float(ds[key]) != float(value):
-            raise ValueError(
-                f"DeepSpeed config {key}={ds[key]} disagrees with the run config ({value}); set it to "
-                "'auto' in the DeepSpeed config (the run config is the one source of these values)"
-            )
+        old = ds.get(key, "auto")
+        if old != "auto" and float(old) != float(value):
+            logger.warning("DeepSpeed config %s=%s replaced by the run config's %s", key, old, value)
+        ds[key] = value
     acc.gradient_accumulation_steps = cfg.grad_accum_steps
 
 
