@@ -288,24 +288,42 @@ def _deepspeed_optimizer_state(
     return {"state": state, "param_groups": groups} if keep else None
 
 
-def load_deepspeed_optimizer_state(sd: Mapping, optimizer: torch.optim.Optimizer, params: list) -> None:
-    """Load a full AdamW-style state dict into a ZeRO optimizer (its fp32 partitions and step)."""
+def load_deepspeed_optimizer_state(
+    sd: Mapping, prepared: Any, base: torch.optim.Optimizer, params: list
+) -> None:
+    """Load a full AdamW-style state dict into a ZeRO optimizer (its fp32 partitions and step).
+
+    ZeRO creates the Adam state of its flat fp32 partitions at the first step and only then links each
+    parameter to its slice; a resume comes before that, so the state is created here (zeros) and
+    linked through the ZeRO optimizer's own lazy-init hook (DeepSpeed 0.19, stages 1-2)."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
+    flats = _optimizer_params(base)
+    for flat in flats:
+        if not base.state.get(flat):
+            base.state[flat] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(flat),
+                "exp_avg_sq": torch.zeros_like(flat),
+            }
+    link = getattr(prepared.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
+    steps = set()
     for i, p in enumerate(params):
-        entry = sd["state"].get(i, sd["state"].get(str(i)))
+        entry = sd["state"].get(i)
         if entry is None:
             continue
+        steps.add(float(entry["step"]))
         for key in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(p, entry[key].to(p.device).float(), key)
-        for s in optimizer.state.values():
-            if "step" in s:
-                s["step"] = (
-                    entry["step"].clone().to(s["step"].device)
-                    if torch.is_tensor(s["step"])
-                    else float(entry["step"])
-                )
-    for group, saved in zip(optimizer.param_groups, sd["param_groups"], strict=False):
+    if len(steps) > 1:
+        raise ValueError(f"optimizer state has several step counts {sorted(steps)}; ZeRO keeps one per group")
+    if steps:
+        step = steps.pop()
+        for flat in flats:
+            base.state[flat]["step"] = torch.tensor(step)
+    for group, saved in zip(base.param_groups, sd["param_groups"], strict=False):
         group.update({k: v for k, v in saved.items() if k != "params"})
 
 

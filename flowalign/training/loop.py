@@ -321,7 +321,7 @@ class _Run:
                 raise ValueError(f"{where}: no optimizer/scheduler state for group {g!r}")
             state = ckpt.optimizers[g]
             if self.strategy == dist_.DEEPSPEED:
-                dist_.load_deepspeed_optimizer_state(state, self.base_optimizers[g], self.groups[g])
+                dist_.load_deepspeed_optimizer_state(state, opt, self.base_optimizers[g], self.groups[g])
             elif self.strategy == dist_.FSDP2:
                 opt.load_state_dict(dist_.shard_optimizer_state(state, self.base_optimizers[g]))
             else:
