@@ -77,9 +77,9 @@ def child(args) -> dict:
     import torch
 
     from flowalign.config import LoraConfig
+    from flowalign.models.lora import adapters_disabled, add_lora
     from flowalign.objectives.dpo import flow_dpo_loss, velocity_errors_for_pairs
     from flowalign.planning.architectures import build_transformer, get_architecture, shrunk
-    from flowalign.training.lora import adapters_disabled, add_lora
 
     torch.manual_seed(0)
     arch = get_architecture(args.model)

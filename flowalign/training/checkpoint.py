@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from flowalign.files import match_umask
 from flowalign.formats import read_tagged_json
+from flowalign.training.distributed import shard_like
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -127,7 +128,7 @@ def load_trainable_state_dict(
             raise CheckpointError(
                 f"{source}: parameter {name!r} has shape {tuple(value.shape)}, the model expects {tuple(p.shape)}"
             )
-        p.copy_(value.to(device=p.device, dtype=p.dtype))
+        p.copy_(shard_like(value, p))  # a sharded (DTensor) parameter takes its shard of the full value
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -205,7 +206,7 @@ def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
     *,
-    modules: Mapping[str, nn.Module],
+    modules: Mapping[str, nn.Module | Mapping[str, Tensor]],
     optimizers: Mapping[str, dict],
     schedulers: Mapping[str, dict],
     state: Mapping[str, Any],
@@ -220,7 +221,8 @@ def save_checkpoint(
     Args:
         output_dir: run folder.
         step: number of optimizer steps done.
-        modules: trainable modules (unwrapped); their ``requires_grad`` parameters are saved.
+        modules: trainable modules (unwrapped), whose ``requires_grad`` parameters are saved, or
+            already gathered ``{parameter name: full tensor}`` dicts (sharded runs).
         optimizers, schedulers: ``state_dict()`` per parameter group.
         state: JSON-serialisable loop state (data cursor, counters).
         rng_states: one :func:`capture_rng_state` per process (index = rank).
@@ -245,7 +247,7 @@ def save_checkpoint(
                 raise ValueError(
                     f"trainable module name {name!r} is not usable as a file name ([A-Za-z0-9_.-]+)"
                 )
-            tensors = trainable_state_dict(module)
+            tensors = trainable_state_dict(module) if isinstance(module, nn.Module) else dict(module)
             _write_file(tmp / f"model-{name}.safetensors", lambda p, t=tensors: save_file(t, str(p)))
         if ema is not None:
             shadow = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in ema.items()}

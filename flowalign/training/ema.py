@@ -15,6 +15,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from flowalign.training.distributed import shard_like
+
 __all__ = ["EMA"]
 
 
@@ -105,4 +107,5 @@ class EMA:
                 raise ValueError(
                     f"EMA state {k!r} has shape {tuple(v.shape)}, expected {tuple(self.shadow[k].shape)}"
                 )
-            self.shadow[k] = v.to(device=self.shadow[k].device, dtype=torch.float32).clone()
+            # a sharded (DTensor) shadow takes this process's shard of the full value
+            self.shadow[k] = shard_like(v.to(torch.float32), self.shadow[k]).clone()

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 
 from flowalign.config import TrainConfig, config_to_dict, save_config
+from flowalign.training import distributed as dist_
 from flowalign.training.batches import DataCursor, to_device
 from flowalign.training.checkpoint import (
     Checkpoint,
@@ -239,8 +240,9 @@ def _resolve_start(acc: Any, output_dir: Path, resume: bool | str | os.PathLike)
 class _Run:
     """The state of one train() call: modules, optimizers, EMA, data cursor and counters."""
 
-    def __init__(self, method: Method, method_name: str, cfg: TrainConfig, acc: Any) -> None:
+    def __init__(self, method: Method, method_name: str, cfg: TrainConfig, acc: Any, strategy: str) -> None:
         self.method, self.method_name, self.cfg, self.acc = method, method_name, cfg, acc
+        self.strategy, self.sharded = strategy, strategy != dist_.DDP
         self.device = acc.device
         self.trainable = dict(method.trainable_modules())
         if not self.trainable:
@@ -258,19 +260,37 @@ class _Run:
             module.train()
         for module in method.frozen_modules().values():
             module.to(self.device).eval()
-        # prepare_model: device placement, DDP when distributed, autocast forward with mixed precision
-        self.wrapped = {name: acc.prepare_model(module) for name, module in self.trainable.items()}
-        self.ddp = [w for w in self.wrapped.values() if isinstance(w, nn.parallel.DistributedDataParallel)]
         self.groups = dict(method.optimizer_groups())
         _check_groups(self.groups, self.trainable)
         group_cfgs = {g: method.optim_config(g, cfg.optim) for g in self.groups}
-        self.optimizers = {
-            g: acc.prepare_optimizer(build_optimizer(ps, group_cfgs[g], device=self.device))
-            for g, ps in self.groups.items()
-        }
+        self.export_copies: dist_.ExportCopies | None = None
+        if self.sharded:  # model and optimizers prepared together (FSDP2 / DeepSpeed)
+            if cfg.ema.use and strategy == dist_.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3:
+                raise ValueError("EMA is not supported under DeepSpeed ZeRO-3 (use FSDP2 or ZeRO-2)")
+            if strategy == dist_.FSDP2 or acc.state.deepspeed_plugin.zero_stage == 3:
+                self.export_copies = dist_.ExportCopies(self.trainable, build=acc.is_main_process)
+            self.wrapped, self.optimizers, self.base_optimizers, self.groups = dist_.prepare_sharded(
+                acc,
+                strategy,
+                cfg,
+                self.trainable,
+                self.groups,
+                lambda g, ps: build_optimizer(ps, group_cfgs[g], device=self.device),
+            )
+            if strategy == dist_.FSDP2:
+                dist_.shard_frozen(acc, method.frozen_modules().values())
+        else:
+            # prepare_model: device placement, DDP when distributed, autocast forward with mixed precision
+            self.wrapped = {name: acc.prepare_model(module) for name, module in self.trainable.items()}
+            self.optimizers = {
+                g: acc.prepare_optimizer(build_optimizer(ps, group_cfgs[g], device=self.device))
+                for g, ps in self.groups.items()
+            }
+            self.base_optimizers = {g: opt.optimizer for g, opt in self.optimizers.items()}
+        self.ddp = [w for w in self.wrapped.values() if isinstance(w, nn.parallel.DistributedDataParallel)]
         self.schedulers = {
-            g: build_lr_scheduler(opt.optimizer, group_cfgs[g], max_steps=cfg.max_steps)
-            for g, opt in self.optimizers.items()
+            g: build_lr_scheduler(opt, group_cfgs[g], max_steps=cfg.max_steps)
+            for g, opt in self.base_optimizers.items()
         }
         self.ema_names = list(method.ema_modules()) if cfg.ema.use else []
         self.ema = EMA(self.ema_modules(), decay=cfg.ema.decay) if cfg.ema.use else None
@@ -286,7 +306,12 @@ class _Run:
                 raise ValueError(
                     f"{where}: no weights for trainable module {name!r} (has {sorted(ckpt.weights)})"
                 )
-            load_trainable_state_dict(module, ckpt.weights[name], source=f"{where}/model-{name}.safetensors")
+            if self.strategy == dist_.DEEPSPEED:
+                dist_.load_full_trainable(module, ckpt.weights[name], self.strategy)
+            else:  # FSDP2: each process copies its shard of the full tensors
+                load_trainable_state_dict(
+                    module, ckpt.weights[name], source=f"{where}/model-{name}.safetensors"
+                )
         if self.ema is not None:
             if ckpt.ema is None:
                 raise ValueError(f"{where}: EMA is on but the checkpoint has no ema.safetensors")
@@ -294,7 +319,13 @@ class _Run:
         for g, opt in self.optimizers.items():
             if g not in ckpt.optimizers or g not in ckpt.schedulers:
                 raise ValueError(f"{where}: no optimizer/scheduler state for group {g!r}")
-            opt.load_state_dict(ckpt.optimizers[g])
+            state = ckpt.optimizers[g]
+            if self.strategy == dist_.DEEPSPEED:
+                dist_.load_deepspeed_optimizer_state(state, opt, self.base_optimizers[g], self.groups[g])
+            elif self.strategy == dist_.FSDP2:
+                opt.load_state_dict(dist_.shard_optimizer_state(state, self.base_optimizers[g]))
+            else:
+                opt.load_state_dict(state)
             self.schedulers[g].load_state_dict(ckpt.schedulers[g])
         rank = self.acc.process_index
         if rank < len(ckpt.rng_states):
@@ -355,7 +386,10 @@ class _Run:
                         f"{self.method_name}.compute_loss(group={group!r}) returned a loss without gradient "
                         "(no trainable parameter reached it)"
                     )
-                acc.backward(loss / n_micro)
+                if self.strategy == dist_.DEEPSPEED:  # the engine divides by the accumulation steps and steps
+                    acc.deepspeed_engine_wrapped.backward(loss, sync_gradients=k == n_micro - 1)
+                else:
+                    acc.backward(loss / n_micro)
             losses.append(loss.detach().float())
             for key, value in metrics.items():
                 v = value.detach().float().mean() if isinstance(value, Tensor) else torch.tensor(float(value))
@@ -368,9 +402,13 @@ class _Run:
         )
         # one small all-reduce per group and step; metric keys must be the same on every process
         values = (acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local).tolist()
-        acc.unscale_gradients(optimizer=opt)
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self.sharded:  # the norm of the whole gradient (FSDP2: over all shards; DeepSpeed: the engine's)
+            norm = dist_.as_float(acc.clip_grad_norm_(params, max_norm))
+        else:
+            # torch's clipping on this group only: the accelerator's would unscale every group's optimizer
+            acc.unscale_gradients(optimizer=opt)
+            norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         lr = self.schedulers[group].get_last_lr()[0]
         loss_value = values[0]
         finite = math.isfinite(loss_value) and math.isfinite(norm)
@@ -394,7 +432,23 @@ class _Run:
 
         rng_states = gather_object([capture_rng_state()])
         path: list[str | None] = [None]
-        if self.acc.is_main_process:
+        main = self.acc.is_main_process
+        modules: Mapping[str, Any] = self.trainable
+        optimizers = ema = None
+        if self.sharded:  # full tensors gathered by every process, kept by the main one
+            modules = {
+                n: dist_.full_trainable(m, self.strategy, keep=main) for n, m in self.trainable.items()
+            }
+            optimizers = {
+                g: dist_.full_optimizer_state(o, keep=main, strategy=self.strategy, params=self.groups[g])
+                for g, o in self.base_optimizers.items()
+            }
+            if self.ema is not None:
+                ema = dist_.full_tensors(self.ema.shadow.items(), keep=main)
+        elif main:
+            optimizers = {g: opt.state_dict() for g, opt in self.optimizers.items()}
+            ema = self.ema.state_dict() if self.ema is not None else None
+        if main:
             state = {
                 **cursor.state(),
                 "nan_skipped": self.nan_total,
@@ -406,18 +460,35 @@ class _Run:
                 save_checkpoint(
                     output_dir,
                     self.step,
-                    modules=self.trainable,
-                    optimizers={g: opt.state_dict() for g, opt in self.optimizers.items()},
+                    modules=modules,
+                    optimizers=optimizers,
                     schedulers={g: s.state_dict() for g, s in self.schedulers.items()},
                     state=state,
                     rng_states=rng_states,
-                    ema=self.ema.state_dict() if self.ema is not None else None,
+                    ema=ema,
                     method_state=self.method.state_dict(),
                     config=run_cfg,
                     keep_last=self.cfg.checkpoint.keep_last,
                 )
             )
         return Path(broadcast_object_list(path)[0])
+
+
+def _export_sharded(run: _Run, method: Method, output_dir: Path) -> None:
+    """``method.export`` on the main process with plain copies of the sharded modules swapped in,
+    filled with the gathered weights (every process takes part in the gathering)."""
+    main, copies = run.acc.is_main_process, run.export_copies
+    states = {n: dist_.full_module_state(run.acc, w, run.strategy, keep=main) for n, w in run.wrapped.items()}
+    ema = dist_.full_tensors(run.ema.shadow.items(), keep=main) if run.ema is not None else None
+    if not main:
+        return
+    copies.fill(states)
+    del states
+    with copies.swapped(method):
+        method.export(output_dir / "final")
+        if ema is not None:
+            copies.load_trainable(ema)
+            method.export(output_dir / "final-ema")
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,6 +537,7 @@ def train(
     if not isinstance(method, Method):
         method = _MethodAdapter(method)
     acc = _make_accelerator(cfg)
+    strategy = dist_.resolve_strategy(acc)
     if cfg.mixed_precision == "fp16" and acc.device.type == "cpu":
         raise ValueError("mixed_precision='fp16' needs a CUDA device; on CPU use 'bf16' or 'no'")
     from accelerate.utils import set_seed
@@ -473,7 +545,7 @@ def train(
     run_cfg = config_to_dict(run_config if run_config is not None else cfg)
     ckpt_path = _resolve_start(acc, output_dir, resume)
     set_seed(cfg.seed, device_specific=True)
-    run = _Run(method, method_name, cfg, acc)
+    run = _Run(method, method_name, cfg, acc, strategy)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
         run.restore(ckpt)
@@ -591,7 +663,9 @@ def train(
     export_dir = None
     if not interrupted and run.step == cfg.max_steps:
         export_dir = output_dir / "final"
-        if acc.is_main_process:
+        if run.export_copies is not None:
+            _export_sharded(run, method, output_dir)
+        elif acc.is_main_process:
             method.export(export_dir)
             if run.ema is not None:
                 with run.ema.swapped_in(run.ema_modules()):

@@ -23,6 +23,7 @@ from flowalign.config import LoraConfig
 from flowalign.models.base import FlowModel, PromptEmbeds, net_dtype
 from flowalign.models.lora import adapters_disabled, add_lora, has_lora
 from flowalign.training.cache import PromptEmbedCache, text_encoder_names
+from flowalign.training.distributed import SHARD_FROZEN
 from flowalign.training.method import StepContext
 
 
@@ -99,9 +100,12 @@ def frozen_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 class FrozenReference:
     """The reference velocity network of preference methods.
 
-    With LoRA the reference is the policy with its adapters disabled (no second copy in memory);
-    for a full fine-tune it is a frozen copy of the initial transformer in ``dtype`` (the compute
-    dtype: bf16 next to fp32 master weights; default: the transformer's own dtype).
+    With LoRA the reference is the policy with its adapters disabled (no second copy in memory). Under
+    FSDP2 the policy is sharded in place, so this runs the sharded module (its forward gathers the
+    base weights); under DeepSpeed ZeRO-3 the engine's hooks on the module gather them.
+    For a full fine-tune it is a frozen copy of the initial transformer in ``dtype`` (the compute
+    dtype: bf16 next to fp32 master weights; default: the transformer's own dtype), marked so that
+    FSDP2 runs shard it like the policy instead of keeping a whole copy on every process.
     """
 
     def __init__(self, transformer: nn.Module, dtype: torch.dtype | None = None):
@@ -110,6 +114,7 @@ class FrozenReference:
         if not self.uses_adapters:
             dtype = dtype or net_dtype(transformer)
             self.copy = frozen_copy(transformer, dtype)
+            setattr(self.copy, SHARD_FROZEN, True)
 
     @contextmanager
     def network(self, policy: nn.Module):

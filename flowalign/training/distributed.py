@@ -1,0 +1,458 @@
+"""How the loop spreads training over processes: DDP (the default), FSDP2 or DeepSpeed ZeRO.
+
+The accelerate launch config picks the strategy (``accelerate launch --config_file
+configs/accelerate/<file>.yaml -m flowalign ...``):
+
+- ``ddp``: each process holds the whole model; DDP averages the gradients (or there is one process).
+- ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` through ``Accelerator.prepare(module, *optimizers)``,
+  one call per trainable module with the optimizers of its parameter groups. Parameters, gradients
+  and optimizer state are sharded DTensors; a gradient is reduce-scattered at every micro-step, so no
+  process ever holds a whole gradient. A frozen module marked with :data:`SHARD_FROZEN` (the frozen
+  DPO reference of a full fine-tune) is sharded too.
+- ``deepspeed``: one DeepSpeed engine (ZeRO stage 2 or 3) for a method with one trainable module and
+  one parameter group; the engine scales the loss by the accumulation steps, clips and steps.
+
+Checkpoints stay independent of the world size: sharded tensors are gathered one at a time into
+full CPU tensors kept by the main process (:func:`full_tensors`) and cut back into this process's
+shard on load (:func:`shard_like`), so a checkpoint written by N processes resumes under M with the
+same global batch. The final export runs the method's ``export`` on a plain copy of each sharded
+module (:class:`ExportCopies`), built on the meta device before sharding and filled with the
+gathered weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DDP",
+    "DEEPSPEED",
+    "FSDP2",
+    "SHARD_FROZEN",
+    "ExportCopies",
+    "full_optimizer_state",
+    "full_tensors",
+    "prepare_sharded",
+    "resolve_strategy",
+    "shard_frozen",
+    "shard_like",
+    "shard_optimizer_state",
+    "wants_deepspeed",
+]
+
+DDP, FSDP2, DEEPSPEED = "ddp", "fsdp2", "deepspeed"
+
+SHARD_FROZEN = "_flowalign_shard_frozen"
+"""Attribute (True) on a frozen module that FSDP2 runs should shard; only set it on a module that is
+called through ``forward`` (FSDP gathers the parameters in its forward hooks)."""
+
+
+def wants_deepspeed() -> bool:
+    """Whether the launch config asked for DeepSpeed (known before the Accelerator exists)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def resolve_strategy(acc: Any) -> str:
+    """The strategy of ``acc`` ("ddp", "fsdp2" or "deepspeed"), after two fix-ups for CPU processes.
+
+    accelerate 1.x turns a launch config's FSDP on only for accelerator devices: with CPU processes
+    (gloo) it would quietly run DDP, so the FSDP plugin of the launch environment is installed here.
+    With DeepSpeed on CPU, accelerate counts one process while DeepSpeed's process group has them
+    all, so the process count and index are taken from the process group. FSDP1 is refused.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = acc.state
+
+    def set_state(**values: Any) -> None:  # both singletons: AcceleratorState() re-reads PartialState's
+        for key, value in values.items():
+            setattr(state, key, value)
+            PartialState._shared_state[key] = value
+
+    fsdp_env = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_env and acc.distributed_type == DistributedType.MULTI_CPU:
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        set_state(distributed_type=DistributedType.FSDP)
+    if acc.distributed_type == DistributedType.FSDP:
+        if state.fsdp_plugin.fsdp_version != 2:
+            raise ValueError(
+                "the accelerate config selects FSDP version 1; flowalign trains with FSDP2: set "
+                "fsdp_config.fsdp_version: 2 (see configs/accelerate/fsdp2_1node_8gpu.yaml)"
+            )
+        return FSDP2
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        dist = torch.distributed
+        if dist.is_initialized() and dist.get_world_size() != acc.num_processes:
+            set_state(
+                num_processes=dist.get_world_size(),
+                process_index=dist.get_rank(),
+                local_process_index=int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+            )
+        return DEEPSPEED
+    if wants_deepspeed():
+        raise ValueError(
+            "the accelerate config selects DeepSpeed but accelerate started without it (cpu: true or "
+            "use_cpu in the config); DeepSpeed runs on CPU only with use_cpu: false"
+        )
+    return DDP
+
+
+# --------------------------------------------------------------------------------------------
+# Preparing models and optimizers together
+
+
+def _group_owner(params: list[nn.Parameter], modules: Mapping[str, nn.Module], group: str) -> str:
+    owners = {
+        name for name, module in modules.items() for p in module.parameters() if any(p is q for q in params)
+    }
+    if len(owners) != 1:
+        raise ValueError(
+            f"optimizer group {group!r} spans the trainable modules {sorted(owners)}; sharded training "
+            "(FSDP2/DeepSpeed) prepares each module with its own optimizers, so a group must lie in one module"
+        )
+    return owners.pop()
+
+
+def _configure_deepspeed(acc: Any, cfg: Any) -> None:
+    """Set the DeepSpeed config's batch, accumulation and clipping values from the run config, the one
+    source of them (a differing value from the accelerate or DeepSpeed config file is replaced, with
+    a warning)."""
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum_steps * acc.num_processes,
+        "gradient_clipping": float(cfg.grad_clip) if cfg.grad_clip is not None else 0.0,
+    }
+    for key, value in wanted.items():
+        old = ds.get(key, "auto")
+        if old != "auto" and float(old) != float(value):
+            logger.warning("DeepSpeed config %s=%s replaced by the run config's %s", key, old, value)
+        ds[key] = value
+    acc.gradient_accumulation_steps = cfg.grad_accum_steps
+
+
+def prepare_sharded(
+    acc: Any,
+    strategy: str,
+    cfg: Any,
+    trainable: Mapping[str, nn.Module],
+    groups: Mapping[str, list[nn.Parameter]],
+    make_optimizer: Callable[[str, list[nn.Parameter]], torch.optim.Optimizer],
+) -> tuple[dict[str, nn.Module], dict[str, Any], dict[str, torch.optim.Optimizer], dict[str, list]]:
+    """``Accelerator.prepare(module, *its optimizers)`` for each trainable module.
+
+    Returns (wrapped modules, prepared optimizers, the torch optimizers inside them, the parameter
+    groups as the prepared optimizers hold them: DTensors under FSDP2).
+    """
+    owner = {g: _group_owner(ps, trainable, g) for g, ps in groups.items()}
+    if strategy == DEEPSPEED:
+        if len(trainable) != 1 or len(groups) != 1:
+            raise ValueError(
+                f"DeepSpeed runs one engine: one trainable module and one optimizer group, this method has "
+                f"modules {sorted(trainable)} and groups {sorted(groups)}; use FSDP2 for it"
+            )
+        _configure_deepspeed(acc, cfg)
+    if strategy == FSDP2 and acc.mixed_precision == "fp16" and len(groups) > 1:
+        raise ValueError(
+            "fp16 with several optimizer groups is not supported under FSDP2 (the accelerator unscales "
+            "every optimizer at once); use mixed_precision bf16"
+        )
+    wrapped: dict[str, nn.Module] = {}
+    prepared: dict[str, Any] = {}
+    base: dict[str, torch.optim.Optimizer] = {}
+    for name, module in trainable.items():
+        names = [g for g in groups if owner[g] == name]
+        optimizers = [make_optimizer(g, list(groups[g])) for g in names]
+        out = acc.prepare(module, *optimizers)
+        wrapped[name] = out[0]
+        for g, opt, raw in zip(names, out[1:], optimizers, strict=True):
+            prepared[g], base[g] = opt, raw
+    if strategy == DEEPSPEED:  # the engine keeps the module's parameters (its optimizer holds flat copies)
+        return wrapped, prepared, base, {g: list(ps) for g, ps in groups.items()}
+    # FSDP2: the optimizers now hold the DTensor parameters the modules were sharded into
+    return wrapped, prepared, base, {g: _optimizer_params(base[g]) for g in groups}
+
+
+def shard_frozen(acc: Any, modules: Iterable[nn.Module]) -> None:
+    """``fully_shard`` each frozen module marked with :data:`SHARD_FROZEN` (FSDP2 runs only)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    mesh = getattr(acc, "torch_device_mesh", None)
+    for module in modules:
+        if getattr(module, SHARD_FROZEN, False) and not isinstance(module, FSDPModule):
+            fully_shard(module, mesh=mesh)
+
+
+# --------------------------------------------------------------------------------------------
+# Full tensors from shards and back
+
+
+def full_tensors(named: Iterable[tuple[str, Tensor]], *, keep: bool) -> dict[str, Tensor]:
+    """CPU copies of full tensors, gathered one at a time from DTensor shards (a collective: every
+    process must call it with the same names); plain tensors are copied as they are. Only a process
+    with ``keep`` holds the result (the others return an empty dict)."""
+    out: dict[str, Tensor] = {}
+    for name, t in named:
+        t = t.detach()
+        full = t.full_tensor() if _is_dtensor(t) else t
+        if keep:
+            out[name] = full.to("cpu", copy=True).contiguous()
+        del full
+    return out
+
+
+def shard_like(value: Tensor, ref: Tensor) -> Tensor:
+    """``value`` (a full tensor) as ``ref`` holds it: this process's shard for a DTensor ``ref``
+    (cut locally, no communication), else ``value`` on ``ref``'s device and dtype."""
+    value = value.to(device=ref.device, dtype=ref.dtype)
+    if not _is_dtensor(ref):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value, ref.device_mesh, ref.placements, src_data_rank=None)
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def as_float(norm: Any) -> float:
+    """A gradient norm as a float (a replicated DTensor is read locally; None, before DeepSpeed's
+    first step, is NaN)."""
+    if norm is None:
+        return float("nan")
+    if _is_dtensor(norm):
+        norm = norm.to_local()
+    return float(norm)
+
+
+def full_trainable(module: nn.Module, strategy: str, *, keep: bool) -> dict[str, Tensor]:
+    """The full ``requires_grad`` parameters of a prepared module (fp32 masters under DeepSpeed)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if strategy == DEEPSPEED:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        named = [(n, safe_get_full_fp32_param(p)) for n, p in named]
+    return full_tensors(named, keep=keep)
+
+
+def load_full_trainable(module: nn.Module, state: Mapping[str, Tensor], strategy: str) -> None:
+    """Inverse of :func:`full_trainable` for DeepSpeed: the engine's fp32 masters and its module's
+    (possibly low-precision) parameters both take the values (every process calls it)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if p.requires_grad:
+                value = state[n].to(p.device)
+                safe_set_full_fp32_param(p, value.float())
+                if p.numel() == value.numel():  # ZeRO-2: the module keeps whole parameters
+                    p.copy_(value.to(p.dtype))
+
+
+def _deepspeed_optimizer_state(
+    optimizer: torch.optim.Optimizer, params: list[nn.Parameter], *, keep: bool
+) -> dict | None:
+    """A torch AdamW-style state dict (``state[i]`` for ``params[i]``) from a ZeRO optimizer."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    steps = [s["step"] for s in optimizer.state.values() if "step" in s]
+    state = {}
+    for i, p in enumerate(params):
+        full = full_tensors(
+            [(k, safe_get_full_optimizer_state(p, k)) for k in ("exp_avg", "exp_avg_sq")], keep=keep
+        )
+        if keep:
+            step = steps[0].detach().to("cpu", torch.float32).clone() if steps else torch.tensor(0.0)
+            state[i] = {"step": step, **full}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    groups[0]["params"] = list(range(len(params)))
+    return {"state": state, "param_groups": groups} if keep else None
+
+
+def load_deepspeed_optimizer_state(
+    sd: Mapping, prepared: Any, base: torch.optim.Optimizer, params: list
+) -> None:
+    """Load a full AdamW-style state dict into a ZeRO optimizer (its fp32 partitions and step).
+
+    ZeRO creates the Adam state of its flat fp32 partitions at the first step and only then links each
+    parameter to its slice; a resume comes before that, so the state is created here (zeros) and
+    linked through the ZeRO optimizer's own lazy-init hook (DeepSpeed 0.19, stages 1-2)."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    flats = _optimizer_params(base)
+    for flat in flats:
+        if not base.state.get(flat):
+            base.state[flat] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(flat),
+                "exp_avg_sq": torch.zeros_like(flat),
+            }
+    link = getattr(prepared.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
+    steps = set()
+    for i, p in enumerate(params):
+        entry = sd["state"].get(i)
+        if entry is None:
+            continue
+        steps.add(float(entry["step"]))
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(p, entry[key].to(p.device).float(), key)
+    if len(steps) > 1:
+        raise ValueError(f"optimizer state has several step counts {sorted(steps)}; ZeRO keeps one per group")
+    if steps:
+        step = steps.pop()
+        for flat in flats:
+            base.state[flat]["step"] = torch.tensor(step)
+    for group, saved in zip(base.param_groups, sd["param_groups"], strict=False):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def full_optimizer_state(
+    optimizer: torch.optim.Optimizer, *, keep: bool, strategy: str = FSDP2, params: list | None = None
+) -> dict | None:
+    """``optimizer.state_dict()`` with each sharded state tensor gathered into a full CPU tensor (a
+    collective), so it loads into a plain optimizer too. None on processes without ``keep``."""
+    if strategy == DEEPSPEED:
+        return _deepspeed_optimizer_state(optimizer, list(params or []), keep=keep)
+    sd = optimizer.state_dict()
+    state: dict = {}
+    for idx in sorted(sd["state"]):
+        entry = sd["state"][idx]
+        tensors = [(k, v) for k, v in entry.items() if isinstance(v, Tensor)]
+        full = full_tensors(tensors, keep=keep)
+        state[idx] = {k: full.get(k, v) if isinstance(v, Tensor) else v for k, v in entry.items()}
+    return {"state": state, "param_groups": sd["param_groups"]} if keep else None
+
+
+def shard_optimizer_state(sd: Mapping, optimizer: torch.optim.Optimizer) -> dict:
+    """A full optimizer state dict cut into the shards of ``optimizer``'s DTensor parameters."""
+    params = _optimizer_params(optimizer)
+    state = {}
+    for idx, entry in sd["state"].items():
+        p = params[int(idx)]
+        state[idx] = {
+            k: shard_like(v, p) if isinstance(v, Tensor) and v.shape == p.shape and _is_dtensor(p) else v
+            for k, v in entry.items()
+        }
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Plain copies for the export
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy whose parameters are on the meta device (no memory); buffers are copied."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    return copy.deepcopy(module, memo)
+
+
+def _replace_references(root: Any, old: nn.Module, new: nn.Module, depth: int = 5) -> list[tuple]:
+    """Point every attribute, child module or dict entry reachable from ``root`` (``depth`` levels)
+    that is ``old`` at ``new``; returns (container, key, kind) to undo it."""
+    done: list[tuple] = []
+    seen: set[int] = set()
+    frontier = [root]
+    for _ in range(depth):
+        nxt = []
+        for obj in frontier:
+            if id(obj) in seen or obj is old:
+                continue
+            seen.add(id(obj))
+            slots: list[tuple[Any, Any, str]] = []
+            if isinstance(obj, nn.Module):
+                slots += [(obj._modules, k, "dict") for k in obj._modules]
+            if isinstance(obj, dict):
+                slots += [(obj, k, "dict") for k in obj]
+            elif hasattr(obj, "__dict__") and not isinstance(obj, type | Tensor):
+                slots += [(obj, k, "attr") for k in vars(obj) if not k.startswith("__")]
+            for container, key, kind in slots:
+                value = container[key] if kind == "dict" else vars(container)[key]
+                if value is old:
+                    if kind == "dict":
+                        container[key] = new
+                    else:
+                        object.__setattr__(container, key, new)
+                    done.append((container, key, kind))
+                elif isinstance(value, nn.Module | dict) or hasattr(value, "__dict__"):
+                    nxt.append(value)
+        frontier = nxt
+    return done
+
+
+class ExportCopies:
+    """Plain (unsharded) copies of sharded trainable modules for the main process's export.
+
+    Built before sharding (parameters on the meta device); :meth:`fill` loads gathered full
+    weights; :meth:`swapped` points the method's references at the copies while it exports.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], *, build: bool) -> None:
+        self.originals = dict(modules)
+        self.copies = {n: _meta_copy(m) for n, m in modules.items()} if build else {}
+
+    def fill(self, states: Mapping[str, Mapping[str, Tensor]]) -> None:
+        """Load full state dicts (``{module name: state dict}``) into the copies."""
+        for name, state in states.items():
+            copy_ = self.copies[name]
+            missing, unexpected = copy_.load_state_dict(dict(state), strict=False, assign=True)
+            left = [n for n, p in copy_.named_parameters() if p.is_meta]
+            if left or unexpected:
+                raise ValueError(
+                    f"export of {name!r}: gathered weights do not match the module "
+                    f"(missing {left[:5]}, unexpected {unexpected[:5]})"
+                )
+
+    def load_trainable(self, flat: Mapping[str, Tensor]) -> None:
+        """Overwrite the copies' trainable parameters from ``{"<module>.<param>": tensor}`` (EMA)."""
+        with torch.no_grad():
+            for name, module in self.copies.items():
+                for pname, p in module.named_parameters():
+                    if p.requires_grad:
+                        p.copy_(flat[f"{name}.{pname}"].to(p.dtype))
+
+    @contextlib.contextmanager
+    def swapped(self, root: Any) -> Iterator[None]:
+        undo: list[tuple] = []
+        try:
+            for name, original in self.originals.items():
+                for container, key, kind in _replace_references(root, original, self.copies[name]):
+                    undo.append((container, key, kind, original))
+            yield
+        finally:
+            for container, key, kind, original in undo:
+                if kind == "dict":
+                    container[key] = original
+                else:
+                    object.__setattr__(container, key, original)
+
+
+def full_module_state(acc: Any, module: nn.Module, strategy: str, *, keep: bool) -> dict[str, Tensor]:
+    """The whole state dict of a prepared module as full CPU tensors on the keeping process
+    (DeepSpeed ZeRO-3: the engine's consolidated 16-bit weights)."""
+    if strategy == DEEPSPEED:
+        state = acc.get_state_dict(module)
+        return {k: v.to("cpu") for k, v in state.items()} if keep else {}
+    return full_tensors(module.state_dict().items(), keep=keep)

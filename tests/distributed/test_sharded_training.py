@@ -1,0 +1,193 @@
+"""FSDP2 and DeepSpeed ZeRO-2 Flow-DPO on 2 CPU processes (gloo) equal one process with the same global batch.
+
+Why the comparisons can be exact: the one-process reference takes the global batch of 4 pairs as two
+accumulated micro-batches of 2, so each of its forwards and backwards has a rank's shapes and data.
+Accumulation backpropagates ``L_k / 2`` and sums: ``g_1/2 + g_2/2``. FSDP2 (gloo) and DeepSpeed
+pre-divide each rank's gradient by the world size 2 and sum the two halves in the reduce-scatter or
+all-reduce. Halving is exact in binary floating point (no subnormals here) and a sum of two terms does
+not depend on its order, so both give the same bits; Adam, the schedule and EMA then see identical
+gradients. All-gathers and shard copies move values without arithmetic.
+
+What is not exact:
+
+- the logged gradient norm: the sharded norm adds the squares shard by shard, then across processes,
+  in another order than the whole-tensor norm. For a sum of ``N`` non-negative fp32 terms any order
+  lies within ``gamma_N = N u / (1 - N u)`` (``u = 2^-24``) of the exact value, so the two norms differ
+  by at most ``(gamma_N + 2u)`` times the norm (the square root adds ``u`` to each);
+- a full fine-tune with one FSDP unit per transformer block: the gradient of the timestep/text
+  embedding is a sum over every block's contribution, and FSDP's per-block backward hooks change the
+  order in which autograd adds them. The full fine-tune test therefore shards the transformer as one
+  unit (``wrap=none``); the LoRA tests use the per-block units, since no LoRA gradient is such a sum.
+  Clipping is off (``grad_clip=None``), because the clip factor would carry the norm's rounding.
+
+Every 2-process run is judged by printed markers, not the exit code (gloo can abort at interpreter exit).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from sharded_worker import run  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+U = 2.0**-24  # fp32 unit roundoff
+FSDP2_CPU = HERE / "fsdp2_cpu.yaml"
+ZERO2_CPU = HERE / "deepspeed_zero2_cpu.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(config: Path, model_dir: Path, out: Path, mode: str, steps: int, *opts: str) -> str:
+    """Run sharded_worker.py on 2 processes with the accelerate ``config``; returns the log."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+        "--num_processes", "2", "--main_process_port", str(_free_port()),
+        str(HERE / "sharded_worker.py"), str(model_dir), str(out), mode, "2", str(steps), *opts,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    log = proc.stdout + proc.stderr
+    assert f"DIST-DONE STEP={steps}" in log, log[-4000:]
+    assert "WORLD=2 RANK=0" in log and "WORLD=2 RANK=1" in log, log[-4000:]
+    return log
+
+
+def one_process(model_dir: Path, out: Path, mode: str, steps: int, **kw) -> None:
+    """The reference: one process, the same global batch of 4 as 2 accumulated micro-batches of 2."""
+    run(str(model_dir), out, mode, 2, grad_accum_steps=2, max_steps=steps, checkpoint_every=1, **kw)
+
+
+def metrics(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def trainable_count(ckpt: Path) -> int:
+    weights = load_file(ckpt / "model-transformer.safetensors")
+    return sum(t.numel() for t in weights.values()) + len(weights)
+
+
+def assert_same_step(a: Path, b: Path, step: int) -> None:
+    """Metrics of ``step`` equal (the gradient norm within its rounding bound), checkpoint files equal."""
+    ra, rb = metrics(a)[step], metrics(b)[step]
+    ckpt_a, ckpt_b = a / f"checkpoint-{step:08d}", b / f"checkpoint-{step:08d}"
+    for key in ra:
+        if key == "grad_norm":
+            n = trainable_count(ckpt_a)
+            gamma = n * U / (1 - n * U)
+            assert abs(rb[key] - ra[key]) <= (gamma + 2 * U) * ra[key], (step, ra[key], rb[key])
+        else:
+            assert rb[key] == ra[key], (step, key, ra[key], rb[key])
+    for name in ("model-transformer.safetensors", "ema.safetensors"):
+        wa, wb = load_file(ckpt_a / name), load_file(ckpt_b / name)
+        assert wa.keys() == wb.keys(), name
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), (name, key)
+    oa = torch.load(ckpt_a / "optimizer.pt", weights_only=True)["main"]
+    ob = torch.load(ckpt_b / "optimizer.pt", weights_only=True)["main"]
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for idx, entry in oa["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, ob["state"][idx][key]), (idx, key)
+
+
+def assert_same_export(a: Path, b: Path, files: list[str]) -> None:
+    for sub in ("final", "final-ema"):
+        for rel in files:
+            wa, wb = load_file(a / sub / rel), load_file(b / sub / rel)
+            assert wa.keys() == wb.keys(), (sub, rel)
+            for key in wa:
+                assert torch.equal(wa[key], wb[key]), (sub, rel, key)
+
+
+LORA_FILES = ["lora/pytorch_lora_weights.safetensors", "transformer/diffusion_pytorch_model.safetensors"]
+FULL_FILES = ["transformer/diffusion_pytorch_model.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def lora_reference(toy_dist_dir, tmp_path_factory) -> Path:
+    """One process, LoRA Flow-DPO, 3 steps with a checkpoint after each."""
+    out = tmp_path_factory.mktemp("lora-one") / "run"
+    one_process(toy_dist_dir, out, "lora", 3)
+    return out
+
+
+def test_fsdp2_lora_dpo_step_equals_one_process(toy_dist_dir, lora_reference, tmp_path):
+    """One FSDP2 step (per-block units, LoRA): weights, EMA, Adam state and exports are the reference's."""
+    log = launch(FSDP2_CPU, toy_dist_dir, tmp_path / "two", "lora", 1)
+    assert "TYPE=DistributedType.FSDP" in log and "SHARDED=16/16" in log, log[-3000:]
+    assert_same_step(lora_reference, tmp_path / "two", 1)
+    wa = load_file(lora_reference / "checkpoint-00000001" / "model-transformer.safetensors")
+    wb = load_file(tmp_path / "two" / "final" / "lora" / "pytorch_lora_weights.safetensors")
+    assert len(wb) == len(wa)  # the export gathered every adapter tensor
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_dpo_three_steps_and_resume_across_world_sizes(toy_dist_dir, lora_reference, tmp_path):
+    """3 FSDP2 steps equal the reference; its step-2 checkpoint resumes in 1 process, and the
+    reference's step-2 checkpoint resumes in 2 FSDP2 processes, both ending on the reference's step 3."""
+    two = tmp_path / "two"
+    launch(FSDP2_CPU, toy_dist_dir, two, "lora", 3)
+    for step in (1, 2, 3):
+        assert_same_step(lora_reference, two, step)
+    assert_same_export(lora_reference, two, LORA_FILES)
+
+    two_to_one = tmp_path / "two-to-one"
+    one_process(toy_dist_dir, two_to_one, "lora", 3, resume=str(two / "checkpoint-00000002"))
+    assert_same_step(lora_reference, two_to_one, 3)
+    assert_same_export(lora_reference, two_to_one, LORA_FILES)
+
+    one_to_two = tmp_path / "one-to-two"
+    launch(FSDP2_CPU, toy_dist_dir, one_to_two, "lora", 3, f"resume={lora_reference / 'checkpoint-00000002'}")
+    assert_same_step(lora_reference, one_to_two, 3)
+    assert_same_export(lora_reference, one_to_two, LORA_FILES)
+
+
+@pytest.mark.slow
+def test_fsdp2_full_finetune_dpo_equals_one_process(toy_dist_dir, tmp_path):
+    """Full fine-tune: the policy and the frozen reference copy are both sharded; 3 steps equal one
+    process (the transformer as one FSDP unit, see the module docstring)."""
+    one = tmp_path / "one"
+    one_process(toy_dist_dir, one, "full", 3)
+    two = tmp_path / "two"
+    log = launch(FSDP2_CPU, toy_dist_dir, two, "full", 3, "wrap=none")
+    assert "REF-SHARDED=True" in log and "SHARDED=0/" not in log, log[-3000:]
+    for step in (1, 2, 3):
+        assert_same_step(one, two, step)
+    assert_same_export(one, two, FULL_FILES)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_zero2_lora_dpo_equals_one_process_and_resumes(toy_dist_dir, lora_reference, tmp_path):
+    """2 ZeRO-2 steps equal the reference (the engine clips, steps and keeps the fp32 Adam state);
+    the reference's step-2 checkpoint resumes under ZeRO-2 and ends on the reference's step 3."""
+    two = tmp_path / "two"
+    log = launch(ZERO2_CPU, toy_dist_dir, two, "lora", 2)
+    assert "TYPE=DistributedType.DEEPSPEED" in log, log[-3000:]
+    for step in (1, 2):
+        assert_same_step(lora_reference, two, step)
+    resumed = tmp_path / "resumed"
+    launch(ZERO2_CPU, toy_dist_dir, resumed, "lora", 3, f"resume={lora_reference / 'checkpoint-00000002'}")
+    assert_same_step(lora_reference, resumed, 3)
+    assert_same_export(lora_reference, resumed, LORA_FILES)
+    shutil.rmtree(two)
