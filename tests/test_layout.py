@@ -19,13 +19,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "flowalign"
 # Bottom to top. A module's layer is that of its first name under ``flowalign`` (``flowalign.models.sd3``
 # -> "models"); the package's own ``__init__`` is in the bottom layer, ``__main__`` on top.
 LAYERS: list[tuple[str, ...]] = [
-    ("__init__", "flow", "formats", "config"),  # the time convention, file formats, the config loader
+    (
+        "__init__",
+        "flow",
+        "formats",
+        "files",
+        "validation",
+        "config",
+    ),  # conventions, file rules, the config loader
     ("objectives", "data"),  # pure losses; media, tables, prompts, preference pairs
     ("toy",),  # the toy world: scenes, renders, language, exact oracles, toy datasets, metrics
     ("models",),  # model families (the toy family builds its vocabulary from toy.world), LoRA, time grids
     ("sampling", "rewards", "tokenizers"),
     ("pipelines",),
     ("training",),
+    ("planning",),  # memory plans from the published architectures and the training recipes
     ("workflows",),  # sample -> score -> pair
     ("evals",),
     ("experiments",),  # the toy experiments and the demo
@@ -57,7 +65,6 @@ EXCEPTIONS: dict[str, str] = {
     "evals.summary:_summarise_set": _ORCHESTRATION,
     "models.toy:build_toy_pipeline": "builds the four components of a toy model (one over the limit)",
     "objectives.bt_ties:btt_loss": "34 lines of docstring with the BTT equations; the computation is short",
-    "pipelines.generate_files:generate_files": "the seeded batched generation loop with resume (one over)",
     "rewards.scoring:score_files": _ORCHESTRATION,
     "rewards.videoreward:load_videoreward": "resolves and checks the checkpoint, config and processor in one",
     "tokenizers.files:reconstruct_files": "reconstruction with its metrics and write-out in one function",
