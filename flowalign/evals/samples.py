@@ -16,6 +16,7 @@ from typing import Any
 from flowalign.evals.prompt_sets import PromptSet
 from flowalign.evals.types import EvalOptions, ModelSpec, Sample, digest, failure, relative_path, safe_name
 from flowalign.pipelines.generate_files import MANIFEST, GenerationSettings, read_manifest
+from flowalign.validation import check_number
 
 __all__ = [
     "SampleGenerator",
@@ -71,8 +72,15 @@ def sweep_guidance(specs: dict[str, ModelSpec], scales: Sequence[float]) -> dict
     """
     if not scales:
         raise ValueError("guidance sweep: give at least one guidance scale")
-    if len(set(scales)) != len(scales) or any(g < 1 for g in scales):
-        raise ValueError(f"guidance sweep: scales must be distinct and >= 1, got {list(scales)}")
+    try:
+        for g in scales:  # NaN passes a plain "g < 1" test
+            check_number(g, "scale", lo=1.0)
+        if len(set(scales)) != len(scales):
+            raise ValueError("repeated scale")
+    except ValueError:
+        raise ValueError(
+            f"guidance sweep: scales must be distinct and >= 1 (finite), got {list(scales)}"
+        ) from None
     swept = {}
     for name, spec in specs.items():
         if "guidance_scale" in spec.settings:

@@ -15,7 +15,7 @@ from flowalign.files import exclusive_lock, first_difference
 from flowalign.models.base import FlowModel
 from flowalign.pipelines.text_to_media import FlowPipeline
 from flowalign.sampling.guidance import VelocityTransform
-from flowalign.validation import short_repr
+from flowalign.validation import check_number, short_repr
 
 MANIFEST = "manifest.jsonl"
 LOCK = ".manifest.lock"  # held by the process writing the folder (see generate_files)
@@ -127,7 +127,9 @@ def generate_files(
         raise ValueError("no prompts given: the prompt list is empty")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_numbers(settings)  # what was asked (0 steps is not "the default")
     settings = resolve_defaults(settings, model)
+    _check_numbers(settings)  # and what the family's defaults filled in
     model.check_size(settings.height, settings.width, settings.num_frames)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +149,21 @@ def generate_files(
             model, todo, out_dir, settings, record, batch_size=batch_size, model_name=model_name,
             velocity_transforms=velocity_transforms, transforms_factory=transforms_factory, progress=progress,
         )  # fmt: skip
+
+
+def _check_numbers(settings: GenerationSettings) -> None:
+    """Refuse NaN, infinite and out-of-range settings before anything is sampled (naming the setting)."""
+    for name, lo, integer in (
+        ("num_inference_steps", 1, True),
+        ("guidance_scale", 0, False),
+        ("true_cfg_scale", 0, False),
+        ("samples_per_prompt", 1, True),
+        ("seed", 0, True),
+        ("fps", 0, False),
+    ):
+        value = getattr(settings, name)
+        if value is not None:  # None: the family has no such setting
+            check_number(value, f"generation setting {name}", lo=lo, lo_open=name == "fps", integer=integer)
 
 
 def _check_resume(

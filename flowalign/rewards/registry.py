@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from flowalign.rewards.base import RewardModel
+from flowalign.validation import check_number, short_repr
 
 __all__ = ["available_rewards", "load_reward", "parse_reward_spec", "register_reward"]
 
@@ -106,7 +107,8 @@ def parse_reward_spec(spec: str) -> tuple[str, dict[str, Any]]:
     Values are read as JSON when they parse (numbers, true/false, null), else kept as strings.
 
     Raises:
-        ValueError: an empty name, an option without ``=``, or an option given twice (quoting it).
+        ValueError: an empty name, an option without ``=``, an option given twice, or a number that is
+            NaN or infinite (quoting it).
     """
     name, _, rest = spec.partition(":")
     name = name.strip()
@@ -124,4 +126,6 @@ def parse_reward_spec(spec: str) -> tuple[str, dict[str, Any]]:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value.strip()
+        if isinstance(options[key], float):  # JSON reads NaN and Infinity too
+            check_number(options[key], f"reward spec {short_repr(spec)}: option {key!r}")
     return name, options

@@ -117,3 +117,46 @@ def test_long_values_are_cut_short_in_error_messages(tmp_path):
     assert len(str(info.value)) < 1000
     assert len(short_repr("y" * 10**6)) <= MAX_SHOWN + 30 and len(short_repr(list(range(10**6)))) < 40
     rel_summary.count("numbers", "million-character values: messages under 1000 characters", 6)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_reward_spec_numbers_must_be_finite(value):
+    from flowalign.rewards.registry import parse_reward_spec
+
+    with pytest.raises(ValueError, match="option 'scale'"):
+        parse_reward_spec(f"clip:scale={value}")
+    assert parse_reward_spec("clip:scale=2.5") == ("clip", {"scale": 2.5})
+    rel_summary.count("numbers", "non-finite reward-spec options refused")
+
+
+def test_a_guidance_sweep_refuses_nan_and_infinity():
+    from flowalign.evals.samples import sweep_guidance
+
+    for scales in ([1.0, math.nan], [math.inf], [0.5]):
+        with pytest.raises(ValueError, match="guidance sweep"):
+            sweep_guidance({}, scales)
+    rel_summary.count("numbers", "guidance sweeps with nan / inf / < 1 refused", 3)
+
+
+def test_generation_settings_are_checked_before_sampling(tmp_path):
+    from flowalign.models import load_flow_model
+    from flowalign.models.toy import build_toy_pipeline
+    from flowalign.pipelines.generate_files import GenerationSettings, generate_files
+
+    build_toy_pipeline("image", size=16, width=32, num_layers=1, text_width=16, seed=0).save_pretrained(
+        str(tmp_path / "m"), safe_serialization=True
+    )
+    model = load_flow_model(tmp_path / "m")
+    bad = {
+        "guidance_scale": math.nan,
+        "true_cfg_scale": math.inf,
+        "num_inference_steps": 0,
+        "fps": 0,
+        "samples_per_prompt": 0,
+    }
+    for name, value in bad.items():
+        settings = GenerationSettings(**{"height": 16, "width": 16, "num_inference_steps": 1, name: value})
+        with pytest.raises(ValueError, match=f"generation setting {name}"):
+            generate_files(model, ["a red circle"], tmp_path / "out", settings, progress=False)
+        assert not (tmp_path / "out" / "manifest.jsonl").exists()  # refused before anything was written
+    rel_summary.count("numbers", "bad generation settings refused before sampling", len(bad))
