@@ -43,7 +43,7 @@ class DemoConfig:
     """"base" (about 6 minutes on 2 CPU cores with a fresh cache), optionally "dpo" (about 3 more) and
     "onestep" (f-distill and Diff-Instruct* on the toy teacher, about 7 more)."""
     base_steps: int = 900
-    """Flow-matching steps of the demo's toy base model. The experiment tables in the README use the
+    """Flow-matching steps of the demo's toy base model. The experiment tables in docs/results.md use the
     1,500-step base (``ToyBaseRecipe()``); the demo trains a shorter one so that a fresh machine
     finishes within ten minutes. Each step count is cached separately."""
     num_samples: int = 256

@@ -6,7 +6,7 @@
 
 with x0_hat the denoiser's clean-video prediction from x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps,
 D_x the number of video elements per sample, and videos in [-1, 1]. The paper names the three
-terms but publishes no weights, time distribution or schedule (docs/algorithms.md 4.2, 6.5).
+terms but publishes no weights, time distribution or schedule (docs/algorithms.md 4.2).
 
 Weights here (choices, not the paper's):
 - ``mse_weight = 1``.

@@ -5,7 +5,7 @@ dim 0, i.e. a [2P, ...] batch is ``[w_0, ..., w_{P-1}, l_0, ..., l_{P-1}]``, whe
 (w_i, l_i) and both members share one noise draw and one t. ``torch.cat([x_w, x_l])`` builds it and
 :func:`velocity_errors_for_pairs` splits it.
 
-Beta conventions (docs/algorithms.md 1B, 5.1, 6.1/6.6). Errors may be a per-element *mean* (the
+Beta conventions (docs/algorithms.md 1B, 5.1). Errors may be a per-element *mean* (the
 reference code, ``reduction="mean"``) or a *sum* (the papers' squared norm). The loss is linear in
 beta times the errors, so (mean, beta) equals (sum, beta / D) with D the elements per sample.
 ``beta`` here multiplies whatever errors you pass, with the 1/2 of the reference code inside:

@@ -55,7 +55,7 @@ def test_flow_dpo_without_guidance_raises_video_text_alignment(tmp_path):
     ta +0.013 ± 0.004 (shape +0.062 ± 0.015), mq +0.037 ± 0.009, vq −0.010 ± 0.001.
 
     Without classifier-free guidance the base's text alignment is 0.946 (0.986 at guidance 3): its
-    candidates differ in shape, so best-vs-worst pairs carry what DPO needs (README, toy video alignment).
+    candidates differ in shape, so best-vs-worst pairs carry what DPO needs (docs/results.md, toy video alignment).
     """
     torch.set_num_threads(2)
     base = toy_base_model("video")

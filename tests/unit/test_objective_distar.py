@@ -1,4 +1,4 @@
-"""Properties of flowalign.objectives.distar (Diff-Instruct*, docs/algorithms.md 3 and the checks of 3.6)."""
+"""Properties of flowalign.objectives.distar (Diff-Instruct*, docs/algorithms.md 3 and the checks listed in 3.5)."""
 
 from __future__ import annotations
 
