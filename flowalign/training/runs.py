@@ -208,16 +208,28 @@ class RWRRun:
 class PairDataset(Dataset):
     """Preference pairs as training items for :class:`FlowDPO`.
 
-    Ties are dropped unless ``keep_ties`` (the count is logged). With ``buckets`` every pair is
+    Each pair is ordered by its single label, or by the ``Overall`` dimension of multi-dimensional
+    labels (VideoAlign); ties on it are dropped unless ``keep_ties`` (the count is logged). With ``buckets`` every pair is
     resized and cropped into its aspect-ratio bucket and each global batch comes from one bucket
     (:mod:`flowalign.data.buckets`); without, the two media of a pair must have one size (else one
     :class:`DataError` naming the row).
     """
 
-    def __init__(self, path: str | Path, *, keep_ties: bool = True, buckets: BucketConfig | None = None):
+    def __init__(self, path: str | Path, *, keep_ties: bool = False, buckets: BucketConfig | None = None):
         from flowalign.data.preference import load_preference_dataset
 
-        pairs = load_preference_dataset(path, keep_ties=keep_ties)
+        pairs = load_preference_dataset(path)
+        order_by = pairs.order_by
+        if order_by is None:  # multi-dimensional labels: the overall one orders each pair
+            order_by = next((d for d in pairs.dimensions if d.lower() == "overall"), None)
+            if order_by is None:
+                raise DataError(
+                    pairs.path,
+                    f"DPO needs one preference per pair; the labels have dimensions {list(pairs.dimensions)} "
+                    "and none is 'Overall'",
+                )
+        if order_by != pairs.order_by or not keep_ties:
+            pairs = load_preference_dataset(path, order_by=order_by, keep_ties=keep_ties)
         self.pairs = BucketedPairs(pairs, buckets) if buckets is not None else pairs
         if buckets is not None:  # the loop's data cursor then takes each global batch from one bucket
             self.batch_order = self.pairs.batch_order

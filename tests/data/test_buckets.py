@@ -251,3 +251,16 @@ def test_media_info_reads_headers_without_decoding(tmp_path: Path) -> None:
     np.save(tmp_path / "v.npy", np.zeros((3, 4, 6, 3), dtype=np.uint8))
     info = media_info(tmp_path / "v.npy")
     assert (info.frames, info.height, info.width) == (3, 4, 6)
+
+
+def test_dpo_pairs_of_multi_dimensional_labels_follow_overall(tmp_path: Path) -> None:
+    a, b = _image(tmp_path, "a.png", 0, 8, 8), _image(tmp_path, "b.png", 1, 8, 8)
+    c, d = _image(tmp_path, "c.png", 2, 8, 8), _image(tmp_path, "d.png", 3, 8, 8)
+    csv = tmp_path / "align.csv"
+    csv.write_text(f"prompt,path_A,path_B,VQ,MQ,Overall\np0,{a},{b},A,B,B\np1,{c},{d},A,A,same\n")
+    data = PairDataset(csv)
+    assert len(data) == 1 and data.pairs.ties_dropped == 1
+    assert torch.equal(data[0]["media_w"], colour_image(1, 8, 8))  # Overall = B: B is the chosen one
+    csv.write_text(f"prompt,path_A,path_B,VQ,MQ\np0,{a},{b},A,B\n")
+    with pytest.raises(DataError, match=r"align\.csv: DPO needs one preference per pair"):
+        PairDataset(csv)
