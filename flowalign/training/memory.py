@@ -67,7 +67,9 @@ def _blockwise(module: nn.Module) -> int:
         if _native(child):
             count += 1
         elif isinstance(child, nn.ModuleList | nn.ModuleDict):
-            count += sum(_checkpoint_block(block) for block in child.children())
+            for block in child.children():  # a container inside a container is searched again
+                is_container = isinstance(block, nn.ModuleList | nn.ModuleDict)
+                count += _blockwise(nn.ModuleList([block])) if is_container else _checkpoint_block(block)
         else:
             count += _blockwise(child)
     return count

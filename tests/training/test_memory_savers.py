@@ -102,3 +102,27 @@ def test_blockwise_checkpointing_recomputes_and_keeps_gradients() -> None:
 def test_checkpointing_refuses_a_module_without_blocks() -> None:
     with pytest.raises(ValueError, match=r"trainable module 'head' \(Linear\) has no"):
         enable_gradient_checkpointing(nn.Linear(2, 2), "head")
+
+
+def test_latent_reward_trunk_blocks_checkpoint_with_equal_gradients(tiny_model_dir) -> None:
+    from flowalign.models import load_flow_model
+    from flowalign.rewards.latent import LatentRewardModel
+
+    model = load_flow_model(str(tiny_model_dir("sd3")))
+    with torch.no_grad():
+        cond, _ = model.encode_prompt(["a cat", "a dog"])
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 16, 8, 8, generator=g), torch.rand(2, generator=g)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        net = LatentRewardModel.from_flow_model(model, dimensions=["a"], num_blocks=2).train()
+        if checkpointing:
+            enable_gradient_checkpointing(net, "latent_reward")
+            wrapped = {n for n, m in net.named_modules() if hasattr(m, "_flowalign_plain_forward")}
+            assert {"trunk.blocks.0", "trunk.blocks.1", "heads.a"} <= wrapped
+        net(x, t, cond)["a"].sum().backward()
+        grads.append([p.grad for p in net.parameters()])
+    for a, b in zip(*grads, strict=True):
+        # fp32 on the CPU, the same operations recomputed: equal up to a few roundings
+        assert float((a - b).abs().max()) <= 64 * torch.finfo(torch.float32).eps * float(a.abs().max())
