@@ -6,7 +6,9 @@ them: memory for activations drops from every layer's to about one block's, for 
 
 1. the module's own switch: diffusers models that support it (``enable_gradient_checkpointing``)
    and the package's own modules with that method;
-2. transformers models (``gradient_checkpointing_enable``, non-reentrant), e.g. a trained text encoder;
+2. transformers models (``activation_checkpointing_enable`` or, in older releases,
+   ``gradient_checkpointing_enable``; non-reentrant), e.g. a text encoder trained by SFT, and
+   open_clip / timm towers (``set_grad_checkpointing``), e.g. a reward model's CLIP;
 3. otherwise block-wise checkpointing: every element of each ``nn.ModuleList``/``nn.ModuleDict``
    found below the module (not inside a submodule handled by 1 or 2) runs under
    ``torch.utils.checkpoint`` (non-reentrant) while gradients are on and the module trains. This
@@ -52,10 +54,15 @@ def _native(module: nn.Module) -> bool:
     ):
         module.enable_gradient_checkpointing()
         return True
-    if getattr(module, "supports_gradient_checkpointing", False) and callable(
-        getattr(module, "gradient_checkpointing_enable", None)
-    ):
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(module, "supports_gradient_checkpointing", False):
+        if callable(getattr(module, "activation_checkpointing_enable", None)):  # transformers >= 5.x
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            return True
+        if callable(getattr(module, "gradient_checkpointing_enable", None)):
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return True
+    if callable(getattr(module, "set_grad_checkpointing", None)):  # open_clip / timm towers
+        module.set_grad_checkpointing(True)
         return True
     return False
 
