@@ -188,7 +188,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     """Clip the global gradient norm of each parameter group to this value (None = no clipping)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (calls ``enable_gradient_checkpointing`` on trainable modules)."""
+    """Recompute activations in the backward pass instead of storing them, for every trainable module of
+    every method: the module's own switch (diffusers, transformers, open_clip) or else block-wise
+    checkpointing of its ModuleList/ModuleDict elements (see ``flowalign.training.memory``)."""
     log_every: int = 10
     """Write metrics (metrics.jsonl, tensorboard) every this many steps."""
     max_nan_steps_in_row: int = 5

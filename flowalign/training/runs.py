@@ -174,7 +174,8 @@ class DPORun:
     model: str
     """Hub id or folder of the base (reference) model."""
     data: str
-    """A preference dataset: pairs.jsonl, a VideoAlign csv, a Pick-a-Pic parquet (file or folder)."""
+    """A preference dataset: pairs.jsonl, a VideoAlign csv, a Pick-a-Pic parquet (file or folder), a
+    ``datasets`` save_to_disk folder, or ``hf:<dataset id>`` from the hub (the ``data`` extra)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     lora: LoraConfig | None = field(default_factory=LoraConfig)
