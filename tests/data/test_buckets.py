@@ -264,3 +264,24 @@ def test_dpo_pairs_of_multi_dimensional_labels_follow_overall(tmp_path: Path) ->
     csv.write_text(f"prompt,path_A,path_B,VQ,MQ\np0,{a},{b},A,B\n")
     with pytest.raises(DataError, match=r"align\.csv: DPO needs one preference per pair"):
         PairDataset(csv)
+
+
+def test_clip_sampled_at_a_target_fps_from_its_own_rate(tmp_path: Path) -> None:
+    pytest.importorskip("av", reason="mp4 frame counts come from PyAV (the video extra)")
+    # 12 frames at 24 fps, frame k a flat grey of level k / 11; at 8 fps every third frame is taken
+    levels = torch.linspace(0, 1, 12)
+    clip = levels.view(12, 1, 1, 1).expand(12, 3, 32, 48).contiguous()
+    save_video(clip, tmp_path / "a.mp4", fps=24)
+    save_video(clip.flip(0), tmp_path / "b.mp4", fps=24)
+    save_video(clip[:8], tmp_path / "c.mp4", fps=24)
+    save_video(clip[:8].flip(0), tmp_path / "d.mp4", fps=24)
+    info = media_info(tmp_path / "a.mp4")
+    assert (info.height, info.width) == (32, 48) and info.fps == pytest.approx(24)
+    rows = [("kept", "a.mp4", "b.mp4"), ("too short at 8 fps", "c.mp4", "d.mp4")]
+    cfg = BucketConfig(resolution=40, aspect_ratios=[3 / 2], multiple=8, num_frames=4, fps=8)
+    data = BucketedPairs(load_preference_dataset(_write_pairs(tmp_path, rows)), cfg)
+    assert len(data) == 1 and sum(data.skipped.values()) == 1
+    got = data[0].media_w.mean(dim=(1, 2, 3))
+    # each frame is identified by its nearest grey level (levels are 1/11 apart, far above the
+    # lossy codec's error on a flat frame): frames 0, 3, 6, 9
+    assert (got[:, None] - levels[None]).abs().argmin(dim=1).tolist() == [0, 3, 6, 9]
