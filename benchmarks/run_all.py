@@ -79,6 +79,20 @@ def parse_dpo_step(out: str, data: dict | None) -> list[Measure]:
     ]  # fmt: skip
 
 
+def parse_dpo_step_cache(out: str, data: dict | None) -> list[Measure]:
+    m = _find(
+        r"speed-up \(per-step / cached\): ([\d.]+)x; peak RSS ratio \(cached / per-step\): ([\d.]+); "
+        r"step-module memory ratio \(cached / per-step\): ([\d.]+)",
+        out,
+        "dpo_step_cache",
+    )
+    return [
+        Measure("DPO step, cached prompts", float(m[1]), "per-step encoding / cached embeddings (> 1: cache faster)"),
+        Measure("DPO step peak RSS, cached", float(m[2]), "cached / per-step, process peak RSS (CPU keeps encoders in RAM)"),
+        Measure("DPO step modules, cached", float(m[3]), "cached / per-step, weights placed on the device (< 1: smaller)"),
+    ]  # fmt: skip
+
+
 def parse_score(out: str, data: dict | None) -> list[Measure]:
     if data is None:
         raise ValueError("score: no --json output")
@@ -160,6 +174,7 @@ def parse_eval(out: str, data: dict | None) -> list[Measure]:
 
 BENCHES = [
     Bench("dpo_step", ["--steps", "5", "--warmup", "1"], ["--resolution", "64", "--steps", "2", "--warmup", "1"], parse_dpo_step),
+    Bench("dpo_step_cache", [], ["--layers", "6", "--hidden", "256", "--steps", "2"], parse_dpo_step_cache),
     Bench("score", ["--threads", "1"], ["--threads", "1", "--num-images", "16", "--repeats", "2"], parse_score, json_flag=True),
     Bench("generate", [], ["--steps", "4", "--batch", "1", "--repeats", "2"], parse_generate),
     Bench("nrg", [], ["--steps", "4", "--batch", "1", "--repeats", "2"], parse_nrg),

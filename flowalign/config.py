@@ -79,6 +79,10 @@ def _check(condition: bool, key: str, reason: str) -> None:
 class OptimConfig:
     """AdamW and its learning-rate schedule (one optimizer per parameter group)."""
 
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """"adamw" (torch) or "adamw8bit": bitsandbytes' AdamW with both moments stored in 8 bits
+    (block-wise quantised; 2 bytes of state per parameter instead of 8), for big full fine-tunes.
+    Needs the ``bitsandbytes`` extra; tensors under 4096 elements keep 32-bit state."""
     lr: float = 1e-4
     """Peak learning rate (reached after ``warmup_steps``)."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -88,7 +92,8 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     fused: bool | None = None
-    """Fused AdamW kernel: None = use it on CUDA only, True = always (fails where torch lacks it), False = never."""
+    """Fused AdamW kernel: None = use it on CUDA only, True = always (fails where torch lacks it), False = never
+    (torch's AdamW only)."""
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Learning-rate shape after warm-up: constant, linear decay to 0, or half-cosine decay to 0 at max_steps."""
     warmup_steps: int = 0
@@ -116,6 +121,10 @@ class LoraConfig:
     """Dropout on the LoRA branch input."""
     init: Literal["default", "gaussian"] = "default"
     """peft init of A: "default" (Kaiming-uniform) or "gaussian" (N(0, 1/rank)); B = 0 in both, so training starts at the base model."""
+    export_merged: bool = True
+    """At the end of a DPO/RWR run also write the whole model with the adapters merged (next to
+    ``lora/``), merged on the CPU in the base's dtype; false writes the LoRA file only (small and
+    fast; diffusers' ``load_lora_weights`` reads it)."""
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
@@ -129,7 +138,8 @@ class EMAConfig:
     """Exponential moving average of the trainable weights (an fp32 shadow copy)."""
 
     use: bool = False
-    """Keep an EMA of the trainable parameters (saved in checkpoints, exported to ``final-ema/``)."""
+    """Keep an fp32 EMA of the trained parameters only (``requires_grad``: for a LoRA run the adapters,
+    never the frozen base; saved in checkpoints, exported to ``final-ema/``)."""
     decay: float = 0.9999
     """shadow <- decay * shadow + (1 - decay) * param, at each EMA update."""
     every: int = 1
@@ -183,7 +193,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     """Clip the global gradient norm of each parameter group to this value (None = no clipping)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (calls ``enable_gradient_checkpointing`` on trainable modules)."""
+    """Recompute activations in the backward pass instead of storing them, for every trainable module of
+    every method: the module's own switch (diffusers, transformers, open_clip) or else block-wise
+    checkpointing of its ModuleList/ModuleDict elements (see ``flowalign.training.memory``)."""
     log_every: int = 10
     """Write metrics (metrics.jsonl, tensorboard) every this many steps."""
     max_nan_steps_in_row: int = 5

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -87,6 +88,8 @@ _MEDIA_COLUMNS = (
 )
 _DIMENSION_COLUMNS = ("VQ", "MQ", "TA", "Overall")
 _AUTO = "auto"
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -220,10 +223,14 @@ class PreferenceDataset(Dataset[PreferencePair]):
             )
         self.order_by = order_by
         self._index = list(range(table.num_rows))
+        self.ties_dropped = 0
+        """Rows dropped as ties on ``order_by`` (``keep_ties=False``), also logged."""
         if not keep_ties:
             if order_by is None:
                 raise ValueError("keep_ties=False needs order_by (which dimension decides a tie)")
             self._index = [i for i in self._index if self._check_row(i).labels[order_by] != LABEL_TIE]
+            self.ties_dropped = table.num_rows - len(self._index)
+            logger.warning("%s: dropped %d tie rows of %d", self.path, self.ties_dropped, table.num_rows)
         if not self._index:
             raise DataError(
                 self.path, "dataset has no rows" + ("" if keep_ties else " once ties are dropped")
@@ -378,6 +385,19 @@ class PreferenceDataset(Dataset[PreferencePair]):
         else:
             media_w, media_l, labels = canonicalise_pair(media_a, media_b, row.labels, order_by=self.order_by)
         return PreferencePair(row.prompt, media_w, media_l, labels, f"{self.path} {row.where}", row.meta)
+
+    def prompt(self, index: int) -> str:
+        """The prompt of item ``index`` (reads the row only; no media decoded)."""
+        return self._check_row(self._index[index]).prompt
+
+    def media_sources(self, index: int) -> tuple[str, tuple[Path | bytes, Path | bytes]]:
+        """``(where, (media_w, media_l))`` of item ``index`` as files or encoded bytes, in the order
+        :meth:`__getitem__` gives them (for reading headers without decoding pixels)."""
+        row = self._check_row(self._index[index])
+        a, b = (r.path if r.data is None else r.data for r in (row.ref_a, row.ref_b))
+        if self.order_by is not None:
+            a, b, _ = canonicalise_pair(a, b, row.labels, order_by=self.order_by)
+        return row.where, (a, b)
 
     def validate(self, *, decode: bool = False, max_errors: int = 20) -> int:
         """Check every row: prompt, labels, paths (inside root, existing, distinct), bytes.

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from flowalign.data.errors import DataError
 
-__all__ = ["Table", "csv_rows", "open_table"]
+__all__ = ["HUB_PREFIX", "Table", "csv_rows", "open_table"]
 
 
 class Table(Protocol):
@@ -188,20 +188,37 @@ class _ParquetTable:
         return f"{self._files[k].name} row {local}" if self._is_folder else f"row {local}"
 
 
-class _HFTable:
-    """A ``datasets`` folder written by ``save_to_disk``; images kept as encoded bytes."""
+HUB_PREFIX = "hf:"
+"""``hf:<dataset id>`` (or ``hf:<folder>``) opens a dataset through ``datasets.load_dataset``."""
 
-    def __init__(self, path: Path, split: str | None) -> None:
+
+def _import_datasets(path: Path | str):
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError(
+            path, "reading Hugging Face datasets needs the 'datasets' package: pip install 'flowalign[data]'"
+        ) from exc
+    return datasets
+
+
+class _HFTable:
+    """A ``datasets`` Dataset (a ``save_to_disk`` folder or a hub id); images kept as encoded bytes."""
+
+    def __init__(self, path: Path, split: str | None, *, hub_id: str | None = None) -> None:
+        datasets = _import_datasets(path)
         try:
-            import datasets
-        except ImportError as exc:
-            raise DataError(
-                path, "reading a save_to_disk folder needs the optional 'datasets' package"
-            ) from exc
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as exc:  # datasets raises FileNotFoundError/ValueError/ArrowInvalid
-            raise DataError(path, f"cannot load with datasets.load_from_disk ({exc})") from exc
+            if hub_id is not None:
+                ds = datasets.load_dataset(hub_id, split=split or "train")
+            else:
+                ds = datasets.load_from_disk(str(path))
+        except Exception as exc:  # datasets raises FileNotFoundError/ValueError/ArrowInvalid/hub errors
+            how = (
+                f"datasets.load_dataset({hub_id!r}, split={split or 'train'!r})"
+                if hub_id
+                else "load_from_disk"
+            )
+            raise DataError(path, f"cannot load with {how} ({exc})") from exc
         if isinstance(ds, datasets.DatasetDict):
             if split is None and len(ds) == 1:
                 split = next(iter(ds))
@@ -212,12 +229,14 @@ class _HFTable:
             if split not in ds:
                 raise DataError(path, f"split {split!r} not found; choose one of {sorted(ds)} with split=")
             ds = ds[split]
-        elif split is not None:
+        elif split is not None and hub_id is None:
             raise DataError(path, f"split={split!r} given but the folder holds a single Dataset")
         for name, feature in ds.features.items():
             if isinstance(feature, datasets.Image):
                 ds = ds.cast_column(name, datasets.Image(decode=False))  # rows give {"bytes", "path"}
-        self.path, self.default_root = path, path
+        local = hub_id is not None and Path(hub_id).is_dir()
+        self.path = path
+        self.default_root = Path(hub_id) if local else (Path.cwd() if hub_id else path)
         self._ds = ds
         self.columns = list(ds.column_names)
         self.num_rows = len(ds)
@@ -230,11 +249,13 @@ class _HFTable:
 
 
 def open_table(path: str | os.PathLike[str], *, split: str | None = None) -> Table:
-    """Open a jsonl, csv/tsv or parquet file, a folder of parquet shards, or a HF datasets folder.
+    """Open a jsonl, csv/tsv or parquet file, a folder of parquet shards, a HF datasets folder, or
+    ``hf:<id>``: a dataset on the Hugging Face hub (or a local dataset folder) read with
+    ``datasets.load_dataset`` (downloaded whole into the ``datasets`` cache; needs the ``data`` extra).
 
     Args:
-        path: the file or folder.
-        split: for a HF ``DatasetDict`` folder, which split to read.
+        path: the file or folder, or ``hf:<id>``.
+        split: for a HF ``DatasetDict`` folder or a hub id, which split to read (hub default: train).
 
     Returns:
         A :class:`Table`.
@@ -242,6 +263,11 @@ def open_table(path: str | os.PathLike[str], *, split: str | None = None) -> Tab
     Raises:
         DataError: missing path, unknown format, or an unreadable file (naming the line).
     """
+    if str(path).startswith(HUB_PREFIX):
+        hub_id = str(path)[len(HUB_PREFIX) :]
+        if not hub_id:
+            raise DataError(path, "empty dataset id after 'hf:'")
+        return _HFTable(Path(str(path)), split, hub_id=hub_id)
     path = Path(path)
     if not path.exists():
         raise DataError(path, "does not exist")

@@ -105,18 +105,36 @@ class DataCursor:
         self._normalise()
 
     def _normalise(self) -> None:
-        if self.position + self.global_batch > self.n:  # the tail cannot fill a global batch
+        if self.position + self.global_batch > len(self.order(self.epoch)):  # the tail cannot fill a batch
             self.epoch, self.position, self._iter = self.epoch + 1, 0, None
 
     def order(self, epoch: int) -> list[int]:
-        """The dataset order of ``epoch`` (independent of the process count and batch sizes)."""
-        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, "data", "order", 0))
-        return torch.randperm(self.n, generator=g).tolist()
+        """The dataset order of ``epoch`` (independent of the process count and batch sizes).
+
+        A dataset with ``batch_order(global_batch, seed=, epoch=)`` (bucketed media) gives its own
+        order, in which each run of ``global_batch`` items shares one bucket (it may leave items out).
+        """
+        cached = getattr(self, "_order", None)
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        batch_order = getattr(self.dataset.dataset, "batch_order", None)
+        if batch_order is not None:
+            order = batch_order(self.global_batch, seed=self.seed, epoch=epoch)
+            if len(order) < self.global_batch:
+                raise ValueError(
+                    f"no bucket holds a full global batch of {self.global_batch} items; lower batch_size "
+                    "or use fewer buckets"
+                )
+        else:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, "data", "order", 0))
+            order = torch.randperm(self.n, generator=g).tolist()
+        self._order = (epoch, order)
+        return order
 
     def _open(self) -> Iterator:
         order = self.order(self.epoch)
         batches = []
-        for start in range(self.position, self.n - self.global_batch + 1, self.global_batch):
+        for start in range(self.position, len(order) - self.global_batch + 1, self.global_batch):
             for k in range(self.accum):
                 lo = start + (k * self.num_processes + self.process_index) * self.micro_batch
                 batches.append(order[lo : lo + self.micro_batch])

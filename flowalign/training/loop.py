@@ -53,6 +53,7 @@ from flowalign.training.checkpoint import (
     save_checkpoint,
 )
 from flowalign.training.ema import EMA
+from flowalign.training.memory import enable_gradient_checkpointing
 from flowalign.training.method import Method, StepContext
 from flowalign.training.optim import build_lr_scheduler, build_optimizer
 
@@ -251,12 +252,7 @@ class _Run:
             if not any(p.requires_grad for p in module.parameters()):
                 raise ValueError(f"trainable module {name!r} has no parameter with requires_grad=True")
             if cfg.gradient_checkpointing:
-                if not hasattr(module, "enable_gradient_checkpointing"):
-                    raise ValueError(
-                        f"gradient_checkpointing=True but trainable module {name!r} ({type(module).__name__}) "
-                        "has no enable_gradient_checkpointing()"
-                    )
-                module.enable_gradient_checkpointing()
+                enable_gradient_checkpointing(module, name)
             module.train()
         for module in method.frozen_modules().values():
             module.to(self.device).eval()

@@ -1,4 +1,4 @@
-"""AdamW per parameter group and its learning-rate schedule (warm-up, then constant/linear/cosine)."""
+"""AdamW (torch, or 8-bit from bitsandbytes) per parameter group and its learning-rate schedule (warm-up, then constant/linear/cosine)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,18 @@ from torch import nn
 
 from flowalign.config import OptimConfig
 
-__all__ = ["build_lr_scheduler", "build_optimizer", "lr_multiplier"]
+__all__ = ["adamw_8bit", "build_lr_scheduler", "build_optimizer", "lr_multiplier"]
 
 
 def build_optimizer(
     params: list[nn.Parameter], cfg: OptimConfig, *, device: torch.device
-) -> torch.optim.AdamW:
-    """AdamW over ``params`` with ``cfg``; the fused kernel on CUDA when ``cfg.fused`` is None."""
+) -> torch.optim.Optimizer:
+    """AdamW over ``params`` with ``cfg``: torch's (the fused kernel on CUDA when ``cfg.fused`` is None)
+    or, for ``cfg.optimizer == "adamw8bit"``, bitsandbytes' 8-bit AdamW (:func:`adamw_8bit`)."""
+    if cfg.optimizer == "adamw8bit":
+        return adamw_8bit(params, cfg)
+    if cfg.optimizer != "adamw":
+        raise ValueError(f"train.optim.optimizer must be 'adamw' or 'adamw8bit', got {cfg.optimizer!r}")
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     return torch.optim.AdamW(
         params,
@@ -25,6 +30,27 @@ def build_optimizer(
         weight_decay=cfg.weight_decay,
         eps=cfg.eps,
         fused=fused or None,
+    )
+
+
+def adamw_8bit(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """bitsandbytes' ``AdamW8bit``: the same update as AdamW, with m and v kept block-wise quantised
+    to 8 bits between steps (dynamic quantisation, blocks of 256; tensors under 4096 elements keep
+    32-bit state).
+
+    Raises:
+        ValueError: bitsandbytes is not installed (names the extra), or it cannot run here.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise ValueError(
+            "train.optim.optimizer=adamw8bit needs bitsandbytes: pip install 'flowalign[bitsandbytes]'"
+        ) from exc
+    except Exception as exc:  # a broken native library fails at import with various errors
+        raise ValueError(f"train.optim.optimizer=adamw8bit: bitsandbytes cannot load here ({exc})") from exc
+    return bnb.optim.AdamW8bit(
+        params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
     )
 
 

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from flowalign.config import LoraConfig, TrainConfig
+from flowalign.data.buckets import BucketConfig, BucketedPairs, check_same_size
 from flowalign.data.errors import DataError
 from flowalign.data.paths import load_row_media, resolve_data_path
 from flowalign.models import load_flow_model
@@ -172,7 +173,8 @@ class DPORun:
     model: str
     """Hub id or folder of the base (reference) model."""
     data: str
-    """A preference dataset: pairs.jsonl, a VideoAlign csv, a Pick-a-Pic parquet (file or folder)."""
+    """A preference dataset: pairs.jsonl, a VideoAlign csv, a Pick-a-Pic parquet (file or folder), a
+    ``datasets`` save_to_disk folder, or ``hf:<dataset id>`` from the hub (the ``data`` extra)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     lora: LoraConfig | None = field(default_factory=LoraConfig)
@@ -180,6 +182,11 @@ class DPORun:
     cache_prompts: bool = True
     """Encode each distinct prompt once before training (kept in ``<output_dir>/cache/prompts`` and
     reused on resume) and train with the text encoders off the device; false encodes every step."""
+    keep_ties: bool = False
+    """Train on tie rows too (in file order); by default they are dropped and their number logged."""
+    buckets: BucketConfig | None = None
+    """Resize + center-crop every pair into an aspect-ratio bucket of about resolution² pixels (clips
+    also to ``num_frames``), one bucket per global batch; null trains at file size (one size per pair)."""
 
 
 @dataclass(kw_only=True)
@@ -199,22 +206,44 @@ class RWRRun:
 
 
 class PairDataset(Dataset):
-    """Preference pairs as training items for :class:`FlowDPO`."""
+    """Preference pairs as training items for :class:`FlowDPO`.
 
-    def __init__(self, path: str | Path):
+    Each pair is ordered by its single label, or by the ``Overall`` dimension of multi-dimensional
+    labels (VideoAlign); ties on it are dropped unless ``keep_ties`` (the count is logged). With ``buckets`` every pair is
+    resized and cropped into its aspect-ratio bucket and each global batch comes from one bucket
+    (:mod:`flowalign.data.buckets`); without, the two media of a pair must have one size (else one
+    :class:`DataError` naming the row).
+    """
+
+    def __init__(self, path: str | Path, *, keep_ties: bool = False, buckets: BucketConfig | None = None):
         from flowalign.data.preference import load_preference_dataset
 
-        self.pairs = load_preference_dataset(path)
+        pairs = load_preference_dataset(path)
+        order_by = pairs.order_by
+        if order_by is None:  # multi-dimensional labels: the overall one orders each pair
+            order_by = next((d for d in pairs.dimensions if d.lower() == "overall"), None)
+            if order_by is None:
+                raise DataError(
+                    pairs.path,
+                    f"DPO needs one preference per pair; the labels have dimensions {list(pairs.dimensions)} "
+                    "and none is 'Overall'",
+                )
+        if order_by != pairs.order_by or not keep_ties:
+            pairs = load_preference_dataset(path, order_by=order_by, keep_ties=keep_ties)
+        self.pairs = BucketedPairs(pairs, buckets) if buckets is not None else pairs
+        if buckets is not None:  # the loop's data cursor then takes each global batch from one bucket
+            self.batch_order = self.pairs.batch_order
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict:
         pair = self.pairs[i]
+        check_same_size(pair.media_w, pair.media_l, source=pair.source)
         return {"media_w": pair.media_w, "media_l": pair.media_l, "prompt": pair.prompt, "index": i}
 
     def prompts(self) -> list[str]:
-        return [pair.prompt for pair in self.pairs]
+        return [self.pairs.prompt(i) for i in range(len(self.pairs))]
 
 
 def _read_candidates(
@@ -294,7 +323,7 @@ def prepare_dpo(run: DPORun) -> tuple[FlowDPO, PairDataset]:
     torch.manual_seed(run.train.seed)  # random initialisations (LoRA, heads) follow the run seed
     model = load_training_model(run.model, run.train, full=() if run.lora else ("transformer",))
     method = FlowDPO(model, run.dpo, lora=run.lora)
-    data = PairDataset(run.data)
+    data = PairDataset(run.data, keep_ties=run.keep_ties, buckets=run.buckets)
     if run.cache_prompts:
         cache_run_prompts(method, data.prompts(), run.train)
     return method, data

@@ -23,6 +23,11 @@ def test_every_benchmark_script_exists_and_has_a_parser():
 def test_parsers_read_the_printed_ratios():
     dpo = "speed-up (baseline / ours): 3.15x; peak memory ratio (ours / baseline): 0.52\n"
     assert [m.ratio for m in run_all.parse_dpo_step(dpo, None)] == [3.15, 0.52]
+    cache = (
+        "speed-up (per-step / cached): 11.83x; peak RSS ratio (cached / per-step): 1.00; "
+        "step-module memory ratio (cached / per-step): 0.01\n"
+    )
+    assert [m.ratio for m in run_all.parse_dpo_step_cache(cache, None)] == [11.83, 1.0, 0.01]
     generate = (
         "## sd3: batch 1, 4 steps, {}\nrun ...\nspeed-up (baseline / ours): 1.200x\n"
         "## wan: batch 1, 4 steps, {}\nrun ...\nspeed-up (baseline / ours): 2.573x\n"

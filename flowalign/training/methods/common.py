@@ -75,11 +75,19 @@ def freeze_all_but_transformer(model: FlowModel, lora: LoraConfig | None) -> Non
     model.transformer.train()
 
 
-def frozen_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+def frozen_copy(
+    module: nn.Module,
+    dtype: torch.dtype,
+    *,
+    device: torch.device | str | None = None,
+    trainable_fp32: bool = False,
+) -> nn.Module:
     """A frozen eval-mode copy of ``module`` with floating weights and buffers in ``dtype``.
 
-    Each tensor is cast while it is copied, so an fp32 module never exists twice; submodules that
-    the model class keeps in fp32 (diffusers' ``_keep_in_fp32_modules``) stay fp32.
+    Each tensor is cast (and moved to ``device``, default: where it is) while it is copied, so an
+    fp32 module never exists twice; submodules that the model class keeps in fp32 (diffusers'
+    ``_keep_in_fp32_modules``) stay fp32, and so do trainable parameters with ``trainable_fp32``
+    (LoRA adapters about to be merged).
     """
     keep = getattr(module, "_keep_in_fp32_modules", None) or []
     memo: dict[int, object] = {}
@@ -89,8 +97,8 @@ def frozen_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     for name, tensor in named:
         if id(tensor) in memo or not tensor.is_floating_point():
             continue
-        target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
-        clone = tensor.detach().to(dtype=target, copy=True)
+        fp32 = any(k in name.split(".") for k in keep) or (trainable_fp32 and tensor.requires_grad)
+        clone = tensor.detach().to(device=device, dtype=torch.float32 if fp32 else dtype, copy=True)
         memo[id(tensor)] = (
             nn.Parameter(clone, requires_grad=False) if isinstance(tensor, nn.Parameter) else clone
         )

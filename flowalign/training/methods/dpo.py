@@ -26,6 +26,7 @@ from flowalign.training.methods.common import (
     FrozenReference,
     TimeSampling,
     freeze_all_but_transformer,
+    frozen_copy,
     sample_training_t,
 )
 
@@ -54,6 +55,7 @@ class FlowDPO(CachedPrompts, Method):
     def __init__(self, model: FlowModel, config: DPOConfig | None = None, *, lora: LoraConfig | None = None):
         self.model = model
         self.config = config or DPOConfig()
+        self.lora = lora
         if self.config.beta_schedule not in ("constant", "t2"):
             raise ValueError(f"beta_schedule must be 'constant' or 't2', got {self.config.beta_schedule!r}")
         if self.config.reduction not in ("mean", "sum"):
@@ -117,22 +119,30 @@ class FlowDPO(CachedPrompts, Method):
         return loss.mean(), metrics
 
     def export(self, out_dir: Path) -> None:
-        """LoRA runs write a diffusers LoRA file plus the merged model; full runs the whole model."""
+        """LoRA runs write a diffusers LoRA file, plus the merged model unless the LoRA config's
+        ``export_merged`` is false; full runs the whole model."""
         out_dir = Path(out_dir)
         self.model.transformer.eval()
         if has_lora(self.model.transformer):
             save_lora(self.model.transformer, out_dir / "lora")
-            export_merged(self.model, out_dir)
+            if self.lora is None or self.lora.export_merged:
+                export_merged(self.model, out_dir)
         else:
             self.model.save_pretrained(out_dir)
 
 
 def export_merged(model: FlowModel, out_dir: Path) -> None:
-    """Save the model with LoRA merged into a copy of the transformer (the live model keeps its adapters)."""
-    import copy
+    """Save the model with its LoRA merged, W <- W + (alpha / r) B A, into a CPU copy of the transformer.
 
+    The copy is made tensor by tensor on the CPU in the save dtype, ``model.compute_dtype`` (the
+    dtype of the frozen base: bf16 for a bf16 run), with the adapters in fp32 so that each merged
+    weight is rounded once; nothing is copied on the device, and the live model keeps its adapters.
+    """
     from flowalign.models.lora import merge_lora
 
-    merged = merge_lora(copy.deepcopy(model.transformer))
+    merged = merge_lora(
+        frozen_copy(model.transformer, model.compute_dtype, device="cpu", trainable_fp32=True)
+    )
     with model.swapped(transformer=merged):
         model.save_pretrained(out_dir)
+    del merged

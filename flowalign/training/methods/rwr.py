@@ -83,6 +83,7 @@ class FlowRWR(CachedPrompts, Method):
     def __init__(self, model: FlowModel, config: RWRConfig | None = None, *, lora: LoraConfig | None = None):
         self.model = model
         self.config = config or RWRConfig()
+        self.lora = lora
         freeze_all_but_transformer(model, lora)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -120,6 +121,7 @@ class FlowRWR(CachedPrompts, Method):
         self.model.transformer.eval()
         if has_lora(self.model.transformer):
             save_lora(self.model.transformer, Path(out_dir) / "lora")
-            export_merged(self.model, Path(out_dir))
+            if self.lora is None or self.lora.export_merged:
+                export_merged(self.model, Path(out_dir))
         else:
             self.model.save_pretrained(out_dir)
