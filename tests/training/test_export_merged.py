@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from flowalign.training.lora import has_lora
+from flowalign.models.lora import has_lora
 from safetensors.torch import load_file
 
 from flowalign.config import LoraConfig
