@@ -12,6 +12,10 @@
    The LR schedule advances on every step, skipped or not;
 3. EMA update, a metrics record (``metrics.jsonl`` + trackers), periodic checkpoints.
 
+The accelerate launch config chooses how processes share the work: DDP (the default, each process
+holds the model), FSDP2 or DeepSpeed ZeRO (models and optimizers prepared together, checkpoints and
+exports gathered into full tensors); see ``flowalign.training.distributed``.
+
 SIGTERM finishes the current step, writes a checkpoint and returns (``interrupted=True``).
 Resuming restores weights, EMA, optimizer/scheduler/RNG state, method state and the data cursor,
 and truncates ``metrics.jsonl`` to the resumed step: N steps straight and N/2 + resume + N/2
