@@ -170,11 +170,6 @@ def prepare_sharded(
                 f"modules {sorted(trainable)} and groups {sorted(groups)}; use FSDP2 for it"
             )
         _configure_deepspeed(acc, cfg)
-    if strategy == FSDP2 and acc.mixed_precision == "fp16" and len(groups) > 1:
-        raise ValueError(
-            "fp16 with several optimizer groups is not supported under FSDP2 (the accelerator unscales "
-            "every optimizer at once); use mixed_precision bf16"
-        )
     wrapped: dict[str, nn.Module] = {}
     prepared: dict[str, Any] = {}
     base: dict[str, torch.optim.Optimizer] = {}
@@ -199,6 +194,18 @@ def shard_frozen(acc: Any, modules: Iterable[nn.Module]) -> None:
     for module in modules:
         if getattr(module, SHARD_FROZEN, False) and not isinstance(module, FSDPModule):
             fully_shard(module, mesh=mesh)
+
+
+def reshard(modules: Iterable[nn.Module]) -> None:
+    """Put every FSDP2 unit of ``modules`` back in its sharded state. A unit whose forward ran without a
+    backward (a network sampled under no_grad by another group's loss) otherwise keeps its gathered
+    parameters registered, which EMA, checkpoints and the next optimizer step must not see."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, FSDPModule):
+                sub.reshard()
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,10 +432,12 @@ class ExportCopies:
                     f"(missing {left[:5]}, unexpected {unexpected[:5]})"
                 )
 
-    def load_trainable(self, flat: Mapping[str, Tensor]) -> None:
-        """Overwrite the copies' trainable parameters from ``{"<module>.<param>": tensor}`` (EMA)."""
+    def load_trainable(self, flat: Mapping[str, Tensor], names: Iterable[str]) -> None:
+        """Overwrite the trainable parameters of the copies ``names`` from ``{"<module>.<param>": tensor}``
+        (the EMA shadow)."""
         with torch.no_grad():
-            for name, module in self.copies.items():
+            for name in names:
+                module = self.copies[name]
                 for pname, p in module.named_parameters():
                     if p.requires_grad:
                         p.copy_(flat[f"{name}.{pname}"].to(p.dtype))

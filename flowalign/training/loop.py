@@ -12,6 +12,10 @@
    The LR schedule advances on every step, skipped or not;
 3. EMA update, a metrics record (``metrics.jsonl`` + trackers), periodic checkpoints.
 
+The accelerate launch config chooses how processes share the work: DDP (the default, each process
+holds the model), FSDP2 or DeepSpeed ZeRO (models and optimizers prepared together, checkpoints and
+exports gathered into full tensors); see ``flowalign.training.distributed``.
+
 SIGTERM finishes the current step, writes a checkpoint and returns (``interrupted=True``).
 Resuming restores weights, EMA, optimizer/scheduler/RNG state, method state and the data cursor,
 and truncates ``metrics.jsonl`` to the resumed step: N steps straight and N/2 + resume + N/2
@@ -399,12 +403,14 @@ class _Run:
         # one small all-reduce per group and step; metric keys must be the same on every process
         values = (acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local).tolist()
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-        if self.sharded:  # the norm of the whole gradient (FSDP2: over all shards; DeepSpeed: the engine's)
+        if self.strategy == dist_.DEEPSPEED:  # the engine clipped and stepped; this is its norm
             norm = dist_.as_float(acc.clip_grad_norm_(params, max_norm))
         else:
-            # torch's clipping on this group only: the accelerator's would unscale every group's optimizer
+            # this group only (the accelerator's clip_grad_norm_ unscales every group's optimizer, and
+            # under FSDP it compares parameter lists with ==, which fails with several sharded modules);
+            # with FSDP2 the gradients are DTensors and torch's norm covers all shards
             acc.unscale_gradients(optimizer=opt)
-            norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            norm = dist_.as_float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         lr = self.schedulers[group].get_last_lr()[0]
         loss_value = values[0]
         finite = math.isfinite(loss_value) and math.isfinite(norm)
@@ -414,6 +420,8 @@ class _Run:
             opt.step()  # with fp16 the grad scaler skips an overflowing step itself and lowers its scale
             stepped = not getattr(opt, "step_was_skipped", False)
         opt.zero_grad(set_to_none=True)
+        if self.strategy == dist_.FSDP2:
+            dist_.reshard(self.trainable.values())
         with warnings.catch_warnings():
             # the schedule follows the step count, skipped steps included; torch warns when the very
             # first optimizer step was skipped, which is intended here
@@ -483,7 +491,7 @@ def _export_sharded(run: _Run, method: Method, output_dir: Path) -> None:
     with copies.swapped(method):
         method.export(output_dir / "final")
         if ema is not None:
-            copies.load_trainable(ema)
+            copies.load_trainable(ema, run.ema_names)
             method.export(output_dir / "final-ema")
 
 

@@ -1,0 +1,87 @@
+"""Diff-Instruct* (a generator and a fake score, two optimizer groups) for the sharded-training tests,
+in this process or under ``accelerate launch`` (CPU, gloo).
+
+usage: onestep_worker.py TEACHER_DIR OUTPUT_DIR MAX_STEPS [resume=PATH] [wrap=none]
+Prints ``WORLD=<n> RANK=<r> TYPE=<type> SHARDED=<DTensor parameters>/<trainable parameters>`` on every
+rank and ``DIST-DONE STEP=<n>`` on the main one; ends with the gloo exit workaround.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+torch.set_num_threads(1)
+
+SIZE = 24
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
+
+
+class Prompts(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        return {"prompt": PROMPTS[i % len(PROMPTS)], "index": i}
+
+
+def run(
+    teacher_dir: str, out: Path, batch_size: int, *, max_steps: int, grad_accum_steps: int = 1, resume=False
+):
+    """DI* from a tiny toy teacher: the critic first, then the generator every second step."""
+    from flowalign.config import CheckpointConfig, EMAConfig, OptimConfig, TrainConfig
+    from flowalign.models import load_flow_model
+    from flowalign.training.loop import train
+    from flowalign.training.methods.distar import DiffInstructStar, DistarConfig
+
+    torch.manual_seed(0)
+    method = DiffInstructStar(
+        load_flow_model(teacher_dir),
+        DistarConfig(reward_scale=0.0, height=SIZE, width=SIZE, generator_every=2, guidance_scale=2.0),
+    )
+    config = TrainConfig(
+        output_dir=out,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum_steps=grad_accum_steps,
+        grad_clip=None,
+        log_every=1,
+        trackers=[],
+        cpu=True,
+        optim=OptimConfig(lr=1e-3),
+        ema=EMAConfig(use=True, decay=0.5),
+        checkpoint=CheckpointConfig(every=1),
+    )
+    return method, train(method, Prompts(), config, progress=False, resume=resume)
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    opts = dict(x.split("=", 1) for x in a[3:])
+    if opts.get("wrap") == "none":
+        os.environ["FSDP_AUTO_WRAP_POLICY"] = "NO_WRAP"
+    method, result = run(a[0], Path(a[1]), 2, max_steps=int(a[2]), resume=opts.get("resume", False))
+    from accelerate.state import AcceleratorState
+    from torch.distributed.tensor import DTensor
+
+    acc = AcceleratorState()
+    params = [p for m in method.trainable_modules().values() for p in m.parameters() if p.requires_grad]
+    sharded = sum(isinstance(p, DTensor) for p in params)
+    print(
+        f"WORLD={acc.num_processes} RANK={acc.process_index} TYPE={acc.distributed_type} "
+        f"SHARDED={sharded}/{len(params)}",
+        flush=True,
+    )
+    if acc.is_main_process:
+        print(f"DIST-DONE STEP={result.step}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

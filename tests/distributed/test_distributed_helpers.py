@@ -1,0 +1,88 @@
+"""The single-process parts of training/distributed.py: export copies, group ownership, DeepSpeed values."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from flowalign.config import TrainConfig
+from flowalign.training import distributed as dist_
+
+
+class Holder:
+    """Stands for a method holding a model that holds a pipeline that holds the trainable network."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.model = SimpleNamespace(pipe=SimpleNamespace(transformer=net), modules={"transformer": net})
+        self.wrapper = nn.Sequential(net)
+
+
+def test_export_copies_are_filled_swapped_in_everywhere_and_restored():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    net[0].requires_grad_(False)
+    holder = Holder(net)
+    copies = dist_.ExportCopies({"transformer": net}, build=True)
+    plain = copies.copies["transformer"]
+    assert all(p.is_meta for p in plain.parameters())  # no memory before the fill
+    full = {k: v + 1.0 for k, v in net.state_dict().items()}
+    copies.fill({"transformer": full})
+    assert [p.requires_grad for p in plain.parameters()] == [p.requires_grad for p in net.parameters()]
+    with copies.swapped(holder):
+        assert holder.model.pipe.transformer is plain and holder.model.modules["transformer"] is plain
+        assert holder.wrapper[0] is plain
+        for key, value in plain.state_dict().items():
+            assert torch.equal(value, full[key])
+    assert holder.model.pipe.transformer is net and holder.wrapper[0] is net
+    assert holder.model.modules["transformer"] is net
+    ema = {f"transformer.{n}": torch.full_like(p, 7.0) for n, p in net.named_parameters() if p.requires_grad}
+    copies.load_trainable(ema, ["transformer"])
+    assert torch.equal(plain[1].weight, torch.full((2, 4), 7.0))
+    assert torch.equal(plain[0].weight, full["0.weight"])  # frozen weights are not EMA'd
+
+
+def test_export_copies_refuse_weights_of_another_module():
+    copies = dist_.ExportCopies({"net": nn.Linear(3, 4)}, build=True)
+    with pytest.raises(ValueError, match="export of 'net'.*missing \\['bias'\\]"):
+        copies.fill({"net": {"weight": torch.zeros(4, 3)}})
+
+
+def test_a_group_spanning_two_modules_is_refused_for_sharded_training():
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    groups = {"critic": [*a.parameters(), *b.parameters()]}
+    with pytest.raises(ValueError, match="group 'critic' spans the trainable modules \\['a', 'b'\\]"):
+        dist_.prepare_sharded(None, dist_.FSDP2, None, {"a": a, "b": b}, groups, lambda g, ps: None)
+
+
+def test_deepspeed_takes_batch_accumulation_and_clipping_from_the_run_config(tmp_path, caplog):
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1, "zero_optimization": {}}
+    acc = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
+    acc.num_processes = 8
+    cfg = TrainConfig(output_dir=tmp_path, batch_size=2, grad_accum_steps=4, grad_clip=0.5)
+    with caplog.at_level(logging.WARNING):
+        dist_._configure_deepspeed(acc, cfg)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == 64 and ds["gradient_clipping"] == 0.5
+    assert acc.gradient_accumulation_steps == 4
+    assert "gradient_accumulation_steps=1 replaced by the run config's 4" in caplog.text
+
+
+def test_full_state_of_plain_tensors_is_a_copy_and_loads_back():
+    net = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    full = dist_.full_optimizer_state(opt, keep=True)
+    assert full["param_groups"] == opt.state_dict()["param_groups"]
+    for idx, entry in opt.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(full["state"][idx][key], value)
+    assert dist_.full_optimizer_state(opt, keep=False) is None
+    weights = dist_.full_tensors(net.named_parameters(), keep=True)
+    assert weights["weight"].data_ptr() != net.weight.data_ptr()
+    back = dist_.shard_like(weights["weight"].double(), net.weight)
+    assert back.dtype == torch.float32 and torch.equal(back, net.weight.detach())
