@@ -347,6 +347,20 @@ class _Run:
             int(ckpt.state.get("nan_in_row", 0)),
         )
 
+    def check_loss(self, loss: object, group: str) -> None:
+        """A method's loss must be a scalar tensor that reaches a trainable parameter."""
+        if not isinstance(loss, Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(
+                f"{self.method_name}.compute_loss(group={group!r}) must return a scalar loss "
+                f"(the micro-batch mean), got {shape}"
+            )
+        if not loss.requires_grad:
+            raise ValueError(
+                f"{self.method_name}.compute_loss(group={group!r}) returned a loss without gradient "
+                "(no trainable parameter reached it)"
+            )
+
     def update_group(
         self, group: str, micro_batches: list[dict], stop_flag: list[bool]
     ) -> tuple[dict[str, float], bool, bool]:
@@ -375,17 +389,7 @@ class _Run:
                         stack.enter_context(acc.no_sync(w))
                 with acc.autocast():
                     loss, metrics = self.method.compute_loss(batch, ctx, group)
-                if not isinstance(loss, Tensor) or loss.ndim != 0:
-                    shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-                    raise ValueError(
-                        f"{self.method_name}.compute_loss(group={group!r}) must return a scalar loss "
-                        f"(the micro-batch mean), got {shape}"
-                    )
-                if not loss.requires_grad:
-                    raise ValueError(
-                        f"{self.method_name}.compute_loss(group={group!r}) returned a loss without gradient "
-                        "(no trainable parameter reached it)"
-                    )
+                self.check_loss(loss, group)
                 if self.strategy == dist_.DEEPSPEED:  # the engine divides by the accumulation steps and steps
                     acc.deepspeed_engine_wrapped.backward(loss, sync_gradients=k == n_micro - 1)
                 else:
