@@ -154,7 +154,7 @@ def run_case(args) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"measurement failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"measurement failed (exit code {out.returncode}):\n{out.stderr[-3000:]}")
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     pred = predicted(args)
     measured["predicted_step_peak_bytes"] = pred["step_peak_bytes"]
