@@ -169,4 +169,3 @@ def test_yaml_config_maps_to_a_recipe(tmp_path) -> None:
     )
     cfg.write_text(f"model: {tmp_path / 'local'}\ntrain: {{batch_size: 1}}\n")
     assert recipe_from_yaml(cfg).arch.name == "wan-1.3b" and recipe_from_yaml(cfg).lora_rank is None
-
