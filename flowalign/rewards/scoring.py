@@ -34,6 +34,7 @@ from flowalign.rewards.batches import prefetch as _prefetch
 from flowalign.rewards.combine import RewardCombiner
 from flowalign.rewards.registry import available_rewards, load_reward
 from flowalign.sharding import (
+    OtherProcessFailed,
     Shard,
     current_shard,
     done_rows,
@@ -298,9 +299,19 @@ def score_files(
     shard = shard or current_shard()
     device = local_device(str(device))  # "cuda" -> this process's GPU under several processes
     progress = progress and shard.is_main
-    rewards = [
-        load_reward(n, device=device, dtype=dtype, **dict((reward_kwargs or {}).get(n, {}))) for n in names
-    ]
+    rewards, error = [], None
+    try:
+        rewards = [
+            load_reward(n, device=device, dtype=dtype, **dict((reward_kwargs or {}).get(n, {})))
+            for n in names
+        ]
+    except Exception as err:  # noqa: BLE001 - under several processes, all stop here together
+        error = err
+    message = shard.first_error(error) if shard.sharded else None
+    if error is not None:
+        raise error
+    if message is not None:
+        raise OtherProcessFailed(message)
     if any(r.needs_prompts for r in rewards) and any(item.prompt is None for item in items):
         needy = [r.name for r in rewards if r.needs_prompts]
         raise ValueError(f"reward(s) {needy} need prompts; pass one prompt per media file or a manifest")
@@ -323,7 +334,8 @@ def score_files(
     lock = out.with_name(f".{out.name}.lock")
     if shard.sharded:
         num_scored, num_skipped = _score_sharded(job, shard, lock, out if is_parquet else None)
-        all_rows = {str(r["id"]): r for r in _read_parquet_rows(out) + read_score_rows(sink_path)}
+        merged = (_read_parquet_rows(out) if is_parquet else []) + read_score_rows(sink_path)
+        all_rows = {str(r["id"]): r for r in merged}
     else:
         with exclusive_lock(lock):  # one writer of ``out`` at a time; a second waits, then resumes
             merge_parts(sink_path, job.order)  # parts left by a killed multi-process run
