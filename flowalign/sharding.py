@@ -215,8 +215,8 @@ def read_rows(path: Path) -> list[dict]:
 def merge_parts(path: str | os.PathLike[str], order: Callable[[dict], Any] | None = None) -> int:
     """Merge every part file of ``path`` that no process is writing into ``path``; return rows added.
 
-    The rows already in ``path`` keep their place; rows of the parts whose id ``path`` lacks follow,
-    sorted by ``order(row)`` (default: the id), each id once. ``path`` is replaced by an atomic rename
+    Each id is kept once (a row of ``path`` before a part's), and all rows are sorted by ``order(row)``
+    (default: the id; the sort is stable), the order a one-process run writes. ``path`` is replaced by an atomic rename
     and only then are the merged parts removed, so a kill at any point loses no row (a part merged but
     not yet removed is merged again as nothing new). Call it holding ``path``'s lock.
     """
@@ -234,7 +234,7 @@ def merge_parts(path: str | os.PathLike[str], order: Callable[[dict], Any] | Non
             for row in read_rows(part):
                 if str(row["id"]) not in seen:
                     new.setdefault(str(row["id"]), row)
-        merged = rows + sorted(new.values(), key=order or (lambda r: r["id"]))
+        merged = sorted(rows + list(new.values()), key=order or (lambda r: r["id"]))
         added = len(new)
         if added:
             tmp = path.with_name(f".{path.name}.merge-{os.getpid()}.tmp")

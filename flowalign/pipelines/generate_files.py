@@ -134,10 +134,10 @@ def generate_files(
     )  # fmt: skip
     if not shard.sharded:
         with exclusive_lock(out_dir / LOCK):  # held for the whole run: a second writer waits, then resumes
-            merge_parts(manifest, _by_id)  # parts left by a killed multi-process run
             repair_tail(manifest)  # else the first new row would be glued to a line cut by a kill
             todo = _todo(manifest, jobs, shard, batch_size, run)
             written = _run_jobs(model, todo, out_dir, manifest, settings, record, **options)
+            merge_parts(manifest, _by_id)  # parts left by a killed multi-process run: counted done above
         return written
     error, written = None, []
     try:

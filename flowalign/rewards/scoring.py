@@ -338,10 +338,10 @@ def score_files(
         all_rows = {str(r["id"]): r for r in merged}
     else:
         with exclusive_lock(lock):  # one writer of ``out`` at a time; a second waits, then resumes
-            merge_parts(sink_path, job.order)  # parts left by a killed multi-process run
             existing = _done(job, out if is_parquet else None)
             todo = [item for item in items if item.id not in {str(row["id"]) for row in existing}]
             new_rows = _score_todo(todo, job, sink_path)
+            merge_parts(sink_path, job.order)  # parts left by a killed multi-process run: counted done above
             all_rows = {str(r["id"]): r for r in [*existing, *new_rows]}
             if is_parquet:
                 _write_parquet(out, list(all_rows.values()))

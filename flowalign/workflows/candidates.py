@@ -244,10 +244,10 @@ def sample_and_score(
     if not shard.sharded:
         with exclusive_lock(lock):  # held for the whole run: a second writer waits, then resumes
             _record_settings(out_dir, settings)
-            merge_parts(path, _by_id)  # parts left by a killed multi-process run
             repair_tail(path)
             todo = _todo(path, jobs, shard, config.batch_size)
             _sample_todo(model, todo, score_fn, out_dir, path, config, progress)
+            merge_parts(path, _by_id)  # parts left by a killed multi-process run: counted done above
         return read_rows(path)
     error = None
     try:
