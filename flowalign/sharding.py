@@ -119,11 +119,15 @@ def current_shard() -> Shard:
 
 
 def local_device(device: str) -> str:
-    """``"cuda"`` -> ``"cuda:<LOCAL_RANK>"`` when several processes share a node (one GPU each)."""
+    """``"cuda"`` -> ``"cuda:<LOCAL_RANK>"`` when several processes share a node (one GPU each; with
+    fewer GPUs than processes, ``LOCAL_RANK`` modulo the GPU count). Anything else is returned as given."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if device == "cuda" and world > 1:
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
-    return device
+    if device != "cuda" or world <= 1:
+        return device
+    import torch
+
+    count = torch.cuda.device_count()
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0) % count}" if count else device
 
 
 def part_path(path: str | os.PathLike[str], rank: int) -> Path:
