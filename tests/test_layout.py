@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
         "formats",
         "files",
         "validation",
+        "sharding",
         "config",
     ),  # conventions, file rules, the config loader
     ("objectives", "data"),  # pure losses; media, tables, prompts, preference pairs

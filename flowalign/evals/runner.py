@@ -55,6 +55,7 @@ from flowalign.evals.types import (
     safe_name,
 )
 from flowalign.pipelines.generate_files import GenerationSettings
+from flowalign.sharding import current_shard
 
 __all__ = [
     "EvalResult",
@@ -99,9 +100,11 @@ def _score_all(
         json.dumps({"id": sid, "prompt": s.prompt, "file": str(s.file.resolve())})
         for sid, s in unique.items()
     ]
-    tmp = manifest.with_name(".manifest.jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, manifest)  # the record of what was scored; the items themselves are passed directly
+    shard = current_shard()
+    if shard.is_main:
+        tmp = manifest.with_name(f".manifest.jsonl.{os.getpid()}.tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, manifest)  # the record of what was scored; the items themselves are passed directly
     items = [MediaItem(sid, s.file, s.prompt) for sid, s in unique.items()]
 
     merged: dict[str, dict[str, float]] = {sid: {} for sid in unique}
@@ -125,7 +128,7 @@ def _score_all(
             todo = [sid for sid in unique if sid not in existing]
             info["num_reused"] = len(unique) - len(todo)
             info["num_scored"] = 0
-            if todo and unique:
+            if any(shard.gather(bool(todo and unique))):  # every process takes the same branch
                 result = score_files(
                     [name], items, weights=None, out=out, batch_size=options.batch_size,
                     device=options.device, dtype=options.dtype,
@@ -290,9 +293,11 @@ def run_eval(
         sets.append(pset)
     check_seeds(seeds, sets, samples_per_prompt)
     out_dir.mkdir(parents=True, exist_ok=True)
+    shard = current_shard()  # several processes: each draws and scores its share, the main one reports
     for pset in sets:
         (out_dir / "prompts").mkdir(exist_ok=True)
-        write_prompt_set(pset, out_dir / "prompts" / f"{safe_name(pset.name)}.jsonl")
+        if shard.is_main:
+            write_prompt_set(pset, out_dir / "prompts" / f"{safe_name(pset.name)}.jsonl")
 
     clock = {"start": time.perf_counter()}
     generator = SampleGenerator(options, failures, progress)
@@ -389,8 +394,11 @@ def run_eval(
 
     from flowalign.evals.report import render_report, write_report_json
 
-    json_path = write_report_json(report, out_dir)
-    html_path = render_report(out_dir) if render else None
+    json_path, html_path = out_dir / "report.json", (out_dir / "report.html" if render else None)
+    if shard.is_main:
+        json_path = write_report_json(report, out_dir)
+        html_path = render_report(out_dir) if render else None
+    shard.barrier()
     return EvalResult(report=report, json_path=json_path, html_path=html_path, failures=failures)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from flowalign.evals.prompt_sets import PromptSet
 from flowalign.evals.types import EvalOptions, ModelSpec, Sample, digest, failure, relative_path, safe_name
 from flowalign.pipelines.generate_files import MANIFEST, GenerationSettings, read_manifest
+from flowalign.sharding import current_shard, local_device
 from flowalign.validation import check_number
 
 __all__ = [
@@ -171,6 +172,7 @@ class SampleGenerator:
 
     def __init__(self, options: EvalOptions, failures: list[dict], progress: bool) -> None:
         self.options, self.failures, self.progress = options, failures, progress
+        self.shard = current_shard()  # under several processes each draws its share of every job
         self.loaded: dict[str, Any] = {}
         self.broken: set[str] = set()
 
@@ -179,20 +181,23 @@ class SampleGenerator:
             from flowalign.models import load_flow_model
 
             self.loaded.clear()  # one model in memory at a time
-            self.loaded[name] = load_flow_model(
-                spec.path, torch_dtype=self.options.dtype, device=self.options.device
-            )
+            device = local_device(str(self.options.device))
+            self.loaded[name] = load_flow_model(spec.path, torch_dtype=self.options.dtype, device=device)
         return self.loaded[name]
 
     def _draw(self, name: str, spec: ModelSpec, run: Callable[[Any], None], *, where: dict[str, Any]) -> None:
         """Load the model (once; a load failure marks it broken) and run one generation job on it."""
         if name in self.broken:
             return
+        model, error = None, None
         try:
             model = self.model(name, spec)
         except Exception as err:  # noqa: BLE001 - any load error is reported, the rest goes on
+            error = err
+        message = self.shard.first_error(error)  # a failure on one process stops all (no one waits)
+        if message is not None:
             self.broken.add(name)
-            self.failures.append(failure("load", err, model=name, path=spec.path))
+            self.failures.append(failure("load", error or message, model=name, path=spec.path))
             return
         try:
             run(model)
@@ -220,7 +225,8 @@ class SampleGenerator:
         }
         folder = out_dir / "samples" / safe_name(pset.name) / safe_name(name) / digest(ident)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "generation.json").write_text(json.dumps(ident, indent=2, default=str) + "\n")
+        if self.shard.is_main:
+            (folder / "generation.json").write_text(json.dumps(ident, indent=2, default=str) + "\n")
         samples: list[Sample] = []
         for rep, seed in enumerate(seeds):
             run_dir = folder / f"seed-{seed}"
@@ -232,7 +238,7 @@ class SampleGenerator:
             )
             for job_dir, j0, prompts, first_seed in jobs:
                 expected = len(prompts) * k
-                missing = expected - _num_done(job_dir, expected)
+                missing = max(self.shard.gather(expected - _num_done(job_dir, expected)))  # one decision
                 if missing:
                     job = replace(settings, seed=first_seed, samples_per_prompt=k)
 

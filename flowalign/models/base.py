@@ -398,8 +398,12 @@ def load_flow_model(
     """Load any supported family from a hub id or a local diffusers folder.
 
     ``torch_dtype`` is the compute dtype of every component (or a per-component dict, see
-    :meth:`FlowModel.component_dtypes`); the family's fp32 components (Wan's VAE) stay fp32.
+    :meth:`FlowModel.component_dtypes`); the family's fp32 components (Wan's VAE) stay fp32. Under
+    several processes (``accelerate launch``), ``device="cuda"`` means this process's GPU (``LOCAL_RANK``).
     """
+    from flowalign.sharding import local_device
+
+    device = local_device(device) if isinstance(device, str) else device
     return family_for(path_or_id).from_pretrained(
         path_or_id, torch_dtype=torch_dtype, device=device, **components
     )

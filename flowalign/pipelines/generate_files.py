@@ -15,6 +15,7 @@ from flowalign.files import exclusive_lock, first_difference
 from flowalign.models.base import FlowModel
 from flowalign.pipelines.text_to_media import FlowPipeline
 from flowalign.sampling.guidance import VelocityTransform
+from flowalign.sharding import Shard, current_shard, done_rows, finish, merge_parts, repair_tail, writing_part
 from flowalign.validation import check_number, short_repr
 
 MANIFEST = "manifest.jsonl"
@@ -75,25 +76,6 @@ def read_manifest(path: str | Path) -> list[dict]:
     return rows
 
 
-def _repair_tail(manifest: Path) -> None:
-    """Make appending safe after an interrupted write: a last line without its newline is completed when
-    it is a whole JSON row, else (a row cut short, which :func:`read_manifest` skips) removed."""
-    if not manifest.exists():
-        return
-    data = manifest.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return
-    start = data.rfind(b"\n") + 1
-    try:
-        json.loads(data[start:])
-    except ValueError:
-        with manifest.open("r+b") as fh:
-            fh.truncate(start)
-    else:
-        with manifest.open("ab") as fh:
-            fh.write(b"\n")
-
-
 def generate_files(
     model: FlowModel,
     prompts: list[str],
@@ -105,6 +87,7 @@ def generate_files(
     velocity_transforms: list[VelocityTransform] | None = None,
     transforms_factory: Callable[[list[str]], list[VelocityTransform]] | None = None,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> list[dict]:
     """Generate ``samples_per_prompt`` samples per prompt into ``out_dir`` and append to its manifest.
 
@@ -113,7 +96,13 @@ def generate_files(
     interrupted run continues where it stopped -- but only if they were made as this run would make
     them (same prompt, seed, model and settings); otherwise a ValueError names the first differing
     field. Several processes may write one folder: each holds ``.manifest.lock`` while it works, so the
-    second waits and then finds the first's samples (never a duplicate row). Images are written as PNG,
+    second waits and then finds the first's samples (never a duplicate row).
+
+    Under several processes (``accelerate launch``; ``shard`` defaults to :func:`~flowalign.sharding.current_shard`)
+    each process samples its own batches (batch ``b`` of the one-process run goes to rank ``b mod N``),
+    appends them to ``manifest.rank<r>.jsonl`` and, after a barrier, the main process merges the parts
+    into the manifest: the files and manifest equal a one-process run's. A part left by a killed process
+    counts as done and is merged by the next run. Images are written as PNG,
     videos as MP4 and GIF. ``transforms_factory(prompts)`` builds velocity transforms for each batch's
     prompts (reward guidance conditions on them); ``velocity_transforms`` apply to every batch as they are.
 
@@ -139,16 +128,44 @@ def generate_files(
         for i, prompt in enumerate(p for p in prompts for _ in range(settings.samples_per_prompt))
     ]
     record = {k: v for k, v in asdict(settings).items() if k not in ("seed", "extra")} | settings.extra
-    with exclusive_lock(out_dir / LOCK):
-        _repair_tail(manifest)  # else the first new row would be glued to a line cut by an interrupted run
-        rows = read_manifest(manifest)
-        _check_resume(manifest, rows, jobs, model_name=model_name, family=model.family, record=record)
-        done = {row["id"] for row in rows}
-        todo = [job for job in jobs if job[0] not in done]
-        return _run_jobs(
-            model, todo, out_dir, settings, record, batch_size=batch_size, model_name=model_name,
-            velocity_transforms=velocity_transforms, transforms_factory=transforms_factory, progress=progress,
-        )  # fmt: skip
+    shard = shard or current_shard()
+    run = dict(model_name=model_name, family=model.family, record=record)
+    options = dict(
+        batch_size=batch_size, model_name=model_name, velocity_transforms=velocity_transforms,
+        transforms_factory=transforms_factory, progress=progress and shard.is_main,
+    )  # fmt: skip
+    if not shard.sharded:
+        with exclusive_lock(out_dir / LOCK):  # held for the whole run: a second writer waits, then resumes
+            repair_tail(manifest)  # else the first new row would be glued to a line cut by a kill
+            todo = _todo(manifest, jobs, shard, batch_size, run)
+            written = _run_jobs(model, todo, out_dir, manifest, settings, record, **options)
+            merge_parts(manifest, _by_id)  # parts left by a killed multi-process run: counted done above
+        return written
+    error, written = None, []
+    try:
+        with writing_part(manifest, shard) as part:
+            with exclusive_lock(out_dir / LOCK):  # only while reading: a merge cannot move rows meanwhile
+                repair_tail(manifest)
+                todo = _todo(manifest, jobs, shard, batch_size, run)
+            written = _run_jobs(model, todo, out_dir, part, settings, record, **options)
+    except Exception as err:  # noqa: BLE001 - shared with the other processes, then raised on all
+        error = err
+    finish(manifest, shard, out_dir / LOCK, _by_id, error=error)
+    return sorted((row for rows in shard.gather(written) for row in rows), key=_by_id)
+
+
+def _by_id(row: dict) -> str:
+    return str(row["id"])
+
+
+def _todo(
+    manifest: Path, jobs: list[tuple[str, str, int]], shard: Shard, batch_size: int, run: dict
+) -> list[tuple[str, str, int]]:
+    """This process's jobs not yet in the manifest or a part (after checking those were made alike)."""
+    rows = done_rows(manifest)
+    _check_resume(manifest, rows, jobs, **run)
+    done = {row["id"] for row in rows}
+    return [job for i, job in enumerate(jobs) if shard.owns(i, batch_size) and job[0] not in done]
 
 
 def _check_numbers(settings: GenerationSettings) -> None:
@@ -197,6 +214,7 @@ def _run_jobs(
     model: FlowModel,
     todo: list[tuple[str, str, int]],
     out_dir: Path,
+    sink_path: Path,
     settings: GenerationSettings,
     record: dict,
     *,
@@ -206,12 +224,12 @@ def _run_jobs(
     transforms_factory: Callable[[list[str]], list[VelocityTransform]] | None,
     progress: bool,
 ) -> list[dict]:
-    """Sample the jobs in batches, saving each file and appending its manifest row as soon as it exists."""
-    manifest = out_dir / MANIFEST
+    """Sample the jobs in batches, saving each file and appending its row to ``sink_path`` (the manifest or
+    this process's part) as soon as the file exists."""
     pipeline = FlowPipeline(model)
     written: list[dict] = []
     bar = tqdm(total=len(todo), desc="generating", unit="sample", disable=not progress)
-    with manifest.open("a") as sink:
+    with sink_path.open("a") as sink:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             generators = [torch.Generator(model.device).manual_seed(seed) for _, _, seed in chunk]

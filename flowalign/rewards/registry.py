@@ -93,6 +93,9 @@ def load_reward(
     """
     if name not in _REGISTRY and name not in _BUILTIN:
         raise ValueError(f"unknown reward {name!r}; available rewards: {', '.join(available_rewards())}")
+    from flowalign.sharding import local_device
+
+    device = local_device(device) if isinstance(device, str) else device  # "cuda": this process's GPU
     reward = _resolve(name)(device=device, dtype=dtype, **kwargs)
     if not isinstance(reward, RewardModel):
         raise TypeError(f"reward loader {name!r} returned {type(reward).__name__}, expected a RewardModel")

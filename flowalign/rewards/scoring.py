@@ -18,22 +18,32 @@ from __future__ import annotations
 
 import json
 import os
-from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from flowalign.data.paths import resolve_data_path
 from flowalign.files import exclusive_lock, first_difference
 from flowalign.rewards.base import RewardInputError
+from flowalign.rewards.batches import batches as _batches
+from flowalign.rewards.batches import prefetch as _prefetch
 from flowalign.rewards.combine import RewardCombiner
 from flowalign.rewards.registry import available_rewards, load_reward
+from flowalign.sharding import (
+    OtherProcessFailed,
+    Shard,
+    current_shard,
+    done_rows,
+    finish,
+    local_device,
+    merge_parts,
+    repair_tail,
+    writing_part,
+)
 from flowalign.validation import short_repr
 
 __all__ = ["MediaItem", "ScoreResult", "read_score_rows", "resolve_media", "score_files"]
@@ -223,59 +233,6 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def _prefetch(
-    items: Sequence[MediaItem], *, max_frames: int | None, depth: int
-) -> Iterator[tuple[MediaItem, Tensor]]:
-    """Load media in a background thread, ``depth`` files ahead, in order."""
-    from flowalign.data.media import load_media
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending: deque[tuple[MediaItem, Future]] = deque()
-        it = iter(items)
-        for item in it:
-            pending.append((item, pool.submit(load_media, item.file, max_frames=max_frames)))
-            if len(pending) >= depth:
-                break
-        while pending:
-            item, future = pending.popleft()
-            tensor = future.result()  # MediaError names the file
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(load_media, nxt.file, max_frames=max_frames)))
-            yield item, tensor
-
-
-def _batches(
-    loaded: Iterator[tuple[MediaItem, Tensor]], batch_size: int
-) -> Iterator[tuple[list[MediaItem], Tensor]]:
-    """Group consecutive items of one shape into stacked batches of at most ``batch_size``.
-
-    If reading the next file fails, the batch gathered so far is yielded before the error is
-    raised, so every item before the bad file is scored and written.
-    """
-    items: list[MediaItem] = []
-    tensors: list[Tensor] = []
-    while True:
-        try:
-            item, tensor = next(loaded)
-        except StopIteration:
-            break
-        except Exception:
-            if tensors:
-                yield items, torch.stack(tensors)
-            raise
-        if tensors and tensor.shape != tensors[0].shape:
-            yield items, torch.stack(tensors)
-            items, tensors = [], []
-        items.append(item)
-        tensors.append(tensor)
-        if len(tensors) == batch_size:
-            yield items, torch.stack(tensors)
-            items, tensors = [], []
-    if tensors:
-        yield items, torch.stack(tensors)
-
-
 def score_files(
     reward_names: Sequence[str],
     media: Sequence[str | os.PathLike[str]] | Sequence[MediaItem] | str | os.PathLike[str],
@@ -290,6 +247,7 @@ def score_files(
     normalisation: Mapping[str, Sequence[float]] | None = None,
     max_frames: int | None = None,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> ScoreResult:
     """Score media files with one or more rewards and write one row per item.
 
@@ -305,6 +263,10 @@ def score_files(
         normalisation: ``{dimension: (mean, std)}`` for the ``_norm`` columns and ``overall``.
         max_frames: read at most this many frames per video.
         progress: show a progress bar.
+        shard: this process's share of a multi-process run (default: from the launcher's environment,
+            :func:`flowalign.sharding.current_shard`). Each process scores its blocks of ``batch_size``
+            items into ``<out stem>.rank<r>.jsonl``; the main process merges them in input order, so
+            the file equals a one-process run's. Every process returns all rows.
 
     Returns:
         A :class:`ScoreResult` with all rows for the requested items.
@@ -334,9 +296,22 @@ def score_files(
             missing[0], f"file does not exist ({len(missing)} of {len(items)} media files are missing)"
         )
 
-    rewards = [
-        load_reward(n, device=device, dtype=dtype, **dict((reward_kwargs or {}).get(n, {}))) for n in names
-    ]
+    shard = shard or current_shard()
+    device = local_device(str(device))  # "cuda" -> this process's GPU under several processes
+    progress = progress and shard.is_main
+    rewards, error = [], None
+    try:
+        rewards = [
+            load_reward(n, device=device, dtype=dtype, **dict((reward_kwargs or {}).get(n, {})))
+            for n in names
+        ]
+    except Exception as err:  # noqa: BLE001 - under several processes, all stop here together
+        error = err
+    message = shard.first_error(error) if shard.sharded else None
+    if error is not None:
+        raise error
+    if message is not None:
+        raise OtherProcessFailed(message)
     if any(r.needs_prompts for r in rewards) and any(item.prompt is None for item in items):
         needy = [r.name for r in rewards if r.needs_prompts]
         raise ValueError(f"reward(s) {needy} need prompts; pass one prompt per media file or a manifest")
@@ -355,22 +330,81 @@ def score_files(
         "dtype": str(dtype).removeprefix("torch."),
     }
     settings = json.loads(json.dumps(settings, default=str))  # as the rows record it
-    with exclusive_lock(out.with_name(f".{out.name}.lock")):  # one writer of ``out`` at a time
-        existing = _read_parquet_rows(out) if is_parquet else []
-        existing += read_score_rows(sink_path, repair=True)
-        _check_existing(out, existing, names, settings, items)
-        done = {str(row["id"]) for row in existing}
-        todo = [item for item in items if item.id not in done]
-        new_rows = _score_todo(
-            todo, len(items), combiner, sink_path, names, settings,
-            batch_size=batch_size, device=device, max_frames=max_frames, progress=progress,
-        )  # fmt: skip
-        all_rows = {str(r["id"]): r for r in [*existing, *new_rows]}
-        if is_parquet:
-            _write_parquet(out, list(all_rows.values()))
-            sink_path.unlink(missing_ok=True)
+    job = _Job(items, combiner, sink_path, names, settings, batch_size, device, max_frames, progress)
+    lock = out.with_name(f".{out.name}.lock")
+    if shard.sharded:
+        num_scored, num_skipped = _score_sharded(job, shard, lock, out if is_parquet else None)
+        merged = (_read_parquet_rows(out) if is_parquet else []) + read_score_rows(sink_path)
+        all_rows = {str(r["id"]): r for r in merged}
+    else:
+        with exclusive_lock(lock):  # one writer of ``out`` at a time; a second waits, then resumes
+            existing = _done(job, out if is_parquet else None)
+            todo = [item for item in items if item.id not in {str(row["id"]) for row in existing}]
+            new_rows = _score_todo(todo, job, sink_path)
+            merge_parts(sink_path, job.order)  # parts left by a killed multi-process run: counted done above
+            all_rows = {str(r["id"]): r for r in [*existing, *new_rows]}
+            if is_parquet:
+                _write_parquet(out, list(all_rows.values()))
+                sink_path.unlink(missing_ok=True)
+        num_scored, num_skipped = len(new_rows), len(items) - len(todo)
     rows = [all_rows[item.id] for item in items]
-    return ScoreResult(out, rows, len(new_rows), len(items) - len(todo), tuple(columns))
+    return ScoreResult(out, rows, num_scored, num_skipped, tuple(columns))
+
+
+@dataclass
+class _Job:
+    """What one :func:`score_files` call scores, and how."""
+
+    items: list[MediaItem]
+    combiner: RewardCombiner
+    sink_path: Path
+    names: list[str]
+    settings: dict
+    batch_size: int
+    device: str | torch.device
+    max_frames: int | None
+    progress: bool
+
+    def order(self, row: dict[str, Any]) -> tuple[int, str]:
+        """Input order of a row's id (the order a one-process run writes), unknown ids last."""
+        if not hasattr(self, "_position"):
+            self._position = {item.id: i for i, item in enumerate(self.items)}
+        return (self._position.get(str(row["id"]), len(self.items)), str(row["id"]))
+
+
+def _done(job: _Job, parquet: Path | None) -> list[dict[str, Any]]:
+    """Rows already scored (the parquet file, the jsonl and its parts), checked against this run's
+    rewards and settings. Call it holding the output's lock."""
+    repair_tail(job.sink_path)  # a row cut by a kill is dropped, a whole one completed
+    existing = (_read_parquet_rows(parquet) if parquet else []) + done_rows(job.sink_path)
+    _check_existing(parquet or job.sink_path, existing, job.names, job.settings, job.items)
+    return existing
+
+
+def _score_sharded(job: _Job, shard: Shard, lock: Path, parquet: Path | None) -> tuple[int, int]:
+    """Score this process's share (block ``b`` of ``batch_size`` items goes to rank ``b mod N``) into its
+    part; the main process merges the parts (and writes the parquet file). Returns (scored, skipped)
+    summed over the processes."""
+    error, counts = None, (0, 0)
+    try:
+        with writing_part(job.sink_path, shard) as part:
+            with exclusive_lock(lock):
+                done = {str(row["id"]) for row in _done(job, parquet)}
+            mine = [item for i, item in enumerate(job.items) if shard.owns(i, job.batch_size)]
+            todo = [item for item in mine if item.id not in done]
+            counts = (len(_score_todo(todo, job, part, total=len(job.items))), len(mine) - len(todo))
+    except Exception as err:  # noqa: BLE001 - shared with the other processes, then raised on all
+        error = err
+
+    def write_parquet() -> None:
+        if parquet is not None and job.sink_path.exists():
+            rows = {str(r["id"]): r for r in _read_parquet_rows(parquet) + read_score_rows(job.sink_path)}
+            _write_parquet(parquet, list(rows.values()))
+            job.sink_path.unlink()
+
+    finish(job.sink_path, shard, lock, job.order, error=error, then=write_parquet)
+    totals = shard.gather(counts)
+    return sum(c[0] for c in totals), sum(c[1] for c in totals)
 
 
 def _check_existing(
@@ -400,36 +434,27 @@ def _check_existing(
 
 
 def _score_todo(
-    todo: list[MediaItem],
-    total: int,
-    combiner: RewardCombiner,
-    sink_path: Path,
-    names: list[str],
-    settings: dict,
-    *,
-    batch_size: int,
-    device: str | torch.device,
-    max_frames: int | None,
-    progress: bool,
+    todo: list[MediaItem], job: _Job, sink_path: Path, total: int | None = None
 ) -> list[dict[str, Any]]:
     """Score ``todo`` batch by batch, appending (and flushing) each batch's rows to ``sink_path``."""
-    bar = tqdm(total=total, initial=total - len(todo), desc="scoring", unit="item", disable=not progress)
+    total = len(job.items) if total is None else total
+    bar = tqdm(total=total, initial=total - len(todo), desc="scoring", unit="item", disable=not job.progress)
     new_rows: list[dict[str, Any]] = []
     with sink_path.open("a") as sink:
         for batch_items, batch in _batches(
-            _prefetch(todo, max_frames=max_frames, depth=2 * batch_size), batch_size
+            _prefetch(todo, max_frames=job.max_frames, depth=2 * job.batch_size), job.batch_size
         ):
             batch_prompts = None if batch_items[0].prompt is None else [i.prompt for i in batch_items]
             try:
-                scores = combiner.score(batch.to(device), batch_prompts, batch_size=batch_size)
+                scores = job.combiner.score(batch.to(job.device), batch_prompts, batch_size=job.batch_size)
             except RewardInputError as err:
                 files = ", ".join(str(i.file) for i in batch_items[:3])
                 raise RewardInputError(f"{files}{' ...' if len(batch_items) > 3 else ''}: {err}") from err
             values = {k: v.detach().cpu().tolist() for k, v in scores.items()}
             for j, item in enumerate(batch_items):
-                row = {"id": item.id, "file": str(item.file), "prompt": item.prompt, "rewards": names}
+                row = {"id": item.id, "file": str(item.file), "prompt": item.prompt, "rewards": job.names}
                 row.update({k: float(v[j]) for k, v in values.items()})
-                row["settings"] = settings
+                row["settings"] = job.settings
                 sink.write(json.dumps(row) + "\n")
                 new_rows.append(row)
             sink.flush()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -17,58 +17,40 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flowalign.data.errors import DataError
-from flowalign.data.media import atomic_write, save_media
+from flowalign.data.media import atomic_write
 from flowalign.models.base import FlowModel
 from flowalign.pipelines.text_to_media import FlowPipeline
 from flowalign.rewards.combine import NORM_SUFFIX
+from flowalign.sharding import Shard, current_shard
+from flowalign.workflows.candidates import (
+    CANDIDATES,
+    PAIRS_CONFIG,
+    VIDEO_EXTS,
+    Candidates,
+    PairsConfig,
+    candidate_settings,
+    quantize_to_uint8_grid,
+    sample_and_score,
+    sample_batch,
+)
 
-CANDIDATES = "candidates.jsonl"
+__all__ = [
+    "CANDIDATES",
+    "PAIRS",
+    "PAIRS_CONFIG",
+    "VIDEO_EXTS",
+    "Candidates",
+    "PairsConfig",
+    "build_pairs",
+    "choose_pairs",
+    "quantize_to_uint8_grid",
+    "read_candidate_scores",
+    "rechoose_pairs",
+    "sample_candidates",
+    "write_pairs_jsonl",
+]
+
 PAIRS = "pairs.jsonl"
-PAIRS_CONFIG = "pairs_config.json"
-VIDEO_EXTS = (".mp4", ".npy")
-
-
-@dataclass
-class PairsConfig:
-    """How candidates are sampled and pairs chosen."""
-
-    num_candidates: int = 4
-    """Samples per prompt (K)."""
-    mode: str = "best_worst"
-    """"best_worst": one pair per prompt (argmax vs argmin reward); "all": every pair over the margin."""
-    margin: float = 0.0
-    """Minimum reward difference for a pair; groups/pairs at or below it are ties and skipped."""
-    seed: int = 0
-    """Candidate j of prompt i uses seed ``seed + i * num_candidates + j``."""
-    guidance_scale: float | None = None
-    num_inference_steps: int | None = None
-    batch_size: int = 64
-    video_ext: str = ".mp4"
-    """File type of video candidates and pairs: ".mp4" (H.264, lossy, what players show) or ".npy"
-    (the exact uint8 frames). Use ".npy" for clips so small that codec artefacts change what the
-    reward measured (the toy world's 32x32 clips lose 40 % of their pairs' visual-quality margin in
-    an MP4); images are always lossless PNG."""
-
-    def __post_init__(self) -> None:
-        if self.num_candidates < 2:
-            raise ValueError(f"num_candidates must be >= 2 to form pairs, got {self.num_candidates}")
-        if self.mode not in ("best_worst", "all"):
-            raise ValueError(f"mode must be 'best_worst' or 'all', got {self.mode!r}")
-        if self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin}")
-        if self.video_ext not in VIDEO_EXTS:
-            raise ValueError(f"video_ext must be one of {VIDEO_EXTS}, got {self.video_ext!r}")
-
-
-@dataclass
-class Candidates:
-    """Scored samples: K per prompt, grouped consecutively."""
-
-    prompts: list[str]
-    seeds: list[int]
-    media: Tensor
-    scores: dict[str, Tensor]
-    """Per dimension [N], including "overall" (the weighted total used for ranking)."""
 
 
 @torch.no_grad()
@@ -85,24 +67,13 @@ def sample_candidates(
     k = config.num_candidates
     jobs = [(p, config.seed + i * k + j) for i, p in enumerate(prompts) for j in range(k)]
     pipe = FlowPipeline(model)
-    media = []
-    for start in tqdm(range(0, len(jobs), config.batch_size), desc="candidates", disable=not progress):
-        chunk = jobs[start : start + config.batch_size]
-        out = pipe(
-            [p for p, _ in chunk],
-            generator=[torch.Generator().manual_seed(s) for _, s in chunk],
-            guidance_scale=config.guidance_scale,
-            num_inference_steps=config.num_inference_steps,
-        )
-        media.append(quantize_to_uint8_grid(out.media.float().cpu()))
+    media = [
+        sample_batch(pipe, jobs[start : start + config.batch_size], config)
+        for start in tqdm(range(0, len(jobs), config.batch_size), desc="candidates", disable=not progress)
+    ]
     return Candidates(
         prompts=[p for p, _ in jobs], seeds=[s for _, s in jobs], media=torch.cat(media), scores={}
     )
-
-
-def quantize_to_uint8_grid(media: Tensor) -> Tensor:
-    """round(255 x) / 255: the values an 8-bit file holds (what ``save_media`` writes)."""
-    return (media.clamp(0.0, 1.0) * 255.0).round() / 255.0
 
 
 def choose_pairs(overall: Tensor, num_candidates: int, *, mode: str = "best_worst", margin: float = 0.0):
@@ -135,43 +106,55 @@ def build_pairs(
     config: PairsConfig,
     *,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> tuple[Candidates, list[tuple[int, int]]]:
     """Sample, score (``score_fn(media, prompts) -> {dim: [N], "overall": [N]}``), pick pairs, write files.
 
     Writes ``out_dir/candidates/*.png|mp4|npy`` + ``candidates.jsonl`` (every candidate with its scores,
-    Flow-RWR's data) and ``pairs.jsonl`` (a preference dataset ``load_preference_dataset`` reads)
-    whose rows point at the candidate files. Returns the candidates and the chosen (winner, loser)
-    indices.
+    Flow-RWR's data) as they are made, then ``pairs.jsonl`` (a preference dataset
+    ``load_preference_dataset`` reads) whose rows point at the candidate files, and ``pairs_config.json``.
+    An interrupted run resumes from the candidates on disk; a folder made with other settings is refused
+    (:mod:`flowalign.workflows.candidates`). Under several processes (``accelerate launch``) each samples
+    its own batches and every process returns the same result.
+
+    Returns:
+        The candidates (media read from their files when asked for) and the chosen (winner, loser) indices.
+
+    Raises:
+        ValueError: no prompts, a candidate folder made with other settings, or no pair over the margin
+            (the candidates stay on disk: the message names their file, ``rechoose_pairs`` reads them).
     """
+    if not prompts:
+        raise ValueError("no prompts to build pairs from")
     out_dir = Path(out_dir)
-    cand = sample_candidates(model, prompts, config, progress=progress)
-    scores = score_fn(cand.media, cand.prompts)
-    if "overall" not in scores:
-        raise ValueError(f"score_fn must return an 'overall' score to rank by; got {sorted(scores)}")
-    cand.scores = {k: v.detach().float().cpu() for k, v in scores.items()}
+    shard = shard or current_shard()
+    rows = sample_and_score(model, list(prompts), score_fn, out_dir, config, shard, progress=progress)
+    expected = len(prompts) * config.num_candidates
+    if len(rows) != expected or [r["id"] for r in rows] != list(range(expected)):
+        raise DataError(out_dir / CANDIDATES, f"{len(rows)} candidates on disk, expected ids 0..{expected - 1}; "
+                        "another process may still be writing this folder: run again when it is done")  # fmt: skip
+    cand = Candidates.from_rows(rows, out_dir)
     chosen, ties = choose_pairs(
         cand.scores["overall"], config.num_candidates, mode=config.mode, margin=config.margin
     )
+    settings = candidate_settings(model, score_fn, config, len(prompts))
+    if shard.is_main:
+        files = [r["file"] for r in rows]
+        if chosen:
+            write_pairs_jsonl(out_dir / PAIRS, cand.prompts, files, cand.scores["overall"], chosen)
+        else:
+            (out_dir / PAIRS).unlink(missing_ok=True)  # an older run's pairs would not match this record
+        record = {**settings, **asdict(config), "num_pairs": len(chosen), "ties_skipped": ties}
+        with atomic_write(out_dir / PAIRS_CONFIG) as tmp:
+            tmp.write_text(json.dumps(record, indent=2))
+    shard.barrier()
     if not chosen:
-        raise ValueError(f"no pairs: all {ties} candidate groups were ties within margin {config.margin}")
-    ext = config.video_ext if cand.media.ndim == 5 else ".png"
-    files = [f"candidates/{i:06d}{ext}" for i in range(len(cand.prompts))]
-    (out_dir / "candidates").mkdir(parents=True, exist_ok=True)
-    with atomic_write(out_dir / CANDIDATES) as tmp, open(tmp, "w") as sink:
-        for i, (prompt, seed, name) in enumerate(zip(cand.prompts, cand.seeds, files, strict=True)):
-            save_media(cand.media[i], out_dir / name)
-            row = {
-                "id": i,
-                "prompt": prompt,
-                "seed": seed,
-                "file": name,
-                "scores": {k: float(v[i]) for k, v in cand.scores.items()},
-            }
-            sink.write(json.dumps(row) + "\n")
-    write_pairs_jsonl(out_dir / PAIRS, cand.prompts, files, cand.scores["overall"], chosen)
-    (out_dir / PAIRS_CONFIG).write_text(
-        json.dumps({**asdict(config), "num_pairs": len(chosen), "ties_skipped": ties}, indent=2)
-    )
+        raise DataError(
+            out_dir / CANDIDATES,
+            f"no pairs: all {ties} candidate groups were ties within margin {config.margin}; the "
+            f"{len(rows)} scored candidates are kept here (choose again with 'flowalign rechoose' or re-run "
+            "with a smaller margin: nothing is sampled again)",
+        )
     return cand, chosen
 
 

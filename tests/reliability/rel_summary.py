@@ -46,6 +46,7 @@ def render() -> str:
         "numerics": "Numerical guards",
         "concurrency": "Two processes, one output folder (real processes, exactly one row per id)",
         "settings-aware resume": "Resume keyed by settings (a changed field is refused, named)",
+        "interrupted pairs": "pairs killed midway and re-run (candidates kept, nothing drawn twice)",
         "oracle blind spots": "Toy oracle blind spots (images that do not draw the scene score 0)",
         "numbers": "Numbers and YAML from any source (finite, bounded, named)",
         "paths": "score / eval manifests confined to their folder",
