@@ -18,7 +18,10 @@ def demo(
     stages: Annotated[str, typer.Option(help="Comma-separated stages: base, dpo, nrg, onestep.")] = "base",
     samples: Annotated[int, typer.Option(help="Held-out samples per evaluated model.")] = 256,
     base_steps: Annotated[
-        int, typer.Option(help="Training steps of the toy base model (1500 matches the tables of docs/results.md).")
+        int,
+        typer.Option(
+            help="Training steps of the toy base model (1500 matches the tables of docs/results.md)."
+        ),
     ] = 900,
 ) -> None:
     """The toy world end to end: base model, held-out evaluation with exact oracles, Flow-DPO."""

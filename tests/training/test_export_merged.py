@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from flowalign.models.lora import has_lora
 from safetensors.torch import load_file
 
 from flowalign.config import LoraConfig
 from flowalign.models import load_flow_model
+from flowalign.models.lora import has_lora
 from flowalign.training.methods.dpo import FlowDPO, export_merged
 
 
