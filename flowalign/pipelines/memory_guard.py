@@ -4,8 +4,9 @@ The estimate is a lower bound on what sampling at that size must hold at once, s
 and never a guess::
 
     bytes >= batch * frames * H * W * 3 * 4                  the decoded media, in fp32
-           + frames * H * W * C0 * b                          one sample's widest full-resolution VAE
-                                                              activation: C0 channels in the VAE's dtype
+           + H * W * C0 * b                                   one frame's full-resolution VAE activation:
+                                                              C0 channels in the VAE's dtype (a video VAE
+                                                              may decode a few frames at a time)
 
 ``C0`` is the VAE decoder's channel count at full resolution (``block_out_channels[0]`` of diffusers'
 ``AutoencoderKL``, ``base_dim`` of Wan's VAE; 0 when unknown or for models without a VAE). The
@@ -80,9 +81,9 @@ def media_bytes(
     height: int, width: int, num_frames: int, batch: int, *, vae: tuple[int, int] = (0, 4)
 ) -> int:
     """The lower bound of the module docstring for one batch of ``batch`` samples."""
-    pixels = int(height) * int(width) * int(num_frames)
+    frame = int(height) * int(width)
     c0, nbytes = vae
-    return batch * pixels * 3 * 4 + pixels * c0 * nbytes
+    return batch * frame * int(num_frames) * 3 * 4 + frame * c0 * nbytes
 
 
 def check_media_fits(

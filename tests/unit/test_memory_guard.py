@@ -11,9 +11,9 @@ import flowalign.pipelines.memory_guard as guard
 from flowalign.models import load_flow_model
 
 
-def test_lower_bound_is_the_decoded_batch_plus_one_full_resolution_vae_activation():
+def test_lower_bound_is_the_decoded_batch_plus_one_frame_of_full_resolution_vae_activation():
     assert guard.media_bytes(64, 32, 1, 3) == 3 * 64 * 32 * 3 * 4
-    assert guard.media_bytes(64, 32, 5, 2, vae=(128, 2)) == 2 * 64 * 32 * 5 * 3 * 4 + 64 * 32 * 5 * 128 * 2
+    assert guard.media_bytes(64, 32, 5, 2, vae=(128, 2)) == 2 * 64 * 32 * 5 * 3 * 4 + 64 * 32 * 128 * 2
 
 
 @pytest.mark.parametrize(("family", "dtype"), [("sd3", torch.bfloat16), ("wan", torch.bfloat16)])
