@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from flowalign.cli.app import USER_ERRORS, app, device_and_dtype, fail, weights_option
+from flowalign.cli.app import app, device_and_dtype, fail, number, weights_option
+from flowalign.cli.checks import (
+    MAX_BATCH,
+    check_count,
+    check_scale,
+    check_seed,
+    check_size_before_loading,
+    check_size_for_model,
+    check_size_options,
+    check_steps,
+)
 
 
 @app.command()
@@ -32,45 +42,65 @@ def pairs(
     video_format: Annotated[
         str, typer.Option(help="Video files: mp4 (lossy) or npy (exact frames, for tiny clips).")
     ] = "mp4",
+    height: Annotated[int | None, typer.Option(help="Sample height (family default if unset).")] = None,
+    width: Annotated[int | None, typer.Option(help="Sample width (family default if unset).")] = None,
+    num_frames: Annotated[int | None, typer.Option(help="Frames (video families).")] = None,
     device: Annotated[str | None, typer.Option()] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: bf16 on GPU).")] = None,
 ) -> None:
     """Build a preference dataset from a model: K samples per prompt, scored, best vs worst."""
     from flowalign.data.prompts import load_prompts
     from flowalign.models import load_flow_model
     from flowalign.rewards import load_reward
     from flowalign.rewards.combine import RewardCombiner
+    from flowalign.rewards.registry import parse_reward_spec
+    from flowalign.toy.world import toy_prompts
     from flowalign.workflows.pairs import PairsConfig, build_pairs
 
-    try:
-        if toy_split is not None:
-            from flowalign.toy.world import toy_prompts
-
-            prompt_list = toy_prompts(toy_split, "image")
-        elif prompts_file is not None:
-            prompt_list = load_prompts(prompts_file)
-        else:
-            fail("give --prompts-file FILE or --toy-split train|heldout")
-        torch_device, torch_dtype = device_and_dtype(device, None)
-        flow_model = load_flow_model(model, torch_dtype=torch_dtype, device=torch_device)
-        if flow_model.is_video and toy_split is not None:
-            prompt_list = toy_prompts(toy_split, "video")
-        combiner = RewardCombiner(
-            [load_reward(n.strip(), device=torch_device) for n in reward.split(",")], weights_option(weights)
-        )
-        config = PairsConfig(
-            num_candidates=num_candidates,
-            mode=mode,
-            margin=margin,
-            seed=seed,
-            guidance_scale=guidance_scale,
-            num_inference_steps=steps,
-            batch_size=batch_size,
-            video_ext="." + video_format.lstrip("."),
-        )
-        _, chosen = build_pairs(flow_model, prompt_list, combiner.score, out, config)
-    except USER_ERRORS as err:
-        fail(str(err).splitlines()[0])
+    check_count(num_candidates, "--num-candidates", lo=2, hi=1_024)
+    number(margin, "--margin", lo=0.0)
+    check_steps(steps)
+    check_scale(guidance_scale, "--guidance-scale")
+    check_seed(seed)
+    check_count(batch_size, "--batch-size", hi=MAX_BATCH)
+    check_size_options(height, width, num_frames)
+    config = PairsConfig(
+        num_candidates=num_candidates, mode=mode, margin=margin, seed=seed, guidance_scale=guidance_scale,
+        num_inference_steps=steps, batch_size=batch_size, video_ext="." + video_format.lstrip("."),
+    )  # fmt: skip
+    specs = [parse_reward_spec(spec) for spec in reward.split(",") if spec.strip()]
+    if not specs:
+        fail("--reward: give at least one reward name")
+    if toy_split is not None:
+        prompt_list = toy_prompts(toy_split, "image")
+    elif prompts_file is not None:
+        prompt_list = load_prompts(prompts_file)
+    else:
+        fail("give --prompts-file FILE or --toy-split train|heldout")
+    torch_device, torch_dtype = device_and_dtype(device, dtype)
+    batch = min(batch_size, num_candidates * max(len(prompt_list), 1))
+    check_size_before_loading(height, width, num_frames, batch, torch_device)
+    flow_model = load_flow_model(model, torch_dtype=torch_dtype, device=torch_device)
+    if flow_model.is_video and toy_split is not None:
+        prompt_list = toy_prompts(toy_split, "video")
+    check_size_for_model(flow_model, height, width, num_frames, batch, torch_device)
+    _sample_at(flow_model, {"height": height, "width": width, "num_frames": num_frames})
+    rewards = [load_reward(name, device=torch_device, **options) for name, options in specs]
+    combiner = RewardCombiner(rewards, weights_option(weights))
+    _, chosen = build_pairs(flow_model, prompt_list, combiner.score, out, config)
     typer.echo(f"wrote {len(chosen)} pairs to {out / 'pairs.jsonl'}")
+
+
+def _sample_at(flow_model, size: dict[str, int | None]) -> None:
+    """Candidates are sampled at the model's default size: make the size asked for its default."""
+    for key, value in size.items():
+        if value is None or value == getattr(flow_model, f"default_{key}"):
+            continue
+        try:
+            setattr(flow_model, f"default_{key}", value)
+        except AttributeError:  # a size the family fixes (the toy video model's clip length)
+            option = "--" + key.replace("_", "-")
+            raise ValueError(f"{option}: this {flow_model.family} model samples only its own size") from None
 
 
 @app.command()
@@ -85,17 +115,15 @@ def rechoose(
     """Choose pairs again from scored candidates with new weights, without sampling them again."""
     from flowalign.workflows.pairs import rechoose_pairs
 
-    try:
-        path, chosen = rechoose_pairs(
-            folder,
-            weights_option(weights) or {},
-            filename=out_file,
-            mode=mode,
-            margin=margin,
-            overwrite=overwrite,
-        )
-    except USER_ERRORS as err:
-        fail(str(err).splitlines()[0])
+    number(margin, "--margin", lo=0.0)
+    path, chosen = rechoose_pairs(
+        folder,
+        weights_option(weights) or {},
+        filename=out_file,
+        mode=mode,
+        margin=margin,
+        overwrite=overwrite,
+    )
     typer.echo(f"wrote {len(chosen)} pairs to {path}")
 
 
@@ -112,31 +140,24 @@ def score(
     ] = None,
     batch_size: Annotated[int, typer.Option()] = 16,
     device: Annotated[str | None, typer.Option()] = None,
-    dtype: Annotated[str | None, typer.Option()] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: bf16 on GPU).")] = None,
 ) -> None:
     """Score media with one or more reward models."""
     from flowalign.data.prompts import load_prompts
     from flowalign.rewards.registry import parse_reward_spec
     from flowalign.rewards.scoring import score_files
 
-    try:
-        specs = [parse_reward_spec(s) for s in reward.split(",") if s.strip()]
-        names = [name for name, _ in specs]
-        kwargs = {name: opts for name, opts in specs if opts}
-        prompt_list = load_prompts(prompts) if prompts is not None else None
-        source = media[0] if len(media) == 1 else media
-        torch_device, torch_dtype = device_and_dtype(device, dtype)
-        result = score_files(
-            names,
-            source,
-            prompt_list,
-            weights_option(weights),
-            out,
-            batch_size=batch_size,
-            device=torch_device,
-            dtype=torch_dtype,
-            reward_kwargs=kwargs,
-        )
-    except USER_ERRORS as err:
-        fail(str(err).splitlines()[0])
+    check_count(batch_size, "--batch-size", hi=MAX_BATCH)
+    specs = [parse_reward_spec(s) for s in reward.split(",") if s.strip()]
+    if not specs:
+        fail("--reward: give at least one reward name")
+    names = [name for name, _ in specs]
+    kwargs = {name: opts for name, opts in specs if opts}
+    prompt_list = load_prompts(prompts) if prompts is not None else None
+    source = media[0] if len(media) == 1 else media
+    torch_device, torch_dtype = device_and_dtype(device, dtype)
+    result = score_files(
+        names, source, prompt_list, weights_option(weights), out, batch_size=batch_size,
+        device=torch_device, dtype=torch_dtype, reward_kwargs=kwargs,
+    )  # fmt: skip
     typer.echo(f"scored {result.num_scored} items ({result.num_skipped} already done) into {out}")

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from flowalign.cli.app import USER_ERRORS, app, fail
+from flowalign.cli.app import app
+from flowalign.cli.checks import MAX_STEPS, check_count
 
 
 @app.command()
@@ -27,16 +28,15 @@ def demo(
     """The toy world end to end: base model, held-out evaluation with exact oracles, Flow-DPO."""
     from flowalign.experiments.demo import DemoConfig, run_demo
 
-    try:
-        report = run_demo(
-            DemoConfig(
-                out_dir=out,
-                stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
-                num_samples=samples,
-                base_steps=base_steps,
-            )
+    check_count(samples, "--samples")
+    check_count(base_steps, "--base-steps", hi=MAX_STEPS)
+    report = run_demo(
+        DemoConfig(
+            out_dir=out,
+            stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
+            num_samples=samples,
+            base_steps=base_steps,
         )
-    except USER_ERRORS as err:
-        fail(str(err).splitlines()[0])
+    )
     typer.echo(report.table_md())
     typer.echo(f"\nwrote {out / 'summary.md'} and {out / 'index.html'}")

@@ -7,7 +7,24 @@ from typing import Annotated
 
 import typer
 
-from flowalign.cli.app import USER_ERRORS, app, device_and_dtype, fail, parse_floats, weights_option
+from flowalign.cli.app import (
+    RUN_ERROR,
+    app,
+    device_and_dtype,
+    fail,
+    number,
+    parse_floats,
+    parse_ints,
+    weights_option,
+)
+from flowalign.cli.checks import (
+    MAX_FRAMES,
+    MAX_SIDE,
+    check_count,
+    check_scale,
+    check_seed,
+    check_steps,
+)
 
 
 @app.command("eval")
@@ -36,50 +53,79 @@ def eval_(
         bool, typer.Option("--rerun", help="Re-run from OUT/report.json, reusing everything.")
     ] = False,
     device: Annotated[str | None, typer.Option()] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: bf16 on GPU).")] = None,
 ) -> None:
     """Compare checkpoints on prompt sets with rewards: one reproducible HTML + JSON report."""
     from flowalign.evals.runner import rerun_eval, run_eval
-    from flowalign.evals.samples import parse_model_spec, sweep_guidance
     from flowalign.evals.types import EvalOptions
     from flowalign.pipelines.generate_files import GenerationSettings
 
-    try:
-        if rerun:
-            result = rerun_eval(out)
-        else:
-            if not models or not prompts:
-                fail("give --models and --prompts (or --rerun)")
-            specs = {}
-            for i, item in enumerate(models):
-                name, spec = parse_model_spec(item if "=" in item.split(":")[0] else f"model{i}={item}")
-                specs[name] = spec
-            if guidance_sweep is not None:
-                if guidance_scale is not None:
-                    fail("give --guidance-scale or --guidance-sweep, not both")
-                specs = sweep_guidance(specs, parse_floats(guidance_sweep, "--guidance-sweep"))
-            torch_device, torch_dtype = device_and_dtype(device, None)
-            options = EvalOptions(
-                settings=GenerationSettings(num_inference_steps=steps, guidance_scale=guidance_scale),
-                weights=weights_option(weights),
-                base=base,
-                device=torch_device,
-                dtype=torch_dtype,
-            )
-            result = run_eval(
-                specs,
-                prompts if len(prompts) > 1 else prompts[0],
-                [r.strip() for r in rewards.split(",") if r.strip()],
-                out_dir=out,
-                samples_per_prompt=samples_per_prompt,
-                seeds=[int(x) for x in seeds.split(",")],
-                options=options,
-            )
-    except USER_ERRORS as err:
-        fail(str(err).splitlines()[0])
+    if rerun:
+        result = rerun_eval(out)
+    else:
+        if not models or not prompts:
+            fail("give --models and --prompts (or --rerun)")
+        check_count(samples_per_prompt, "--samples-per-prompt")
+        check_steps(steps)
+        check_scale(guidance_scale, "--guidance-scale")
+        seed_list = parse_ints(seeds, "--seeds")
+        for seed in seed_list:
+            check_seed(seed, "--seeds")
+        reward_names = [r.strip() for r in rewards.split(",") if r.strip()]
+        if not reward_names:
+            fail("--rewards: give at least one reward name")
+        specs = _model_specs(models, guidance_sweep, guidance_scale)
+        torch_device, torch_dtype = device_and_dtype(device, dtype)
+        options = EvalOptions(
+            settings=GenerationSettings(num_inference_steps=steps, guidance_scale=guidance_scale),
+            weights=weights_option(weights),
+            base=base,
+            device=torch_device,
+            dtype=torch_dtype,
+        )
+        result = run_eval(
+            specs, prompts if len(prompts) > 1 else prompts[0], reward_names, out_dir=out,
+            samples_per_prompt=samples_per_prompt, seeds=seed_list, options=options,
+        )  # fmt: skip
     for failure in result.failures:
         typer.echo(f"failed: {failure}", err=True)
     typer.echo(f"wrote {result.html_path} and {result.json_path}")
-    if result.failures and not result.report.get("timings", {}).get("num_samples"):
+    if not result.report.get("timings", {}).get("num_samples"):
+        fail(f"no sample was generated ({len(result.failures)} failures; see {result.json_path})", RUN_ERROR)
+    if not result.report.get("dimensions"):
         fail(
-            f"no sample was generated or scored ({len(result.failures)} failures; see {result.json_path})", 1
+            f"no reward scored any sample ({len(result.failures)} failures; see {result.json_path})",
+            RUN_ERROR,
         )
+
+
+_NUMERIC_SETTINGS = {  # model-spec settings checked like the options they stand for
+    "num_inference_steps": lambda v, o: check_steps(v, o),
+    "guidance_scale": lambda v, o: check_scale(v, o),
+    "true_cfg_scale": lambda v, o: check_scale(v, o),
+    "height": lambda v, o: number(v, o, lo=1, hi=MAX_SIDE, integer=True),
+    "width": lambda v, o: number(v, o, lo=1, hi=MAX_SIDE, integer=True),
+    "num_frames": lambda v, o: number(v, o, lo=1, hi=MAX_FRAMES, integer=True),
+    "fps": lambda v, o: check_count(v, o, hi=1_000),
+}
+
+
+def _model_specs(models: list[str], guidance_sweep: str | None, guidance_scale: float | None) -> dict:
+    """``--models`` (and ``--guidance-sweep``) as named specs, their numeric settings checked."""
+    from flowalign.evals.samples import parse_model_spec, sweep_guidance
+
+    specs = {}
+    for i, item in enumerate(models):
+        name, spec = parse_model_spec(item if "=" in item.split(":")[0] else f"model{i}={item}")
+        for key, value in spec.settings.items():
+            if key in _NUMERIC_SETTINGS:
+                _NUMERIC_SETTINGS[key](value, f"--models {name}: {key}")
+        specs[name] = spec
+    if guidance_sweep is not None:
+        if guidance_scale is not None:
+            fail("give --guidance-scale or --guidance-sweep, not both")
+        scales = parse_floats(guidance_sweep, "--guidance-sweep")
+        for scale in scales:
+            check_scale(scale, "--guidance-sweep", lo=1.0)
+        specs = sweep_guidance(specs, scales)
+    return specs

@@ -7,7 +7,13 @@ from typing import Annotated
 
 import typer
 
-from flowalign.cli.app import USER_ERRORS, app, device_and_dtype, fail
+from flowalign.cli.app import app, device_and_dtype, fail
+from flowalign.cli.checks import (
+    check_generation_options,
+    check_size_before_loading,
+    check_size_for_model,
+)
+from flowalign.validation import short_repr
 
 
 @app.command()
@@ -52,81 +58,59 @@ def generate(
     from flowalign.pipelines.generate_files import GenerationSettings, generate_files
     from flowalign.pipelines.one_step import read_one_step_metadata
 
-    if steps is not None and steps < 1:
-        fail(f"--steps must be >= 1, got {steps}")
-    if samples_per_prompt < 1:
-        fail(f"--samples-per-prompt must be >= 1, got {samples_per_prompt}")
+    step_range = check_generation_options(
+        steps=steps, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale, seed=seed,
+        height=height, width=width, num_frames=num_frames, samples_per_prompt=samples_per_prompt,
+        batch_size=batch_size, fps=fps, guidance_strength=guidance_strength, guide_steps=guide_steps,
+    )  # fmt: skip
     if sampler not in ("euler", "heun"):
-        fail(f"--sampler must be euler or heun, got {sampler!r}")
+        fail(f"--sampler must be euler or heun, got {short_repr(sampler)}")
     if not prompt and prompts_file is None:
         fail("give --prompt TEXT or --prompts-file FILE")
-    try:
-        prompts = list(prompt or [])
-        if prompts_file is not None:
-            prompts += load_prompts(prompts_file)
-        if not prompts or any(not p.strip() for p in prompts):
-            fail("a prompt is empty")
-        torch_device, torch_dtype = device_and_dtype(device, dtype)
-        flow_model = load_flow_model(model, torch_dtype=torch_dtype, device=torch_device)
-        one_step_meta = read_one_step_metadata(model) if Path(model).is_dir() else None
-        if one_step_meta is not None:  # a distilled checkpoint samples in one step with its recorded guidance
-            one_step = True
-            if guidance_scale is None:
-                guidance_scale = one_step_meta.get("guidance_scale") or 1.0
-        if one_step and steps not in (None, 1):
-            fail(f"--one-step samples in one step; --steps {steps} does not apply")
-        settings = GenerationSettings(
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            true_cfg_scale=true_cfg_scale,
-            height=height,
-            width=width,
-            num_frames=num_frames,
-            negative_prompt=negative_prompt,
-            sampler=sampler,
-            one_step=one_step,
-            seed=seed,
-            samples_per_prompt=samples_per_prompt,
-            fps=fps,
-        )
-        factory = None
-        if guide is not None:
-            factory = _nrg_factory(flow_model, guide, reward_weights, guidance_strength, guide_steps)
-            settings.extra = {
-                "guide": str(guide),
-                "reward_weights": reward_weights,
-                "guidance_strength": guidance_strength,
-                "guide_steps": guide_steps,
-            }
-        rows = generate_files(
-            flow_model,
-            prompts,
-            out,
-            settings,
-            batch_size=batch_size,
-            model_name=str(model),
-            transforms_factory=factory,
-        )
-    except USER_ERRORS as err:
-        fail(str(err).splitlines()[0])
+    prompts = list(prompt or [])
+    if prompts_file is not None:
+        prompts += load_prompts(prompts_file)
+    if not prompts or any(not p.strip() for p in prompts):
+        fail("a prompt is empty")
+    torch_device, torch_dtype = device_and_dtype(device, dtype)
+    batch = min(batch_size, len(prompts) * samples_per_prompt)
+    check_size_before_loading(height, width, num_frames, batch, torch_device)
+    flow_model = load_flow_model(model, torch_dtype=torch_dtype, device=torch_device)
+    one_step_meta = read_one_step_metadata(model) if Path(model).is_dir() else None
+    if one_step_meta is not None:  # a distilled checkpoint samples in one step with its recorded guidance
+        one_step = True
+        if guidance_scale is None:
+            guidance_scale = one_step_meta.get("guidance_scale") or 1.0
+    if one_step and steps not in (None, 1):
+        fail(f"--one-step samples in one step; --steps {steps} does not apply")
+    check_size_for_model(flow_model, height, width, num_frames, batch, torch_device)
+    settings = GenerationSettings(
+        num_inference_steps=steps, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
+        height=height, width=width, num_frames=num_frames, negative_prompt=negative_prompt,
+        sampler=sampler, one_step=one_step, seed=seed, samples_per_prompt=samples_per_prompt, fps=fps,
+    )  # fmt: skip
+    factory = None
+    if guide is not None:
+        factory = _nrg_factory(flow_model, guide, reward_weights, guidance_strength, step_range)
+        settings.extra = {
+            "guide": str(guide),
+            "reward_weights": reward_weights,
+            "guidance_strength": guidance_strength,
+            "guide_steps": guide_steps,
+        }
+    rows = generate_files(
+        flow_model, prompts, out, settings, batch_size=batch_size, model_name=str(model),
+        transforms_factory=factory,
+    )  # fmt: skip
     typer.echo(f"wrote {len(rows)} samples to {out}")
 
 
-def _nrg_factory(flow_model, guide: Path, weights: str | None, strength: float, steps: str | None):
+def _nrg_factory(flow_model, guide: Path, weights: str | None, strength: float, step_range):
     """Per-batch Flow-NRG transforms from a latent reward folder (errors name the bad value)."""
     from flowalign.rewards.combine import parse_weights
     from flowalign.rewards.latent import LatentRewardModel
     from flowalign.sampling.nrg import latent_reward_guidance
 
-    if strength < 0:
-        raise ValueError(f"--guidance-strength must be >= 0, got {strength}")
-    step_range = None
-    if steps:
-        try:
-            a, b = (float(x) for x in steps.split(":"))
-        except ValueError:
-            raise ValueError(f"--guide-steps must look like 0.2:0.9, got {steps!r}") from None
-        step_range = (a, b)
     reward_model = LatentRewardModel.from_pretrained(guide, model=flow_model, device=flow_model.device)
     dims = parse_weights(weights) if weights else {d: 1.0 for d in reward_model.dimensions}
     reward_model.check_weights(dims)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from flowalign.cli.app import USER_ERRORS, app, fail
+from flowalign.cli.app import app
 
 
 @app.command("lora-comfyui")
@@ -18,8 +18,5 @@ def lora_comfyui(
     """Rename a Wan LoRA to the original Wan keys ComfyUI loads (SD3/FLUX LoRAs load there as exported)."""
     from flowalign.training.lora_comfyui import convert_wan_lora_to_comfyui
 
-    try:
-        written = convert_wan_lora_to_comfyui(lora, out)
-    except USER_ERRORS as err:
-        fail(str(err).splitlines()[0])
+    written = convert_wan_lora_to_comfyui(lora, out)
     typer.echo(f"wrote {written}")

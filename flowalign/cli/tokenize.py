@@ -7,11 +7,10 @@ from typing import Annotated
 
 import typer
 
-from flowalign.cli.app import USER_ERRORS, app, fail
+from flowalign.cli.app import Group, app, check_device
+from flowalign.cli.checks import check_steps
 
-tokenize_app = typer.Typer(
-    help="Encode, decode and reconstruct media with a CDT tokenizer.", no_args_is_help=True
-)
+tokenize_app = Group(help="Encode, decode and reconstruct media with a CDT tokenizer.", no_args_is_help=True)
 app.add_typer(tokenize_app, name="tokenize")
 TokModel = Annotated[Path, typer.Option("--model", help="Tokenizer folder (from `flowalign train cdt`).")]
 
@@ -26,10 +25,7 @@ def tokenize_encode(
     """Video or image -> latent file."""
     from flowalign.tokenizers.files import encode_file
 
-    try:
-        path = encode_file(model, input, out, device=device)
-    except USER_ERRORS as err:
-        fail(str(err).splitlines()[0])
+    path = encode_file(model, input, out, device=check_device(device))
     typer.echo(f"wrote {path}")
 
 
@@ -44,10 +40,8 @@ def tokenize_decode(
     """Latent file -> video or image."""
     from flowalign.tokenizers.files import decode_file
 
-    try:
-        path = decode_file(model, input, out, num_inference_steps=steps, device=device)
-    except USER_ERRORS as err:
-        fail(str(err).splitlines()[0])
+    check_steps(steps)
+    path = decode_file(model, input, out, num_inference_steps=steps, device=check_device(device))
     typer.echo(f"wrote {path}")
 
 
@@ -64,8 +58,6 @@ def tokenize_reconstruct(
 
     from flowalign.tokenizers.files import reconstruct_files
 
-    try:
-        metrics = reconstruct_files(model, input, out, num_inference_steps=steps, device=device)
-    except USER_ERRORS as err:
-        fail(str(err).splitlines()[0])
+    check_steps(steps)
+    metrics = reconstruct_files(model, input, out, num_inference_steps=steps, device=check_device(device))
     typer.echo(_json.dumps(metrics.get("mean", metrics), indent=1, default=str))

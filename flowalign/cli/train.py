@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from flowalign.cli.app import USER_ERRORS, app, fail
+from flowalign.cli.app import Group, app, fail
 
-train_app = typer.Typer(help="Train a method on the shared loop.", no_args_is_help=True)
+train_app = Group(help="Train a method on the shared loop.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML recipe (e.g. configs/toy_dpo.yaml).")]
@@ -25,11 +25,8 @@ def _run_training(run_cls, runner, config, overrides, resume, shortcuts: dict[st
     from flowalign.config import load_config
 
     sets = [f"{key}={value}" for key, value in shortcuts.items() if value is not None] + list(overrides or [])
-    try:
-        run = load_config(run_cls, config, sets)
-        result = runner(run, resume=resume)
-    except USER_ERRORS as err:
-        fail(str(err).splitlines()[0])
+    run = load_config(run_cls, config, sets)  # every value checked (finite, in range) by the config loader
+    result = runner(run, resume=resume)
     where = result.export_dir or result.checkpoint
     typer.echo(f"trained {result.step} steps; model in {where}")
 

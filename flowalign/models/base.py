@@ -17,6 +17,7 @@ encoders) and converts at the port: timestep scaling, latent packing, VAE scale 
 from __future__ import annotations
 
 import json
+import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -179,6 +180,11 @@ class FlowModel(ABC):
             pipe = cls.pipeline_class.from_pretrained(str(path_or_id), **kwargs)
         except (OSError, ValueError, TypeError, KeyError) as err:
             raise ModelLoadError(f"cannot load {cls.family} model from {path_or_id}: {err}") from err
+        except pickle.UnpicklingError:  # torch.load(weights_only=True) met a pickle that is not plain tensors
+            raise ModelLoadError(
+                f"cannot load {cls.family} model from {path_or_id}: a component's weights are a pickle that "
+                "holds more than tensors, refused unread; save that component as safetensors"
+            ) from None
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe.to(device), compute_dtype=dtypes["default"])
 

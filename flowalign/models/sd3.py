@@ -58,9 +58,12 @@ class SD3Model(FlowModel):
 
     def check_size(self, height, width, num_frames=1):
         m = self.spatial_factor
+        most = (getattr(self.transformer.config, "pos_embed_max_size", None) or 0) * m  # its position table
         for name, value in (("height", height), ("width", width)):
             if value < m or value % m:
                 raise ValueError(f"{name} must be a positive multiple of {m} for {self.family}, got {value}")
+            if most and value > most:
+                raise ValueError(f"{name} must be at most {most} for this {self.family} model, got {value}")
         if num_frames != 1:
             raise ValueError(f"{self.family} makes images: num_frames must be 1, got {num_frames}")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from flowalign.planning.architectures import ARCHITECTURES
 from flowalign.planning.memory import GIB, STRATEGIES, Plan, Recipe, plan, suggest
+from flowalign.validation import check_number, load_yaml_bounded, short_repr
 
 _WAN_33 = {"height": 480, "width": 832, "frames": 33}
 _WAN_81 = {"height": 480, "width": 832, "frames": 81}
@@ -65,24 +66,30 @@ def _architecture_of(model: str, source: str) -> str:
 
 def recipe_from_yaml(path: Path) -> Recipe:
     """A recipe from a training config file (see the module docstring for the keys read)."""
-    import yaml
-
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: cannot read the config: {err}") from None
+    data = load_yaml_bounded(text, str(path)) or {}
     if not isinstance(data, dict) or "model" not in data:
         raise ValueError(f"{path}: no 'model' key")
     train = data.get("train") or {}
+    if not isinstance(train, dict):
+        raise ValueError(f"{path}: 'train' must be a mapping, got {short_repr(train)}")
     method = next((m for m in ("dpo", "fdistill", "sft") if m in data), "dpo")
     lora = data.get("lora")
+    batch = check_number(train.get("batch_size", 1), f"{path}: train.batch_size", lo=1, integer=True)
+    rank = lora.get("rank", 16) if isinstance(lora, dict) else None
+    if rank is not None:
+        check_number(rank, f"{path}: lora.rank", lo=1, integer=True)
+    ema = train.get("ema") or {}
     return Recipe(
         _architecture_of(str(data["model"]), str(path)),
         method=method,
-        batch=int(train.get("batch_size", 1)),
+        batch=int(batch),
         gradient_checkpointing=bool(train.get("gradient_checkpointing", False)),
-        ema=bool((train.get("ema") or {}).get("use", False)),
-        lora_rank=int(lora.get("rank", 16)) if isinstance(lora, dict) else None,
+        ema=bool(ema.get("use", False)) if isinstance(ema, dict) else False,
+        lora_rank=int(rank) if rank is not None else None,
     )
 
 
@@ -127,39 +134,51 @@ def _overrides(args: argparse.Namespace) -> dict:
     return out
 
 
-def plan_main(argv: list[str] | None = None) -> int:
-    """Print the plan table; returns the exit code (2 with one ``error:`` line on bad input)."""
-    args = _parser().parse_args(argv)
-    sizes = args.gpu_memory or [24.0, 40.0, 80.0]
-    try:
-        if args.target == "all":
-            recipes = dict(PRESETS)
-        elif args.target in PRESETS:
-            recipes = {args.target: PRESETS[args.target]}
-        elif Path(args.target).suffix in (".yaml", ".yml"):
-            recipes = {Path(args.target).stem: recipe_from_yaml(Path(args.target))}
-        else:
-            raise ValueError(f"{args.target!r} is neither a preset ({', '.join(PRESETS)}) nor a .yaml file")
-        plans = {name: plan(r.replace(**_overrides(args))) for name, r in recipes.items()}
-    except ValueError as err:
-        print(f"error: {err}")
-        return 2
+def recipes_for(target: str) -> dict[str, Recipe]:
+    """The recipes a ``plan`` target names: a preset, ``all`` (every preset) or a training YAML file."""
+    if target == "all":
+        return dict(PRESETS)
+    if target in PRESETS:
+        return {target: PRESETS[target]}
+    if Path(target).suffix in (".yaml", ".yml"):
+        return {Path(target).stem: recipe_from_yaml(Path(target))}
+    raise ValueError(f"{short_repr(target)} is neither a preset ({', '.join(PRESETS)}) nor a .yaml file")
+
+
+def plan_report(plans: dict[str, Plan], sizes: list[float], *, breakdown: bool = False) -> list[str]:
+    """The table (one row per plan, fits or not at each GPU size) and the switches that make each fit."""
     fit_head = "  ".join(f"{s:g}GB".ljust(5) for s in sizes)
-    print(f"{'recipe':<26} {'method':<8} {'train':<8} {'base':<5} {'GPUs':<8} {'GiB/GPU':>7}   {fit_head}")
+    lines = [f"{'recipe':<26} {'method':<8} {'train':<8} {'base':<5} {'GPUs':<8} {'GiB/GPU':>7}   {fit_head}"]
     for name, p in plans.items():
-        print(_row(name, p, sizes))
-        if args.breakdown:
-            print("\n".join(_breakdown(p)))
+        lines.append(_row(name, p, sizes))
+        if breakdown:
+            lines += _breakdown(p)
     for name, p in plans.items():
         for size in sizes:
             if p.fits(size):
                 continue
             switches, after = suggest(p.recipe, size)
             if after.fits(size):
-                print(f"{name} at {size:g} GB: fits with {', '.join(switches)} -> {after.peak / GIB:.1f} GiB")
+                lines.append(
+                    f"{name} at {size:g} GB: fits with {', '.join(switches)} -> {after.peak / GIB:.1f} GiB"
+                )
             else:
-                print(
+                lines.append(
                     f"{name} at {size:g} GB: does not fit with every switch ({after.peak / GIB:.1f} GiB); "
                     "shard over more GPUs or lower the resolution or frame count"
                 )
+    return lines
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+    """Print the plan table; returns the exit code (2 with one ``error:`` line on bad input)."""
+    args = _parser().parse_args(argv)
+    sizes = args.gpu_memory or [24.0, 40.0, 80.0]
+    try:
+        recipes = recipes_for(args.target)
+        plans = {name: plan(r.replace(**_overrides(args))) for name, r in recipes.items()}
+    except ValueError as err:
+        print(f"error: {err}")
+        return 2
+    print("\n".join(plan_report(plans, sizes, breakdown=args.breakdown)))
     return 0

@@ -12,6 +12,7 @@ stay unimported until needed). Users add their own with the decorator:
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from collections.abc import Callable
 from functools import partial
@@ -96,10 +97,30 @@ def load_reward(
     from flowalign.sharding import local_device
 
     device = local_device(device) if isinstance(device, str) else device  # "cuda": this process's GPU
-    reward = _resolve(name)(device=device, dtype=dtype, **kwargs)
+    loader = _resolve(name)
+    _check_options(name, loader, kwargs)
+    reward = loader(device=device, dtype=dtype, **kwargs)
     if not isinstance(reward, RewardModel):
         raise TypeError(f"reward loader {name!r} returned {type(reward).__name__}, expected a RewardModel")
     return reward.eval()
+
+
+def _check_options(name: str, loader: RewardLoader, kwargs: dict[str, Any]) -> None:
+    """Refuse options the loader does not take and required ones not given (ValueError naming them)."""
+    try:
+        params = inspect.signature(loader).parameters
+    except (TypeError, ValueError):  # a loader without a readable signature takes what it takes
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    own = [k for k, p in params.items() if k not in ("device", "dtype") and p.kind is not p.VAR_POSITIONAL]
+    unknown = sorted(set(kwargs) - set(own))
+    if unknown:
+        takes = ", ".join(own) or "none"
+        raise ValueError(f"reward {name!r}: unknown option {unknown[0]!r} (its options: {takes})")
+    missing = [k for k in own if params[k].default is inspect.Parameter.empty and k not in kwargs]
+    if missing:
+        raise ValueError(f"reward {name!r} needs the option {missing[0]!r}: give {name}:{missing[0]}=VALUE")
 
 
 def parse_reward_spec(spec: str) -> tuple[str, dict[str, Any]]:

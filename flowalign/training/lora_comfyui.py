@@ -115,10 +115,13 @@ def convert_wan_lora_to_comfyui(src: str | os.PathLike, dst: str | os.PathLike) 
         src = src / LORA_WEIGHT_NAME
     if not src.is_file():
         raise FileNotFoundError(f"no LoRA file at {src}")
-    with safetensors.safe_open(str(src), framework="pt") as f:
-        metadata = f.metadata()
+    try:
+        with safetensors.safe_open(str(src), framework="pt") as f:
+            metadata = f.metadata()
+        state = safetensors.torch.load_file(str(src))
+    except safetensors.SafetensorError as err:
+        raise ValueError(f"{src} is not a readable safetensors file ({err}); export the LoRA again") from None
     rank, alpha = _adapter_settings(metadata, str(src))
-    state = safetensors.torch.load_file(str(src))
     converted = wan_lora_to_comfyui(state, rank=rank, alpha=alpha, source=str(src))
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,7 @@ def render() -> str:
         "numbers": "Numbers and YAML from any source (finite, bounded, named)",
         "paths": "score / eval manifests confined to their folder",
         "file modes": "Atomic writes respect the umask (file kinds checked, by umask -> mode)",
+        "option fuzzing": "CLI option values fuzzed (special and random values, models absent: 0 tracebacks)",
     }
     for section in [*titles, *sorted(set(_DATA) - set(titles))]:
         values = _DATA.get(section)
