@@ -45,6 +45,7 @@ def pairs(
     height: Annotated[int | None, typer.Option(help="Sample height (family default if unset).")] = None,
     width: Annotated[int | None, typer.Option(help="Sample width (family default if unset).")] = None,
     num_frames: Annotated[int | None, typer.Option(help="Frames (video families).")] = None,
+    fps: Annotated[float, typer.Option(help="Frames per second of MP4 candidates.")] = 8.0,
     device: Annotated[str | None, typer.Option()] = None,
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: bf16 on GPU).")] = None,
 ) -> None:
@@ -67,6 +68,7 @@ def pairs(
     config = PairsConfig(
         num_candidates=num_candidates, mode=mode, margin=margin, seed=seed, guidance_scale=guidance_scale,
         num_inference_steps=steps, batch_size=batch_size, video_ext="." + video_format.lstrip("."),
+        fps=fps, height=height, width=width, num_frames=num_frames,
     )  # fmt: skip
     specs = [parse_reward_spec(spec) for spec in reward.split(",") if spec.strip()]
     if not specs:
@@ -84,23 +86,19 @@ def pairs(
     if flow_model.is_video and toy_split is not None:
         prompt_list = toy_prompts(toy_split, "video")
     check_size_for_model(flow_model, height, width, num_frames, batch, torch_device)
-    _sample_at(flow_model, {"height": height, "width": width, "num_frames": num_frames})
+    _check_size_is_free(flow_model, num_frames)
     rewards = [load_reward(name, device=torch_device, **options) for name, options in specs]
     combiner = RewardCombiner(rewards, weights_option(weights))
     _, chosen = build_pairs(flow_model, prompt_list, combiner.score, out, config)
     typer.echo(f"wrote {len(chosen)} pairs to {out / 'pairs.jsonl'}")
 
 
-def _sample_at(flow_model, size: dict[str, int | None]) -> None:
-    """Candidates are sampled at the model's default size: make the size asked for its default."""
-    for key, value in size.items():
-        if value is None or value == getattr(flow_model, f"default_{key}"):
-            continue
-        try:
-            setattr(flow_model, f"default_{key}", value)
-        except AttributeError:  # a size the family fixes (the toy video model's clip length)
-            option = "--" + key.replace("_", "-")
-            raise ValueError(f"{option}: this {flow_model.family} model samples only its own size") from None
+def _check_size_is_free(flow_model, num_frames: int | None) -> None:
+    """Refuse a frame count on a family that fixes its own (the toy video model's clip length)."""
+    fixed = getattr(type(flow_model), "default_num_frames", None)
+    if num_frames is not None and isinstance(fixed, property) and fixed.fset is None:
+        if num_frames != flow_model.default_num_frames:
+            raise ValueError(f"--num-frames: this {flow_model.family} model samples only its own clip length")
 
 
 @app.command()

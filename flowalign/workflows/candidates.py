@@ -57,6 +57,12 @@ class PairsConfig:
     an MP4); images are always lossless PNG."""
     fps: float = 8
     """Frames per second of MP4 candidates."""
+    height: int | None = None
+    """Sample height in pixels (None: the family's default)."""
+    width: int | None = None
+    """Sample width in pixels (None: the family's default)."""
+    num_frames: int | None = None
+    """Frames per clip for video families (None: the family's default)."""
 
     def __post_init__(self) -> None:
         check_number(self.num_candidates, "num_candidates (K, to form pairs)", lo=2, integer=True)
@@ -70,6 +76,9 @@ class PairsConfig:
             check_number(self.num_inference_steps, "num_inference_steps", lo=1, integer=True)
         check_number(self.batch_size, "batch_size", lo=1, integer=True)
         check_number(self.fps, "fps", lo=0, lo_open=True)
+        for name in ("height", "width", "num_frames"):
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), name, lo=1, integer=True)
         if self.video_ext not in VIDEO_EXTS:
             raise ValueError(f"video_ext must be one of {VIDEO_EXTS}, got {short_repr(self.video_ext)}")
 
@@ -129,6 +138,7 @@ def sample_batch(pipe: FlowPipeline, chunk: list[tuple[str, int]], config: Pairs
         generator=[torch.Generator().manual_seed(s) for _, s in chunk],
         guidance_scale=config.guidance_scale,
         num_inference_steps=config.num_inference_steps,
+        **{k: v for k in ("height", "width", "num_frames") if (v := getattr(config, k)) is not None},
     )
     return quantize_to_uint8_grid(out.media.float().cpu())
 
