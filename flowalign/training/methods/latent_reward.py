@@ -44,7 +44,7 @@ from flowalign.models.base import FlowModel, PromptEmbeds
 from flowalign.objectives.bt_ties import LABEL_MISSING, btt_loss, labels_from_scores, pairwise_accuracy
 from flowalign.rewards.latent import LatentRewardModel
 from flowalign.training.method import Method, StepContext
-from flowalign.training.methods.score_stats import ScoreNormaliser
+from flowalign.training.methods.score_stats import NormalisedScores, ScoreNormaliser
 
 __all__ = [
     "LatentRewardTraining",
@@ -188,7 +188,7 @@ class PreferenceItems(Dataset):
         }
 
 
-class LatentRewardTraining(Method):
+class LatentRewardTraining(NormalisedScores, Method):
     """BTT training of a :class:`LatentRewardModel` on noised preference pairs (Flow-NRG's guide).
 
     The base model is frozen (``requires_grad=False``, eval mode): it only encodes prompts and media.
@@ -234,7 +234,12 @@ class LatentRewardTraining(Method):
             from flowalign.models.lora import add_lora
 
             add_lora(reward_model.trunk, cfg.lora)
-        # EMA of the mean score and of the half mean squared pair difference (see score_statistics)
+        # EMA of the mean score and of the half mean squared pair difference, exported as the guide's
+        # normalisation (score_statistics):
+        # std = sqrt(E[(r_w - r_l)^2] / 2) over training pairs (EMA): the spread of scores at ONE time t
+        # (the pair's), which equals the score std for independent same-t samples. The plain std over the
+        # training batches is unusable: the reward carries a large t-dependent offset (BTT only sees
+        # same-t differences) that swamped it 40-fold on the toy model and made guidance vanish.
         self.normaliser = ScoreNormaliser(
             cfg.dimensions, cfg.norm_momentum, second_key="norm_half_diff_sq", centre=False
         )
@@ -329,22 +334,6 @@ class LatentRewardTraining(Method):
     def _update_stats(self, r_w: Tensor, r_l: Tensor) -> None:
         r_w, r_l = r_w.double().cpu(), r_l.double().cpu()  # [B, K]
         self.normaliser.update(torch.cat([r_w, r_l]).mean(dim=0), 0.5 * (r_w - r_l).pow(2).mean(dim=0))
-
-    def score_statistics(self) -> dict[str, tuple[float, float]]:
-        """Per-dimension (mean, std) for the exported normalisation (empty before the first step).
-
-        std = sqrt(E[(r_w - r_l)^2] / 2) over training pairs (EMA): the spread of scores at ONE time t
-        (the pair's), which equals the score std for independent same-t samples. The plain std over the
-        training batches is unusable: the reward carries a large t-dependent offset (BTT only sees
-        same-t differences) that swamped it 40-fold on the toy model and made guidance vanish.
-        """
-        return self.normaliser.statistics()
-
-    def state_dict(self) -> dict:
-        return self.normaliser.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.normaliser.load_state_dict(state)
 
     def export(self, out_dir: Path) -> None:
         """Save the guide loadably (``LatentRewardModel.from_pretrained(out_dir)``), with its normalisation."""

@@ -34,7 +34,7 @@ from flowalign.objectives.bt_ties import (
 )
 from flowalign.rewards.multihead import MultiHeadRewardModel
 from flowalign.training.method import Method, StepContext
-from flowalign.training.methods.score_stats import ScoreNormaliser
+from flowalign.training.methods.score_stats import NormalisedScores, ScoreNormaliser
 
 __all__ = ["RewardModelTraining", "RewardModelTrainingConfig", "evaluate_pairs", "map_labels"]
 
@@ -111,7 +111,7 @@ def collate_pairs(items: list[dict]) -> dict:
     }
 
 
-class RewardModelTraining(Method):
+class RewardModelTraining(NormalisedScores, Method):
     """BTT training of a :class:`MultiHeadRewardModel` on labelled pairs (every weight trainable).
 
     Args:
@@ -160,16 +160,6 @@ class RewardModelTraining(Method):
     def _update_stats(self, r: Tensor) -> None:
         r = r.double().cpu()  # [2B, K]
         self.normaliser.update(r.mean(dim=0), r.pow(2).mean(dim=0))
-
-    def score_statistics(self) -> dict[str, tuple[float, float]]:
-        """Per-dimension (mean, std) of the training scores (EMA); empty before the first step."""
-        return self.normaliser.statistics()
-
-    def state_dict(self) -> dict:
-        return self.normaliser.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.normaliser.load_state_dict(state)
 
     def export(self, out_dir: Path) -> None:
         """Save the model loadably (``MultiHeadRewardModel.from_pretrained(out_dir)``) with its normalisation."""

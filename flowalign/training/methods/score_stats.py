@@ -63,3 +63,20 @@ class ScoreNormaliser:
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.second = state["norm_mean"].double(), state[self.second_key].double()
         self.count = int(state["norm_count"])
+
+
+class NormalisedScores:
+    """Method hooks of a reward trainer that keeps its score statistics in ``self.normaliser``: they are
+    exported as the model's normalisation and saved in (and restored from) every checkpoint."""
+
+    normaliser: ScoreNormaliser
+
+    def score_statistics(self) -> dict[str, tuple[float, float]]:
+        """Per-dimension (mean, std) for the exported normalisation (empty before the first step)."""
+        return self.normaliser.statistics()
+
+    def state_dict(self) -> dict:
+        return self.normaliser.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.normaliser.load_state_dict(state)
