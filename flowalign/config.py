@@ -1,12 +1,13 @@
 """Typed run configuration: nested dataclasses, YAML recipes and dotted command-line overrides.
 
 Every knob of a run lives in a dataclass here (or in a method's own config, which nests
-:class:`TrainConfig`). Each field is documented once, by the attribute docstring under it;
+:class:`TrainConfig`). LoRA is set once per run, by the run config's top-level ``lora`` block
+(:class:`LoraConfig`; ``lora=null`` for a full fine-tune), never under ``train``. Each field is documented once, by the attribute docstring under it;
 :func:`describe_config` reads those docstrings back (for ``--help`` texts and docs).
 
 Loading order (later wins): the dataclass defaults, then the YAML file, then the overrides::
 
-    cfg = load_config(TrainConfig, "configs/toy.yaml", ["optim.lr=1e-4", "lora.rank=8"])
+    cfg = load_config(DPORun, "configs/toy_dpo.yaml", ["train.optim.lr=1e-4", "lora.rank=8"])
 
 Values are coerced to the annotated type (``"1e-4"`` -> float, ``[0.9, 0.99]`` -> tuple, ``"runs/x"``
 -> Path, ``null`` -> None for optional fields). An unknown key, a value of the wrong type or an
@@ -18,22 +19,34 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import inspect
-import math
 import os
-import tempfile
+import re
 import textwrap
-import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 
-from flowalign.files import match_umask
-from flowalign.validation import check_number, load_yaml_bounded, short_repr
+from flowalign.config_types import (
+    ALLOW_INF,
+    ConfigError,
+    MissingConfigKey,
+    _build,
+    _check,
+    _dataclass_in,
+    _is_union,
+    _load_yaml,
+    _non_none,
+    _type_hints,
+    _type_name,
+    _unknown_key_error,
+)
+from flowalign.files import atomic_write_text
+from flowalign.validation import short_repr
 
 __all__ = [
     "ALLOW_INF",
@@ -52,23 +65,7 @@ __all__ = [
 
 C = TypeVar("C")
 
-
-class ConfigError(ValueError):
-    """A configuration problem: unknown key, wrong type or invalid value.
-
-    ``key`` is the dotted key the problem is about (may be empty for file-level problems).
-    """
-
-    def __init__(self, message: str, *, key: str = "") -> None:
-        super().__init__(message)
-        self.key = key
-        self.reason = message
-
-
-def _check(condition: bool, key: str, reason: str) -> None:
-    """Raise a ConfigError about ``key`` (relative to the dataclass being validated) if not condition."""
-    if not condition:
-        raise ConfigError(reason, key=key)
+_MAX_YAML_BYTES = 1 << 20  # a config file above 1 MiB is refused unread (the recipes are ~1-3 KB)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,8 +211,6 @@ class TrainConfig:
     """Exponential moving average of the weights."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint frequency and rotation."""
-    lora: LoraConfig | None = None
-    """LoRA adapters; None = full fine-tune of the trainable modules."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "max_nan_steps_in_row"):
@@ -227,231 +222,6 @@ class TrainConfig:
             "grad_clip",
             f"must be > 0 or null, got {self.grad_clip}",
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Type coercion
-
-
-def _type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _is_union(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType)
-
-
-def _non_none(tp: Any) -> list[Any]:
-    return [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
-
-
-def _dataclass_in(tp: Any) -> type | None:
-    """The dataclass type inside ``tp`` (``X`` or ``X | None``), else None."""
-    for arg in _non_none(tp):
-        if dataclasses.is_dataclass(arg) and isinstance(arg, type):
-            return arg
-    return None
-
-
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-class _CoerceError(Exception):
-    pass
-
-
-ALLOW_INF = {"allow_inf": True}
-"""Field metadata of a float field for which +-inf is a meaningful setting (e.g. an exact limit)."""
-
-_MAX_YAML_BYTES = 1 << 20  # a config file above 1 MiB is refused unread (the recipes are ~1-3 KB)
-
-
-def _allow_inf(cls: type) -> frozenset[str]:
-    """Names of the fields of dataclass ``cls`` whose metadata allows +-inf."""
-    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("allow_inf"))
-
-
-def _load_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load`` bounded in nesting depth and alias expansion (``load_yaml_bounded``)."""
-    try:
-        return load_yaml_bounded(text, source)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str, allow_inf: bool = False) -> Any:
-    """Convert ``value`` (from YAML or an override) to the annotated type ``tp``.
-
-    Floats must be finite (NaN never passes; +-inf only where the field's metadata has ``allow_inf``).
-    """
-    if tp is Any:
-        return value
-    if _is_union(tp):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _CoerceError(f"expected {_type_name(tp)}, got null")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, source, allow_inf)
-            except _CoerceError as err:
-                errors.append(str(err))
-        if len(errors) == 1:  # Optional[X]: X's own reason (e.g. "must be finite")
-            raise _CoerceError(errors[0])
-        raise _CoerceError(f"expected {_type_name(tp)}, got {short_repr(value)}")
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise _CoerceError(f"expected a mapping of {tp.__name__} fields, got {short_repr(value)}")
-        return _build(tp, value, key + ".", source)
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices and type(value) in {type(c) for c in choices}:
-            return value
-        raise _CoerceError(f"expected one of {list(choices)}, got {short_repr(value)}")
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            raise _CoerceError(f"expected a list ({_type_name(tp)}), got {short_repr(value)}")
-        args = typing.get_args(tp)
-        if origin is list:
-            return [_coerce(v, args[0] if args else Any, key, source, allow_inf) for v in value]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key, source, allow_inf) for v in value)
-        if args and len(args) != len(value):
-            raise _CoerceError(
-                f"expected {len(args)} values ({_type_name(tp)}), got {len(value)}: {short_repr(value)}"
-            )
-        return tuple(
-            _coerce(v, a, key, source, allow_inf)
-            for v, a in zip(value, args or [Any] * len(value), strict=True)
-        )
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _CoerceError(f"expected a mapping ({_type_name(tp)}), got {short_repr(value)}")
-        kt, vt = typing.get_args(tp) or (Any, Any)
-        return {
-            _coerce(k, kt, key, source): _coerce(v, vt, f"{key}.{k}", source, allow_inf)
-            for k, v in value.items()
-        }
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise _CoerceError(f"expected a bool (true/false), got {short_repr(value)}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise _CoerceError(f"expected an int, got {short_repr(value)}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                number = float("nan")
-            if number.is_integer():
-                return int(number)
-        raise _CoerceError(f"expected an int, got {short_repr(value)}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise _CoerceError(f"expected a float, got {short_repr(value)}")
-        number = None
-        if isinstance(value, int | float):
-            number = float(value) if not isinstance(value, int) or abs(value) < 2**1023 else math.inf
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise _CoerceError(f"expected a float, got {short_repr(value)}")
-        try:
-            return float(check_number(number, "the value", allow_inf=allow_inf))
-        except ValueError as err:
-            raise _CoerceError(str(err)) from None
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _CoerceError(f"expected a string, got {short_repr(value)}")
-    if tp is Path:
-        if isinstance(value, str | os.PathLike):
-            return Path(value)
-        raise _CoerceError(f"expected a path string, got {short_repr(value)}")
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise _CoerceError(f"expected {_type_name(tp)}, got {short_repr(value)}")
-
-
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
-    """Every dotted key of ``cls`` (nested dataclasses expanded)."""
-    keys = []
-    for name, tp in _type_hints(cls).items():
-        if name not in {f.name for f in dataclasses.fields(cls)}:
-            continue
-        keys.append(prefix + name)
-        sub = _dataclass_in(tp)
-        if sub is not None:
-            keys.extend(_all_keys(sub, prefix + name + "."))
-    return keys
-
-
-def _unknown_key_error(root: type, full_key: str, source: str, prefix: str = "") -> ConfigError:
-    """Error for an unknown key; close matches come from ``root``'s keys (``prefix`` + its dotted keys)."""
-    candidates = [k for k in _all_keys(root, prefix) if not full_key.startswith(k + ".")]
-    close = difflib.get_close_matches(full_key, candidates, n=3, cutoff=0.6)
-    last = full_key.rsplit(".", 1)[-1]
-    for cand in candidates:
-        if cand.rsplit(".", 1)[-1] == last and cand not in close:
-            close.append(cand)
-    hint = f"; did you mean {', '.join(repr(c) for c in close[:4])}?" if close else ""
-    return ConfigError(f"unknown config key {short_repr(full_key)} in {source}{hint}", key=full_key)
-
-
-def _build(cls: type[C], data: dict, prefix: str, source: str) -> C:
-    """Instantiate dataclass ``cls`` (found at dotted ``prefix``) from a (partial) mapping, coercing each value."""
-    hints = _type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
-    for name, value in data.items():
-        if not isinstance(name, str) or name not in names:
-            raise _unknown_key_error(cls, f"{prefix}{name}", source, prefix)
-        try:
-            kwargs[name] = _coerce(value, hints[name], prefix + name, source, name in _allow_inf(cls))
-        except _CoerceError as err:
-            raise ConfigError(
-                f"invalid value for {prefix + name!r} in {source}: {err}", key=prefix + name
-            ) from None
-    missing = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.init
-        and f.name not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        keys = ", ".join(repr(prefix + name) for name in missing)
-        raise MissingConfigKey(f"missing required config key(s) {keys} in {source}", key=prefix + missing[0])
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:  # from __post_init__: err.key is relative to cls
-        full = prefix + err.key
-        raise ConfigError(f"invalid value for {full!r} in {source}: {err.reason}", key=full) from None
-
-
-class MissingConfigKey(ConfigError):
-    """A required key (a field without a default) was not given."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,16 +359,7 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        match_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 def _attribute_docs(cls: type) -> dict[str, str]:
@@ -622,21 +383,50 @@ def _attribute_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _walk_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any, str]]:
+    """(dotted key, field, type, attribute docstring) of every field, nested configs after their key."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            docs.update(_attribute_docs(base))
+    hints = _type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield prefix + f.name, f, hints[f.name], docs.get(f.name, "")
+        sub = _dataclass_in(hints[f.name])
+        if sub is not None:
+            yield from _walk_fields(sub, prefix + f.name + ".")
+
+
 def describe_config(cls: type) -> dict[str, str]:
     """Dotted key -> the field's documentation (its attribute docstring), nested configs included."""
-    out: dict[str, str] = {}
+    return {key: doc for key, _, _, doc in _walk_fields(cls)}
 
-    def walk(c: type, prefix: str) -> None:
-        docs: dict[str, str] = {}
-        for base in reversed(c.__mro__):
-            if dataclasses.is_dataclass(base):
-                docs.update(_attribute_docs(base))
-        hints = _type_hints(c)
-        for f in dataclasses.fields(c):
-            out[prefix + f.name] = docs.get(f.name, "")
-            sub = _dataclass_in(hints[f.name])
-            if sub is not None:
-                walk(sub, prefix + f.name + ".")
 
-    walk(cls, "")
-    return out
+def config_help(cls: type) -> str:
+    """Every settable key of ``cls``, one a line: ``key: type = default -- documentation``.
+
+    The text for a command's ``--set`` help (the CLI passes it as the command's epilog), so each
+    key is documented once, by its attribute docstring; nested configs list their own keys.
+    """
+    lines = []
+    for key, f, tp, doc in _walk_fields(cls):
+        if _dataclass_in(tp) is not None and tp is _dataclass_in(tp):
+            continue  # a required nested block: its keys follow
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = dataclasses.MISSING
+        if value is dataclasses.MISSING:
+            default = " (required)"
+        elif dataclasses.is_dataclass(value):
+            default = " = {...} (its keys follow; null turns it off)"
+        else:
+            default = f" = {str(value) if isinstance(value, Path) else repr(value)}"
+        kind = re.sub(
+            r"\b(?:\w+\.)+(\w+)", r"\1", _type_name(tp)
+        )  # flowalign.config.LoraConfig -> LoraConfig
+        text = " ".join(doc.split())
+        lines.append(f"{key}: {kind}{default}" + (f" -- {text}" if text else ""))
+    return "\n".join(lines)

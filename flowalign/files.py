@@ -6,16 +6,27 @@ umask, so every atomic writer calls :func:`match_umask` on its temporary path be
 gets 0666 & ~umask, a folder 0777 & ~umask -- the modes ``open`` and ``mkdir`` would have given it.
 Symlinks are never followed or changed.
 
-Also here: :func:`exclusive_lock`, the lock that lets several processes share an output folder, and
-:func:`first_difference`, which names the setting that makes a resumed run differ from the recorded one.
+The one home of the package's file chores:
+
+- atomic writes: :func:`atomic_write` (a temporary path renamed over the destination),
+  :func:`atomic_write_bytes`, :func:`atomic_write_text`, :func:`atomic_write_json`, :func:`write_jsonl`;
+- JSON lines: :func:`parse_json_object` (one line, errors naming the file and line), :func:`read_jsonl`,
+  :func:`append_jsonl`;
+- :func:`sha256_file`; :func:`exclusive_lock`, the lock that lets several processes share an output
+  folder; :func:`first_difference`, which names the setting that makes a resumed run differ from the
+  recorded one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 
 def current_umask() -> int:
@@ -84,8 +95,6 @@ def first_difference(recorded: dict, wanted: dict) -> tuple[str, object, object]
     """The first key (in ``wanted``'s order) whose value differs between two JSON-like records, with the
     recorded and wanted values; None if they agree. Values are compared after a JSON round trip (so a
     tuple equals the list it was written as); nested dicts are compared key by key (``settings.seed``)."""
-    import json
-
     for key, value in wanted.items():
         old = recorded.get(key)
         new = json.loads(json.dumps(value, default=str))
@@ -96,3 +105,114 @@ def first_difference(recorded: dict, wanted: dict) -> tuple[str, object, object]
         elif old != new:
             return (key, old, new)
     return None
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it over ``path``.
+
+    The temporary file keeps the destination's extension (encoders choose the container from it) and
+    lives in the same folder, so :func:`os.replace` is an atomic rename; it gets the mode a plain
+    ``open`` would (:func:`match_umask`). On any error the temporary file is removed and an existing
+    file at ``path`` is left untouched. Missing parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        match_umask(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`); returns the path."""
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, **dumps: Any) -> Path:
+    """Write ``json.dumps(obj, **dumps)`` plus a final newline to ``path`` atomically (default indent 2)."""
+    dumps.setdefault("indent", 2)
+    return atomic_write_text(path, json.dumps(obj, **dumps) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]], **dumps: Any) -> Path:
+    """Write ``rows`` as JSON lines (one object a line) to ``path`` atomically; returns the path."""
+    return atomic_write_text(path, "".join(json.dumps(row, **dumps) + "\n" for row in rows))
+
+
+def sha256_file(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in ``chunk``-byte blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- JSON lines
+
+
+class FileRowError(ValueError):
+    """A file or one of its rows is invalid; the message is ``"<path>: <where>: <reason>"``."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, *, where: str | None = None) -> None:
+        self.path = str(path)
+        self.where = where
+        self.reason = reason
+        loc = f"{self.path}: {where}" if where else self.path
+        super().__init__(f"{loc}: {reason}")
+
+
+def parse_json_object(
+    line: str, path: str | os.PathLike[str], number: int, *, error: Callable[..., Exception] = FileRowError
+) -> dict[str, Any]:
+    """One JSON-object line of a JSON-lines file. Bad JSON or a non-object raises ``error(path, reason,
+    where="line <number>")`` (:class:`FileRowError` unless the caller names its own, e.g. ``DataError``)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise error(path, f"invalid JSON ({exc.msg} at column {exc.colno})", where=f"line {number}") from None
+    if not isinstance(obj, dict):
+        raise error(path, f"expected a JSON object, got {type(obj).__name__}", where=f"line {number}")
+    return obj
+
+
+def read_jsonl(
+    path: str | os.PathLike[str], *, error: Callable[..., Exception] = FileRowError
+) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` of each non-blank line of a JSON-lines file (numbers from 1)."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [
+        (number, parse_json_object(line, path, number, error=error))
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip()
+    ]
+
+
+def append_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]], **dumps: Any) -> None:
+    """Append ``rows`` as JSON lines to ``path`` (created with its folder if missing) and flush them.
+
+    Each row is written with one ``write`` call in append mode, so concurrent appenders (under
+    :func:`exclusive_lock`) never interleave within a line.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, **dumps) + "\n")
+        handle.flush()

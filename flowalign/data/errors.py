@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
+from flowalign.files import FileRowError
 
 __all__ = ["DataError"]
 
 
-class DataError(ValueError):
+class DataError(FileRowError):
     """A data file or one of its rows is invalid.
 
     The message always starts with the file, then the location inside it when there is one:
@@ -20,10 +20,3 @@ class DataError(ValueError):
         where: the location inside the file (``"line 3"``, ``"row 0"``) or None.
         reason: what is wrong, with the expected and actual value.
     """
-
-    def __init__(self, path: str | os.PathLike[str], reason: str, *, where: str | None = None) -> None:
-        self.path = str(path)
-        self.where = where
-        self.reason = reason
-        loc = f"{self.path}: {where}" if where else self.path
-        super().__init__(f"{loc}: {reason}")

@@ -22,10 +22,8 @@ leaves a half-written file under the final name.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,7 +34,7 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 from torch import Tensor
 
 from flowalign.data.errors import DataError
-from flowalign.files import match_umask
+from flowalign.files import atomic_write
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -395,34 +393,6 @@ def load_media(path: str | os.PathLike[str], *, max_frames: int | None = None) -
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it over ``path``.
-
-    The temporary file keeps the destination's extension (encoders choose the container from
-    it) and lives in the same folder, so :func:`os.replace` is an atomic rename. On any error
-    the temporary file is removed and an existing file at ``path`` is left untouched. Missing
-    parent folders are created.
-
-    Args:
-        path: the final destination.
-
-    Yields:
-        The temporary path to write to.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        match_umask(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _to_uint8(x: Tensor, path: Path, what: str) -> np.ndarray:

@@ -31,6 +31,7 @@ from typing import Any
 
 from flowalign.data.errors import DataError
 from flowalign.data.tables import csv_rows
+from flowalign.files import parse_json_object
 
 __all__ = ["PROMPT_EXTENSIONS", "PROMPT_KEYS", "load_prompt_records", "load_prompts"]
 
@@ -108,12 +109,7 @@ def _from_jsonl(path: Path, text: str, key: str | None) -> list[dict[str, Any]]:
         where = f"line {num}"
         if not line.strip():
             raise DataError(path, "empty line (remove it, or keep blank lines only at the end)", where=where)
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(path, f"invalid JSON ({exc.msg} at column {exc.colno})", where=where) from exc
-        if not isinstance(obj, dict):
-            raise DataError(path, f"expected a JSON object, got {type(obj).__name__}", where=where)
+        obj = parse_json_object(line, path, num, error=DataError)
         k = _pick_key(set(obj), key, path, where)
         records.append({**obj, "prompt": _clean_prompt(obj[k], path, where, k)})
     return records

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import bisect
 import csv
-import json
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from flowalign.data.errors import DataError
+from flowalign.files import parse_json_object
 
 __all__ = ["HUB_PREFIX", "Table", "csv_rows", "open_table"]
 
@@ -70,14 +70,7 @@ def _open_jsonl(path: Path) -> _RowsTable:
     for num, line in _text_lines(path):
         if not line.strip():
             raise DataError(path, "empty line", where=f"line {num}")
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                path, f"invalid JSON ({exc.msg} at column {exc.colno})", where=f"line {num}"
-            ) from exc
-        if not isinstance(obj, dict):
-            raise DataError(path, f"expected a JSON object, got {type(obj).__name__}", where=f"line {num}")
+        obj = parse_json_object(line, path, num, error=DataError)
         columns.update(dict.fromkeys(obj))
         rows.append(obj)
         nums.append(num)

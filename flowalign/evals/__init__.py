@@ -10,32 +10,15 @@ Names are imported on first use, so ``flowalign.evals.stats`` stays light for ca
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from flowalign import lazy_exports
 
-_EXPORTS = {
-    "EvalOptions": "flowalign.evals.types",
-    "EvalResult": "flowalign.evals.runner",
-    "ModelSpec": "flowalign.evals.types",
-    "parse_model_spec": "flowalign.evals.samples",
-    "sweep_guidance": "flowalign.evals.samples",
-    "run_eval": "flowalign.evals.runner",
-    "rerun_eval": "flowalign.evals.runner",
-    "PromptSet": "flowalign.evals.prompt_sets",
-    "builtin_prompt_sets": "flowalign.evals.prompt_sets",
-    "load_prompt_set": "flowalign.evals.prompt_sets",
-    "load_report": "flowalign.evals.report",
-    "render_report": "flowalign.evals.report",
+_EXPORTS = {  # submodule -> the names it defines
+    "types": ("EvalOptions", "ModelSpec"),
+    "runner": ("EvalResult", "run_eval", "rerun_eval"),
+    "samples": ("parse_model_spec", "sweep_guidance"),
+    "prompt_sets": ("PromptSet", "builtin_prompt_sets", "load_prompt_set"),
+    "report": ("load_report", "render_report"),
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'flowalign.evals' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

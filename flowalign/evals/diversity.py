@@ -5,78 +5,25 @@ variety; these metrics catch that.
 
 LPIPS (Zhang et al. 2018) uses the ``lpips`` package: its linear calibration layers ship inside the
 package, the backbone (AlexNet/VGG/SqueezeNet ImageNet weights) does not and cannot be downloaded here,
-so :func:`load_lpips` takes a local torchvision weights file. ``random_backbone=True`` builds LPIPS on
+so :func:`load_lpips` (:mod:`flowalign.tokenizers.metrics`) takes a local torchvision weights file. ``random_backbone=True`` builds LPIPS on
 a randomly initialised backbone: that is for tests only; its distances are not the published metric.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from flowalign.tokenizers.metrics import load_lpips
 
 __all__ = ["attribute_entropy", "load_lpips", "lpips_distance", "pixel_distance", "within_group_diversity"]
 
 Distance = Callable[[Tensor, Tensor], Tensor]
 """(a [P, ...], b [P, ...]) -> [P] distances between paired samples."""
-
-
-def load_lpips(
-    *,
-    net: str = "alex",
-    backbone_weights: str | os.PathLike[str] | None = None,
-    random_backbone: bool = False,
-    device: str | torch.device = "cpu",
-) -> nn.Module:
-    """The ``lpips.LPIPS`` metric with its backbone read from a local file.
-
-    Args:
-        net: ``"alex"``, ``"vgg"`` or ``"squeeze"``.
-        backbone_weights: torchvision ``alexnet``/``vgg16``/``squeezenet1_1`` weights (``.pth`` read with
-            ``weights_only=True``, or ``.safetensors``); only the ``features.*`` entries are used.
-        random_backbone: allow a random backbone when no weights are given (tests only).
-        device: where the metric runs.
-
-    Raises:
-        ValueError: neither weights nor ``random_backbone``; or a weights file without the backbone's
-            ``features.*`` entries (naming the file and the missing keys).
-    """
-    import lpips
-
-    if backbone_weights is None and not random_backbone:
-        raise ValueError(
-            "LPIPS needs its backbone's ImageNet weights from a local file (backbone_weights=...); "
-            "random_backbone=True gives a random backbone, meaningful for tests only"
-        )
-    model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-    if backbone_weights is not None:
-        path = Path(backbone_weights)
-        from flowalign.evals.fid import read_state_dict
-
-        state = read_state_dict(path)
-        mapped, missing = {}, []
-        for (
-            name,
-            _,
-        ) in model.net.named_parameters():  # "slice2.3.weight" holds torchvision's "features.3.weight"
-            key = "features." + name.split(".", 1)[1]
-            if key in state:
-                mapped[name] = state[key]
-            else:
-                missing.append(key)
-        if missing:
-            raise ValueError(
-                f"{path}: not torchvision {net} weights: missing {len(missing)} key(s), e.g. {missing[:3]}"
-            )
-        model.net.load_state_dict(mapped, strict=True)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.to(device).eval()
 
 
 @torch.no_grad()

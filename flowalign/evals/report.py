@@ -30,6 +30,7 @@ from flowalign.evals.grid import image_grid, upscale_nearest
 from flowalign.evals.plots import colour_for, curve_plot, forest_plot, histogram_plot
 from flowalign.evals.samples import swept_model
 from flowalign.evals.types import clean_json
+from flowalign.files import atomic_write_json, atomic_write_text
 
 __all__ = [
     "format_number",
@@ -87,11 +88,7 @@ def format_number(value: Any) -> str:
 def write_report_json(report: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> Path:
     """Write ``report.json`` atomically (strict JSON: NaN/inf become null) and return its path."""
 
-    path = Path(out_dir) / REPORT_JSON
-    tmp = path.with_name(f".{REPORT_JSON}.tmp")
-    tmp.write_text(json.dumps(clean_json(report), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(Path(out_dir) / REPORT_JSON, clean_json(report), indent=1, allow_nan=False)
 
 
 def load_report(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -491,8 +488,4 @@ def render_report(out_dir: str | os.PathLike[str], *, report: Mapping[str, Any] 
     _calibration(page)
     _settings(page)
     page.add("</body></html>\n")
-    path = out_dir / REPORT_HTML
-    tmp = path.with_name(f".{REPORT_HTML}.tmp")
-    tmp.write_text("".join(page.parts), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out_dir / REPORT_HTML, "".join(page.parts))

@@ -15,6 +15,7 @@ from typing import Any
 
 from flowalign.evals.prompt_sets import PromptSet
 from flowalign.evals.types import EvalOptions, ModelSpec, Sample, digest, failure, relative_path, safe_name
+from flowalign.files import atomic_write_json
 from flowalign.pipelines.generate_files import MANIFEST, GenerationSettings, read_manifest
 from flowalign.sharding import current_shard, local_device
 from flowalign.validation import check_number
@@ -226,7 +227,7 @@ class SampleGenerator:
         folder = out_dir / "samples" / safe_name(pset.name) / safe_name(name) / digest(ident)
         folder.mkdir(parents=True, exist_ok=True)
         if self.shard.is_main:
-            (folder / "generation.json").write_text(json.dumps(ident, indent=2, default=str) + "\n")
+            atomic_write_json(folder / "generation.json", ident, default=str)
         samples: list[Sample] = []
         for rep, seed in enumerate(seeds):
             run_dir = folder / f"seed-{seed}"

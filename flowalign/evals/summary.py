@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import Tensor
 from flowalign.evals import diversity, fid, metrics
 from flowalign.evals.prompt_sets import PromptSet, spread_indices
 from flowalign.evals.types import EvalOptions, Sample, digest, relative_path
+from flowalign.files import atomic_write_json
 
 __all__ = ["REPORT_FORMAT", "calibrate_rewards", "summarise_eval"]
 
@@ -467,9 +467,7 @@ def calibrate_rewards(
                     for d in dataset.dimensions:
                         raw["labels"][d].append(int(pair.labels[d]))
                 raw["dimensions"] = [d for d in reward.dimensions if d in raw["a"]]
-                tmp = cache.with_suffix(".tmp")
-                tmp.write_text(json.dumps(raw))
-                os.replace(tmp, cache)
+                atomic_write_json(cache, raw, indent=None)
             for dim in raw["dimensions"]:
                 label_dim = _label_dimension(dim, list(raw["labels"]))
                 if label_dim is None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import Tensor, nn
 
 from flowalign.config import LoraConfig
-from flowalign.files import match_umask
+from flowalign.files import atomic_write
 
 __all__ = [
     "LORA_WEIGHT_NAME",
@@ -164,15 +163,8 @@ def save_lora(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / LORA_WEIGHT_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{LORA_WEIGHT_NAME}.", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(state, tmp, metadata=header)
-        match_umask(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(target) as tmp:
+        safetensors.torch.save_file(state, str(tmp), metadata=header)
     return target
 
 

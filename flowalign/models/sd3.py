@@ -24,12 +24,13 @@ from flowalign.models.base import (
 
 @register_family("StableDiffusion3Pipeline")
 class SD3Model(FlowModel):
-    """SD3/SD3.5 adapter. x ``[B, 16, H/8, W/8]``, t ``[B]`` -> velocity of the same shape."""
+    """SD3/SD3.5 adapter. x ``[B, 16, H/8, W/8]``, t ``[B]`` -> velocity of the same shape.
+
+    Sampling defaults are FlowModel's: 28 steps at guidance 7.0.
+    """
 
     family = "sd3"
     pipeline_class = StableDiffusion3Pipeline
-    default_num_inference_steps = 28
-    default_guidance_scale = 7.0
     optional_components = ("image_encoder", "feature_extractor")
     max_sequence_length = 256
 

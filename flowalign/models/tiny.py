@@ -93,6 +93,10 @@ def tiny_t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
+_TINY_T5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
+"""The tiny T5 / UMT5 text encoder of the FLUX and Wan test models (only the vocabulary differs)."""
+
+
 def _clip_text_config(vocab_size: int, hidden: int = 32, projection: int = 32) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=vocab_size,
@@ -172,17 +176,7 @@ def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = True) -> FluxPi
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 6, 6),
     )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=64,
-            d_kv=16,
-            d_ff=128,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-        )
-    )
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), **_TINY_T5))
     scheduler = FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True,
         base_shift=0.5,
@@ -224,17 +218,7 @@ def tiny_wan_pipeline(seed: int = 0) -> WanPipeline:
     vae = AutoencoderKLWan(
         base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tok),
-            d_model=64,
-            d_kv=16,
-            d_ff=128,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-        )
-    )
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), **_TINY_T5))
     return _eval(
         WanPipeline(
             transformer=transformer,

@@ -212,6 +212,24 @@ def toy_corpus() -> list[str]:
     ]
 
 
+def _toy_text_encoder(tokenizer, text_width: int) -> CLIPTextModelWithProjection:
+    """The toy model's 2-layer CLIP text encoder over the toy vocabulary (initialised from torch's RNG)."""
+    return CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_width,
+            intermediate_size=text_width * 2,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=TOY_MAX_TOKENS,
+            projection_dim=text_width,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
 def build_toy_pipeline(
     kind: str = "image",
     *,
@@ -237,21 +255,7 @@ def build_toy_pipeline(
         raise ValueError("absolute_positions is for the video model: the image model (SD3) has them already")
     torch.manual_seed(seed)
     tokenizer = build_word_tokenizer(toy_corpus())
-    vocab = len(tokenizer)
-    text_encoder = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=vocab,
-            hidden_size=text_width,
-            intermediate_size=text_width * 2,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=TOY_MAX_TOKENS,
-            projection_dim=text_width,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = _toy_text_encoder(tokenizer, text_width)
     heads = max(1, width // 32)
     if kind == "image":
         transformer = SD3Transformer2DModel(

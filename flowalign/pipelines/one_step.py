@@ -13,16 +13,14 @@ for guidance-embedding families such as FLUX.1-dev), and the method's settings.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from flowalign.files import match_umask
+from flowalign.files import atomic_write_json
 from flowalign.formats import read_tagged_json
 from flowalign.models.base import FlowModel, load_flow_model
 from flowalign.pipelines.text_to_media import FlowPipeline, GenerationOutput
@@ -86,11 +84,7 @@ def save_one_step(
         "family": teacher.family,
         **(extra or {}),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{ONE_STEP_FILE}.", dir=out_dir)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(meta, fh, indent=2, sort_keys=True, default=str)
-    match_umask(tmp)
-    os.replace(tmp, out_dir / ONE_STEP_FILE)
+    atomic_write_json(out_dir / ONE_STEP_FILE, meta, sort_keys=True, default=str)
     return out_dir
 
 

@@ -125,6 +125,13 @@ class ClipBackbone(nn.Module, metaclass=ABCMeta):
     preprocess: ImagePreprocess
     source: str
 
+    def __init__(self, model: nn.Module, tokenizer: Any, preprocess: ImagePreprocess, *, source: str) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.source = source
+
     def image_features(self, images: Tensor) -> Tensor:
         """Unnormalised image embeddings [N, D] for images [N, 3, H, W] in [0, 1] (any device)."""
         pixels = preprocess_images(images, self.preprocess)  # [N, 3, h, w] float32, normalised
@@ -160,13 +167,6 @@ class ClipBackbone(nn.Module, metaclass=ABCMeta):
 class OpenClipBackbone(ClipBackbone):
     """An ``open_clip`` CLIP model, its tokenizer and preprocessing."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, preprocess: ImagePreprocess, *, source: str) -> None:
-        super().__init__()
-        self.model = model
-        self.tokenizer = tokenizer
-        self.preprocess = preprocess
-        self.source = source
-
     def _encode_pixels(self, pixels: Tensor) -> Tensor:
         return self.model.encode_image(pixels)
 
@@ -187,11 +187,7 @@ class HFClipBackbone(ClipBackbone):
     """A transformers ``CLIPModel``, its tokenizer and ``CLIPImageProcessor``-equivalent preprocessing."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, preprocess: ImagePreprocess, *, source: str) -> None:
-        super().__init__()
-        self.model = model
-        self.tokenizer = tokenizer
-        self.preprocess = preprocess
-        self.source = source
+        super().__init__(model, tokenizer, preprocess, source=source)
         self.max_length = int(model.config.text_config.max_position_embeddings)
 
     def _encode_pixels(self, pixels: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from flowalign.files import atomic_write_json
 from flowalign.rewards.base import RewardModel
 
 __all__ = [
@@ -105,7 +106,7 @@ def _check_stats(stats: Mapping[str, Sequence[float]], *, source: str) -> dict[s
 def save_normalisation(path: str | Path, stats: Mapping[str, tuple[float, float]]) -> None:
     """Write ``{dimension: {"mean": m, "std": s}}`` as JSON."""
     data = {dim: {"mean": float(m), "std": float(s)} for dim, (m, s) in stats.items()}
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(path, data, sort_keys=True)
 
 
 def load_normalisation(path: str | Path) -> dict[str, tuple[float, float]]:

@@ -28,7 +28,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowalign.files import match_umask
+from flowalign.files import atomic_write, atomic_write_json
 from flowalign.flow import t_to_timesteps
 from flowalign.formats import read_tagged_json
 from flowalign.models.base import FlowModel, PromptEmbeds
@@ -426,8 +425,9 @@ class LatentRewardModel(nn.Module):
         config = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self.spec)}
         config["dimensions"] = list(self.spec.dimensions)
         config["dtype"] = str(self.dtype).removeprefix("torch.")
-        _atomic(out_dir / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        _atomic(out_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+        with atomic_write(out_dir / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        atomic_write_json(out_dir / CONFIG_NAME, config)
         return out_dir
 
     @classmethod
@@ -531,15 +531,3 @@ def check_spec_compatible(spec: LatentRewardSpec, model: FlowModel, *, source: s
                 f"{source}: transformer config {key!r} is {value!r} in the latent reward but {current[key]!r} "
                 "in the model"
             )
-
-
-def _atomic(target: Path, write: Callable[[str], object]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        match_umask(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

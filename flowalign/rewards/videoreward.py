@@ -59,11 +59,14 @@ from flowalign.rewards.base import RewardInputError, RewardModel
 from flowalign.rewards.videoreward_files import (
     EMBED_KEY,
     HEAD_KEY,
+    chat_template_of,
     find_checkpoint,
     load_state,
-    read_json,
+    load_tokenizer,
+    processor_settings,
     read_model_config,
     resolve_folder,
+    single_token_ids,
 )
 from flowalign.rewards.videoreward_inputs import (
     DIMENSIONS,
@@ -342,63 +345,6 @@ class VideoReward(RewardModel):
 
 
 # ------------------------------------------------------------------------------------------ loading
-def _load_tokenizer(files_folder: Path, base: Path) -> tuple[Any, Path]:
-    """The checkpoint's tokenizer, or the base model's with the three reward tokens appended."""
-    from transformers import AutoTokenizer
-
-    folder = files_folder / "tokenizer"
-    if folder.is_dir():
-        return AutoTokenizer.from_pretrained(folder), folder
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)  # ids appended in VQ, MQ, TA order
-    return tokenizer, base
-
-
-def _chat_template(tokenizer: Any, base: Path, source: Path) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.chat_template
-    if (base / "chat_template.jinja").is_file():
-        return (base / "chat_template.jinja").read_text()
-    if (base / "chat_template.json").is_file():
-        return str(read_json(base / "chat_template.json")["chat_template"])
-    raise FileNotFoundError(
-        f"videoreward: no chat template in the tokenizer at {source} nor chat_template.jinja/.json in {base}"
-    )
-
-
-def _processor_settings(base: Path, vision: Any) -> dict[str, Any]:
-    """Normalisation and pixel bounds from preprocessor_config.json, checked against the vision config."""
-    path = base / "preprocessor_config.json"
-    proc = read_json(path)
-    for key, expected in (
-        ("patch_size", vision.patch_size),
-        ("temporal_patch_size", vision.temporal_patch_size),
-        ("merge_size", vision.spatial_merge_size),
-    ):
-        if key in proc and int(proc[key]) != int(expected):
-            raise ValueError(f"{path}: {key} is {proc[key]} but the model's vision config has {expected}")
-    size = proc.get("size") or {}
-    missing = [k for k in ("image_mean", "image_std") if k not in proc]
-    if missing:
-        raise ValueError(f"{path}: missing key(s) {missing}")
-    return {
-        "image_mean": tuple(float(v) for v in proc["image_mean"]),
-        "image_std": tuple(float(v) for v in proc["image_std"]),
-        "processor_min_pixels": int(proc.get("min_pixels") or size.get("shortest_edge") or 56 * 56),
-        "processor_max_pixels": int(proc.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280),
-    }
-
-
-def _single_token_ids(tokenizer: Any, tokens: Sequence[str], source: Path) -> list[int]:
-    ids = []
-    for token in tokens:
-        encoded = tokenizer(token, add_special_tokens=False)["input_ids"]
-        if len(encoded) != 1 or encoded[0] == tokenizer.unk_token_id:
-            raise ValueError(
-                f"videoreward: tokenizer at {source} does not hold {token!r} as one token: {encoded}"
-            )
-        ids.append(int(encoded[0]))
-    return ids
 
 
 def load_videoreward(
@@ -451,7 +397,7 @@ def load_videoreward(
     files = find_checkpoint(root, checkpoint_step)
     patterns = ["*.json", "*.jinja", "*.txt"] + (["*.safetensors"] if files.needs_base_weights else [])
     base = resolve_folder(base_model or config.base_model, patterns=patterns, what="base model")
-    tokenizer, tokenizer_source = _load_tokenizer(files.folder, base)
+    tokenizer, tokenizer_source = load_tokenizer(files.folder, base)
     state = load_state(files, lora_scaling=config.lora_scaling, base=base, vocab_size=len(tokenizer))
 
     qwen_config = Qwen2VLConfig.from_pretrained(base)
@@ -459,7 +405,7 @@ def load_videoreward(
     if EMBED_KEY in state:
         qwen_config.text_config.vocab_size = state[EMBED_KEY].shape[0]  # resized for the added tokens
     video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-    (video_token_id,) = _single_token_ids(tokenizer, [video_token], tokenizer_source)
+    (video_token_id,) = single_token_ids(tokenizer, [video_token], tokenizer_source)
     if video_token_id != qwen_config.video_token_id:
         raise ValueError(
             f"videoreward: {video_token!r} is id {video_token_id} in {tokenizer_source} but "
@@ -467,10 +413,10 @@ def load_videoreward(
         )
     vision = qwen_config.vision_config
     spec = VideoRewardSpec(
-        special_token_ids=tuple(_single_token_ids(tokenizer, SPECIAL_TOKENS, tokenizer_source)),
+        special_token_ids=tuple(single_token_ids(tokenizer, SPECIAL_TOKENS, tokenizer_source)),
         video_token=video_token,
         video_token_id=video_token_id,
-        chat_template=_chat_template(tokenizer, base, tokenizer_source),
+        chat_template=chat_template_of(tokenizer, base, tokenizer_source),
         prompt_template=prompt_template,
         stats=config.stats,
         fps=config.fps,
@@ -483,7 +429,7 @@ def load_videoreward(
         merge_size=int(vision.spatial_merge_size),
         use_norm=use_norm,
         source=str(files.folder),
-        **_processor_settings(base, vision),
+        **processor_settings(base, vision),
     )
     head_weight = state[HEAD_KEY]
     if head_weight.shape[0] != config.output_dim:

@@ -12,7 +12,8 @@ Layout (hub ``KwaiVGI/VideoReward``, written by VideoAlign's trainer)::
 same keys is preferred when present. :func:`convert_checkpoint` maps every layout to the names of
 :class:`flowalign.rewards.videoreward.VideoReward` (``backbone.*`` = ``transformers.Qwen2VLModel``,
 ``head.weight`` = ``rm_head``) and merges LoRA: W = W0 + s * B @ A with s = alpha / r (alpha / sqrt(r)
-for rsLoRA).
+for rsLoRA). Also here: the tokenizer (with the three reward tokens), chat template and processor
+settings that :func:`flowalign.rewards.videoreward.load_videoreward` reads beside the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from flowalign.rewards.videoreward_inputs import SPECIAL_TOKENS
 
 __all__ = [
     "CheckpointFiles",
@@ -335,3 +338,67 @@ def load_state(
             f"{source}: embed_tokens has {state[EMBED_KEY].shape[0]} rows but the tokenizer has {vocab_size} tokens"
         )
     return state
+
+
+# ------------------------------------------------------------------------------------------ tokenizer and processor
+
+
+def load_tokenizer(files_folder: Path, base: Path) -> tuple[Any, Path]:
+    """The checkpoint's tokenizer, or the base model's with the three reward tokens appended."""
+    from transformers import AutoTokenizer
+
+    folder = files_folder / "tokenizer"
+    if folder.is_dir():
+        return AutoTokenizer.from_pretrained(folder), folder
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)  # ids appended in VQ, MQ, TA order
+    return tokenizer, base
+
+
+def chat_template_of(tokenizer: Any, base: Path, source: Path) -> str:
+    """The chat template: the tokenizer's own, else chat_template.jinja / .json of the base model."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    if (base / "chat_template.jinja").is_file():
+        return (base / "chat_template.jinja").read_text()
+    if (base / "chat_template.json").is_file():
+        return str(read_json(base / "chat_template.json")["chat_template"])
+    raise FileNotFoundError(
+        f"videoreward: no chat template in the tokenizer at {source} nor chat_template.jinja/.json in {base}"
+    )
+
+
+def processor_settings(base: Path, vision: Any) -> dict[str, Any]:
+    """Normalisation and pixel bounds from preprocessor_config.json, checked against the vision config."""
+    path = base / "preprocessor_config.json"
+    proc = read_json(path)
+    for key, expected in (
+        ("patch_size", vision.patch_size),
+        ("temporal_patch_size", vision.temporal_patch_size),
+        ("merge_size", vision.spatial_merge_size),
+    ):
+        if key in proc and int(proc[key]) != int(expected):
+            raise ValueError(f"{path}: {key} is {proc[key]} but the model's vision config has {expected}")
+    size = proc.get("size") or {}
+    missing = [k for k in ("image_mean", "image_std") if k not in proc]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}")
+    return {
+        "image_mean": tuple(float(v) for v in proc["image_mean"]),
+        "image_std": tuple(float(v) for v in proc["image_std"]),
+        "processor_min_pixels": int(proc.get("min_pixels") or size.get("shortest_edge") or 56 * 56),
+        "processor_max_pixels": int(proc.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280),
+    }
+
+
+def single_token_ids(tokenizer: Any, tokens: Sequence[str], source: Path) -> list[int]:
+    """The id of each of ``tokens``, each of which must be one known token of ``tokenizer``."""
+    ids = []
+    for token in tokens:
+        encoded = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(encoded) != 1 or encoded[0] == tokenizer.unk_token_id:
+            raise ValueError(
+                f"videoreward: tokenizer at {source} does not hold {token!r} as one token: {encoded}"
+            )
+        ids.append(int(encoded[0]))
+    return ids

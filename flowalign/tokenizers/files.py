@@ -12,7 +12,6 @@ is cut to its longest 1 + 4k prefix and centre-cropped to multiples of 8, and th
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ from flowalign.data.media import (
     save_image,
     save_media,
 )
+from flowalign.files import atomic_write_json
 from flowalign.tokenizers.cdt import (
     ConditionedDiffusionTokenizer,
     decode_video,
@@ -342,6 +342,5 @@ def reconstruct_files(
         "num_inference_steps": num_inference_steps,
         "seed": seed,
     }
-    with atomic_write(out_dir / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out_dir / "metrics.json", result)
     return result

@@ -116,6 +116,7 @@ _BACKBONE_WEIGHTS = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze
 def load_lpips(
     net: str = "alex",
     *,
+    backbone_weights: str | os.PathLike[str] | None = None,
     random_backbone: bool = False,
     seed: int = 0,
     allow_download: bool = False,
@@ -123,12 +124,16 @@ def load_lpips(
 ) -> nn.Module:
     """A frozen ``lpips.LPIPS`` module in eval mode: frames [N, 3, H, W] in [-1, 1] -> [N, 1, 1, 1].
 
-    The linear heads ship with the ``lpips`` package. The backbone needs torchvision's ImageNet
-    weights in ``torch.hub.get_dir()/checkpoints``; without them (and without ``allow_download``)
-    this raises :class:`LpipsUnavailable` instead of reaching the network.
+    The linear heads ship with the ``lpips`` package. The backbone's ImageNet weights come from
+    ``backbone_weights`` when given, else from torchvision's cache ``torch.hub.get_dir()/checkpoints``;
+    without them (and without ``allow_download``) this raises :class:`LpipsUnavailable` instead of
+    reaching the network.
 
     Args:
         net: "alex" (the metric everyone reports), "vgg" or "squeeze".
+        backbone_weights: a local torchvision ``alexnet``/``vgg16``/``squeezenet1_1`` weights file
+            (``.safetensors``, or a torch file read with ``weights_only=True``); only its ``features.*``
+            entries are used. A file without them raises ``ValueError`` naming the file and the keys.
         random_backbone: use a randomly initialised backbone (seeded by ``seed``): for tests and the
             offline toy world only; its numbers are NOT comparable with published LPIPS.
         seed: seed of the random backbone.
@@ -139,15 +144,40 @@ def load_lpips(
 
     if net not in _BACKBONE_WEIGHTS:
         raise ValueError(f"load_lpips: net must be one of {sorted(_BACKBONE_WEIGHTS)}, got {net!r}")
+    if backbone_weights is not None:
+        model = copy.deepcopy(_build_lpips(net, True, seed))
+        _load_backbone(model, net, backbone_weights)
+        return model.to(device)
     if not random_backbone and not allow_download:
         weights = getattr(torchvision.models, _BACKBONE_WEIGHTS[net]).IMAGENET1K_V1
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
         if not os.path.isfile(path):
             raise LpipsUnavailable(
                 f"LPIPS-{net} needs torchvision's ImageNet backbone weights at {path} (from {weights.url}); "
-                "copy the file there, pass allow_download=True, or use random_backbone=True for tests"
+                "copy the file there, pass backbone_weights=<file> or allow_download=True, or use "
+                "random_backbone=True for tests"
             )
     return copy.deepcopy(_build_lpips(net, random_backbone, seed)).to(device)
+
+
+def _load_backbone(model: nn.Module, net: str, weights: str | os.PathLike[str]) -> None:
+    """Copy torchvision's ``features.<i>`` tensors of ``weights`` into LPIPS' ``slice<k>.<i>`` layers."""
+    from flowalign.rewards.backbones import load_state_dict_file
+
+    state = load_state_dict_file(weights)
+    mapped, missing = {}, []
+    for name, _ in model.net.named_parameters():  # "slice2.3.weight" holds torchvision's "features.3.weight"
+        key = "features." + name.split(".", 1)[1]
+        if key in state:
+            mapped[name] = state[key]
+        else:
+            missing.append(key)
+    if missing:
+        raise ValueError(
+            f"{weights}: not torchvision {net} weights: missing {len(missing)} key(s), e.g. {missing[:3]}"
+        )
+    model.net.load_state_dict(mapped, strict=True)
+    model.requires_grad_(False)
 
 
 @lru_cache(maxsize=4)

@@ -13,7 +13,6 @@ Pixels are stored as round(255 * x), so reading back reproduces the rendered flo
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from flowalign.files import read_jsonl, write_jsonl
 from flowalign.toy.render import render_image, render_images, render_video, render_videos
 from flowalign.toy.world import KINDS, SPLITS, Scene, sample_scene
 
@@ -139,10 +139,7 @@ def export_toy_dataset(
             {"id": f"{split}-{kind}-{seed}-{i:05d}", "prompt": item["prompt"], "file": rel, **attrs}
             | {"kind": kind, "split": split, "seed": seed, "index": i}
         )
-    tmp = manifest.with_name(MANIFEST + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(manifest)
-    return manifest
+    return write_jsonl(manifest, rows)
 
 
 def load_toy_export(out_dir: str | os.PathLike) -> list[dict]:
@@ -155,24 +152,22 @@ def load_toy_export(out_dir: str | os.PathLike) -> list[dict]:
     if not manifest.is_file():
         raise ValueError(f"no toy export at {out_dir}: {manifest} does not exist")
     rows = []
-    for line_no, line in enumerate(manifest.read_text().splitlines(), start=1):
-        try:
-            row = json.loads(line)
-            rel, prompt = row["file"], row["prompt"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+    for line_no, row in read_jsonl(manifest):
+        if not isinstance(row.get("file"), str) or not isinstance(row.get("prompt"), str):
             raise ValueError(
-                f"{manifest}:{line_no}: bad manifest row ({err!r}); need 'file' and 'prompt'"
-            ) from None
+                f"{manifest}: line {line_no}: bad manifest row; need 'file' and 'prompt' strings"
+            )
+        rel, prompt = row["file"], row["prompt"]
         path = Path(out_dir) / rel
         if not path.is_file():
-            raise ValueError(f"{manifest}:{line_no}: file {path} for prompt {prompt!r} does not exist")
+            raise ValueError(f"{manifest}: line {line_no}: file {path} for prompt {prompt!r} does not exist")
         try:
             arr = np.load(path) if path.suffix == ".npy" else np.asarray(Image.open(path).convert("RGB"))
         except (OSError, ValueError) as err:
-            raise ValueError(f"{manifest}:{line_no}: cannot read {path}: {err}") from None
+            raise ValueError(f"{manifest}: line {line_no}: cannot read {path}: {err}") from None
         if arr.dtype != np.uint8 or arr.shape[-1] != 3 or arr.ndim not in (3, 4):
             raise ValueError(
-                f"{manifest}:{line_no}: {path} must be uint8 [H, W, 3] or [T, H, W, 3], "
+                f"{manifest}: line {line_no}: {path} must be uint8 [H, W, 3] or [T, H, W, 3], "
                 f"got {arr.dtype} {arr.shape}"
             )
         pixels = torch.from_numpy(np.moveaxis(arr, -1, -3).copy()).float() / 255.0

@@ -7,32 +7,18 @@ stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from flowalign import lazy_exports
 
-_EXPORTS = {
-    "train": "loop",
-    "TrainResult": "loop",
-    "TrainingDiverged": "loop",
-    "METRICS_FILE": "loop",
-    "build_optimizer": "optim",
-    "build_lr_scheduler": "optim",
-    "DataCursor": "batches",
-    "Method": "method",
-    "StepContext": "method",
-    "CheckpointError": "checkpoint",
-    "find_latest_checkpoint": "checkpoint",
-    "load_checkpoint": "checkpoint",
-    "EMA": "ema",
-    "CachedDataset": "cache",
-    "ensure_cache": "cache",
-    "fingerprint_module": "cache",
+_EXPORTS = {  # submodule -> the names it defines
+    "loop": ("train", "TrainResult", "TrainingDiverged", "METRICS_FILE"),
+    "optim": ("build_optimizer", "build_lr_scheduler"),
+    "batches": ("DataCursor",),
+    "method": ("Method", "StepContext"),
+    "checkpoint": ("CheckpointError", "find_latest_checkpoint", "load_checkpoint"),
+    "ema": ("EMA",),
+    "cache": ("CachedDataset", "ensure_cache", "fingerprint_module"),
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"flowalign.training.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'flowalign.training' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

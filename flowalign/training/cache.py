@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from flowalign.files import match_umask
+from flowalign.files import match_umask, sha256_file
 from flowalign.formats import read_tagged_json
 
 __all__ = [
@@ -80,14 +80,6 @@ def fingerprint_module(module: nn.Module | None = None, *, extra: str = "") -> s
             t = tensor.detach().to("cpu").contiguous()
             digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -155,7 +147,7 @@ def build_cache(
                 "start": shard_start,
                 "stop": stop,
                 "size": path.stat().st_size,
-                "sha256": _sha256(path),
+                "sha256": sha256_file(path),
             }
         )
         pending, shard_start = {}, stop
@@ -286,7 +278,7 @@ class CachedDataset(Dataset):
                 raise CacheError(
                     f"{path}: size {path.stat().st_size} bytes, the index says {shard['size']} (truncated?)"
                 )
-            if verify and _sha256(path) != shard["sha256"]:
+            if verify and sha256_file(path) != shard["sha256"]:
                 raise CacheError(f"{path}: sha256 does not match the cache index (corrupted)")
         self._handles: dict[int, Any] = {}
 

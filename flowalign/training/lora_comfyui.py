@@ -19,14 +19,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import safetensors
 import safetensors.torch
 import torch
 
-from flowalign.files import match_umask
+from flowalign.files import atomic_write
 from flowalign.models.lora import _METADATA_KEY, LORA_WEIGHT_NAME
 
 __all__ = ["WAN_BLOCK_NAMES", "WAN_TOP_NAMES", "convert_wan_lora_to_comfyui", "wan_lora_to_comfyui"]
@@ -124,14 +123,6 @@ def convert_wan_lora_to_comfyui(src: str | os.PathLike, dst: str | os.PathLike) 
     rank, alpha = _adapter_settings(metadata, str(src))
     converted = wan_lora_to_comfyui(state, rank=rank, alpha=alpha, source=str(src))
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(converted, tmp, metadata={"format": "pt"})
-        match_umask(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(dst) as tmp:
+        safetensors.torch.save_file(converted, str(tmp), metadata={"format": "pt"})
     return dst

@@ -150,10 +150,7 @@ class StepContext:
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
         """Standard normal numbers, ``[B, *shape]`` (``shape=()`` gives ``[B]``), one stream per sample."""
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        return self.per_sample(
-            lambda g: torch.randn(shape, generator=g, dtype=torch.float32), sample_ids, key=key
-        ).to(dtype)
+        return self._draw(torch.randn, shape, sample_ids, key=key, dtype=dtype)
 
     def randn_like(self, x: Tensor, sample_ids: Tensor | Sequence[int], *, key: str | None = None) -> Tensor:
         """Standard normal noise shaped like ``x`` ([B, ...]); sample b's noise depends only on its id."""
@@ -173,9 +170,13 @@ class StepContext:
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
         """Uniform numbers in [0, 1), ``[B, *shape]`` (``shape=()`` gives ``[B]``, e.g. one t per sample)."""
+        return self._draw(torch.rand, shape, sample_ids, key=key, dtype=dtype)
+
+    def _draw(self, sampler, shape, sample_ids, *, key, dtype) -> Tensor:
+        """``sampler`` (``torch.randn``/``torch.rand``) drawn in fp32 from each sample's stream, then cast."""
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         return self.per_sample(
-            lambda g: torch.rand(shape, generator=g, dtype=torch.float32), sample_ids, key=key
+            lambda g: sampler(shape, generator=g, dtype=torch.float32), sample_ids, key=key
         ).to(dtype)
 
 

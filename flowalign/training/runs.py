@@ -26,6 +26,7 @@ from flowalign.config import LoraConfig, TrainConfig
 from flowalign.data.buckets import BucketConfig, BucketedPairs, check_same_size
 from flowalign.data.errors import DataError
 from flowalign.data.paths import load_row_media, resolve_data_path
+from flowalign.files import read_jsonl
 from flowalign.models import load_flow_model
 from flowalign.models.base import FlowModel
 from flowalign.training.loop import TrainResult, train
@@ -105,10 +106,7 @@ class ManifestDataset(Dataset):
         if not self.manifest.is_file():
             raise DataError(self.manifest, "manifest not found")
         self.rows = []
-        for number, line in enumerate(self.manifest.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            row = _json_row(self.manifest, line, number)
+        for number, row in read_jsonl(self.manifest, error=DataError):
             file = row.get("file") or row.get("path")
             prompt = row.get("prompt")
             if not file or not isinstance(prompt, str) or not prompt.strip():
@@ -130,17 +128,6 @@ class ManifestDataset(Dataset):
         path, prompt, where = self.rows[i]
         pixels = load_row_media(path, source=self.manifest, where=where, key="file")
         return {"pixels": pixels, "prompt": prompt, "index": i}
-
-
-def _json_row(path: Path, line: str, number: int) -> dict:
-    """One JSON-object line of a jsonl file (errors name the file and line)."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(path, f"not valid JSON: {err}", where=f"line {number}") from None
-    if not isinstance(row, dict):
-        raise DataError(path, f"expected a JSON object, got {type(row).__name__}", where=f"line {number}")
-    return row
 
 
 def sft_dataset(spec: str, kind: str, *, num_items: int, seed: int) -> Dataset:
@@ -254,11 +241,8 @@ def _read_candidates(
     ``finite=False`` lets NaN through (a missing score, e.g. for :func:`labels_from_scores`).
     """
     media, prompts, scores = [], [], {k: [] for k in keys}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, row in read_jsonl(path, error=DataError):
         where = f"line {number}"
-        row = _json_row(path, line, number)
         row_scores = row.get("scores", {})
         missing = [k for k in keys if not isinstance(row_scores, dict) or k not in row_scores]
         if missing:

@@ -10,11 +10,13 @@ import torch
 from flowalign.evals import diversity as evals_diversity
 from flowalign.evals import fid as evals_fid
 from flowalign.evals.fid import InceptionFeatures, toy_features, toy_reference_media
+from flowalign.tokenizers.metrics import LpipsUnavailable
 from flowalign.toy.world import COLOURS, SHAPES, toy_prompts
 
 
-def test_lpips_needs_weights_or_an_explicit_random_backbone():
-    with pytest.raises(ValueError, match="backbone_weights"):
+def test_lpips_needs_weights_or_an_explicit_random_backbone(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # no cached torchvision weights
+    with pytest.raises(LpipsUnavailable, match="backbone_weights"):
         evals_diversity.load_lpips()
 
 

@@ -13,8 +13,7 @@ import torch
 
 from flowalign.config import TrainConfig, save_config
 from flowalign.data.media import atomic_write, save_image
-from flowalign.files import current_umask, match_umask
-from flowalign.rewards.latent import _atomic
+from flowalign.files import atomic_write_json, current_umask, match_umask, write_jsonl
 from flowalign.rewards.multihead_files import write_folder
 
 
@@ -41,13 +40,15 @@ def test_atomic_writers_give_files_the_umask_mode(tmp_path, umask):
         "save_image": tmp_path / "a.png",
         "atomic_write": tmp_path / "b.txt",
         "save_config": tmp_path / "c.yaml",
-        "latent reward file": tmp_path / "d.json",
+        "atomic_write_json": tmp_path / "d.json",
+        "write_jsonl": tmp_path / "e.jsonl",
     }
     save_image(torch.zeros(3, 8, 8), written["save_image"])
     with atomic_write(written["atomic_write"]) as tmp:
         tmp.write_text("x")
     save_config(TrainConfig(), written["save_config"])
-    _atomic(written["latent reward file"], lambda tmp: Path(tmp).write_text("{}"))
+    atomic_write_json(written["atomic_write_json"], {})
+    write_jsonl(written["write_jsonl"], [{"a": 1}])
     for name, path in written.items():
         assert _mode(path) == want, (name, oct(_mode(path)), oct(want))
         rel_summary.add_to_list("file modes", f"umask {umask:04o} -> {want:04o}", name)

@@ -86,7 +86,7 @@ def test_a_billion_laughs_yaml_fails_fast_with_one_short_error(tmp_path):
     assert "aliases" in message and str(path) in message and len(message) < 400
     wide = "[&b [" + ",".join(["y"] * 400) + "], " + ",".join(["*b"] * 300) + "]"  # 120,000 values
     with pytest.raises(ConfigError, match="aliases"):
-        load_config(TrainConfig, None, [f"lora.target_modules={wide}"])
+        load_config(TrainConfig, None, [f"trackers={wide}"])
     rel_summary.record(
         "numbers", f"{path.stat().st_size}-byte nested-alias YAML refused in (s)", f"{elapsed:.3f}"
     )

@@ -87,8 +87,8 @@ def test_load_errors_name_the_file_and_line(tmp_path):
     manifest = export_toy_dataset(tmp_path, num=3, seed=0)
     rows = manifest.read_text().splitlines()
     (tmp_path / json.loads(rows[1])["file"]).unlink()
-    with pytest.raises(ValueError, match=r"manifest.jsonl:2: file .*00001.png"):
+    with pytest.raises(ValueError, match=r"manifest.jsonl: line 2: file .*00001.png"):
         load_toy_export(tmp_path)
     manifest.write_text(rows[0] + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"manifest.jsonl:2: bad manifest row"):
+    with pytest.raises(ValueError, match=r"manifest.jsonl: line 2: invalid JSON"):
         load_toy_export(tmp_path)

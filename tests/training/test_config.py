@@ -30,31 +30,43 @@ class MethodConfig:
     """Per-dimension weights."""
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     """The loop settings."""
+    lora: LoraConfig | None = None
+    """LoRA adapters (a run config's one LoRA setting); None = full fine-tune."""
 
 
 def test_overrides_are_coerced_to_field_types():
     cfg = load_config(
-        TrainConfig,
+        MethodConfig,
         overrides=[
-            "optim.lr=1e-4",  # YAML reads this as a string; coerced to float
-            "max_steps=2e3",
-            "optim.betas=[0.8, 0.95]",
-            "output_dir=runs/007",
-            "grad_clip=null",
-            "gradient_checkpointing=true",
+            "train.optim.lr=1e-4",  # YAML reads this as a string; coerced to float
+            "train.max_steps=2e3",
+            "train.optim.betas=[0.8, 0.95]",
+            "train.output_dir=runs/007",
+            "train.grad_clip=null",
+            "train.gradient_checkpointing=true",
             "lora.rank=8",  # creates the optional LoraConfig with defaults
             "lora.target_modules=[to_q, to_v]",
-            "trackers=[]",
+            "train.trackers=[]",
         ],
     )
-    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
-    assert cfg.max_steps == 2000 and isinstance(cfg.max_steps, int)
-    assert cfg.optim.betas == (0.8, 0.95)
-    assert cfg.output_dir == Path("runs/007")
-    assert cfg.grad_clip is None and cfg.gradient_checkpointing is True
+    train = cfg.train
+    assert train.optim.lr == 1e-4 and isinstance(train.optim.lr, float)
+    assert train.max_steps == 2000 and isinstance(train.max_steps, int)
+    assert train.optim.betas == (0.8, 0.95)
+    assert train.output_dir == Path("runs/007")
+    assert train.grad_clip is None and train.gradient_checkpointing is True
     assert cfg.lora == LoraConfig(rank=8, target_modules=["to_q", "to_v"])
-    assert cfg.trackers == []
-    assert load_config(TrainConfig, overrides=["lora.rank=8", "lora=null"]).lora is None
+    assert train.trackers == []
+    assert load_config(MethodConfig, overrides=["lora.rank=8", "lora=null"]).lora is None
+
+
+def test_lora_is_set_once_at_the_top_and_never_under_train():
+    """``train.lora`` used to be a field nobody read: it is now an unknown key that names the right one."""
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'train\.lora\.rank'.*did you mean.*'lora\.rank'"
+    ):
+        load_config(MethodConfig, overrides=["train.lora.rank=8"])
+    assert "lora" not in {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def test_yaml_then_overrides_and_round_trip(tmp_path):
@@ -69,8 +81,8 @@ def test_yaml_then_overrides_and_round_trip(tmp_path):
     saved = save_config(cfg, tmp_path / "out" / "config.yaml")
     assert load_config(MethodConfig, saved) == cfg
     assert config_from_dict(MethodConfig, config_to_dict(cfg)) == cfg
-    lora_cfg = dataclasses.replace(TrainConfig(), lora=LoraConfig(alpha=4.0))
-    assert load_config(TrainConfig, save_config(lora_cfg, tmp_path / "l.yaml")) == lora_cfg
+    lora_cfg = dataclasses.replace(MethodConfig(), lora=LoraConfig(alpha=4.0))
+    assert load_config(MethodConfig, save_config(lora_cfg, tmp_path / "l.yaml")) == lora_cfg
 
 
 def test_unknown_key_names_the_dotted_key_the_source_and_close_matches(tmp_path):
@@ -124,6 +136,6 @@ def test_bad_yaml_files_are_named(tmp_path):
 def test_every_field_is_documented_once():
     docs = describe_config(MethodConfig)
     assert docs["train.optim.lr"].startswith("Peak learning rate")
-    assert "train.lora.rank" in docs  # optional nested configs are described too
+    assert "lora.rank" in docs  # optional nested configs are described too
     undocumented = [key for key, doc in docs.items() if not doc]
     assert undocumented == []

@@ -31,10 +31,12 @@ from flowalign.training.method import StepContext
 class TimeSampling:
     """How training times are drawn (docs/algorithms.md 5.2)."""
 
-    time_density: str = "logit_normal"
-    """"logit_normal", "uniform" or "mode"."""
+    time_density: flow.TimeDensity = "logit_normal"
+    """"logit_normal": t = sigmoid(n), n ~ N(logit_mean, logit_std^2); "uniform"; or "mode" (SD3's mode sampling)."""
     logit_mean: float = 0.0
+    """Mean of the normal whose sigmoid is t ("logit_normal")."""
     logit_std: float = 1.0
+    """Standard deviation of that normal."""
     time_shift: float = 1.0
     """Static shift applied to the sampled t (3.0 matches SD3.5's shifted training table)."""
 

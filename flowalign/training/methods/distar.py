@@ -31,20 +31,13 @@ from flowalign.models.base import FlowModel
 from flowalign.objectives.distar import distar_generator_loss, kl_reward_generator_loss
 from flowalign.rewards.base import RewardModel
 from flowalign.training.method import StepContext
-from flowalign.training.methods.onestep_common import (
-    OneStepConfig,
-    OneStepData,
-    OneStepDistillation,
-    build_dataset,
-    frozen,
-    load_teacher,
-)
+from flowalign.training.methods import onestep_common as common
 
 __all__ = ["DiffInstructStar", "DistarConfig", "DistarRun", "run_distar"]
 
 
 @dataclass(kw_only=True)
-class DistarConfig(OneStepConfig):
+class DistarConfig(common.OneStepConfig):
     """DI* settings (docs/algorithms.md 3.4; the paper publishes few, see the RECON notes there)."""
 
     reward: str = ""
@@ -101,7 +94,7 @@ def check_reward(reward: RewardModel, weights: dict[str, float]) -> dict[str, fl
     return dict(weights) if weights else dict.fromkeys(reward.dimensions, 1.0)
 
 
-class DiffInstructStar(OneStepDistillation):
+class DiffInstructStar(common.OneStepDistillation):
     """Diff-Instruct* (and its KL-regularised baseline) on the shared training loop.
 
     Batches: ``prompt`` (list of str) and ``index``; no images (data-free).
@@ -180,7 +173,7 @@ class DiffInstructStar(OneStepDistillation):
                 reward, v_online, v_ref, x_t, t, reward_scale=cfg.reward_scale, weights=weights
             )
         # both score networks see x_t with its graph and frozen parameters (docs/algorithms.md 3.2)
-        with frozen(self.fake):
+        with common.frozen(self.fake):
             v_online = self.velocity(x_t, t, cond, net=self.fake)
             v_ref = self.teacher_velocity(x_t, t, cond, uncond)
         return distar_generator_loss(
@@ -208,7 +201,7 @@ class DistarRun:
     """Storage precision of the frozen teacher (bf16 saves memory on GPU; trainable copies stay fp32)."""
     method: DistarConfig = field(default_factory=DistarConfig)
     """DI* settings (reward, reward_scale, alpha, ...)."""
-    data: OneStepData = field(default_factory=OneStepData)
+    data: common.OneStepData = field(default_factory=common.OneStepData)
     """Prompts (data.prompts_file, or data.toy_items for toy captions)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop settings."""
@@ -234,7 +227,9 @@ def run_distar(
 
     if not config.teacher:
         raise ConfigError("the teacher model (hub id or folder) is required", key="teacher")
-    teacher = load_teacher(config.teacher, method="DI*", dtype=config.teacher_dtype)
+    teacher = common.load_teacher(config.teacher, method="DI*", dtype=config.teacher_dtype)
     method = DiffInstructStar(teacher, config.method, reward=reward)
-    dataset = build_dataset(config.data, kind="video" if teacher.is_video else "image", needs_real=False)
+    dataset = common.build_dataset(
+        config.data, kind="video" if teacher.is_video else "image", needs_real=False
+    )
     return train(method, dataset, config.train, resume=resume, progress=progress, run_config=config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -37,9 +38,9 @@ class DPOConfig:
 
     beta: float = 500.0
     """KL strength. With ``reduction="mean"`` this is the released code's beta (beta_paper = beta / D)."""
-    beta_schedule: str = "constant"
+    beta_schedule: Literal["constant", "t2"] = "constant"
     """"constant" (recommended by the paper) or "t2" (beta_t = beta (1 - t)^2, equal to Diffusion-DPO)."""
-    reduction: str = "mean"
+    reduction: Literal["mean", "sum"] = "mean"
     """Per-sample error as a "mean" or "sum" over latent elements (sum-with-beta == mean-with-beta*D)."""
     time: TimeSampling = field(default_factory=TimeSampling)
     """How the shared t of each pair is drawn."""

@@ -28,7 +28,6 @@ samples (distillation without a teacher at training time).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -45,6 +44,7 @@ from flowalign.models.base import FlowModel, PromptEmbeds
 from flowalign.objectives.bt_ties import LABEL_MISSING, btt_loss, labels_from_scores, pairwise_accuracy
 from flowalign.rewards.latent import LatentRewardModel
 from flowalign.training.method import Method, StepContext
+from flowalign.training.methods.score_stats import NormalisedScores, ScoreNormaliser
 
 __all__ = [
     "LatentRewardTraining",
@@ -188,7 +188,7 @@ class PreferenceItems(Dataset):
         }
 
 
-class LatentRewardTraining(Method):
+class LatentRewardTraining(NormalisedScores, Method):
     """BTT training of a :class:`LatentRewardModel` on noised preference pairs (Flow-NRG's guide).
 
     The base model is frozen (``requires_grad=False``, eval mode): it only encodes prompts and media.
@@ -234,12 +234,14 @@ class LatentRewardTraining(Method):
             from flowalign.models.lora import add_lora
 
             add_lora(reward_model.trunk, cfg.lora)
-        k = len(cfg.dimensions)
-        # EMA of the mean score and of the half mean squared pair difference (see score_statistics)
-        self._mean, self._half_diff_sq, self._count = (
-            torch.zeros(k, dtype=torch.float64),
-            torch.zeros(k, dtype=torch.float64),
-            0,
+        # EMA of the mean score and of the half mean squared pair difference, exported as the guide's
+        # normalisation (score_statistics):
+        # std = sqrt(E[(r_w - r_l)^2] / 2) over training pairs (EMA): the spread of scores at ONE time t
+        # (the pair's), which equals the score std for independent same-t samples. The plain std over the
+        # training batches is unusable: the reward carries a large t-dependent offset (BTT only sees
+        # same-t differences) that swamped it 40-fold on the toy model and made guidance vanish.
+        self.normaliser = ScoreNormaliser(
+            cfg.dimensions, cfg.norm_momentum, second_key="norm_half_diff_sq", centre=False
         )
 
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -330,41 +332,8 @@ class LatentRewardTraining(Method):
         return loss.mean(), metrics
 
     def _update_stats(self, r_w: Tensor, r_l: Tensor) -> None:
-        m = self.config.norm_momentum if self._count else 0.0
         r_w, r_l = r_w.double().cpu(), r_l.double().cpu()  # [B, K]
-        if not (torch.isfinite(r_w).all() and torch.isfinite(r_l).all()):
-            return  # the loop skips a non-finite step; its scores must not poison the normaliser either
-        self._mean = m * self._mean + (1 - m) * torch.cat([r_w, r_l]).mean(dim=0)
-        self._half_diff_sq = m * self._half_diff_sq + (1 - m) * 0.5 * (r_w - r_l).pow(2).mean(dim=0)
-        self._count += 1
-
-    def score_statistics(self) -> dict[str, tuple[float, float]]:
-        """Per-dimension (mean, std) for the exported normalisation (empty before the first step).
-
-        std = sqrt(E[(r_w - r_l)^2] / 2) over training pairs (EMA): the spread of scores at ONE time t
-        (the pair's), which equals the score std for independent same-t samples. The plain std over the
-        training batches is unusable: the reward carries a large t-dependent offset (BTT only sees
-        same-t differences) that swamped it 40-fold on the toy model and made guidance vanish.
-        """
-        if not self._count:
-            return {}
-        std = self._half_diff_sq.clamp_min(0).sqrt()
-        return {
-            d: (float(self._mean[k]), float(std[k]))
-            for k, d in enumerate(self.config.dimensions)
-            if math.isfinite(float(std[k])) and float(std[k]) > 0
-        }
-
-    def state_dict(self) -> dict:
-        return {
-            "norm_mean": self._mean.clone(),
-            "norm_half_diff_sq": self._half_diff_sq.clone(),
-            "norm_count": self._count,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self._mean, self._half_diff_sq = state["norm_mean"].double(), state["norm_half_diff_sq"].double()
-        self._count = int(state["norm_count"])
+        self.normaliser.update(torch.cat([r_w, r_l]).mean(dim=0), 0.5 * (r_w - r_l).pow(2).mean(dim=0))
 
     def export(self, out_dir: Path) -> None:
         """Save the guide loadably (``LatentRewardModel.from_pretrained(out_dir)``), with its normalisation."""

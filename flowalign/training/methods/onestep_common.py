@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from torch.utils.data import Dataset
 
 from flowalign import flow
 from flowalign.config import ConfigError, LoraConfig, OptimConfig
+from flowalign.files import read_jsonl
 from flowalign.models.base import FlowModel, PromptEmbeds
 from flowalign.objectives.fdistill import fake_score_loss
 from flowalign.training.method import Method, StepContext
@@ -287,15 +287,7 @@ class MediaTextDataset(Dataset):
         if not self.manifest.is_file():
             raise ValueError(f"real-data manifest {self.manifest} does not exist")
         self.rows: list[dict] = []
-        for number, line in enumerate(self.manifest.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{self.manifest}: line {number} is not valid JSON: {err}") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{self.manifest}: line {number} is not a JSON object")
+        for number, row in read_jsonl(self.manifest):
             for key in ("prompt", "file"):
                 if not isinstance(row.get(key), str) or not row[key]:
                     raise ValueError(f"{self.manifest}: line {number} has no {key!r} string")

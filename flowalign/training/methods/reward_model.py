@@ -34,6 +34,7 @@ from flowalign.objectives.bt_ties import (
 )
 from flowalign.rewards.multihead import MultiHeadRewardModel
 from flowalign.training.method import Method, StepContext
+from flowalign.training.methods.score_stats import NormalisedScores, ScoreNormaliser
 
 __all__ = ["RewardModelTraining", "RewardModelTrainingConfig", "evaluate_pairs", "map_labels"]
 
@@ -110,7 +111,7 @@ def collate_pairs(items: list[dict]) -> dict:
     }
 
 
-class RewardModelTraining(Method):
+class RewardModelTraining(NormalisedScores, Method):
     """BTT training of a :class:`MultiHeadRewardModel` on labelled pairs (every weight trainable).
 
     Args:
@@ -125,11 +126,9 @@ class RewardModelTraining(Method):
         reward_model.requires_grad_(True).train()
         for p in reward_model.unused_parameters():
             p.requires_grad_(False)
-        k = len(reward_model.dimensions)
-        self._mean, self._sq_mean, self._count = (
-            torch.zeros(k, dtype=torch.float64),
-            torch.zeros(k, dtype=torch.float64),
-            0,
+        # EMA of the mean score and of its mean square: std = sqrt(E[r^2] - E[r]^2)
+        self.normaliser = ScoreNormaliser(
+            reward_model.dimensions, self.config.norm_momentum, second_key="norm_sq_mean", centre=True
         )
 
     @property
@@ -159,35 +158,8 @@ class RewardModelTraining(Method):
         return loss.mean(), metrics
 
     def _update_stats(self, r: Tensor) -> None:
-        m = self.config.norm_momentum if self._count else 0.0
         r = r.double().cpu()  # [2B, K]
-        if not torch.isfinite(r).all():
-            return  # the loop skips a non-finite step; its scores must not poison the normaliser either
-        self._mean = m * self._mean + (1 - m) * r.mean(dim=0)
-        self._sq_mean = m * self._sq_mean + (1 - m) * r.pow(2).mean(dim=0)
-        self._count += 1
-
-    def score_statistics(self) -> dict[str, tuple[float, float]]:
-        """Per-dimension (mean, std) of the training scores (EMA); empty before the first step."""
-        if not self._count:
-            return {}
-        std = (self._sq_mean - self._mean.pow(2)).clamp_min(0).sqrt()
-        return {
-            d: (float(self._mean[k]), float(std[k]))
-            for k, d in enumerate(self.dimensions)
-            if math.isfinite(float(std[k])) and float(std[k]) > 0
-        }
-
-    def state_dict(self) -> dict:
-        return {
-            "norm_mean": self._mean.clone(),
-            "norm_sq_mean": self._sq_mean.clone(),
-            "norm_count": self._count,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self._mean, self._sq_mean = state["norm_mean"].double(), state["norm_sq_mean"].double()
-        self._count = int(state["norm_count"])
+        self.normaliser.update(r.mean(dim=0), r.pow(2).mean(dim=0))
 
     def export(self, out_dir: Path) -> None:
         """Save the model loadably (``MultiHeadRewardModel.from_pretrained(out_dir)``) with its normalisation."""

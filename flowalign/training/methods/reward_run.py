@@ -20,7 +20,6 @@ the tie-calibrated accuracy and the pair counts, plus the pair counts and this c
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from flowalign.config import OptimConfig, TrainConfig
+from flowalign.files import atomic_write_json
 from flowalign.rewards.multihead import MultiHeadConfig, MultiHeadRewardModel
 from flowalign.training.loop import TrainResult, train
 from flowalign.training.methods.reward_model import (
@@ -280,8 +280,5 @@ def run_reward_model(
         "train_wall_s": round(wall, 1),  # this call's training (a resumed run counts only its own part)
         "train_cpu_s": round(cpu, 1),
     }
-    path = out_dir / EVAL_METRICS
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
+    path = atomic_write_json(out_dir / EVAL_METRICS, summary)
     return RewardRunResult(result, metrics, path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -23,16 +24,15 @@ from flowalign.training.methods.common import TimeSampling, drop_captions, sampl
 
 
 @dataclass
-class SFTConfig:
-    """Flow-matching SFT settings."""
+class SFTConfig(TimeSampling):
+    """Flow-matching SFT settings.
 
-    time_density: str = "logit_normal"
-    """"logit_normal", "uniform" or "mode" (docs/algorithms.md 5.2)."""
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    time_shift: float = 1.0
-    """Static shift applied to the sampled t (3.0 matches SD3.5's training table)."""
-    loss_weighting: str = "none"
+    The time-sampling fields (``time_density``, ``logit_mean``, ``logit_std``, ``time_shift``) are
+    :class:`TimeSampling`'s, the block DPO and RWR nest as ``time``; SFT keeps them at its top level so
+    that the keys of existing recipes (and the cache keys hashed from them) stay as they are.
+    """
+
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     """"none", "sigma_sqrt" or "cosmap"."""
     caption_dropout: float = 0.1
     """Probability of training a sample with the empty prompt (makes CFG possible)."""
@@ -89,14 +89,7 @@ class FlowMatchingSFT(Method):
         return x0, drop_captions(batch["prompt"], ids, ctx, self.config.caption_dropout)
 
     def sample_t(self, ids: Tensor, ctx: StepContext) -> Tensor:
-        cfg = self.config
-        sampling = TimeSampling(
-            time_density=cfg.time_density,
-            logit_mean=cfg.logit_mean,
-            logit_std=cfg.logit_std,
-            time_shift=cfg.time_shift,
-        )
-        return sample_training_t(sampling, ids, ctx)
+        return sample_training_t(self.config, ids, ctx)
 
     def compute_loss(self, batch: dict, ctx: StepContext, group: str):
         ids = batch["index"]
