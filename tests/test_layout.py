@@ -315,3 +315,15 @@ def test_the_checks_catch_what_they_claim():
         "flowalign.evals.metrics",
         "flowalign.evals",
     }
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports test modules by basename (the test folders are not packages): two files of one
+    name in different folders stop the whole collection."""
+    tests = Path(__file__).resolve().parent
+    names: dict[str, list[str]] = {}
+    for path in tests.rglob("*.py"):
+        if path.name != "conftest.py":
+            names.setdefault(path.name, []).append(str(path.relative_to(tests)))
+    clashes = {name: paths for name, paths in names.items() if len(paths) > 1}
+    assert not clashes, f"rename one of each: {clashes}"
