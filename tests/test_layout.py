@@ -75,13 +75,7 @@ EXCEPTIONS: dict[str, str] = {
 }
 
 # Imports left out of the cycle check, each with its reason (each one is an item to remove).
-CYCLE_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("flowalign.models.base", "flowalign.models"): (
-        "registered_families() imports the package so that the built-in families (sd3, flux, wan, toy) "
-        "register themselves, and each of them imports models.base; to be replaced by a table of family "
-        "modules"
-    ),
-}
+CYCLE_EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def _module_name(path: Path) -> str:

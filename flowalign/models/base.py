@@ -354,12 +354,6 @@ def register_family(pipeline_class_name: str):
     return wrap
 
 
-def registered_families() -> dict[str, type[FlowModel]]:
-    import flowalign.models  # noqa: F401  (registers the built-in families)
-
-    return dict(_FAMILIES)
-
-
 def read_model_index(path_or_id: str | Path) -> dict:
     """model_index.json of a local folder or a hub id (errors name the path)."""
     path = Path(path_or_id)
@@ -380,36 +374,3 @@ def read_model_index(path_or_id: str | Path) -> dict:
         return DiffusionPipeline.load_config(str(path_or_id))
     except Exception as err:  # hub errors come in many types; one message for all
         raise ModelLoadError(f"cannot read model_index.json of hub model {path_or_id}: {err}") from err
-
-
-def family_for(path_or_id: str | Path) -> type[FlowModel]:
-    """The FlowModel class that can load ``path_or_id``."""
-    index = read_model_index(path_or_id)
-    name = index.get("_class_name")
-    families = registered_families()
-    if name not in families:
-        raise ModelLoadError(
-            f"{path_or_id}: pipeline class {name!r} is not a supported family; supported: {sorted(families)}"
-        )
-    return families[name]
-
-
-def load_flow_model(
-    path_or_id: str | Path,
-    *,
-    torch_dtype: torch.dtype | dict[str, torch.dtype] = torch.float32,
-    device: torch.device | str = "cpu",
-    **components: Any,
-) -> FlowModel:
-    """Load any supported family from a hub id or a local diffusers folder.
-
-    ``torch_dtype`` is the compute dtype of every component (or a per-component dict, see
-    :meth:`FlowModel.component_dtypes`); the family's fp32 components (Wan's VAE) stay fp32. Under
-    several processes (``accelerate launch``), ``device="cuda"`` means this process's GPU (``LOCAL_RANK``).
-    """
-    from flowalign.sharding import local_device
-
-    device = local_device(device) if isinstance(device, str) else device
-    return family_for(path_or_id).from_pretrained(
-        path_or_id, torch_dtype=torch_dtype, device=device, **components
-    )

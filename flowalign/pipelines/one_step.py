@@ -22,7 +22,8 @@ from torch import nn
 
 from flowalign.files import atomic_write_json
 from flowalign.formats import read_tagged_json
-from flowalign.models.base import FlowModel, load_flow_model
+from flowalign.models.base import FlowModel
+from flowalign.models.loading import load_flow_model
 from flowalign.pipelines.text_to_media import FlowPipeline, GenerationOutput
 
 __all__ = ["ONE_STEP_FILE", "OneStepPipeline", "read_one_step_metadata", "save_one_step"]

@@ -364,7 +364,8 @@ def load_teacher(
     Raises:
         ModelLoadError: missing folder, unreadable index or an unsupported pipeline class.
     """
-    from flowalign.models.base import ModelLoadError, load_flow_model, registered_families
+    from flowalign.models.base import ModelLoadError
+    from flowalign.models.loading import load_flow_model, registered_families
 
     if dtype not in TEACHER_DTYPES:
         raise ValueError(f"{method}: teacher_dtype must be one of {sorted(TEACHER_DTYPES)}, got {dtype!r}")

@@ -1,0 +1,61 @@
+"""Loading any supported family: the table of built-in families and the one ``load_flow_model``.
+
+Each family module registers its class with :func:`flowalign.models.base.register_family`; importing
+them here (and not from ``base``) keeps the graph one way: families -> base, loading -> families.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowalign.models.base import _FAMILIES, FlowModel, ModelLoadError, read_model_index
+from flowalign.models.flux import FluxModel
+from flowalign.models.sd3 import SD3Model
+from flowalign.models.toy import ToyModel
+from flowalign.models.wan import WanModel
+
+__all__ = ["BUILTIN_FAMILIES", "family_for", "load_flow_model", "registered_families"]
+
+BUILTIN_FAMILIES = (SD3Model, FluxModel, WanModel, ToyModel)
+"""The families shipped with the package (importing their modules registered them)."""
+
+
+def registered_families() -> dict[str, type[FlowModel]]:
+    """Pipeline class name (``model_index.json``'s ``_class_name``) -> the FlowModel class that loads it."""
+    return dict(_FAMILIES)
+
+
+def family_for(path_or_id: str | Path) -> type[FlowModel]:
+    """The FlowModel class that can load ``path_or_id``."""
+    index = read_model_index(path_or_id)
+    name = index.get("_class_name")
+    families = registered_families()
+    if name not in families:
+        raise ModelLoadError(
+            f"{path_or_id}: pipeline class {name!r} is not a supported family; supported: {sorted(families)}"
+        )
+    return families[name]
+
+
+def load_flow_model(
+    path_or_id: str | Path,
+    *,
+    torch_dtype: torch.dtype | dict[str, torch.dtype] = torch.float32,
+    device: torch.device | str = "cpu",
+    **components: Any,
+) -> FlowModel:
+    """Load any supported family from a hub id or a local diffusers folder.
+
+    ``torch_dtype`` is the compute dtype of every component (or a per-component dict, see
+    :meth:`FlowModel.component_dtypes`); the family's fp32 components (Wan's VAE) stay fp32. Under
+    several processes (``accelerate launch``), ``device="cuda"`` means this process's GPU (``LOCAL_RANK``).
+    """
+    from flowalign.sharding import local_device
+
+    device = local_device(device) if isinstance(device, str) else device
+    return family_for(path_or_id).from_pretrained(
+        path_or_id, torch_dtype=torch_dtype, device=device, **components
+    )
