@@ -9,7 +9,8 @@ frozen components (text encoders, the VAE, a LoRA run's transformer base) are re
 straight into the compute dtype, components trained in full (the transformer of a fine-tune
 without LoRA) in fp32 as master weights, and LoRA adapters are created in fp32. The device is
 this process's own (:func:`training_device`), known before loading, so each rank reads its
-model onto its own GPU.
+model onto its own GPU. A LoRA run may instead load its transformer base quantized by bitsandbytes
+(``quantize_base: int8 | nf4``, :mod:`flowalign.models.quantize`; a CUDA GPU only).
 """
 
 from __future__ import annotations
