@@ -247,8 +247,8 @@ SWITCHES: tuple[tuple[str, dict], ...] = (
     ("8-bit AdamW", {"optimizer": "adamw8bit"}),
     ("LoRA fake score (f-distill)", {"fake_score": "lora"}),
     ("LoRA rank 8", {"lora_rank": 8}),
-    ("8-bit frozen base", {"base_dtype": "int8"}),
-    ("4-bit (nf4) frozen base", {"base_dtype": "nf4"}),
+    ("8-bit frozen base (run config quantize_base: int8)", {"base_dtype": "int8"}),
+    ("4-bit frozen base (run config quantize_base: nf4)", {"base_dtype": "nf4"}),
     ("CPU offload of frozen weights", {"cpu_offload": True}),
 )
 

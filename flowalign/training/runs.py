@@ -9,7 +9,8 @@ frozen components (text encoders, the VAE, a LoRA run's transformer base) are re
 straight into the compute dtype, components trained in full (the transformer of a fine-tune
 without LoRA) in fp32 as master weights, and LoRA adapters are created in fp32. The device is
 this process's own (:func:`training_device`), known before loading, so each rank reads its
-model onto its own GPU.
+model onto its own GPU. A LoRA run may instead load its transformer base quantized by bitsandbytes
+(``quantize_base: int8 | nf4``, :mod:`flowalign.models.quantize`; a CUDA GPU only).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from flowalign.data.paths import load_row_media, resolve_data_path
 from flowalign.files import read_jsonl
 from flowalign.models import load_flow_model
 from flowalign.models.base import FlowModel
+from flowalign.models.quantize import QuantizeBase, check_quantize_base, load_quantized_transformer
 from flowalign.training.loop import TrainResult, train
 from flowalign.training.methods.dpo import DPOConfig, FlowDPO
 from flowalign.training.methods.latent_reward import LatentRewardTrainingConfig
@@ -82,11 +84,27 @@ def load_model_spec(
     return load_flow_model(spec, device=device, torch_dtype=dtype)
 
 
-def load_training_model(spec: str, train: TrainConfig, *, full: tuple[str, ...] = ()) -> FlowModel:
+def load_training_model(
+    spec: str, train: TrainConfig, *, full: tuple[str, ...] = (), quantize_base: str | None = None
+) -> FlowModel:
     """The model of a run under the dtype policy, on :func:`training_device`; the components named in
-    ``full`` are trained in full and load in fp32, every other one in :func:`compute_dtype`."""
+    ``full`` are trained in full and load in fp32, every other one in :func:`compute_dtype`.
+
+    ``quantize_base`` (``int8``/``nf4``, LoRA runs only) loads the transformer's Linear weights
+    quantized by bitsandbytes (:mod:`flowalign.models.quantize`) instead of in the compute dtype.
+    """
     dtypes = {"default": compute_dtype(train)} | {name: torch.float32 for name in full}
-    return load_model_spec(spec, device=training_device(train), dtype=dtypes)
+    device = training_device(train)
+    if quantize_base is None:
+        return load_model_spec(spec, device=device, dtype=dtypes)
+    if "transformer" in full:
+        raise ValueError(f"quantize_base={quantize_base} needs a LoRA run, not a full fine-tune")
+    if spec.startswith(TOY_PREFIX):
+        raise ValueError(f"quantize_base={quantize_base} needs a hub id or model folder, not {spec!r}")
+    transformer = load_quantized_transformer(
+        spec, quantize_base, compute_dtype=dtypes["default"], device=device
+    )
+    return load_flow_model(spec, device=device, torch_dtype=dtypes, transformer=transformer)
 
 
 def cache_run_prompts(method, prompts: list[str], train: TrainConfig) -> None:
@@ -166,6 +184,12 @@ class DPORun:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     lora: LoraConfig | None = field(default_factory=LoraConfig)
     """LoRA on the transformer (reference = adapters off); null for a full fine-tune with a frozen copy."""
+    quantize_base: QuantizeBase | None = None
+    """Load the frozen transformer base quantized by bitsandbytes: ``int8`` (LLM.int8, about 1 byte per
+    weight) or ``nf4`` (4-bit NormalFloat, about 0.5 byte, computing in the run's compute dtype); null
+    keeps it in the compute dtype. LoRA runs only, with ``lora.export_merged: false``; the adapters stay
+    fp32 and the reference (adapters off) is the quantized base. Needs a CUDA GPU and the
+    ``bitsandbytes`` extra."""
     cache_prompts: bool = True
     """Encode each distinct prompt once before training (kept in ``<output_dir>/cache/prompts`` and
     reused on resume) and train with the text encoders off the device; false encodes every step."""
@@ -188,6 +212,8 @@ class RWRRun:
     train: TrainConfig = field(default_factory=TrainConfig)
     rwr: RWRConfig = field(default_factory=RWRConfig)
     lora: LoraConfig | None = field(default_factory=LoraConfig)
+    quantize_base: QuantizeBase | None = None
+    """``int8`` / ``nf4``: a bitsandbytes-quantized frozen transformer base (see :attr:`DPORun.quantize_base`)."""
     cache_prompts: bool = True
     """Encode each distinct prompt once before training (see :attr:`DPORun.cache_prompts`)."""
 
@@ -305,7 +331,9 @@ def prepare_dpo(run: DPORun) -> tuple[FlowDPO, PairDataset]:
     """The method and dataset of a DPO run: model loaded under the dtype policy on this process's
     device, LoRA (fp32) attached, prompts cached when ``run.cache_prompts``."""
     torch.manual_seed(run.train.seed)  # random initialisations (LoRA, heads) follow the run seed
-    model = load_training_model(run.model, run.train, full=() if run.lora else ("transformer",))
+    check_quantize_base(run.quantize_base, lora=run.lora)
+    full = () if run.lora else ("transformer",)
+    model = load_training_model(run.model, run.train, full=full, quantize_base=run.quantize_base)
     method = FlowDPO(model, run.dpo, lora=run.lora)
     data = PairDataset(run.data, keep_ties=run.keep_ties, buckets=run.buckets)
     if run.cache_prompts:
@@ -315,7 +343,9 @@ def prepare_dpo(run: DPORun) -> tuple[FlowDPO, PairDataset]:
 
 def run_rwr(run: RWRRun, *, resume: bool = False, progress: bool = True) -> TrainResult:
     torch.manual_seed(run.train.seed)  # random initialisations (LoRA, heads) follow the run seed
-    model = load_training_model(run.model, run.train, full=() if run.lora else ("transformer",))
+    check_quantize_base(run.quantize_base, lora=run.lora)
+    full = () if run.lora else ("transformer",)
+    model = load_training_model(run.model, run.train, full=full, quantize_base=run.quantize_base)
     media, prompts, rewards = load_candidates(run.data, run.reward_key)
     data = WeightedSamples(media, prompts, rewards, run.rwr)
     method = FlowRWR(model, run.rwr, lora=run.lora)

@@ -110,7 +110,7 @@ def test_suggest_returns_only_the_switches_needed() -> None:
     r = Recipe("flux-dev")
     switches, after = suggest(r, 24)
     assert after.fits(24) and not plan(r).fits(24)
-    assert switches == ["8-bit frozen base"]
+    assert switches == ["8-bit frozen base (run config quantize_base: int8)"]
     assert suggest(Recipe("sd35m"), 24) == ([], plan(Recipe("sd35m")))
 
 
@@ -134,7 +134,7 @@ def test_plan_command_prints_every_preset(capsys) -> None:
     out = capsys.readouterr().out
     for name in PRESETS:
         assert f"\n{name} " in "\n" + out
-    assert "flux-dev-lora-dpo at 24 GB: fits with 8-bit frozen base" in out
+    assert "flux-dev-lora-dpo at 24 GB: fits with 8-bit frozen base (run config quantize_base: int8)" in out
 
 
 def test_plan_command_errors_are_one_line(capsys, tmp_path) -> None:
