@@ -12,6 +12,8 @@ from flowalign.cli.app import Group, app, fail
 train_app = Group(help="Train a method on the shared loop.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
+OutOpt = Annotated[Path | None, typer.Option(help="Run folder (checkpoints, logs, final model).")]
+StepsOpt = Annotated[int | None, typer.Option(help="Optimizer steps.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML recipe (e.g. configs/toy_dpo.yaml).")]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config key: --set train.optim.lr=1e-4")
@@ -21,9 +23,15 @@ ResumeOpt = Annotated[
 ]
 
 
-def _run_training(run_cls, runner, config, overrides, resume, shortcuts: dict[str, object]) -> None:
+def _run_training(
+    run_cls, runner, config, overrides, resume, shortcuts: dict[str, object], *, out=None, steps=None
+) -> None:
+    """Load the run config (YAML, then the command's shortcut options, then ``--set``) and train.
+
+    ``out`` and ``steps`` are the shortcuts every command has (``train.output_dir``, ``train.max_steps``)."""
     from flowalign.config import load_config
 
+    shortcuts = {**shortcuts, "train.output_dir": out, "train.max_steps": steps}
     sets = [f"{key}={value}" for key, value in shortcuts.items() if value is not None] + list(overrides or [])
     run = load_config(run_cls, config, sets)  # every value checked (finite, in range) by the config loader
     result = runner(run, resume=resume)
@@ -39,21 +47,14 @@ def train_sft(
     data: Annotated[
         str | None, typer.Option(help="toy:train or a manifest.jsonl of media + prompts.")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder (checkpoints, logs, final model).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    out: OutOpt = None,
+    steps: StepsOpt = None,
     resume: ResumeOpt = False,
 ) -> None:
     """Flow-matching fine-tuning (pretrains the toy base models)."""
     from flowalign.training.runs import SFTRun, run_sft
 
-    _run_training(
-        SFTRun,
-        run_sft,
-        config,
-        set_,
-        resume,
-        {"model": model, "data": data, "train.output_dir": out, "train.max_steps": steps},
-    )
+    _run_training(SFTRun, run_sft, config, set_, resume, {"model": model, "data": data}, out=out, steps=steps)
 
 
 @train_app.command("dpo")
@@ -64,22 +65,16 @@ def train_dpo(
     data: Annotated[
         str | None, typer.Option(help="pairs.jsonl, VideoAlign csv or Pick-a-Pic parquet.")
     ] = None,
-    out: Annotated[Path | None, typer.Option()] = None,
-    steps: Annotated[int | None, typer.Option()] = None,
+    out: OutOpt = None,
+    steps: StepsOpt = None,
     beta: Annotated[float | None, typer.Option(help="DPO beta (mean-reduced errors).")] = None,
     resume: ResumeOpt = False,
 ) -> None:
     """Flow-DPO preference fine-tuning (LoRA by default; --set lora=null for a full fine-tune)."""
     from flowalign.training.runs import DPORun, run_dpo
 
-    _run_training(
-        DPORun,
-        run_dpo,
-        config,
-        set_,
-        resume,
-        {"model": model, "data": data, "train.output_dir": out, "train.max_steps": steps, "dpo.beta": beta},
-    )
+    overrides = {"model": model, "data": data, "dpo.beta": beta}
+    _run_training(DPORun, run_dpo, config, set_, resume, overrides, out=out, steps=steps)
 
 
 @train_app.command("rwr")
@@ -88,28 +83,20 @@ def train_rwr(
     set_: SetOpt = None,
     model: Annotated[str | None, typer.Option(help="Base model: hub id or folder.")] = None,
     data: Annotated[str | None, typer.Option(help="candidates.jsonl from `flowalign pairs`.")] = None,
-    out: Annotated[Path | None, typer.Option()] = None,
-    steps: Annotated[int | None, typer.Option()] = None,
+    out: OutOpt = None,
+    steps: StepsOpt = None,
     temperature: Annotated[float | None, typer.Option(help="RWR temperature beta.")] = None,
     resume: ResumeOpt = False,
 ) -> None:
     """Flow-RWR: reward-weighted flow matching on scored samples."""
     from flowalign.training.runs import RWRRun, run_rwr
 
-    _run_training(
-        RWRRun,
-        run_rwr,
-        config,
-        set_,
-        resume,
-        {
-            "model": model,
-            "data": data,
-            "train.output_dir": out,
-            "train.max_steps": steps,
-            "rwr.temperature": temperature,
-        },
-    )
+    overrides = {
+        "model": model,
+        "data": data,
+        "rwr.temperature": temperature,
+    }
+    _run_training(RWRRun, run_rwr, config, set_, resume, overrides, out=out, steps=steps)
 
 
 @train_app.command("latent-reward")
@@ -121,8 +108,8 @@ def train_latent_reward(
         str | None,
         typer.Option(help="Preference pairs with per-dimension labels, or candidates.jsonl from `pairs`."),
     ] = None,
-    out: Annotated[Path | None, typer.Option()] = None,
-    steps: Annotated[int | None, typer.Option()] = None,
+    out: OutOpt = None,
+    steps: StepsOpt = None,
     dimensions: Annotated[str | None, typer.Option(help="Reward dimensions, e.g. vq,ta or vq,mq,ta.")] = None,
     teacher: Annotated[
         str | None, typer.Option(help="Clean reward that labels every batch instead (e.g. toy).")
@@ -132,21 +119,13 @@ def train_latent_reward(
     """Noise-aware latent reward for Flow-NRG guidance (`generate --guide OUT/final`)."""
     from flowalign.training.runs import LatentRewardRun, run_latent_reward
 
-    _run_training(
-        LatentRewardRun,
-        run_latent_reward,
-        config,
-        set_,
-        resume,
-        {
-            "model": model,
-            "data": data,
-            "teacher": teacher,
-            "train.output_dir": out,
-            "train.max_steps": steps,
-            "reward.dimensions": f"[{dimensions}]" if dimensions else None,
-        },
-    )
+    overrides = {
+        "model": model,
+        "data": data,
+        "teacher": teacher,
+        "reward.dimensions": f"[{dimensions}]" if dimensions else None,
+    }
+    _run_training(LatentRewardRun, run_latent_reward, config, set_, resume, overrides, out=out, steps=steps)
 
 
 @train_app.command("fdistill")
@@ -157,26 +136,18 @@ def train_fdistill(
     divergence: Annotated[
         str | None, typer.Option(help="js, kl, rkl, sf, sh, jf, pearson, neyman, alpha.")
     ] = None,
-    out: Annotated[Path | None, typer.Option()] = None,
-    steps: Annotated[int | None, typer.Option()] = None,
+    out: OutOpt = None,
+    steps: StepsOpt = None,
     resume: ResumeOpt = False,
 ) -> None:
     """f-distill: a one-step generator by f-divergence distribution matching."""
     from flowalign.training.methods.fdistill import FDistillRun, run_fdistill
 
-    _run_training(
-        FDistillRun,
-        run_fdistill,
-        config,
-        set_,
-        resume,
-        {
-            "teacher": teacher,
-            "method.divergence": divergence,
-            "train.output_dir": out,
-            "train.max_steps": steps,
-        },
-    )
+    overrides = {
+        "teacher": teacher,
+        "method.divergence": divergence,
+    }
+    _run_training(FDistillRun, run_fdistill, config, set_, resume, overrides, out=out, steps=steps)
 
 
 @train_app.command("distar")
@@ -189,44 +160,34 @@ def train_distar(
     reward: Annotated[str | None, typer.Option(help="A differentiable reward name.")] = None,
     reward_scale: Annotated[float | None, typer.Option()] = None,
     alpha: Annotated[float | None, typer.Option(help="Weight of the score-divergence regulariser.")] = None,
-    out: Annotated[Path | None, typer.Option()] = None,
-    steps: Annotated[int | None, typer.Option()] = None,
+    out: OutOpt = None,
+    steps: StepsOpt = None,
     resume: ResumeOpt = False,
 ) -> None:
     """Diff-Instruct*: a reward-aligned one-step generator with score-divergence regularisation."""
     from flowalign.training.methods.distar import DistarRun, run_distar
 
-    _run_training(
-        DistarRun,
-        run_distar,
-        config,
-        set_,
-        resume,
-        {
-            "teacher": teacher,
-            "method.reward": reward,
-            "method.reward_scale": reward_scale,
-            "method.alpha": alpha,
-            "train.output_dir": out,
-            "train.max_steps": steps,
-        },
-    )
+    overrides = {
+        "teacher": teacher,
+        "method.reward": reward,
+        "method.reward_scale": reward_scale,
+        "method.alpha": alpha,
+    }
+    _run_training(DistarRun, run_distar, config, set_, resume, overrides, out=out, steps=steps)
 
 
 @train_app.command("cdt")
 def train_cdt_cmd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    out: Annotated[Path | None, typer.Option()] = None,
-    steps: Annotated[int | None, typer.Option()] = None,
+    out: OutOpt = None,
+    steps: StepsOpt = None,
     resume: ResumeOpt = False,
 ) -> None:
     """CDT: a conditioned-diffusion video tokenizer (toy clips by default; --set data.source=DIR)."""
     from flowalign.training.methods.cdt import CDTRunConfig, train_cdt
 
-    _run_training(
-        CDTRunConfig, train_cdt, config, set_, resume, {"train.output_dir": out, "train.max_steps": steps}
-    )
+    _run_training(CDTRunConfig, train_cdt, config, set_, resume, {}, out=out, steps=steps)
 
 
 @train_app.command("reward")
@@ -240,8 +201,8 @@ def train_reward(
     toy: Annotated[
         str | None, typer.Option(help="Oracle-labelled toy pairs instead: image or video.")
     ] = None,
-    out: Annotated[Path | None, typer.Option()] = None,
-    steps: Annotated[int | None, typer.Option()] = None,
+    out: OutOpt = None,
+    steps: StepsOpt = None,
     resume: ResumeOpt = False,
 ) -> None:
     """Multi-head reward model (vq/mq/ta heads, BTT loss); prints held-out accuracy per dimension."""
@@ -254,8 +215,6 @@ def train_reward(
         fail(f"--toy must be image or video, got {toy!r}")
     shortcuts = {
         "data.source": f"toy:{toy}" if toy else data,
-        "train.output_dir": out,
-        "train.max_steps": steps,
     }
     sets = [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + list(set_ or [])
     try:

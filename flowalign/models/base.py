@@ -17,7 +17,6 @@ encoders) and converts at the port: timestep scaling, latent packing, VAE scale 
 from __future__ import annotations
 
 import json
-import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -180,7 +179,9 @@ class FlowModel(ABC):
             pipe = cls.pipeline_class.from_pretrained(str(path_or_id), **kwargs)
         except (OSError, ValueError, TypeError, KeyError) as err:
             raise ModelLoadError(f"cannot load {cls.family} model from {path_or_id}: {err}") from err
-        except pickle.UnpicklingError:  # torch.load(weights_only=True) met a pickle that is not plain tensors
+        except Exception as err:
+            if type(err).__name__ != "UnpicklingError":  # torch.load(weights_only=True) refused a pickle
+                raise
             raise ModelLoadError(
                 f"cannot load {cls.family} model from {path_or_id}: a component's weights are a pickle that "
                 "holds more than tensors, refused unread; save that component as safetensors"

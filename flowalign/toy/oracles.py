@@ -469,53 +469,27 @@ def detect_attributes(media: Tensor) -> list[dict[str, object]]:
     if isinstance(media, Tensor) and media.ndim == 5:
         check_media(media, ndim=5, name="videos")
         c = _detect_clips(media)
-        rows = []
-        for i in range(media.shape[0]):
-            ok = bool(c.present[i])
-            rows.append(
-                {
-                    "present": ok,
-                    "shape": SHAPES[int(c.shape_id[i])] if ok else None,
-                    "colour": COLOURS[int(c.colour_id[i])] if ok else None,
-                    "size": SIZES[int(c.size_id[i])] if ok else None,
-                    "position": POSITIONS[int(c.position_id[i])] if ok else None,
-                    "motion": MOTIONS[int(c.motion_id[i])] if ok else None,
-                    "rgb": tuple(float(v) for v in c.rgb[i]),
-                    "extent": float(c.extent[i]),
-                    "cx": float(c.cx[i]),
-                    "cy": float(c.cy[i]),
-                    "dx": float(c.dx[i]),
-                    "dy": float(c.dy[i]),
-                    "vq": float(c.vq[i]),
-                    "mq": float(c.mq[i]),
-                    "persist": float(c.persist[i]),
-                    "smooth": float(c.smooth[i]),
-                }
-            )
-        return rows
+        extra = ("dx", "dy", "vq", "mq", "persist", "smooth")
+        return [_attribute_row(c, i, c.size_id, c.position_id, extra) for i in range(media.shape[0])]
     check_media(media, ndim=4, name="images")
     d = _detect(media)
     size_id, position_id = _size_id(d.extent), _position_id(d.cx, d.cy)
-    rows = []
-    for i in range(media.shape[0]):
-        ok = bool(d.present[i])
-        rows.append(
-            {
-                "present": ok,
-                "shape": SHAPES[int(d.shape_id[i])] if ok else None,
-                "colour": COLOURS[int(d.colour_id[i])] if ok else None,
-                "size": SIZES[int(size_id[i])] if ok else None,
-                "position": POSITIONS[int(position_id[i])] if ok else None,
-                "rgb": tuple(float(v) for v in d.rgb[i]),
-                "extent": float(d.extent[i]),
-                "cx": float(d.cx[i]),
-                "cy": float(d.cy[i]),
-                "shape_error": float(d.shape_error[i]),
-                "edge_width": float(d.edge_width[i]),
-                "vq": float(d.vq[i]),
-                "clean": float(d.clean[i]),
-                "crisp": float(d.crisp[i]),
-                "single": float(d.single[i]),
-            }
-        )
-    return rows
+    extra = ("shape_error", "edge_width", "vq", "clean", "crisp", "single")
+    return [_attribute_row(d, i, size_id, position_id, extra) for i in range(media.shape[0])]
+
+
+def _attribute_row(d, i: int, size_id: Tensor, position_id: Tensor, extra: tuple[str, ...]) -> dict:
+    """One sample's row of :func:`detect_attributes` from a detection (images) or a clip tracking."""
+    ok = bool(d.present[i])
+    row: dict[str, object] = {
+        "present": ok,
+        "shape": SHAPES[int(d.shape_id[i])] if ok else None,
+        "colour": COLOURS[int(d.colour_id[i])] if ok else None,
+        "size": SIZES[int(size_id[i])] if ok else None,
+        "position": POSITIONS[int(position_id[i])] if ok else None,
+    }
+    if hasattr(d, "motion_id"):
+        row["motion"] = MOTIONS[int(d.motion_id[i])] if ok else None
+    row["rgb"] = tuple(float(v) for v in d.rgb[i])
+    row.update({key: float(getattr(d, key)[i]) for key in ("extent", "cx", "cy", *extra)})
+    return row

@@ -161,9 +161,7 @@ class LatentData(Dataset):
 
 def test_lora_training_saves_only_adapters_and_exports_a_loadable_lora(tmp_path):
     lcfg = LoraConfig(rank=2, alpha=2.0, init="gaussian")
-    cfg = TrainConfig(
-        output_dir=tmp_path, max_steps=3, batch_size=2, log_every=1, trackers=[], cpu=True, lora=lcfg
-    )
+    cfg = TrainConfig(output_dir=tmp_path, max_steps=3, batch_size=2, log_every=1, trackers=[], cpu=True)
     cfg.optim = OptimConfig(lr=1e-2)
     method = LoraFlowMatching(lcfg)
     result = train(method, LatentData(), cfg, progress=False)
