@@ -156,10 +156,10 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoReport:
                 quiet=not progress,
             )
             shutil.rmtree(out_dir / STAGE_FOLDERS.get(stage, "-"), ignore_errors=True)  # a re-run redoes it
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             RUNNERS[stage](config, ctx)
             seconds = time.perf_counter() - start
-            report.stage_done(stage, seconds)
+            report.stage_done(stage, seconds, cpu_seconds=time.process_time() - cpu)
             speed = seconds / work if stage == "base" else speed
             _say(f" done in {_clock(seconds)}", quiet=not progress)
         report.write()

@@ -66,6 +66,7 @@ class DemoReport:
         self.out_dir = Path(out_dir)
         self.rows: dict[str, DemoRow] = {}
         self.stage_seconds: dict[str, float] = {}
+        self.stage_cpu_seconds: dict[str, float] = {}
         self.notes: list[str] = []
 
     def add(self, row: DemoRow) -> None:
@@ -74,8 +75,11 @@ class DemoReport:
         self.rows[row.name] = row
         self.write()
 
-    def stage_done(self, stage: str, seconds: float) -> None:
+    def stage_done(self, stage: str, seconds: float, *, cpu_seconds: float | None = None) -> None:
+        """Record a finished stage's wall-clock time (and the process's CPU time, all threads)."""
         self.stage_seconds[stage] = seconds
+        if cpu_seconds is not None:
+            self.stage_cpu_seconds[stage] = cpu_seconds
         self.write()
 
     # ------------------------------------------------------------------------------------------ numbers
@@ -140,6 +144,7 @@ class DemoReport:
                 for (name, row), cells in zip(self.rows.items(), table, strict=True)
             },
             "stage_seconds": {k: round(v, 1) for k, v in self.stage_seconds.items()},
+            "stage_cpu_seconds": {k: round(v, 1) for k, v in self.stage_cpu_seconds.items()},
             "grid_prompts": self.grid_prompts() if self.rows else [],
             "notes": self.notes,
         }

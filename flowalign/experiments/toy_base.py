@@ -150,6 +150,43 @@ def shipped_toy_base(recipe: ToyBaseRecipe) -> Path | None:
     return folder if key == recipe.key() else None
 
 
+SHIPPED_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
+    "transformer/config.json",
+    "transformer/diffusion_pytorch_model.safetensors",
+)
+"""The files of a toy model folder that loading it reads (what the package ships)."""
+
+
+def write_shipped_toy_base(
+    model_dir: str | Path, recipe: ToyBaseRecipe, out_dir: str | Path | None = None
+) -> Path:
+    """Copy a model trained by ``recipe`` into the package (default ``assets/toy_base_<kind>``).
+
+    Keeps only :data:`SHIPPED_FILES` and records the recipe and its cache key in ``recipe.json``; the
+    weights stay float32 as training exported them.
+    """
+    model_dir = Path(model_dir)
+    out_dir = Path(out_dir) if out_dir is not None else SHIPPED_BASES / f"toy_base_{recipe.kind}"
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in SHIPPED_FILES:
+        if not (model_dir / name).is_file():
+            raise ValueError(f"{model_dir}: not a toy model folder, {name} is missing")
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model_dir / name, tmp / name)
+    meta = {"key": recipe.key(), "recipe": asdict(recipe)}
+    (tmp / "recipe.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
 def _install_shipped(shipped: Path, dest: Path) -> None:
     """Copy a shipped base into ``dest`` with its weights stored as float32 (how training exports them)."""
     from safetensors.torch import load_file, save_file

@@ -33,7 +33,9 @@ TINY = dict(
 )
 
 
-def brightness_pairs(base_dir, out_dir, *, num_prompts, num_candidates, guidance_scale, num_inference_steps, **_):
+def brightness_pairs(
+    base_dir, out_dir, *, num_prompts, num_candidates, guidance_scale, num_inference_steps, **_
+):
     """The demo's pairs ranked by brightness: an untrained model's samples tie on the oracles."""
     from flowalign.experiments.toy_alignment import ToyPairs
     from flowalign.models import load_flow_model
@@ -56,7 +58,9 @@ def tiny_base(tmp_path, monkeypatch):
     from flowalign.experiments import toy_alignment
 
     base = save_toy_model(tmp_path / "toy", "image", width=32, num_layers=1)
-    monkeypatch.setattr(demo_stages, "fetch_toy_base", lambda kind, recipe=None, progress=True: (base, "shipped"))
+    monkeypatch.setattr(
+        demo_stages, "fetch_toy_base", lambda kind, recipe=None, progress=True: (base, "shipped")
+    )
     monkeypatch.setattr(toy_alignment, "toy_pairs", brightness_pairs)
     return base
 
@@ -91,7 +95,9 @@ def test_demo_writes_one_table_one_grid_sources_and_timings(tmp_path, tiny_base,
     for stage in ("base", "dpo", "nrg", "onestep", "report"):
         assert f"{stage}: " in md.split("Stage times")[1]
     # paired difference to the base, as the table prints it
-    diff, se = paired_difference(report.rows["flow-dpo"].evaluation.scores["vq"], report.rows["base"].evaluation.scores["vq"])
+    diff, se = paired_difference(
+        report.rows["flow-dpo"].evaluation.scores["vq"], report.rows["base"].evaluation.scores["vq"]
+    )
     assert summary["models"]["flow-dpo"]["cells"]["Δ visual quality"] == f"{diff:+.3f} ± {se:.3f}"
     grid = Image.open(out / "grid.png")
     assert grid.height > 4 * 32 * GRID_SCALE and grid.width > 6 * 32 * GRID_SCALE  # 4 model rows, 6 prompts
