@@ -31,7 +31,7 @@ LABELS = {
     "all_correct": "all four right",
 }
 GRID_COLUMNS = 8
-"""Held-out samples shown per model in the grid (samples 0..7: the first eight held-out prompts)."""
+"""Held-out samples shown per model in the grid, spread over the held-out prompts (every shape)."""
 GRID_SCALE = 4
 """Nearest-neighbour upscaling of the 32x32 samples in the grid (each cell 128 px wide)."""
 
@@ -112,13 +112,25 @@ class DemoReport:
         return "\n".join(lines)
 
     # --------------------------------------------------------------------------------------------- grid
+    def grid_indices(self) -> list[int]:
+        """Samples shown in the grid: GRID_COLUMNS spread evenly over the distinct held-out prompts."""
+        if not self.rows:
+            return []
+        prompts = next(iter(self.rows.values())).evaluation.prompts
+        distinct = len(dict.fromkeys(prompts))  # prompts cycle, so samples 0..distinct-1 are all different
+        columns = min(GRID_COLUMNS, distinct)
+        return [k * distinct // columns for k in range(columns)]
+
     def grid_prompts(self) -> list[str]:
-        first = next(iter(self.rows.values()))
-        return first.evaluation.prompts[:GRID_COLUMNS]
+        if not self.rows:
+            return []
+        prompts = next(iter(self.rows.values())).evaluation.prompts
+        return [prompts[i] for i in self.grid_indices()]
 
     def write_grid(self, path: Path) -> None:
         """``grid.png``: a column per held-out prompt (written above it), a row per model (named left)."""
-        media = {name: row.evaluation.media[:GRID_COLUMNS] for name, row in self.rows.items()}
+        index = torch.tensor(self.grid_indices())
+        media = {name: row.evaluation.media[index] for name, row in self.rows.items()}
         labelled_grid(self.grid_prompts(), media, scale=GRID_SCALE).save(path)
 
     # ------------------------------------------------------------------------------------------- output
@@ -145,7 +157,8 @@ class DemoReport:
             },
             "stage_seconds": {k: round(v, 1) for k, v in self.stage_seconds.items()},
             "stage_cpu_seconds": {k: round(v, 1) for k, v in self.stage_cpu_seconds.items()},
-            "grid_prompts": self.grid_prompts() if self.rows else [],
+            "grid_prompts": self.grid_prompts(),
+            "grid_samples": self.grid_indices(),
             "notes": self.notes,
         }
         (self.out_dir / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -163,7 +176,7 @@ class DemoReport:
         return [f"{stage}: {seconds:.0f} s" for stage, seconds in self.stage_seconds.items()]
 
     def _markdown(self, n: int) -> str:
-        prompts = self.grid_prompts() if self.rows else []
+        prompts = self.grid_prompts()
         md = [
             "# flowalign toy demo",
             "",
@@ -177,7 +190,9 @@ class DemoReport:
             "",
             "![one row per model, one column per prompt, same seeds](grid.png)",
             "",
-            "Grid columns, left to right: " + "; ".join(f"{i + 1}. {p}" for i, p in enumerate(prompts)) + ".",
+            "Grid columns, left to right (the same seed down a column): "
+            + "; ".join(f"{p} (seed {1000 + i})" for i, p in zip(self.grid_indices(), prompts, strict=True))
+            + ".",
         ]
         return "\n".join(md) + "\n"
 
@@ -188,7 +203,10 @@ class DemoReport:
         body = "".join(
             "<tr>" + "".join(f"<td>{html.escape(r[h])}</td>" for h in header) + "</tr>" for r in table
         )
-        prompts = "".join(f"<li>{html.escape(p)}</li>" for p in (self.grid_prompts() if self.rows else []))
+        prompts = "".join(
+            f"<li>{html.escape(p)} (seed {1000 + i})</li>"
+            for i, p in zip(self.grid_indices(), self.grid_prompts(), strict=True)
+        )
         rows = "".join(f"<li>{html.escape(name)}</li>" for name in self.rows)
         return (
             "<!doctype html><meta charset='utf-8'><title>flowalign toy demo</title>"
