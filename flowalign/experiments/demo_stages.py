@@ -146,7 +146,9 @@ def train_latent_reward(config, ctx: DemoContext, model) -> Path:
     with torch.no_grad():
         latents = torch.cat([model.encode_media(media[i : i + 256]) for i in range(0, len(media), 256)])
     data = ScoredPairs(latents, prompts, scores, index_pairs, tie_margin=TIE_MARGIN)
-    method = LatentRewardTraining(model, LatentRewardTrainingConfig(dimensions=["vq", "ta"], num_blocks=config.nrg_reward_blocks))
+    method = LatentRewardTraining(
+        model, LatentRewardTrainingConfig(dimensions=["vq", "ta"], num_blocks=config.nrg_reward_blocks)
+    )
     run = TrainConfig(
         output_dir=ctx.out_dir / "nrg" / "reward",
         max_steps=config.nrg_reward_steps,
