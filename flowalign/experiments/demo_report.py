@@ -173,7 +173,11 @@ class DemoReport:
         )
 
     def _timings(self) -> list[str]:
-        return [f"{stage}: {seconds:.0f} s" for stage, seconds in self.stage_seconds.items()]
+        return [
+            f"{stage}: {seconds:.0f} s"
+            + (f" (CPU {self.stage_cpu_seconds[stage]:.0f} s)" if stage in self.stage_cpu_seconds else "")
+            for stage, seconds in self.stage_seconds.items()
+        ]
 
     def _markdown(self, n: int) -> str:
         prompts = self.grid_prompts()
@@ -186,7 +190,9 @@ class DemoReport:
             "",
             *[f"- {note}" for note in self.notes],
             "",
-            "Stage times (wall clock): " + ", ".join(self._timings()) + ".",
+            "Stage times (wall clock; the CPU time of all threads in brackets): "
+            + ", ".join(self._timings())
+            + ".",
             "",
             "![one row per model, one column per prompt, same seeds](grid.png)",
             "",
@@ -215,7 +221,7 @@ class DemoReport:
             f"<h1>flowalign toy demo</h1><p>{html.escape(self._intro(n))}</p>"
             f"<table><tr>{head}</tr>{body}</table>"
             + "".join(f"<p>{html.escape(note)}</p>" for note in self.notes)
-            + f"<p>Stage times (wall clock): {html.escape(', '.join(self._timings()))}.</p>"
+            + f"<p>Stage times (wall clock; the CPU time of all threads in brackets): {html.escape(', '.join(self._timings()))}.</p>"
             + "<figure><img src='grid.png' alt='samples: one row per model, one column per prompt'>"
             + f"<figcaption>Rows, top to bottom: <ol>{rows}</ol>Columns, left to right (the prompt above "
             + f"each column; the same seed down a column): <ol>{prompts}</ol></figcaption></figure>"
