@@ -9,8 +9,7 @@ writes ``summary.md`` and ``index.html`` (one table, one labelled grid), ``summa
 
 Each stage prints one line with its estimated time, completed with the time it took. The estimate
 is the stage's work (transformer passes of one sample, see :func:`stage_work`) times the seconds per
-pass measured on this machine so far (before any is measured: the reference machine's, two cores of
-an AMD EPYC).
+pass measured on this machine by the base stage (before that: one AMD EPYC core's).
 """
 
 from __future__ import annotations
@@ -36,8 +35,8 @@ class DemoConfig:
     """Settings of the demo; every stage evaluates ``num_samples`` held-out samples.
 
     The defaults are the README's alignment recipe (320 pairs, 300 Flow-DPO steps of 16 pairs) with the
-    other stages cut to fit: about 560 s of one core's CPU time in all, measured per stage (the base
-    stage 41 s, building the pairs 200 s, DPO training 110 s, each held-out evaluation 41 s). Each
+    other stages cut to fit: 459 s of CPU time on one EPYC core in all (base 36 s, Flow-DPO 281 s of
+    which the 1,280 pair samples take about half, Flow-NRG 79 s, one-step 51 s, report 3 s). Each
     run's summary records every stage's wall-clock and CPU time."""
 
     out_dir: Path = Path("runs/demo")
@@ -70,8 +69,8 @@ class DemoConfig:
     onestep_steps: int = 80
     onestep_batch_size: int = 32
     threads: int | None = None
-    """Torch intra-op threads (None: one per physical core this process may run on, see
-    :func:`physical_cores`; the setting before the demo is restored after it)."""
+    """Torch intra-op threads (None: one per physical core not kept busy by another process, see
+    :func:`demo_threads`; the setting before the demo is restored after it)."""
 
 
 def physical_cores() -> int:
@@ -93,26 +92,54 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-SECONDS_PER_PASS = 2.4e-3
-"""Reference speed: seconds of one transformer pass of one 32x32 sample, 2 threads on 2 EPYC cores."""
+def busy_cpus(samples: int = 5, interval: float = 0.1) -> int:
+    """Other threads running right now (median of a few reads of /proc/loadavg's running count, less
+    this process); 0 where there is no /proc."""
+    counts = []
+    for k in range(samples):
+        try:
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+        counts.append(max(0, running - 1))
+        if k + 1 < samples:
+            time.sleep(interval)
+    return sorted(counts)[len(counts) // 2]
+
+
+def demo_threads() -> int:
+    """Torch threads for the demo: one per physical core that no other process keeps busy (at least 1).
+
+    Measured on 2 EPYC cores with other CPU-bound processes running, 2 threads sampled 128 held-out
+    images in 58-61 s where 1 thread took 21-28 s: each step waits for the thread that shares its
+    core, so a thread per busy core costs more than it brings. On an idle machine this is every
+    physical core.
+    """
+    return max(1, physical_cores() - busy_cpus())
+
+
+SECONDS_PER_PASS = 3.5e-3
+"""Reference speed: seconds of one transformer pass of one 32x32 sample on one EPYC core (the base
+stage's 256 held-out samples, 20 steps with CFG: 36 s of CPU time)."""
 
 
 def stage_work(stage: str, c: DemoConfig) -> float:
-    """A stage's work in sample passes (forward = 1, forward + backward = 3; CFG doubles sampling)."""
+    """A stage's work in sample passes (CFG doubles sampling); the training and guidance factors are
+    the measured CPU-time ratios of each stage to the base stage at the default settings."""
     cfg = 2 if c.guidance_scale != 1 else 1
     evaluation = c.num_samples * c.num_inference_steps * cfg
     pairs = c.pair_prompts * c.pair_candidates * c.pair_inference_steps * cfg
     if stage == "base":  # training, when the base is neither shipped nor cached: 64 images a step
         return evaluation + (0 if _base_ready(c) else c.base_steps * 64 * 3)
     if stage == "dpo":
-        return pairs + c.dpo_steps * c.dpo_batch_size * 2 * (3 + 1) + evaluation  # policy + reference
+        return pairs + c.dpo_steps * c.dpo_batch_size * 4 + evaluation  # policy + reference, both samples
     if stage == "nrg":  # the reward reads half the model; guidance adds its gradient to each step
         samples = 0 if "dpo" in c.stages else pairs
-        return samples + c.nrg_reward_steps * c.nrg_reward_batch_size * 2 * 1.5 + evaluation * 1.8
+        return samples + c.nrg_reward_steps * c.nrg_reward_batch_size * 2.5 + evaluation * 1.3
     if stage == "onestep":  # generator, teacher with CFG, fake score and discriminator per sample
-        return c.onestep_steps * c.onestep_batch_size * 9 + c.num_samples
+        return c.onestep_steps * c.onestep_batch_size * 5.5 + c.num_samples
     if stage == "report":
-        return c.num_samples * len(c.stages) * 2
+        return c.num_samples * len(c.stages) * 0.3
     raise ValueError(f"unknown demo stage {stage!r}")
 
 
@@ -148,7 +175,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoReport:
     stages = ("base", *[s for s in STAGES[1:] if s in config.stages], "report")
     out_dir = Path(config.out_dir)
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(config.threads or physical_cores())
+    torch.set_num_threads(config.threads or demo_threads())
     try:
         _quiet_libraries()
         out_dir.mkdir(parents=True, exist_ok=True)

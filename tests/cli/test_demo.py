@@ -144,3 +144,5 @@ def test_threads_default_to_the_physical_cores():
 
     cores = demo.physical_cores()
     assert 1 <= cores <= len(os.sched_getaffinity(0))
+    assert 1 <= demo.demo_threads() <= cores
+    assert demo.busy_cpus(samples=1) >= 0
