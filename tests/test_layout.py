@@ -53,7 +53,6 @@ EXCEPTIONS: dict[str, str] = {
     "data.media": "image and video reading and writing (PIL, GIF, npy, ffmpeg, PyAV) in one; to split by kind",
     "data.preference": "one PreferenceDataset class (245 lines) reads every layout; to split a reader per layout",
     "rewards.latent": "LatentRewardModel alone is 264 lines (trunk, heads, normalisation, save/load)",
-    "toy.oracles": "frame detection, clip tracking and scoring of the exact oracles; clips to split off",
     "training.loop": "the one training loop; train() to split into setup, log step, checkpoint policy, export",
     "training.methods.onestep_common": "the one-step base class plus f-distill-only heads and the data config",
     # functions

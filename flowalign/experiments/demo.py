@@ -1,336 +1,252 @@
 """``flowalign demo``: the toy world end to end on a fresh machine with nothing downloaded.
 
-Stages (each writes its part of ``summary.json`` / ``summary.md`` / ``index.html`` as soon as it ends,
-so an interrupted demo keeps what it finished):
+The default run shows alignment working on held-out prompts in about five minutes on two CPU cores: the
+base model (shipped with the package), Flow-DPO on pairs of its own samples ranked by the exact oracles,
+Flow-NRG guidance with a latent reward distilled from those oracles, and a one-step student distilled
+from the base, all evaluated on the same held-out prompts and seeds; then the evaluation report. It
+writes ``summary.md`` and ``index.html`` (one table, one labelled grid), ``summary.json`` and
+``report/report.html`` under the output folder, rewriting them after every stage.
 
-- ``base``: train (or reuse from the cache) the toy image base model with flow-matching SFT, sample
-  the held-out prompts at fixed seeds and score them with the exact oracles;
-- ``dpo``: build preference pairs from the base model's own samples ranked by the oracle reward,
-  fine-tune with Flow-DPO (LoRA), and evaluate on the same held-out prompts and seeds.
+Each stage prints one line with its estimated time, completed with the time it took. The estimate
+is the stage's work (transformer passes of one sample, see :func:`stage_work`) times the seconds per
+pass measured on this machine by the base stage (before that: one AMD EPYC core's).
 """
 
 from __future__ import annotations
 
-import html
 import json
+import os
+import shutil
+import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from flowalign.data.media import save_image
-from flowalign.evals.grid import image_grid, upscale_nearest
-from flowalign.experiments.toy_base import ToyBaseRecipe, ToyEvaluation, evaluate_toy, toy_base_model
+import torch
 
-DIMENSIONS = ("ta", "vq", "ta_shape", "ta_colour", "ta_size", "ta_position", "all_correct")
-LABELS = {
-    "ta": "text alignment",
-    "vq": "visual quality",
-    "ta_shape": "shape right",
-    "ta_colour": "colour right",
-    "ta_size": "size right",
-    "ta_position": "position right",
-    "all_correct": "all four right",
-}
-
-
-@dataclass
-class DemoConfig:
-    """Settings of the demo (the defaults fit in about ten minutes on two CPU cores)."""
-
-    out_dir: Path = Path("runs/demo")
-    stages: tuple[str, ...] = ("base",)
-    """"base" (about 6 minutes on 2 CPU cores with a fresh cache), optionally "dpo" (about 3 more) and
-    "onestep" (f-distill and Diff-Instruct* on the toy teacher, about 7 more)."""
-    base_steps: int = 900
-    """Flow-matching steps of the demo's toy base model. The experiment tables in docs/results.md use the
-    1,500-step base (``ToyBaseRecipe()``); the demo trains a shorter one so that a fresh machine
-    finishes within ten minutes. Each step count is cached separately."""
-    num_samples: int = 256
-    """Held-out samples per evaluated model (sample i uses seed 1000 + i for every model)."""
-    guidance_scale: float = 3.0
-    num_inference_steps: int = 20
-    dpo_prompts: int = 320
-    """Training prompts used to build DPO pairs (4 candidates each)."""
-    dpo_steps: int = 300
-    dpo_beta: float = 5000.0
-    dpo_lr: float = 3e-4
-    dpo_baseline_guidance: float | None = 4.0
-    """The dpo stage also evaluates the base at this guidance scale: more guidance buys text alignment
-    with visual quality, so this is the trade-off Flow-DPO has to beat (None skips it)."""
-    nrg_strength: float = 1.0
-    """Flow-NRG guidance strength w of the "nrg" stage."""
-    nrg_counterfactual_pairs: int = 1024
-    """Rendered (true vs wrong shape/colour) pairs added to the latent reward's training pairs."""
-
+from flowalign.experiments import demo_stages
+from flowalign.experiments.demo_report import DemoReport
 
 STAGES = ("base", "dpo", "nrg", "onestep")
 
 
-class DemoReport:
-    """Accumulates stage results and rewrites summary.json, summary.md and index.html after each."""
+@dataclass
+class DemoConfig:
+    """Settings of the demo; every stage evaluates ``num_samples`` held-out samples.
 
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
-        self.rows: dict[str, dict] = {}
-        self.notes: list[str] = []
-        self.grids: dict[str, str] = {}
+    The defaults are the README's alignment recipe (320 pairs, 300 Flow-DPO steps of 16 pairs) with the
+    other stages cut to fit: 459 s of CPU time on one EPYC core in all (base 36 s, Flow-DPO 281 s of
+    which the 1,280 pair samples take about half, Flow-NRG 79 s, one-step 51 s, report 3 s). Each
+    run's summary records every stage's wall-clock and CPU time."""
 
-    def add(self, name: str, evaluation: ToyEvaluation, *, seconds: float, note: str = "") -> None:
-        self.rows[name] = {"summary": evaluation.summary(), "seconds": round(seconds, 1)}
-        grid = upscale_nearest(image_grid(evaluation.media[:64], nrow=8), 3)
-        file = f"grid_{name}.png"
-        save_image(grid, self.out_dir / file)
-        self.grids[name] = file
-        if note:
-            self.notes.append(f"{name}: {note}")
-        self.write()
-
-    def table_md(self) -> str:
-        header = "| model | " + " | ".join(LABELS[d] for d in DIMENSIONS) + " |"
-        lines = [header, "|---" * (len(DIMENSIONS) + 1) + "|"]
-        for name, row in self.rows.items():
-            cells = [f"{row['summary'][d]['mean']:.3f} ± {row['summary'][d]['se']:.3f}" for d in DIMENSIONS]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        return "\n".join(lines)
-
-    def write(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "summary.json").write_text(
-            json.dumps({"models": self.rows, "notes": self.notes}, indent=2)
-        )
-        n = next(iter(self.rows.values()))["summary"]["ta"]["n"] if self.rows else 0
-        md = [
-            "# flowalign toy demo",
-            "",
-            f"Held-out prompts, {n} samples per model at the same seeds; mean ± standard error of the exact oracles.",
-            "",
-            self.table_md(),
-            "",
-            *[f"- {note}" for note in self.notes],
-            "",
-            *[f"![{name}]({file})" for name, file in self.grids.items()],
-        ]
-        (self.out_dir / "summary.md").write_text("\n".join(md) + "\n")
-        rows_html = "".join(
-            "<tr><td>"
-            + html.escape(name)
-            + "</td>"
-            + "".join(
-                f"<td>{r['summary'][d]['mean']:.3f} ± {r['summary'][d]['se']:.3f}</td>" for d in DIMENSIONS
-            )
-            + "</tr>"
-            for name, r in self.rows.items()
-        )
-        grids_html = "".join(
-            f"<figure><img src='{file}' alt='{html.escape(name)}'><figcaption>{html.escape(name)}</figcaption></figure>"
-            for name, file in self.grids.items()
-        )
-        page = (
-            "<!doctype html><meta charset='utf-8'><title>flowalign toy demo</title>"
-            "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 8px;border-bottom:1px solid #ddd}"
-            "figure{display:inline-block;margin:1em}img{image-rendering:pixelated}</style>"
-            "<h1>flowalign toy demo</h1><p>Held-out prompts; mean ± standard error of the exact oracles.</p>"
-            "<table><tr><th>model</th>"
-            + "".join(f"<th>{LABELS[d]}</th>" for d in DIMENSIONS)
-            + "</tr>"
-            + rows_html
-            + "</table>"
-            + "".join(f"<p>{html.escape(note)}</p>" for note in self.notes)
-            + grids_html
-        )
-        (self.out_dir / "index.html").write_text(page)
+    out_dir: Path = Path("runs/demo")
+    stages: tuple[str, ...] = STAGES
+    """Which stages to run ("base" always runs: every row is compared with it)."""
+    base_steps: int = 1500
+    """Flow-matching steps of the toy base model. 1500 is the default recipe, shipped with the package
+    (the README's tables use it); another count is trained on first use (about 0.5 s a step) and cached."""
+    num_samples: int = 256
+    """Held-out samples per evaluated model (sample i: held-out prompt i mod 80, seed 1000 + i)."""
+    guidance_scale: float = 3.0
+    num_inference_steps: int = 20
+    eval_batch_size: int = 256
+    pair_prompts: int = 320
+    """Training prompts sampled for DPO's pairs and the latent reward's data (320: every one). With half
+    of them (160 pairs, 150 steps of 32) DPO's text-alignment gain vanished (+0.002 ± 0.006)."""
+    pair_candidates: int = 4
+    pair_inference_steps: int = 20
+    dpo_steps: int = 300
+    dpo_batch_size: int = 16
+    dpo_beta: float = 5000.0
+    dpo_lr: float = 3e-4
+    nrg_weights: dict[str, float] = field(default_factory=lambda: {"vq": 1.0})
+    nrg_strength: float = 1.0
+    nrg_reward_steps: int = 120
+    nrg_reward_batch_size: int = 32
+    nrg_reward_blocks: int = 2
+    """Trunk depth of the latent reward: the first k blocks of the base transformer."""
+    nrg_counterfactual_pairs: int = 512
+    onestep_steps: int = 80
+    onestep_batch_size: int = 32
+    threads: int | None = None
+    """Torch intra-op threads (None: one per physical core not kept busy by another process, see
+    :func:`demo_threads`; the setting before the demo is restored after it)."""
 
 
-def _timed(fn: Callable, *args, **kwargs):
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (SMT siblings count once).
 
-
-def _evaluate(config: DemoConfig, model_dir: Path, *, guidance_scale: float | None = None):
-    """Held-out evaluation with the demo's sampling settings; returns (evaluation, seconds)."""
-    return _timed(
-        evaluate_toy,
-        model_dir,
-        num_samples=config.num_samples,
-        guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
-        num_inference_steps=config.num_inference_steps,
-    )
-
-
-def stage_base(config: DemoConfig, report: DemoReport, *, progress: bool) -> Path:
-    recipe = ToyBaseRecipe(kind="image", steps=config.base_steps)
-    base_dir, train_seconds = _timed(toy_base_model, "image", recipe=recipe, progress=progress)
-    evaluation, seconds = _evaluate(config, base_dir)
-    report.add(
-        "base",
-        evaluation,
-        seconds=train_seconds + seconds,
-        note=f"toy base model ({config.base_steps} flow-matching steps) from {base_dir} "
-        f"(training or cache: {train_seconds:.0f} s)",
-    )
-    return base_dir
-
-
-def stage_dpo(config: DemoConfig, report: DemoReport, base_dir: Path, *, progress: bool) -> Path:
-    from flowalign.experiments.toy_alignment import AlignBudget, toy_pairs_cached, train_toy_dpo
-    from flowalign.training.methods.dpo import DPOConfig
-
-    start = time.perf_counter()
-    out = config.out_dir / "dpo"
-    pairs = toy_pairs_cached(
-        base_dir,
-        out / "pairs",
-        num_prompts=config.dpo_prompts,
-        guidance_scale=config.guidance_scale,
-        num_inference_steps=config.num_inference_steps,
-        progress=progress,
-    )
-    budget = AlignBudget(steps=config.dpo_steps, lr=config.dpo_lr)
-    model_dir = train_toy_dpo(
-        base_dir, pairs, out / "run", budget, DPOConfig(beta=config.dpo_beta), progress=progress
-    )
-    evaluation, _ = _evaluate(config, model_dir)
-    report.add(
-        "flow-dpo",
-        evaluation,
-        seconds=time.perf_counter() - start,
-        note=f"Flow-DPO: {len(pairs.chosen)} pairs (best vs worst of 4 base samples by oracle ta+vq on "
-        f"{config.dpo_prompts} training prompts), {config.dpo_steps} LoRA steps, constant beta "
-        f"{config.dpo_beta:g}, lr {config.dpo_lr:g}",
-    )
-    if config.dpo_baseline_guidance is not None:
-        baseline, seconds = _evaluate(config, base_dir, guidance_scale=config.dpo_baseline_guidance)
-        report.add(
-            f"base-guidance-{config.dpo_baseline_guidance:g}",
-            baseline,
-            seconds=seconds,
-            note=f"the base sampled with guidance {config.dpo_baseline_guidance:g} instead of "
-            f"{config.guidance_scale:g}: what more guidance alone buys, the baseline Flow-DPO has to beat",
-        )
-    return model_dir
-
-
-NRG_SETTINGS = {"vq": {"vq": 1.0}, "vq+ta": {"vq": 0.5, "ta": 0.5}, "ta": {"ta": 1.0}}
-
-
-def stage_nrg(config: DemoConfig, report: DemoReport, base_dir: Path) -> dict:
-    """Flow-NRG on the base model: latent rewards distilled from the oracles, guidance per weight set.
-
-    Writes ``nrg/summary.md`` (every setting, and each reward's pairwise accuracy on noised held-out
-    samples) and ``nrg/gains.svg``: the paired oracle gain over unguided sampling (same noise and
-    caption, ± 2 s.e.) as the weight moves from visual quality to text alignment, and for the
-    clean-input reward used on noisy inputs.
+    One torch thread per physical core keeps every core busy; a second thread per core (SMT) only
+    contends for the same execution units, and more threads than cores stall on each other.
     """
-    from flowalign.evals.plots import forest_plot
-    from flowalign.experiments.toy_nrg import run_toy_nrg_experiment
-
-    start = time.perf_counter()
-    out = config.out_dir / "nrg"
-    results = run_toy_nrg_experiment(
-        base_dir,
-        out,
-        num_eval=config.num_samples,
-        num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale,
-        strength=config.nrg_strength,
-        settings=NRG_SETTINGS,
-        counterfactual_pairs=config.nrg_counterfactual_pairs,
-    )
-    guided = [name for name in results if name.startswith(("noisy_rm:", "clean_rm:"))]
-    plots = [
-        forest_plot(
-            [(name, results[name][f"{m}_gain"][0], *_two_se(results[name][f"{m}_gain"])) for name in guided],
-            title=f"{LABELS[m]}: gain over unguided (± 2 s.e.)",
-        )
-        for m in ("vq", "ta")
-    ]
-    (out / "gains.svg").write_text(_stack_svgs(plots))
-    report.notes.append(
-        f"flow-nrg: guidance strength {config.nrg_strength:g} with weights "
-        + ", ".join(f"{n} = {w}" for n, w in NRG_SETTINGS.items())
-        + "; paired gains over unguided: "
-        + "; ".join(
-            f"{name}: vq {results[name]['vq_gain'][0]:+.3f} ± {results[name]['vq_gain'][1]:.3f}, "
-            f"ta {results[name]['ta_gain'][0]:+.3f} ± {results[name]['ta_gain'][1]:.3f}"
-            for name in guided
-        )
-        + f" ({time.perf_counter() - start:.0f} s; details in nrg/summary.md, plot nrg/gains.svg)"
-    )
-    report.write()
-    return results
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            core = (topology / "core_id").read_text().strip()
+            package = (topology / "physical_package_id").read_text().strip()
+        except OSError:
+            core, package = str(cpu), "0"  # no topology (not Linux): count logical CPUs
+        cores.add((package, core))
+    return max(1, len(cores))
 
 
-def _two_se(mean_se: tuple[float, float]) -> tuple[float, float]:
-    mean, se = mean_se
-    return mean - 2 * se, mean + 2 * se
+def busy_cpus(samples: int = 5, interval: float = 0.1) -> int:
+    """Other threads running right now (median of a few reads of /proc/loadavg's running count, less
+    this process); 0 where there is no /proc."""
+    counts = []
+    for k in range(samples):
+        try:
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+        counts.append(max(0, running - 1))
+        if k + 1 < samples:
+            time.sleep(interval)
+    return sorted(counts)[len(counts) // 2]
 
 
-def _stack_svgs(svgs: list[str]) -> str:
-    """Several SVG elements one below the other in one SVG document."""
-    import re
+def demo_threads() -> int:
+    """Torch threads for the demo: one per physical core that no other process keeps busy (at least 1).
 
-    heights = [float(re.search(r'height="([0-9.]+)"', s).group(1)) for s in svgs]
-    widths = [float(re.search(r'width="([0-9.]+)"', s).group(1)) for s in svgs]
-    parts, y = [], 0.0
-    for svg, h in zip(svgs, heights, strict=True):
-        parts.append(f'<g transform="translate(0,{y:.0f})">{svg}</g>')
-        y += h
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{max(widths):.0f}" height="{y:.0f}">'
-        + "".join(parts)
-        + "</svg>\n"
-    )
+    Measured on 2 EPYC cores with other CPU-bound processes running, 2 threads sampled 128 held-out
+    images in 58-61 s where 1 thread took 21-28 s: each step waits for the thread that shares its
+    core, so a thread per busy core costs more than it brings. On an idle machine this is every
+    physical core.
+    """
+    return max(1, physical_cores() - busy_cpus())
+
+
+SECONDS_PER_PASS = 3.5e-3
+"""Reference speed: seconds of one transformer pass of one 32x32 sample on one EPYC core (the base
+stage's 256 held-out samples, 20 steps with CFG: 36 s of CPU time)."""
+
+
+def stage_work(stage: str, c: DemoConfig) -> float:
+    """A stage's work in sample passes (CFG doubles sampling); the training and guidance factors are
+    the measured CPU-time ratios of each stage to the base stage at the default settings."""
+    cfg = 2 if c.guidance_scale != 1 else 1
+    evaluation = c.num_samples * c.num_inference_steps * cfg
+    pairs = c.pair_prompts * c.pair_candidates * c.pair_inference_steps * cfg
+    if stage == "base":  # training, when the base is neither shipped nor cached: 64 images a step
+        return evaluation + (0 if _base_ready(c) else c.base_steps * 64 * 3)
+    if stage == "dpo":
+        return pairs + c.dpo_steps * c.dpo_batch_size * 4 + evaluation  # policy + reference, both samples
+    if stage == "nrg":  # the reward reads half the model; guidance adds its gradient to each step
+        samples = 0 if "dpo" in c.stages else pairs
+        return samples + c.nrg_reward_steps * c.nrg_reward_batch_size * 2.5 + evaluation * 1.3
+    if stage == "onestep":  # generator, teacher with CFG, fake score and discriminator per sample
+        return c.onestep_steps * c.onestep_batch_size * 5.5 + c.num_samples
+    if stage == "report":
+        return c.num_samples * len(c.stages) * 0.3
+    raise ValueError(f"unknown demo stage {stage!r}")
+
+
+def _base_ready(c: DemoConfig) -> bool:
+    from flowalign.experiments.toy_base import ToyBaseRecipe, shipped_toy_base
+    from flowalign.toy.data import cache_root
+
+    recipe = ToyBaseRecipe(kind="image", steps=c.base_steps)
+    cached = (cache_root() / recipe.key() / "model" / "model_index.json").is_file()
+    return cached or shipped_toy_base(recipe) is not None
+
+
+def _say(text: str, *, end: str = "\n", quiet: bool = False) -> None:
+    if not quiet:
+        print(text, end=end, file=sys.stdout, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoReport:
-    """Run the chosen stages; returns the report (also written to ``config.out_dir``)."""
+    """Run the chosen stages; returns the report (also written to ``config.out_dir``).
+
+    ``progress`` prints one line per stage (what it does, its estimate, then the time it took) and at
+    the end the files to open.
+    """
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown demo stage(s) {unknown}; available: {', '.join(STAGES)}")
-    report = DemoReport(Path(config.out_dir))
-    (Path(config.out_dir)).mkdir(parents=True, exist_ok=True)
-    (Path(config.out_dir) / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
-    models = {"base": stage_base(config, report, progress=progress)}
-    if "dpo" in config.stages:
-        models["flow-dpo"] = stage_dpo(config, report, models["base"], progress=progress)
-    if "nrg" in config.stages:
-        stage_nrg(config, report, models["base"])
-    if "onestep" in config.stages:
-        from flowalign.experiments.toy_onestep import one_step_demo
-
-        result = one_step_demo(config.out_dir / "onestep", teacher_dir=models["base"])
-        (config.out_dir / "onestep.md").write_text(result["text"] + "\n")
-        report.notes.append(
-            f"one-step stage (f-distill JS/rKL/fKL, Diff-Instruct* vs KL): {config.out_dir}/onestep.md"
+    if config.num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {config.num_samples}")
+    stages = ("base", *[s for s in STAGES[1:] if s in config.stages], "report")
+    out_dir = Path(config.out_dir)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(config.threads or demo_threads())
+    try:
+        _quiet_libraries()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+        for stale in ("base_samples", "samples"):  # a re-run samples afresh
+            shutil.rmtree(out_dir / stale, ignore_errors=True)
+        report = DemoReport(out_dir)
+        ctx = demo_stages.DemoContext(report=report, out_dir=out_dir)
+        _say(
+            f"flowalign demo: {len(stages)} stages, {torch.get_num_threads()} threads, output {out_dir}",
+            quiet=not progress,
         )
+        speed = SECONDS_PER_PASS
+        for k, stage in enumerate(stages, 1):
+            work = stage_work(stage, config)
+            eta = work * speed
+            _say(
+                f"[{k}/{len(stages)}] {DESCRIPTIONS[stage](config)} (about {_clock(eta)}) ...",
+                end="",
+                quiet=not progress,
+            )
+            shutil.rmtree(out_dir / STAGE_FOLDERS.get(stage, "-"), ignore_errors=True)  # a re-run redoes it
+            start, cpu = time.perf_counter(), time.process_time()
+            RUNNERS[stage](config, ctx)
+            seconds = time.perf_counter() - start
+            report.stage_done(stage, seconds, cpu_seconds=time.process_time() - cpu)
+            speed = seconds / work if stage == "base" else speed
+            _say(f" done in {_clock(seconds)}", quiet=not progress)
         report.write()
-    stage_report(config, report, models, progress=progress)
-    return report
+        _say(f"open {out_dir / 'summary.md'} and {out_dir / 'index.html'}", quiet=not progress)
+        return report
+    finally:
+        torch.set_num_threads(threads_before)
 
 
-def stage_report(config: DemoConfig, report: DemoReport, models: dict[str, Path], *, progress: bool) -> None:
-    """The evaluation report (``report/report.html``): every model on every held-out prompt, side by side."""
-    from flowalign.evals.runner import run_eval
-    from flowalign.evals.types import EvalOptions
-    from flowalign.pipelines.generate_files import GenerationSettings
+def _quiet_libraries() -> None:
+    """Turn off the loading bars of diffusers and transformers: the demo prints one line per stage."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    settings = GenerationSettings(
-        num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale
-    )
-    result = run_eval(
-        {name: str(path) for name, path in models.items()},
-        "toy-heldout",
-        ["toy"],
-        out_dir=config.out_dir / "report",
-        samples_per_prompt=1,
-        seeds=(0,),
-        options=EvalOptions(settings=settings, base="base"),
-        progress=progress,
-    )
-    report.notes.append(
-        f"evaluation report: {result.html_path}"
-        + (f" ({len(result.failures)} failures)" if result.failures else "")
-    )
-    report.write()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+DESCRIPTIONS = {
+    "base": lambda c: (
+        f"base: {'load' if _base_ready(c) else 'train'} the {c.base_steps}-step toy base, "
+        f"{_plural(c.num_samples, 'held-out sample')}"
+    ),
+    "dpo": lambda c: (
+        f"flow-dpo: {c.pair_prompts * c.pair_candidates} base samples -> "
+        f"{c.pair_prompts} pairs, {c.dpo_steps} DPO steps, evaluate"
+    ),
+    "nrg": lambda c: f"flow-nrg: latent reward, {c.nrg_reward_steps} steps, guided sampling",
+    "onestep": lambda c: f"one-step: f-distill, {c.onestep_steps} steps, evaluate",
+    "report": lambda c: "report: score every sample, write report/report.html",
+}
+RUNNERS = {
+    "base": demo_stages.stage_base,
+    "dpo": demo_stages.stage_dpo,
+    "nrg": demo_stages.stage_nrg,
+    "onestep": demo_stages.stage_onestep,
+    "report": demo_stages.stage_report,
+}
+STAGE_FOLDERS = {
+    "dpo": "dpo",
+    "nrg": "nrg",
+    "onestep": "onestep",
+    "report": "report",
+}

@@ -80,17 +80,17 @@ def _pair_accuracy(
         r = guide(x_t.to(guide.device), torch.full((len(prompts),), t, device=guide.device), cond)
     out = {}
     for d in guide.dimensions:
-        labels = labels_from_scores(scores[d][i], scores[d][j], tie_margin=_TIE_MARGIN[d])
+        labels = labels_from_scores(scores[d][i], scores[d][j], tie_margin=TIE_MARGIN[d])
         n = int((labels.abs() == 1).sum())
         acc = float(pairwise_accuracy(r[d][i].cpu(), r[d][j].cpu(), labels))
         out[d] = (acc, math.sqrt(acc * (1 - acc) / n)) if n else nan
     return out
 
 
-_TIE_MARGIN = {"vq": 0.05, "ta": 0.1}  # ta is a multiple of 0.25: equal ta is a tie
+TIE_MARGIN = {"vq": 0.05, "ta": 0.1}  # ta is a multiple of 0.25: equal ta is a tie
 
 
-def _counterfactual_renders(num: int, *, seed: int, size: int) -> tuple[list[str], Tensor, Tensor]:
+def counterfactual_renders(num: int, *, seed: int, size: int) -> tuple[list[str], Tensor, Tensor]:
     """``num`` (caption, true render, render with a wrong shape or colour) triples from the train split.
 
     The two renders share every pixel of geometry but the changed attribute, so they contrast exactly
@@ -245,7 +245,7 @@ def _distillation_pairs(model, prompts, noise, sample, counterfactual_pairs: int
     latents, scores = _sample_and_score(model, prompts, noise, **sample)
     index_pairs = pairs_within_groups(prompts)
     if counterfactual_pairs:
-        captions, true, wrong = _counterfactual_renders(counterfactual_pairs, seed=seed, size=size)
+        captions, true, wrong = counterfactual_renders(counterfactual_pairs, seed=seed, size=size)
         n, m = len(prompts), len(captions)
         media = torch.cat([true, wrong])
         extra = score_images(media, captions + captions)
@@ -259,7 +259,7 @@ def _distillation_pairs(model, prompts, noise, sample, counterfactual_pairs: int
         prompts,
         {d: scores[d] for d in ("vq", "ta")},
         index_pairs,
-        tie_margin=_TIE_MARGIN,
+        tie_margin=TIE_MARGIN,
     )
 
 
