@@ -215,6 +215,8 @@ def train_reward(
         fail(f"--toy must be image or video, got {toy!r}")
     shortcuts = {
         "data.source": f"toy:{toy}" if toy else data,
+        "train.output_dir": out,
+        "train.max_steps": steps,
     }
     sets = [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + list(set_ or [])
     try:
