@@ -16,3 +16,26 @@ class BrightnessReward(RewardModel):
 
     def _score_images(self, images: Tensor, prompts: list[str] | None) -> dict[str, Tensor]:
         return {"vq": images.mean(dim=(1, 2, 3)), "ta": (images[:, 0] - images[:, 2]).mean(dim=(1, 2))}
+
+
+class MeanPixelReward(RewardModel):
+    """ "bright" = mean pixel value (videos: per frame, then averaged by the base class): a reward with no
+    weights, so a test measures the sampler alone."""
+
+    name = "mean-pixel"
+    dimensions = ("bright",)
+    media_kind = "image"
+
+    def _score_images(self, images: Tensor, prompts: list[str] | None) -> dict[str, Tensor]:
+        return {"bright": images.mean(dim=(1, 2, 3))}
+
+
+def registered_mean_pixel() -> str:
+    """Register :class:`MeanPixelReward` under its name (once per process); returns the name."""
+    from flowalign.rewards.registry import available_rewards, register_reward
+
+    if MeanPixelReward.name not in available_rewards():
+        register_reward(MeanPixelReward.name)(
+            lambda *, device="cpu", dtype=None, **kwargs: MeanPixelReward(**kwargs)
+        )
+    return MeanPixelReward.name

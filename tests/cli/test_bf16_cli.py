@@ -6,34 +6,18 @@ import json
 
 import pytest
 import torch
+from stand_ins import registered_mean_pixel
 from typer.testing import CliRunner
 
 from flowalign.cli import app
 from flowalign.data.media import load_image
-from flowalign.rewards.base import RewardModel
-from flowalign.rewards.registry import available_rewards, register_reward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
 SIZE = ["--height", "32", "--width", "48"]
 
 
-class _Brightness(RewardModel):
-    """Mean pixel value: a reward with no weights, so the test measures the sampler alone."""
-
-    name = "cli-bf16-brightness"
-    dimensions = ("bright",)
-    media_kind = "image"
-
-    def _score_images(self, images, prompts):
-        return {"bright": images.mean(dim=(1, 2, 3))}
-
-
-if _Brightness.name not in available_rewards():
-
-    @register_reward(_Brightness.name)
-    def _load_brightness(*, device="cpu", dtype=torch.float32) -> _Brightness:
-        return _Brightness()
+BRIGHTNESS = registered_mean_pixel()
 
 
 @pytest.fixture
@@ -73,7 +57,7 @@ def test_pairs_bf16_at_the_size_asked(tiny_model_dir, tmp_path, loaded_dtypes):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na red square\n")
     out = tmp_path / "pairs"
-    text = _ok(["pairs", "--model", tiny_model_dir("sd3"), "--out", out, "--reward", _Brightness.name,
+    text = _ok(["pairs", "--model", tiny_model_dir("sd3"), "--out", out, "--reward", BRIGHTNESS,
                 "--prompts-file", prompts, "--num-candidates", 2, "--steps", 2, *SIZE, "--device", "cpu",
                 "--dtype", "bf16"])  # fmt: skip
     assert "wrote 2 pairs" in text and loaded_dtypes == [torch.bfloat16]
@@ -93,7 +77,7 @@ def test_eval_bf16(tiny_model_dir, tmp_path, loaded_dtypes):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
     _ok(["eval", "--models", f"tiny={tiny_model_dir('sd3')}:height=32,width=48", "--prompts", prompts,
-         "--rewards", _Brightness.name, "--steps", 2, "--device", "cpu", "--dtype", "bf16", "--out", out])  # fmt: skip
+         "--rewards", BRIGHTNESS, "--steps", 2, "--device", "cpu", "--dtype", "bf16", "--out", out])  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     assert report["timings"]["num_samples"] == 2 and "bright" in report["dimensions"]
     assert not report["failures"] and loaded_dtypes == [torch.bfloat16]

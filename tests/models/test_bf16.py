@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
+from stand_ins import MeanPixelReward, registered_mean_pixel
 from torch import nn
 
 from flowalign.data.media import load_image, load_media, load_video
 from flowalign.models import load_flow_model
 from flowalign.models.base import net_dtype
 from flowalign.pipelines.generate_files import GenerationSettings, generate_files
-from flowalign.rewards.base import RewardModel
-from flowalign.rewards.registry import available_rewards, register_reward
 from flowalign.workflows.pairs import PairsConfig, build_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,22 +26,7 @@ def _size(family: str) -> dict:
     return dict(height=64, width=64, num_frames=5 if family == "wan" else 1)
 
 
-class _Brightness(RewardModel):
-    """Mean pixel value (videos: per frame, then averaged by the base class)."""
-
-    name = "bf16-brightness"
-    dimensions = ("bright",)
-    media_kind = "image"
-
-    def _score_images(self, images, prompts):
-        return {"bright": images.mean(dim=(1, 2, 3))}
-
-
-if _Brightness.name not in available_rewards():
-
-    @register_reward(_Brightness.name)
-    def _load_brightness(*, device="cpu", dtype=torch.float32, **kwargs) -> _Brightness:
-        return _Brightness(**kwargs)
+BRIGHTNESS = registered_mean_pixel()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -153,7 +137,7 @@ def test_build_pairs_in_bf16(family, tiny_model_dir, tmp_path):
     size = _size(family)
     model.default_height, model.default_width = size["height"], size["width"]  # PairsConfig has no size
     model.default_num_frames = size["num_frames"]
-    brightness = _Brightness()
+    brightness = MeanPixelReward()
 
     def score(media, prompts):
         assert media.dtype == torch.float32 and torch.isfinite(media).all()
@@ -187,7 +171,7 @@ def test_run_eval_in_bf16(family, tiny_model_dir, tmp_path):
     result = run_eval(
         {"m": tiny_model_dir(family)},
         str(prompts),
-        [_Brightness.name],
+        [BRIGHTNESS],
         out_dir=tmp_path / "eval",
         options=options,
         render=False,
