@@ -28,8 +28,9 @@ def demo(
         ),
     ] = 1500,
 ) -> None:
-    """The toy world end to end: the shipped base, Flow-DPO, Flow-NRG and a one-step student on held-out
-    prompts; one table, one labelled grid, the eval report."""
+    """The toy world end to end: the shipped base, Flow-DPO, Flow-NRG and a one-step student.
+
+    Every model on the same held-out prompts and seeds: one table, one labelled grid, the eval report."""
     from flowalign.experiments.demo import DemoConfig, run_demo
 
     check_count(samples, "--samples")
