@@ -19,6 +19,7 @@ from torch import Tensor
 
 from flowalign import flow
 from flowalign.config import OptimConfig, TrainConfig
+from flowalign.evals.stats import mean_and_se
 from flowalign.models import load_flow_model
 from flowalign.objectives.bt_ties import labels_from_scores, pairwise_accuracy
 from flowalign.rewards.latent import LatentRewardModel
@@ -32,12 +33,6 @@ from flowalign.training.methods.latent_reward import (
     ScoredPairs,
     pairs_within_groups,
 )
-
-
-def _mean_se(values: Tensor) -> tuple[float, float]:
-    v = values.double().flatten()
-    se = float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else float("nan")
-    return float(v.mean()), se
 
 
 def _sample_and_score(model, prompts, noise, *, steps, cfg_scale, batch_size, transforms_for=None):
@@ -225,10 +220,10 @@ def _evaluate(model, guides, runs, sample, *, num_eval: int, size: int, strength
 
         lat, sc = _sample_and_score(model, eval_prompts, eval_noise, transforms_for=transforms, **sample)
         unguided = (lat, sc) if kind is None else unguided
-        results[name] = {m: _mean_se(sc[m]) for m in ("vq", "ta", "all_correct")}
+        results[name] = {m: mean_and_se(sc[m]) for m in ("vq", "ta", "all_correct")}
         if kind is not None:  # paired: same noise and caption as the unguided sample
             results[name] |= {
-                f"{m}_gain": _mean_se(sc[m] - unguided[1][m]) for m in ("vq", "ta", "all_correct")
+                f"{m}_gain": mean_and_se(sc[m] - unguided[1][m]) for m in ("vq", "ta", "all_correct")
             }
     for kind, guide in guides.items():
         row = {}
