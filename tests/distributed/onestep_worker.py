@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: gloo_worker
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 torch.set_num_threads(1)
+
+from gloo_worker import end_run  # noqa: E402
 
 SIZE = 24
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
@@ -78,10 +80,4 @@ if __name__ == "__main__":
         f"SHARDED={sharded}/{len(params)}",
         flush=True,
     )
-    if acc.is_main_process:
-        print(f"DIST-DONE STEP={result.step}", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_run(f"DIST-DONE STEP={result.step}")

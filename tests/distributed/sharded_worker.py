@@ -13,20 +13,13 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: gloo_worker
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 torch.set_num_threads(1)
 
-
-def pairs(n: int = 8) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    media = torch.rand(2 * n, 3, 32, 32, generator=g)
-    prompts = ["a small red circle in the center", "a large blue square in the top left"]
-    return [
-        {"media_w": media[i], "media_l": media[n + i], "prompt": prompts[i % 2], "index": i} for i in range(n)
-    ]
+from gloo_worker import end_run, toy_pairs  # noqa: E402
 
 
 def run(
@@ -63,7 +56,7 @@ def run(
         ema=EMAConfig(use=True, decay=0.5),
         checkpoint=CheckpointConfig(every=checkpoint_every),
     )
-    return method, train(method, pairs(), config, progress=False, resume=resume)
+    return method, train(method, toy_pairs(), config, progress=False, resume=resume)
 
 
 if __name__ == "__main__":
@@ -85,10 +78,4 @@ if __name__ == "__main__":
     sharded = sum(isinstance(p, DTensor) for p in trainable)
     ref = method.reference.copy
     print(f"SHARDED={sharded}/{len(trainable)} REF-SHARDED={isinstance(ref, FSDPModule)}", flush=True)
-    if acc.is_main_process:
-        print(f"DIST-DONE STEP={result.step}", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_run(f"DIST-DONE STEP={result.step}")

@@ -12,20 +12,13 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: gloo_worker
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 torch.set_num_threads(1)
 
-
-def pairs(n: int = 8) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    media = torch.rand(2 * n, 3, 32, 32, generator=g)
-    prompts = ["a small red circle in the center", "a large blue square in the top left"]
-    return [
-        {"media_w": media[i], "media_l": media[n + i], "prompt": prompts[i % 2], "index": i} for i in range(n)
-    ]
+from gloo_worker import end_run, toy_pairs  # noqa: E402
 
 
 def run(model_dir: str, out: Path, batch_size: int, grad_accum_steps: int = 1):
@@ -49,7 +42,7 @@ def run(model_dir: str, out: Path, batch_size: int, grad_accum_steps: int = 1):
         optim=OptimConfig(lr=1e-2),
         checkpoint=CheckpointConfig(every=0),
     )
-    return train(method, pairs(), config, progress=False)
+    return train(method, toy_pairs(), config, progress=False)
 
 
 if __name__ == "__main__":
@@ -58,10 +51,4 @@ if __name__ == "__main__":
 
     state = PartialState()
     print(f"WORLD={state.num_processes} RANK={state.process_index}", flush=True)
-    if state.is_main_process:
-        print("DIST-DONE", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_run("DIST-DONE")
