@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import resource
-import subprocess
-import sys
 import time
+
+from harness import run_in_subprocess  # noqa: E402
 
 from flowalign.models.tiny import TINY_SD3_TRANSFORMER
 
@@ -162,13 +161,7 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
-    results = {}
-    for variant in ("baseline", "ours"):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if proc.returncode != 0:
-            raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = {variant: run_in_subprocess(__file__, variant) for variant in ("baseline", "ours")}
     mode = "full fine-tune" if args.full else f"LoRA r{args.rank}"
     print(
         f"Flow-DPO step, {args.size} transformer, {args.resolution}px, {args.pairs} pairs, {mode}, "

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
+
+from harness import run_in_subprocess  # noqa: E402
 
 PROMPTS = [
     "a red cube on a wooden table, studio light",
@@ -163,14 +162,10 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
-    results = {}
-    for variant in ("per-step", "cached"):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = {
+        variant: run_in_subprocess(__file__, variant, threads=args.threads)
+        for variant in ("per-step", "cached")
+    }
     p, c = results["per-step"], results["cached"]
     print(
         f"Flow-DPO step, CPU ({args.threads} thread), tiny SD3 transformer ({p['transformer_params'] / 1e6:.2f}M) "

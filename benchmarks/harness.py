@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,3 +70,16 @@ def report(baseline: Timing, ours: Timing, *, unit: str = "s") -> str:
         f"speed-up (baseline / ours): {ratio:.3f}x",
     ]
     return "\n".join(lines)
+
+
+def run_in_subprocess(script: str, variant: str, *, threads: int | None = None) -> dict:
+    """Run ``script`` again with this command line plus ``--variant VARIANT`` in a fresh process (so each
+    variant's peak memory and thread pool are its own) and return the JSON its last output line holds."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, script, *sys.argv[1:], "--variant", variant]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
