@@ -38,6 +38,7 @@ __all__ = [
     "feature_statistics",
     "fid_from_features",
     "frechet_distance",
+    "load_fid_extractor",
     "load_inception_features",
     "toy_features",
     "toy_features_from_detections",
@@ -195,6 +196,36 @@ def load_inception_features(
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_fid_extractor(
+    weights: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> tuple[FeatureExtractor, dict[str, Any]]:
+    """The FID feature extractor a weights file implies, and a description of it for the report.
+
+    The standard ``inception-2015-12-05.pt`` TorchScript (or a folder holding it) gives clean-fid's
+    features (:mod:`flowalign.evals.clean_inception`), comparable with published FIDs; any other file is
+    read as torchvision Inception-v3 weights (:func:`load_inception_features`), comparable only between
+    runs of this tool. The description names the extractor, the file and its sha256.
+    """
+    from flowalign.evals.clean_inception import STANDARD_NAME, is_torchscript_archive, load_clean_inception
+    from flowalign.files import sha256_file
+
+    path = Path(weights)
+    standard = path.is_dir() or (path.is_file() and is_torchscript_archive(path))
+    if standard:
+        extractor: FeatureExtractor = load_clean_inception(path, device=device)
+        path = path / STANDARD_NAME if path.is_dir() else path
+        name = "clean-fid Inception-v3 (TF 2015-12-05 graph, PIL bicubic resize)"
+    else:
+        extractor = load_inception_features(path, device=device)
+        name = "torchvision Inception-v3 (bilinear resize; not comparable with published FIDs)"
+    return extractor, {
+        "extractor": name,
+        "weights": path.name,
+        "sha256": sha256_file(path),
+        "comparable_with_papers": standard,
+    }
 
 
 def toy_features(media: Tensor) -> Tensor:

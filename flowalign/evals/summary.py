@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from flowalign.evals import diversity, fid, metrics
+from flowalign.evals.kid import kernel_distance
 from flowalign.evals.prompt_sets import PromptSet, spread_indices
 from flowalign.evals.types import EvalOptions, Sample, digest, relative_path
 from flowalign.files import atomic_write_json
@@ -105,6 +106,7 @@ class _Extras:
         self.options, self.failures = options, failures
         self._lpips: Any = None
         self._inception: Any = None
+        self.inception_info: dict[str, Any] = {}
         self._reference: Tensor | None = None
         self._failed: set[str] = set()
 
@@ -131,7 +133,9 @@ class _Extras:
             try:
                 from flowalign.rewards.scoring import resolve_media
 
-                self._inception = fid.load_inception_features(opts.fid_weights, device=opts.device)
+                self._inception, self.inception_info = fid.load_fid_extractor(
+                    opts.fid_weights, device=opts.device
+                )
                 files = [i.file for i in resolve_media(opts.fid_reference)]
                 self._reference = _features(files, self._inception, opts)
             except (ValueError, OSError) as err:
@@ -205,8 +209,18 @@ def _fid(
     if pair is not None and len(samples) >= 2:
         extractor, reference = pair
         feats = _features([s.file for s in samples], extractor, options)
-        out["inception"] = {"fid": fid.fid_from_features(feats, reference), "n": len(samples),
-                            "n_reference": int(reference.shape[0])}  # fmt: skip
+        kid = kernel_distance(
+            feats, reference, subsets=options.kid_subsets, subset_size=options.kid_subset_size
+        )
+        out["inception"] = {
+            "fid": fid.fid_from_features(feats, reference),
+            "kid": kid.kid,
+            "kid_se": kid.se,
+            "kid_subset_size": kid.subset_size,
+            "n": len(samples),
+            "n_reference": int(reference.shape[0]),
+            **extras.inception_info,
+        }
     return out
 
 
