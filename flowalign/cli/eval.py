@@ -61,6 +61,10 @@ def eval_(
     fid_reference: Annotated[
         str | None, typer.Option(help="Reference media folder or manifest for FID/KID.")
     ] = None,
+    clip_fd_model: Annotated[
+        str | None,
+        typer.Option(help="CLIP model for CLIP-FD against --fid-reference (as the clip reward takes)."),
+    ] = None,
     lpips_weights: Annotated[
         Path | None, typer.Option(help="Local AlexNet weights for LPIPS diversity.")
     ] = None,
@@ -86,12 +90,24 @@ def eval_(
             fail("--rewards: give at least one reward name")
         specs = _model_specs(models, guidance_sweep, guidance_scale)
         options = _options(
-            steps, guidance_scale, weights, base, fid_weights, fid_reference, lpips_weights, device, dtype
+            steps,
+            guidance_scale,
+            weights,
+            base,
+            (fid_weights, fid_reference, clip_fd_model),
+            lpips_weights,
+            device,
+            dtype,
         )
         result = run_eval(
             specs, prompts if len(prompts) > 1 else prompts[0], reward_names, out_dir=out,
             samples_per_prompt=samples_per_prompt, seeds=seed_list, options=options,
         )  # fmt: skip
+    _report_outcome(result)
+
+
+def _report_outcome(result) -> None:
+    """Print the failures and the files; exit 1 when nothing was generated or scored."""
     for failure in result.failures:
         typer.echo(f"failed: {failure}", err=True)
     typer.echo(f"wrote {result.html_path} and {result.json_path}")
@@ -104,13 +120,15 @@ def eval_(
         )
 
 
-def _options(steps, guidance_scale, weights, base, fid_weights, fid_reference, lpips_weights, device, dtype):
-    """The :class:`EvalOptions` of the command line, its paths checked."""
+def _options(steps, guidance_scale, weights, base, distances, lpips_weights, device, dtype):
+    """The :class:`EvalOptions` of the command line, its paths checked; ``distances`` = (FID weights,
+    reference, CLIP-FD model)."""
     from flowalign.evals.types import EvalOptions
     from flowalign.pipelines.generate_files import GenerationSettings
 
-    if (fid_weights is None) != (fid_reference is None):
-        fail("--fid-weights and --fid-reference go together")
+    fid_weights, fid_reference, clip_fd_model = distances
+    if (fid_weights is not None or clip_fd_model is not None) != (fid_reference is not None):
+        fail("--fid-reference goes with --fid-weights or --clip-fd-model (and they need it)")
     for option, path in (("--fid-weights", fid_weights), ("--lpips-weights", lpips_weights)):
         if path is not None and not path.exists():
             fail(f"{option}: {path} does not exist")
@@ -121,6 +139,7 @@ def _options(steps, guidance_scale, weights, base, fid_weights, fid_reference, l
         base=base,
         fid_weights=str(fid_weights) if fid_weights else None,
         fid_reference=fid_reference,
+        clip_fd_model=clip_fd_model,
         lpips_weights=str(lpips_weights) if lpips_weights else None,
         device=torch_device,
         dtype=torch_dtype,

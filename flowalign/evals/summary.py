@@ -100,14 +100,13 @@ def _toy_vocab(is_video: bool) -> dict[str, tuple[str, ...]]:
 
 
 class _Extras:
-    """Optional networks (LPIPS, Inception + reference features), loaded once per evaluation."""
+    """Optional networks (LPIPS, Inception or CLIP + reference features), loaded once per evaluation."""
 
     def __init__(self, options: EvalOptions, failures: list) -> None:
         self.options, self.failures = options, failures
         self._lpips: Any = None
-        self._inception: Any = None
-        self.inception_info: dict[str, Any] = {}
-        self._reference: Tensor | None = None
+        self._references: dict[str, tuple[Any, Tensor]] = {}
+        self.extractor_info: dict[str, dict[str, Any]] = {}
         self._failed: set[str] = set()
 
     @property
@@ -125,24 +124,26 @@ class _Extras:
                 self._failed.add("lpips")
         return self._lpips
 
-    def inception_reference(self) -> tuple[Any, Tensor] | None:
+    def reference(self, kind: str) -> tuple[Any, Tensor] | None:
+        """(extractor, reference features) for ``"inception"`` (FID/KID) or ``"clip"`` (CLIP-FD), if configured."""
         opts = self.options
-        if not (opts.fid_weights and opts.fid_reference) or "fid" in self._failed:
+        spec = (
+            opts.fid_weights if kind == "inception" else (opts.clip_fd_model and f"clip:{opts.clip_fd_model}")
+        )
+        if not (spec and opts.fid_reference) or kind in self._failed:
             return None
-        if self._reference is None:
+        if kind not in self._references:
             try:
                 from flowalign.rewards.scoring import resolve_media
 
-                self._inception, self.inception_info = fid.load_fid_extractor(
-                    opts.fid_weights, device=opts.device
-                )
+                extractor, self.extractor_info[kind] = fid.load_fid_extractor(spec, device=opts.device)
                 files = [i.file for i in resolve_media(opts.fid_reference)]
-                self._reference = _features(files, self._inception, opts)
+                self._references[kind] = (extractor, _features(files, extractor, opts))
             except (ValueError, OSError) as err:
-                self.failures.append({"stage": "fid", "error": f"{type(err).__name__}: {err}"})
-                self._failed.add("fid")
+                self.failures.append({"stage": f"fid-{kind}", "error": f"{type(err).__name__}: {err}"})
+                self._failed.add(kind)
                 return None
-        return self._inception, self._reference
+        return self._references[kind]
 
 
 def _features(files: Sequence[Path], extractor, options: EvalOptions) -> Tensor:
@@ -205,22 +206,23 @@ def _fid(
             "floor": fid.fid_from_features(ref2, ref),
             "n": len(samples),
         }
-    pair = extras.inception_reference()
-    if pair is not None and len(samples) >= 2:
+    for kind in ("inception", "clip"):
+        pair = extras.reference(kind)
+        if pair is None or len(samples) < 2:
+            continue
         extractor, reference = pair
         feats = _features([s.file for s in samples], extractor, options)
-        kid = kernel_distance(
-            feats, reference, subsets=options.kid_subsets, subset_size=options.kid_subset_size
-        )
-        out["inception"] = {
+        entry = {
             "fid": fid.fid_from_features(feats, reference),
-            "kid": kid.kid,
-            "kid_se": kid.se,
-            "kid_subset_size": kid.subset_size,
             "n": len(samples),
             "n_reference": int(reference.shape[0]),
-            **extras.inception_info,
         }
+        if kind == "inception":
+            kid = kernel_distance(
+                feats, reference, subsets=options.kid_subsets, subset_size=options.kid_subset_size
+            )
+            entry |= {"kid": kid.kid, "kid_se": kid.se, "kid_subset_size": kid.subset_size}
+        out[kind] = entry | extras.extractor_info[kind]
     return out
 
 
