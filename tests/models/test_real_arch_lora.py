@@ -1,0 +1,210 @@
+"""The published SD3.5-M/-L, FLUX.1-dev/-schnell and Wan2.1-1.3B/-14B transformers, shrunk with every
+architectural switch kept, through the path a user takes: save -> load in bf16 -> generate -> two LoRA
+DPO steps -> LoRA export -> diffusers' own pipeline loads the file with ``load_lora_weights`` and gives
+our adapted model's output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, WanPipeline
+from torch import nn
+
+from flowalign.config import LoraConfig, OptimConfig, TrainConfig
+from flowalign.models import load_flow_model
+from flowalign.models.flux import pack_2x2
+from flowalign.models.lora import LORA_WEIGHT_NAME, adapters_disabled
+from flowalign.pipelines import FlowPipeline
+from flowalign.pipelines.generate_files import GenerationSettings, generate_files
+from flowalign.planning.architectures import get_architecture
+from flowalign.planning.shrink import DEPTH_KEYS, WIDTH_KEYS, save_shrunk_model, shrink_transformer
+from flowalign.training.loop import train
+from flowalign.training.runs import DPORun, prepare_dpo
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ARCHS = ["sd35m", "sd35l", "flux-dev", "flux-schnell", "wan-1.3b", "wan-14b"]
+PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "wan": WanPipeline}
+PROMPTS = ["a red cat", "a blue dog on the left"]
+SEQ = 16  # text tokens of the T5 / UMT5 encoders (the pipelines' max_sequence_length)
+FP32_EPS = 2.0**-23
+
+
+def _size(name: str) -> dict:
+    return dict(height=32, width=32, num_frames=5 if get_architecture(name).family == "wan" else 1)
+
+
+@pytest.fixture(scope="module")
+def arch_dir(tmp_path_factory):
+    """Factory: the saved pipeline folder of a shrunk published architecture (built once per module)."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = save_shrunk_model(name, tmp_path_factory.mktemp(name))
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def pairs_of(arch_dir, tmp_path_factory):
+    """Factory: pairs.jsonl of two samples per prompt made by ``generate_files`` from the bf16 model."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            model = load_flow_model(arch_dir(name), torch_dtype=torch.bfloat16)
+            model.max_sequence_length = SEQ
+            out = tmp_path_factory.mktemp(f"gen-{name}")
+            settings = GenerationSettings(
+                num_inference_steps=2, guidance_scale=2.0, samples_per_prompt=2, **_size(name)
+            )
+            rows = generate_files(model, PROMPTS, out, settings, batch_size=4, progress=False)
+            assert len(rows) == 4
+            with open(out / "pairs.jsonl", "w") as f:
+                for a, b in zip(rows[::2], rows[1::2], strict=True):
+                    f.write(
+                        json.dumps(
+                            {"prompt": a["prompt"], "path_A": a["file"], "path_B": b["file"], "label": "A"}
+                        )
+                        + "\n"
+                    )
+            made[name] = out / "pairs.jsonl"
+        return made[name]
+
+    return get
+
+
+def _dpo(name, model_dir, data, out, *, precision: str, lr: float):
+    run = DPORun(
+        model=str(model_dir),
+        data=str(data),
+        train=TrainConfig(
+            output_dir=out,
+            max_steps=2,
+            batch_size=2,
+            cpu=True,
+            mixed_precision=precision,
+            trackers=[],
+            log_every=1,
+            optim=OptimConfig(lr=lr, weight_decay=0.0),
+        ),
+        lora=LoraConfig(rank=4, alpha=8.0, export_merged=False),  # alpha != rank: the scale must travel
+    )
+    method, dataset = prepare_dpo(run)
+    method.model.max_sequence_length = SEQ
+    result = train(method, dataset, run.train, progress=False, run_config=run)
+    assert result.step == 2 and result.nan_skipped == 0
+    lora_dir = out / "final" / "lora"
+    assert (lora_dir / LORA_WEIGHT_NAME).is_file()
+    return method.model, lora_dir
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_shrunk_config_changes_only_sizes(name):
+    arch = get_architecture(name)
+    published, small = arch.transformer, shrink_transformer(name)
+    assert set(small) == set(published)
+    kept = {k for k in published if k not in DEPTH_KEYS + WIDTH_KEYS}
+    assert kept and all(small[k] == published[k] for k in kept)
+    assert small["num_attention_heads"] * small["attention_head_dim"] <= 64
+    if arch.family == "sd3":
+        assert small["qk_norm"] == "rms_norm"
+        dual = small.get("dual_attention_layers")
+        assert (dual is None) == (name == "sd35l")
+        if dual is not None:  # SD3.5-M mixes MMDiT-X (dual attention) blocks and plain ones
+            assert dual == [0] and small["num_layers"] == 2
+    if arch.family == "flux":
+        assert small["guidance_embeds"] is (name == "flux-dev")
+        assert sum(small["axes_dims_rope"]) == small["attention_head_dim"]
+    if arch.family == "wan":
+        assert small["cross_attn_norm"] and small["qk_norm"] == "rms_norm_across_heads"
+        ratio = published["ffn_dim"] / (published["num_attention_heads"] * published["attention_head_dim"])
+        assert abs(small["ffn_dim"] / 32 - ratio) <= 0.5 / 32  # the published ffn ratio, rounded
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_bf16_generate_dpo_export_and_diffusers_loads_the_lora(name, arch_dir, pairs_of, tmp_path):
+    family = get_architecture(name).family
+    model, lora_dir = _dpo(name, arch_dir(name), pairs_of(name), tmp_path / "run", precision="bf16", lr=1e-3)
+    assert model.transformer.config.num_layers == 2
+    pipe = PIPELINES[family].from_pretrained(str(arch_dir(name)), torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(lora_dir)
+    out = pipe(
+        PROMPTS[0], num_inference_steps=2, output_type="latent", max_sequence_length=SEQ, **_kwargs(name)
+    )
+    assert torch.isfinite(_latents(out).float()).all()
+
+
+def _kwargs(name: str) -> dict:
+    size = _size(name)
+    if get_architecture(name).family != "wan":
+        size.pop("num_frames")
+    return size
+
+
+def _latents(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else getattr(out, "images", getattr(out, "frames", None))
+
+
+def _sampling_bound(model, steps: int, v_max: float, x_max: float) -> float:
+    """Largest difference between two fp32 Euler samplers that differ only in rounding order.
+
+    Each step computes x + dt v: the product and the sum each round by a relative eps32 (2 eps32 |x|
+    with |dt| <= 1), and a time grid or timestep rounded differently, or a rounding carried in from the
+    last step, reaches the velocity through the transformer, where (as in tests/models/test_bf16.py) each
+    of its L parameterised layers rounds its output once more and its weights are exact: at most
+    (2L + 2) eps32 |v| for networks of near-isometric random layers. Summed over the steps.
+    """
+    layers = sum(isinstance(m, nn.Linear | nn.Conv2d | nn.Conv3d) for m in model.transformer.modules())
+    return steps * ((2 * layers + 2) * v_max + 2 * x_max) * FP32_EPS
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_fp32_lora_export_gives_diffusers_our_output(name, arch_dir, pairs_of, tmp_path):
+    """Two fp32 DPO steps, export, ``load_lora_weights`` into diffusers' pipeline: the same transformer
+    output bit for bit (the same peft layers with the same fp32 weights and scale alpha / r, run by the same
+    kernels; a wrong key, scale or missing module shows as the LoRA's whole effect), and the same samples up
+    to :func:`_sampling_bound` (diffusers' scheduler and our sampler round in different orders)."""
+    family = get_architecture(name).family
+    model, lora_dir = _dpo(name, arch_dir(name), pairs_of(name), tmp_path / "run", precision="no", lr=1e-2)
+    pipe = PIPELINES[family].from_pretrained(str(arch_dir(name)))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(lora_dir)
+    x = model.prepare_noise(2, generator=torch.Generator().manual_seed(0), **_size(name))
+    t = torch.tensor([0.8, 0.3])
+    with torch.no_grad():
+        cond, _ = model.encode_prompt(PROMPTS)
+        ours = model.velocity(x, t, cond)
+        theirs = model.velocity(x, t, cond, net=pipe.transformer)
+        with adapters_disabled(model.transformer):
+            base = model.velocity(x, t, cond)
+    assert torch.equal(ours, theirs), (ours - theirs).abs().max()
+    assert (ours - base).abs().max() > 1e-3  # the two steps moved the adapters
+
+    settings = dict(num_inference_steps=2, guidance_scale=2.0, **_kwargs(name))
+    ref = _latents(
+        pipe(
+            PROMPTS,
+            output_type="latent",
+            max_sequence_length=SEQ,
+            generator=torch.Generator().manual_seed(7),
+            **settings,
+        )
+    )
+    sample = FlowPipeline(model)
+    mine = sample(PROMPTS, generator=torch.Generator().manual_seed(7), **settings).latents
+    with adapters_disabled(model.transformer):
+        mine_base = sample(PROMPTS, generator=torch.Generator().manual_seed(7), **settings).latents
+    if family == "flux":  # FluxPipeline returns packed latents
+        mine, mine_base = pack_2x2(mine), pack_2x2(mine_base)
+    bound = _sampling_bound(
+        model, 2, ours.abs().max().item(), max(x.abs().max().item(), mine.abs().max().item())
+    )
+    diff, effect = (mine - ref).abs().max().item(), (mine - mine_base).abs().max().item()
+    print(f"{name}: sample diff {diff:.3g}, bound {bound:.3g}, LoRA effect {effect:.3g}")
+    assert diff <= bound < effect / 10, (diff, bound, effect)
