@@ -6,16 +6,18 @@ our adapted model's output."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, WanPipeline
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from flowalign.config import LoraConfig, OptimConfig, TrainConfig
 from flowalign.models import load_flow_model
 from flowalign.models.flux import pack_2x2
-from flowalign.models.lora import LORA_WEIGHT_NAME, adapters_disabled
+from flowalign.models.lora import LORA_WEIGHT_NAME, adapters_disabled, add_lora, save_lora
 from flowalign.pipelines import FlowPipeline
 from flowalign.pipelines.generate_files import GenerationSettings, generate_files
 from flowalign.planning.architectures import get_architecture
@@ -32,8 +34,32 @@ SEQ = 16  # text tokens of the T5 / UMT5 encoders (the pipelines' max_sequence_l
 FP32_EPS = 2.0**-23
 
 
-def _size(name: str) -> dict:
-    return dict(height=32, width=32, num_frames=5 if get_architecture(name).family == "wan" else 1)
+def _size(name: str, side: int = 32) -> dict:
+    return dict(height=side, width=side, num_frames=5 if get_architecture(name).family == "wan" else 1)
+
+
+def _kwargs(name: str, side: int = 32) -> dict:
+    """Size arguments of the family's diffusers pipeline (no num_frames for images)."""
+    size = _size(name, side)
+    if get_architecture(name).family != "wan":
+        size.pop("num_frames")
+    return size
+
+
+def _make_pairs(name: str, model_dir, out, side: int = 32):
+    """pairs.jsonl of two samples per prompt made by ``generate_files`` (``flowalign generate``) in bf16."""
+    model = load_flow_model(model_dir, torch_dtype=torch.bfloat16)
+    model.max_sequence_length = SEQ
+    settings = GenerationSettings(
+        num_inference_steps=2, guidance_scale=2.0, samples_per_prompt=2, **_size(name, side)
+    )
+    rows = generate_files(model, PROMPTS, out, settings, batch_size=4, progress=False)
+    assert len(rows) == 4
+    with open(out / "pairs.jsonl", "w") as f:
+        for a, b in zip(rows[::2], rows[1::2], strict=True):
+            row = {"prompt": a["prompt"], "path_A": a["file"], "path_B": b["file"], "label": "A"}
+            f.write(json.dumps(row) + "\n")
+    return out / "pairs.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -56,23 +82,7 @@ def pairs_of(arch_dir, tmp_path_factory):
 
     def get(name: str):
         if name not in made:
-            model = load_flow_model(arch_dir(name), torch_dtype=torch.bfloat16)
-            model.max_sequence_length = SEQ
-            out = tmp_path_factory.mktemp(f"gen-{name}")
-            settings = GenerationSettings(
-                num_inference_steps=2, guidance_scale=2.0, samples_per_prompt=2, **_size(name)
-            )
-            rows = generate_files(model, PROMPTS, out, settings, batch_size=4, progress=False)
-            assert len(rows) == 4
-            with open(out / "pairs.jsonl", "w") as f:
-                for a, b in zip(rows[::2], rows[1::2], strict=True):
-                    f.write(
-                        json.dumps(
-                            {"prompt": a["prompt"], "path_A": a["file"], "path_B": b["file"], "label": "A"}
-                        )
-                        + "\n"
-                    )
-            made[name] = out / "pairs.jsonl"
+            made[name] = _make_pairs(name, arch_dir(name), tmp_path_factory.mktemp(f"gen-{name}"))
         return made[name]
 
     return get
@@ -126,25 +136,28 @@ def test_shrunk_config_changes_only_sizes(name):
         assert abs(small["ffn_dim"] / 32 - ratio) <= 0.5 / 32  # the published ffn ratio, rounded
 
 
-@pytest.mark.parametrize("name", ARCHS)
-def test_bf16_generate_dpo_export_and_diffusers_loads_the_lora(name, arch_dir, pairs_of, tmp_path):
+def _check_bf16(name: str, model_dir, pairs, out, side: int = 32) -> None:
+    """Two bf16 LoRA DPO steps; diffusers' pipeline in bf16 loads the export and samples finite latents."""
     family = get_architecture(name).family
-    model, lora_dir = _dpo(name, arch_dir(name), pairs_of(name), tmp_path / "run", precision="bf16", lr=1e-3)
-    assert model.transformer.config.num_layers == 2
-    pipe = PIPELINES[family].from_pretrained(str(arch_dir(name)), torch_dtype=torch.bfloat16)
+    model, lora_dir = _dpo(name, model_dir, pairs, out, precision="bf16", lr=1e-3)
+    assert model.compute_dtype == torch.bfloat16
+    pipe = PIPELINES[family].from_pretrained(str(model_dir), torch_dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(lora_dir)
-    out = pipe(
-        PROMPTS[0], num_inference_steps=2, output_type="latent", max_sequence_length=SEQ, **_kwargs(name)
+    assert _adapted(pipe.transformer) == _adapted(model.transformer)
+    result = pipe(
+        PROMPTS[0],
+        num_inference_steps=2,
+        output_type="latent",
+        max_sequence_length=SEQ,
+        **_kwargs(name, side),
     )
-    assert torch.isfinite(_latents(out).float()).all()
+    assert torch.isfinite(_latents(result).float()).all()
 
 
-def _kwargs(name: str) -> dict:
-    size = _size(name)
-    if get_architecture(name).family != "wan":
-        size.pop("num_frames")
-    return size
+@pytest.mark.parametrize("name", ARCHS)
+def test_bf16_generate_dpo_export_and_diffusers_loads_the_lora(name, arch_dir, pairs_of, tmp_path):
+    _check_bf16(name, arch_dir(name), pairs_of(name), tmp_path / "run")
 
 
 def _latents(out) -> torch.Tensor:
@@ -164,18 +177,17 @@ def _sampling_bound(model, steps: int, v_max: float, x_max: float) -> float:
     return steps * ((2 * layers + 2) * v_max + 2 * x_max) * FP32_EPS
 
 
-@pytest.mark.parametrize("name", ARCHS)
-def test_fp32_lora_export_gives_diffusers_our_output(name, arch_dir, pairs_of, tmp_path):
+def _check_fp32(name: str, model_dir, pairs, out, side: int = 32) -> None:
     """Two fp32 DPO steps, export, ``load_lora_weights`` into diffusers' pipeline: the same transformer
     output bit for bit (the same peft layers with the same fp32 weights and scale alpha / r, run by the same
     kernels; a wrong key, scale or missing module shows as the LoRA's whole effect), and the same samples up
     to :func:`_sampling_bound` (diffusers' scheduler and our sampler round in different orders)."""
     family = get_architecture(name).family
-    model, lora_dir = _dpo(name, arch_dir(name), pairs_of(name), tmp_path / "run", precision="no", lr=1e-2)
-    pipe = PIPELINES[family].from_pretrained(str(arch_dir(name)))
+    model, lora_dir = _dpo(name, model_dir, pairs, out, precision="no", lr=1e-2)
+    pipe = PIPELINES[family].from_pretrained(str(model_dir))
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(lora_dir)
-    x = model.prepare_noise(2, generator=torch.Generator().manual_seed(0), **_size(name))
+    x = model.prepare_noise(2, generator=torch.Generator().manual_seed(0), **_size(name, side))
     t = torch.tensor([0.8, 0.3])
     with torch.no_grad():
         cond, _ = model.encode_prompt(PROMPTS)
@@ -186,7 +198,7 @@ def test_fp32_lora_export_gives_diffusers_our_output(name, arch_dir, pairs_of, t
     assert torch.equal(ours, theirs), (ours - theirs).abs().max()
     assert (ours - base).abs().max() > 1e-3  # the two steps moved the adapters
 
-    settings = dict(num_inference_steps=2, guidance_scale=2.0, **_kwargs(name))
+    settings = dict(num_inference_steps=2, guidance_scale=2.0, **_kwargs(name, side))
     ref = _latents(
         pipe(
             PROMPTS,
@@ -208,3 +220,61 @@ def test_fp32_lora_export_gives_diffusers_our_output(name, arch_dir, pairs_of, t
     diff, effect = (mine - ref).abs().max().item(), (mine - mine_base).abs().max().item()
     print(f"{name}: sample diff {diff:.3g}, bound {bound:.3g}, LoRA effect {effect:.3g}")
     assert diff <= bound < effect / 10, (diff, bound, effect)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_fp32_lora_export_gives_diffusers_our_output(name, arch_dir, pairs_of, tmp_path):
+    _check_fp32(name, arch_dir(name), pairs_of(name), tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ARCHS)
+def test_wider_deeper_shrink_through_the_whole_path(name, tmp_path):
+    """The fuller version: 4 blocks (and 4 FLUX single blocks) of 4 heads, 64x64 (Wan 5 x 64 x 64)."""
+    model_dir = save_shrunk_model(name, tmp_path / "model", layers=4, single_layers=4, heads=4)
+    pairs = _make_pairs(name, model_dir, tmp_path / "gen", side=64)
+    _check_bf16(name, model_dir, pairs, tmp_path / "bf16", side=64)
+    _check_fp32(name, model_dir, pairs, tmp_path / "fp32", side=64)
+
+
+def _linear_names(net: nn.Module) -> list[str]:
+    """Every Linear layer's name inside its block (``attn.to_q``) or at the top (``proj_out``)."""
+    return sorted({re.sub(r"^.*?\.\d+\.", "", n) for n, m in net.named_modules() if isinstance(m, nn.Linear)})
+
+
+def _adapted(net: nn.Module) -> set[str]:
+    return {n for n, m in net.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_lora_on_every_linear_layer_round_trips_through_load_lora_weights(name, arch_dir, tmp_path):
+    """LoRA on every Linear of the transformer (embedders, modulation, FFNs, context projections, the
+    guidance embedder of FLUX.1-dev): diffusers adapts exactly the same modules and gives the same output
+    bit for bit (the argument of the fp32 test above)."""
+    model = load_flow_model(arch_dir(name))
+    model.max_sequence_length = SEQ
+    linears = {n for n, m in model.transformer.named_modules() if isinstance(m, nn.Linear)}
+    add_lora(
+        model.transformer, LoraConfig(rank=4, alpha=2.0, target_modules=_linear_names(model.transformer))
+    )
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.transformer.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    save_lora(model.transformer, tmp_path)
+    pipe = PIPELINES[get_architecture(name).family].from_pretrained(str(arch_dir(name)))
+    pipe.load_lora_weights(tmp_path)
+    ours = _adapted(model.transformer)
+    assert ours == _adapted(pipe.transformer)
+    assert ours == linears  # every Linear layer, none missed
+    x = model.prepare_noise(2, generator=torch.Generator().manual_seed(0), **_size(name))
+    t = torch.tensor([0.8, 0.3])
+    with torch.no_grad():
+        cond, _ = model.encode_prompt(PROMPTS)
+        ours_v = model.velocity(x, t, cond)
+        theirs = model.velocity(x, t, cond, net=pipe.transformer)
+        with adapters_disabled(model.transformer):
+            base = model.velocity(x, t, cond)
+    assert torch.equal(ours_v, theirs), (ours_v - theirs).abs().max()
+    assert (ours_v - base).abs().max() > 1e-2
