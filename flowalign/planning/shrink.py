@@ -8,9 +8,9 @@
   still mixes them;
 - width: ``num_attention_heads`` and ``attention_head_dim``, with everything tied to them (SD3's
   ``caption_projection_dim`` = heads x head dim, FLUX's rotary ``axes_dims_rope`` scaled to sum to the head
-  dim, Wan's ``ffn_dim`` at the published ratio to the hidden size, Wan's ``image_dim`` / ``added_kv_proj_dim``
-  when present); the text widths (``joint_attention_dim``, ``pooled_projection_dim``, ``text_dim``) become
-  those of the tiny text encoders; SD3's position table and sample size shrink 8x.
+  dim, Wan's ``ffn_dim`` at the published ratio to the hidden size); the text widths
+  (``joint_attention_dim``, ``pooled_projection_dim``, ``text_dim``) become those of the tiny text
+  encoders; SD3's position table and sample size shrink 8x.
 
 Every other key (``qk_norm``, ``guidance_embeds``, ``cross_attn_norm``, ``patch_size``, channels, ``eps``,
 rope lengths, ...) is copied unchanged. :func:`shrunk_pipeline` puts the shrunk transformer into a pipeline
@@ -39,8 +39,6 @@ WIDTH_KEYS = (
     "axes_dims_rope",
     "ffn_dim",
     "text_dim",
-    "image_dim",
-    "added_kv_proj_dim",
     "pos_embed_max_size",
     "sample_size",
 )
@@ -56,9 +54,8 @@ def _dual_layers(published: list[int], layers: int, published_layers: int) -> li
     if not published:
         return []
     n = round(len(published) * layers / published_layers)
-    lo = 1
-    hi = layers - 1 if len(published) < published_layers else layers
-    return list(range(max(lo, min(n, hi))))
+    most = layers - 1 if len(published) < published_layers else layers
+    return list(range(max(1, min(n, most))))
 
 
 def _scaled_axes(axes: list[int], head_dim: int, published_head_dim: int) -> list[int]:
@@ -117,11 +114,6 @@ def shrink_transformer(
     else:  # wan
         published_hidden = pub["num_attention_heads"] * pub["attention_head_dim"]
         out.update(ffn_dim=round(pub["ffn_dim"] * hidden / published_hidden), text_dim=text_dim)
-        for key in ("image_dim", "added_kv_proj_dim"):
-            if pub.get(key):
-                out[key] = max(8, pub[key] * hidden // published_hidden)
-    changed = [k for k in out if out[k] != pub.get(k) and k not in DEPTH_KEYS + WIDTH_KEYS]
-    assert not changed, changed  # only sizes change
     return out
 
 
@@ -134,14 +126,12 @@ def shrunk_pipeline(name: str, *, seed: int = 0, **sizes: Any):
     from flowalign.models import tiny
 
     family = get_architecture(name).family
-    base = tiny.TINY_BUILDERS[family](seed, **({"guidance_embeds": False} if family == "flux" else {}))
+    base = tiny.TINY_BUILDERS[family](seed)  # every component but the transformer is kept
     tc = base.transformer.config
-    if family == "sd3":
-        dims = {"text_dim": tc.joint_attention_dim, "pooled_dim": tc.pooled_projection_dim}
-    elif family == "flux":
-        dims = {"text_dim": tc.joint_attention_dim, "pooled_dim": tc.pooled_projection_dim}
-    else:
+    if family == "wan":
         dims = {"text_dim": tc.text_dim}
+    else:
+        dims = {"text_dim": tc.joint_attention_dim, "pooled_dim": tc.pooled_projection_dim}
     config = shrink_transformer(name, **dims, **sizes)
     cls = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel, "wan": WanTransformer3DModel}[family]
     torch.manual_seed(seed + 1)

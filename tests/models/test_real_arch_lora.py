@@ -156,6 +156,17 @@ def _check_bf16(name: str, model_dir, pairs, out, side: int = 32) -> None:
     assert torch.isfinite(_latents(result).float()).all()
 
 
+def test_shrink_refuses_sizes_the_architecture_cannot_take():
+    with pytest.raises(ValueError, match=r"scales the rotary axes \[16, 56, 56\] to \[3, 10, 10\]"):
+        shrink_transformer("flux-dev", head_dim=24)  # each rotary axis must stay even
+    with pytest.raises(ValueError, match="unknown model 'sd4'"):
+        shrink_transformer("sd4")
+    with pytest.raises(ValueError, match="must be >= 1"):
+        shrink_transformer("wan-1.3b", layers=0)
+    assert shrink_transformer("sd35m", layers=4)["dual_attention_layers"] == [0, 1]  # 13 of 24 -> 2 of 4
+    assert shrink_transformer("sd35m", layers=24)["dual_attention_layers"] == list(range(13))
+
+
 @pytest.mark.parametrize("name", ARCHS)
 def test_bf16_generate_dpo_export_and_diffusers_loads_the_lora(name, arch_dir, pairs_of, tmp_path):
     _check_bf16(name, arch_dir(name), pairs_of(name), tmp_path / "run")
