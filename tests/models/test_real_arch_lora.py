@@ -13,7 +13,9 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, WanPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from typer.testing import CliRunner
 
+from flowalign.cli import app
 from flowalign.config import LoraConfig, OptimConfig, TrainConfig
 from flowalign.models import load_flow_model
 from flowalign.models.flux import pack_2x2
@@ -23,7 +25,6 @@ from flowalign.pipelines.generate_files import GenerationSettings, generate_file
 from flowalign.planning.architectures import get_architecture
 from flowalign.planning.shrink import DEPTH_KEYS, WIDTH_KEYS, save_shrunk_model, shrink_transformer
 from flowalign.training.loop import train
-from flowalign.training.lora_comfyui import convert_wan_lora_to_comfyui
 from flowalign.training.runs import DPORun, prepare_dpo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -209,9 +210,13 @@ def _check_fp32(name: str, model_dir, pairs, out, side: int = 32) -> None:
             base = model.velocity(x, t, cond)
     assert torch.equal(ours, theirs), (ours - theirs).abs().max()
     assert (ours - base).abs().max() > 1e-3  # the two steps moved the adapters
-    if family == "wan":  # the ComfyUI export (original Wan key layout, alpha / r folded into B) too:
+    if (
+        family == "wan"
+    ):  # `flowalign lora-comfyui` (original Wan key layout (original Wan key layout, alpha / r folded into B) too:
         # alpha / r = 2 scales exactly in binary floating point, so (x A)(2 B) rounds as 2 ((x A) B)
-        comfy = convert_wan_lora_to_comfyui(lora_dir, out / "comfyui.safetensors")
+        comfy = out / "comfyui.safetensors"
+        result = CliRunner().invoke(app, ["lora-comfyui", str(lora_dir), "--out", str(comfy)])
+        assert result.exit_code == 0 and comfy.is_file(), result.output
         other = WanPipeline.from_pretrained(str(model_dir))
         other.load_lora_weights(str(comfy.parent), weight_name=comfy.name)
         with torch.no_grad():
