@@ -67,6 +67,10 @@ class OneStepToySettings:
     eval_seed: int = 1000
     teacher_steps: int = 20
     """Euler steps of the teacher baseline."""
+    regression_steps: int = 0
+    """Generator-only regression steps on teacher ODE outputs before distillation (added to ``steps``)."""
+    regression_teacher_steps: int = 8
+    """Euler steps of the teacher ODE giving the regression targets."""
     seed: int = 0
     threads: int = 1
 
@@ -85,7 +89,7 @@ def _train_config(out_dir: Path, s: OneStepToySettings, *, checkpoint_every: int
     return TrainConfig(
         output_dir=out_dir,
         seed=s.seed,
-        max_steps=s.steps,
+        max_steps=s.steps + s.regression_steps,
         batch_size=s.batch_size,
         grad_clip=1.0,
         log_every=1,
@@ -136,6 +140,8 @@ def distill_toy(
             schedule=s.generator_schedule,
         ),
         t_power=s.t_power,
+        regression_steps=s.regression_steps,
+        regression_teacher_steps=s.regression_teacher_steps,
         critic_optim=OptimConfig(lr=s.critic_lr, betas=(0.0, 0.999), weight_decay=0.0),
     )
     if isinstance(cfg, DistarConfig):
@@ -445,7 +451,7 @@ def one_step_demo(
         {"fdistill", "divergences", "distar": each experiment's result, "text": the three tables}.
     """
     s = settings or OneStepToySettings()
-    ds = distar_settings or replace(s, steps=100, generator_lr=1e-4)
+    ds = distar_settings or replace(s, steps=100, generator_lr=1e-4, regression_steps=0)
     out_dir = Path(out_dir)
     teacher_dir = _teacher_dir(teacher_dir)
     baseline = teacher_baseline(teacher_dir, s)
