@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flowalign import flow
 from flowalign.models.base import PromptEmbeds
 
 __all__ = ["regression_loss", "teacher_ode_x0"]
@@ -53,8 +54,11 @@ def regression_loss(method, batch: dict, ctx) -> tuple[Tensor, dict[str, Tensor]
     shape = method.teacher.latent_shape(len(ids), method.height, method.width, method.num_frames)
     z = ctx.randn(shape[1:], ids, key="regression/z").to(ctx.device)
     target = teacher_ode_x0(method, z, cond, uncond, method.common.regression_teacher_steps)
-    from flowalign.training.methods.onestep_common import generate_x0
-
-    x = generate_x0(method.teacher, ctx.module("generator"), z, cond, guidance=method.embedded_guidance)
+    # the generator's one call at t = 1 (as ``onestep_common.generate_x0``): x = z - v_G(z, 1, c)
+    t_one = torch.ones(z.shape[0], device=z.device, dtype=torch.float32)
+    v = method.teacher.velocity(
+        z, t_one, cond, guidance=method.embedded_guidance, net=ctx.module("generator")
+    )
+    x = flow.x0_from_velocity(z, v, t_one)
     loss = (x - target.to(x.dtype)).pow(2).flatten(1).mean(dim=1)
     return loss, {"regression_loss": loss.detach().mean()}
