@@ -3,7 +3,7 @@
 Hardened oracles, 256 held-out prompts at seeds 1000 + i, f-distill (JS) at ``OneStepToySettings()``
 (200 steps of 32, training seed 0). Each measured mean is pinned within 3 of its sample standard errors
 (the run is seeded, so a rerun differs from the table only through floating-point order on other
-machines). Slow: the teacher's 20-step evaluation plus two 200-step distillations, ~10 CPU-min.
+machines). Slow: the teacher's 20-step evaluation, two 200-step distillations and a 100-step DI* run, ~12 CPU-min.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 TEACHER = {"ta": (0.829, 0.013), "vq": (0.700, 0.014)}
 STUDENT_T_POWER_10 = {"ta": (0.803, 0.013), "vq": (0.539, 0.013)}
 STUDENT_T_POWER_1 = {"ta": (0.611, 0.011), "vq": (0.368, 0.007)}
+DISTAR_FROM_STUDENT = {"ta": (0.846, 0.013), "vq": (0.415, 0.016)}
 
 
 def _check(scores: dict, pinned: dict) -> None:
@@ -49,16 +50,33 @@ def test_teacher_scores_under_the_hardened_oracles():
     _check(teacher_baseline(None, OneStepToySettings()).scores, TEACHER)
 
 
-def test_low_noise_time_distribution_is_what_makes_the_student_clean(tmp_path):
-    torch.set_num_threads(1)
+def test_low_noise_time_distribution_is_what_makes_the_student_clean(tmp_path, default_student):
     s = OneStepToySettings()
     assert s.t_power == 10.0
-    best = _student(tmp_path / "p10", s)
+    best = default_student[1]
     _check(best, STUDENT_T_POWER_10)
-    uniform = _student(tmp_path / "p1", replace(s, t_power=1.0))
+    _, uniform = _student(tmp_path / "p1", replace(s, t_power=1.0))
     _check(uniform, STUDENT_T_POWER_1)
     # the finding itself: p = 10 beats uniform times on both scores by far more than the noise
     for key in ("ta", "vq"):
         gap = sample_mean(best[key]) - sample_mean(uniform[key])
         se = (standard_error(best[key]) ** 2 + standard_error(uniform[key]) ** 2) ** 0.5
         assert gap > 3 * se, (key, gap, se)
+
+
+def test_distar_from_the_default_student(tmp_path, default_student):
+    """DI* as ``one_step_demo`` runs it (100 steps, lr 1e-4, score regulariser, classifier reward x 100)."""
+    from flowalign.rewards.toy_classifier import load_toy_classifier
+    from flowalign.training.methods.distar import DistarConfig
+
+    s = replace(OneStepToySettings(), steps=100, generator_lr=1e-4, regression_steps=0)
+    cfg = DistarConfig(
+        reward="toy_classifier",
+        reward_scale=100.0,
+        alpha=1.0,
+        regularizer="score",
+        generator_init=default_student[0],
+        critic_warmup_steps=10,
+    )
+    model, _ = distill_toy(None, tmp_path / "distar", cfg, s, reward=load_toy_classifier())
+    _check(evaluate_one_step(model, s).scores, DISTAR_FROM_STUDENT)
