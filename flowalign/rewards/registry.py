@@ -41,6 +41,7 @@ _BUILTIN: dict[str, str] = {
     "toy": "flowalign.rewards.toy:load_toy",
     "toy_classifier": "flowalign.rewards.toy_classifier:load_toy_classifier",
     "videoreward": "flowalign.rewards.videoreward:load_videoreward",
+    "vlm_judge": "flowalign.rewards.vlm_judge:load_vlm_judge",
 }
 _REGISTRY: dict[str, RewardLoader] = {}
 
