@@ -39,14 +39,31 @@ def _phrase_pairs(count: int, seed: int) -> list[tuple[str, str]]:
     return pairs
 
 
-def _render(text: str, size: tuple[int, int] = (256, 48)) -> torch.Tensor:
-    """Black text on white, centred, as a float image [3, H, W] on the 1/255 grid."""
-    image = Image.new("RGB", size, "white")
-    font = ImageFont.load_default(size=24)
+def _render(text: str, style: int | None = None, size: tuple[int, int] = (256, 48)) -> torch.Tensor:
+    """``text`` centred on a plain image, as a float image [3, H, W] on the 1/255 grid.
+
+    ``style=None``: black on white, 24 px. A seed instead draws a varied look: light-on-dark or
+    dark-on-light colours (at least 110/255 apart in every channel), a size of 20-28 px, an offset of up to
+    8 px from the centre, and Gaussian pixel noise of standard deviation 0.04.
+    """
+    rng = random.Random(style)
+    if style is None:
+        paper, ink, points, shift, noise = (255, 255, 255), (0, 0, 0), 24, (0, 0), 0.0
+    else:
+        light = tuple(rng.randint(170, 255) for _ in range(3))
+        dark = tuple(rng.randint(0, 60) for _ in range(3))
+        paper, ink = (light, dark) if rng.random() < 0.7 else (dark, light)
+        points, shift, noise = rng.randint(20, 28), (rng.randint(-8, 8), rng.randint(-4, 4)), 0.04
+    image = Image.new("RGB", size, paper)
+    font = ImageFont.load_default(size=points)
     left, top, right, bottom = font.getbbox(text)
-    xy = ((size[0] - (right - left)) / 2 - left, (size[1] - (bottom - top)) / 2 - top)
-    ImageDraw.Draw(image).text(xy, text, fill="black", font=font)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+    xy = ((size[0] - (right - left)) / 2 - left + shift[0], (size[1] - (bottom - top)) / 2 - top + shift[1])
+    ImageDraw.Draw(image).text(xy, text, fill=ink, font=font)
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+    if noise:
+        gen = torch.Generator().manual_seed(rng.randrange(2**31))
+        pixels = pixels + noise * torch.randn(pixels.shape, generator=gen)
+    return (pixels.clamp(0, 1) * 255).round() / 255
 
 
 def _prompt(text: str) -> str:
@@ -85,9 +102,10 @@ def ocr():
 def _accuracy(reward, pairs: list[tuple[str, str]]) -> float:
     """Share of pairs where the image of the prompt's text outscores the image of the other text.
 
-    Pair k's two phrases are rendered once each; phrase a's prompt scores both images, and so does b's.
+    Pair k's two phrases are rendered once each, every image in its own style (``_render``); phrase a's
+    prompt scores both images of the pair, and so does b's.
     """
-    images = torch.stack([_render(text) for pair in pairs for text in pair])  # a0, b0, a1, b1, ...
+    images = torch.stack([_render(t, style=i) for i, t in enumerate(t for pair in pairs for t in pair)])
     read = reward.recognise(images)
     wins = []
     for k, (a, b) in enumerate(pairs):

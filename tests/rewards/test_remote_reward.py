@@ -242,3 +242,19 @@ def test_bad_item_is_refused_naming_it(serve) -> None:
     assert json.loads(err.value.read())["item"] == 1
     with pytest.raises(RewardInputError, match="needs one prompt per media item"):
         load_reward("remote", url=server.url).score(torch.zeros(1, 3, 4, 4))
+
+
+def test_serve_reward_command_refuses_bad_input() -> None:
+    from typer.testing import CliRunner
+
+    from flowalign.cli import app
+
+    for args, message in (
+        (["no-such-reward"], "unknown reward 'no-such-reward'"),
+        (["remote:url=http://127.0.0.1:1"], "serve the reward itself"),
+        (["rt-bright", "--plugin", "no_such_module_here"], "--plugin no_such_module_here: cannot import it"),
+        (["rt-bright", "--port", "70000"], "--port"),
+    ):
+        res = CliRunner().invoke(app, ["serve-reward", *args, "--device", "cpu"])
+        assert res.exit_code == 2, res.output
+        assert message in res.output
