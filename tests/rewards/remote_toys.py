@@ -3,7 +3,7 @@
 ``rt-bright``: per-channel means mixed with weights from the prompt's length (dimensions ``bright``,
 ``warm``), an image reward. ``rt-count``: the share of pixels above a threshold named by the prompt's
 word count (dimension ``lit``), native on images and videos. Both take ``delay`` (seconds of sleep per
-batch) so a test can stop a server half-way through a run.
+batch) so a test can stop a server half-way through a run; ``rt-bright`` fails on the prompt ``boom``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ class BrightReward(RewardModel):
 
     def _score_images(self, images: Tensor, prompts: list[str] | None) -> dict[str, Tensor]:
         time.sleep(self.delay)
+        if "boom" in prompts:
+            raise RuntimeError("the prompt 'boom' breaks this reward")
         means = images.mean(dim=(2, 3))  # [N, 3]
         length = torch.tensor([len(p) for p in prompts], dtype=images.dtype) / 7
         return {"bright": means.mean(dim=1) * length, "warm": means[:, 0] - means[:, 2] + length}

@@ -258,3 +258,16 @@ def test_serve_reward_command_refuses_bad_input() -> None:
         res = CliRunner().invoke(app, ["serve-reward", *args, "--device", "cpu"])
         assert res.exit_code == 2, res.output
         assert message in res.output
+
+
+def test_a_failing_reward_is_reported_at_once_and_the_server_stays_up(serve) -> None:
+    server = serve("rt-bright")
+    client = load_reward("remote", url=server.url, backoff=30.0)  # a retry would wait 30 s
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    start = time.monotonic()
+    with pytest.raises(
+        RemoteRewardError, match=r"HTTP 500: RuntimeError: the prompt 'boom' breaks this reward"
+    ):
+        client.score(images, ["a fox", "boom"])
+    assert time.monotonic() - start < 10
+    assert client.score(images, ["a fox", "a dog"])["bright"].shape == (2,)
