@@ -71,23 +71,37 @@ class PromptEmbeds:
         embeds: token embeddings ``[B, L, D]``.
         pooled: pooled embeddings ``[B, D_pooled]`` (SD3, FLUX).
         text_ids: FLUX text position ids ``[L, 3]`` (shared by the batch, not batched).
+        mask: ``[B, L]``, 1 on real tokens, for families whose transformer masks padding
+            (HunyuanVideo 1.5, LTX-2); None means every token counts.
+        embeds_2: a second encoder's tokens ``[B, L2, D2]`` kept apart from ``embeds`` (HunyuanVideo
+            1.5's ByT5 glyph encoder), with its token mask ``mask_2`` ``[B, L2]``.
     """
 
     embeds: Tensor
     pooled: Tensor | None = None
     text_ids: Tensor | None = None
+    mask: Tensor | None = None
+    embeds_2: Tensor | None = None
+    mask_2: Tensor | None = None
+
+    _BATCHED = ("embeds", "pooled", "mask", "embeds_2", "mask_2")
+    """The fields with a batch axis (``text_ids`` is shared by the batch)."""
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
     def _map_batched(self, fn) -> PromptEmbeds:
-        return replace(self, embeds=fn(self.embeds), pooled=None if self.pooled is None else fn(self.pooled))
+        values = {name: getattr(self, name) for name in self._BATCHED}
+        return replace(self, **{k: None if v is None else fn(v) for k, v in values.items()})
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PromptEmbeds:
+        """Move every field; ``dtype`` applies to the floating ones (an integer or bool mask keeps its dtype)."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = None if value is None else value.to(device=device, dtype=dtype)
+            if value is not None:
+                value = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+            out[f.name] = value
         return PromptEmbeds(**out)
 
     def index(self, idx: Tensor | slice | list[int]) -> PromptEmbeds:
@@ -105,10 +119,11 @@ class PromptEmbeds:
         lengths = {item.embeds.shape[1] for item in items}
         if len(lengths) != 1:
             raise ValueError(f"cannot batch prompt embeddings of different lengths {sorted(lengths)}")
-        pooled = None if first.pooled is None else torch.cat([item.pooled for item in items])
-        return PromptEmbeds(
-            embeds=torch.cat([item.embeds for item in items]), pooled=pooled, text_ids=first.text_ids
-        )
+        batched = {
+            name: None if getattr(first, name) is None else torch.cat([getattr(item, name) for item in items])
+            for name in PromptEmbeds._BATCHED
+        }
+        return PromptEmbeds(text_ids=first.text_ids, **batched)
 
 
 class FlowModel(ABC):
