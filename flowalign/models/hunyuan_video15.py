@@ -35,6 +35,7 @@ class HunyuanVideo15Model(FlowModel):
     default_height = 480
     default_width = 848
     default_num_frames = 121
+    block_media_index = 0  # its blocks return (video tokens, text or audio tokens)
 
     def __init__(self, pipe: HunyuanVideo15Pipeline, *, compute_dtype: torch.dtype | None = None):
         super().__init__(pipe, compute_dtype=compute_dtype)
@@ -90,15 +91,20 @@ class HunyuanVideo15Model(FlowModel):
     def encode_media(self, media: Tensor, *, generator=None) -> Tensor:
         vae = self.pipe.vae
         video = (media * 2 - 1).permute(0, 2, 1, 3, 4).to(vae.dtype)  # [B, T, 3, H, W] -> [B, 3, T, H, W]
-        dist = vae.encode(video).latent_dist
-        z = at_least_fp32(dist.sample(generator) if generator is not None else dist.mode())
+
+        def encode_one(v: Tensor) -> Tensor:
+            dist = vae.encode(v).latent_dist
+            return dist.sample(generator) if generator is not None else dist.mode()
+
+        # one video at a time, as in decode_latents
+        z = at_least_fp32(torch.cat([encode_one(video[i : i + 1]) for i in range(len(video))]))
         return z * vae.config.scaling_factor
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         vae = self.pipe.vae
         z = latents.to(vae.dtype) / vae.config.scaling_factor
         # One video at a time: the VAE's causal attention mask broadcasts wrongly for batches > 1
-        # (diffusers 0.42); each video's decode is independent, so the result is the same.
+        # (diffusers 0.42, encoder and decoder); each video's pass is independent, so the result is the same.
         video = torch.cat([vae.decode(z[i : i + 1], return_dict=False)[0] for i in range(len(z))])
         video = at_least_fp32(video)  # [B, 3, T, H, W] in [-1, 1]
         return (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)

@@ -65,6 +65,7 @@ class LTX2Model(FlowModel):
     default_height = 512
     default_width = 768
     default_num_frames = 121
+    block_media_index = 0  # its blocks return (video tokens, text or audio tokens)
     optional_components = ("processor", "prompt_enhancer", "duration_head")
     max_sequence_length = 1024
     frame_rate = 24.0
