@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from flowalign.planning.architectures import ARCHITECTURES
+from flowalign.planning.architectures_video import VIDEO_HUB_IDS
 from flowalign.planning.memory import GIB, STRATEGIES, Plan, Recipe, plan, suggest
 from flowalign.validation import check_number, load_yaml_bounded, short_repr
 
@@ -44,6 +45,7 @@ _HUB_IDS = {
     "black-forest-labs/FLUX.1-schnell": "flux-schnell",
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan-1.3b",
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan-14b",
+    **VIDEO_HUB_IDS,
 }
 _COMPARE = ("num_layers", "num_attention_heads", "attention_head_dim", "num_single_layers", "ffn_dim")
 
