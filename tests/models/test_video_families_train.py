@@ -1,11 +1,12 @@
 """HunyuanVideo 1.5 and LTX-2: `train dpo` (LoRA) and `train fdistill` on tiny models, and what they export
 loads into the family's own diffusers pipeline with the same output.
 
-- DPO (LoRA): the exported ``final/lora`` loads into the family's pipeline (LTX-2: ``load_lora_weights``;
+- DPO and RWR (LoRA): the exported ``final/lora`` loads into the family's pipeline (LTX-2: ``load_lora_weights``;
   HunyuanVideo 1.5's pipeline has no LoRA loader, so the transformer's ``load_lora_adapter``); its
   samples equal flowalign's samples of the merged ``final`` model (fp32, <= 1e-4; merged W + s B A
   against the unmerged branch differs by rounding only).
-- f-distill: the exported one-step generator ``final`` loads with the pipeline's ``from_pretrained``;
+- SFT (full transformer): the saved folder loads with the pipeline's ``from_pretrained``, same samples.
+- f-distill and DI* (data-free, mean-pixel reward): the exported one-step generator ``final`` loads with the pipeline's ``from_pretrained``;
   the pipeline with one step (t from 1 to 0: x0 = z - v(z, 1)) equals flowalign's one-step sample.
 
 LTX-2 samples on the pipeline side run with modality isolation and plain CFG (see test_video_families_match).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler
+from stand_ins import registered_mean_pixel
 from test_video_families_match import LTX_PLAIN_CFG, isolated
 from typer.testing import CliRunner
 
@@ -98,17 +100,22 @@ def _load_lora(pipe, family, folder):
         pipe.transformer.load_lora_adapter(str(folder), prefix="transformer", weight_name=LORA_WEIGHT_NAME)
 
 
+@pytest.mark.parametrize("method", ["dpo", "rwr"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_dpo_lora_loads_into_the_family_pipeline(tiny_model_dir, pairs_dir, tmp_path, monkeypatch, family):
+def test_lora_loads_into_the_family_pipeline(
+    tiny_model_dir, pairs_dir, tmp_path, monkeypatch, family, method
+):
+    """Flow-DPO on the pairs, Flow-RWR on the scored candidates; both export a LoRA and the merged model."""
     base_dir = tiny_model_dir(family)
+    data = pairs_dir(family) / ("pairs.jsonl" if method == "dpo" else "candidates.jsonl")
     res = runner.invoke(
         app,
-        ["train", "dpo", "--model", str(base_dir), "--data", str(pairs_dir(family) / "pairs.jsonl")]
-        + ["--out", str(tmp_path / "dpo"), "--steps", "2", *COMMON]
+        ["train", method, "--model", str(base_dir), "--data", str(data)]
+        + ["--out", str(tmp_path / method), "--steps", "2", *COMMON]
         + ["--set", "lora.rank=4", "--set", "lora.alpha=8", "--set", "train.optim.lr=0.05"],
     )
     assert res.exit_code == 0, res.output
-    final = tmp_path / "dpo" / "final"
+    final = tmp_path / method / "final"
     ours = _ours(FlowPipeline(load_flow_model(final)), family, num_inference_steps=2)
     base = load_flow_model(base_dir)
     before = _ours(FlowPipeline(base), family, num_inference_steps=2)
@@ -118,31 +125,37 @@ def test_dpo_lora_loads_into_the_family_pipeline(tiny_model_dir, pairs_dir, tmp_
     assert (ours - theirs).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("method", ["fdistill", "distar"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fdistill_generator_loads_into_the_family_pipeline(
-    tiny_model_dir, pairs_dir, tmp_path, monkeypatch, family
+def test_one_step_generator_loads_into_the_family_pipeline(
+    tiny_model_dir, pairs_dir, tmp_path, monkeypatch, family, method
 ):
+    """f-distill on the candidates as real data; DI* data-free on the prompts with a mean-pixel reward."""
     base_dir = tiny_model_dir(family)
-    size = SIZES[family]
+    if method == "fdistill":
+        data = ["--set", f"data.real_manifest={pairs_dir(family) / 'candidates.jsonl'}"]
+    else:
+        (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
+        data = ["--set", f"data.prompts_file={tmp_path / 'prompts.txt'}", "--reward", registered_mean_pixel()]
     res = runner.invoke(
         app,
         [
             "train",
-            "fdistill",
+            method,
             "--teacher",
             str(base_dir),
             "--out",
-            str(tmp_path / "fd"),
+            str(tmp_path / method),
             "--steps",
             "2",
             *COMMON,
         ]
-        + ["--set", f"data.real_manifest={pairs_dir(family) / 'candidates.jsonl'}"]
-        + [arg for k, v in size.items() for arg in ("--set", f"method.{k}={v}")]
+        + data
+        + [arg for k, v in SIZES[family].items() for arg in ("--set", f"method.{k}={v}")]
         + ["--set", "method.guidance_scale=1.0", "--set", "train.optim.lr=0.01"],
     )
     assert res.exit_code == 0, res.output
-    final = tmp_path / "fd" / "final"
+    final = tmp_path / method / "final"
     ours = _ours(OneStepPipeline(final, guidance_scale=1.0), family)
     pipe = type(load_flow_model(base_dir).pipe).from_pretrained(str(final))
     pipe.set_progress_bar_config(disable=True)
@@ -151,4 +164,24 @@ def test_fdistill_generator_loads_into_the_family_pipeline(
     theirs = _theirs(pipe, family, monkeypatch, num_inference_steps=1)
     teacher = _ours(OneStepPipeline(load_flow_model(base_dir), guidance_scale=1.0), family)
     assert (ours - teacher).abs().max() > 10 * TOL  # the generator moved away from the teacher
+    assert (ours - theirs).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_model_loads_into_the_family_pipeline(tiny_model_dir, pairs_dir, tmp_path, monkeypatch, family):
+    """Flow-matching SFT (full transformer) on the candidates: the saved model is the family's pipeline folder."""
+    base_dir = tiny_model_dir(family)
+    res = runner.invoke(
+        app,
+        ["train", "sft", "--model", str(base_dir), "--data", str(pairs_dir(family) / "candidates.jsonl")]
+        + ["--out", str(tmp_path / "sft"), "--steps", "2", *COMMON, "--set", "train.optim.lr=0.01"],
+    )
+    assert res.exit_code == 0, res.output
+    final = tmp_path / "sft" / "final"
+    ours = _ours(FlowPipeline(load_flow_model(final)), family, num_inference_steps=2)
+    before = _ours(FlowPipeline(load_flow_model(base_dir)), family, num_inference_steps=2)
+    pipe = type(load_flow_model(base_dir).pipe).from_pretrained(str(final))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = _theirs(pipe, family, monkeypatch, num_inference_steps=2)
+    assert (ours - before).abs().max() > 10 * TOL
     assert (ours - theirs).abs().max() <= TOL
