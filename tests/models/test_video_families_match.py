@@ -220,3 +220,25 @@ def test_ltx2_bf16_runs(tiny_model_dir):
     )
     assert out.latents.dtype == torch.float32 and torch.isfinite(out.latents).all()
     assert out.media.shape == (1, 9, 3, 64, 64) and torch.isfinite(out.media).all()
+
+
+@pytest.mark.parametrize(
+    ("family", "size", "bad_frames"),
+    [("hunyuan", dict(height=32, width=32, num_frames=5), 6), ("ltx", LTX_SIZE, 5)],
+)
+def test_sizes_and_media_round_trip(request, family, size, bad_frames):
+    model = request.getfixturevalue(family)
+    with pytest.raises(ValueError, match="height"):
+        model.check_size(size["height"] - 8, size["width"], size["num_frames"])
+    with pytest.raises(ValueError, match="num_frames"):
+        model.check_size(size["height"], size["width"], bad_frames)
+    media = torch.rand(
+        2, size["num_frames"], 3, size["height"], size["width"], generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        z = model.encode_media(media)
+        assert z.shape == model.latent_shape(2, **size)
+        out = model.decode_latents(z)
+        # batched = one at a time (HunyuanVideo 1.5 runs its VAE per video; LTX-2's is batched)
+        torch.testing.assert_close(model.encode_media(media[1:]), z[1:], rtol=0, atol=1e-5)
+    assert out.shape == media.shape and out.min() >= 0 and out.max() <= 1
