@@ -60,6 +60,7 @@ from flowalign.training.ema import EMA
 from flowalign.training.memory import enable_gradient_checkpointing
 from flowalign.training.method import Method, StepContext
 from flowalign.training.optim import build_lr_scheduler, build_optimizer
+from flowalign.training.speed import apply_speed_switches
 
 __all__ = ["METRICS_FILE", "TrainResult", "TrainingDiverged", "train"]
 
@@ -260,6 +261,13 @@ class _Run:
             module.train()
         for module in method.frozen_modules().values():
             module.to(self.device).eval()
+        apply_speed_switches(
+            self.trainable,
+            method.frozen_modules().values(),
+            compile=cfg.compile,
+            compile_backend=cfg.compile_backend,
+            attention_backend=cfg.attention_backend,
+        )
         self.groups = dict(method.optimizer_groups())
         _check_groups(self.groups, self.trainable)
         group_cfgs = {g: method.optim_config(g, cfg.optim) for g in self.groups}
