@@ -31,6 +31,7 @@ from flowalign.files import read_jsonl
 from flowalign.models import load_flow_model
 from flowalign.models.base import FlowModel
 from flowalign.models.quantize import QuantizeBase, check_quantize_base, load_quantized_transformer
+from flowalign.training.latent_cache import cache_run_latents, data_identity
 from flowalign.training.loop import TrainResult, train
 from flowalign.training.methods.dpo import DPOConfig, FlowDPO
 from flowalign.training.methods.latent_reward import LatentRewardTrainingConfig
@@ -169,6 +170,12 @@ class SFTRun:
     """Items rendered for toy data."""
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    cache_latents: bool = False
+    """Encode every item's media through the VAE once before training (``flowalign.training.latent_cache``:
+    kept in ``latent_cache_dir``, reused by a resume or another run on the same data and model) and
+    train with the VAE off the device; false encodes the media at every step."""
+    latent_cache_dir: Path | None = None
+    """Folder of the latent cache (null: ``<output_dir>/cache/latents``)."""
 
 
 @dataclass(kw_only=True)
@@ -193,6 +200,12 @@ class DPORun:
     cache_prompts: bool = True
     """Encode each distinct prompt once before training (kept in ``<output_dir>/cache/prompts`` and
     reused on resume) and train with the text encoders off the device; false encodes every step."""
+    cache_latents: bool = False
+    """Encode every item's media through the VAE once before training (``flowalign.training.latent_cache``:
+    kept in ``latent_cache_dir``, reused by a resume or another run on the same data and model) and
+    train with the VAE off the device; false encodes the media at every step."""
+    latent_cache_dir: Path | None = None
+    """Folder of the latent cache (null: ``<output_dir>/cache/latents``)."""
     keep_ties: bool = False
     """Train on tie rows too (in file order); by default they are dropped and their number logged."""
     buckets: BucketConfig | None = None
@@ -216,6 +229,12 @@ class RWRRun:
     """``int8`` / ``nf4``: a bitsandbytes-quantized frozen transformer base (see :attr:`DPORun.quantize_base`)."""
     cache_prompts: bool = True
     """Encode each distinct prompt once before training (see :attr:`DPORun.cache_prompts`)."""
+    cache_latents: bool = False
+    """Encode every item's media through the VAE once before training (``flowalign.training.latent_cache``:
+    kept in ``latent_cache_dir``, reused by a resume or another run on the same data and model) and
+    train with the VAE off the device; false encodes the media at every step."""
+    latent_cache_dir: Path | None = None
+    """Folder of the latent cache (null: ``<output_dir>/cache/latents``)."""
 
 
 class PairDataset(Dataset):
@@ -317,9 +336,11 @@ def run_sft(run: SFTRun, *, resume: bool = False, progress: bool = True) -> Trai
     model = load_training_model(run.model, run.train, full=full)
     kind = "video" if model.is_video else "image"
     data = sft_dataset(run.data, kind, num_items=run.num_items, seed=run.train.seed)
-    return train(
-        FlowMatchingSFT(model, run.sft), data, run.train, resume=resume, progress=progress, run_config=run
-    )
+    method = FlowMatchingSFT(model, run.sft)
+    if run.cache_latents:
+        identity = data_identity(run.data, "sft", kind, run.num_items, run.train.seed)
+        data = cache_run_latents(method, data, run.train, identity=identity, cache_dir=run.latent_cache_dir)
+    return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
 
 
 def run_dpo(run: DPORun, *, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -327,9 +348,10 @@ def run_dpo(run: DPORun, *, resume: bool = False, progress: bool = True) -> Trai
     return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
 
 
-def prepare_dpo(run: DPORun) -> tuple[FlowDPO, PairDataset]:
+def prepare_dpo(run: DPORun) -> tuple[FlowDPO, Dataset]:
     """The method and dataset of a DPO run: model loaded under the dtype policy on this process's
-    device, LoRA (fp32) attached, prompts cached when ``run.cache_prompts``."""
+    device, LoRA (fp32) attached, prompts cached when ``run.cache_prompts``, media latents when
+    ``run.cache_latents``."""
     torch.manual_seed(run.train.seed)  # random initialisations (LoRA, heads) follow the run seed
     check_quantize_base(run.quantize_base, lora=run.lora)
     full = () if run.lora else ("transformer",)
@@ -338,6 +360,9 @@ def prepare_dpo(run: DPORun) -> tuple[FlowDPO, PairDataset]:
     data = PairDataset(run.data, keep_ties=run.keep_ties, buckets=run.buckets)
     if run.cache_prompts:
         cache_run_prompts(method, data.prompts(), run.train)
+    if run.cache_latents:
+        identity = data_identity(run.data, "dpo", run.keep_ties, run.buckets)
+        data = cache_run_latents(method, data, run.train, identity=identity, cache_dir=run.latent_cache_dir)
     return method, data
 
 
@@ -351,6 +376,9 @@ def run_rwr(run: RWRRun, *, resume: bool = False, progress: bool = True) -> Trai
     method = FlowRWR(model, run.rwr, lora=run.lora)
     if run.cache_prompts:
         cache_run_prompts(method, prompts, run.train)
+    if run.cache_latents:
+        identity = data_identity(run.data, "rwr", run.reward_key, run.rwr)
+        data = cache_run_latents(method, data, run.train, identity=identity, cache_dir=run.latent_cache_dir)
     return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
 
 
