@@ -60,6 +60,7 @@ from flowalign.training.ema import EMA
 from flowalign.training.memory import enable_gradient_checkpointing
 from flowalign.training.method import Method, StepContext
 from flowalign.training.optim import build_lr_scheduler, build_optimizer
+from flowalign.training.previews import Previews
 from flowalign.training.speed import apply_speed_switches
 
 __all__ = ["METRICS_FILE", "TrainResult", "TrainingDiverged", "train"]
@@ -590,6 +591,7 @@ def train(
         save_config(run_config if run_config is not None else cfg, output_dir / "config.yaml")
     if cfg.trackers:
         acc.init_trackers("logs")
+    previews = Previews(method, cfg, acc, sharded=run.sharded) if cfg.validation is not None else None
     acc.wait_for_everyone()
 
     from tqdm.auto import tqdm
@@ -665,6 +667,8 @@ def train(
                 periodic = cfg.checkpoint.every > 0 and run.step % cfg.checkpoint.every == 0
                 if periodic or interrupted or run.step == cfg.max_steps:
                     last_ckpt = run.write_checkpoint(output_dir, cursor, run_cfg)
+                if previews is not None:
+                    previews.maybe_write(run.step)
                 if interrupted:
                     break
     finally:
