@@ -133,3 +133,29 @@ def test_previews_need_a_flow_model_and_a_valid_size(tmp_path) -> None:
     cfg.validation.height = 33
     with pytest.raises(ValueError, match="train.validation: height must be"):
         train(method, _Pixels(), cfg, progress=False)
+
+
+class _Clips(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> dict:
+        clip = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(i))
+        return {"pixels": clip, "prompt": "a red circle moves left", "index": i}
+
+
+def test_clip_previews_write_gifs_and_tensorboard_frames(tmp_path) -> None:
+    from flowalign.data.media import load_video
+
+    torch.manual_seed(0)
+    model = load_model_spec("toy:video", device="cpu")
+    cfg = TrainConfig(output_dir=tmp_path, max_steps=1, batch_size=2, cpu=True, trackers=["tensorboard"])
+    cfg.validation = ValidationConfig(prompts=["a blue square"], every=1, steps=1, num_frames=4, fps=4)
+    train(FlowMatchingSFT(model, SFTConfig()), _Clips(), cfg, progress=False)
+    folder = preview_folder(tmp_path, 1)
+    assert json.loads((folder / "samples.json").read_text())["files"] == ["00.gif"]
+    assert load_video(folder / "00.gif").shape == (4, 3, 32, 32)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = next((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert "samples/00" in EventAccumulator(str(events.parent)).Reload().Tags()["images"]
