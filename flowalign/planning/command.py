@@ -6,8 +6,9 @@
 
 A preset names a recipe of :data:`PRESETS`; a YAML file is read for ``model`` (a hub id or a folder
 whose ``transformer/config.json`` matches a known architecture), ``train.batch_size``,
-``train.gradient_checkpointing``, ``train.ema.use`` and ``lora.rank`` (no ``lora`` section: full
-fine-tune); the method is the file's ``dpo`` / ``sft`` / ``fdistill`` section.
+``train.gradient_checkpointing``, ``train.ema.use``, ``lora.rank`` (no ``lora`` section: full
+fine-tune) and ``cache_latents`` (the VAE off the device); the method is the file's ``dpo`` / ``sft`` /
+``fdistill`` section.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def recipe_from_yaml(path: Path) -> Recipe:
         gradient_checkpointing=bool(train.get("gradient_checkpointing", False)),
         ema=bool(ema.get("use", False)) if isinstance(ema, dict) else False,
         lora_rank=int(rank) if rank is not None else None,
+        vae="cached" if data.get("cache_latents") is True else "device",
     )
 
 

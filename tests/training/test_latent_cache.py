@@ -130,3 +130,17 @@ def test_items_without_media_are_refused(tiny_model_dir, tmp_path) -> None:
     model = load_flow_model(tiny_model_dir("sd3"), torch_dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match="no media field"):
         cache_media_latents(model, [{"prompt": "x"}], tmp_path / "c", identity="x")
+
+
+def test_plan_reads_cache_latents(tmp_path) -> None:
+    from flowalign.planning.command import recipe_from_yaml
+    from flowalign.planning.memory import plan
+
+    cfg = tmp_path / "run.yaml"
+    base = "model: stabilityai/stable-diffusion-3.5-medium\ntrain: {batch_size: 1}\ndpo: {}\n"
+    cfg.write_text(base)
+    on_device = recipe_from_yaml(cfg)
+    cfg.write_text(base + "cache_latents: true\n")
+    cached = recipe_from_yaml(cfg)
+    assert (on_device.vae, cached.vae) == ("device", "cached")
+    assert plan(cached).peak < plan(on_device).peak  # the VAE's weights and encode peak leave the GPU
