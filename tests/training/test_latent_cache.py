@@ -144,3 +144,38 @@ def test_plan_reads_cache_latents(tmp_path) -> None:
     cached = recipe_from_yaml(cfg)
     assert (on_device.vae, cached.vae) == ("device", "cached")
     assert plan(cached).peak < plan(on_device).peak  # the VAE's weights and encode peak leave the GPU
+
+
+def test_bucketed_pairs_train_from_cached_latents(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """Pairs of several sizes: each item is encoded in its own bucket's size, and each global batch
+    still comes from one bucket (the cached dataset keeps the buckets' batch order)."""
+    from flowalign.data.buckets import BucketConfig
+    from flowalign.training.runs import run_dpo
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for k, (h, w) in enumerate([(32, 32), (40, 40), (32, 56), (36, 64)]):
+        for side in "AB":
+            save_image(torch.rand(3, h, w, generator=g), tmp_path / f"{k}{side}.png")
+        rows.append({"prompt": f"shape {k}", "path_A": f"{k}A.png", "path_B": f"{k}B.png", "label": "A"})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = DPORun(
+        model=str(tiny_model_dir("sd3")),
+        data=str(tmp_path / "pairs.jsonl"),
+        train=TrainConfig(output_dir=tmp_path / "run", max_steps=2, batch_size=2, cpu=True, trackers=[]),
+        lora=LoraConfig(rank=4, export_merged=False),
+        buckets=BucketConfig(resolution=32, aspect_ratios=[1.0, 16 / 9], multiple=16),
+        cache_latents=True,
+    )
+    seen = []
+    original = FlowDPO.pair_latents
+
+    def spy(self, batch):
+        assert "media_w" not in batch
+        seen.append(tuple(batch["latents_w"].shape))
+        return original(self, batch)
+
+    monkeypatch.setattr(FlowDPO, "pair_latents", spy)
+    result = run_dpo(run, progress=False)
+    assert result.step == 2
+    assert sorted(seen) == [(2, 16, 4, 4), (2, 16, 4, 6)]
