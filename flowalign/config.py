@@ -236,7 +236,12 @@ class TrainConfig:
     num_workers: int = 0
     """DataLoader worker processes per training process."""
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """accelerate trackers to log to (``log_with``), e.g. ["tensorboard"] or ["tensorboard", "wandb"]; [] = none."""
+    """accelerate trackers to log to (``log_with``), e.g. ["tensorboard"] or ["tensorboard", "wandb"]
+    (the ``wandb`` extra); [] = none. Each gets the whole resolved config as hyperparameters."""
+    tracker_project: str = "flowalign"
+    """Project the trackers file the run under (wandb's project; tensorboard's folder ``logs/<project>``)."""
+    run_name: str | None = None
+    """The run's name in the trackers; null = the output folder's name."""
     cpu: bool = False
     """Train on CPU even when an accelerator is available."""
     ddp_find_unused_parameters: bool = False

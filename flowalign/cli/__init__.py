@@ -12,7 +12,7 @@ import os
 
 # Importing a module registers its commands; this order is the order of ``flowalign --help``.
 # isort: off
-from flowalign.cli import generate, train, tokenize, data, eval, demo, lora, plan  # noqa: F401
+from flowalign.cli import generate, train, tokenize, data, eval, demo, lora, plan, push  # noqa: F401
 
 # isort: on
 from flowalign.cli.app import app

@@ -42,6 +42,7 @@ def generate(
         str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present).")
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: bf16 on GPU).")] = None,
+    no_t5: Annotated[bool, typer.Option("--no-t5", help="SD3/SD3.5: load without the T5 encoder.")] = False,
     fps: Annotated[int, typer.Option(help="Frames per second of written videos.")] = 8,
     guide: Annotated[
         Path | None, typer.Option(help="Latent reward model folder for Flow-NRG guidance.")
@@ -80,7 +81,7 @@ def generate(
     torch_device, torch_dtype = device_and_dtype(device, dtype)
     batch = min(batch_size, len(prompts) * samples_per_prompt)
     check_size_before_loading(height, width, num_frames, batch, torch_device)
-    flow_model = load_flow_model(model, torch_dtype=torch_dtype, device=torch_device)
+    flow_model = load_flow_model(model, torch_dtype=torch_dtype, device=torch_device, drop_t5=no_t5)
     set_attention_backend(flow_model.transformer, attention_backend, key="--attention-backend")
     one_step_meta = read_one_step_metadata(model) if Path(model).is_dir() else None
     if one_step_meta is not None:  # a distilled checkpoint samples in one step with its recorded guidance

@@ -146,15 +146,18 @@ def offload_vae(method: Any) -> None:
     method.media_cached = True
 
 
-def cache_run_latents(
-    method: Any, data: Dataset, train: Any, *, identity: str, cache_dir: str | os.PathLike | None = None
-) -> CachedLatents:
-    """A run's media latents cached in ``cache_dir`` (default ``<output_dir>/cache/latents``; the main
-    process builds it, the others then open it), and the VAE off the device."""
+def cache_run_latents(run: Any, method: Any, data: Dataset, *settings: Any) -> Dataset:
+    """A run's data with its media latents cached when ``run.cache_latents`` (else ``data`` itself), in
+    ``run.latent_cache_dir`` (default ``<output_dir>/cache/latents``; the main process builds it, the
+    others then open it), and the VAE off the device. ``settings``: what else changes the items (the
+    method's name, buckets, ...), part of the dataset's identity with ``run.data``."""
     from accelerate import PartialState
 
-    folder = Path(cache_dir) if cache_dir is not None else Path(train.output_dir) / "cache" / "latents"
+    if not run.cache_latents:
+        return data
+    train = run.train
+    folder = run.latent_cache_dir or Path(train.output_dir) / "cache" / "latents"
     with PartialState(cpu=train.cpu).main_process_first():
-        cached = cache_media_latents(method.model, data, folder, identity=identity)
+        cached = cache_media_latents(method.model, data, folder, identity=data_identity(run.data, *settings))
     offload_vae(method)
     return cached

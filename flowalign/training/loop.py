@@ -157,7 +157,7 @@ def _truncate_metrics(path: Path, *, last_step: int) -> None:
 def _make_accelerator(cfg: TrainConfig) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     # The accelerate state is a per-process singleton; a second train() in one process (tests,
     # notebooks) with another precision would be refused without this reset (private API of
@@ -167,7 +167,9 @@ def _make_accelerator(cfg: TrainConfig) -> Any:
         mixed_precision=cfg.mixed_precision,
         cpu=cfg.cpu,
         log_with=list(cfg.trackers) or None,
-        project_dir=str(cfg.output_dir),
+        project_config=ProjectConfiguration(
+            project_dir=str(cfg.output_dir), logging_dir=str(Path(cfg.output_dir) / "logs")
+        ),
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters)
@@ -590,7 +592,9 @@ def train(
             metrics_path.unlink(missing_ok=True)
         save_config(run_config if run_config is not None else cfg, output_dir / "config.yaml")
     if cfg.trackers:
-        acc.init_trackers("logs")
+        from flowalign.training.trackers import start_trackers
+
+        start_trackers(acc, cfg, run_config if run_config is not None else cfg, output_dir)
     previews = Previews(method, cfg, acc, sharded=run.sharded) if cfg.validation is not None else None
     acc.wait_for_everyone()
 
