@@ -104,8 +104,11 @@ def set_attention_backend(module: nn.Module, name: str, *, key: str = "train.att
     ):  # other attention runs torch's SDPA unless switched to xformers
         return len(layers)
     if backend == "xformers" and layers:  # attention outside the dispatcher (SD3's joint attention)
-        for layer in layers:
-            layer.set_use_memory_efficient_attention_xformers(True)
+        try:
+            for layer in layers:
+                layer.set_use_memory_efficient_attention_xformers(True)
+        except (ValueError, ModuleNotFoundError) as err:  # e.g. no CUDA device: diffusers refuses
+            raise ValueError(f"{key}: xformers cannot run {kind}'s attention here: {err}") from None
         return len(layers)
     offered = "sdpa, xformers" if layers else "sdpa"
     raise ValueError(

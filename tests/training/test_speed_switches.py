@@ -107,7 +107,6 @@ def test_unknown_attention_backend_is_one_error_naming_key_and_choices(tmp_path)
 
 
 def test_missing_backend_package_is_named() -> None:
-    pytest.importorskip("torch")
     try:
         import xformers  # noqa: F401
     except ImportError:
