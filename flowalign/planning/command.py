@@ -7,7 +7,8 @@
 A preset names a recipe of :data:`PRESETS`; a YAML file is read for ``model`` (a hub id or a folder
 whose ``transformer/config.json`` matches a known architecture), ``train.batch_size``,
 ``train.gradient_checkpointing``, ``train.ema.use``, ``lora.rank`` (no ``lora`` section: full
-fine-tune), ``drop_t5`` and ``cache_prompts`` (false: text encoders on the device); the method is the file's ``dpo`` / ``sft`` / ``fdistill`` section.
+fine-tune), ``drop_t5``, ``cache_prompts`` (false: text encoders on the device) and ``cache_latents``
+(true: the VAE off the device); the method is the file's ``dpo`` / ``sft`` / ``fdistill`` section.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def recipe_from_yaml(path: Path) -> Recipe:
         lora_rank=int(rank) if rank is not None else None,
         drop_t5=_flag(data.get("drop_t5", False), f"{path}: drop_t5"),
         text_encoders="cached" if cached else "device",
+        vae="cached" if _flag(data.get("cache_latents", False), f"{path}: cache_latents") else "device",
     )
 
 

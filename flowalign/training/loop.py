@@ -60,6 +60,8 @@ from flowalign.training.ema import EMA
 from flowalign.training.memory import enable_gradient_checkpointing
 from flowalign.training.method import Method, StepContext
 from flowalign.training.optim import build_lr_scheduler, build_optimizer
+from flowalign.training.previews import Previews
+from flowalign.training.speed import apply_speed_switches
 
 __all__ = ["METRICS_FILE", "TrainResult", "TrainingDiverged", "train"]
 
@@ -262,6 +264,13 @@ class _Run:
             module.train()
         for module in method.frozen_modules().values():
             module.to(self.device).eval()
+        apply_speed_switches(
+            self.trainable,
+            method.frozen_modules().values(),
+            compile=cfg.compile,
+            compile_backend=cfg.compile_backend,
+            attention_backend=cfg.attention_backend,
+        )
         self.groups = dict(method.optimizer_groups())
         _check_groups(self.groups, self.trainable)
         group_cfgs = {g: method.optim_config(g, cfg.optim) for g in self.groups}
@@ -586,6 +595,7 @@ def train(
         from flowalign.training.trackers import start_trackers
 
         start_trackers(acc, cfg, run_config if run_config is not None else cfg, output_dir)
+    previews = Previews(method, cfg, acc, sharded=run.sharded) if cfg.validation is not None else None
     acc.wait_for_everyone()
 
     from tqdm.auto import tqdm
@@ -661,6 +671,8 @@ def train(
                 periodic = cfg.checkpoint.every > 0 and run.step % cfg.checkpoint.every == 0
                 if periodic or interrupted or run.step == cfg.max_steps:
                     last_ckpt = run.write_checkpoint(output_dir, cursor, run_cfg)
+                if previews is not None:
+                    previews.maybe_write(run.step)
                 if interrupted:
                     break
     finally:

@@ -31,6 +31,7 @@ from flowalign.files import read_jsonl
 from flowalign.models import load_flow_model
 from flowalign.models.base import FlowModel
 from flowalign.models.quantize import QuantizeBase, check_quantize_base, load_quantized_transformer
+from flowalign.training.latent_cache import cache_run_latents
 from flowalign.training.loop import TrainResult, train
 from flowalign.training.methods.dpo import DPOConfig, FlowDPO
 from flowalign.training.methods.latent_reward import LatentRewardTrainingConfig
@@ -180,6 +181,10 @@ class SFTRun:
     drop_t5: bool = False
     """SD3 / SD3.5 only: load without the T5 text encoder (``text_encoder_3``); its tokens become zeros,
     as in diffusers (``--no-t5`` on the command line)."""
+    cache_latents: bool = False
+    """Encode the media through the VAE once (see :attr:`DPORun.cache_latents`)."""
+    latent_cache_dir: Path | None = None
+    """Folder of the latent cache (null: ``<output_dir>/cache/latents``)."""
 
 
 @dataclass(kw_only=True)
@@ -207,6 +212,11 @@ class DPORun:
     cache_prompts: bool = True
     """Encode each distinct prompt once before training (kept in ``<output_dir>/cache/prompts`` and
     reused on resume) and train with the text encoders off the device; false encodes every step."""
+    cache_latents: bool = False
+    """Encode every item's media through the VAE once before training (kept in ``latent_cache_dir``,
+    reused by a resume or another run on the same data and model); train with the VAE off the device."""
+    latent_cache_dir: Path | None = None
+    """Folder of the latent cache (null: ``<output_dir>/cache/latents``)."""
     keep_ties: bool = False
     """Train on tie rows too (in file order); by default they are dropped and their number logged."""
     buckets: BucketConfig | None = None
@@ -233,6 +243,10 @@ class RWRRun:
     """``int8`` / ``nf4``: a bitsandbytes-quantized frozen transformer base (see :attr:`DPORun.quantize_base`)."""
     cache_prompts: bool = True
     """Encode each distinct prompt once before training (see :attr:`DPORun.cache_prompts`)."""
+    cache_latents: bool = False
+    """Encode the media through the VAE once (see :attr:`DPORun.cache_latents`)."""
+    latent_cache_dir: Path | None = None
+    """Folder of the latent cache (null: ``<output_dir>/cache/latents``)."""
 
 
 class PairDataset(Dataset):
@@ -334,9 +348,9 @@ def run_sft(run: SFTRun, *, resume: bool = False, progress: bool = True) -> Trai
     model = load_training_model(run.model, run.train, full=full, drop_t5=run.drop_t5)
     kind = "video" if model.is_video else "image"
     data = sft_dataset(run.data, kind, num_items=run.num_items, seed=run.train.seed)
-    return train(
-        FlowMatchingSFT(model, run.sft), data, run.train, resume=resume, progress=progress, run_config=run
-    )
+    method = FlowMatchingSFT(model, run.sft)
+    data = cache_run_latents(run, method, data, "sft", kind, run.num_items, run.train.seed)
+    return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
 
 
 def run_dpo(run: DPORun, *, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -344,9 +358,9 @@ def run_dpo(run: DPORun, *, resume: bool = False, progress: bool = True) -> Trai
     return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
 
 
-def prepare_dpo(run: DPORun) -> tuple[FlowDPO, PairDataset]:
+def prepare_dpo(run: DPORun) -> tuple[FlowDPO, Dataset]:
     """The method and dataset of a DPO run: model loaded under the dtype policy on this process's
-    device, LoRA (fp32) attached, prompts cached when ``run.cache_prompts``."""
+    device, LoRA (fp32) attached, prompts and media latents cached as the run says."""
     torch.manual_seed(run.train.seed)  # random initialisations (LoRA, heads) follow the run seed
     check_quantize_base(run.quantize_base, lora=run.lora)
     full = () if run.lora else ("transformer",)
@@ -357,6 +371,7 @@ def prepare_dpo(run: DPORun) -> tuple[FlowDPO, PairDataset]:
     data = PairDataset(run.data, keep_ties=run.keep_ties, buckets=run.buckets)
     if run.cache_prompts:
         cache_run_prompts(method, data.prompts(), run.train)
+    data = cache_run_latents(run, method, data, "dpo", run.keep_ties, run.buckets)
     return method, data
 
 
@@ -372,6 +387,7 @@ def run_rwr(run: RWRRun, *, resume: bool = False, progress: bool = True) -> Trai
     method = FlowRWR(model, run.rwr, lora=run.lora)
     if run.cache_prompts:
         cache_run_prompts(method, prompts, run.train)
+    data = cache_run_latents(run, method, data, "rwr", run.reward_key, run.rwr)
     return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
 
 
