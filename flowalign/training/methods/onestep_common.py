@@ -333,9 +333,10 @@ def build_dataset(data: OneStepData, *, kind: str, needs_real: bool) -> Dataset:
         ValueError: no source, or only prompts where real media are needed.
     """
     if data.toy_items > 0:
-        from flowalign.toy.data import PrerenderedToy, ToyDataset
+        import flowalign.toy  # noqa: F401  (registers the toy: data sources)
+        from flowalign.data.sources import open_source
 
-        return PrerenderedToy(ToyDataset("train", kind=kind, num=data.toy_items))
+        return open_source(f"toy:{kind}", "media", num=data.toy_items)
     if data.real_manifest is not None:
         return MediaTextDataset(data.real_manifest)
     if data.prompts_file is not None:
