@@ -59,7 +59,6 @@ EXCEPTIONS: dict[str, str] = {
     "cli.generate:generate": "a Typer command: 35 of its lines are the option declarations (the --help texts)",
     "config_types:_coerce": "one type dispatch over every annotation the config loader accepts",
     "data.preference:write_preference_jsonl": "27 lines of docstring (the row format); the rest is one loop",
-    "evals.report:_set_section": "the HTML of one prompt set built from strings; to move to templates",
     "evals.runner:run_eval": _ORCHESTRATION,
     "evals.summary:_summarise_set": _ORCHESTRATION,
     "objectives.bt_ties:btt_loss": "34 lines of docstring with the BTT equations; the computation is short",
