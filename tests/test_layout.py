@@ -50,7 +50,6 @@ MAX_FUNCTION_LINES = 80
 _ORCHESTRATION = "one long orchestration function: to split into setup, steps and write-out"
 EXCEPTIONS: dict[str, str] = {
     # modules
-    "data.media": "image and video reading and writing (PIL, GIF, npy, ffmpeg, PyAV) in one; to split by kind",
     "data.preference": "one PreferenceDataset class (245 lines) reads every layout; to split a reader per layout",
     "rewards.latent": "LatentRewardModel alone is 264 lines (trunk, heads, normalisation, save/load)",
     "training.loop": "the one training loop; train() to split into setup, log step, checkpoint policy, export",
