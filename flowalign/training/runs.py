@@ -133,8 +133,8 @@ class SFTRun:
     model: str = "toy:image"
     """Hub id or folder to fine-tune, or toy:image / toy:video for a fresh toy model."""
     data: str = "toy:train"
-    """toy:image / toy:video (the toy world's training split; toy:train: the model's kind) or a
-    manifest.jsonl of media + prompts."""
+    """toy:image / toy:video (the toy world's training split; the older toy:train means the model's
+    kind), or a manifest.jsonl of media + prompts (or a folder holding one)."""
     num_items: int = 60_000
     """Items rendered for toy data."""
     train: TrainConfig = field(default_factory=TrainConfig)
