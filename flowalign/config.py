@@ -459,8 +459,8 @@ def describe_config(cls: type) -> dict[str, str]:
 def config_help(cls: type) -> str:
     """Every settable key of ``cls``, one a line: ``key: type = default -- documentation``.
 
-    The text for a command's ``--set`` help (the CLI passes it as the command's epilog), so each
-    key is documented once, by its attribute docstring; nested configs list their own keys.
+    What ``flowalign train <method> --help-config`` prints, so each key is documented once, by its
+    attribute docstring; nested configs list their own keys.
     """
     lines = []
     for key, f, tp, doc in _walk_fields(cls):

@@ -23,10 +23,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+import flowalign.toy  # noqa: F401  (registers the toy: data sources)
 from flowalign.config import LoraConfig, TrainConfig
-from flowalign.data.buckets import BucketConfig, BucketedPairs, check_same_size
+from flowalign.data.buckets import BucketConfig
 from flowalign.data.errors import DataError
+from flowalign.data.items import ManifestDataset as ManifestDataset  # the datasets of these runs
+from flowalign.data.items import PairDataset as PairDataset
 from flowalign.data.paths import load_row_media, resolve_data_path
+from flowalign.data.sources import open_source
 from flowalign.files import read_jsonl
 from flowalign.models import load_flow_model
 from flowalign.models.base import FlowModel
@@ -125,45 +129,10 @@ def cache_run_prompts(method, prompts: list[str], train: TrainConfig) -> None:
         method.cache_prompts(prompts, cache_dir=Path(train.output_dir) / "cache" / "prompts")
 
 
-class ManifestDataset(Dataset):
-    """Media + prompts listed in a manifest.jsonl ({"file" or "path", "prompt"}, paths relative to it)."""
-
-    def __init__(self, manifest: str | Path):
-        self.manifest = Path(manifest)
-        if not self.manifest.is_file():
-            raise DataError(self.manifest, "manifest not found")
-        self.rows = []
-        for number, row in read_jsonl(self.manifest, error=DataError):
-            file = row.get("file") or row.get("path")
-            prompt = row.get("prompt")
-            if not file or not isinstance(prompt, str) or not prompt.strip():
-                raise DataError(
-                    self.manifest, "needs a non-empty 'prompt' and a 'file'", where=f"line {number}"
-                )
-            where = f"line {number}"
-            path = resolve_data_path(
-                self.manifest.parent, file, source=self.manifest, where=where, key="file"
-            )
-            self.rows.append((path, prompt, where))
-        if not self.rows:
-            raise DataError(self.manifest, "has no rows")
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        path, prompt, where = self.rows[i]
-        pixels = load_row_media(path, source=self.manifest, where=where, key="file")
-        return {"pixels": pixels, "prompt": prompt, "index": i}
-
-
 def sft_dataset(spec: str, kind: str, *, num_items: int, seed: int) -> Dataset:
-    """``toy:train`` renders the toy world's training split; otherwise a manifest.jsonl path."""
-    if spec.startswith(TOY_PREFIX):
-        from flowalign.toy.data import PrerenderedToy, ToyDataset
-
-        return PrerenderedToy(ToyDataset(spec[len(TOY_PREFIX) :], kind=kind, num=num_items, seed=seed))
-    return ManifestDataset(spec)
+    """The media + prompts of ``spec`` (:func:`flowalign.data.sources.open_source`): ``toy:image`` /
+    ``toy:video`` render ``num_items`` of the toy world's training split, a path is a manifest.jsonl."""
+    return open_source(spec, "media", kind=kind, num=num_items, seed=seed)
 
 
 @dataclass(kw_only=True)
@@ -173,7 +142,8 @@ class SFTRun:
     model: str = "toy:image"
     """Hub id or folder to fine-tune, or toy:image / toy:video for a fresh toy model."""
     data: str = "toy:train"
-    """toy:train (the toy world's training split) or a manifest.jsonl of media + prompts."""
+    """toy:image / toy:video (the toy world's training split; the older toy:train means the model's
+    kind), or a manifest.jsonl of media + prompts (or a folder holding one)."""
     num_items: int = 60_000
     """Items rendered for toy data."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -247,47 +217,6 @@ class RWRRun:
     """Encode the media through the VAE once (see :attr:`DPORun.cache_latents`)."""
     latent_cache_dir: Path | None = None
     """Folder of the latent cache (null: ``<output_dir>/cache/latents``)."""
-
-
-class PairDataset(Dataset):
-    """Preference pairs as training items for :class:`FlowDPO`.
-
-    Each pair is ordered by its single label, or by the ``Overall`` dimension of multi-dimensional
-    labels (VideoAlign); ties on it are dropped unless ``keep_ties`` (the count is logged). With ``buckets`` every pair is
-    resized and cropped into its aspect-ratio bucket and each global batch comes from one bucket
-    (:mod:`flowalign.data.buckets`); without, the two media of a pair must have one size (else one
-    :class:`DataError` naming the row).
-    """
-
-    def __init__(self, path: str | Path, *, keep_ties: bool = False, buckets: BucketConfig | None = None):
-        from flowalign.data.preference import load_preference_dataset
-
-        pairs = load_preference_dataset(path)
-        order_by = pairs.order_by
-        if order_by is None:  # multi-dimensional labels: the overall one orders each pair
-            order_by = next((d for d in pairs.dimensions if d.lower() == "overall"), None)
-            if order_by is None:
-                raise DataError(
-                    pairs.path,
-                    f"DPO needs one preference per pair; the labels have dimensions {list(pairs.dimensions)} "
-                    "and none is 'Overall'",
-                )
-        if order_by != pairs.order_by or not keep_ties:
-            pairs = load_preference_dataset(path, order_by=order_by, keep_ties=keep_ties)
-        self.pairs = BucketedPairs(pairs, buckets) if buckets is not None else pairs
-        if buckets is not None:  # the loop's data cursor then takes each global batch from one bucket
-            self.batch_order = self.pairs.batch_order
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int) -> dict:
-        pair = self.pairs[i]
-        check_same_size(pair.media_w, pair.media_l, source=pair.source)
-        return {"media_w": pair.media_w, "media_l": pair.media_l, "prompt": pair.prompt, "index": i}
-
-    def prompts(self) -> list[str]:
-        return [self.pairs.prompt(i) for i in range(len(self.pairs))]
 
 
 def _read_candidates(
@@ -368,7 +297,7 @@ def prepare_dpo(run: DPORun) -> tuple[FlowDPO, Dataset]:
         run.model, run.train, full=full, quantize_base=run.quantize_base, drop_t5=run.drop_t5
     )
     method = FlowDPO(model, run.dpo, lora=run.lora)
-    data = PairDataset(run.data, keep_ties=run.keep_ties, buckets=run.buckets)
+    data = open_source(run.data, "pairs", keep_ties=run.keep_ties, buckets=run.buckets)
     if run.cache_prompts:
         cache_run_prompts(method, data.prompts(), run.train)
     data = cache_run_latents(run, method, data, "dpo", run.keep_ties, run.buckets)
