@@ -301,6 +301,11 @@ class FlowModel(ABC):
         output comes back in ``x``'s dtype.
         """
 
+    def combine_guidance(self, v_uncond: Tensor, v_cond: Tensor, scale: float) -> Tensor:
+        """Classifier-free guidance ``v_uncond + w (v_cond - v_uncond)``; a family whose pipeline
+        also rescales the guided velocity (Qwen-Image) overrides this."""
+        return v_uncond + scale * (v_cond - v_uncond)
+
     # ------------------------------------------------------------------ time grid
     def sampling_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
         """A fresh flow-matching Euler scheduler carrying this model's shift settings."""

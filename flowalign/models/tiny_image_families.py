@@ -11,14 +11,25 @@ from __future__ import annotations
 
 import torch
 from diffusers import (
+    AutoencoderKL,
     AutoencoderKLFlux2,
+    AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3Model,
+)
 
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -35,18 +46,31 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
+# The released chat layout's role words and Qwen-Image's fixed system prompt: the tiny tokenizer
+# learns them as whole words, so that prompt's prefix is 34 tokens, as with the released tokenizer
+# (the pipeline drops exactly 34).
+CHAT_CORPUS = (
+    "system\nuser\nassistant\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+    "text, spatial relationships of the objects and background:"
+)
+
+
 def tiny_chat_tokenizer(cls: type[PreTrainedTokenizerFast] | None = None) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (256 byte tokens + chat specials, no merges), padded on the right."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level BPE tokenizer: 256 byte tokens, the chat specials and the words of
+    :data:`CHAT_CORPUS` (BPE trained on that text); any other text falls back to bytes. Padded right."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
-    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
-    for tok in CHAT_SPECIALS:
-        vocab[tok] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,  # more than the corpus can fill: training stops when every word is one token
+        special_tokens=CHAT_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator([CHAT_CORPUS], trainer=trainer)
     cls = cls or Qwen2TokenizerFast
     tok = cls(
         tokenizer_object=core,
@@ -59,6 +83,32 @@ def tiny_chat_tokenizer(cls: type[PreTrainedTokenizerFast] | None = None) -> Pre
     )
     tok.chat_template = QWEN_CHAT_TEMPLATE
     return tok
+
+
+def _eval(pipe):
+    """Eval mode (components built from config start in train mode) and no progress bars."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_flux_vae() -> AutoencoderKL:
+    """The 16-channel 8x image VAE with FLUX.1's scale and shift (Z-Image uses FLUX.1's VAE)."""
+    return AutoencoderKL(
+        latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    )
 
 
 def _qwen3_config(vocab_size: int, *, layers: int, hidden: int = 16) -> Qwen3Config:
@@ -119,8 +169,6 @@ def tiny_flux2_klein_pipeline(seed: int = 0) -> Flux2KleinPipeline:
     torch.manual_seed(seed)
     tok = tiny_chat_tokenizer()
     text_encoder = Qwen3ForCausalLM(_qwen3_config(len(tok), layers=28))
-    from flowalign.models.tiny import _eval
-
     return _eval(
         Flux2KleinPipeline(
             scheduler=_flux2_scheduler(),
@@ -155,12 +203,10 @@ def tiny_z_image_pipeline(seed: int = 0) -> ZImagePipeline:
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
     )
-    from flowalign.models.tiny import _eval, _tiny_vae
-
     return _eval(
         ZImagePipeline(
             scheduler=scheduler,
-            vae=_tiny_vae(),
+            vae=_tiny_flux_vae(),
             text_encoder=text_encoder,
             tokenizer=tok,
             transformer=transformer,
@@ -168,8 +214,82 @@ def tiny_z_image_pipeline(seed: int = 0) -> ZImagePipeline:
     )
 
 
+def _qwen25_vl(tok: PreTrainedTokenizerFast, hidden: int = 32) -> Qwen2_5_VLForConditionalGeneration:
+    """A 2-layer Qwen2.5-VL (multimodal RoPE sections sum to head_dim / 2) with a 1-block vision tower."""
+    specials = dict(bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=2048,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            pad_token_id=tok.pad_token_id,
+            **specials,
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=hidden,
+            fullatt_block_indexes=[0],
+        ),
+        vocab_size=len(tok),
+        **specials,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
+    """Qwen-Image with a tiny Qwen2.5-VL text encoder and a tiny single-frame Qwen-Image VAE."""
+    torch.manual_seed(seed)
+    tok = tiny_chat_tokenizer()
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    )
+    g = torch.Generator().manual_seed(seed)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=(0.1 * torch.randn(16, generator=g)).tolist(),
+        latents_std=(0.5 + torch.rand(16, generator=g)).tolist(),
+    )
+    # The released Qwen-Image scheduler config: exponential dynamic shift, stretched to a 0.02 terminal.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    return _eval(
+        QwenImagePipeline(
+            scheduler=scheduler, vae=vae, text_encoder=_qwen25_vl(tok), tokenizer=tok, transformer=transformer
+        )
+    )
+
+
 TINY_IMAGE_BUILDERS = {
     "flux2-klein": tiny_flux2_klein_pipeline,
     "z-image": tiny_z_image_pipeline,
+    "qwen-image": tiny_qwen_image_pipeline,
 }
 """Family name -> tiny builder; merged into :data:`flowalign.models.tiny.TINY_BUILDERS`."""

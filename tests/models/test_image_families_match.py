@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from flowalign.models import load_flow_model
+from flowalign.models.flux import pack_2x2
 from flowalign.pipelines import FlowPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,7 +23,9 @@ MAX_LEN = 96  # the chat template adds ~40 byte tokens to each prompt
 
 def _diffusers_latents(model, out):
     """Our canonical latents in the layout the family's pipeline returns for output_type='latent'."""
-    return model.to_vae_latents(out) if hasattr(model, "to_vae_latents") else out
+    if hasattr(model, "to_vae_latents"):  # FLUX.2: the VAE's latents
+        return model.to_vae_latents(out)
+    return pack_2x2(out) if model.family == "qwen-image" else out  # Qwen-Image: its packed tokens
 
 
 def _pipe_kwargs(family: str, guidance: float) -> dict:
@@ -34,7 +37,15 @@ def _pipe_kwargs(family: str, guidance: float) -> dict:
     return {"guidance_scale": guidance}
 
 
-CASES = [("flux2-klein", 4.0), ("flux2-klein", 1.0), ("z-image", 5.0), ("z-image", 1.0)]
+CASES = [
+    ("flux2-klein", 4.0),
+    ("flux2-klein", 1.0),
+    ("z-image", 5.0),
+    ("z-image", 1.0),
+    ("qwen-image", 4.0),
+    ("qwen-image", 1.0),
+]
+FAMILIES = sorted({family for family, _ in CASES})
 
 
 @pytest.mark.parametrize(("family", "guidance"), CASES)
@@ -70,7 +81,7 @@ def test_sampler_matches_the_family_pipeline(tiny_model_dir, family, guidance):
     assert (ours.media - ref_media).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("family", ["flux2-klein", "z-image"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_generation_runs(tiny_model_dir, family):
     model = load_flow_model(tiny_model_dir(family), torch_dtype=torch.bfloat16)
     model.max_sequence_length = MAX_LEN
@@ -82,7 +93,7 @@ def test_bf16_generation_runs(tiny_model_dir, family):
     assert torch.isfinite(out.media).all()
 
 
-@pytest.mark.parametrize("family", ["flux2-klein", "z-image"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_encode_decode_round_trip_layout(tiny_model_dir, family):
     """encode_media gives the canonical latent shape, and decode_latents returns images in [0, 1]."""
     model = load_flow_model(tiny_model_dir(family))
