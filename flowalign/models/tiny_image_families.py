@@ -16,13 +16,19 @@ from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
+    Flux2Pipeline,
     Flux2Transformer2DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
+from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE as FLUX2_SYSTEM_MESSAGE
 from transformers import (
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    PixtralImageProcessor,
+    PixtralProcessor,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -32,6 +38,7 @@ from transformers import (
 )
 
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+IMAGE_SPECIALS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]  # Pixtral's image tokens (FLUX.2 [dev]'s processor)
 
 # A chat template with the released Qwen layout: "<|im_start|>role\ncontent<|im_end|>\n" per turn,
 # the assistant header on add_generation_prompt, and an empty think block unless thinking is on.
@@ -46,12 +53,13 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-# The released chat layout's role words and Qwen-Image's fixed system prompt: the tiny tokenizer
-# learns them as whole words, so that prompt's prefix is 34 tokens, as with the released tokenizer
-# (the pipeline drops exactly 34).
+# The released chat layout's role words and the families' fixed system prompts (Qwen-Image's,
+# FLUX.2 [dev]'s): the tiny tokenizer learns them as whole words, so Qwen-Image's prefix is 34
+# tokens, as with the released tokenizer (the pipeline drops exactly 34), and FLUX.2's system
+# message leaves room for the prompt in a short test sequence.
 CHAT_CORPUS = (
     "system\nuser\nassistant\nDescribe the image by detailing the color, shape, size, texture, quantity, "
-    "text, spatial relationships of the objects and background:"
+    "text, spatial relationships of the objects and background:\n" + FLUX2_SYSTEM_MESSAGE
 )
 
 
@@ -66,7 +74,7 @@ def tiny_chat_tokenizer(cls: type[PreTrainedTokenizerFast] | None = None) -> Pre
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=1000,  # more than the corpus can fill: training stops when every word is one token
-        special_tokens=CHAT_SPECIALS,
+        special_tokens=CHAT_SPECIALS + IMAGE_SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -77,7 +85,7 @@ def tiny_chat_tokenizer(cls: type[PreTrainedTokenizerFast] | None = None) -> Pre
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
-        additional_special_tokens=CHAT_SPECIALS[1:],
+        additional_special_tokens=CHAT_SPECIALS[1:] + IMAGE_SPECIALS,
         padding_side="right",
         model_max_length=4096,
     )
@@ -177,6 +185,57 @@ def tiny_flux2_klein_pipeline(seed: int = 0) -> Flux2KleinPipeline:
             tokenizer=tok,
             transformer=_tiny_flux2_transformer(3 * 16, guidance_embeds=False),
             is_distilled=False,
+        )
+    )
+
+
+def _mistral3(tok: PreTrainedTokenizerFast, image_token_id: int, hidden: int = 16):
+    """A 30-layer width-16 Mistral 3 (hidden states 10, 20, 30 are read) with a 1-layer Pixtral tower."""
+    config = Mistral3Config(
+        text_config=dict(
+            model_type="mistral",
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=30,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=hidden // 2,
+            max_position_embeddings=1024,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            model_type="pixtral",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            head_dim=8,
+            patch_size=14,
+            image_size=56,
+        ),
+        image_token_index=image_token_id,
+    )
+    return Mistral3ForConditionalGeneration(config)
+
+
+def tiny_flux2_pipeline(seed: int = 0) -> Flux2Pipeline:
+    """FLUX.2 [dev] (guidance-distilled) with a tiny Mistral 3 text encoder behind a Pixtral processor."""
+    torch.manual_seed(seed)
+    tok = tiny_chat_tokenizer()
+    processor = PixtralProcessor(
+        image_processor=PixtralImageProcessor(),
+        tokenizer=tok,
+        chat_template=QWEN_CHAT_TEMPLATE,
+        patch_size=14,
+    )
+    return _eval(
+        Flux2Pipeline(
+            scheduler=_flux2_scheduler(),
+            vae=_randomize_bn(_tiny_flux2_vae(), seed),
+            text_encoder=_mistral3(tok, processor.image_token_id),
+            tokenizer=processor,
+            transformer=_tiny_flux2_transformer(3 * 16, guidance_embeds=True),
         )
     )
 
@@ -288,6 +347,7 @@ def tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
 
 
 TINY_IMAGE_BUILDERS = {
+    "flux2": tiny_flux2_pipeline,
     "flux2-klein": tiny_flux2_klein_pipeline,
     "z-image": tiny_z_image_pipeline,
     "qwen-image": tiny_qwen_image_pipeline,

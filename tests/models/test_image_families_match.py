@@ -23,7 +23,9 @@ MAX_LEN = 96  # the chat template adds ~40 byte tokens to each prompt
 
 def _diffusers_latents(model, out):
     """Our canonical latents in the layout the family's pipeline returns for output_type='latent'."""
-    if hasattr(model, "to_vae_latents"):  # FLUX.2: the VAE's latents
+    if model.family == "flux2":  # FLUX.2 [dev]: its tokens [B, H W, 4C] as they were sampled
+        return out.flatten(2).transpose(1, 2)
+    if model.family == "flux2-klein":  # FLUX.2 [klein]: the VAE's latents
         return model.to_vae_latents(out)
     return pack_2x2(out) if model.family == "qwen-image" else out  # Qwen-Image: its packed tokens
 
@@ -38,6 +40,7 @@ def _pipe_kwargs(family: str, guidance: float) -> dict:
 
 
 CASES = [
+    ("flux2", 4.0),
     ("flux2-klein", 4.0),
     ("flux2-klein", 1.0),
     ("z-image", 5.0),

@@ -27,7 +27,7 @@ PROMPTS = ["a small red circle in the center", "a large blue square"]
 SIZE = 32
 TOL = 1e-4
 COMMON = ["--set", "train.batch_size=2", "--set", "train.trackers=[]", "--set", "train.cpu=true"]
-FAMILIES = ["flux2-klein", "qwen-image", "z-image"]
+FAMILIES = ["flux2", "flux2-klein", "qwen-image", "z-image"]
 
 
 def _pipe_guidance(family: str) -> dict:
