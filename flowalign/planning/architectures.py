@@ -277,9 +277,10 @@ ARCHITECTURES: dict[str, Architecture] = {
 # The newer image families. Transformer configs: FLUX.2 [dev], Qwen-Image and Z-Image are the
 # defaults of diffusers' Flux2Transformer2DModel, QwenImageTransformer2DModel and
 # ZImageTransformer2DModel (written out; they are the released transformer/config.json values), and
-# FLUX.2 [klein] 4B / 9B the released transformer/config.json of those checkpoints (5 + 20 blocks of
-# width 3072, 8 + 24 of width 4096, text width 3 x the Qwen3 width). Meta-built counts: 32.2B, 3.9B,
-# 9.1B, 20.4B, 6.2B. Their block activations are not modelled yet (:data:`SIZED_ONLY`).
+# FLUX.2 [klein] 4B / 9B the released checkpoints' shapes: 5 + 20 blocks of width 3072 (4B) and
+# 24 single blocks of width 4096 (9B), text width 3 x the Qwen3 width; the 9B's 8 double blocks are
+# the count that gives its published size (6 would give 8.2B). Meta-built counts: 32.2B, 3.9B, 9.1B,
+# 20.4B, 6.2B. Their block activations are not modelled yet (:data:`SIZED_ONLY`).
 _FLUX2_COMMON = {"patch_size": 1, "in_channels": 128, "attention_head_dim": 128, "timestep_guidance_channels": 256,
                  "mlp_ratio": 3.0, "axes_dims_rope": [32, 32, 32, 32], "rope_theta": 2000}  # fmt: skip
 FLUX2_VAE = {
@@ -290,96 +291,31 @@ QWEN_IMAGE_VAE = {
     "class": "AutoencoderKLQwenImage",
     "config": {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2},
 }
-_FLUX2_KW = dict(vae=FLUX2_VAE, latent_channels=32)
+
+
+def _flux2(name: str, layers: int, singles: int, heads: int, text_dim: int, encoder: str, guidance: bool):
+    t = dict(_FLUX2_COMMON, num_layers=layers, num_single_layers=singles, num_attention_heads=heads,
+             joint_attention_dim=text_dim, guidance_embeds=guidance)  # fmt: skip
+    return Architecture(name, "flux2", t, (encoder,), text_tokens=512, vae=FLUX2_VAE, latent_channels=32)
+
+
+_QWEN_IMAGE = {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+               "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False,
+               "axes_dims_rope": [16, 56, 56]}  # fmt: skip
+_Z_IMAGE = {"all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
+            "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,
+            "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48],
+            "axes_lens": [1024, 512, 512]}  # fmt: skip
 SIZED_ONLY: dict[str, Architecture] = {
     a.name: a
     for a in (
+        _flux2("flux2-dev", 8, 48, 48, 15360, "mistral-small-3.1", guidance=True),
+        _flux2("flux2-klein-4b", 5, 20, 24, 7680, "qwen3-4b", guidance=False),
+        _flux2("flux2-klein-9b", 8, 24, 32, 12288, "qwen3-8b", guidance=False),
         Architecture(
-            "flux2-dev",
-            "flux2",
-            {
-                **_FLUX2_COMMON,
-                "num_layers": 8,
-                "num_single_layers": 48,
-                "num_attention_heads": 48,
-                "joint_attention_dim": 15360,
-                "guidance_embeds": True,
-            },
-            ("mistral-small-3.1",),
-            text_tokens=512,
-            **_FLUX2_KW,
-        ),  # fmt: skip
-        Architecture(
-            "flux2-klein-4b",
-            "flux2",
-            {
-                **_FLUX2_COMMON,
-                "num_layers": 5,
-                "num_single_layers": 20,
-                "num_attention_heads": 24,
-                "joint_attention_dim": 7680,
-                "guidance_embeds": False,
-            },
-            ("qwen3-4b",),
-            text_tokens=512,
-            **_FLUX2_KW,
-        ),  # fmt: skip
-        Architecture(
-            "flux2-klein-9b",
-            "flux2",
-            {
-                **_FLUX2_COMMON,
-                "num_layers": 8,
-                "num_single_layers": 24,
-                "num_attention_heads": 32,
-                "joint_attention_dim": 12288,
-                "guidance_embeds": False,
-            },
-            ("qwen3-8b",),
-            text_tokens=512,
-            **_FLUX2_KW,
-        ),  # fmt: skip
-        Architecture(
-            "qwen-image",
-            "qwen-image",
-            {
-                "patch_size": 2,
-                "in_channels": 64,
-                "out_channels": 16,
-                "num_layers": 60,
-                "attention_head_dim": 128,
-                "num_attention_heads": 24,
-                "joint_attention_dim": 3584,
-                "guidance_embeds": False,
-                "axes_dims_rope": [16, 56, 56],
-            },
-            ("qwen2.5-vl-7b",),
-            text_tokens=512,
-            vae=QWEN_IMAGE_VAE,
-        ),  # fmt: skip
-        Architecture(
-            "z-image",
-            "z-image",
-            {
-                "all_patch_size": [2],
-                "all_f_patch_size": [1],
-                "in_channels": 16,
-                "dim": 3840,
-                "n_layers": 30,
-                "n_refiner_layers": 2,
-                "n_heads": 30,
-                "n_kv_heads": 30,
-                "norm_eps": 1e-5,
-                "qk_norm": True,
-                "cap_feat_dim": 2560,
-                "rope_theta": 256.0,
-                "t_scale": 1000.0,
-                "axes_dims": [32, 48, 48],
-                "axes_lens": [1024, 512, 512],
-            },
-            ("qwen3-4b-base",),
-            text_tokens=512,
-        ),  # fmt: skip
+            "qwen-image", "qwen-image", _QWEN_IMAGE, ("qwen2.5-vl-7b",), text_tokens=512, vae=QWEN_IMAGE_VAE
+        ),
+        Architecture("z-image", "z-image", _Z_IMAGE, ("qwen3-4b-base",), text_tokens=512),
     )
 }
 """Published configurations the planner knows the size of (weights, LoRA, optimizer state), but whose
