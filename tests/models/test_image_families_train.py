@@ -1,7 +1,7 @@
-"""FLUX.2 [klein], Z-Image (and the other new image families): `train dpo` and `train fdistill` on tiny models,
+"""FLUX.2 (dev, klein), Qwen-Image and Z-Image: `train dpo`, `train rwr` and `train fdistill` on tiny models,
 and what they export loads into the family's own diffusers pipeline with the same output.
 
-- DPO (LoRA): the exported ``final/lora`` goes through the pipeline's ``load_lora_weights``; its
+- DPO and RWR (LoRA): the exported ``final/lora`` goes through the pipeline's ``load_lora_weights``; its
   samples equal flowalign's samples of the merged ``final`` model (fp32, <= 1e-4; the merge
   W + s B A against the unmerged branch differs by rounding only, ~1e-7).
 - f-distill: the exported one-step generator ``final`` loads with the pipeline's ``from_pretrained``;
@@ -78,21 +78,25 @@ def _sample(pipe_or_model, family, **kw):
     ).images
 
 
+@pytest.mark.parametrize("method", ["dpo", "rwr"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_dpo_lora_loads_into_the_family_pipeline(tiny_model_dir, pairs_dir, tmp_path, family):
+def test_lora_loads_into_the_family_pipeline(tiny_model_dir, pairs_dir, tmp_path, family, method):
+    """Flow-DPO on the pairs, Flow-RWR on the scored candidates; both export a LoRA and the merged model."""
     base_dir = tiny_model_dir(family)
+    data = pairs_dir(family) / ("pairs.jsonl" if method == "dpo" else "candidates.jsonl")
     res = runner.invoke(
         app,
-        ["train", "dpo", "--model", str(base_dir), "--data", str(pairs_dir(family) / "pairs.jsonl")]
-        + ["--out", str(tmp_path / "dpo"), "--steps", "2", *COMMON]
+        ["train", method, "--model", str(base_dir), "--data", str(data)]
+        + ["--out", str(tmp_path / method), "--steps", "2", *COMMON]
         + ["--set", "lora.rank=4", "--set", "lora.alpha=8", "--set", "train.optim.lr=0.05"],
     )
     assert res.exit_code == 0, res.output
-    ours = _sample(FlowPipeline(load_flow_model(tmp_path / "dpo" / "final")), family, num_inference_steps=2)
+    final = tmp_path / method / "final"
+    ours = _sample(FlowPipeline(load_flow_model(final)), family, num_inference_steps=2)
     base = load_flow_model(base_dir)
     before = _sample(FlowPipeline(base), family, num_inference_steps=2)
     pipe = base.pipe
-    pipe.load_lora_weights(str(tmp_path / "dpo" / "final" / "lora"))
+    pipe.load_lora_weights(str(final / "lora"))
     theirs = _sample(pipe, family, num_inference_steps=2)
     assert (ours - before).abs().max() > 10 * TOL  # moved well past TOL: a dropped LoRA would fail below
     assert (ours - theirs).abs().max() <= TOL
