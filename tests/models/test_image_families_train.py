@@ -140,3 +140,23 @@ def test_fdistill_generator_loads_into_the_family_pipeline(tiny_model_dir, pairs
     teacher = _sample(OneStepPipeline(load_flow_model(base_dir), guidance_scale=1.0), family)
     assert (ours - teacher).abs().max() > 10 * TOL  # the generator moved away from the teacher
     assert (ours - theirs).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_model_loads_into_the_family_pipeline(tiny_model_dir, pairs_dir, tmp_path, family):
+    """Flow-matching SFT (full transformer) on the candidates: the saved model is the family's pipeline folder."""
+    base_dir = tiny_model_dir(family)
+    res = runner.invoke(
+        app,
+        ["train", "sft", "--model", str(base_dir), "--data", str(pairs_dir(family) / "candidates.jsonl")]
+        + ["--out", str(tmp_path / "sft"), "--steps", "2", *COMMON, "--set", "train.optim.lr=0.01"],
+    )
+    assert res.exit_code == 0, res.output
+    final = tmp_path / "sft" / "final"
+    ours = _sample(FlowPipeline(load_flow_model(final)), family, num_inference_steps=2)
+    before = _sample(FlowPipeline(load_flow_model(base_dir)), family, num_inference_steps=2)
+    theirs = _sample(
+        type(load_flow_model(base_dir).pipe).from_pretrained(str(final)), family, num_inference_steps=2
+    )
+    assert (ours - before).abs().max() > 10 * TOL
+    assert (ours - theirs).abs().max() <= TOL
