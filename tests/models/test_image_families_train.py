@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from stand_ins import registered_mean_pixel
 from typer.testing import CliRunner
 
 from flowalign.cli import app
@@ -102,35 +103,24 @@ def test_lora_loads_into_the_family_pipeline(tiny_model_dir, pairs_dir, tmp_path
     assert (ours - theirs).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("method", ["fdistill", "distar"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fdistill_generator_loads_into_the_family_pipeline(tiny_model_dir, pairs_dir, tmp_path, family):
+def test_one_step_generator_loads_into_the_family_pipeline(
+    tiny_model_dir, pairs_dir, tmp_path, family, method
+):
+    """f-distill on the candidates as real data; DI* data-free on the prompts with a mean-pixel reward."""
     base_dir = tiny_model_dir(family)
-    res = runner.invoke(
-        app,
-        [
-            "train",
-            "fdistill",
-            "--teacher",
-            str(base_dir),
-            "--out",
-            str(tmp_path / "fd"),
-            "--steps",
-            "2",
-            *COMMON,
-        ]
-        + ["--set", f"data.real_manifest={pairs_dir(family) / 'candidates.jsonl'}"]
-        + [
-            "--set",
-            f"method.height={SIZE}",
-            "--set",
-            f"method.width={SIZE}",
-            "--set",
-            "method.guidance_scale=1.0",
-        ]
-        + ["--set", "train.optim.lr=0.01"],
-    )
+    if method == "fdistill":
+        data = ["--set", f"data.real_manifest={pairs_dir(family) / 'candidates.jsonl'}"]
+    else:
+        (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
+        data = ["--set", f"data.prompts_file={tmp_path / 'prompts.txt'}", "--reward", registered_mean_pixel()]
+    args = ["train", method, "--teacher", str(base_dir), "--out", str(tmp_path / method), "--steps", "2"]
+    sizes = ["--set", f"method.height={SIZE}", "--set", f"method.width={SIZE}"]
+    settings = ["--set", "method.guidance_scale=1.0", "--set", "train.optim.lr=0.01"]
+    res = runner.invoke(app, [*args, *COMMON, *data, *sizes, *settings])
     assert res.exit_code == 0, res.output
-    final = tmp_path / "fd" / "final"
+    final = tmp_path / method / "final"
     ours = _sample(OneStepPipeline(final, guidance_scale=1.0), family)
     pipe = type(load_flow_model(base_dir).pipe).from_pretrained(str(final))
     # One step from t = 1 to 0 under any time shift; without the terminal stretch, which is 0/0 for
