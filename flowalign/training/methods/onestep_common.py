@@ -151,8 +151,8 @@ def find_blocks(transformer: nn.Module) -> nn.ModuleList:
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
             return blocks
     raise ValueError(
-        f"{type(transformer).__name__} has no 'transformer_blocks', 'blocks' or 'layers' list: the discriminator "
-        "needs a transformer teacher (SD3, FLUX, Wan or toy families)"
+        f"{type(transformer).__name__} has no 'transformer_blocks' or 'blocks' list (nor a 'layers' list): "
+        "the discriminator needs a transformer teacher (SD3, FLUX, FLUX.2, Qwen-Image, Wan, Z-Image or toy families)"
     )
 
 
