@@ -107,3 +107,18 @@ def test_encode_decode_round_trip_layout(tiny_model_dir, family):
     assert back.shape == images.shape and back.min() >= 0 and back.max() <= 1
     with pytest.raises(ValueError, match="height must be a positive multiple of 16"):
         model.check_size(40, 32)
+
+
+def test_prompt_cache_keeps_the_token_mask(tiny_model_dir, tmp_path):
+    """Z-Image's rows differ in length: the cache (memory and disk) returns each row's mask with its embeddings."""
+    from flowalign.training.cache import PromptEmbedCache
+
+    model = load_flow_model(tiny_model_dir("z-image"))
+    model.max_sequence_length = MAX_LEN
+    prompts = ["a red circle", "a much longer prompt about a large blue square", "x"]
+    ref, _ = model.encode_prompt([prompts[1], prompts[2]])
+    assert ref.mask.sum(1).tolist()[0] > ref.mask.sum(1).tolist()[1]
+    for cache_dir in (None, tmp_path / "cache"):
+        got = PromptEmbedCache.build(model, prompts, cache_dir=cache_dir, batch_size=2).lookup(prompts[1:])
+        assert got.mask.dtype == torch.bool and torch.equal(got.mask, ref.mask)
+        assert torch.equal(got.embeds, ref.embeds)  # the pipeline pads every prompt to max_sequence_length
