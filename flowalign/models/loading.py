@@ -16,10 +16,11 @@ from flowalign.models.flux import FluxModel
 from flowalign.models.sd3 import SD3Model
 from flowalign.models.toy import ToyModel
 from flowalign.models.wan import WanModel
+from flowalign.models.wan_i2v import WanI2VModel
 
 __all__ = ["BUILTIN_FAMILIES", "family_for", "load_flow_model", "registered_families"]
 
-BUILTIN_FAMILIES = (SD3Model, FluxModel, WanModel, ToyModel)
+BUILTIN_FAMILIES = (SD3Model, FluxModel, WanModel, WanI2VModel, ToyModel)
 """The families shipped with the package (importing their modules registered them)."""
 
 
