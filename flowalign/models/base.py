@@ -229,6 +229,12 @@ class FlowModel(ABC):
         return False
 
     @property
+    def training_t_span(self) -> tuple[float, float]:
+        """The t range training draws from, (0, 1) unless the trained network serves only part of
+        the trajectory (one Wan 2.2 A14B expert)."""
+        return (0.0, 1.0)
+
+    @property
     def requires_images(self) -> bool:
         """True where a condition image is mandatory (image-to-video, edit), not merely accepted."""
         return False

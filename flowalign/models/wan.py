@@ -80,6 +80,14 @@ class WanModel(FlowModel):
         )
 
     @property
+    def training_t_span(self) -> tuple[float, float]:
+        """Training one expert draws t in its range: [b, 1] (high) or [0, b] (low), b = boundary / 1000."""
+        if self._experts is None or _unwrap(self._experts).train_expert == "both":
+            return (0.0, 1.0)
+        b = self.boundary_timestep / self.pipe.scheduler.config.num_train_timesteps
+        return (b, 1.0) if _unwrap(self._experts).train_expert == "high" else (0.0, b)
+
+    @property
     def transformer(self) -> nn.Module:
         return self._experts if self._experts is not None else self.pipe.transformer
 

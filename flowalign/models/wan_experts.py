@@ -20,6 +20,7 @@ wrapper shares it).
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import torch
@@ -87,6 +88,13 @@ class TwoExpertTransformer(nn.Module):
         """Per sample: does the high-noise expert take it? ``timestep`` is ``[B]`` or per token ``[B, L]``."""
         per_sample = timestep.reshape(timestep.shape[0], -1).amax(dim=1) if timestep.ndim > 1 else timestep
         return per_sample >= self.boundary_timestep
+
+    def add_adapter(self, config: Any, adapter_name: str = "default") -> None:
+        """Attach a LoRA adapter (diffusers' ``add_adapter``) to each trained expert."""
+        for module in self.trained.values():
+            module.add_adapter(copy.deepcopy(config), adapter_name=adapter_name)
+
+    _hf_peft_config_loaded = False  # lets flowalign.models.lora.add_lora call add_adapter above
 
     def lora_parts(self) -> dict[str, nn.Module]:
         """LoRA file name -> the trained expert it holds (for :func:`flowalign.models.lora.save_lora`)."""

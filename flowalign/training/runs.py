@@ -19,6 +19,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -105,6 +106,17 @@ def load_training_model(
         spec, quantize_base, compute_dtype=dtypes["default"], device=device
     )
     return load_flow_model(spec, device=device, torch_dtype=dtypes, transformer=transformer)
+
+
+def select_train_expert(model: FlowModel, which: str) -> None:
+    """Point training at one expert of a two-expert model (Wan 2.2 A14B), or refuse for other models."""
+    setter = getattr(model, "set_train_expert", None)
+    if setter is not None:
+        setter(which)
+    elif which != "both":
+        raise ValueError(
+            f"train_expert={which!r} needs a two-expert model (Wan 2.2 A14B), not {model.family}"
+        )
 
 
 def cache_run_prompts(method, prompts: list[str], train: TrainConfig) -> None:
@@ -198,6 +210,9 @@ class DPORun:
     buckets: BucketConfig | None = None
     """Resize + center-crop every pair into an aspect-ratio bucket of about resolution² pixels (clips
     also to ``num_frames``), one bucket per global batch; null trains at file size (one size per pair)."""
+    train_expert: Literal["high", "low", "both"] = "both"
+    """Wan 2.2 A14B: which expert the run adapts, the high-noise one (timesteps >= boundary), the
+    low-noise one, or both; the other stays as loaded. Other models: ``both`` only."""
 
 
 @dataclass(kw_only=True)
@@ -253,7 +268,10 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         pair = self.pairs[i]
         check_same_size(pair.media_w, pair.media_l, source=pair.source)
-        return {"media_w": pair.media_w, "media_l": pair.media_l, "prompt": pair.prompt, "index": i}
+        item = {"media_w": pair.media_w, "media_l": pair.media_l, "prompt": pair.prompt, "index": i}
+        if pair.condition is not None:  # image-conditioned families: the pair's shared condition image
+            item["condition"] = pair.condition
+        return item
 
     def prompts(self) -> list[str]:
         return [self.pairs.prompt(i) for i in range(len(self.pairs))]
@@ -334,9 +352,10 @@ def prepare_dpo(run: DPORun) -> tuple[FlowDPO, PairDataset]:
     check_quantize_base(run.quantize_base, lora=run.lora)
     full = () if run.lora else ("transformer",)
     model = load_training_model(run.model, run.train, full=full, quantize_base=run.quantize_base)
+    select_train_expert(model, run.train_expert)
     method = FlowDPO(model, run.dpo, lora=run.lora)
     data = PairDataset(run.data, keep_ties=run.keep_ties, buckets=run.buckets)
-    if run.cache_prompts:
+    if run.cache_prompts and not model.takes_images:  # image conditions are encoded with their prompts
         cache_run_prompts(method, data.prompts(), run.train)
     return method, data
 

@@ -114,3 +114,41 @@ def test_wan22_ti2v_image_to_video_matches_diffusers(tiny_dir):
     }
     ours = FlowPipeline(model)(PROMPTS, image=image, generator=torch.Generator().manual_seed(7), **kwargs)
     check(ref["latent"], ref["pt"], ours)
+
+
+def _expert_calls(model, run):
+    """Which expert ("high"/"low") ran at each transformer call of ``run()``."""
+    calls = []
+    hooks = [
+        model.pipe.transformer.register_forward_hook(lambda *a: calls.append("high")),
+        model.pipe.transformer_2.register_forward_hook(lambda *a: calls.append("low")),
+    ]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+@pytest.mark.parametrize("name", ["wan22", "wan22-i2v"])
+def test_expert_at_each_step_is_diffusers_choice(tiny_dir, name):
+    model = load(tiny_dir, name)
+    image = {} if name == "wan22" else {"image": condition_image()}
+    kwargs = dict(num_inference_steps=6, guidance_scale=1.0, height=32, width=32, num_frames=5, **image)
+    theirs = _expert_calls(model, lambda: model.pipe(prompt=PROMPTS[:1], output_type="latent", **kwargs))
+    ours = _expert_calls(model, lambda: FlowPipeline(model)(PROMPTS[:1], output_type="latent", **kwargs))
+    assert theirs == ours and "high" in ours and "low" in ours  # the grid crosses the boundary
+    ts = model.time_grid(6, height=32, width=32, num_frames=5)[:-1]
+    assert ours == ["high" if 1000 * t >= model.boundary_timestep else "low" for t in ts.tolist()]
+
+
+def test_mixed_batch_runs_each_sample_through_its_expert(tiny_dir):
+    model = load(tiny_dir, "wan22")
+    cond, _ = model.encode_prompt(PROMPTS)
+    x = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.95, 0.3])  # one sample on each side of the 0.875 boundary
+    both = model.velocity(x, t, cond)
+    for i, expert in enumerate([model.pipe.transformer, model.pipe.transformer_2]):
+        alone = model.velocity(x[i : i + 1], t[i : i + 1], cond.index([i]), net=expert)
+        assert (both[i : i + 1] - alone).abs().max() <= TOL

@@ -106,7 +106,7 @@ class FlowRWR(CachedPrompts, Method):
             with torch.no_grad():
                 x0 = self.model.encode_media(batch["pixels"])
         noise = ctx.randn_like(x0, ids, key="noise")
-        t = sample_training_t(self.config.time, ids, ctx)
+        t = sample_training_t(self.config.time, ids, ctx, span=self.model.training_t_span)
         x_t = flow.interpolate(x0, noise, t)
         prompts = drop_captions(batch["prompt"], ids, ctx, self.config.caption_dropout)
         cond = self.condition(prompts, x0.device)

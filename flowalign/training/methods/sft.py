@@ -89,7 +89,7 @@ class FlowMatchingSFT(Method):
         return x0, drop_captions(batch["prompt"], ids, ctx, self.config.caption_dropout)
 
     def sample_t(self, ids: Tensor, ctx: StepContext) -> Tensor:
-        return sample_training_t(self.config, ids, ctx)
+        return sample_training_t(self.config, ids, ctx, span=self.model.training_t_span)
 
     def compute_loss(self, batch: dict, ctx: StepContext, group: str):
         ids = batch["index"]
