@@ -152,3 +152,17 @@ def test_mixed_batch_runs_each_sample_through_its_expert(tiny_dir):
     for i, expert in enumerate([model.pipe.transformer, model.pipe.transformer_2]):
         alone = model.velocity(x[i : i + 1], t[i : i + 1], cond.index([i]), net=expert)
         assert (both[i : i + 1] - alone).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("name", ["wan-i2v", "wan22-i2v", "wan22", "wan22-ti2v"])
+def test_bf16_generation_runs(tiny_dir, name):
+    model = load_flow_model(tiny_dir(name), torch_dtype=torch.bfloat16)
+    model.max_sequence_length = 16
+    assert model.pipe.text_encoder.dtype == torch.bfloat16 and model.pipe.vae.dtype == torch.float32
+    side = 64 if name == "wan22-ti2v" else 32
+    image = {} if name == "wan22" else {"image": condition_image(3, side)}
+    out = FlowPipeline(model)(
+        PROMPTS, num_inference_steps=2, height=side, width=side, num_frames=5, guidance_scale=5.0, **image
+    )
+    assert out.latents.dtype == torch.float32 and torch.isfinite(out.latents).all()
+    assert out.media.shape == (2, 5, 3, side, side) and torch.isfinite(out.media).all()
