@@ -38,6 +38,27 @@ WAN_VAE = {
     "class": "AutoencoderKLWan",
     "config": {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2},
 }
+# Wan2.2-TI2V-5B-Diffusers vae/config.json: the 48-channel residual VAE; its 2x2 patchify (12 = 3 x 2 x 2
+# input channels) on top of the 8x convolutional downsampling makes latents 16x smaller per side.
+WAN22_VAE = {
+    "class": "AutoencoderKLWan",
+    "config": {
+        "base_dim": 160,
+        "decoder_base_dim": 256,
+        "z_dim": 48,
+        "dim_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "temperal_downsample": [False, True, True],
+        "is_residual": True,
+        "in_channels": 12,
+        "out_channels": 12,
+        "patch_size": 2,
+        "scale_factor_spatial": 16,
+        "scale_factor_temporal": 4,
+        "latents_mean": [0.0] * 48,  # the published 48 statistics; they carry no parameters
+        "latents_std": [1.0] * 48,
+    },
+}
 
 _CLIP_L = {
     "vocab_size": 49408,
@@ -97,6 +118,9 @@ class Architecture:
     temporal_stride: int = 1
     """Frames per latent frame after the first (Wan: 4; images: 1)."""
     latent_channels: int = 16
+    experts: int = 1
+    """Transformers of this config the pipeline holds (Wan 2.2 A14B: 2, switched at the boundary
+    timestep; ``transformer`` above is each expert's config and the counts are per expert)."""
 
     @property
     def hidden(self) -> int:
@@ -227,6 +251,68 @@ ARCHITECTURES: dict[str, Architecture] = {
             vae=WAN_VAE,
             vae_dtype="fp32",
             temporal_stride=4,
+        ),
+        # Wan 2.2 and image-to-video, from the ``transformer/config.json`` (and ``model_index.json``) of
+        # Wan-AI/Wan2.2-T2V-A14B-Diffusers, Wan2.2-I2V-A14B-Diffusers, Wan2.1-I2V-14B-480P-Diffusers and
+        # Wan2.2-TI2V-5B-Diffusers.
+        Architecture(
+            "wan2.2-t2v-a14b",  # boundary_ratio 0.875; transformer_2 has the same config
+            "wan",
+            {**_WAN_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
+            ("umt5-xxl",),
+            text_tokens=512,
+            vae=WAN_VAE,
+            vae_dtype="fp32",
+            temporal_stride=4,
+            experts=2,
+        ),
+        Architecture(
+            "wan2.2-i2v-a14b",  # boundary_ratio 0.9; 36 = 16 noisy + 4 mask + 16 condition channels
+            "wan",
+            {**_WAN_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40, "in_channels": 36},
+            ("umt5-xxl",),
+            text_tokens=512,
+            vae=WAN_VAE,
+            vae_dtype="fp32",
+            temporal_stride=4,
+            experts=2,
+        ),
+        Architecture(
+            "wan2.1-i2v-14b",  # plus a CLIP ViT-H/14 image encoder (its 257 tokens of width 1280), not counted
+            "wan",
+            {
+                **_WAN_COMMON,
+                "num_attention_heads": 40,
+                "ffn_dim": 13824,
+                "num_layers": 40,
+                "in_channels": 36,
+                "image_dim": 1280,
+                "added_kv_proj_dim": 5120,
+            },
+            ("umt5-xxl",),
+            text_tokens=512,
+            vae=WAN_VAE,
+            vae_dtype="fp32",
+            temporal_stride=4,
+        ),
+        Architecture(
+            "wan2.2-ti2v-5b",  # expand_timesteps: per-token timesteps, text- and image-to-video
+            "wan",
+            {
+                **_WAN_COMMON,
+                "num_attention_heads": 24,
+                "ffn_dim": 14336,
+                "num_layers": 30,
+                "in_channels": 48,
+                "out_channels": 48,
+            },
+            ("umt5-xxl",),
+            text_tokens=512,
+            vae=WAN22_VAE,
+            vae_dtype="fp32",
+            spatial_stride=16,
+            temporal_stride=4,
+            latent_channels=48,
         ),
     )
 }
