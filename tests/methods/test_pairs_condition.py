@@ -1,0 +1,55 @@
+"""`pairs` on an image-to-video model: candidates sampled from each prompt's image, pairs naming it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from flowalign.data.media import load_image
+from flowalign.data.preference import load_preference_dataset
+from flowalign.models import load_flow_model
+from flowalign.models.tiny_conditioned import save_tiny_conditioned
+from flowalign.pipelines import FlowPipeline
+from flowalign.workflows.pairs import PairsConfig, build_pairs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _brightness(media, prompts):
+    return {"overall": media.flatten(1).float().mean(1)}
+
+
+def test_pairs_carry_each_prompts_condition_image(tmp_path, monkeypatch):
+    model = load_flow_model(save_tiny_conditioned("wan22-i2v", tmp_path / "model"))
+    model.max_sequence_length = 16
+    images = []
+    for i in range(2):
+        pixels = np.random.default_rng(i).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+        PIL.Image.fromarray(pixels).save(tmp_path / f"c{i}.png")
+        images.append(tmp_path / f"c{i}.png")
+    seen = []
+    real_call = FlowPipeline.__call__
+
+    def spy(self, prompt, **kwargs):
+        seen.extend(zip(prompt, (np.asarray(im) for im in kwargs["image"]), strict=True))
+        return real_call(self, prompt, **kwargs)
+
+    monkeypatch.setattr(FlowPipeline, "__call__", spy)
+    config = PairsConfig(
+        num_candidates=2, num_inference_steps=2, height=32, width=32, num_frames=5, video_ext=".npy"
+    )
+    prompts = ["a red ball rolls", "a blue box falls"]
+    _, chosen = build_pairs(
+        model, prompts, _brightness, tmp_path / "p", config, progress=False, images=images
+    )
+    assert len(chosen) == 2
+    want = {p: np.asarray(PIL.Image.open(im).convert("RGB")) for p, im in zip(prompts, images, strict=True)}
+    assert len(seen) == 4 and all(np.array_equal(pixels, want[p]) for p, pixels in seen)
+    rows = [json.loads(line) for line in (tmp_path / "p" / "pairs.jsonl").read_text().splitlines()]
+    assert [r["image"] for r in rows] == ["conditions/000000.png", "conditions/000001.png"]
+    data = load_preference_dataset(tmp_path / "p" / "pairs.jsonl")
+    for i in range(2):  # the dataset's condition is the prompt's image, losslessly
+        assert (data[i].condition - load_image(images[i])).abs().max() == 0
