@@ -53,3 +53,46 @@ def test_pairs_carry_each_prompts_condition_image(tmp_path, monkeypatch):
     data = load_preference_dataset(tmp_path / "p" / "pairs.jsonl")
     for i in range(2):  # the dataset's condition is the prompt's image, losslessly
         assert (data[i].condition - load_image(images[i])).abs().max() == 0
+
+
+def test_eval_samples_each_prompt_from_its_image(tmp_path, monkeypatch):
+    from stand_ins import registered_mean_pixel
+
+    from flowalign.evals import EvalOptions, run_eval
+    from flowalign.pipelines.generate_files import GenerationSettings
+
+    model_dir = save_tiny_conditioned("wan-i2v", tmp_path / "model")
+    for i in range(2):
+        pixels = np.random.default_rng(i).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+        PIL.Image.fromarray(pixels).save(tmp_path / f"c{i}.png")
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt,image\na red ball rolls,c0.png\na blue box falls,c1.png\n")
+    seen = []
+    real_call = FlowPipeline.__call__
+
+    def spy(self, prompt, **kwargs):
+        seen.extend(zip(prompt, (np.asarray(im) for im in kwargs["image"]), strict=True))
+        return real_call(self, prompt, **kwargs)
+
+    monkeypatch.setattr(FlowPipeline, "__call__", spy)
+    size = dict(height=32, width=32, num_frames=5)
+    options = EvalOptions(settings=GenerationSettings(num_inference_steps=2, **size), num_resamples=20)
+    result = run_eval(
+        {"m": model_dir},
+        str(prompts),
+        [registered_mean_pixel()],
+        out_dir=tmp_path / "eval",
+        options=options,
+        render=False,
+        progress=False,
+    )
+    assert result.failures == [] and result.report["timings"]["num_samples"] == 2
+    want = {
+        "a red ball rolls": np.asarray(PIL.Image.open(tmp_path / "c0.png").convert("RGB")),
+        "a blue box falls": np.asarray(PIL.Image.open(tmp_path / "c1.png").convert("RGB")),
+    }
+    assert len(seen) == 2 and all(np.array_equal(pixels, want[p]) for p, pixels in seen)
+    saved = (tmp_path / "eval" / "prompts" / "prompts.jsonl").read_text().splitlines()
+    assert [json.loads(line)["image"] for line in saved] == [
+        str((tmp_path / f"c{i}.png").resolve()) for i in range(2)
+    ]
