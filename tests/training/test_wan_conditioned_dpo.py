@@ -42,7 +42,7 @@ def _png(path, seed):
     PIL.Image.fromarray(pixels).save(path)
 
 
-def write_pairs(folder, *, condition_b_seed=None) -> tuple:
+def write_pairs(folder, *, condition_b_seed=None, condition=True) -> tuple:
     """pairs.jsonl of two 5-frame 32x32 video pairs; each row names its condition image, per member
     when ``condition_b_seed`` is given (then row 2's B member names a different image)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,9 @@ def write_pairs(folder, *, condition_b_seed=None) -> tuple:
             np.save(folder / f"{i}{side}.npy", rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8))
         _png(folder / f"cond{i}.png", i)
         row = {"prompt": f"a moving shape {i}", "path_A": f"{i}A.npy", "path_B": f"{i}B.npy", "label": "A"}
-        if condition_b_seed is None:
+        if not condition:
+            pass
+        elif condition_b_seed is None:
             row["image"] = f"cond{i}.png"
         else:
             other = f"cond{i}.png"
@@ -173,3 +175,27 @@ def test_dpo_ti2v_5b_image_to_video_lora_loads_into_diffusers(tiny_dir, tmp_path
     i2v = WanImageToVideoPipeline(**base.pipe.components, expand_timesteps=True)
     i2v.set_progress_bar_config(disable=True)
     assert (_diffusers(i2v, image) - ours.media).abs().max() <= TOL
+
+
+def test_dpo_wan22_a14b_text_to_video_trains_the_high_expert(tiny_dir, tmp_path):
+    data, _ = write_pairs(tmp_path / "data", condition=False)
+    run = _dpo(tiny_dir("wan22"), data, tmp_path / "run", train_expert="high")
+    run.lora.export_merged = False
+    method, dataset = prepare_dpo(run)
+    model = method.model
+    assert model.training_t_span == (0.875, 1.0)
+    model.max_sequence_length = 16
+    result = train(method, dataset, run.train, progress=False, run_config=run)
+    assert result.step == 2 and np.isfinite(result.metrics["loss"])
+    model.eval()
+    kwargs = dict(generator=torch.Generator().manual_seed(3), **GEN)
+    ours = FlowPipeline(model)(["a moving shape 0"], **kwargs).media
+    base = load_flow_model(tiny_dir("wan22"))
+    base.pipe.load_lora_weights(result.export_dir / "lora")
+    theirs = base.pipe(
+        prompt=["a moving shape 0"],
+        output_type="pt",
+        max_sequence_length=16,
+        **{**kwargs, "generator": torch.Generator().manual_seed(3)},
+    ).frames
+    assert (theirs - ours).abs().max() <= TOL
