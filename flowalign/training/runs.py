@@ -32,6 +32,7 @@ from flowalign.files import read_jsonl
 from flowalign.models import load_flow_model
 from flowalign.models.base import FlowModel
 from flowalign.models.quantize import QuantizeBase, check_quantize_base, load_quantized_transformer
+from flowalign.training.conditions import load_candidate_conditions, select_train_expert
 from flowalign.training.loop import TrainResult, train
 from flowalign.training.methods.dpo import DPOConfig, FlowDPO
 from flowalign.training.methods.latent_reward import LatentRewardTrainingConfig
@@ -106,17 +107,6 @@ def load_training_model(
         spec, quantize_base, compute_dtype=dtypes["default"], device=device
     )
     return load_flow_model(spec, device=device, torch_dtype=dtypes, transformer=transformer)
-
-
-def select_train_expert(model: FlowModel, which: str) -> None:
-    """Point training at one expert of a two-expert model (Wan 2.2 A14B), or refuse for other models."""
-    setter = getattr(model, "set_train_expert", None)
-    if setter is not None:
-        setter(which)
-    elif which != "both":
-        raise ValueError(
-            f"train_expert={which!r} needs a two-expert model (Wan 2.2 A14B), not {model.family}"
-        )
 
 
 def cache_run_prompts(method, prompts: list[str], train: TrainConfig) -> None:
@@ -229,6 +219,8 @@ class RWRRun:
     lora: LoraConfig | None = field(default_factory=LoraConfig)
     quantize_base: QuantizeBase | None = None
     """``int8`` / ``nf4``: a bitsandbytes-quantized frozen transformer base (see :attr:`DPORun.quantize_base`)."""
+    train_expert: Literal["high", "low", "both"] = "both"
+    """Wan 2.2 A14B: which expert the run adapts (see :attr:`DPORun.train_expert`)."""
     cache_prompts: bool = True
     """Encode each distinct prompt once before training (see :attr:`DPORun.cache_prompts`)."""
 
@@ -366,9 +358,11 @@ def run_rwr(run: RWRRun, *, resume: bool = False, progress: bool = True) -> Trai
     full = () if run.lora else ("transformer",)
     model = load_training_model(run.model, run.train, full=full, quantize_base=run.quantize_base)
     media, prompts, rewards = load_candidates(run.data, run.reward_key)
-    data = WeightedSamples(media, prompts, rewards, run.rwr)
+    conditions, images = load_candidate_conditions(run.data)
+    data = WeightedSamples(media, prompts, rewards, run.rwr, conditions=conditions, images=images)
+    select_train_expert(model, run.train_expert)
     method = FlowRWR(model, run.rwr, lora=run.lora)
-    if run.cache_prompts:
+    if run.cache_prompts and not model.takes_images:
         cache_run_prompts(method, prompts, run.train)
     return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
 

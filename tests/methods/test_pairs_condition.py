@@ -96,3 +96,59 @@ def test_eval_samples_each_prompt_from_its_image(tmp_path, monkeypatch):
     assert [json.loads(line)["image"] for line in saved] == [
         str((tmp_path / f"c{i}.png").resolve()) for i in range(2)
     ]
+
+
+def test_rwr_on_conditioned_candidates_lora_loads_into_diffusers(tmp_path):
+    import torch
+
+    from flowalign.config import LoraConfig, OptimConfig, TrainConfig
+    from flowalign.training.runs import RWRRun, run_rwr
+
+    model_dir = save_tiny_conditioned("wan22-i2v", tmp_path / "model")
+    model = load_flow_model(model_dir)
+    model.max_sequence_length = 16
+    images = []
+    for i in range(2):
+        pixels = np.random.default_rng(i).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+        PIL.Image.fromarray(pixels).save(tmp_path / f"c{i}.png")
+        images.append(tmp_path / f"c{i}.png")
+    config = PairsConfig(
+        num_candidates=2, num_inference_steps=1, height=32, width=32, num_frames=5, video_ext=".npy"
+    )
+    build_pairs(
+        model, ["a ball", "a box"], _brightness, tmp_path / "p", config, progress=False, images=images
+    )
+    train_cfg = TrainConfig(
+        output_dir=tmp_path / "run",
+        max_steps=2,
+        batch_size=2,
+        cpu=True,
+        trackers=[],
+        optim=OptimConfig(lr=1e-2),
+    )
+    run = RWRRun(
+        model=str(model_dir),
+        data=str(tmp_path / "p" / "candidates.jsonl"),
+        train=train_cfg,
+        lora=LoraConfig(rank=4, export_merged=False),
+        train_expert="low",
+    )
+    result = run_rwr(run, progress=False)
+    assert result.step == 2 and np.isfinite(result.metrics["loss"])
+    assert [f.name for f in (result.export_dir / "lora").iterdir()] == ["pytorch_lora_weights_2.safetensors"]
+    gen = dict(num_inference_steps=2, guidance_scale=5.0, height=32, width=32, num_frames=5)
+    image = PIL.Image.open(images[0]).convert("RGB")
+    base = load_flow_model(model_dir)
+    base.pipe.load_lora_weights(
+        result.export_dir / "lora",
+        weight_name="pytorch_lora_weights_2.safetensors",
+        load_into_transformer_2=True,
+    )
+    theirs = base.pipe(
+        prompt=["a ball"], image=image, generator=torch.Generator().manual_seed(3), output_type="pt",
+        max_sequence_length=16, **gen,
+    ).frames  # fmt: skip
+    plain = FlowPipeline(model)(
+        ["a ball"], image=image, generator=torch.Generator().manual_seed(3), **gen
+    ).media
+    assert (theirs - plain).abs().max() > 1e-3  # the exported low-noise LoRA changes the video
