@@ -119,7 +119,8 @@ def cache_run_prompts(method, prompts: list[str], train: TrainConfig) -> None:
 
 
 class ManifestDataset(Dataset):
-    """Media + prompts listed in a manifest.jsonl ({"file" or "path", "prompt"}, paths relative to it)."""
+    """Media + prompts listed in a manifest.jsonl ({"file" or "path", "prompt"}, paths relative to it);
+    an ``"image"`` on every row is each sample's condition image (image-conditioned families)."""
 
     def __init__(self, manifest: str | Path):
         self.manifest = Path(manifest)
@@ -137,7 +138,12 @@ class ManifestDataset(Dataset):
             path = resolve_data_path(
                 self.manifest.parent, file, source=self.manifest, where=where, key="file"
             )
-            self.rows.append((path, prompt, where))
+            image = row.get("image")
+            if image is not None:
+                image = resolve_data_path(
+                    self.manifest.parent, image, source=self.manifest, where=where, key="image"
+                )
+            self.rows.append((path, prompt, where, image))
         if not self.rows:
             raise DataError(self.manifest, "has no rows")
 
@@ -145,9 +151,12 @@ class ManifestDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        path, prompt, where = self.rows[i]
+        path, prompt, where, image = self.rows[i]
         pixels = load_row_media(path, source=self.manifest, where=where, key="file")
-        return {"pixels": pixels, "prompt": prompt, "index": i}
+        item = {"pixels": pixels, "prompt": prompt, "index": i}
+        if image is not None:
+            item["condition"] = load_row_media(image, source=self.manifest, where=where, key="image")
+        return item
 
 
 def sft_dataset(spec: str, kind: str, *, num_items: int, seed: int) -> Dataset:

@@ -152,3 +152,26 @@ def test_rwr_on_conditioned_candidates_lora_loads_into_diffusers(tmp_path):
         ["a ball"], image=image, generator=torch.Generator().manual_seed(3), **gen
     ).media
     assert (theirs - plain).abs().max() > 1e-3  # the exported low-noise LoRA changes the video
+
+
+def test_sft_manifest_with_condition_images(tmp_path):
+    from flowalign.config import TrainConfig
+    from flowalign.training.runs import SFTRun, run_sft
+
+    model_dir = save_tiny_conditioned("wan-i2v", tmp_path / "model")
+    rows = []
+    for i in range(2):
+        frames = np.random.default_rng(i).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+        np.save(tmp_path / f"v{i}.npy", frames)
+        PIL.Image.fromarray(frames[0]).save(tmp_path / f"v{i}.png")  # the clip's first frame
+        rows.append({"file": f"v{i}.npy", "prompt": f"clip {i}", "image": f"v{i}.png"})
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(output_dir=tmp_path / "run", max_steps=1, batch_size=2, cpu=True, trackers=[])
+    result = run_sft(SFTRun(model=str(model_dir), data=str(manifest), train=cfg), progress=False)
+    assert result.step == 1 and np.isfinite(result.metrics["loss"])
+    without = tmp_path / "plain.jsonl"  # an image-to-video model refuses samples without their image
+    without.write_text("".join(json.dumps({k: r[k] for k in ("file", "prompt")}) + "\n" for r in rows))
+    cfg.output_dir = tmp_path / "run2"
+    with pytest.raises(ValueError, match="condition image"):
+        run_sft(SFTRun(model=str(model_dir), data=str(without), train=cfg), progress=False)

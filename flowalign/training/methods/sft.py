@@ -76,6 +76,8 @@ class FlowMatchingSFT(Method):
         }
         key = "latents" if "latents" in items[0] else "pixels"
         batch[key] = torch.stack([item[key] for item in items])
+        if "condition" in items[0]:  # image-conditioned families: each sample's condition image
+            batch["condition"] = [item["condition"] for item in items]
         return batch
 
     def encode(self, batch: dict, ctx: StepContext) -> tuple[Tensor, list[str]]:
@@ -99,8 +101,12 @@ class FlowMatchingSFT(Method):
             if self.config.train_text_encoder
             else nullcontext()
         )
+        extra = {}
+        if batch.get("condition") is not None:
+            height, width, frames = self.model.media_size(x0.shape)
+            extra = dict(images=list(batch["condition"]), height=height, width=width, num_frames=frames)
         with swap, torch.set_grad_enabled(self.config.train_text_encoder):
-            cond, _ = self.model.encode_prompt(prompts)
+            cond, _ = self.model.encode_prompt(prompts, **extra)
         noise = ctx.randn_like(x0, ids, key="noise")
         t = self.sample_t(ids, ctx)
         x_t = flow.interpolate(x0, noise, t)
