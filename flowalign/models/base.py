@@ -282,7 +282,12 @@ class FlowModel(ABC):
     def encode_prompt(
         self, prompts: list[str], *, negative_prompts: list[str] | None = None, with_uncond: bool = False
     ) -> tuple[PromptEmbeds, PromptEmbeds | None]:
-        """Encode prompts; with ``with_uncond`` also the negative (or empty) prompts for CFG."""
+        """Encode prompts; with ``with_uncond`` also the negative (or empty) prompts for CFG.
+
+        Families with :attr:`takes_images` also accept ``images`` (one condition image per prompt)
+        and the target ``height``, ``width`` and ``num_frames``: the image fields of the returned
+        :class:`PromptEmbeds` (both branches: CFG keeps the image in the unconditional pass too).
+        """
 
     @abstractmethod
     def latent_shape(self, batch_size: int, height: int, width: int, num_frames: int = 1) -> tuple[int, ...]:
