@@ -199,3 +199,26 @@ def test_dpo_wan22_a14b_text_to_video_trains_the_high_expert(tiny_dir, tmp_path)
         **{**kwargs, "generator": torch.Generator().manual_seed(3)},
     ).frames
     assert (theirs - ours).abs().max() <= TOL
+
+
+def test_expert_loras_convert_to_comfyui_one_file_each(tmp_path):
+    from flowalign.models.lora import add_lora, save_lora
+    from flowalign.models.tiny_conditioned import tiny_wan22_i2v_pipeline
+    from flowalign.models.wan_i2v import WanI2VModel
+    from flowalign.training.lora_comfyui import convert_wan_lora_to_comfyui
+
+    model = WanI2VModel(tiny_wan22_i2v_pipeline())
+    model.set_train_expert("low")
+    add_lora(model.transformer, LoraConfig(rank=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    save_lora(model.transformer, tmp_path / "lora")
+    assert [p.name for p in (tmp_path / "lora").iterdir()] == [LORA_WEIGHT_NAMES["low"]]
+    with pytest.raises(FileNotFoundError, match="low-noise expert"):
+        convert_wan_lora_to_comfyui(tmp_path / "lora", tmp_path / "low.safetensors")
+    out = convert_wan_lora_to_comfyui(
+        tmp_path / "lora" / LORA_WEIGHT_NAMES["low"], tmp_path / "low.safetensors"
+    )
+    from safetensors.torch import load_file
+
+    keys = load_file(str(out))
+    assert len(keys) == 2 * 4 * 2 * 2  # 2 blocks x 4 projections x 2 attentions x (down, up)
+    assert all(k.startswith("diffusion_model.blocks.") for k in keys)
