@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("planning",),  # memory plans from the published architectures and the training recipes
     ("workflows",),  # sample -> score -> pair
     ("evals",),
+    ("sharing",),  # model cards and the push of a run to the Hub
     ("experiments",),  # the toy experiments and the demo
     ("cli", "__main__"),
 ]

@@ -18,6 +18,9 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML recipe (e
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config key: --set train.optim.lr=1e-4")
 ]
+NoT5Opt = Annotated[
+    bool, typer.Option("--no-t5", help="SD3/SD3.5: train without the T5 text encoder (drop_t5: true).")
+]
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.")
 ]
@@ -49,12 +52,14 @@ def train_sft(
     ] = None,
     out: OutOpt = None,
     steps: StepsOpt = None,
+    no_t5: NoT5Opt = False,
     resume: ResumeOpt = False,
 ) -> None:
     """Flow-matching fine-tuning (pretrains the toy base models)."""
     from flowalign.training.runs import SFTRun, run_sft
 
-    _run_training(SFTRun, run_sft, config, set_, resume, {"model": model, "data": data}, out=out, steps=steps)
+    overrides = {"model": model, "data": data, "drop_t5": no_t5 or None}
+    _run_training(SFTRun, run_sft, config, set_, resume, overrides, out=out, steps=steps)
 
 
 @train_app.command("dpo")
@@ -68,12 +73,13 @@ def train_dpo(
     out: OutOpt = None,
     steps: StepsOpt = None,
     beta: Annotated[float | None, typer.Option(help="DPO beta (mean-reduced errors).")] = None,
+    no_t5: NoT5Opt = False,
     resume: ResumeOpt = False,
 ) -> None:
     """Flow-DPO preference fine-tuning (LoRA by default; --set lora=null for a full fine-tune)."""
     from flowalign.training.runs import DPORun, run_dpo
 
-    overrides = {"model": model, "data": data, "dpo.beta": beta}
+    overrides = {"model": model, "data": data, "dpo.beta": beta, "drop_t5": no_t5 or None}
     _run_training(DPORun, run_dpo, config, set_, resume, overrides, out=out, steps=steps)
 
 
@@ -86,6 +92,7 @@ def train_rwr(
     out: OutOpt = None,
     steps: StepsOpt = None,
     temperature: Annotated[float | None, typer.Option(help="RWR temperature beta.")] = None,
+    no_t5: NoT5Opt = False,
     resume: ResumeOpt = False,
 ) -> None:
     """Flow-RWR: reward-weighted flow matching on scored samples."""
@@ -95,6 +102,7 @@ def train_rwr(
         "model": model,
         "data": data,
         "rwr.temperature": temperature,
+        "drop_t5": no_t5 or None,
     }
     _run_training(RWRRun, run_rwr, config, set_, resume, overrides, out=out, steps=steps)
 

@@ -63,8 +63,9 @@ class FlowPipeline:
     """Generate images or videos from prompts with any :class:`FlowModel`.
 
     Argument names follow diffusers' pipelines. Guidance: for ordinary models ``guidance_scale``
-    is classifier-free guidance (1 = off); for guidance-distilled models (FLUX.1-dev) it is the
-    embedded guidance input and ``true_cfg_scale`` turns on real CFG with the negative prompt.
+    is classifier-free guidance (1 = off); for FLUX, as in ``FluxPipeline``, it is the embedded
+    guidance input of guidance-distilled models (FLUX.1-dev), unused by FLUX.1-schnell, and
+    ``true_cfg_scale`` turns on real CFG with the negative prompt.
     ``image`` is the condition image of image-conditioned families (image-to-video, edit): one per
     prompt or one for all, a PIL image or a float ``[3, H, W]`` tensor in [0, 1].
     ``velocity_transforms`` wrap the guided velocity (reward guidance plugs in here). The model
@@ -113,8 +114,9 @@ class FlowPipeline:
         if output_type not in ("pt", "latent"):
             raise ValueError(f"output_type must be 'pt' or 'latent', got {output_type!r}")
 
-        if model.uses_guidance_embedding:
-            embedded, cfg_scale = scale, true_cfg_scale
+        if not model.guidance_scale_is_cfg:
+            embedded = scale if model.uses_guidance_embedding else None
+            cfg_scale = true_cfg_scale
             use_cfg = cfg_scale > 1.0 and negatives is not None
         else:
             embedded, cfg_scale = None, scale

@@ -67,7 +67,10 @@ class FlowMatchingSFT(Method):
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         trainable = set(map(id, self.trainable_modules().values()))
-        return {k: v for k, v in self.model.modules().items() if id(v) not in trainable}
+        offloaded = {"vae"} if getattr(self, "media_cached", False) else set()  # latents cached
+        return {
+            k: v for k, v in self.model.modules().items() if id(v) not in trainable and k not in offloaded
+        }
 
     def collate(self, items: list[dict]) -> dict:
         batch = {
