@@ -94,6 +94,11 @@ class TwoExpertTransformer(nn.Module):
         for module in self.trained.values():
             module.add_adapter(copy.deepcopy(config), adapter_name=adapter_name)
 
+    def set_attention_backend(self, backend: str) -> None:
+        """diffusers' attention-backend switch, on both experts (trained and held)."""
+        for name in EXPERTS:
+            self.expert(name).set_attention_backend(backend)
+
     _hf_peft_config_loaded = False  # lets flowalign.models.lora.add_lora call add_adapter above
 
     def lora_parts(self) -> dict[str, nn.Module]:
