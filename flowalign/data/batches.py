@@ -34,6 +34,9 @@ class PromptBatch:
     """One prompt per sample."""
     index: Tensor
     """[B] int64 dataset positions: the ``sample_ids`` of every per-sample random draw."""
+    condition: list | None = None
+    """One condition image per sample (image-to-video, edit families), as the dataset gives it; a
+    preference pair's two members share theirs. None for text-only data."""
 
     def __len__(self) -> int:
         return len(self.prompt)
@@ -54,7 +57,9 @@ class PromptBatch:
 
     @classmethod
     def _tensor_keys(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("prompt", "index"))
+        return tuple(
+            f.name for f in dataclasses.fields(cls) if f.name not in ("prompt", "index", "condition")
+        )
 
     @classmethod
     def collate(cls, items: Sequence[Mapping[str, Any]]) -> Self:
@@ -76,6 +81,8 @@ class PromptBatch:
         }
         for key in present:
             fields[key] = torch.stack([torch.as_tensor(item[key]) for item in items])
+        if "condition" in items[0]:
+            fields["condition"] = [item["condition"] for item in items]
         return cls._checked(fields)
 
     @classmethod

@@ -27,7 +27,8 @@ __all__ = ["ManifestDataset", "PairDataset", "VideoFolderDataset"]
 
 
 class ManifestDataset(Dataset):
-    """Media + prompts listed in a manifest.jsonl ({"file" or "path", "prompt"}, paths relative to it)."""
+    """Media + prompts listed in a manifest.jsonl ({"file" or "path", "prompt"}, paths relative to it);
+    an ``"image"`` on every row is each sample's condition image (image-conditioned families)."""
 
     def __init__(self, manifest: str | Path):
         self.manifest = Path(manifest)
@@ -45,7 +46,12 @@ class ManifestDataset(Dataset):
             path = resolve_data_path(
                 self.manifest.parent, file, source=self.manifest, where=where, key="file"
             )
-            self.rows.append((path, prompt, where))
+            image = row.get("image")
+            if image is not None:
+                image = resolve_data_path(
+                    self.manifest.parent, image, source=self.manifest, where=where, key="image"
+                )
+            self.rows.append((path, prompt, where, image))
         if not self.rows:
             raise DataError(self.manifest, "has no rows")
 
@@ -53,12 +59,15 @@ class ManifestDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        path, prompt, where = self.rows[i]
+        path, prompt, where, image = self.rows[i]
         pixels = load_row_media(path, source=self.manifest, where=where, key="file")
-        return {"pixels": pixels, "prompt": prompt, "index": i}
+        item = {"pixels": pixels, "prompt": prompt, "index": i}
+        if image is not None:
+            item["condition"] = load_row_media(image, source=self.manifest, where=where, key="image")
+        return item
 
     def prompts(self) -> list[str]:
-        return [prompt for _, prompt, _ in self.rows]
+        return [row[1] for row in self.rows]
 
 
 class PairDataset(Dataset):
@@ -94,7 +103,10 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         pair = self.pairs[i]
         check_same_size(pair.media_w, pair.media_l, source=pair.source)
-        return {"media_w": pair.media_w, "media_l": pair.media_l, "prompt": pair.prompt, "index": i}
+        item = {"media_w": pair.media_w, "media_l": pair.media_l, "prompt": pair.prompt, "index": i}
+        if pair.condition is not None:  # image-conditioned families: the pair's shared condition image
+            item["condition"] = pair.condition
+        return item
 
     def prompts(self) -> list[str]:
         return [self.pairs.prompt(i) for i in range(len(self.pairs))]

@@ -17,6 +17,12 @@ One dataset class reads every supported layout through a small table interface:
   above (``Image`` features are read as their encoded bytes). Needs the optional
   ``datasets`` package.
 
+Image-conditioned families (image-to-video, edit) read a condition image per row: a shared column
+(``condition``, ``image`` or ``input_image``: a path or image bytes), or one column per member
+(``condition_A``/``condition_B`` or ``image_A``/``image_B``). The two members of a pair are
+compared under one condition, so a row whose members name different condition images (different
+bytes) is refused, naming the row.
+
 The prompt column is the first of ``prompt``, ``caption``, ``Prompt`` that exists. Text
 labels are case-insensitive. Media paths are relative to ``root`` (default: the folder that
 holds the dataset file); a path with a ``..`` component, or an absolute path outside
@@ -90,6 +96,8 @@ _MEDIA_COLUMNS = (
     ("jpg_0", "jpg_1"),
     ("image_0_path", "image_1_path"),
 )
+_CONDITION_COLUMNS = ("condition", "image", "input_image")
+_CONDITION_PAIRS = (("condition_A", "condition_B"), ("image_A", "image_B"))
 _AUTO = "auto"
 
 logger = logging.getLogger(__name__)
@@ -112,6 +120,7 @@ class _Row:
     ref_b: _Ref
     labels: dict[str, int]  # A/B terms
     meta: dict[str, Any]
+    condition: _Ref | None = None
 
 
 class PreferenceDataset(Dataset[PreferencePair]):
@@ -159,6 +168,7 @@ class PreferenceDataset(Dataset[PreferencePair]):
             if c not in cols:
                 raise DataError(self.path, f"missing media column {c!r}; found {cols}")
         self._media_cols = media
+        self._condition_cols = self._condition_layout(cols)
         self.dimensions, self._labels = label_reader(table, media, dimensions)
         if order_by == _AUTO:
             order_by = self.dimensions[0] if len(self.dimensions) == 1 else None
@@ -180,6 +190,35 @@ class PreferenceDataset(Dataset[PreferencePair]):
             raise DataError(
                 self.path, "dataset has no rows" + ("" if keep_ties else " once ties are dropped")
             )
+
+    def _condition_layout(self, cols: list[str]) -> tuple[str, ...]:
+        """The condition-image column (one name) or per-member columns (two names), or ()."""
+        shared = next((c for c in _CONDITION_COLUMNS if c in cols), None)
+        pair = next((p for p in _CONDITION_PAIRS if p[0] in cols or p[1] in cols), None)
+        if shared and pair:
+            raise DataError(self.path, f"condition image given twice: column {shared!r} and {list(pair)}")
+        if pair:
+            for c in pair:
+                if c not in cols:
+                    raise DataError(self.path, f"missing condition column {c!r}; found {cols}")
+            return pair
+        return (shared,) if shared else ()
+
+    def _condition(self, row: Mapping[str, Any], where: str) -> _Ref | None:
+        """The row's condition image; per-member columns must name the same image."""
+        if not self._condition_cols:
+            return None
+        refs = [self._ref(row.get(c), c, where) for c in self._condition_cols]
+        same_file = refs[0].path is not None and refs[0].path == refs[-1].path
+        if len(refs) == 2 and not same_file and not self._same_bytes(refs[0], refs[1]):
+            a, b = self._condition_cols
+            raise DataError(
+                self.path,
+                f"the pair has different condition images ({a} {_describe(refs[0])}, {b} "
+                f"{_describe(refs[1])}); both members of a pair must share one condition",
+                where=where,
+            )
+        return refs[0]
 
     # ------------------------------------------------------------------ row checks
 
@@ -226,7 +265,8 @@ class PreferenceDataset(Dataset[PreferencePair]):
         if self._same_bytes(ref_a, ref_b):
             raise DataError(self.path, f"{col_a} and {col_b} have identical bytes", where=where)
         meta = row.get("meta") if isinstance(row.get("meta"), Mapping) else {}
-        return _Row(where, prompt.strip(), ref_a, ref_b, labels, dict(meta))
+        condition = self._condition(row, where)
+        return _Row(where, prompt.strip(), ref_a, ref_b, labels, dict(meta), condition)
 
     @staticmethod
     def _same_bytes(a: _Ref, b: _Ref) -> bool:
@@ -236,7 +276,7 @@ class PreferenceDataset(Dataset[PreferencePair]):
         bytes_b = b.data if b.data is not None else b.path.read_bytes()  # type: ignore[union-attr]
         return bytes_a == bytes_b
 
-    def _load(self, ref: _Ref, where: str) -> Tensor:
+    def _load(self, ref: _Ref, where: str, *, transform: bool = True) -> Tensor:
         try:
             if ref.data is not None:
                 media = decode_image_bytes(ref.data, source=f"{self.path} {where} {ref.column}")
@@ -246,7 +286,7 @@ class PreferenceDataset(Dataset[PreferencePair]):
             # bytes: the row already names the source; files: keep the media path in the message
             reason = exc.reason if ref.data is not None else str(exc)
             raise DataError(self.path, f"{ref.column}: {reason}", where=where) from exc
-        return self._transform(media) if self._transform is not None else media
+        return self._transform(media) if transform and self._transform is not None else media
 
     # ------------------------------------------------------------------ public
 
@@ -260,7 +300,17 @@ class PreferenceDataset(Dataset[PreferencePair]):
             media_w, media_l, labels = media_a, media_b, row.labels
         else:
             media_w, media_l, labels = canonicalise_pair(media_a, media_b, row.labels, order_by=self.order_by)
-        return PreferencePair(row.prompt, media_w, media_l, labels, f"{self.path} {row.where}", row.meta)
+        condition = None
+        if row.condition is not None:  # the model resizes it to the generated size
+            condition = self._load(row.condition, row.where, transform=False)
+            if condition.ndim != 3:
+                raise DataError(
+                    self.path,
+                    f"{row.condition.column}: a condition must be an image, not a video",
+                    where=row.where,
+                )
+        source = f"{self.path} {row.where}"
+        return PreferencePair(row.prompt, media_w, media_l, labels, source, row.meta, condition)
 
     def prompt(self, index: int) -> str:
         """The prompt of item ``index`` (reads the row only; no media decoded)."""
@@ -347,3 +397,7 @@ def load_preference_dataset(
         max_frames=max_frames,
         transform=transform,
     )
+
+
+def _describe(ref: _Ref) -> str:
+    return str(ref.path) if ref.path is not None else f"<{len(ref.data or b'')} bytes>"

@@ -29,7 +29,8 @@ def collate_preference(pairs: Sequence[PreferencePair]) -> dict[str, Any]:
     Returns:
         ``{"prompt": list[str], "media_w": [B, ...], "media_l": [B, ...],
         "labels": {dim: long [B] in {1 w better, 0 tie, -1 l better, -2 missing}},
-        "source": list[str]}``.
+        "source": list[str]}``, plus ``"condition"``: a list of [3, H, W] condition images when the
+        pairs have them.
 
     Raises:
         ValueError: no pairs, different label dimensions, or media of different shapes
@@ -50,13 +51,19 @@ def collate_preference(pairs: Sequence[PreferencePair]) -> dict[str, Any]:
                     f"{p.source}: {name} has shape {tuple(m.shape)} but {pairs[0].source} media_w has "
                     f"{tuple(shape)}; resize with the dataset's transform="
                 )
-    return {
+    batch = {
         "prompt": [p.prompt for p in pairs],
         "media_w": torch.stack([p.media_w for p in pairs]),  # [B, 3, H, W] or [B, T, 3, H, W]
         "media_l": torch.stack([p.media_l for p in pairs]),
         "labels": {d: torch.tensor([p.labels[d] for p in pairs], dtype=torch.long) for d in dims},
         "source": [p.source for p in pairs],
     }
+    if any(p.condition is not None for p in pairs):  # image-conditioned data: one image per pair
+        missing = next((p for p in pairs if p.condition is None), None)
+        if missing is not None:
+            raise ValueError(f"{missing.source}: no condition image, but other pairs of the batch have one")
+        batch["condition"] = [p.condition for p in pairs]
+    return batch
 
 
 _LABEL_TEXT = {LABEL_W_BETTER: "A", LABEL_TIE: "tie", LABEL_L_BETTER: "B", LABEL_MISSING: None}

@@ -22,6 +22,8 @@ class PreferencePair:
         labels: dimension -> 1 (w better), 0 (tie), -1 (l better) or -2 (missing).
         source: where the row lives, e.g. ``"pairs.jsonl line 3"``.
         meta: extra fields kept from the file (the jsonl ``"meta"`` object), else empty.
+        condition: the pair's condition image, float [3, H, W] in [0, 1] (image-to-video first
+            frame, edit source), shared by both members; None for text-only data.
     """
 
     prompt: str
@@ -30,3 +32,4 @@ class PreferencePair:
     labels: dict[str, int]
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    condition: Tensor | None = None

@@ -67,29 +67,36 @@ class ModelLoadError(ValueError):
 class PromptEmbeds:
     """Text conditioning for a batch. Fields a family does not use stay ``None``.
 
+    A condition image (image-to-video first frame, edit source) travels in the same object as the
+    text: the family's ``encode_prompt(..., images=...)`` fills the image fields and its
+    ``velocity`` consumes them, so samplers and training losses pass one conditioning object.
+
     Attributes:
         embeds: token embeddings ``[B, L, D]``.
         pooled: pooled embeddings ``[B, D_pooled]`` (SD3, FLUX).
         text_ids: FLUX text position ids ``[L, 3]`` (shared by the batch, not batched).
         mask: bool ``[B, L]``, True on real tokens, for families whose transformer drops or masks
             padding (Qwen-Image, Z-Image); None means every token counts.
+        image_latents: condition-image latents ``[B, ...]`` in the family's layout (Wan I2V: the
+            first-frame mask and latents concatenated on channels to the noisy latents).
+        image_embeds: condition-image encoder tokens ``[B, L_img, D_img]`` (Wan 2.1 I2V's CLIP).
     """
 
     embeds: Tensor
     pooled: Tensor | None = None
     text_ids: Tensor | None = None
     mask: Tensor | None = None
+    image_latents: Tensor | None = None
+    image_embeds: Tensor | None = None
+
+    _BATCHED = ("embeds", "pooled", "mask", "image_latents", "image_embeds")
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
     def _map_batched(self, fn) -> PromptEmbeds:
-        return replace(
-            self,
-            embeds=fn(self.embeds),
-            pooled=None if self.pooled is None else fn(self.pooled),
-            mask=None if self.mask is None else fn(self.mask),
-        )
+        out = {name: getattr(self, name) for name in self._BATCHED}
+        return replace(self, **{k: None if v is None else fn(v) for k, v in out.items()})
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PromptEmbeds:
         """Move every field; ``dtype`` applies to the floating ones (a bool mask stays bool)."""
@@ -116,14 +123,11 @@ class PromptEmbeds:
         lengths = {item.embeds.shape[1] for item in items}
         if len(lengths) != 1:
             raise ValueError(f"cannot batch prompt embeddings of different lengths {sorted(lengths)}")
-        pooled = None if first.pooled is None else torch.cat([item.pooled for item in items])
-        mask = None if first.mask is None else torch.cat([item.mask for item in items])
-        return PromptEmbeds(
-            embeds=torch.cat([item.embeds for item in items]),
-            pooled=pooled,
-            text_ids=first.text_ids,
-            mask=mask,
-        )
+        batched = {
+            name: None if getattr(first, name) is None else torch.cat([getattr(item, name) for item in items])
+            for name in PromptEmbeds._BATCHED
+        }
+        return PromptEmbeds(text_ids=first.text_ids, **batched)
 
 
 class FlowModel(ABC):
@@ -182,10 +186,12 @@ class FlowModel(ABC):
         Each component is read straight into its dtype from :meth:`component_dtypes` (no fp32
         copy of a bf16 model on the way), then moved to ``device``.
         """
-        kwargs = {name: None for name in cls.optional_components}
+        index = read_model_index(path_or_id)
+        # Optional components the folder does not have load as None (a folder that has them, e.g. a
+        # Wan 2.2 A14B ``transformer_2``, loads them).
+        kwargs = {name: None for name in cls.optional_components if name not in index}
         # Components saved as None (e.g. SD3 without T5) must be passed as None explicitly.
         expected, _ = cls.pipeline_class._get_signature_keys(cls.pipeline_class)
-        index = read_model_index(path_or_id)
         kwargs.update({name: None for name in expected if index.get(name, [None, None])[0] is None})
         kwargs.update(components)
         dtypes = cls.component_dtypes(torch_dtype)
@@ -221,6 +227,23 @@ class FlowModel(ABC):
     def dtype(self) -> torch.dtype:
         """The transformer's compute dtype (see :func:`net_dtype`)."""
         return net_dtype(self.transformer)
+
+    @property
+    def takes_images(self) -> bool:
+        """True for families conditioned on an image (image-to-video, edit): their ``encode_prompt``
+        takes ``images=`` (one per prompt) and the target ``height``/``width``/``num_frames``."""
+        return False
+
+    @property
+    def training_t_span(self) -> tuple[float, float]:
+        """The t range training draws from, (0, 1) unless the trained network serves only part of
+        the trajectory (one Wan 2.2 A14B expert)."""
+        return (0.0, 1.0)
+
+    @property
+    def requires_images(self) -> bool:
+        """True where a condition image is mandatory (image-to-video, edit), not merely accepted."""
+        return False
 
     @property
     def uses_guidance_embedding(self) -> bool:
@@ -271,7 +294,12 @@ class FlowModel(ABC):
     def encode_prompt(
         self, prompts: list[str], *, negative_prompts: list[str] | None = None, with_uncond: bool = False
     ) -> tuple[PromptEmbeds, PromptEmbeds | None]:
-        """Encode prompts; with ``with_uncond`` also the negative (or empty) prompts for CFG."""
+        """Encode prompts; with ``with_uncond`` also the negative (or empty) prompts for CFG.
+
+        Families with :attr:`takes_images` also accept ``images`` (one condition image per prompt)
+        and the target ``height``, ``width`` and ``num_frames``: the image fields of the returned
+        :class:`PromptEmbeds` (both branches: CFG keeps the image in the unconditional pass too).
+        """
 
     @abstractmethod
     def latent_shape(self, batch_size: int, height: int, width: int, num_frames: int = 1) -> tuple[int, ...]:

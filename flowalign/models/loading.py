@@ -18,6 +18,7 @@ from flowalign.models.qwen_image import QwenImageModel
 from flowalign.models.sd3 import SD3Model, without_t5
 from flowalign.models.toy import ToyModel
 from flowalign.models.wan import WanModel
+from flowalign.models.wan_i2v import WanI2VModel
 from flowalign.models.z_image import ZImageModel
 
 __all__ = ["BUILTIN_FAMILIES", "family_for", "load_flow_model", "registered_families"]
@@ -26,6 +27,7 @@ BUILTIN_FAMILIES = (
     SD3Model,
     FluxModel,
     WanModel,
+    WanI2VModel,
     ToyModel,
     Flux2Model,
     Flux2KleinModel,

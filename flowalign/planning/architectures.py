@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from flowalign.planning.text_encoders import TEXT_ENCODERS as TEXT_ENCODERS  # re-exported
+
 _SD3_DUAL = list(range(13))  # SD3.5-Medium: MMDiT-X self-attention in the first 13 blocks
 
 SD3_VAE = {
@@ -38,81 +40,26 @@ WAN_VAE = {
     "class": "AutoencoderKLWan",
     "config": {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2},
 }
-
-_CLIP_L = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-}
-_CLIP_G = {
-    "vocab_size": 49408,
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 20,
-    "max_position_embeddings": 77,
-    "hidden_act": "gelu",
-    "projection_dim": 1280,
-}
-_T5_XXL = {
-    "d_model": 4096,
-    "d_ff": 10240,
-    "d_kv": 64,
-    "num_heads": 64,
-    "num_layers": 24,
-    "vocab_size": 32128,
-    "feed_forward_proj": "gated-gelu",
-}
-
-# The chat LLMs of the newer image families, from their checkpoints' text_encoder/config.json
-# (Qwen3-4B in FLUX.2 [klein] 4B and Z-Image, Qwen3-8B in [klein] 9B, Qwen2.5-VL-7B-Instruct in
-# Qwen-Image, Mistral-Small-3.1-24B in FLUX.2 [dev]); the counts land on the published sizes.
-_QWEN3 = {"vocab_size": 151936, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
-          "head_dim": 128, "max_position_embeddings": 40960}  # fmt: skip
-_QWEN25_VL_7B = {
-    "text_config": {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                    "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False},
-    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-                      "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31]},
-    "vocab_size": 152064,
-    "tie_word_embeddings": False,
-}  # fmt: skip
-_MISTRAL3_24B = {
-    "text_config": {"model_type": "mistral", "vocab_size": 131072, "hidden_size": 5120, "intermediate_size": 32768,
-                    "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-                    "tie_word_embeddings": False},
-    "vision_config": {"model_type": "pixtral", "hidden_size": 1024, "intermediate_size": 4096,
-                      "num_hidden_layers": 24, "num_attention_heads": 16, "head_dim": 64, "patch_size": 14,
-                      "image_size": 1540},
-    "spatial_merge_size": 2,
-    "tie_word_embeddings": False,
-}  # fmt: skip
-
-TEXT_ENCODERS: dict[str, dict[str, Any]] = {
-    "clip-l": {"class": "CLIPTextModelWithProjection", "config": _CLIP_L},
-    "clip-l-noproj": {"class": "CLIPTextModel", "config": _CLIP_L},
-    "clip-g": {"class": "CLIPTextModelWithProjection", "config": _CLIP_G},
-    "t5-xxl": {"class": "T5EncoderModel", "config": _T5_XXL},
-    "umt5-xxl": {"class": "UMT5EncoderModel", "config": {**_T5_XXL, "vocab_size": 256384}},
-    "qwen3-4b": {
-        "class": "Qwen3ForCausalLM",
-        "config": {**_QWEN3, "hidden_size": 2560, "intermediate_size": 9728, "tie_word_embeddings": True},
+# Wan2.2-TI2V-5B-Diffusers vae/config.json: the 48-channel residual VAE; its 2x2 patchify (12 = 3 x 2 x 2
+# input channels) on top of the 8x convolutional downsampling makes latents 16x smaller per side.
+WAN22_VAE = {
+    "class": "AutoencoderKLWan",
+    "config": {
+        "base_dim": 160,
+        "decoder_base_dim": 256,
+        "z_dim": 48,
+        "dim_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "temperal_downsample": [False, True, True],
+        "is_residual": True,
+        "in_channels": 12,
+        "out_channels": 12,
+        "patch_size": 2,
+        "scale_factor_spatial": 16,
+        "scale_factor_temporal": 4,
+        "latents_mean": [0.0] * 48,  # the published 48 statistics; they carry no parameters
+        "latents_std": [1.0] * 48,
     },
-    "qwen3-4b-base": {  # Z-Image loads the bare model (no LM head; tied, so the same weights)
-        "class": "Qwen3Model",
-        "config": {**_QWEN3, "hidden_size": 2560, "intermediate_size": 9728, "tie_word_embeddings": True},
-    },
-    "qwen3-8b": {
-        "class": "Qwen3ForCausalLM",
-        "config": {**_QWEN3, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False},
-    },
-    "qwen2.5-vl-7b": {"class": "Qwen2_5_VLForConditionalGeneration", "config": _QWEN25_VL_7B},
-    "mistral-small-3.1": {"class": "Mistral3ForConditionalGeneration", "config": _MISTRAL3_24B},
 }
 
 
@@ -135,6 +82,9 @@ class Architecture:
     temporal_stride: int = 1
     """Frames per latent frame after the first (Wan: 4; images: 1)."""
     latent_channels: int = 16
+    experts: int = 1
+    """Transformers of this config the pipeline holds (Wan 2.2 A14B: 2, switched at the boundary
+    timestep; ``transformer`` above is each expert's config and the counts are per expert)."""
 
     @property
     def hidden(self) -> int:
@@ -270,6 +220,68 @@ ARCHITECTURES: dict[str, Architecture] = {
             vae=WAN_VAE,
             vae_dtype="fp32",
             temporal_stride=4,
+        ),
+        # Wan 2.2 and image-to-video, from the ``transformer/config.json`` (and ``model_index.json``) of
+        # Wan-AI/Wan2.2-T2V-A14B-Diffusers, Wan2.2-I2V-A14B-Diffusers, Wan2.1-I2V-14B-480P-Diffusers and
+        # Wan2.2-TI2V-5B-Diffusers.
+        Architecture(
+            "wan2.2-t2v-a14b",  # boundary_ratio 0.875; transformer_2 has the same config
+            "wan",
+            {**_WAN_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
+            ("umt5-xxl",),
+            text_tokens=512,
+            vae=WAN_VAE,
+            vae_dtype="fp32",
+            temporal_stride=4,
+            experts=2,
+        ),
+        Architecture(
+            "wan2.2-i2v-a14b",  # boundary_ratio 0.9; 36 = 16 noisy + 4 mask + 16 condition channels
+            "wan",
+            {**_WAN_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40, "in_channels": 36},
+            ("umt5-xxl",),
+            text_tokens=512,
+            vae=WAN_VAE,
+            vae_dtype="fp32",
+            temporal_stride=4,
+            experts=2,
+        ),
+        Architecture(
+            "wan2.1-i2v-14b",  # plus a CLIP ViT-H/14 image encoder (its 257 tokens of width 1280), not counted
+            "wan",
+            {
+                **_WAN_COMMON,
+                "num_attention_heads": 40,
+                "ffn_dim": 13824,
+                "num_layers": 40,
+                "in_channels": 36,
+                "image_dim": 1280,
+                "added_kv_proj_dim": 5120,
+            },
+            ("umt5-xxl",),
+            text_tokens=512,
+            vae=WAN_VAE,
+            vae_dtype="fp32",
+            temporal_stride=4,
+        ),
+        Architecture(
+            "wan2.2-ti2v-5b",  # expand_timesteps: per-token timesteps, text- and image-to-video
+            "wan",
+            {
+                **_WAN_COMMON,
+                "num_attention_heads": 24,
+                "ffn_dim": 14336,
+                "num_layers": 30,
+                "in_channels": 48,
+                "out_channels": 48,
+            },
+            ("umt5-xxl",),
+            text_tokens=512,
+            vae=WAN22_VAE,
+            vae_dtype="fp32",
+            spatial_stride=16,
+            temporal_stride=4,
+            latent_channels=48,
         ),
     )
 }

@@ -19,6 +19,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -35,6 +36,7 @@ from flowalign.files import read_jsonl
 from flowalign.models import load_flow_model
 from flowalign.models.base import FlowModel
 from flowalign.models.quantize import QuantizeBase, check_quantize_base, load_quantized_transformer
+from flowalign.training.conditions import load_candidate_conditions, select_train_expert
 from flowalign.training.latent_cache import cache_run_latents
 from flowalign.training.loop import TrainResult, train
 from flowalign.training.methods.dpo import DPOConfig, FlowDPO
@@ -192,6 +194,9 @@ class DPORun:
     buckets: BucketConfig | None = None
     """Resize + center-crop every pair into an aspect-ratio bucket of about resolution² pixels (clips
     also to ``num_frames``), one bucket per global batch; null trains at file size (one size per pair)."""
+    train_expert: Literal["high", "low", "both"] = "both"
+    """Wan 2.2 A14B: which expert the run adapts, the high-noise one (timesteps >= boundary), the
+    low-noise one, or both; the other stays as loaded. Other models: ``both`` only."""
 
 
 @dataclass(kw_only=True)
@@ -211,6 +216,8 @@ class RWRRun:
     lora: LoraConfig | None = field(default_factory=LoraConfig)
     quantize_base: QuantizeBase | None = None
     """``int8`` / ``nf4``: a bitsandbytes-quantized frozen transformer base (see :attr:`DPORun.quantize_base`)."""
+    train_expert: Literal["high", "low", "both"] = "both"
+    """Wan 2.2 A14B: which expert the run adapts (see :attr:`DPORun.train_expert`)."""
     cache_prompts: bool = True
     """Encode each distinct prompt once before training (see :attr:`DPORun.cache_prompts`)."""
     cache_latents: bool = False
@@ -296,9 +303,10 @@ def prepare_dpo(run: DPORun) -> tuple[FlowDPO, Dataset]:
     model = load_training_model(
         run.model, run.train, full=full, quantize_base=run.quantize_base, drop_t5=run.drop_t5
     )
+    select_train_expert(model, run.train_expert)
     method = FlowDPO(model, run.dpo, lora=run.lora)
     data = open_source(run.data, "pairs", keep_ties=run.keep_ties, buckets=run.buckets)
-    if run.cache_prompts:
+    if run.cache_prompts and not model.takes_images:  # image conditions are encoded with their prompts
         cache_run_prompts(method, data.prompts(), run.train)
     data = cache_run_latents(run, method, data, "dpo", run.keep_ties, run.buckets)
     return method, data
@@ -312,9 +320,11 @@ def run_rwr(run: RWRRun, *, resume: bool = False, progress: bool = True) -> Trai
         run.model, run.train, full=full, quantize_base=run.quantize_base, drop_t5=run.drop_t5
     )
     media, prompts, rewards = load_candidates(run.data, run.reward_key)
-    data = WeightedSamples(media, prompts, rewards, run.rwr)
+    conditions, images = load_candidate_conditions(run.data)
+    data = WeightedSamples(media, prompts, rewards, run.rwr, conditions=conditions, images=images)
+    select_train_expert(model, run.train_expert)
     method = FlowRWR(model, run.rwr, lora=run.lora)
-    if run.cache_prompts:
+    if run.cache_prompts and not model.takes_images:
         cache_run_prompts(method, prompts, run.train)
     data = cache_run_latents(run, method, data, "rwr", run.reward_key, run.rwr)
     return train(method, data, run.train, resume=resume, progress=progress, run_config=run)

@@ -41,9 +41,21 @@ class TimeSampling:
     """Static shift applied to the sampled t (3.0 matches SD3.5's shifted training table)."""
 
 
-def sample_training_t(cfg: TimeSampling, ids: Tensor, ctx: StepContext, *, key: str = "t") -> Tensor:
-    """One t per sample id, drawn through the step context (deterministic, split-independent). [B]."""
-    return flow.t_from_draws(
+def sample_training_t(
+    cfg: TimeSampling,
+    ids: Tensor,
+    ctx: StepContext,
+    *,
+    key: str = "t",
+    span: tuple[float, float] = (0.0, 1.0),
+) -> Tensor:
+    """One t per sample id, drawn through the step context (deterministic, split-independent). [B].
+
+    ``span = (lo, hi)`` maps the draw affinely into [lo, hi]: t = lo + (hi - lo) t' (a model's
+    :attr:`~flowalign.models.base.FlowModel.training_t_span`, e.g. one Wan 2.2 A14B expert's range).
+    """
+    lo, hi = span
+    t = flow.t_from_draws(
         ctx.randn((), ids, key=f"{key}_normal"),
         ctx.rand((), ids, key=f"{key}_uniform"),
         density=cfg.time_density,
@@ -51,6 +63,7 @@ def sample_training_t(cfg: TimeSampling, ids: Tensor, ctx: StepContext, *, key: 
         logit_std=cfg.logit_std,
         shift=cfg.time_shift,
     ).to(ctx.device)
+    return t if (lo, hi) == (0.0, 1.0) else lo + (hi - lo) * t
 
 
 def trainable_to_fp32(module: nn.Module) -> None:
@@ -179,8 +192,25 @@ class CachedPrompts:
                 self.model.modules()[name].to("cpu")
         return self.prompt_cache
 
-    def condition(self, prompts: Sequence[str], device: torch.device) -> PromptEmbeds:
-        """The prompts' embeddings on ``device``: read from the cache when there is one, else encoded."""
+    def condition(
+        self,
+        prompts: Sequence[str],
+        device: torch.device,
+        *,
+        images: Sequence | None = None,
+        like: torch.Tensor | None = None,
+    ) -> PromptEmbeds:
+        """The prompts' embeddings on ``device``: read from the cache when there is one, else encoded.
+
+        ``images`` (one per prompt) are the condition images of image-conditioned families, encoded
+        with the prompts for media of the size of the latents ``like``."""
+        if images is not None:
+            height, width, frames = self.model.media_size(like.shape)
+            with torch.no_grad():
+                cond, _ = self.model.encode_prompt(
+                    list(prompts), images=list(images), height=height, width=width, num_frames=frames
+                )
+            return cond.to(device=device)
         if self.prompt_cache is not None:
             return self.prompt_cache.lookup(prompts, device)
         return encode_frozen_prompts(self.model, list(prompts))

@@ -91,10 +91,13 @@ class FlowDPO(CachedPrompts, Method):
         noise = ctx.randn_like(x0[: len(ids)], ids, key="noise").repeat(
             2, *([1] * (x0.ndim - 1))
         )  # shared per pair
-        t = sample_training_t(self.config.time, ids, ctx).repeat(2)  # shared per pair
+        t = sample_training_t(self.config.time, ids, ctx, span=self.model.training_t_span).repeat(
+            2
+        )  # shared per pair
         x_t = flow.interpolate(x0, noise, t)
         v_target = flow.velocity_target(x0, noise)
-        cond = self.condition(batch.prompt * 2, x0.device)
+        images = batch.condition
+        cond = self.condition(batch.prompt * 2, x0.device, images=images and images * 2, like=x0)
         v_policy = self.model.velocity(x_t, t, cond, net=ctx.module("transformer"))
         with torch.no_grad(), self.reference.network(self.model.transformer) as ref_net:
             v_ref = self.model.velocity(x_t, t, cond, net=ref_net)

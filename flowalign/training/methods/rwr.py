@@ -53,13 +53,26 @@ class RWRConfig:
 
 
 class WeightedSamples(Dataset):
-    """Samples with rewards -> items carrying their RWR weight (groups = identical prompts)."""
+    """Samples with rewards -> items carrying their RWR weight (groups = identical prompts, and identical
+    condition images when the samples have them: ``conditions`` holds one key per sample, ``images`` the
+    [3, H, W] condition image of each key)."""
 
-    def __init__(self, media: torch.Tensor, prompts: list[str], rewards: torch.Tensor, config: RWRConfig):
+    def __init__(
+        self,
+        media: torch.Tensor,
+        prompts: list[str],
+        rewards: torch.Tensor,
+        config: RWRConfig,
+        *,
+        conditions: list[str] | None = None,
+        images: dict[str, torch.Tensor] | None = None,
+    ):
         if not (len(media) == len(prompts) == len(rewards)):
             raise ValueError(f"got {len(media)} media, {len(prompts)} prompts and {len(rewards)} rewards")
-        groups = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-        group_ids = torch.tensor([groups[p] for p in prompts])
+        keys = list(zip(prompts, conditions, strict=True)) if conditions is not None else list(prompts)
+        groups = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        group_ids = torch.tensor([groups[k] for k in keys])
+        self.conditions, self.images = conditions, images or {}
         self.media, self.prompts = media, prompts
         self.weights = rwr_weights(
             rewards.double(),
@@ -72,7 +85,10 @@ class WeightedSamples(Dataset):
         return len(self.prompts)
 
     def __getitem__(self, i: int) -> dict:
-        return {"pixels": self.media[i], "prompt": self.prompts[i], "weight": self.weights[i], "index": i}
+        item = {"pixels": self.media[i], "prompt": self.prompts[i], "weight": self.weights[i], "index": i}
+        if self.conditions is not None:
+            item["condition"] = self.images[self.conditions[i]]
+        return item
 
 
 class FlowRWR(CachedPrompts, Method):
@@ -110,10 +126,11 @@ class FlowRWR(CachedPrompts, Method):
         ids = batch.index
         x0 = batch.clean_latents(self.model.encode_media)
         noise = ctx.randn_like(x0, ids, key="noise")
-        t = sample_training_t(self.config.time, ids, ctx)
+        t = sample_training_t(self.config.time, ids, ctx, span=self.model.training_t_span)
         x_t = flow.interpolate(x0, noise, t)
         prompts = drop_captions(batch.prompt, ids, ctx, self.config.caption_dropout)
-        cond = self.condition(prompts, x0.device)
+        images = batch.condition  # a caption-dropped sample keeps its image (as CFG samples it)
+        cond = self.condition(prompts, x0.device, images=None if images is None else list(images), like=x0)
         v = self.model.velocity(x_t, t, cond, net=ctx.module("transformer"))
         err = per_sample_mse(v.float(), flow.velocity_target(x0, noise).float())
         loss, metrics = flow_rwr_loss(err, batch.weight.float())

@@ -84,7 +84,7 @@ class FlowMatchingSFT(Method):
         return x0, drop_captions(batch.prompt, batch.index, ctx, self.config.caption_dropout)
 
     def sample_t(self, ids: Tensor, ctx: StepContext) -> Tensor:
-        return sample_training_t(self.config, ids, ctx)
+        return sample_training_t(self.config, ids, ctx, span=self.model.training_t_span)
 
     def compute_loss(self, batch: MediaBatch, ctx: StepContext, group: str):
         batch = MediaBatch.coerce(batch)
@@ -95,8 +95,12 @@ class FlowMatchingSFT(Method):
             if self.config.train_text_encoder
             else nullcontext()
         )
+        extra = {}
+        if batch.condition is not None:
+            height, width, frames = self.model.media_size(x0.shape)
+            extra = dict(images=list(batch.condition), height=height, width=width, num_frames=frames)
         with swap, torch.set_grad_enabled(self.config.train_text_encoder):
-            cond, _ = self.model.encode_prompt(prompts)
+            cond, _ = self.model.encode_prompt(prompts, **extra)
         noise = ctx.randn_like(x0, ids, key="noise")
         t = self.sample_t(ids, ctx)
         x_t = flow.interpolate(x0, noise, t)
