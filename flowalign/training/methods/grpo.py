@@ -37,7 +37,7 @@ from flowalign.config import LoraConfig
 from flowalign.models.base import FlowModel
 from flowalign.objectives.grpo import gaussian_mean_kl, group_advantages, grpo_clipped_loss
 from flowalign.sampling.guidance import model_velocity_fn
-from flowalign.sampling.sde import sample_sde, sde_step_log_prob
+from flowalign.sampling.sde import sample_sde, sde_step_log_prob, sde_step_mean_std
 from flowalign.training.method import Method, StepContext, sample_seed
 from flowalign.training.methods.common import CachedPrompts, FrozenReference, freeze_all_but_transformer
 
@@ -195,8 +195,10 @@ class FlowGRPO(CachedPrompts, Method):
         )
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], sample_ids: list[int], ctx: StepContext, window: list[int]):
-        """K-expanded prompts -> (trajectory, time grid, rewards dict); no gradient."""
+    def sample_trajectories(
+        self, prompts: list[str], sample_ids: list[int], ctx: StepContext, window: list[int]
+    ):
+        """SDE trajectories of the K-expanded prompts with the current policy -> (trajectory, time grid)."""
         cfg, size = self.config, self._size()
         shape = self.model.latent_shape(1, **size)[1:]
         noise = ctx.randn(shape, sample_ids, key="grpo_noise")
@@ -213,26 +215,30 @@ class FlowGRPO(CachedPrompts, Method):
             t_clamp=cfg.t_clamp,
             reduction=cfg.log_prob_reduction,
         )
-        scores: dict[str, list[Tensor]] = {}
-        for start in range(0, len(prompts), cfg.reward_batch_size):
-            chunk = slice(start, start + cfg.reward_batch_size)
-            media = self.model.decode_latents(traj.x0[chunk]).float().clamp(0, 1)
-            for key, value in self.reward_fn(media, prompts[chunk]).items():
-                scores.setdefault(key, []).append(value.detach().float().to(ctx.device))
-        return traj, ts, {k: torch.cat(v) for k, v in scores.items()}
+        return traj, ts
 
-    def compute_loss(self, batch: dict, ctx: StepContext, group: str):
+    @torch.no_grad()
+    def score(self, x0: Tensor, prompts: list[str], device: torch.device) -> dict[str, Tensor]:
+        """Decode and score in chunks of ``reward_batch_size`` -> {dimension: [B]} with "overall"."""
+        scores: dict[str, list[Tensor]] = {}
+        step = self.config.reward_batch_size
+        for start in range(0, len(prompts), step):
+            media = self.model.decode_latents(x0[start : start + step]).float().clamp(0, 1)
+            for key, value in self.reward_fn(media, prompts[start : start + step]).items():
+                scores.setdefault(key, []).append(value.detach().float().to(device))
+        out = {k: torch.cat(v) for k, v in scores.items()}
+        if "overall" not in out:
+            raise ValueError(f"grpo: the reward function returned {sorted(out)}, without 'overall'")
+        return out
+
+    def sample(self, prompts: list[str], sample_ids: list[int], ctx: StepContext, window: list[int]):
+        """K-expanded prompts -> (trajectory, time grid, rewards dict); no gradient."""
+        traj, ts = self.sample_trajectories(prompts, sample_ids, ctx, window)
+        return traj, ts, self.score(traj.x0, prompts, ctx.device)
+
+    def policy_loss(self, traj, ts: Tensor, adv: Tensor, prompts: list[str], ctx: StepContext):
+        """The clipped surrogate + β_KL KL over the window's steps, with gradient -> (loss, metrics)."""
         cfg = self.config
-        k = cfg.num_samples
-        prompts = [p for p in batch["prompt"] for _ in range(k)]
-        sample_ids = [int(i) * k + j for i in batch["index"].tolist() for j in range(k)]
-        window = training_window(cfg, ctx.step, ctx.seed)
-        was_training = self.model.transformer.training
-        self.model.transformer.eval()  # sampling and the update see the same network
-        traj, ts, scores = self.sample(prompts, sample_ids, ctx, window)
-        if "overall" not in scores:
-            raise ValueError(f"grpo: the reward function returned {sorted(scores)}, without 'overall'")
-        adv = group_advantages(scores["overall"], k, scale=cfg.advantage_scale, clip=cfg.advantage_clip)
         cond, uncond = self._conditions(prompts, ctx.device)
         policy = self._velocity(cond, uncond, ctx.module("transformer"))
         losses, kls, metric_sums = [], [], {}
@@ -251,26 +257,34 @@ class FlowGRPO(CachedPrompts, Method):
             if cfg.kl_beta > 0:
                 with torch.no_grad(), self.reference.network(self.model.transformer) as ref_net:
                     v_ref = self._velocity(cond, uncond, ref_net)(x, t)
-                ref_mean, _ = _step_mean(x, v_ref, t, ts[i + 1], cfg)
+                ref_mean, _ = sde_step_mean_std(x, v_ref, t, ts[i + 1], eta=cfg.eta, t_clamp=cfg.t_clamp)
                 kl = gaussian_mean_kl(mean, ref_mean, std, reduction=cfg.log_prob_reduction)
                 kls.append(kl.detach().mean())
                 loss = loss + cfg.kl_beta * kl
             losses.append(loss)
-        self.model.transformer.train(was_training)
-        total = torch.stack(losses).mean()  # mean over the window's steps and the samples
+        kl_value = torch.stack(kls).mean() if kls else torch.zeros((), device=ctx.device)
+        return torch.stack(losses).mean(), {**metric_sums, "kl": kl_value}
+
+    def compute_loss(self, batch: dict, ctx: StepContext, group: str):
+        cfg = self.config
+        k = cfg.num_samples
+        prompts = [p for p in batch["prompt"] for _ in range(k)]
+        sample_ids = [int(i) * k + j for i in batch["index"].tolist() for j in range(k)]
+        window = training_window(cfg, ctx.step, ctx.seed)
+        was_training = self.model.transformer.training
+        self.model.transformer.eval()  # sampling and the update see the same network
+        try:
+            traj, ts, scores = self.sample(prompts, sample_ids, ctx, window)
+            adv = group_advantages(scores["overall"], k, scale=cfg.advantage_scale, clip=cfg.advantage_clip)
+            loss, metrics = self.policy_loss(traj, ts, adv, prompts, ctx)
+        finally:
+            self.model.transformer.train(was_training)
         rewards = {f"reward_{k_}": v.mean() for k_, v in scores.items() if v.ndim == 1}
         group_std = scores["overall"].reshape(-1, k).std(1, unbiased=False).mean()
-        kl_value = torch.stack(kls).mean() if kls else torch.zeros(())
-        return total, {**metric_sums, **rewards, "reward_group_std": group_std, "kl": kl_value}
+        return loss, {**metrics, **rewards, "reward_group_std": group_std}
 
     def export(self, out_dir: Path) -> None:
         """As Flow-DPO's export: a LoRA file plus the merged model, or the whole model."""
         from flowalign.training.methods.dpo import FlowDPO
 
         FlowDPO.export(self, out_dir)  # uses only self.model and self.lora
-
-
-def _step_mean(x: Tensor, v: Tensor, t: Tensor, t_next: Tensor, cfg: GRPOConfig):
-    from flowalign.sampling.sde import sde_step_mean_std
-
-    return sde_step_mean_std(x, v, t, t_next, eta=cfg.eta, t_clamp=cfg.t_clamp)
