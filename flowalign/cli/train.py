@@ -135,6 +135,34 @@ def train_rwr(
     _run_training(RWRRun, run_rwr, config, set_, resume, overrides, out=out, steps=steps)
 
 
+@train_app.command("grpo")
+def train_grpo(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option(help="Base model: hub id, folder, or toy:image.")] = None,
+    prompts: Annotated[
+        str | None, typer.Option(help="toy:train[:video] or a prompt file (.txt, .jsonl, .json, .csv).")
+    ] = None,
+    reward: Annotated[
+        list[str] | None, typer.Option(help="Reward spec of the registry (repeat for a mix), e.g. toy.")
+    ] = None,
+    weights: Annotated[str | None, typer.Option(help="Per-dimension weights, e.g. ta=1,vq=0.5.")] = None,
+    out: OutOpt = None,
+    steps: StepsOpt = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Flow-GRPO: online RL with K SDE samples per prompt, group advantages and a KL to the reference."""
+    from flowalign.training.grpo_run import GRPORun, run_grpo
+
+    overrides = {
+        "model": model,
+        "prompts": prompts,
+        "weights": weights,
+        "rewards": "[" + ",".join(reward) + "]" if reward else None,
+    }
+    _run_training(GRPORun, run_grpo, config, set_, resume, overrides, out=out, steps=steps)
+
+
 @train_app.command("latent-reward")
 def train_latent_reward(
     config: ConfigOpt = None,

@@ -21,7 +21,8 @@ from flowalign.config import LoraConfig
 from flowalign.data.batches import PairBatch
 from flowalign.models.base import FlowModel
 from flowalign.models.lora import has_lora, save_lora
-from flowalign.objectives.dpo import flow_dpo_loss, velocity_errors_for_pairs
+from flowalign.objectives.dpo import velocity_errors_for_pairs
+from flowalign.objectives.fdpo import f_dpo_loss
 from flowalign.training.method import Method, StepContext
 from flowalign.training.methods.common import (
     CachedPrompts,
@@ -45,6 +46,13 @@ class DPOConfig:
     """Per-sample error as a "mean" or "sum" over latent elements (sum-with-beta == mean-with-beta*D)."""
     time: TimeSampling = field(default_factory=TimeSampling)
     """How the shared t of each pair is drawn."""
+    divergence: str = "reverse_kl"
+    """The f-divergence constraint (f-DPO, docs/algorithms.md 1G): "reverse_kl" is Flow-DPO; also
+    "forward_kl", "js", "alpha" and the rest of the f-distill table."""
+    alpha: float = 0.5
+    """α of ``divergence="alpha"``."""
+    ratio_scale: float | None = None
+    """f-DPO's a in log(π/π_ref) ≈ -(a/2)(e - e_ref); null uses beta (unused for the reverse KL)."""
 
 
 class FlowDPO(CachedPrompts, Method):
@@ -63,6 +71,9 @@ class FlowDPO(CachedPrompts, Method):
             raise ValueError(f"beta_schedule must be 'constant' or 't2', got {self.config.beta_schedule!r}")
         if self.config.reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {self.config.reduction!r}")
+        from flowalign.objectives.f_divergences import get_divergence
+
+        get_divergence(self.config.divergence, alpha=self.config.alpha)  # an unknown name fails here
         freeze_all_but_transformer(model, lora)
         self.reference = FrozenReference(model.transformer, model.compute_dtype)
 
@@ -104,12 +115,15 @@ class FlowDPO(CachedPrompts, Method):
         reduction = self.config.reduction
         err_w, err_l = velocity_errors_for_pairs(v_policy.float(), v_target.float(), reduction=reduction)
         ref_w, ref_l = velocity_errors_for_pairs(v_ref.float(), v_target.float(), reduction=reduction)
-        loss, metrics = flow_dpo_loss(
+        loss, metrics = f_dpo_loss(
             err_w,
             err_l,
             ref_w,
             ref_l,
             beta=self.config.beta,
+            divergence=self.config.divergence,
+            alpha=self.config.alpha,
+            ratio_scale=self.config.ratio_scale,
             t=t[: len(ids)],
             beta_schedule=self.config.beta_schedule,
         )
