@@ -118,16 +118,10 @@ def resolve_strategy(acc: Any) -> str:
 # Preparing models and optimizers together
 
 
-def _group_owner(params: list[nn.Parameter], modules: Mapping[str, nn.Module], group: str) -> str:
-    owners = {
-        name for name, module in modules.items() for p in module.parameters() if any(p is q for q in params)
-    }
-    if len(owners) != 1:
-        raise ValueError(
-            f"optimizer group {group!r} spans the trainable modules {sorted(owners)}; sharded training "
-            "(FSDP2/DeepSpeed) prepares each module with its own optimizers, so a group must lie in one module"
-        )
-    return owners.pop()
+def _group_owners(params: list[nn.Parameter], modules: Mapping[str, nn.Module]) -> list[str]:
+    """The trainable modules holding ``params``, in the order of ``modules``."""
+    ids = {id(p) for p in params}
+    return [name for name, module in modules.items() if any(id(p) in ids for p in module.parameters())]
 
 
 def _configure_deepspeed(acc: Any, cfg: Any) -> None:
@@ -159,10 +153,16 @@ def prepare_sharded(
 ) -> tuple[dict[str, nn.Module], dict[str, Any], dict[str, torch.optim.Optimizer], dict[str, list]]:
     """``Accelerator.prepare(module, *its optimizers)`` for each trainable module.
 
+    A group whose parameters lie in several modules (f-distill's critic: the fake score and the
+    discriminator heads) cannot be prepared with any one of them; under FSDP2 each of its modules is
+    prepared with a carrier optimizer (plain SGD over the module's share of the group, never stepped)
+    that accelerate maps onto the sharded parameters, and the group's real optimizer is built over
+    those DTensors afterwards, in the group's parameter order. DeepSpeed takes one module and one group.
+
     Returns (wrapped modules, prepared optimizers, the torch optimizers inside them, the parameter
     groups as the prepared optimizers hold them: DTensors under FSDP2).
     """
-    owner = {g: _group_owner(ps, trainable, g) for g, ps in groups.items()}
+    owners = {g: _group_owners(ps, trainable) for g, ps in groups.items()}
     if strategy == DEEPSPEED:
         if len(trainable) != 1 or len(groups) != 1:
             raise ValueError(
@@ -170,20 +170,39 @@ def prepare_sharded(
                 f"modules {sorted(trainable)} and groups {sorted(groups)}; use FSDP2 for it"
             )
         _configure_deepspeed(acc, cfg)
+    spanning = [g for g in groups if len(owners[g]) > 1]
     wrapped: dict[str, nn.Module] = {}
     prepared: dict[str, Any] = {}
     base: dict[str, torch.optim.Optimizer] = {}
+    sharded: dict[int, Tensor] = {}  # id(original parameter) -> its DTensor, for the spanning groups
     for name, module in trainable.items():
-        names = [g for g in groups if owner[g] == name]
+        names = [g for g in groups if owners[g] == [name]]
         optimizers = [make_optimizer(g, list(groups[g])) for g in names]
-        out = acc.prepare(module, *optimizers)
+        carried = [p for g in spanning if name in owners[g] for p in groups[g] if _holds(module, p)]
+        carrier = torch.optim.SGD(carried, lr=0.0) if carried else None
+        out = acc.prepare(module, *optimizers, *([carrier] if carrier is not None else []))
         wrapped[name] = out[0]
-        for g, opt, raw in zip(names, out[1:], optimizers, strict=True):
+        for g, opt, raw in zip(names, out[1 : 1 + len(names)], optimizers, strict=True):
             prepared[g], base[g] = opt, raw
+        if carrier is not None:
+            sharded.update(zip(map(id, carried), _optimizer_params(carrier), strict=True))
+            _forget_optimizer(acc, out[-1])
+    for g in spanning:
+        raw = make_optimizer(g, [sharded[id(p)] for p in groups[g]])
+        prepared[g], base[g] = acc.prepare_optimizer(raw, device_placement=False), raw
     if strategy == DEEPSPEED:  # the engine keeps the module's parameters (its optimizer holds flat copies)
         return wrapped, prepared, base, {g: list(ps) for g, ps in groups.items()}
     # FSDP2: the optimizers now hold the DTensor parameters the modules were sharded into
     return wrapped, prepared, base, {g: _optimizer_params(base[g]) for g in groups}
+
+
+def _holds(module: nn.Module, p: nn.Parameter) -> bool:
+    return any(q is p for q in module.parameters())
+
+
+def _forget_optimizer(acc: Any, prepared: Any) -> None:
+    """Drop an accelerate-prepared carrier optimizer from the accelerator's list (it is never stepped)."""
+    acc._optimizers = [o for o in acc._optimizers if o is not prepared]
 
 
 def shard_frozen(acc: Any, modules: Iterable[nn.Module]) -> None:
