@@ -180,7 +180,8 @@ def prepare_sharded(
         optimizers = [make_optimizer(g, list(groups[g])) for g in names]
         carried = [p for g in spanning if name in owners[g] for p in groups[g] if _holds(module, p)]
         carrier = torch.optim.SGD(carried, lr=0.0) if carried else None
-        out = acc.prepare(module, *optimizers, *([carrier] if carrier is not None else []))
+        with _wrap_classes_in(acc, module, strategy):
+            out = acc.prepare(module, *optimizers, *([carrier] if carrier is not None else []))
         wrapped[name] = out[0]
         for g, opt, raw in zip(names, out[1 : 1 + len(names)], optimizers, strict=True):
             prepared[g], base[g] = opt, raw
@@ -194,6 +195,24 @@ def prepare_sharded(
         return wrapped, prepared, base, {g: list(ps) for g, ps in groups.items()}
     # FSDP2: the optimizers now hold the DTensor parameters the modules were sharded into
     return wrapped, prepared, base, {g: _optimizer_params(base[g]) for g in groups}
+
+
+@contextlib.contextmanager
+def _wrap_classes_in(acc: Any, module: nn.Module, strategy: str) -> Iterator[None]:
+    """Under FSDP2, the launch config's ``fsdp_transformer_layer_cls_to_wrap`` names cut down to the
+    classes ``module`` has while it is prepared: accelerate refuses a module without one of them, and
+    a method's small networks (f-distill's discriminator heads) have none (they stay one unit)."""
+    plugin = getattr(acc.state, "fsdp_plugin", None) if strategy == FSDP2 else None
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+    if not names:
+        yield
+        return
+    present = {type(m).__name__ for m in module.modules()}
+    plugin.transformer_cls_names_to_wrap = [n for n in names if n in present]
+    try:
+        yield
+    finally:
+        plugin.transformer_cls_names_to_wrap = names
 
 
 def _holds(module: nn.Module, p: nn.Parameter) -> bool:

@@ -58,9 +58,13 @@ class FakeAccelerator:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
         self._optimizers: list = []
+        self.plugin = SimpleNamespace(transformer_cls_names_to_wrap=["Linear", "JointTransformerBlock"])
+        self.state = SimpleNamespace(fsdp_plugin=self.plugin)
+        self.wrap_names: list[list[str]] = []
 
     def prepare(self, module, *optimizers):
         self.calls.append((module, *optimizers))
+        self.wrap_names.append(list(self.plugin.transformer_cls_names_to_wrap))
         for opt in optimizers:
             for group in opt.param_groups:
                 group["params"] = [nn.Parameter(p.detach().clone()) for p in group["params"]]
@@ -95,6 +99,9 @@ def test_a_group_spanning_two_modules_gets_its_optimizer_over_the_sharded_parame
     assert params["critic"] == carried and len(carried) == 4
     assert all(p is not q for p, q in zip(carried, groups["critic"], strict=True))  # the replacements
     assert acc._optimizers == [built["generator"], built["critic"]]
+    # the launch config's layer classes, cut down to those each module has while it is prepared
+    assert acc.wrap_names == [["Linear"]] * 3
+    assert acc.plugin.transformer_cls_names_to_wrap == ["Linear", "JointTransformerBlock"]
 
 
 def test_deepspeed_refuses_several_modules_or_groups():
