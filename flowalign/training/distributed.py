@@ -141,6 +141,14 @@ def _configure_deepspeed(acc: Any, cfg: Any) -> None:
             logger.warning("DeepSpeed config %s=%s replaced by the run config's %s", key, old, value)
         ds[key] = value
     acc.gradient_accumulation_steps = cfg.grad_accum_steps
+    zero = ds.setdefault("zero_optimization", {})
+    if int(zero.get("stage", getattr(acc.state.deepspeed_plugin, "zero_stage", None) or 0)) == 3:
+        # the final export gathers the whole weights, which ZeRO-3 only does with this switch on
+        if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+            logger.info(
+                "DeepSpeed ZeRO-3: stage3_gather_16bit_weights_on_model_save turned on for the export"
+            )
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 def prepare_sharded(

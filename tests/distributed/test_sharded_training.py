@@ -93,7 +93,9 @@ def trainable_count(ckpt) -> int:
     return sum(t.numel() for t in weights) + len(weights)
 
 
-def assert_same_step(a: Path, b: Path, step: int, *, layouts: tuple[str, str] | None = None) -> None:
+def assert_same_step(
+    a: Path, b: Path, step: int, *, layouts: tuple[str, str] | None = None, ema: bool = True
+) -> None:
     """Metrics of ``step`` equal (the gradient norm within its rounding bound); weights, EMA and
     optimizer state of the two checkpoints equal, whatever their layouts (full, or DCP shards read
     whole); ``layouts`` checks which layout each run wrote."""
@@ -110,8 +112,8 @@ def assert_same_step(a: Path, b: Path, step: int, *, layouts: tuple[str, str] | 
             assert abs(rb[key] - ra[key]) <= (gamma + 2 * U) * ra[key], (step, ra[key], rb[key])
         else:
             assert rb[key] == ra[key], (step, key, ra[key], rb[key])
-    assert ckpt_a.ema is not None and ckpt_b.ema is not None
-    pairs = [(("ema",), ckpt_a.ema, ckpt_b.ema)]
+    assert (ckpt_a.ema is not None, ckpt_b.ema is not None) == (ema, ema)
+    pairs = [(("ema",), ckpt_a.ema, ckpt_b.ema)] if ema else []
     assert ckpt_a.weights.keys() == ckpt_b.weights.keys()
     pairs += [(("model", m), ckpt_a.weights[m], ckpt_b.weights[m]) for m in ckpt_a.weights]
     for where, wa, wb in pairs:
