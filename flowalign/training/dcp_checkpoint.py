@@ -38,6 +38,7 @@ __all__ = [
     "SHARDS",
     "load_full",
     "load_sharded",
+    "load_verified",
     "read_full",
     "resolve_layout",
     "save_shards",
@@ -252,6 +253,29 @@ def load_sharded(
         _read(ckpt.path, targets, distributed=_distributed())
     for group, opt in optimizers.items():
         opt.load_state_dict(_fill_skeleton(state[group], group, targets))
+
+
+def load_verified(acc: Any, path: str | os.PathLike) -> Checkpoint:
+    """:func:`load_checkpoint` on every process, with the sizes and hashes of its files (every shard
+    of every process) checked once, by the main process, whose verdict all processes share: a damaged
+    file raises the same :class:`CheckpointError` everywhere, and no process reads the others' shards
+    just to hash them."""
+    from accelerate.utils import broadcast_object_list
+
+    from flowalign.training.checkpoint import verify_checkpoint
+
+    if acc.num_processes == 1:
+        return load_checkpoint(path)
+    verdict: list[str | None] = [None]
+    if acc.is_main_process:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            verdict[0] = str(err)
+    verdict = broadcast_object_list(verdict)
+    if verdict[0] is not None:
+        raise CheckpointError(verdict[0])
+    return load_checkpoint(path, verify=False)
 
 
 def resolve_layout(layout: str, strategy: str) -> str:

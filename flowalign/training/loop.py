@@ -51,7 +51,6 @@ from flowalign.training.checkpoint import (
     capture_rng_state,
     find_latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     load_trainable_state_dict,
     remove_stale_tmp_dirs,
     restore_rng_state,
@@ -574,7 +573,7 @@ def train(
     set_seed(cfg.seed, device_specific=True)
     run = _Run(method, method_name, cfg, acc, strategy)
     if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = dcp_.load_verified(acc, ckpt_path)
         run.restore(ckpt)
         if acc.is_main_process and ckpt.config is not None and ckpt.config != run_cfg:
             logger.warning("resuming %s with a config that differs from its config.yaml", ckpt_path)

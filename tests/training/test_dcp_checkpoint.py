@@ -109,3 +109,21 @@ def test_layout_setting():
     with pytest.raises(ConfigError, match="must be auto, full or sharded") as err:
         CheckpointConfig(layout="dcp")
     assert err.value.key == "layout"
+
+
+def test_the_main_process_alone_verifies_the_files_of_a_multi_process_resume(tmp_path):
+    """With several processes the main one hashes every file and shares its verdict; the others read
+    without hashing (in one process, broadcast hands each side its own verdict back)."""
+    from types import SimpleNamespace
+
+    from flowalign.training.dcp_checkpoint import load_verified
+
+    out = tmp_path / "run"
+    _run(out, "sharded", max_steps=1)
+    path = out / "checkpoint-00000001"
+    assert load_verified(SimpleNamespace(num_processes=2, is_main_process=True), path).layout == "sharded"
+    shard = path / "shards" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-1])
+    with pytest.raises(CheckpointError, match="__0_0.distcp.*truncated"):
+        load_verified(SimpleNamespace(num_processes=2, is_main_process=True), path)
+    assert load_verified(SimpleNamespace(num_processes=2, is_main_process=False), path).step == 1
