@@ -58,13 +58,26 @@ def test_fsdp2_fdistill_critic_step_equals_one_process(toy_teacher_dir, fdistill
 def test_fsdp2_fdistill_two_steps_and_sharded_resume_across_world_sizes(
     toy_teacher_dir, fdistill_reference, tmp_path
 ):
-    """2 FSDP2 steps equal the reference; the 2-process sharded checkpoint 1 resumes in 1 process,
-    and a 1-process sharded checkpoint 1 resumes in 2 FSDP2 processes, both ending on the reference's
-    step 3 and its export."""
+    """2 FSDP2 steps equal the reference; the 2-process sharded checkpoint 1 resumes in 2 processes
+    and in 1 process, and a 1-process sharded checkpoint 1 resumes in 2 FSDP2 processes, all ending on
+    the reference's step 3 and its export."""
     two = tmp_path / "two"
     launch(FSDP2_CPU, toy_teacher_dir, two, "fdistill", 2, "wrap=none")
     for step in (1, 2):
         assert_same_step(fdistill_reference, two, step, layouts=("full", "sharded"))
+
+    two_to_two = tmp_path / "two-to-two"
+    launch(
+        FSDP2_CPU,
+        toy_teacher_dir,
+        two_to_two,
+        "fdistill",
+        3,
+        "wrap=none",
+        f"resume={two / 'checkpoint-00000001'}",
+    )
+    assert_same_step(fdistill_reference, two_to_two, 3, layouts=("full", "sharded"))
+    assert_same_export(fdistill_reference, two_to_two, FULL_FILES)
 
     two_to_one = tmp_path / "two-to-one"
     one_process(toy_teacher_dir, two_to_one, 3, resume=str(two / "checkpoint-00000001"))
