@@ -52,13 +52,27 @@ def eval_(
     rerun: Annotated[
         bool, typer.Option("--rerun", help="Re-run from OUT/report.json, reusing everything.")
     ] = False,
+    fid_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="Inception weights for FID/KID: inception-2015-12-05.pt (paper-comparable) or torchvision."
+        ),
+    ] = None,
+    fid_reference: Annotated[
+        str | None, typer.Option(help="Reference media folder or manifest for FID/KID.")
+    ] = None,
+    clip_fd_model: Annotated[
+        str | None,
+        typer.Option(help="CLIP model for CLIP-FD against --fid-reference (as the clip reward takes)."),
+    ] = None,
+    lpips_weights: Annotated[
+        Path | None, typer.Option(help="Local AlexNet weights for LPIPS diversity.")
+    ] = None,
     device: Annotated[str | None, typer.Option()] = None,
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: bf16 on GPU).")] = None,
 ) -> None:
     """Compare checkpoints on prompt sets with rewards: one reproducible HTML + JSON report."""
     from flowalign.evals.runner import rerun_eval, run_eval
-    from flowalign.evals.types import EvalOptions
-    from flowalign.pipelines.generate_files import GenerationSettings
 
     if rerun:
         result = rerun_eval(out)
@@ -75,18 +89,25 @@ def eval_(
         if not reward_names:
             fail("--rewards: give at least one reward name")
         specs = _model_specs(models, guidance_sweep, guidance_scale)
-        torch_device, torch_dtype = device_and_dtype(device, dtype)
-        options = EvalOptions(
-            settings=GenerationSettings(num_inference_steps=steps, guidance_scale=guidance_scale),
-            weights=weights_option(weights),
-            base=base,
-            device=torch_device,
-            dtype=torch_dtype,
+        options = _options(
+            steps,
+            guidance_scale,
+            weights,
+            base,
+            (fid_weights, fid_reference, clip_fd_model),
+            lpips_weights,
+            device,
+            dtype,
         )
         result = run_eval(
             specs, prompts if len(prompts) > 1 else prompts[0], reward_names, out_dir=out,
             samples_per_prompt=samples_per_prompt, seeds=seed_list, options=options,
         )  # fmt: skip
+    _report_outcome(result)
+
+
+def _report_outcome(result) -> None:
+    """Print the failures and the files; exit 1 when nothing was generated or scored."""
     for failure in result.failures:
         typer.echo(f"failed: {failure}", err=True)
     typer.echo(f"wrote {result.html_path} and {result.json_path}")
@@ -97,6 +118,32 @@ def eval_(
             f"no reward scored any sample ({len(result.failures)} failures; see {result.json_path})",
             RUN_ERROR,
         )
+
+
+def _options(steps, guidance_scale, weights, base, distances, lpips_weights, device, dtype):
+    """The :class:`EvalOptions` of the command line, its paths checked; ``distances`` = (FID weights,
+    reference, CLIP-FD model)."""
+    from flowalign.evals.types import EvalOptions
+    from flowalign.pipelines.generate_files import GenerationSettings
+
+    fid_weights, fid_reference, clip_fd_model = distances
+    if (fid_weights is not None or clip_fd_model is not None) != (fid_reference is not None):
+        fail("--fid-reference goes with --fid-weights or --clip-fd-model (and they need it)")
+    for option, path in (("--fid-weights", fid_weights), ("--lpips-weights", lpips_weights)):
+        if path is not None and not path.exists():
+            fail(f"{option}: {path} does not exist")
+    torch_device, torch_dtype = device_and_dtype(device, dtype)
+    return EvalOptions(
+        settings=GenerationSettings(num_inference_steps=steps, guidance_scale=guidance_scale),
+        weights=weights_option(weights),
+        base=base,
+        fid_weights=str(fid_weights) if fid_weights else None,
+        fid_reference=fid_reference,
+        clip_fd_model=clip_fd_model,
+        lpips_weights=str(lpips_weights) if lpips_weights else None,
+        device=torch_device,
+        dtype=torch_dtype,
+    )
 
 
 _NUMERIC_SETTINGS = {  # model-spec settings checked like the options they stand for

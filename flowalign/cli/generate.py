@@ -42,6 +42,7 @@ def generate(
         str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present).")
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: bf16 on GPU).")] = None,
+    no_t5: Annotated[bool, typer.Option("--no-t5", help="SD3/SD3.5: load without the T5 encoder.")] = False,
     fps: Annotated[int, typer.Option(help="Frames per second of written videos.")] = 8,
     guide: Annotated[
         Path | None, typer.Option(help="Latent reward model folder for Flow-NRG guidance.")
@@ -51,12 +52,16 @@ def generate(
     ] = None,
     guidance_strength: Annotated[float, typer.Option(help="Flow-NRG strength w (0 = off).")] = 1.0,
     guide_steps: Annotated[str | None, typer.Option(help="Guide only for t in [a, b], as a:b.")] = None,
+    attention_backend: Annotated[
+        str, typer.Option(help="sdpa (default) or a diffusers attention backend: flash, sage, xformers, ...")
+    ] = "sdpa",
 ) -> None:
     """Generate images (PNG) or videos (MP4 + GIF) and a manifest.jsonl from prompts."""
     from flowalign.data.prompts import load_prompts
     from flowalign.models import load_flow_model
     from flowalign.pipelines.generate_files import GenerationSettings, generate_files
     from flowalign.pipelines.one_step import read_one_step_metadata
+    from flowalign.training.speed import check_attention_backend, set_attention_backend
 
     step_range = check_generation_options(
         steps=steps, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale, seed=seed,
@@ -72,10 +77,12 @@ def generate(
         prompts += load_prompts(prompts_file)
     if not prompts or any(not p.strip() for p in prompts):
         fail("a prompt is empty")
+    check_attention_backend(attention_backend, key="--attention-backend")
     torch_device, torch_dtype = device_and_dtype(device, dtype)
     batch = min(batch_size, len(prompts) * samples_per_prompt)
     check_size_before_loading(height, width, num_frames, batch, torch_device)
-    flow_model = load_flow_model(model, torch_dtype=torch_dtype, device=torch_device)
+    flow_model = load_flow_model(model, torch_dtype=torch_dtype, device=torch_device, drop_t5=no_t5)
+    set_attention_backend(flow_model.transformer, attention_backend, key="--attention-backend")
     one_step_meta = read_one_step_metadata(model) if Path(model).is_dir() else None
     if one_step_meta is not None:  # a distilled checkpoint samples in one step with its recorded guidance
         one_step = True

@@ -29,6 +29,12 @@ def plan(
     no_checkpointing: Annotated[
         bool, typer.Option("--no-checkpointing", help="Without gradient checkpointing.")
     ] = False,
+    no_t5: Annotated[
+        bool, typer.Option("--no-t5", help="SD3/SD3.5 without the T5 encoder (drop_t5).")
+    ] = False,
+    encoders_on_device: Annotated[
+        bool, typer.Option("--encoders-on-device", help="Text encoders on the GPU (no prompt cache).")
+    ] = False,
     breakdown: Annotated[bool, typer.Option("--breakdown", help="Every item of each plan.")] = False,
 ) -> None:
     """Predicted peak memory per GPU of a recipe, whether it fits, and which switches make it fit."""
@@ -52,5 +58,9 @@ def plan(
     changes = {key: value for key, value in given.items() if value is not None}
     if no_checkpointing:
         changes["gradient_checkpointing"] = False
+    if no_t5:
+        changes["drop_t5"] = True
+    if encoders_on_device:
+        changes["text_encoders"] = "device"
     plans = {name: plan_recipe(r.replace(**changes)) for name, r in recipes_for(target).items()}
     typer.echo("\n".join(plan_report(plans, sizes, breakdown=breakdown)))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,9 +19,35 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML recipe (e
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config key: --set train.optim.lr=1e-4")
 ]
+NoT5Opt = Annotated[
+    bool, typer.Option("--no-t5", help="SD3/SD3.5: train without the T5 text encoder (drop_t5: true).")
+]
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.")
 ]
+
+
+def _help_config(run_config: str) -> Any:
+    """The ``--help-config`` option of a command whose run config is the dataclass ``module:Name``:
+    it prints every config key with its type, default and documentation, then exits."""
+
+    def show(value: bool) -> None:
+        if value:
+            from flowalign.config import config_help
+
+            module, _, name = run_config.partition(":")
+            typer.echo(config_help(getattr(importlib.import_module(module), name)))
+            raise typer.Exit()
+
+    return Annotated[
+        bool,
+        typer.Option(
+            "--help-config",
+            is_eager=True,
+            callback=show,
+            help="Show every config key (for --config and --set) with its type, default and doc, and exit.",
+        ),
+    ]
 
 
 def _run_training(
@@ -43,24 +70,29 @@ def _run_training(
 def train_sft(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.runs:SFTRun") = False,
     model: Annotated[str | None, typer.Option(help="Hub id, folder, or toy:image / toy:video.")] = None,
     data: Annotated[
-        str | None, typer.Option(help="toy:train or a manifest.jsonl of media + prompts.")
+        str | None,
+        typer.Option(help="toy:image / toy:video (toy:train: the model's kind) or a manifest.jsonl."),
     ] = None,
     out: OutOpt = None,
     steps: StepsOpt = None,
+    no_t5: NoT5Opt = False,
     resume: ResumeOpt = False,
 ) -> None:
     """Flow-matching fine-tuning (pretrains the toy base models)."""
     from flowalign.training.runs import SFTRun, run_sft
 
-    _run_training(SFTRun, run_sft, config, set_, resume, {"model": model, "data": data}, out=out, steps=steps)
+    overrides = {"model": model, "data": data, "drop_t5": no_t5 or None}
+    _run_training(SFTRun, run_sft, config, set_, resume, overrides, out=out, steps=steps)
 
 
 @train_app.command("dpo")
 def train_dpo(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.runs:DPORun") = False,
     model: Annotated[str | None, typer.Option(help="Base model: hub id or folder.")] = None,
     data: Annotated[
         str | None, typer.Option(help="pairs.jsonl, VideoAlign csv or Pick-a-Pic parquet.")
@@ -68,12 +100,13 @@ def train_dpo(
     out: OutOpt = None,
     steps: StepsOpt = None,
     beta: Annotated[float | None, typer.Option(help="DPO beta (mean-reduced errors).")] = None,
+    no_t5: NoT5Opt = False,
     resume: ResumeOpt = False,
 ) -> None:
     """Flow-DPO preference fine-tuning (LoRA by default; --set lora=null for a full fine-tune)."""
     from flowalign.training.runs import DPORun, run_dpo
 
-    overrides = {"model": model, "data": data, "dpo.beta": beta}
+    overrides = {"model": model, "data": data, "dpo.beta": beta, "drop_t5": no_t5 or None}
     _run_training(DPORun, run_dpo, config, set_, resume, overrides, out=out, steps=steps)
 
 
@@ -81,11 +114,13 @@ def train_dpo(
 def train_rwr(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.runs:RWRRun") = False,
     model: Annotated[str | None, typer.Option(help="Base model: hub id or folder.")] = None,
     data: Annotated[str | None, typer.Option(help="candidates.jsonl from `flowalign pairs`.")] = None,
     out: OutOpt = None,
     steps: StepsOpt = None,
     temperature: Annotated[float | None, typer.Option(help="RWR temperature beta.")] = None,
+    no_t5: NoT5Opt = False,
     resume: ResumeOpt = False,
 ) -> None:
     """Flow-RWR: reward-weighted flow matching on scored samples."""
@@ -95,6 +130,7 @@ def train_rwr(
         "model": model,
         "data": data,
         "rwr.temperature": temperature,
+        "drop_t5": no_t5 or None,
     }
     _run_training(RWRRun, run_rwr, config, set_, resume, overrides, out=out, steps=steps)
 
@@ -103,6 +139,7 @@ def train_rwr(
 def train_latent_reward(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.runs:LatentRewardRun") = False,
     model: Annotated[str | None, typer.Option(help="Flow model the guide is for: hub id or folder.")] = None,
     data: Annotated[
         str | None,
@@ -132,6 +169,7 @@ def train_latent_reward(
 def train_fdistill(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.methods.fdistill:FDistillRun") = False,
     teacher: Annotated[str | None, typer.Option(help="Teacher: hub id or folder of a flow model.")] = None,
     divergence: Annotated[
         str | None, typer.Option(help="js, kl, rkl, sf, sh, jf, pearson, neyman, alpha.")
@@ -154,6 +192,7 @@ def train_fdistill(
 def train_distar(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.methods.distar:DistarRun") = False,
     teacher: Annotated[
         str | None, typer.Option(help="Teacher (reference diffusion): hub id or folder.")
     ] = None,
@@ -180,6 +219,7 @@ def train_distar(
 def train_cdt_cmd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.methods.cdt:CDTRunConfig") = False,
     out: OutOpt = None,
     steps: StepsOpt = None,
     resume: ResumeOpt = False,
@@ -194,6 +234,7 @@ def train_cdt_cmd(
 def train_reward(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.methods.reward_run:RewardModelRun") = False,
     data: Annotated[
         str | None,
         typer.Option(help="Preference pairs with per-dimension labels (jsonl, VideoAlign csv, parquet)."),

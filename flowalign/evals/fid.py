@@ -9,11 +9,13 @@ real and stable even when N < D.
 
 Feature extractors:
 
+- :func:`load_fid_extractor` picks the extractor a weights file implies. The standard
+  ``inception-2015-12-05.pt`` TorchScript gives clean-fid's features (:mod:`flowalign.evals.clean_inception`),
+  so the FID is comparable with papers that use clean-fid; KID on the same features is in
+  :mod:`flowalign.evals.kid`. ``clip:<model>`` gives CLIP image embeddings (CLIP-FD).
 - :func:`load_inception_features` builds torchvision's Inception-v3 from a **local** weights file
-  (this project never downloads weights). Its 2048-d pool features give an FID comparable between runs
-  of this tool; published FIDs use the TensorFlow Inception graph (clean-fid, pytorch-fid's
-  ``pt_inception-2015-12-05``) whose weights and resizing differ, so the numbers are not comparable with
-  papers' tables.
+  (this project never downloads weights). Its features differ from the TensorFlow graph's (weights and
+  resizing), so its FID compares runs of this tool with each other, not with papers' tables.
 - :func:`toy_features` describes a toy-world picture by what the exact oracle detects (one-hot
   shape/colour/size/position, colour, extent, centre, quality terms): a cheap, interpretable
   "toy FID" against :func:`toy_reference_media`, renders of the same captions.
@@ -38,6 +40,7 @@ __all__ = [
     "feature_statistics",
     "fid_from_features",
     "frechet_distance",
+    "load_fid_extractor",
     "load_inception_features",
     "toy_features",
     "toy_features_from_detections",
@@ -195,6 +198,43 @@ def load_inception_features(
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_fid_extractor(
+    weights: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> tuple[FeatureExtractor, dict[str, Any]]:
+    """The FID feature extractor a weights file implies, and a description of it for the report.
+
+    The standard ``inception-2015-12-05.pt`` TorchScript (or a folder holding it) gives clean-fid's
+    features (:mod:`flowalign.evals.clean_inception`), comparable with published FIDs; any other file is
+    read as torchvision Inception-v3 weights (:func:`load_inception_features`), comparable only between
+    runs of this tool. ``clip:<model>`` gives CLIP image embeddings (CLIP-FD) from any model the ``clip``
+    reward loads. The description names the extractor, the file and its sha256.
+    """
+    from flowalign.evals.clean_inception import STANDARD_NAME, is_torchscript_archive, load_clean_inception
+    from flowalign.files import sha256_file
+
+    if str(weights).startswith("clip:"):
+        from flowalign.rewards.backbones import load_clip_backbone
+
+        backbone = load_clip_backbone(str(weights)[5:], device=device)
+        return backbone.image_features, {"extractor": f"CLIP image embeddings ({backbone.source})",
+                                         "comparable_with_papers": False}  # fmt: skip
+    path = Path(weights)
+    standard = path.is_dir() or (path.is_file() and is_torchscript_archive(path))
+    if standard:
+        extractor: FeatureExtractor = load_clean_inception(path, device=device)
+        path = path / STANDARD_NAME if path.is_dir() else path
+        name = "clean-fid Inception-v3 (TF 2015-12-05 graph, PIL bicubic resize)"
+    else:
+        extractor = load_inception_features(path, device=device)
+        name = "torchvision Inception-v3 (bilinear resize; not comparable with published FIDs)"
+    return extractor, {
+        "extractor": name,
+        "weights": path.name,
+        "sha256": sha256_file(path),
+        "comparable_with_papers": standard,
+    }
 
 
 def toy_features(media: Tensor) -> Tensor:

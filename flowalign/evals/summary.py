@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from flowalign.evals import diversity, fid, metrics
+from flowalign.evals.kid import kernel_distance
 from flowalign.evals.prompt_sets import PromptSet, spread_indices
 from flowalign.evals.types import EvalOptions, Sample, digest, relative_path
 from flowalign.files import atomic_write_json
@@ -99,13 +100,13 @@ def _toy_vocab(is_video: bool) -> dict[str, tuple[str, ...]]:
 
 
 class _Extras:
-    """Optional networks (LPIPS, Inception + reference features), loaded once per evaluation."""
+    """Optional networks (LPIPS, Inception or CLIP + reference features), loaded once per evaluation."""
 
     def __init__(self, options: EvalOptions, failures: list) -> None:
         self.options, self.failures = options, failures
         self._lpips: Any = None
-        self._inception: Any = None
-        self._reference: Tensor | None = None
+        self._references: dict[str, tuple[Any, Tensor]] = {}
+        self.extractor_info: dict[str, dict[str, Any]] = {}
         self._failed: set[str] = set()
 
     @property
@@ -123,22 +124,26 @@ class _Extras:
                 self._failed.add("lpips")
         return self._lpips
 
-    def inception_reference(self) -> tuple[Any, Tensor] | None:
+    def reference(self, kind: str) -> tuple[Any, Tensor] | None:
+        """(extractor, reference features) for ``"inception"`` (FID/KID) or ``"clip"`` (CLIP-FD), if configured."""
         opts = self.options
-        if not (opts.fid_weights and opts.fid_reference) or "fid" in self._failed:
+        spec = (
+            opts.fid_weights if kind == "inception" else (opts.clip_fd_model and f"clip:{opts.clip_fd_model}")
+        )
+        if not (spec and opts.fid_reference) or kind in self._failed:
             return None
-        if self._reference is None:
+        if kind not in self._references:
             try:
                 from flowalign.rewards.scoring import resolve_media
 
-                self._inception = fid.load_inception_features(opts.fid_weights, device=opts.device)
+                extractor, self.extractor_info[kind] = fid.load_fid_extractor(spec, device=opts.device)
                 files = [i.file for i in resolve_media(opts.fid_reference)]
-                self._reference = _features(files, self._inception, opts)
+                self._references[kind] = (extractor, _features(files, extractor, opts))
             except (ValueError, OSError) as err:
-                self.failures.append({"stage": "fid", "error": f"{type(err).__name__}: {err}"})
-                self._failed.add("fid")
+                self.failures.append({"stage": f"fid-{kind}", "error": f"{type(err).__name__}: {err}"})
+                self._failed.add(kind)
                 return None
-        return self._inception, self._reference
+        return self._references[kind]
 
 
 def _features(files: Sequence[Path], extractor, options: EvalOptions) -> Tensor:
@@ -201,12 +206,23 @@ def _fid(
             "floor": fid.fid_from_features(ref2, ref),
             "n": len(samples),
         }
-    pair = extras.inception_reference()
-    if pair is not None and len(samples) >= 2:
+    for kind in ("inception", "clip"):
+        pair = extras.reference(kind)
+        if pair is None or len(samples) < 2:
+            continue
         extractor, reference = pair
         feats = _features([s.file for s in samples], extractor, options)
-        out["inception"] = {"fid": fid.fid_from_features(feats, reference), "n": len(samples),
-                            "n_reference": int(reference.shape[0])}  # fmt: skip
+        entry = {
+            "fid": fid.fid_from_features(feats, reference),
+            "n": len(samples),
+            "n_reference": int(reference.shape[0]),
+        }
+        if kind == "inception":
+            kid = kernel_distance(
+                feats, reference, subsets=options.kid_subsets, subset_size=options.kid_subset_size
+            )
+            entry |= {"kid": kid.kid, "kid_se": kid.se, "kid_subset_size": kid.subset_size}
+        out[kind] = entry | extras.extractor_info[kind]
     return out
 
 

@@ -51,8 +51,16 @@ class EvalOptions:
         tie_tolerance: win-rate tie tolerance, one number or ``{dimension: tol}``.
         lpips_weights: local torchvision AlexNet weights for LPIPS diversity and drift.
         lpips_random_backbone: use LPIPS with a random backbone when no weights are given (tests).
-        fid_weights: local torchvision Inception-v3 weights for FID against ``fid_reference``.
+        fid_weights: local Inception weights for FID and KID against ``fid_reference``: the standard
+            ``inception-2015-12-05.pt`` TorchScript (clean-fid's features, comparable with papers) or
+            torchvision Inception-v3 weights (comparable between runs only); see
+            ``flowalign.evals.fid.load_fid_extractor``.
         fid_reference: reference media (a folder of media files or a manifest) for that FID.
+        clip_fd_model: a CLIP model (as the ``clip`` reward takes it: an open_clip ``local-dir:`` folder or a
+            transformers CLIP folder) whose image embeddings give a second Frechet distance (CLIP-FD)
+            against ``fid_reference``; reported as ``fid[model]["clip"]``.
+        kid_subsets: KID's number of random subsets (its standard error is taken over them).
+        kid_subset_size: KID's subset size (clipped to the smaller set).
         calibration_pairs: a preference dataset (see ``flowalign.data.preference``) to measure each
             reward's accuracy and calibration against human labels.
         device: where models and rewards run.
@@ -71,6 +79,9 @@ class EvalOptions:
     lpips_random_backbone: bool = False
     fid_weights: str | None = None
     fid_reference: str | None = None
+    clip_fd_model: str | None = None
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
     calibration_pairs: str | None = None
     device: str = "cpu"
     dtype: torch.dtype = torch.float32

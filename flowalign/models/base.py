@@ -212,6 +212,12 @@ class FlowModel(ABC):
         """True for guidance-distilled models that take the guidance scale as an input (FLUX.1-dev)."""
         return False
 
+    @property
+    def guidance_scale_is_cfg(self) -> bool:
+        """Whether ``guidance_scale`` means classifier-free guidance. False for families whose diffusers
+        pipeline reads it as the embedded guidance input only (FLUX: real CFG is ``true_cfg_scale``)."""
+        return not self.uses_guidance_embedding
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FlowModel:
         """Move every component; a ``dtype`` becomes the compute dtype (``fp32_components`` stay fp32)."""
         for name, module in self.modules().items():

@@ -62,6 +62,12 @@ class FluxModel(FlowModel):
     def uses_guidance_embedding(self) -> bool:
         return bool(self.transformer.config.guidance_embeds)
 
+    @property
+    def guidance_scale_is_cfg(self) -> bool:
+        # FluxPipeline feeds guidance_scale to the guidance embedding (FLUX.1-dev) and ignores it
+        # without one (FLUX.1-schnell); two-pass CFG only through true_cfg_scale + a negative prompt.
+        return False
+
     def encode_prompt(self, prompts, *, negative_prompts=None, with_uncond=False):
         def encode(texts: list[str]) -> PromptEmbeds:
             embeds, pooled, text_ids = self.pipe.encode_prompt(

@@ -13,7 +13,7 @@ import torch
 
 from flowalign.models.base import _FAMILIES, FlowModel, ModelLoadError, read_model_index
 from flowalign.models.flux import FluxModel
-from flowalign.models.sd3 import SD3Model
+from flowalign.models.sd3 import SD3Model, without_t5
 from flowalign.models.toy import ToyModel
 from flowalign.models.wan import WanModel
 
@@ -45,9 +45,12 @@ def load_flow_model(
     *,
     torch_dtype: torch.dtype | dict[str, torch.dtype] = torch.float32,
     device: torch.device | str = "cpu",
+    drop_t5: bool = False,
     **components: Any,
 ) -> FlowModel:
     """Load any supported family from a hub id or a local diffusers folder.
+
+    ``drop_t5`` loads SD3 / SD3.5 without its T5 text encoder (see :func:`flowalign.models.sd3.without_t5`).
 
     ``torch_dtype`` is the compute dtype of every component (or a per-component dict, see
     :meth:`FlowModel.component_dtypes`); the family's fp32 components (Wan's VAE) stay fp32. Under
@@ -56,6 +59,7 @@ def load_flow_model(
     from flowalign.sharding import local_device
 
     device = local_device(device) if isinstance(device, str) else device
-    return family_for(path_or_id).from_pretrained(
-        path_or_id, torch_dtype=torch_dtype, device=device, **components
-    )
+    family = family_for(path_or_id)
+    if drop_t5:
+        components = without_t5(family, str(path_or_id), components)
+    return family.from_pretrained(path_or_id, torch_dtype=torch_dtype, device=device, **components)

@@ -3,9 +3,17 @@
 SD3-only: two CLIP encoders + optional T5 (prompt embeds concatenated, pooled from the CLIPs);
 VAE latents z = (vae(x) - shift_factor) * scaling_factor; timestep = t * 1000; static time shift
 from the scheduler config (3.0 for SD3-medium and SD3.5).
+
+Without T5 (:func:`without_t5`, ``model.drop_t5`` / ``--no-t5``) the pipeline loads with
+``text_encoder_3=None, tokenizer_3=None`` and, as diffusers does, feeds the transformer zeros in
+place of the T5 tokens: the prompt embeddings keep their shape ``[B, 77 + max_sequence_length, D]``,
+so the transformer's compute is unchanged while T5's weights (4.76B parameters for SD3.5's T5-XXL)
+are never read.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from diffusers import StableDiffusion3Pipeline
@@ -14,12 +22,34 @@ from torch import Tensor, nn
 from flowalign.flow import t_to_timesteps
 from flowalign.models.base import (
     FlowModel,
+    ModelLoadError,
     PromptEmbeds,
     decode_with_image_vae,
     encode_with_image_vae,
     net_dtype,
     register_family,
 )
+
+T5_COMPONENTS = ("text_encoder_3", "tokenizer_3")
+"""SD3's optional T5 encoder and its tokenizer (pipeline component names)."""
+
+
+def without_t5(family: type[FlowModel], source: str, components: dict[str, Any]) -> dict[str, Any]:
+    """``components`` with SD3's T5 encoder and tokenizer set to None, for ``family.from_pretrained``.
+
+    Raises:
+        ModelLoadError: ``family`` is not SD3 (FLUX and Wan cannot work without their T5 / UMT5 encoder),
+            or ``components`` already passes a T5 encoder.
+    """
+    if not issubclass(family, SD3Model):
+        raise ModelLoadError(
+            f"{source}: drop_t5 (--no-t5) applies to SD3 / SD3.5 models, whose T5 encoder is optional; "
+            f"a {family.family} model needs its T5 text encoder"
+        )
+    given = [name for name in T5_COMPONENTS if components.get(name) is not None]
+    if given:
+        raise ModelLoadError(f"{source}: drop_t5 conflicts with the {' and '.join(given)} passed in")
+    return {**components, **dict.fromkeys(T5_COMPONENTS)}
 
 
 @register_family("StableDiffusion3Pipeline")

@@ -37,8 +37,9 @@ class FlowPipeline:
     """Generate images or videos from prompts with any :class:`FlowModel`.
 
     Argument names follow diffusers' pipelines. Guidance: for ordinary models ``guidance_scale``
-    is classifier-free guidance (1 = off); for guidance-distilled models (FLUX.1-dev) it is the
-    embedded guidance input and ``true_cfg_scale`` turns on real CFG with the negative prompt.
+    is classifier-free guidance (1 = off); for FLUX, as in ``FluxPipeline``, it is the embedded
+    guidance input of guidance-distilled models (FLUX.1-dev), unused by FLUX.1-schnell, and
+    ``true_cfg_scale`` turns on real CFG with the negative prompt.
     ``velocity_transforms`` wrap the guided velocity (reward guidance plugs in here). The model
     computes in the dtype it was loaded in (e.g. bf16); the sampler's latents, the velocities it
     sees and the returned media are at least fp32.
@@ -92,8 +93,9 @@ class FlowPipeline:
         if output_type not in ("pt", "latent"):
             raise ValueError(f"output_type must be 'pt' or 'latent', got {output_type!r}")
 
-        if model.uses_guidance_embedding:
-            embedded, cfg_scale = scale, true_cfg_scale
+        if not model.guidance_scale_is_cfg:
+            embedded = scale if model.uses_guidance_embedding else None
+            cfg_scale = true_cfg_scale
             use_cfg = cfg_scale > 1.0 and negatives is not None
         else:
             embedded, cfg_scale = None, scale

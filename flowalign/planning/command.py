@@ -6,8 +6,9 @@
 
 A preset names a recipe of :data:`PRESETS`; a YAML file is read for ``model`` (a hub id or a folder
 whose ``transformer/config.json`` matches a known architecture), ``train.batch_size``,
-``train.gradient_checkpointing``, ``train.ema.use`` and ``lora.rank`` (no ``lora`` section: full
-fine-tune); the method is the file's ``dpo`` / ``sft`` / ``fdistill`` section.
+``train.gradient_checkpointing``, ``train.ema.use``, ``lora.rank`` (no ``lora`` section: full
+fine-tune), ``drop_t5``, ``cache_prompts`` (false: text encoders on the device) and ``cache_latents``
+(true: the VAE off the device); the method is the file's ``dpo`` / ``sft`` / ``fdistill`` section.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def recipe_from_yaml(path: Path) -> Recipe:
     if rank is not None:
         check_number(rank, f"{path}: lora.rank", lo=1, integer=True)
     ema = train.get("ema") or {}
+    cached = _flag(data.get("cache_prompts", True), f"{path}: cache_prompts")
     return Recipe(
         _architecture_of(str(data["model"]), str(path)),
         method=method,
@@ -90,7 +92,16 @@ def recipe_from_yaml(path: Path) -> Recipe:
         gradient_checkpointing=bool(train.get("gradient_checkpointing", False)),
         ema=bool(ema.get("use", False)) if isinstance(ema, dict) else False,
         lora_rank=int(rank) if rank is not None else None,
+        drop_t5=_flag(data.get("drop_t5", False), f"{path}: drop_t5"),
+        text_encoders="cached" if cached else "device",
+        vae="cached" if _flag(data.get("cache_latents", False), f"{path}: cache_latents") else "device",
     )
+
+
+def _flag(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{where} must be true or false, got {short_repr(value)}")
+    return value
 
 
 def _row(name: str, p: Plan, sizes: list[float]) -> str:

@@ -70,6 +70,8 @@ class Recipe:
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     gradient_checkpointing: bool = True
     text_encoders: Literal["cached", "device"] = "cached"
+    drop_t5: bool = False
+    """SD3 / SD3.5 without the T5 encoder (run config ``drop_t5: true``): its weights are never loaded."""
     vae: Literal["cached", "device"] = "device"
     cpu_offload: bool = False
     """Frozen weights stay on the CPU and are streamed to the device one block at a time."""
@@ -84,6 +86,12 @@ class Recipe:
     def arch(self) -> Architecture:
         return self.model if isinstance(self.model, Architecture) else get_architecture(self.model)
 
+    @property
+    def text_encoder_keys(self) -> tuple[str, ...]:
+        """The text encoders the run loads (keys of ``TEXT_ENCODERS``): T5 left out under ``drop_t5``."""
+        keys = self.arch.text_encoders
+        return tuple(k for k in keys if k != "t5-xxl") if self.drop_t5 else keys
+
     def __post_init__(self) -> None:
         self.arch  # noqa: B018 - raises ValueError for an unknown name
         if self.strategy not in STRATEGIES:
@@ -96,6 +104,8 @@ class Recipe:
             raise ValueError(f"lora_rank must be >= 1 or None, got {self.lora_rank}")
         if self.method not in ("dpo", "sft", "fdistill"):
             raise ValueError(f"method must be dpo, sft or fdistill, got {self.method!r}")
+        if self.drop_t5 and self.arch.family != "sd3":
+            raise ValueError(f"drop_t5 applies to SD3 / SD3.5, not to {self.arch.name} (it needs its T5)")
 
     def replace(self, **changes) -> Recipe:
         return dataclasses.replace(self, **changes)
@@ -140,7 +150,7 @@ def _vae_encode_peak(arch: Architecture, recipe: Recipe, samples: int) -> float:
 def _text_encode_peak(arch: Architecture, recipe: Recipe, samples: int) -> float:
     """No-grad encoder peak: the largest encoder's hidden state, its MLP hidden and attention output."""
     best = 0.0
-    for key in arch.text_encoders:
+    for key in recipe.text_encoder_keys:
         cfg = TEXT_ENCODERS[key]["config"]
         width = cfg.get("hidden_size", cfg.get("d_model"))
         ffn = cfg.get("intermediate_size", cfg.get("d_ff"))
@@ -186,7 +196,7 @@ def _resident(recipe: Recipe, arch: Architecture) -> dict[str, float]:
     if recipe.strategy == "ddp" and recipe.num_gpus > 1:
         out["DDP gradient buckets"] = trainable * FP32
     if recipe.text_encoders == "device":
-        out["text encoders (bf16)"] = sum(param_count(k) for k in arch.text_encoders) * BF16
+        out["text encoders (bf16)"] = sum(param_count(k) for k in recipe.text_encoder_keys) * BF16
     if recipe.vae == "device":
         out[f"VAE ({arch.vae_dtype})"] = vae_param_count(arch) * BYTES[arch.vae_dtype]
     if recipe.device == "cuda":

@@ -60,6 +60,8 @@ from flowalign.training.ema import EMA
 from flowalign.training.memory import enable_gradient_checkpointing
 from flowalign.training.method import Method, StepContext
 from flowalign.training.optim import build_lr_scheduler, build_optimizer
+from flowalign.training.previews import Previews
+from flowalign.training.speed import apply_speed_switches
 
 __all__ = ["METRICS_FILE", "TrainResult", "TrainingDiverged", "train"]
 
@@ -155,7 +157,7 @@ def _truncate_metrics(path: Path, *, last_step: int) -> None:
 def _make_accelerator(cfg: TrainConfig) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     # The accelerate state is a per-process singleton; a second train() in one process (tests,
     # notebooks) with another precision would be refused without this reset (private API of
@@ -165,7 +167,9 @@ def _make_accelerator(cfg: TrainConfig) -> Any:
         mixed_precision=cfg.mixed_precision,
         cpu=cfg.cpu,
         log_with=list(cfg.trackers) or None,
-        project_dir=str(cfg.output_dir),
+        project_config=ProjectConfiguration(
+            project_dir=str(cfg.output_dir), logging_dir=str(Path(cfg.output_dir) / "logs")
+        ),
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters)
@@ -260,6 +264,13 @@ class _Run:
             module.train()
         for module in method.frozen_modules().values():
             module.to(self.device).eval()
+        apply_speed_switches(
+            self.trainable,
+            method.frozen_modules().values(),
+            compile=cfg.compile,
+            compile_backend=cfg.compile_backend,
+            attention_backend=cfg.attention_backend,
+        )
         self.groups = dict(method.optimizer_groups())
         _check_groups(self.groups, self.trainable)
         group_cfgs = {g: method.optim_config(g, cfg.optim) for g in self.groups}
@@ -599,7 +610,10 @@ def train(
             metrics_path.unlink(missing_ok=True)
         save_config(run_config if run_config is not None else cfg, output_dir / "config.yaml")
     if cfg.trackers:
-        acc.init_trackers("logs")
+        from flowalign.training.trackers import start_trackers
+
+        start_trackers(acc, cfg, run_config if run_config is not None else cfg, output_dir)
+    previews = Previews(method, cfg, acc, sharded=run.sharded) if cfg.validation is not None else None
     acc.wait_for_everyone()
 
     from tqdm.auto import tqdm
@@ -675,6 +689,8 @@ def train(
                 periodic = cfg.checkpoint.every > 0 and run.step % cfg.checkpoint.every == 0
                 if periodic or interrupted or run.step == cfg.max_steps:
                     last_ckpt = run.write_checkpoint(output_dir, cursor, run_cfg)
+                if previews is not None:
+                    previews.maybe_write(run.step)
                 if interrupted:
                     break
     finally:

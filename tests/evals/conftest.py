@@ -136,3 +136,24 @@ def rich_run(toy_models, tmp_path_factory):
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def toy_dpo_run(toy_models, tmp_path_factory) -> Path:
+    """A finished two-step LoRA Flow-DPO run of toy model "a" on toy pairs, through the CLI."""
+    from typer.testing import CliRunner
+
+    from flowalign.cli import app
+
+    root = tmp_path_factory.mktemp("dpo-run")
+    args = ["train", "dpo", "--model", str(toy_models["a"]), "--data", str(write_toy_pairs(root / "pairs")),
+            "--out", str(root / "run"), "--steps", "2", "--set", "train.batch_size=2", "--set", "train.trackers=[]",
+            "--set", "train.cpu=true", "--set", "lora.rank=4"]  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = CliRunner().invoke(app, args)
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    return root / "run"

@@ -78,3 +78,24 @@ def test_screenshot_of_the_report(rich_run, tmp_path):
         assert image.size == (1280, 2200)
         spread = ImageStat.Stat(image.convert("L")).stddev[0]
     assert spread > 10  # a rendered page, not a blank one
+
+
+def test_model_card_renders_with_its_eval_table_in_chromium(toy_dpo_run, rich_run, tmp_path):
+    from flowalign.sharing.card import render_card_html
+    from flowalign.sharing.push import build_upload_folder
+
+    folder = build_upload_folder(
+        toy_dpo_run, tmp_path / "up", repo_id="me/toy-dpo", eval_dir=rich_run.json_path.parent
+    )
+    page = folder / "card.html"
+    html_text = render_card_html((folder / "README.md").read_text(), title="me/toy-dpo")
+    page.write_text(html_text.replace("</body>", CHECK + "</body>"))
+    done = _chromium("--virtual-time-budget=5000", "--dump-dom", page.as_uri(), profile=tmp_path / "profile")
+    match = re.search(r'<pre id="flowalign-check">(.*?)</pre>', done.stdout, re.S)
+    assert match, f"the check did not run; chromium said: {done.stderr[-2000:]}"
+    found = json.loads(html.unescape(match.group(1)))
+    assert found["images"] == found["decoded"] == 1  # the sample grid
+    assert len(found["tables"]) == 2  # the recipe and the eval table
+    dom = html.unescape(done.stdout)
+    for model in ("a", "b", "fast <b>"):
+        assert f"<td>{model}</td>" in dom or f"<td>{html.escape(model)}</td>" in done.stdout

@@ -223,7 +223,14 @@ def test_logs_checkpoint_config_and_export(tmp_path):
     method = ToyFlowMatching()
     result = train(method, VectorDataset(), cfg, progress=False)
     assert [r["step"] for r in _records(tmp_path)] == [2, 4]
-    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+    # tensorboard under logs/<project>, with every config key as a hyperparameter
+    assert list((tmp_path / "logs" / "flowalign").glob("events.out.tfevents.*"))
+    import yaml
+
+    (hparams_file,) = (tmp_path / "logs" / "flowalign").rglob("hparams.yml")  # in a timestamped sub-folder
+    hparams = yaml.safe_load(hparams_file.read_text())
+    assert hparams["max_steps"] == 4 and hparams["optim.lr"] == cfg.optim.lr and hparams["ema.decay"] == 0.5
+    assert hparams["trackers"] == "['tensorboard']"
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000003", "checkpoint-00000004"]
     assert load_config(TrainConfig, tmp_path / "checkpoint-00000004" / "config.yaml") == cfg
     final = load_file(result.export_dir / "net.safetensors")

@@ -186,8 +186,9 @@ class CachedPrompts:
         return encode_frozen_prompts(self.model, list(prompts))
 
     def without_text_encoders(self, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
-        """``modules`` less the text encoders when the prompts are cached (they stay on the CPU)."""
-        if self.prompt_cache is None:
-            return modules
-        encoders = set(text_encoder_names(self.model))
-        return {k: v for k, v in modules.items() if k not in encoders}
+        """``modules`` less the text encoders when the prompts are cached, and less the VAE when the
+        media latents are (``media_cached``, :mod:`flowalign.training.latent_cache`): they stay on the CPU."""
+        dropped = set(text_encoder_names(self.model)) if self.prompt_cache is not None else set()
+        if getattr(self, "media_cached", False):
+            dropped.add("vae")
+        return {k: v for k, v in modules.items() if k not in dropped}

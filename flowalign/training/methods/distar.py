@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from flowalign.config import ConfigError, TrainConfig
+from flowalign.data.batches import PromptBatch
 from flowalign.models.base import FlowModel
 from flowalign.objectives.distar import distar_generator_loss, kl_reward_generator_loss
 from flowalign.rewards.base import RewardModel
@@ -157,8 +158,8 @@ class DiffInstructStar(common.OneStepDistillation):
         power = {"none": 0, "t": 1, "t2": 2}[self.config.time_weighting]
         return self.config.alpha * t.float().pow(power)
 
-    def generator_loss(self, batch: dict, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
-        cfg, ids, prompts = self.config, batch["index"], batch["prompt"]
+    def generator_loss(self, batch: PromptBatch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg, ids, prompts = self.config, batch.index, batch.prompt
         cond, uncond = self.encode(prompts, with_uncond=self.uses_cfg)
         x = self.sample(ids, ctx, cond, net=ctx.module("generator"))  # [B, ...] with the generator's graph
         reward = self.reward_of(x, prompts) if self.reward is not None else None

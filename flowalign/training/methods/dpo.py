@@ -18,6 +18,7 @@ from torch import nn
 
 from flowalign import flow
 from flowalign.config import LoraConfig
+from flowalign.data.batches import PairBatch
 from flowalign.models.base import FlowModel
 from flowalign.models.lora import has_lora, save_lora
 from flowalign.objectives.dpo import flow_dpo_loss, velocity_errors_for_pairs
@@ -47,7 +48,8 @@ class DPOConfig:
 
 
 class FlowDPO(CachedPrompts, Method):
-    """Flow-DPO. Batches: ``media_w``/``media_l`` (or cached ``latents_w``/``latents_l``), ``prompt``, ``index``.
+    """Flow-DPO on :class:`~flowalign.data.batches.PairBatch` batches (``media_w``/``media_l`` or cached
+    ``latents_w``/``latents_l``, ``prompt``, ``index``).
 
     Call :meth:`cache_prompts` with the dataset's prompts before training to encode each prompt
     once instead of twice per pair and step (the text encoders then leave the device).
@@ -75,25 +77,16 @@ class FlowDPO(CachedPrompts, Method):
             frozen["reference"] = self.reference.copy
         return frozen
 
-    def collate(self, items: list[dict]) -> dict:
-        batch = {
-            "prompt": [item["prompt"] for item in items],
-            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
-        }
-        for key in ("media_w", "media_l", "latents_w", "latents_l"):
-            if key in items[0]:
-                batch[key] = torch.stack([item[key] for item in items])
-        return batch
+    def collate(self, items: list[dict]) -> PairBatch:
+        return PairBatch.collate(items)
 
-    def pair_latents(self, batch: dict) -> torch.Tensor:
+    def pair_latents(self, batch: PairBatch) -> torch.Tensor:
         """Canonical latents of the pairs laid out [w_0..w_{P-1}, l_0..l_{P-1}]: [2P, ...]."""
-        if "latents_w" in batch:
-            return torch.cat([batch["latents_w"], batch["latents_l"]])
-        with torch.no_grad():
-            return self.model.encode_media(torch.cat([batch["media_w"], batch["media_l"]]))
+        return PairBatch.coerce(batch).pair_latents(self.model.encode_media)
 
-    def compute_loss(self, batch: dict, ctx: StepContext, group: str):
-        ids = batch["index"]
+    def compute_loss(self, batch: PairBatch, ctx: StepContext, group: str):
+        batch = PairBatch.coerce(batch)
+        ids = batch.index
         x0 = self.pair_latents(batch)  # [2P, ...]
         noise = ctx.randn_like(x0[: len(ids)], ids, key="noise").repeat(
             2, *([1] * (x0.ndim - 1))
@@ -101,7 +94,7 @@ class FlowDPO(CachedPrompts, Method):
         t = sample_training_t(self.config.time, ids, ctx).repeat(2)  # shared per pair
         x_t = flow.interpolate(x0, noise, t)
         v_target = flow.velocity_target(x0, noise)
-        cond = self.condition(list(batch["prompt"]) * 2, x0.device)
+        cond = self.condition(batch.prompt * 2, x0.device)
         v_policy = self.model.velocity(x_t, t, cond, net=ctx.module("transformer"))
         with torch.no_grad(), self.reference.network(self.model.transformer) as ref_net:
             v_ref = self.model.velocity(x_t, t, cond, net=ref_net)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from flowalign import flow
 from flowalign.config import ConfigError, TrainConfig
+from flowalign.data.batches import MediaBatch, PromptBatch
 from flowalign.models.base import FlowModel, PromptEmbeds
 from flowalign.objectives.f_divergences import get_divergence
 from flowalign.objectives.fdistill import (
@@ -174,23 +175,20 @@ class FDistill(OneStepDistillation):
             feats = self.features(x_t, t, cond, guidance=self.embedded_guidance)
         return heads(feats)
 
-    def real_x0(self, batch: dict) -> Tensor:
+    def real_x0(self, batch: PromptBatch) -> Tensor:
         """Clean canonical latents of the batch's real media (``latents``, or ``pixels`` encoded)."""
-        if "latents" in batch:
-            return batch["latents"]
-        if "pixels" not in batch:
+        if not isinstance(batch, MediaBatch):
             raise ValueError(
                 "f-distill: the discriminator needs real media in each batch ('pixels' in [0, 1] or 'latents'); "
-                f"the batch has keys {sorted(batch)}. Give data.real_manifest (or data.toy_items), or use "
+                "the batch has prompts only. Give data.real_manifest (or data.toy_items), or use "
                 "divergence 'rkl' with gan_weight 0"
             )
-        with torch.no_grad():
-            return self.teacher.encode_media(batch["pixels"])
+        return batch.clean_latents(self.teacher.encode_media)
 
     # ---------------------------------------------------------------- losses
-    def generator_loss(self, batch: dict, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
-        cfg, ids = self.config, batch["index"]
-        cond, uncond = self.encode(batch["prompt"], with_uncond=self.uses_cfg)
+    def generator_loss(self, batch: PromptBatch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg, ids = self.config, batch.index
+        cond, uncond = self.encode(batch.prompt, with_uncond=self.uses_cfg)
         x = self.sample(ids, ctx, cond, net=ctx.module("generator"))  # [B, ...] with the generator's graph
         t, _, x_t = self.noised(x, ids, ctx, key="generator")
         with torch.no_grad():
@@ -225,12 +223,12 @@ class FDistill(OneStepDistillation):
         return loss, {**gen_metrics, **metrics}
 
     def extra_critic_loss(
-        self, batch: dict, ctx: StepContext, cond: PromptEmbeds, x0: Tensor
+        self, batch: PromptBatch, ctx: StepContext, cond: PromptEmbeds, x0: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]] | None:
         """Discriminator loss: noised real data vs noised detached generator samples (+ approximate R1)."""
         if self.discriminator is None:
             return None
-        cfg, ids = self.config, batch["index"]
+        cfg, ids = self.config, batch.index
         heads = ctx.module("discriminator")
         x_real = self.real_x0(batch).to(x0.dtype)
         if x_real.shape != x0.shape:

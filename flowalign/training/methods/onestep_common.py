@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from flowalign import flow
 from flowalign.config import ConfigError, LoraConfig, OptimConfig
+from flowalign.data.batches import MediaBatch, PromptBatch
 from flowalign.files import read_jsonl
 from flowalign.models.base import FlowModel, PromptEmbeds
 from flowalign.objectives.fdistill import fake_score_loss
@@ -333,9 +334,10 @@ def build_dataset(data: OneStepData, *, kind: str, needs_real: bool) -> Dataset:
         ValueError: no source, or only prompts where real media are needed.
     """
     if data.toy_items > 0:
-        from flowalign.toy.data import PrerenderedToy, ToyDataset
+        import flowalign.toy  # noqa: F401  (registers the toy: data sources)
+        from flowalign.data.sources import open_source
 
-        return PrerenderedToy(ToyDataset("train", kind=kind, num=data.toy_items))
+        return open_source(f"toy:{kind}", "media", num=data.toy_items)
     if data.real_manifest is not None:
         return MediaTextDataset(data.real_manifest)
     if data.prompts_file is not None:
@@ -457,17 +459,15 @@ class OneStepDistillation(Method):
     def ema_modules(self) -> list[str]:
         return [GENERATOR]
 
-    def collate(self, items: list[dict]) -> dict:
-        batch: dict = {
-            "prompt": [it["prompt"] for it in items],
-            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
-        }
-        for key in ("pixels", "latents"):
-            if key in items[0]:
-                batch[key] = torch.stack([it[key] for it in items])
-        return batch
+    def collate(self, items: list[dict]) -> PromptBatch:
+        """A :class:`MediaBatch` when the items carry real media (``pixels``/``latents``), else a
+        :class:`PromptBatch` (data-free distillation)."""
+        return _batch_type(items[0] if items else {}).collate(items)
 
-    def compute_loss(self, batch: dict, ctx: StepContext, group: str) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(
+        self, batch: PromptBatch, ctx: StepContext, group: str
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        batch = batch if isinstance(batch, PromptBatch) else _batch_type(batch).coerce(batch)
         if group == GENERATOR:
             loss, metrics = self.generator_loss(batch, ctx)
         elif group == CRITIC:
@@ -476,15 +476,15 @@ class OneStepDistillation(Method):
             raise ValueError(f"{type(self).__name__}: unknown parameter group {group!r}")
         return loss.mean(), metrics
 
-    def generator_loss(self, batch: dict, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def generator_loss(self, batch: PromptBatch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-sample generator loss [B] and metrics (implemented by each method)."""
         raise TypeError(f"{type(self).__name__} must define generator_loss")
 
-    def critic_loss(self, batch: dict, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def critic_loss(self, batch: PromptBatch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         """Fake-score denoising loss on fresh detached generator samples (docs/algorithms.md 2.5 / 3.4 (a)),
         plus :meth:`extra_critic_loss` (f-distill's discriminator)."""
-        ids = batch["index"]
-        cond, _ = self.encode(batch["prompt"], with_uncond=False)
+        ids = batch.index
+        cond, _ = self.encode(batch.prompt, with_uncond=False)
         with torch.no_grad():
             x0 = self.sample(ids, ctx, cond, net=self.generator)
         t, noise, x_t = self.noised(x0, ids, ctx, key="critic")
@@ -498,7 +498,7 @@ class OneStepDistillation(Method):
         return loss, out
 
     def extra_critic_loss(
-        self, batch: dict, ctx: StepContext, cond: PromptEmbeds, x0: Tensor
+        self, batch: PromptBatch, ctx: StepContext, cond: PromptEmbeds, x0: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]] | None:
         """More per-sample critic loss [B] on the same detached generator samples ``x0``. Default none."""
         return None
@@ -618,3 +618,8 @@ def generate_x0(
     t = torch.full((z.shape[0],), GENERATOR_TIME, device=z.device, dtype=torch.float32)
     v = model.velocity(z, t, cond, guidance=guidance, net=net)
     return flow.x0_from_velocity(z, v, t)
+
+
+def _batch_type(item: Mapping[str, Any]) -> type[PromptBatch]:
+    """The batch class of items (or a batch mapping) like ``item``: media or prompts only."""
+    return MediaBatch if ("pixels" in item or "latents" in item) else PromptBatch

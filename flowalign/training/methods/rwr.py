@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from flowalign import flow
 from flowalign.config import ALLOW_INF, LoraConfig
+from flowalign.data.batches import MediaBatch
 from flowalign.models.base import FlowModel
 from flowalign.objectives.flow_matching import per_sample_mse
 from flowalign.objectives.rwr import flow_rwr_loss, rwr_weights
@@ -75,7 +76,8 @@ class WeightedSamples(Dataset):
 
 
 class FlowRWR(CachedPrompts, Method):
-    """Reward-weighted flow matching. Batches: ``pixels`` (or ``latents``), ``prompt``, ``weight``, ``index``.
+    """Reward-weighted flow matching on :class:`~flowalign.data.batches.MediaBatch` batches (``pixels`` or
+    ``latents``, ``prompt``, ``weight``, ``index``).
 
     :meth:`cache_prompts` encodes the prompts once (the empty prompt of caption dropout included).
     """
@@ -98,21 +100,23 @@ class FlowRWR(CachedPrompts, Method):
         extra = [""] if self.config.caption_dropout > 0 else []
         return super().cache_prompts(list(prompts) + extra, **kwargs)
 
-    def compute_loss(self, batch: dict, ctx: StepContext, group: str):
-        ids = batch["index"]
-        if "latents" in batch:
-            x0 = batch["latents"]
-        else:
-            with torch.no_grad():
-                x0 = self.model.encode_media(batch["pixels"])
+    def collate(self, items: list[dict]) -> MediaBatch:
+        return MediaBatch.collate(items)
+
+    def compute_loss(self, batch: MediaBatch, ctx: StepContext, group: str):
+        batch = MediaBatch.coerce(batch)
+        if batch.weight is None:
+            raise ValueError("FlowRWR: the batch has no per-sample 'weight' (see WeightedSamples)")
+        ids = batch.index
+        x0 = batch.clean_latents(self.model.encode_media)
         noise = ctx.randn_like(x0, ids, key="noise")
         t = sample_training_t(self.config.time, ids, ctx)
         x_t = flow.interpolate(x0, noise, t)
-        prompts = drop_captions(batch["prompt"], ids, ctx, self.config.caption_dropout)
+        prompts = drop_captions(batch.prompt, ids, ctx, self.config.caption_dropout)
         cond = self.condition(prompts, x0.device)
         v = self.model.velocity(x_t, t, cond, net=ctx.module("transformer"))
         err = per_sample_mse(v.float(), flow.velocity_target(x0, noise).float())
-        loss, metrics = flow_rwr_loss(err, batch["weight"].float())
+        loss, metrics = flow_rwr_loss(err, batch.weight.float())
         return loss.mean(), metrics
 
     def export(self, out_dir: Path) -> None:
