@@ -71,23 +71,34 @@ class PromptEmbeds:
         embeds: token embeddings ``[B, L, D]``.
         pooled: pooled embeddings ``[B, D_pooled]`` (SD3, FLUX).
         text_ids: FLUX text position ids ``[L, 3]`` (shared by the batch, not batched).
+        mask: bool ``[B, L]``, True on real tokens, for families whose transformer drops or masks
+            padding (Qwen-Image, Z-Image); None means every token counts.
     """
 
     embeds: Tensor
     pooled: Tensor | None = None
     text_ids: Tensor | None = None
+    mask: Tensor | None = None
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
     def _map_batched(self, fn) -> PromptEmbeds:
-        return replace(self, embeds=fn(self.embeds), pooled=None if self.pooled is None else fn(self.pooled))
+        return replace(
+            self,
+            embeds=fn(self.embeds),
+            pooled=None if self.pooled is None else fn(self.pooled),
+            mask=None if self.mask is None else fn(self.mask),
+        )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PromptEmbeds:
+        """Move every field; ``dtype`` applies to the floating ones (a bool mask stays bool)."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = None if value is None else value.to(device=device, dtype=dtype)
+            if value is not None:
+                value = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+            out[f.name] = value
         return PromptEmbeds(**out)
 
     def index(self, idx: Tensor | slice | list[int]) -> PromptEmbeds:
@@ -106,8 +117,12 @@ class PromptEmbeds:
         if len(lengths) != 1:
             raise ValueError(f"cannot batch prompt embeddings of different lengths {sorted(lengths)}")
         pooled = None if first.pooled is None else torch.cat([item.pooled for item in items])
+        mask = None if first.mask is None else torch.cat([item.mask for item in items])
         return PromptEmbeds(
-            embeds=torch.cat([item.embeds for item in items]), pooled=pooled, text_ids=first.text_ids
+            embeds=torch.cat([item.embeds for item in items]),
+            pooled=pooled,
+            text_ids=first.text_ids,
+            mask=mask,
         )
 
 
@@ -291,6 +306,11 @@ class FlowModel(ABC):
         to the network's dtype (:func:`net_dtype`), so a bf16 network takes fp32 latents; the
         output comes back in ``x``'s dtype.
         """
+
+    def combine_guidance(self, v_uncond: Tensor, v_cond: Tensor, scale: float) -> Tensor:
+        """Classifier-free guidance ``v_uncond + w (v_cond - v_uncond)``; a family whose pipeline
+        also rescales the guided velocity (Qwen-Image) overrides this."""
+        return v_uncond + scale * (v_cond - v_uncond)
 
     # ------------------------------------------------------------------ time grid
     def sampling_scheduler(self) -> FlowMatchEulerDiscreteScheduler:

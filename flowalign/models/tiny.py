@@ -240,3 +240,9 @@ def save_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     TINY_BUILDERS[family](seed).save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
+
+
+# The newer text-to-image families keep their builders in their own module.
+from flowalign.models.tiny_image_families import TINY_IMAGE_BUILDERS  # noqa: E402
+
+TINY_BUILDERS.update(TINY_IMAGE_BUILDERS)

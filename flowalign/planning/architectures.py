@@ -69,12 +69,50 @@ _T5_XXL = {
     "feed_forward_proj": "gated-gelu",
 }
 
+# The chat LLMs of the newer image families, from their checkpoints' text_encoder/config.json
+# (Qwen3-4B in FLUX.2 [klein] 4B and Z-Image, Qwen3-8B in [klein] 9B, Qwen2.5-VL-7B-Instruct in
+# Qwen-Image, Mistral-Small-3.1-24B in FLUX.2 [dev]); the counts land on the published sizes.
+_QWEN3 = {"vocab_size": 151936, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+          "head_dim": 128, "max_position_embeddings": 40960}  # fmt: skip
+_QWEN25_VL_7B = {
+    "text_config": {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                    "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False},
+    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                      "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31]},
+    "vocab_size": 152064,
+    "tie_word_embeddings": False,
+}  # fmt: skip
+_MISTRAL3_24B = {
+    "text_config": {"model_type": "mistral", "vocab_size": 131072, "hidden_size": 5120, "intermediate_size": 32768,
+                    "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                    "tie_word_embeddings": False},
+    "vision_config": {"model_type": "pixtral", "hidden_size": 1024, "intermediate_size": 4096,
+                      "num_hidden_layers": 24, "num_attention_heads": 16, "head_dim": 64, "patch_size": 14,
+                      "image_size": 1540},
+    "spatial_merge_size": 2,
+    "tie_word_embeddings": False,
+}  # fmt: skip
+
 TEXT_ENCODERS: dict[str, dict[str, Any]] = {
     "clip-l": {"class": "CLIPTextModelWithProjection", "config": _CLIP_L},
     "clip-l-noproj": {"class": "CLIPTextModel", "config": _CLIP_L},
     "clip-g": {"class": "CLIPTextModelWithProjection", "config": _CLIP_G},
     "t5-xxl": {"class": "T5EncoderModel", "config": _T5_XXL},
     "umt5-xxl": {"class": "UMT5EncoderModel", "config": {**_T5_XXL, "vocab_size": 256384}},
+    "qwen3-4b": {
+        "class": "Qwen3ForCausalLM",
+        "config": {**_QWEN3, "hidden_size": 2560, "intermediate_size": 9728, "tie_word_embeddings": True},
+    },
+    "qwen3-4b-base": {  # Z-Image loads the bare model (no LM head; tied, so the same weights)
+        "class": "Qwen3Model",
+        "config": {**_QWEN3, "hidden_size": 2560, "intermediate_size": 9728, "tie_word_embeddings": True},
+    },
+    "qwen3-8b": {
+        "class": "Qwen3ForCausalLM",
+        "config": {**_QWEN3, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False},
+    },
+    "qwen2.5-vl-7b": {"class": "Qwen2_5_VLForConditionalGeneration", "config": _QWEN25_VL_7B},
+    "mistral-small-3.1": {"class": "Mistral3ForConditionalGeneration", "config": _MISTRAL3_24B},
 }
 
 
@@ -101,13 +139,18 @@ class Architecture:
     @property
     def hidden(self) -> int:
         t = self.transformer
+        if "dim" in t:  # Z-Image names its width
+            return t["dim"]
         return t["num_attention_heads"] * t["attention_head_dim"]
 
     @property
     def patch(self) -> tuple[int, int, int]:
         """(frames, height, width) latent patch that becomes one token."""
-        if self.family == "flux":
-            return (1, 2, 2)  # the pipeline packs 2x2 latent patches into the 64 input channels
+        if self.family in ("flux", "flux2"):
+            return (1, 2, 2)  # the pipeline packs 2x2 latent patches into the input channels
+        if "all_patch_size" in self.transformer:  # Z-Image
+            p, f = self.transformer["all_patch_size"][0], self.transformer["all_f_patch_size"][0]
+            return (f, p, p)
         p = self.transformer.get("patch_size", 1)
         return tuple(p) if isinstance(p, list | tuple) else (1, p, p)
 
@@ -231,22 +274,74 @@ ARCHITECTURES: dict[str, Architecture] = {
     )
 }
 
+# The newer image families. Transformer configs: FLUX.2 [dev], Qwen-Image and Z-Image are the
+# defaults of diffusers' Flux2Transformer2DModel, QwenImageTransformer2DModel and
+# ZImageTransformer2DModel (written out; they are the released transformer/config.json values), and
+# FLUX.2 [klein] 4B / 9B the released checkpoints' shapes: 5 + 20 blocks of width 3072 (4B) and
+# 24 single blocks of width 4096 (9B), text width 3 x the Qwen3 width; the 9B's 8 double blocks are
+# the count that gives its published size (6 would give 8.2B). Meta-built counts: 32.2B, 3.9B, 9.1B,
+# 20.4B, 6.2B. Their block activations are not modelled yet (:data:`SIZED_ONLY`).
+_FLUX2_COMMON = {"patch_size": 1, "in_channels": 128, "attention_head_dim": 128, "timestep_guidance_channels": 256,
+                 "mlp_ratio": 3.0, "axes_dims_rope": [32, 32, 32, 32], "rope_theta": 2000}  # fmt: skip
+FLUX2_VAE = {
+    "class": "AutoencoderKLFlux2",
+    "config": {"latent_channels": 32, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2},
+}
+QWEN_IMAGE_VAE = {
+    "class": "AutoencoderKLQwenImage",
+    "config": {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2},
+}
+
+
+def _flux2(name: str, layers: int, singles: int, heads: int, text_dim: int, encoder: str, guidance: bool):
+    t = dict(_FLUX2_COMMON, num_layers=layers, num_single_layers=singles, num_attention_heads=heads,
+             joint_attention_dim=text_dim, guidance_embeds=guidance)  # fmt: skip
+    return Architecture(name, "flux2", t, (encoder,), text_tokens=512, vae=FLUX2_VAE, latent_channels=32)
+
+
+_QWEN_IMAGE = {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+               "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False,
+               "axes_dims_rope": [16, 56, 56]}  # fmt: skip
+_Z_IMAGE = {"all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
+            "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,
+            "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48],
+            "axes_lens": [1024, 512, 512]}  # fmt: skip
+SIZED_ONLY: dict[str, Architecture] = {
+    a.name: a
+    for a in (
+        _flux2("flux2-dev", 8, 48, 48, 15360, "mistral-small-3.1", guidance=True),
+        _flux2("flux2-klein-4b", 5, 20, 24, 7680, "qwen3-4b", guidance=False),
+        _flux2("flux2-klein-9b", 8, 24, 32, 12288, "qwen3-8b", guidance=False),
+        Architecture(
+            "qwen-image", "qwen-image", _QWEN_IMAGE, ("qwen2.5-vl-7b",), text_tokens=512, vae=QWEN_IMAGE_VAE
+        ),
+        Architecture("z-image", "z-image", _Z_IMAGE, ("qwen3-4b-base",), text_tokens=512),
+    )
+}
+"""Published configurations the planner knows the size of (weights, LoRA, optimizer state), but whose
+block activations :mod:`flowalign.planning.activations` does not model yet."""
+
 _TRANSFORMER_CLASS = {
     "sd3": "SD3Transformer2DModel",
     "flux": "FluxTransformer2DModel",
     "wan": "WanTransformer3DModel",
+    "flux2": "Flux2Transformer2DModel",
+    "qwen-image": "QwenImageTransformer2DModel",
+    "z-image": "ZImageTransformer2DModel",
 }
 
 
 def get_architecture(name: str) -> Architecture:
-    """The architecture called ``name``.
+    """The architecture called ``name`` (from :data:`ARCHITECTURES` or :data:`SIZED_ONLY`).
 
     Raises:
         ValueError: an unknown name (the message lists the known ones).
     """
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[name]
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name]
+    if name in SIZED_ONLY:
+        return SIZED_ONLY[name]
+    raise ValueError(f"unknown model {name!r}; known: {', '.join([*ARCHITECTURES, *SIZED_ONLY])}")
 
 
 _CONFIG_CLASS = {
@@ -254,6 +349,10 @@ _CONFIG_CLASS = {
     "CLIPTextModelWithProjection": "CLIPTextConfig",
     "T5EncoderModel": "T5Config",
     "UMT5EncoderModel": "UMT5Config",
+    "Qwen3Model": "Qwen3Config",
+    "Qwen3ForCausalLM": "Qwen3Config",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLConfig",
+    "Mistral3ForConditionalGeneration": "Mistral3Config",
 }
 
 

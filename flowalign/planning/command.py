@@ -45,6 +45,14 @@ _HUB_IDS = {
     "black-forest-labs/FLUX.1-schnell": "flux-schnell",
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan-1.3b",
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan-14b",
+    "black-forest-labs/FLUX.2-dev": "flux2-dev",
+    "black-forest-labs/FLUX.2-klein-4B": "flux2-klein-4b",
+    "black-forest-labs/FLUX.2-klein-base-4B": "flux2-klein-4b",
+    "black-forest-labs/FLUX.2-klein-9B": "flux2-klein-9b",
+    "black-forest-labs/FLUX.2-klein-base-9B": "flux2-klein-9b",
+    "Qwen/Qwen-Image": "qwen-image",
+    "Tongyi-MAI/Z-Image": "z-image",
+    "Tongyi-MAI/Z-Image-Turbo": "z-image",
 }
 _COMPARE = ("num_layers", "num_attention_heads", "attention_head_dim", "num_single_layers", "ffn_dim")
 

@@ -369,6 +369,8 @@ class PromptEmbedCache:
                 out["pooled"] = cond.pooled
             if cond.text_ids is not None:  # shared by the batch: stored with every row
                 out["text_ids"] = cond.text_ids.unsqueeze(0).expand(len(cond), *cond.text_ids.shape)
+            if cond.mask is not None:
+                out["mask"] = cond.mask
             return out
 
         data = _Prompts(unique)
@@ -412,6 +414,7 @@ class PromptEmbedCache:
             embeds=table["embeds"],
             pooled=table.get("pooled"),
             text_ids=None if text_ids is None else text_ids[0],
+            mask=table.get("mask"),
         ).to(device=device)
 
 

@@ -171,8 +171,8 @@ def test_bucketed_pairs_train_from_cached_latents(tiny_model_dir, tmp_path, monk
     original = FlowDPO.pair_latents
 
     def spy(self, batch):
-        assert "media_w" not in batch
-        seen.append(tuple(batch["latents_w"].shape))
+        assert batch.media_w is None  # the typed PairBatch carries the cached latents, not the pixels
+        seen.append(tuple(batch.latents_w.shape))
         return original(self, batch)
 
     monkeypatch.setattr(FlowDPO, "pair_latents", spy)

@@ -141,18 +141,19 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 def find_blocks(transformer: nn.Module) -> nn.ModuleList:
-    """The main list of transformer blocks (``transformer_blocks`` in SD3/FLUX, ``blocks`` in Wan).
+    """The main list of transformer blocks (``transformer_blocks`` in SD3/FLUX, ``blocks`` in Wan,
+    ``layers`` in Z-Image).
 
     Raises:
         ValueError: the module has neither attribute (an unsupported teacher architecture).
     """
-    for name in ("transformer_blocks", "blocks"):
+    for name in ("transformer_blocks", "blocks", "layers"):
         blocks = getattr(transformer, name, None)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
             return blocks
     raise ValueError(
-        f"{type(transformer).__name__} has no 'transformer_blocks' or 'blocks' list: the discriminator "
-        "needs a transformer teacher (SD3, FLUX, Wan or toy families)"
+        f"{type(transformer).__name__} has no 'transformer_blocks' or 'blocks' list (nor a 'layers' list): "
+        "the discriminator needs a transformer teacher (SD3, FLUX, FLUX.2, Qwen-Image, Wan, Z-Image or toy families)"
     )
 
 
