@@ -159,9 +159,18 @@ class CheckpointConfig:
     """Write a checkpoint every this many steps (0 = only at the end and on SIGTERM)."""
     keep_last: int | None = 3
     """Keep only the newest this many complete checkpoints (None = keep all)."""
+    layout: str = "auto"
+    """"full": whole tensors gathered on the main process; "sharded": each process writes its own
+    shards (torch.distributed.checkpoint); "auto": sharded under FSDP2, else full. Either resumes
+    under any process count."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+        _check(
+            self.layout in ("auto", "full", "sharded"),
+            "layout",
+            f"must be auto, full or sharded, got {self.layout!r}",
+        )
         _check(
             self.keep_last is None or self.keep_last >= 1,
             "keep_last",

@@ -48,7 +48,6 @@ from flowalign.training.methods.onestep_common import (
     build_dataset,
     dist_sum,
     frozen,
-    load_teacher,
     seeded,
 )
 
@@ -268,8 +267,9 @@ class FDistillRun:
 
     teacher: str = ""
     """Hub id or local folder of the flow teacher (diffusers layout)."""
-    teacher_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Storage precision of the frozen teacher (bf16 saves memory on GPU; trainable copies stay fp32)."""
+    teacher_dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    """Precision of the frozen teacher; null = the compute dtype of train.mixed_precision (fp32 for
+    "no", bf16, fp16), as for every run. The generator, fake score and discriminator stay fp32."""
     method: FDistillConfig = field(default_factory=FDistillConfig)
     """f-distill settings."""
     data: OneStepData = field(default_factory=OneStepData)
@@ -292,8 +292,14 @@ def run_fdistill(config: FDistillRun, *, resume: bool | str | Path = False, prog
 
     if not config.teacher:
         raise ConfigError("the teacher model (hub id or folder) is required", key="teacher")
-    teacher = load_teacher(config.teacher, method="f-distill", dtype=config.teacher_dtype)
+    from flowalign.training.methods.onestep_dtypes import frozen_dtype, load_run_teacher
+    from flowalign.training.runs import training_device
+
+    frozen = frozen_dtype(config.teacher_dtype, config.train.mixed_precision)
+    device = training_device(config.train)
+    teacher = load_run_teacher(config.teacher, method="f-distill", frozen=frozen, device=device)
     method = FDistill(teacher, config.method)
+    method.keep_teacher_in(frozen)
     dataset = build_dataset(
         config.data,
         kind="video" if teacher.is_video else "image",

@@ -357,12 +357,17 @@ TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 
 
 def load_teacher(
-    path_or_id: str | Path, *, method: str, dtype: str = "fp32", device: str | torch.device = "cpu"
+    path_or_id: str | Path,
+    *,
+    method: str,
+    dtype: str | dict[str, torch.dtype] = "fp32",
+    device: str | torch.device = "cpu",
 ) -> FlowModel:
     """Load a flow teacher of a supported family; the error names the method and the supported families.
 
-    ``dtype`` ("fp32", "bf16", "fp16") is the frozen teacher's storage precision; the generator and a
-    full fake-score copy are always fp32.
+    ``dtype`` ("fp32", "bf16", "fp16", or per-component dtypes as :meth:`FlowModel.component_dtypes`
+    takes them) is the teacher's storage precision; the generator and a full fake-score copy are
+    always fp32.
 
     Raises:
         ModelLoadError: missing folder, unreadable index or an unsupported pipeline class.
@@ -370,10 +375,11 @@ def load_teacher(
     from flowalign.models.base import ModelLoadError
     from flowalign.models.loading import load_flow_model, registered_families
 
-    if dtype not in TEACHER_DTYPES:
+    if isinstance(dtype, str) and dtype not in TEACHER_DTYPES:
         raise ValueError(f"{method}: teacher_dtype must be one of {sorted(TEACHER_DTYPES)}, got {dtype!r}")
     try:
-        return load_flow_model(path_or_id, device=device, torch_dtype=TEACHER_DTYPES[dtype])
+        torch_dtype = TEACHER_DTYPES[dtype] if isinstance(dtype, str) else dtype
+        return load_flow_model(path_or_id, device=device, torch_dtype=torch_dtype)
     except ModelLoadError as err:
         families = sorted(cls.family for cls in registered_families().values())
         raise ModelLoadError(
@@ -411,6 +417,16 @@ class OneStepDistillation(Method):
         self.width = config.width or teacher.default_width
         self.num_frames = config.num_frames or teacher.default_num_frames
         teacher.check_size(self.height, self.width, self.num_frames)
+
+    def keep_teacher_in(self, dtype: torch.dtype) -> None:
+        """Cast the frozen teacher transformer to ``dtype`` (the run's compute dtype); the trainable
+        LoRA adapters of a ``fake_score: lora`` on it keep their fp32 values, bit for bit."""
+        transformer = self.teacher.transformer
+        trainable = [(p, p.data) for p in transformer.parameters() if p.requires_grad]
+        transformer.to(dtype)
+        for p, data in trainable:
+            p.data = data
+        self.teacher.compute_dtype = dtype
 
     # ---------------------------------------------------------------- Method hooks
     def trainable_modules(self) -> dict[str, nn.Module]:
