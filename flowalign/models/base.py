@@ -219,8 +219,16 @@ class FlowModel(ABC):
     def transformer(self) -> nn.Module:
         return self.pipe.transformer
 
+    execution_device: torch.device | None = None
+    """Where the adapters compute (prompt encoding, noise) while the transformer is elsewhere: staged
+    placement (:mod:`flowalign.training.placement`) sets it while the transformer waits on the CPU
+    and the text encoders work on the GPU. ``None`` (the default) means the transformer's device."""
+
     @property
     def device(self) -> torch.device:
+        """:attr:`execution_device` when set, else the transformer's device."""
+        if self.execution_device is not None:
+            return self.execution_device
         return self.transformer.device
 
     @property

@@ -49,6 +49,7 @@ __all__ = [
     "shard_like",
     "shard_optimizer_state",
     "wants_deepspeed",
+    "wants_fsdp",
 ]
 
 DDP, FSDP2, DEEPSPEED = "ddp", "fsdp2", "deepspeed"
@@ -61,6 +62,11 @@ called through ``forward`` (FSDP gathers the parameters in its forward hooks).""
 def wants_deepspeed() -> bool:
     """Whether the launch config asked for DeepSpeed (known before the Accelerator exists)."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def wants_fsdp() -> bool:
+    """Whether the launch config asked for FSDP (known before the Accelerator exists)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -87,8 +93,7 @@ def resolve_strategy(acc: Any) -> str:
             setattr(state, key, value)
             PartialState._shared_state[key] = value
 
-    fsdp_env = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if fsdp_env and acc.distributed_type == DistributedType.MULTI_CPU:
+    if wants_fsdp() and acc.distributed_type == DistributedType.MULTI_CPU:
         state.fsdp_plugin = FullyShardedDataParallelPlugin()
         set_state(distributed_type=DistributedType.FSDP)
     if acc.distributed_type == DistributedType.FSDP:

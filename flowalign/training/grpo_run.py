@@ -86,7 +86,8 @@ def build_reward_fn(
 
 def prepare_grpo(run: GRPORun) -> tuple[FlowGRPO, PromptItems]:
     """The method and the prompt dataset of a GRPO run, the model on this process's device."""
-    from flowalign.training.runs import cache_run_prompts, load_training_model, training_device
+    from flowalign.training.placement import cache_run_prompts
+    from flowalign.training.runs import load_training_model, training_device
 
     torch.manual_seed(run.train.seed)  # the LoRA initialisation follows the run seed
     full = () if run.lora else ("transformer",)

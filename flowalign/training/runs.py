@@ -10,7 +10,9 @@ straight into the compute dtype, components trained in full (the transformer of 
 without LoRA) in fp32 as master weights, and LoRA adapters are created in fp32. The device is
 this process's own (:func:`training_device`), known before loading, so each rank reads its
 model onto its own GPU. A LoRA run may instead load its transformer base quantized by bitsandbytes
-(``quantize_base: int8 | nf4``, :mod:`flowalign.models.quantize`; a CUDA GPU only).
+(``quantize_base: int8 | nf4``, :mod:`flowalign.models.quantize`; a CUDA GPU only). DPO and RWR runs
+that cache their prompts load in stages (:mod:`flowalign.training.placement`): the transformer joins
+the device only once the text encoders (and the VAE of cached latents) have left it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from flowalign.training.methods.dpo import DPOConfig, FlowDPO
 from flowalign.training.methods.latent_reward import LatentRewardTrainingConfig
 from flowalign.training.methods.rwr import FlowRWR, RWRConfig, WeightedSamples
 from flowalign.training.methods.sft import FlowMatchingSFT, SFTConfig
+from flowalign.training.placement import cache_run_conditioning, stage_components, stages_placement
 
 TOY_PREFIX = "toy:"
 COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -101,9 +104,11 @@ def load_training_model(
     full: tuple[str, ...] = (),
     quantize_base: str | None = None,
     drop_t5: bool = False,
+    staged: bool = False,
 ) -> FlowModel:
     """The model of a run under the dtype policy, on :func:`training_device`; the components named in
-    ``full`` are trained in full and load in fp32, every other one in :func:`compute_dtype`.
+    ``full`` are trained in full and load in fp32, every other one in :func:`compute_dtype`. ``staged``
+    keeps the transformer on the CPU (:func:`~flowalign.training.placement.stage_components`).
 
     ``quantize_base`` (``int8``/``nf4``, LoRA runs only) loads the transformer's Linear weights
     quantized by bitsandbytes (:mod:`flowalign.models.quantize`) instead of in the compute dtype.
@@ -111,7 +116,8 @@ def load_training_model(
     dtypes = {"default": compute_dtype(train)} | {name: torch.float32 for name in full}
     device = training_device(train)
     if quantize_base is None:
-        return load_model_spec(spec, device=device, dtype=dtypes, drop_t5=drop_t5)
+        model = load_model_spec(spec, device="cpu" if staged else device, dtype=dtypes, drop_t5=drop_t5)
+        return stage_components(model, device) if staged else model
     if "transformer" in full:
         raise ValueError(f"quantize_base={quantize_base} needs a LoRA run, not a full fine-tune")
     if spec.startswith(TOY_PREFIX):
@@ -120,15 +126,6 @@ def load_training_model(
         spec, quantize_base, compute_dtype=dtypes["default"], device=device
     )
     return load_flow_model(spec, device=device, torch_dtype=dtypes, transformer=transformer, drop_t5=drop_t5)
-
-
-def cache_run_prompts(method, prompts: list[str], train: TrainConfig) -> None:
-    """Encode a run's prompts once into ``<output_dir>/cache/prompts`` (the main process builds it,
-    the others then open it) and take the text encoders off the device."""
-    from accelerate import PartialState
-
-    with PartialState(cpu=train.cpu).main_process_first():
-        method.cache_prompts(prompts, cache_dir=Path(train.output_dir) / "cache" / "prompts")
 
 
 def sft_dataset(spec: str, kind: str, *, num_items: int, seed: int) -> Dataset:
@@ -296,19 +293,18 @@ def run_dpo(run: DPORun, *, resume: bool = False, progress: bool = True) -> Trai
 
 def prepare_dpo(run: DPORun) -> tuple[FlowDPO, Dataset]:
     """The method and dataset of a DPO run: model loaded under the dtype policy on this process's
-    device, LoRA (fp32) attached, prompts and media latents cached as the run says."""
+    device, LoRA (fp32) attached, prompts and media latents cached as the run says (in stages)."""
     torch.manual_seed(run.train.seed)  # random initialisations (LoRA, heads) follow the run seed
     check_quantize_base(run.quantize_base, lora=run.lora)
     full = () if run.lora else ("transformer",)
     model = load_training_model(
-        run.model, run.train, full=full, quantize_base=run.quantize_base, drop_t5=run.drop_t5
-    )
+        run.model, run.train, full=full, quantize_base=run.quantize_base, drop_t5=run.drop_t5,
+        staged=stages_placement(run),
+    )  # fmt: skip
     select_train_expert(model, run.train_expert)
     method = FlowDPO(model, run.dpo, lora=run.lora)
     data = open_source(run.data, "pairs", keep_ties=run.keep_ties, buckets=run.buckets)
-    if run.cache_prompts and not model.takes_images:  # image conditions are encoded with their prompts
-        cache_run_prompts(method, data.prompts(), run.train)
-    data = cache_run_latents(run, method, data, "dpo", run.keep_ties, run.buckets)
+    data = cache_run_conditioning(run, method, data, data.prompts, "dpo", run.keep_ties, run.buckets)
     return method, data
 
 
@@ -317,16 +313,15 @@ def run_rwr(run: RWRRun, *, resume: bool = False, progress: bool = True) -> Trai
     check_quantize_base(run.quantize_base, lora=run.lora)
     full = () if run.lora else ("transformer",)
     model = load_training_model(
-        run.model, run.train, full=full, quantize_base=run.quantize_base, drop_t5=run.drop_t5
-    )
+        run.model, run.train, full=full, quantize_base=run.quantize_base, drop_t5=run.drop_t5,
+        staged=stages_placement(run),
+    )  # fmt: skip
     media, prompts, rewards = load_candidates(run.data, run.reward_key)
     conditions, images = load_candidate_conditions(run.data)
     data = WeightedSamples(media, prompts, rewards, run.rwr, conditions=conditions, images=images)
     select_train_expert(model, run.train_expert)
     method = FlowRWR(model, run.rwr, lora=run.lora)
-    if run.cache_prompts and not model.takes_images:
-        cache_run_prompts(method, prompts, run.train)
-    data = cache_run_latents(run, method, data, "rwr", run.reward_key, run.rwr)
+    data = cache_run_conditioning(run, method, data, prompts, "rwr", run.reward_key, run.rwr)
     return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
 
 
