@@ -130,6 +130,15 @@ class PromptEmbeds:
         return PromptEmbeds(text_ids=first.text_ids, **batched)
 
 
+def check_image_size(family: str, height: int, width: int, num_frames: int, *, multiple: int) -> None:
+    """The size check of an image family whose sides must be positive multiples of ``multiple``."""
+    for name, value in (("height", height), ("width", width)):
+        if value < multiple or value % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple} for {family}, got {value}")
+    if num_frames != 1:
+        raise ValueError(f"{family} makes images: num_frames must be 1, got {num_frames}")
+
+
 class FlowModel(ABC):
     """A text-to-image/video rectified-flow model behind the canonical interface.
 

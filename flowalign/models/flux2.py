@@ -22,7 +22,14 @@ from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from torch import Tensor, nn
 
 from flowalign.flow import t_to_timesteps
-from flowalign.models.base import FlowModel, PromptEmbeds, at_least_fp32, net_dtype, register_family
+from flowalign.models.base import (
+    FlowModel,
+    PromptEmbeds,
+    at_least_fp32,
+    check_image_size,
+    net_dtype,
+    register_family,
+)
 from flowalign.models.schedules import scheduler_time_grid
 
 
@@ -90,12 +97,7 @@ class _Flux2Base(FlowModel):
         return (batch_size, self.transformer.config.in_channels, height // f, width // f)
 
     def check_size(self, height, width, num_frames=1):
-        m = self.pipe.vae_scale_factor * 2
-        for name, value in (("height", height), ("width", width)):
-            if value < m or value % m:
-                raise ValueError(f"{name} must be a positive multiple of {m} for {self.family}, got {value}")
-        if num_frames != 1:
-            raise ValueError(f"{self.family} makes images: num_frames must be 1, got {num_frames}")
+        check_image_size(self.family, height, width, num_frames, multiple=self.pipe.vae_scale_factor * 2)
 
     def time_grid(self, num_inference_steps, *, height, width, num_frames=1, device=None):
         _, _, h, w = self.latent_shape(1, height, width)

@@ -60,20 +60,26 @@ def _text() -> dict:
     return {"tokenizer": tok, "text_encoder": UMT5EncoderModel(UMT5Config(vocab_size=len(tok), **_TINY_T5))}
 
 
-def tiny_wan22_pipeline(seed: int = 0) -> WanPipeline:
-    """Wan 2.2 A14B T2V: high-noise ``transformer`` and low-noise ``transformer_2``, boundary 0.875."""
+def _two_experts(pipeline_class, in_channels: int, *, shift: float, boundary: float, seed: int):
+    """A Wan 2.2 A14B layout: high-noise ``transformer`` and low-noise ``transformer_2`` switched at
+    ``boundary`` (``boundary_ratio``), no image encoder."""
     torch.manual_seed(seed)
-    high, low = _transformer(16), _transformer(16)
+    high, low = _transformer(in_channels), _transformer(in_channels)
     return _eval(
-        WanPipeline(
+        pipeline_class(
             transformer=high,
             transformer_2=low,
             vae=_vae(),
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            boundary_ratio=0.875,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+            boundary_ratio=boundary,
             **_text(),
         )
     )
+
+
+def tiny_wan22_pipeline(seed: int = 0) -> WanPipeline:
+    """Wan 2.2 A14B T2V: two 16-channel experts, boundary 0.875."""
+    return _two_experts(WanPipeline, 16, shift=3.0, boundary=0.875, seed=seed)
 
 
 def tiny_wan22_ti2v_pipeline(seed: int = 0) -> WanPipeline:
@@ -139,18 +145,7 @@ def tiny_wan_i2v_pipeline(seed: int = 0) -> WanImageToVideoPipeline:
 
 def tiny_wan22_i2v_pipeline(seed: int = 0) -> WanImageToVideoPipeline:
     """Wan 2.2 I2V A14B: two 36-channel experts, boundary 0.9, no image encoder."""
-    torch.manual_seed(seed)
-    high, low = _transformer(36), _transformer(36)
-    return _eval(
-        WanImageToVideoPipeline(
-            transformer=high,
-            transformer_2=low,
-            vae=_vae(),
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
-            boundary_ratio=0.9,
-            **_text(),
-        )
-    )
+    return _two_experts(WanImageToVideoPipeline, 36, shift=5.0, boundary=0.9, seed=seed)
 
 
 CONDITIONED_BUILDERS = {

@@ -37,6 +37,8 @@ from transformers import (
     Qwen3Model,
 )
 
+from flowalign.models.tiny_vae import tiny_image_vae
+
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 IMAGE_SPECIALS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]  # Pixtral's image tokens (FLUX.2 [dev]'s processor)
 
@@ -104,19 +106,7 @@ def _eval(pipe):
 
 def _tiny_flux_vae() -> AutoencoderKL:
     """The 16-channel 8x image VAE with FLUX.1's scale and shift (Z-Image uses FLUX.1's VAE)."""
-    return AutoencoderKL(
-        latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.1159,
-        scaling_factor=0.3611,
-    )
+    return tiny_image_vae(16, shift_factor=0.1159, scaling_factor=0.3611)
 
 
 def _qwen3_config(vocab_size: int, *, layers: int, hidden: int = 16) -> Qwen3Config:

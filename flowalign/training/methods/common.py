@@ -222,3 +222,22 @@ class CachedPrompts:
         if getattr(self, "media_cached", False):
             dropped.add("vae")
         return {k: v for k, v in modules.items() if k not in dropped}
+
+
+class TransformerPolicy(CachedPrompts):
+    """Mixin for methods that train the transformer (LoRA or full) against a :class:`FrozenReference`
+    (``self.reference``): the transformer is the one trainable module; the other components (less the
+    cached-away encoders and VAE) and a full fine-tune's reference copy are frozen."""
+
+    reference: FrozenReference
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"transformer": self.model.transformer}
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        frozen = self.without_text_encoders(
+            {k: v for k, v in self.model.modules().items() if k != "transformer"}
+        )
+        if self.reference.copy is not None:
+            frozen["reference"] = self.reference.copy
+        return frozen

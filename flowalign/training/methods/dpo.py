@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import nn
 
 from flowalign import flow
 from flowalign.config import LoraConfig
@@ -25,9 +24,9 @@ from flowalign.objectives.dpo import velocity_errors_for_pairs
 from flowalign.objectives.fdpo import f_dpo_loss
 from flowalign.training.method import Method, StepContext
 from flowalign.training.methods.common import (
-    CachedPrompts,
     FrozenReference,
     TimeSampling,
+    TransformerPolicy,
     freeze_all_but_transformer,
     frozen_copy,
     sample_training_t,
@@ -55,7 +54,7 @@ class DPOConfig:
     """f-DPO's a in log(π/π_ref) ≈ -(a/2)(e - e_ref); null uses beta (unused for the reverse KL)."""
 
 
-class FlowDPO(CachedPrompts, Method):
+class FlowDPO(TransformerPolicy, Method):
     """Flow-DPO on :class:`~flowalign.data.batches.PairBatch` batches (``media_w``/``media_l`` or cached
     ``latents_w``/``latents_l``, ``prompt``, ``index``).
 
@@ -76,17 +75,6 @@ class FlowDPO(CachedPrompts, Method):
         get_divergence(self.config.divergence, alpha=self.config.alpha)  # an unknown name fails here
         freeze_all_but_transformer(model, lora)
         self.reference = FrozenReference(model.transformer, model.compute_dtype)
-
-    def trainable_modules(self) -> dict[str, nn.Module]:
-        return {"transformer": self.model.transformer}
-
-    def frozen_modules(self) -> dict[str, nn.Module]:
-        frozen = self.without_text_encoders(
-            {k: v for k, v in self.model.modules().items() if k != "transformer"}
-        )
-        if self.reference.copy is not None:
-            frozen["reference"] = self.reference.copy
-        return frozen
 
     def collate(self, items: list[dict]) -> PairBatch:
         return PairBatch.collate(items)

@@ -39,7 +39,7 @@ from flowalign.objectives.grpo import gaussian_mean_kl, group_advantages, grpo_c
 from flowalign.sampling.guidance import model_velocity_fn
 from flowalign.sampling.sde import sample_sde, sde_step_log_prob, sde_step_mean_std
 from flowalign.training.method import Method, StepContext, sample_seed
-from flowalign.training.methods.common import CachedPrompts, FrozenReference, freeze_all_but_transformer
+from flowalign.training.methods.common import FrozenReference, TransformerPolicy, freeze_all_but_transformer
 
 __all__ = ["FlowGRPO", "GRPOConfig", "PromptItems", "RewardFn", "training_window"]
 
@@ -136,7 +136,7 @@ class PromptItems(Dataset):
         return {"prompt": self.prompts[i], "index": i}
 
 
-class FlowGRPO(CachedPrompts, Method):
+class FlowGRPO(TransformerPolicy, Method):
     """Flow-GRPO (module docstring). Batches: ``prompt`` (list of str) and ``index`` [P]."""
 
     def __init__(
@@ -153,17 +153,6 @@ class FlowGRPO(CachedPrompts, Method):
         self.lora = lora
         freeze_all_but_transformer(model, lora)
         self.reference = FrozenReference(model.transformer, model.compute_dtype)
-
-    def trainable_modules(self) -> dict[str, nn.Module]:
-        return {"transformer": self.model.transformer}
-
-    def frozen_modules(self) -> dict[str, nn.Module]:
-        frozen = self.without_text_encoders(
-            {k: v for k, v in self.model.modules().items() if k != "transformer"}
-        )
-        if self.reference.copy is not None:
-            frozen["reference"] = self.reference.copy
-        return frozen
 
     def collate(self, items: list[dict]) -> dict:
         return {
