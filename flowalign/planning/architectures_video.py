@@ -9,6 +9,9 @@ the "19B" of the model card, of which the audio stream and the audio-video cross
 model), ByT5-small (the glyph encoder, width 1472 as the transformer's ``text_embed_2_dim``) and
 Gemma-3-12B (text model and SigLIP tower: LTX-2 loads ``Gemma3ForConditionalGeneration``).
 
+The planner's text-encoding peak reads the language models; LTX-2's stack of Gemma's 49 hidden states
+(49 x 3840 values per token, about 0.4 GB per prompt at 1024 tokens in bf16) is not in it.
+
 flowalign runs LTX-2's video stream only, but the joint transformer is loaded whole (the audio
 branch runs on one placeholder token), so its weights count in full.
 """
@@ -17,17 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-_QWEN25_VL_7B_TEXT = {
-    "vocab_size": 152064,
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 128000,
-    "rms_norm_eps": 1e-6,
-    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-}
+from flowalign.planning.text_encoders import _QWEN25_VL_7B  # the same Qwen2.5-VL-7B-Instruct checkpoint
+
 _BYT5_SMALL = {
     "vocab_size": 384,
     "d_model": 1472,
@@ -60,7 +54,7 @@ _GEMMA3_12B = {
 }
 
 VIDEO_TEXT_ENCODERS: dict[str, dict[str, Any]] = {
-    "qwen2.5-vl-7b-text": {"class": "Qwen2_5_VLTextModel", "config": _QWEN25_VL_7B_TEXT},
+    "qwen2.5-vl-7b-text": {"class": "Qwen2_5_VLTextModel", "config": _QWEN25_VL_7B["text_config"]},
     "byt5-small-glyph": {"class": "T5EncoderModel", "config": _BYT5_SMALL},
     "gemma-3-12b": {"class": "Gemma3ForConditionalGeneration", "config": _GEMMA3_12B},
     # LTX-2's text connectors sit between Gemma and the transformer (trained with it, frozen here)
@@ -123,7 +117,10 @@ def video_architectures(architecture_class) -> list:
             HUNYUAN_VIDEO15_TRANSFORMER,
             ("qwen2.5-vl-7b-text", "byt5-small-glyph"),
             text_tokens=1000 + 256 + 729,  # Qwen tokens + ByT5 tokens + the (zero, masked) image tokens
-            vae={"class": "AutoencoderKLHunyuanVideo15", "config": {}},
+            vae={
+                "class": "AutoencoderKLHunyuanVideo15",
+                "config": {"block_out_channels": [128, 256, 512, 1024, 1024]},
+            },
             spatial_stride=16,
             temporal_stride=4,
             latent_channels=32,
@@ -134,7 +131,7 @@ def video_architectures(architecture_class) -> list:
             LTX2_TRANSFORMER,
             ("gemma-3-12b", "ltx2-connectors"),
             text_tokens=1024,  # the connectors' output, padding replaced by registers
-            vae={"class": "AutoencoderKLLTX2Video", "config": {}},
+            vae={"class": "AutoencoderKLLTX2Video", "config": {"block_out_channels": [256, 512, 1024, 2048]}},
             spatial_stride=32,
             temporal_stride=8,
             latent_channels=128,
