@@ -75,11 +75,14 @@ class PromptEmbeds:
         embeds: token embeddings ``[B, L, D]``.
         pooled: pooled embeddings ``[B, D_pooled]`` (SD3, FLUX).
         text_ids: FLUX text position ids ``[L, 3]`` (shared by the batch, not batched).
-        mask: bool ``[B, L]``, True on real tokens, for families whose transformer drops or masks
-            padding (Qwen-Image, Z-Image); None means every token counts.
+        mask: ``[B, L]``, nonzero on real tokens, for families whose transformer drops or masks padding
+            (bool for Qwen-Image and Z-Image; the pipeline's own float or integer mask for HunyuanVideo
+            1.5 and LTX-2); None means every token counts.
         image_latents: condition-image latents ``[B, ...]`` in the family's layout (Wan I2V: the
             first-frame mask and latents concatenated on channels to the noisy latents).
         image_embeds: condition-image encoder tokens ``[B, L_img, D_img]`` (Wan 2.1 I2V's CLIP).
+        embeds_2: a second encoder's tokens ``[B, L2, D2]`` kept apart from ``embeds`` (HunyuanVideo
+            1.5's ByT5 glyph encoder), with its token mask ``mask_2`` ``[B, L2]``.
     """
 
     embeds: Tensor
@@ -88,8 +91,10 @@ class PromptEmbeds:
     mask: Tensor | None = None
     image_latents: Tensor | None = None
     image_embeds: Tensor | None = None
+    embeds_2: Tensor | None = None
+    mask_2: Tensor | None = None
 
-    _BATCHED = ("embeds", "pooled", "mask", "image_latents", "image_embeds")
+    _BATCHED = ("embeds", "pooled", "mask", "image_latents", "image_embeds", "embeds_2", "mask_2")
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
@@ -99,7 +104,7 @@ class PromptEmbeds:
         return replace(self, **{k: None if v is None else fn(v) for k, v in out.items()})
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PromptEmbeds:
-        """Move every field; ``dtype`` applies to the floating ones (a bool mask stays bool)."""
+        """Move every field; ``dtype`` applies to the floating ones (a bool or integer mask keeps its dtype)."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)

@@ -14,6 +14,8 @@ import torch
 from flowalign.models.base import _FAMILIES, FlowModel, ModelLoadError, read_model_index
 from flowalign.models.flux import FluxModel
 from flowalign.models.flux2 import Flux2KleinModel, Flux2Model
+from flowalign.models.hunyuan_video15 import HunyuanVideo15Model
+from flowalign.models.ltx2 import LTX2Model
 from flowalign.models.qwen_image import QwenImageModel
 from flowalign.models.sd3 import SD3Model, without_t5
 from flowalign.models.toy import ToyModel
@@ -33,6 +35,8 @@ BUILTIN_FAMILIES = (
     Flux2KleinModel,
     ZImageModel,
     QwenImageModel,
+    HunyuanVideo15Model,
+    LTX2Model,
 )
 """The families shipped with the package (importing their modules registered them)."""
 

@@ -234,3 +234,8 @@ def save_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
 from flowalign.models.tiny_image_families import TINY_IMAGE_BUILDERS  # noqa: E402
 
 TINY_BUILDERS.update(TINY_IMAGE_BUILDERS)
+
+# The newer text-to-video families keep their builders in their own module.
+from flowalign.models.tiny_video_families import TINY_VIDEO_BUILDERS  # noqa: E402
+
+TINY_BUILDERS.update(TINY_VIDEO_BUILDERS)

@@ -370,9 +370,14 @@ _CONFIG_CLASS = {
 
 def _class(name: str):
     import diffusers
+    import diffusers.pipelines.ltx2  # LTX2TextConnectors is not exported at the top level
     import transformers
 
-    return getattr(diffusers, name, None) or getattr(transformers, name)
+    return (
+        getattr(diffusers, name, None)
+        or getattr(diffusers.pipelines.ltx2, name, None)
+        or getattr(transformers, name)
+    )
 
 
 def build(class_name: str, config: dict[str, Any], device: str | torch.device = "meta") -> torch.nn.Module:
@@ -463,3 +468,17 @@ def shrunk(arch: Architecture, layers: int, single_layers: int | None = None) ->
     if single_layers is not None:
         t["num_single_layers"] = single_layers
     return dataclasses.replace(arch, name=f"{arch.name}-{layers}l", transformer=t)
+
+
+# HunyuanVideo 1.5 and LTX-2 keep their configurations in their own module.
+from flowalign.planning.architectures_video import (  # noqa: E402
+    VIDEO_CONFIG_CLASS,
+    VIDEO_TEXT_ENCODERS,
+    VIDEO_TRANSFORMER_CLASS,
+    video_architectures,
+)
+
+TEXT_ENCODERS.update(VIDEO_TEXT_ENCODERS)
+ARCHITECTURES.update({a.name: a for a in video_architectures(Architecture)})
+_TRANSFORMER_CLASS.update(VIDEO_TRANSFORMER_CLASS)
+_CONFIG_CLASS.update(VIDEO_CONFIG_CLASS)

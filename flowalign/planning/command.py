@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from flowalign.planning.architectures import ARCHITECTURES
+from flowalign.planning.architectures_video import VIDEO_HUB_IDS
 from flowalign.planning.memory import GIB, STRATEGIES, Plan, Recipe, plan, suggest
 from flowalign.validation import check_number, load_yaml_bounded, short_repr
 
@@ -53,6 +54,7 @@ _HUB_IDS = {
     "Qwen/Qwen-Image": "qwen-image",
     "Tongyi-MAI/Z-Image": "z-image",
     "Tongyi-MAI/Z-Image-Turbo": "z-image",
+    **VIDEO_HUB_IDS,
 }
 _COMPARE = ("num_layers", "num_attention_heads", "attention_head_dim", "num_single_layers", "ffn_dim")
 

@@ -198,8 +198,11 @@ def _text_encode_peak(arch: Architecture, recipe: Recipe, samples: int) -> float
     best = 0.0
     for key in recipe.text_encoder_keys:
         cfg = TEXT_ENCODERS[key]["config"]
+        cfg = cfg.get("text_config", cfg)  # multimodal encoders (Qwen2.5-VL, Mistral 3, Gemma 3): the LLM
         width = cfg.get("hidden_size", cfg.get("d_model"))
         ffn = cfg.get("intermediate_size", cfg.get("d_ff"))
+        if width is None or ffn is None:  # not a language model (LTX-2's text connectors)
+            continue
         tokens = 77 if key.startswith("clip") else (recipe.text_tokens or arch.text_tokens)
         best = max(best, samples * tokens * (3 * width + 2 * ffn) * BF16)
     return best

@@ -166,7 +166,8 @@ class TeacherFeatures:
 
     The forward stops after the deepest chosen block. A block's output is its hidden states
     ``[B, N, D]`` (the last element when it returns a tuple: SD3 and FLUX blocks return
-    ``(context, hidden_states)``, Wan blocks the hidden states alone).
+    ``(context, hidden_states)``, Wan blocks the hidden states alone; a family whose blocks return
+    the media first, HunyuanVideo 1.5 and LTX-2, sets ``block_media_index = 0``).
 
     Args:
         model: the teacher adapter (its ``velocity`` runs the forward).
@@ -197,10 +198,12 @@ class TeacherFeatures:
         """Features ``[B, N, D]`` per chosen block for noised inputs ``x_t`` at times ``t`` [B]."""
         found: dict[int, Tensor] = {}
         last = self.indices[-1]
+        # where a block's tuple output keeps the media tokens (the last, unless the family says otherwise)
+        media_index = getattr(self.model, "block_media_index", -1)
 
         def hook(index: int):
             def fn(module: nn.Module, args: Any, output: Any) -> None:
-                out = output[-1] if isinstance(output, tuple) else output
+                out = output[media_index] if isinstance(output, tuple) else output
                 found[index] = out
                 if index == last:
                     raise _StopForward
