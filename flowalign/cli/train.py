@@ -139,6 +139,7 @@ def train_rwr(
 def train_grpo(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.grpo_run:GRPORun") = False,
     model: Annotated[str | None, typer.Option(help="Base model: hub id, folder, or toy:image.")] = None,
     prompts: Annotated[
         str | None, typer.Option(help="toy:train[:video] or a prompt file (.txt, .jsonl, .json, .csv).")

@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from flowalign.cli import app
 from flowalign.config import LoraConfig, config_help, describe_config
+from flowalign.training.grpo_run import GRPORun
 from flowalign.training.methods.cdt import CDTRunConfig
 from flowalign.training.methods.distar import DistarRun
 from flowalign.training.methods.fdistill import FDistillRun
@@ -18,6 +19,7 @@ COMMANDS = {
     "sft": SFTRun,
     "dpo": DPORun,
     "rwr": RWRRun,
+    "grpo": GRPORun,
     "latent-reward": LatentRewardRun,
     "fdistill": FDistillRun,
     "distar": DistarRun,
