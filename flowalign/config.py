@@ -34,6 +34,7 @@ import yaml
 from flowalign.config_types import (
     ALLOW_INF,
     ConfigError,
+    MemorySaverKeys,
     MissingConfigKey,
     _build,
     _check,
@@ -214,7 +215,7 @@ class ValidationConfig:
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
+class TrainConfig(MemorySaverKeys):
     """Everything the training loop needs; methods nest this in their own config."""
 
     output_dir: Path = Path("runs/train")
@@ -238,12 +239,6 @@ class TrainConfig:
     """Recompute activations in the backward pass instead of storing them, for every trainable module of
     every method: the module's own switch (diffusers, transformers, open_clip) or else block-wise
     checkpointing of its ModuleList/ModuleDict elements (see ``flowalign.training.memory``)."""
-    vae_slicing: bool = False
-    """Run the VAE one sample at a time (diffusers' ``enable_slicing``): same output, the peak of one
-    sample instead of a batch (see ``flowalign.models.vae_savers``)."""
-    vae_tiling: bool = False
-    """Run the VAE on overlapping tiles blended at the seams (diffusers' ``enable_tiling``): the VAE's
-    peak stops growing with the resolution; outputs larger than one tile differ slightly at seams."""
     log_every: int = 10
     """Write metrics (metrics.jsonl, tensorboard) every this many steps."""
     max_nan_steps_in_row: int = 5

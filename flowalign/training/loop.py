@@ -59,6 +59,7 @@ from flowalign.training.checkpoint import (
 from flowalign.training.ema import EMA
 from flowalign.training.memory import enable_gradient_checkpointing
 from flowalign.training.method import Method, StepContext
+from flowalign.training.offload import place_frozen, restore_offloaded
 from flowalign.training.optim import build_lr_scheduler, build_optimizer
 from flowalign.training.previews import Previews
 from flowalign.training.speed import apply_speed_switches
@@ -262,8 +263,8 @@ class _Run:
             if cfg.gradient_checkpointing:
                 enable_gradient_checkpointing(module, name)
             module.train()
-        for module in method.frozen_modules().values():
-            module.to(self.device).eval()
+        frozen = method.frozen_modules()
+        place_frozen(frozen, self.trainable, self.device, offload=cfg.offload_frozen, sharded=self.sharded)
         apply_speed_switches(
             self.trainable,
             method.frozen_modules().values(),
@@ -701,6 +702,7 @@ def train(
             tracker.finish()
         for module in run.wrapped.values():
             acc.unwrap_model(module, keep_fp32_wrapper=False)  # removes accelerate's autocast forward patch
+        restore_offloaded(method.frozen_modules().values())  # train.offload_frozen: weights back on the CPU
 
     export_dir = None
     if not interrupted and run.step == cfg.max_steps:
