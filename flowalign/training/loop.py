@@ -264,7 +264,8 @@ class _Run:
                 enable_gradient_checkpointing(module, name)
             module.train()
         frozen = method.frozen_modules()
-        place_frozen(frozen, self.trainable, self.device, offload=cfg.offload_frozen, sharded=self.sharded)
+        offload, sharded = cfg.offload_frozen, self.sharded
+        place_frozen(frozen, self.trainable, self.device, offload=offload, sharded=sharded, owner=method)
         apply_speed_switches(
             self.trainable,
             method.frozen_modules().values(),
@@ -702,7 +703,9 @@ def train(
             tracker.finish()
         for module in run.wrapped.values():
             acc.unwrap_model(module, keep_fp32_wrapper=False)  # removes accelerate's autocast forward patch
-        restore_offloaded(method.frozen_modules().values())  # train.offload_frozen: weights back on the CPU
+        restore_offloaded(
+            method.frozen_modules().values(), owner=method
+        )  # train.offload_frozen: weights back on the CPU
 
     export_dir = None
     if not interrupted and run.step == cfg.max_steps:

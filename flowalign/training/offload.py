@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from flowalign.models.base import FlowModel
+
 __all__ = ["OFFLOADED", "is_offloaded", "offload_frozen_modules", "place_frozen", "restore_offloaded"]
 
 OFFLOADED = "_flowalign_cpu_offloaded"
@@ -85,24 +87,37 @@ def place_frozen(
     *,
     offload: bool,
     sharded: bool = False,
+    owner: object = None,
 ) -> None:
     """The loop's placement of the frozen modules: each goes to ``device`` in eval mode, or, with
     ``offload`` (``train.offload_frozen``), stays on the CPU under offload hooks
-    (:func:`offload_frozen_modules`)."""
+    (:func:`offload_frozen_modules`). A :class:`FlowModel` attribute of ``owner`` (the method) whose
+    transformer is offloaded, e.g. f-distill's teacher, computes on ``device``
+    (:attr:`FlowModel.execution_device`): its parameters no longer say where that is."""
     if offload:
         offload_frozen_modules(frozen, trainable, device, sharded=sharded)
+        for model in _offloaded_models(owner):
+            model.execution_device = torch.device(device)
     for module in frozen.values():
         if not is_offloaded(module):
             module.to(device)
         module.eval()
 
 
-def restore_offloaded(modules: Iterable[nn.Module]) -> None:
+def _offloaded_models(owner: object) -> list[FlowModel]:
+    found = [v for v in vars(owner).values() if isinstance(v, FlowModel)] if owner is not None else []
+    return [m for m in found if is_offloaded(m.transformer)]
+
+
+def restore_offloaded(modules: Iterable[nn.Module], owner: object = None) -> None:
     """Take the offload hooks off ``modules`` (those :func:`offload_frozen_modules` attached): their
     weights come back from the CPU state dict into real CPU parameters, so the model can be saved
-    and used again as a plain module. Other modules are left alone."""
+    and used again as a plain module. Other modules are left alone; the FlowModels of ``owner`` that
+    :func:`place_frozen` pointed at the device are pointed back at their transformer."""
     from accelerate.hooks import remove_hook_from_module
 
+    for model in _offloaded_models(owner):
+        model.execution_device = None
     for module in modules:
         if is_offloaded(module):
             remove_hook_from_module(module, recurse=True)

@@ -122,3 +122,29 @@ def test_planner_names_the_real_key_and_offers_it_only_where_training_offloads()
     lora = Recipe("sd35m", text_encoders="cached", vae="cached")
     switches, _ = suggest(lora, 1)
     assert name not in switches
+
+
+def test_fdistill_with_an_offloaded_teacher_gives_the_same_losses(tiny_model_dir):
+    """The teacher (transformer, encoders, VAE) is streamed; the generator's loss differentiates through
+    it up to its feature block, and both groups' losses equal the plain run's exactly (one device)."""
+    from flowalign.models import load_flow_model
+    from flowalign.training.method import StepContext
+    from flowalign.training.methods.fdistill import FDistill, FDistillConfig
+
+    def run_group(method, batch, group, step):
+        ctx = StepContext(step=step, seed=0, group=group, modules=method.trainable_modules())
+        loss, _ = method.compute_loss(batch, ctx, group)
+        loss.backward()  # through the streamed teacher for the generator's group
+        return loss.item()
+
+    losses = {}
+    for offload in (False, True):
+        torch.manual_seed(0)
+        config = FDistillConfig(divergence="js", gan_weight=1e-2, guidance_scale=3.0, height=64, width=64)
+        fd = FDistill(load_flow_model(tiny_model_dir("sd3")), config)
+        place_frozen(fd.frozen_modules(), fd.trainable_modules(), "cpu", offload=offload, owner=fd)
+        assert is_offloaded(fd.teacher.transformer) == offload
+        pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        batch = {"prompt": ["a", "b"], "index": torch.arange(2), "pixels": pixels}
+        losses[offload] = [run_group(fd, batch, g, s) for g, s in (("generator", 0), ("critic", 1))]
+    assert losses[True] == losses[False]
