@@ -111,6 +111,22 @@ def test_the_loop_placement_skips_offloaded_modules_and_refuses_sharding(monkeyp
         place_frozen(shared, trainable, TARGET, offload=True)
 
 
+def test_staged_full_finetune_leaves_the_reference_on_the_cpu(tiny_model_dir, tmp_path, monkeypatch):
+    """A staged run (cached prompts) sends its trainable transformer to the device after caching, and
+    with offload_frozen its reference copy and VAE to the CPU instead, where the loop's hooks keep them."""
+    from flowalign.training import runs
+
+    moves = _Moves(monkeypatch)
+    monkeypatch.setattr(runs, "training_device", lambda train: TARGET)
+    run = _run(tiny_model_dir("sd3"), _pairs(tmp_path), tmp_path / "run", offload=True)
+    run.cache_prompts = True
+    method, _ = prepare_dpo(run)
+    assert moves.targets[id(method.model.transformer)][-1] == str(TARGET)
+    for module in (method.reference.copy, method.model.pipe.vae):  # the VAE was on TARGET for caching
+        assert moves.targets[id(module)][-1] == "cpu"
+        assert {p.device for p in module.parameters()} == {torch.device("cpu")}
+
+
 def test_planner_names_the_real_key_and_offers_it_only_where_training_offloads():
     name = next(n for n, c in SWITCHES if c == {"cpu_offload": True})
     assert "train.offload_frozen" in name
