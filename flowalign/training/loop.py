@@ -62,6 +62,7 @@ from flowalign.training.method import Method, StepContext
 from flowalign.training.offload import place_frozen, restore_offloaded
 from flowalign.training.optim import build_lr_scheduler, build_optimizer
 from flowalign.training.previews import Previews
+from flowalign.training.savers import enable_run_vae_savers
 from flowalign.training.speed import apply_speed_switches
 
 __all__ = ["METRICS_FILE", "TrainResult", "TrainingDiverged", "train"]
@@ -263,6 +264,7 @@ class _Run:
             if cfg.gradient_checkpointing:
                 enable_gradient_checkpointing(module, name)
             module.train()
+        enable_run_vae_savers(method, cfg)
         frozen = method.frozen_modules()
         offload, sharded = cfg.offload_frozen, self.sharded
         place_frozen(frozen, self.trainable, self.device, offload=offload, sharded=sharded, owner=method)

@@ -80,3 +80,17 @@ def test_generate_refuses_vae_tiling_on_the_toy_model_in_one_line(tmp_path):
     )
     assert result.exit_code != 0
     assert "error: --vae-tiling: the toy model has no VAE" in result.output
+
+
+def test_the_loop_turns_the_savers_on_for_a_teacher_and_refuses_runs_without_a_flow_model():
+    from flowalign.training.savers import enable_run_vae_savers
+
+    class Distill:  # a one-step method holds its teacher as a FlowModel attribute
+        def __init__(self) -> None:
+            self.teacher = SD3Model(tiny_sd3_pipeline())
+
+    method = Distill()
+    enable_run_vae_savers(method, TrainConfig(vae_slicing=True))
+    assert method.teacher.pipe.vae.use_slicing and not method.teacher.pipe.vae.use_tiling
+    with pytest.raises(ValueError, match=r"^train\.vae_tiling: this run \(object\) trains no flow model"):
+        enable_run_vae_savers(object(), TrainConfig(vae_tiling=True))
