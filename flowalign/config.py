@@ -34,6 +34,7 @@ import yaml
 from flowalign.config_types import (
     ALLOW_INF,
     ConfigError,
+    MemorySaverKeys,
     MissingConfigKey,
     _build,
     _check,
@@ -214,7 +215,7 @@ class ValidationConfig:
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
+class TrainConfig(MemorySaverKeys):
     """Everything the training loop needs; methods nest this in their own config."""
 
     output_dir: Path = Path("runs/train")

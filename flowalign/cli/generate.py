@@ -58,10 +58,17 @@ def generate(
     attention_backend: Annotated[
         str, typer.Option(help="sdpa (default) or a diffusers attention backend: flash, sage, xformers, ...")
     ] = "sdpa",
+    vae_slicing: Annotated[
+        bool, typer.Option("--vae-slicing", help="Decode one sample at a time (same output, less memory).")
+    ] = False,
+    vae_tiling: Annotated[
+        bool, typer.Option("--vae-tiling", help="Decode in blended tiles (less memory at high resolution).")
+    ] = False,
 ) -> None:
     """Generate images (PNG) or videos (MP4 + GIF) and a manifest.jsonl from prompts."""
     from flowalign.data.prompts import load_conditioned_prompts
     from flowalign.models import load_flow_model
+    from flowalign.models.vae_savers import enable_vae_savers
     from flowalign.pipelines.generate_files import GenerationSettings, generate_files
     from flowalign.pipelines.one_step import read_one_step_metadata
     from flowalign.training.speed import check_attention_backend, set_attention_backend
@@ -94,6 +101,11 @@ def generate(
     check_size_before_loading(height, width, num_frames, batch, torch_device)
     flow_model = load_flow_model(model, torch_dtype=torch_dtype, device=torch_device, drop_t5=no_t5)
     set_attention_backend(flow_model.transformer, attention_backend, key="--attention-backend")
+    try:
+        keys = ("--vae-slicing", "--vae-tiling")
+        enable_vae_savers(flow_model, slicing=vae_slicing, tiling=vae_tiling, keys=keys)
+    except ValueError as err:
+        fail(str(err))
     one_step_meta = read_one_step_metadata(model) if Path(model).is_dir() else None
     if one_step_meta is not None:  # a distilled checkpoint samples in one step with its recorded guidance
         one_step = True

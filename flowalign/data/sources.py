@@ -4,6 +4,7 @@ A spec is either ``<scheme>:<name>`` for a registered scheme, or a path::
 
     toy:image, toy:video     the toy world's renders (registered by :mod:`flowalign.toy.sources`)
     hf:<dataset id>          a preference dataset on the Hugging Face hub (pairs)
+    hf:<id>?streaming=1&rows=N  its first N rows, streamed (no full download) into a local row cache
     manifest.jsonl           media + prompts (media), or a folder holding one
     pairs.jsonl, *.csv/tsv, *.parquet, a folder of parquet shards or a save_to_disk folder  (pairs)
     a folder of video files  (clips)

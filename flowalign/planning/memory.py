@@ -87,7 +87,10 @@ class Recipe:
     """SD3 / SD3.5 without the T5 encoder (run config ``drop_t5: true``): its weights are never loaded."""
     vae: Literal["cached", "device"] = "device"
     cpu_offload: bool = False
-    """Frozen weights stay on the CPU and are streamed to the device one block at a time."""
+    """``train.offload_frozen``: frozen modules (a full fine-tune's reference copy, f-distill's teacher,
+    text encoders and VAE kept for the step) stay on the CPU and are streamed to the device layer by
+    layer (counted as two blocks of the transformer). A LoRA base is part of the trained transformer
+    and stays on the device."""
     ema: bool = False
     fake_score: Literal["full", "lora"] = "full"
     """f-distill's online score network."""
@@ -223,6 +226,12 @@ def _trainable_params(recipe: Recipe) -> tuple[int, int]:
     return total, total if recipe.method == "dpo" else 0  # full DPO keeps a frozen reference copy
 
 
+def _separate_frozen_transformer(recipe: Recipe) -> bool:
+    """Whether the frozen transformer weights are a module of their own (a full fine-tune's DPO
+    reference, f-distill's teacher), which ``train.offload_frozen`` can offload; a LoRA base is not."""
+    return recipe.method == "fdistill" or (recipe.lora_rank is None and recipe.method == "dpo")
+
+
 def _frozen_dtype(recipe: Recipe) -> str:
     """The frozen transformer weights' dtype: the base of a LoRA run (or f-distill's teacher), else the
     bf16 reference copy of a full fine-tune."""
@@ -233,7 +242,7 @@ def _resident(recipe: Recipe, arch: Architecture) -> dict[str, float]:
     trainable, frozen = _trainable_params(recipe)
     n_blocks = arch.transformer["num_layers"] + arch.transformer.get("num_single_layers", 0)
     frozen_bytes = frozen * BYTES[_frozen_dtype(recipe)] / _shards(recipe, "weights")
-    if recipe.cpu_offload:
+    if recipe.cpu_offload and _separate_frozen_transformer(recipe):
         frozen_bytes = 2 * frozen * BYTES[_frozen_dtype(recipe)] / n_blocks
     optim = 8.0 if recipe.optimizer == "adamw" else 2.0
     out = {
@@ -247,9 +256,9 @@ def _resident(recipe: Recipe, arch: Architecture) -> dict[str, float]:
         out["EMA (fp32)"] = trainable * FP32 / _shards(recipe, "weights")
     if recipe.strategy == "ddp" and recipe.num_gpus > 1:
         out["DDP gradient buckets"] = trainable * FP32
-    if recipe.text_encoders == "device":
+    if recipe.text_encoders == "device" and not recipe.cpu_offload:  # offloaded: streamed per layer
         out["text encoders (bf16)"] = sum(param_count(k) for k in recipe.text_encoder_keys) * BF16
-    if recipe.vae == "device":
+    if recipe.vae == "device" and not recipe.cpu_offload:
         out[f"VAE ({arch.vae_dtype})"] = vae_param_count(arch) * BYTES[arch.vae_dtype]
     if recipe.device == "cuda":
         out["CUDA context reserve"] = CUDA_RESERVE
@@ -337,11 +346,15 @@ SWITCHES: tuple[tuple[str, dict], ...] = (
     ("LoRA rank 8", {"lora_rank": 8}),
     ("8-bit frozen base (run config quantize_base: int8)", {"base_dtype": "int8"}),
     ("4-bit frozen base (run config quantize_base: nf4)", {"base_dtype": "nf4"}),
-    ("CPU offload of frozen weights", {"cpu_offload": True}),
+    ("CPU offload of frozen modules (train.offload_frozen: true)", {"cpu_offload": True}),
 )
 
 
 def _applies(recipe: Recipe, changes: dict) -> bool:
+    if "cpu_offload" in changes:  # what train.offload_frozen offloads; sharded launches refuse it
+        offloadable = _separate_frozen_transformer(recipe) or "device" in (recipe.text_encoders, recipe.vae)
+        if recipe.strategy != "ddp" or not offloadable:
+            return False
     if "fake_score" in changes and recipe.method != "fdistill":
         return False
     if "lora_rank" in changes or "base_dtype" in changes:

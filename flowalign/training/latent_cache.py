@@ -128,6 +128,8 @@ def cache_media_latents(
     extra = "|".join(
         [f"family={model.family}", f"items={len(dataset)}", f"media={media}", f"tensors={tensors}", identity]
     )
+    if getattr(vae, "use_tiling", False):  # tiled encoding blends tiles: other latents than the plain path
+        extra += "|vae_tiling"
     fingerprint = fingerprint_module(vae, extra=extra)
     if getattr(dataset, "batch_order", None) is not None:
         batch_size = 1  # bucketed items differ in size: one per encode call

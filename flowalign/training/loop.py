@@ -59,8 +59,10 @@ from flowalign.training.checkpoint import (
 from flowalign.training.ema import EMA
 from flowalign.training.memory import enable_gradient_checkpointing
 from flowalign.training.method import Method, StepContext
+from flowalign.training.offload import place_frozen, restore_offloaded
 from flowalign.training.optim import build_lr_scheduler, build_optimizer
 from flowalign.training.previews import Previews
+from flowalign.training.savers import enable_run_vae_savers
 from flowalign.training.speed import apply_speed_switches
 
 __all__ = ["METRICS_FILE", "TrainResult", "TrainingDiverged", "train"]
@@ -262,8 +264,10 @@ class _Run:
             if cfg.gradient_checkpointing:
                 enable_gradient_checkpointing(module, name)
             module.train()
-        for module in method.frozen_modules().values():
-            module.to(self.device).eval()
+        enable_run_vae_savers(method, cfg)
+        frozen = method.frozen_modules()
+        offload, sharded = cfg.offload_frozen, self.sharded
+        place_frozen(frozen, self.trainable, self.device, offload=offload, sharded=sharded, owner=method)
         apply_speed_switches(
             self.trainable,
             method.frozen_modules().values(),
@@ -701,6 +705,9 @@ def train(
             tracker.finish()
         for module in run.wrapped.values():
             acc.unwrap_model(module, keep_fp32_wrapper=False)  # removes accelerate's autocast forward patch
+        restore_offloaded(
+            method.frozen_modules().values(), owner=method
+        )  # train.offload_frozen: weights back on the CPU
 
     export_dir = None
     if not interrupted and run.step == cfg.max_steps:

@@ -69,16 +69,19 @@ def stage_components(model: FlowModel, device: torch.device | str) -> FlowModel:
     return model
 
 
-def finish_staging(method: Any) -> None:
+def finish_staging(method: Any, *, offload_frozen: bool = False) -> None:
     """Phase 3: the method's trainable and frozen-for-the-step modules move to the model's execution
     device (dtypes kept: fp32 adapters and master weights stay fp32), and the override is cleared.
-    Nothing happens for a model that was not staged."""
+    With ``offload_frozen`` (``train.offload_frozen``) the frozen ones go to the CPU instead, where the
+    loop's offload hooks keep them. Nothing happens for a model that was not staged."""
     model: FlowModel = method.model
     device = model.execution_device
     if device is None:
         return
-    for module in list(method.trainable_modules().values()) + list(method.frozen_modules().values()):
+    for module in method.trainable_modules().values():
         module.to(device)
+    for module in method.frozen_modules().values():
+        module.to("cpu" if offload_frozen else device)
     model.execution_device = None
 
 
@@ -105,5 +108,5 @@ def cache_run_conditioning(
     if run.cache_prompts and not getattr(method.model, "takes_images", False):  # conditions: encoded per step
         cache_run_prompts(method, list(prompts() if callable(prompts) else prompts), run.train)
     data = cache_run_latents(run, method, data, *settings)
-    finish_staging(method)
+    finish_staging(method, offload_frozen=run.train.offload_frozen)
     return data

@@ -38,6 +38,7 @@ from flowalign.files import read_jsonl
 from flowalign.models import load_flow_model
 from flowalign.models.base import FlowModel
 from flowalign.models.quantize import QuantizeBase, check_quantize_base, load_quantized_transformer
+from flowalign.models.vae_savers import enable_vae_savers
 from flowalign.training.conditions import load_candidate_conditions, select_train_expert
 from flowalign.training.latent_cache import cache_run_latents
 from flowalign.training.loop import TrainResult, train
@@ -113,6 +114,19 @@ def load_training_model(
     ``quantize_base`` (``int8``/``nf4``, LoRA runs only) loads the transformer's Linear weights
     quantized by bitsandbytes (:mod:`flowalign.models.quantize`) instead of in the compute dtype.
     """
+    model = _load_training_model(spec, train, full, quantize_base, drop_t5, staged)
+    keys = ("train.vae_slicing", "train.vae_tiling")
+    return enable_vae_savers(model, slicing=train.vae_slicing, tiling=train.vae_tiling, keys=keys)
+
+
+def _load_training_model(
+    spec: str,
+    train: TrainConfig,
+    full: tuple[str, ...],
+    quantize_base: str | None,
+    drop_t5: bool,
+    staged: bool,
+) -> FlowModel:
     dtypes = {"default": compute_dtype(train)} | {name: torch.float32 for name in full}
     device = training_device(train)
     if quantize_base is None:
