@@ -147,7 +147,7 @@ def predicted(args) -> dict:
     p = plan(recipe)
     loaded = sum(p.resident[k] for k in ("frozen weights", "buffers (bf16 position tables)"))
     loaded += p.resident["trainable weights (fp32)"]
-    return {"load_bytes": loaded, "step_peak_bytes": p.peak - loaded, "plan": p}
+    return {"load_bytes": loaded, "step_peak_bytes": p.step_peak - loaded, "plan": p}
 
 
 def run_case(args) -> dict:

@@ -34,6 +34,7 @@ import yaml
 from flowalign.config_types import (
     ALLOW_INF,
     ConfigError,
+    MemorySaverKeys,
     MissingConfigKey,
     _build,
     _check,
@@ -56,6 +57,7 @@ __all__ = [
     "LoraConfig",
     "OptimConfig",
     "TrainConfig",
+    "ValidationConfig",
     "config_from_dict",
     "config_to_dict",
     "describe_config",
@@ -158,9 +160,18 @@ class CheckpointConfig:
     """Write a checkpoint every this many steps (0 = only at the end and on SIGTERM)."""
     keep_last: int | None = 3
     """Keep only the newest this many complete checkpoints (None = keep all)."""
+    layout: str = "auto"
+    """"full": whole tensors gathered on the main process; "sharded": each process writes its own
+    shards (torch.distributed.checkpoint); "auto": sharded under FSDP2, else full. Either resumes
+    under any process count."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+        _check(
+            self.layout in ("auto", "full", "sharded"),
+            "layout",
+            f"must be auto, full or sharded, got {self.layout!r}",
+        )
         _check(
             self.keep_last is None or self.keep_last >= 1,
             "keep_last",
@@ -169,7 +180,42 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
+class ValidationConfig:
+    """Sample previews during training (``train.validation``): the model as it trains (LoRA on)
+    samples fixed prompts every ``every`` steps into ``<output_dir>/samples/step-<6 digits>/`` and
+    the trackers, on the main process, without touching the training random state."""
+
+    prompts: list[str] = field(default_factory=list)
+    """The prompts of each preview (one sample each)."""
+    every: int = 100
+    """Write previews after every this many optimizer steps."""
+    seed: int = 0
+    """Seed of the preview noise: prompt i starts from the noise of seed + i at every preview."""
+    steps: int | None = None
+    """Sampling steps (None: the family's default)."""
+    guidance_scale: float | None = None
+    """CFG scale, or FLUX.1-dev's embedded guidance (None: the family's default)."""
+    height: int | None = None
+    """Preview height in pixels (None: the family's default)."""
+    width: int | None = None
+    """Preview width in pixels (None: the family's default)."""
+    num_frames: int | None = None
+    """Frames of video previews (None: the family's default)."""
+    fps: int = 8
+    """Frames per second of written video previews."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.prompts) > 0, "prompts", "must list at least one prompt")
+        _check(all(p.strip() for p in self.prompts), "prompts", "a prompt is empty")
+        for key in ("every", "fps"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("steps", "height", "width", "num_frames"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, key, f"must be >= 1 or null, got {value}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig(MemorySaverKeys):
     """Everything the training loop needs; methods nest this in their own config."""
 
     output_dir: Path = Path("runs/train")
@@ -210,6 +256,19 @@ class TrainConfig:
     """Train on CPU even when an accelerator is available."""
     ddp_find_unused_parameters: bool = False
     """Let DDP tolerate trainable parameters that get no gradient in a step (methods alternating networks)."""
+    compile: bool = False
+    """Regional ``torch.compile`` of every trainable module: each repeated transformer block is
+    compiled on its own (diffusers' ``compile_repeated_blocks`` where the model declares its blocks,
+    else every element of its block lists), not the whole model; the first steps pay the compile time."""
+    compile_backend: str = "inductor"
+    """The ``torch.compile`` backend of ``compile`` ("inductor" generates kernels; "aot_eager" only
+    traces, to find graph breaks without a compiler)."""
+    attention_backend: str = "sdpa"
+    """Attention kernel of the trained and frozen transformers: "sdpa" (torch's scaled dot-product
+    attention, the default) or one of diffusers' attention backends (``flash``, ``sage``, ``flex``,
+    ``xformers``, ...; see ``flowalign.training.speed``), where the model's attention offers it."""
+    validation: ValidationConfig | None = None
+    """Sample previews during training (null: none)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and learning-rate schedule."""
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -410,8 +469,8 @@ def describe_config(cls: type) -> dict[str, str]:
 def config_help(cls: type) -> str:
     """Every settable key of ``cls``, one a line: ``key: type = default -- documentation``.
 
-    The text for a command's ``--set`` help (the CLI passes it as the command's epilog), so each
-    key is documented once, by its attribute docstring; nested configs list their own keys.
+    What ``flowalign train <method> --help-config`` prints, so each key is documented once, by its
+    attribute docstring; nested configs list their own keys.
     """
     lines = []
     for key, f, tp, doc in _walk_fields(cls):

@@ -260,3 +260,20 @@ def _build(cls: type[C], data: dict, prefix: str, source: str) -> C:
 
 class MissingConfigKey(ConfigError):
     """A required key (a field without a default) was not given."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class MemorySaverKeys:
+    """Memory savers of the frozen modules; ``TrainConfig`` inherits them as ``train.<key>``."""
+
+    vae_slicing: bool = False
+    """Run the VAE one sample at a time (diffusers' ``enable_slicing``): same output, the peak of one
+    sample instead of a batch (see ``flowalign.models.vae_savers``)."""
+    vae_tiling: bool = False
+    """Run the VAE on overlapping tiles blended at the seams (diffusers' ``enable_tiling``): the VAE's
+    peak stops growing with the resolution; outputs larger than one tile differ slightly at seams."""
+    offload_frozen: bool = False
+    """Keep the run's frozen modules (a full fine-tune's DPO reference copy, f-distill's teacher, text
+    encoders and the VAE while the run uses them) on the CPU and stream their weights to the device
+    layer by layer for each forward (accelerate's ``cpu_offload`` hooks): less device memory, slower
+    steps (see ``flowalign.training.offload``). Not with FSDP2 or DeepSpeed."""

@@ -1,7 +1,8 @@
 """The ``flowalign`` command line: each command parses arguments and calls one library function.
 
 One module per command group: :mod:`.generate`, :mod:`.train`, :mod:`.tokenize`, :mod:`.data` (pairs,
-rechoose, score), :mod:`.eval`, :mod:`.demo`, :mod:`.lora` (lora-comfyui) and :mod:`.plan`; :mod:`.app` holds the
+rechoose, score), :mod:`.eval`, :mod:`.demo`, :mod:`.lora` (lora-comfyui), :mod:`.plan`,
+:mod:`.push` and :mod:`.serve` (serve-reward); :mod:`.app` holds the
 Typer application and the shared helpers. Importing a module registers its commands (in this order,
 which is the order of ``flowalign --help``).
 """
@@ -12,7 +13,7 @@ import os
 
 # Importing a module registers its commands; this order is the order of ``flowalign --help``.
 # isort: off
-from flowalign.cli import generate, train, tokenize, data, eval, demo, lora, plan, push  # noqa: F401
+from flowalign.cli import generate, train, tokenize, data, eval, demo, lora, plan, push, serve  # noqa: F401
 
 # isort: on
 from flowalign.cli.app import app

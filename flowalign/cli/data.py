@@ -50,7 +50,7 @@ def pairs(
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: bf16 on GPU).")] = None,
 ) -> None:
     """Build a preference dataset from a model: K samples per prompt, scored, best vs worst."""
-    from flowalign.data.prompts import load_prompts
+    from flowalign.data.prompts import load_conditioned_prompts
     from flowalign.models import load_flow_model
     from flowalign.rewards import load_reward
     from flowalign.rewards.combine import RewardCombiner
@@ -73,10 +73,11 @@ def pairs(
     specs = [parse_reward_spec(spec) for spec in reward.split(",") if spec.strip()]
     if not specs:
         fail("--reward: give at least one reward name")
+    images = None
     if toy_split is not None:
         prompt_list = toy_prompts(toy_split, "image")
     elif prompts_file is not None:
-        prompt_list = load_prompts(prompts_file)
+        prompt_list, images = load_conditioned_prompts(prompts_file)  # with an image column: conditions
     else:
         fail("give --prompts-file FILE or --toy-split train|heldout")
     torch_device, torch_dtype = device_and_dtype(device, dtype)
@@ -89,7 +90,7 @@ def pairs(
     _check_size_is_free(flow_model, num_frames)
     rewards = [load_reward(name, device=torch_device, **options) for name, options in specs]
     combiner = RewardCombiner(rewards, weights_option(weights))
-    _, chosen = build_pairs(flow_model, prompt_list, combiner.score, out, config)
+    _, chosen = build_pairs(flow_model, prompt_list, combiner.score, out, config, images=images)
     typer.echo(f"wrote {len(chosen)} pairs to {out / 'pairs.jsonl'}")
 
 

@@ -24,6 +24,9 @@ def generate(
     prompts_file: Annotated[
         Path | None, typer.Option(help="Prompts: .txt (one per line), .jsonl, .csv, .json.")
     ] = None,
+    image: Annotated[
+        Path | None, typer.Option(help="Condition image for every prompt (image-to-video, edit).")
+    ] = None,
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt for CFG.")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampling steps (family default if unset).")] = None,
     guidance_scale: Annotated[
@@ -52,12 +55,23 @@ def generate(
     ] = None,
     guidance_strength: Annotated[float, typer.Option(help="Flow-NRG strength w (0 = off).")] = 1.0,
     guide_steps: Annotated[str | None, typer.Option(help="Guide only for t in [a, b], as a:b.")] = None,
+    attention_backend: Annotated[
+        str, typer.Option(help="sdpa (default) or a diffusers attention backend: flash, sage, xformers, ...")
+    ] = "sdpa",
+    vae_slicing: Annotated[
+        bool, typer.Option("--vae-slicing", help="Decode one sample at a time (same output, less memory).")
+    ] = False,
+    vae_tiling: Annotated[
+        bool, typer.Option("--vae-tiling", help="Decode in blended tiles (less memory at high resolution).")
+    ] = False,
 ) -> None:
     """Generate images (PNG) or videos (MP4 + GIF) and a manifest.jsonl from prompts."""
-    from flowalign.data.prompts import load_prompts
+    from flowalign.data.prompts import load_conditioned_prompts
     from flowalign.models import load_flow_model
+    from flowalign.models.vae_savers import enable_vae_savers
     from flowalign.pipelines.generate_files import GenerationSettings, generate_files
     from flowalign.pipelines.one_step import read_one_step_metadata
+    from flowalign.training.speed import check_attention_backend, set_attention_backend
 
     step_range = check_generation_options(
         steps=steps, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale, seed=seed,
@@ -69,14 +83,29 @@ def generate(
     if not prompt and prompts_file is None:
         fail("give --prompt TEXT or --prompts-file FILE")
     prompts = list(prompt or [])
+    images = None
     if prompts_file is not None:
-        prompts += load_prompts(prompts_file)
+        file_prompts, images = load_conditioned_prompts(prompts_file)
+        if images is not None and (prompts or image is not None):
+            fail(f"{prompts_file} names a condition image per prompt: give no --prompt or --image with it")
+        prompts += file_prompts
     if not prompts or any(not p.strip() for p in prompts):
         fail("a prompt is empty")
+    if image is not None:
+        if not image.is_file():
+            fail(f"--image {image} does not exist")
+        images = [image] * len(prompts)
+    check_attention_backend(attention_backend, key="--attention-backend")
     torch_device, torch_dtype = device_and_dtype(device, dtype)
     batch = min(batch_size, len(prompts) * samples_per_prompt)
     check_size_before_loading(height, width, num_frames, batch, torch_device)
     flow_model = load_flow_model(model, torch_dtype=torch_dtype, device=torch_device, drop_t5=no_t5)
+    set_attention_backend(flow_model.transformer, attention_backend, key="--attention-backend")
+    try:
+        keys = ("--vae-slicing", "--vae-tiling")
+        enable_vae_savers(flow_model, slicing=vae_slicing, tiling=vae_tiling, keys=keys)
+    except ValueError as err:
+        fail(str(err))
     one_step_meta = read_one_step_metadata(model) if Path(model).is_dir() else None
     if one_step_meta is not None:  # a distilled checkpoint samples in one step with its recorded guidance
         one_step = True
@@ -85,6 +114,10 @@ def generate(
     if one_step and steps not in (None, 1):
         fail(f"--one-step samples in one step; --steps {steps} does not apply")
     check_size_for_model(flow_model, height, width, num_frames, batch, torch_device)
+    if images is None and flow_model.requires_images:
+        fail(f"{model} makes media from an image: give --image PATH or a prompts file with an image column")
+    if images is not None and not flow_model.takes_images:
+        fail(f"{model} is text-conditioned only: it takes no condition image")
     settings = GenerationSettings(
         num_inference_steps=steps, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
         height=height, width=width, num_frames=num_frames, negative_prompt=negative_prompt,
@@ -101,7 +134,7 @@ def generate(
         }
     rows = generate_files(
         flow_model, prompts, out, settings, batch_size=batch_size, model_name=str(model),
-        transforms_factory=factory,
+        transforms_factory=factory, images=images,
     )  # fmt: skip
     typer.echo(f"wrote {len(rows)} samples to {out}")
 

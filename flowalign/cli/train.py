@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -26,6 +27,29 @@ ResumeOpt = Annotated[
 ]
 
 
+def _help_config(run_config: str) -> Any:
+    """The ``--help-config`` option of a command whose run config is the dataclass ``module:Name``:
+    it prints every config key with its type, default and documentation, then exits."""
+
+    def show(value: bool) -> None:
+        if value:
+            from flowalign.config import config_help
+
+            module, _, name = run_config.partition(":")
+            typer.echo(config_help(getattr(importlib.import_module(module), name)))
+            raise typer.Exit()
+
+    return Annotated[
+        bool,
+        typer.Option(
+            "--help-config",
+            is_eager=True,
+            callback=show,
+            help="Show every config key (for --config and --set) with its type, default and doc, and exit.",
+        ),
+    ]
+
+
 def _run_training(
     run_cls, runner, config, overrides, resume, shortcuts: dict[str, object], *, out=None, steps=None
 ) -> None:
@@ -46,9 +70,11 @@ def _run_training(
 def train_sft(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.runs:SFTRun") = False,
     model: Annotated[str | None, typer.Option(help="Hub id, folder, or toy:image / toy:video.")] = None,
     data: Annotated[
-        str | None, typer.Option(help="toy:train or a manifest.jsonl of media + prompts.")
+        str | None,
+        typer.Option(help="toy:image / toy:video (toy:train: the model's kind) or a manifest.jsonl."),
     ] = None,
     out: OutOpt = None,
     steps: StepsOpt = None,
@@ -66,6 +92,7 @@ def train_sft(
 def train_dpo(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.runs:DPORun") = False,
     model: Annotated[str | None, typer.Option(help="Base model: hub id or folder.")] = None,
     data: Annotated[
         str | None, typer.Option(help="pairs.jsonl, VideoAlign csv or Pick-a-Pic parquet.")
@@ -87,6 +114,7 @@ def train_dpo(
 def train_rwr(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.runs:RWRRun") = False,
     model: Annotated[str | None, typer.Option(help="Base model: hub id or folder.")] = None,
     data: Annotated[str | None, typer.Option(help="candidates.jsonl from `flowalign pairs`.")] = None,
     out: OutOpt = None,
@@ -107,10 +135,40 @@ def train_rwr(
     _run_training(RWRRun, run_rwr, config, set_, resume, overrides, out=out, steps=steps)
 
 
+@train_app.command("grpo")
+def train_grpo(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.grpo_run:GRPORun") = False,
+    model: Annotated[str | None, typer.Option(help="Base model: hub id, folder, or toy:image.")] = None,
+    prompts: Annotated[
+        str | None, typer.Option(help="toy:train[:video] or a prompt file (.txt, .jsonl, .json, .csv).")
+    ] = None,
+    reward: Annotated[
+        list[str] | None, typer.Option(help="Reward spec of the registry (repeat for a mix), e.g. toy.")
+    ] = None,
+    weights: Annotated[str | None, typer.Option(help="Per-dimension weights, e.g. ta=1,vq=0.5.")] = None,
+    out: OutOpt = None,
+    steps: StepsOpt = None,
+    resume: ResumeOpt = False,
+) -> None:
+    """Flow-GRPO: online RL with K SDE samples per prompt, group advantages and a KL to the reference."""
+    from flowalign.training.grpo_run import GRPORun, run_grpo
+
+    overrides = {
+        "model": model,
+        "prompts": prompts,
+        "weights": weights,
+        "rewards": "[" + ",".join(reward) + "]" if reward else None,
+    }
+    _run_training(GRPORun, run_grpo, config, set_, resume, overrides, out=out, steps=steps)
+
+
 @train_app.command("latent-reward")
 def train_latent_reward(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.runs:LatentRewardRun") = False,
     model: Annotated[str | None, typer.Option(help="Flow model the guide is for: hub id or folder.")] = None,
     data: Annotated[
         str | None,
@@ -140,6 +198,7 @@ def train_latent_reward(
 def train_fdistill(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.methods.fdistill:FDistillRun") = False,
     teacher: Annotated[str | None, typer.Option(help="Teacher: hub id or folder of a flow model.")] = None,
     divergence: Annotated[
         str | None, typer.Option(help="js, kl, rkl, sf, sh, jf, pearson, neyman, alpha.")
@@ -162,6 +221,7 @@ def train_fdistill(
 def train_distar(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.methods.distar:DistarRun") = False,
     teacher: Annotated[
         str | None, typer.Option(help="Teacher (reference diffusion): hub id or folder.")
     ] = None,
@@ -188,6 +248,7 @@ def train_distar(
 def train_cdt_cmd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.methods.cdt:CDTRunConfig") = False,
     out: OutOpt = None,
     steps: StepsOpt = None,
     resume: ResumeOpt = False,
@@ -202,6 +263,7 @@ def train_cdt_cmd(
 def train_reward(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    help_config: _help_config("flowalign.training.methods.reward_run:RewardModelRun") = False,
     data: Annotated[
         str | None,
         typer.Option(help="Preference pairs with per-dimension labels (jsonl, VideoAlign csv, parquet)."),

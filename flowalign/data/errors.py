@@ -1,10 +1,12 @@
-"""The one error type of ``flowalign.data``: a bad file, row or value, named in the message."""
+"""The error types of ``flowalign.data``: a bad file, row or value (or media file), named in the message."""
 
 from __future__ import annotations
 
+import os
+
 from flowalign.files import FileRowError
 
-__all__ = ["DataError"]
+__all__ = ["DataError", "MediaError"]
 
 
 class DataError(FileRowError):
@@ -20,3 +22,10 @@ class DataError(FileRowError):
         where: the location inside the file (``"line 3"``, ``"row 0"``) or None.
         reason: what is wrong, with the expected and actual value.
     """
+
+
+class MediaError(DataError):
+    """A media file could not be read or written; the message names the path and the reason."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        super().__init__(path, reason)

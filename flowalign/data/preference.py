@@ -17,6 +17,12 @@ One dataset class reads every supported layout through a small table interface:
   above (``Image`` features are read as their encoded bytes). Needs the optional
   ``datasets`` package.
 
+Image-conditioned families (image-to-video, edit) read a condition image per row: a shared column
+(``condition``, ``image`` or ``input_image``: a path or image bytes), or one column per member
+(``condition_A``/``condition_B`` or ``image_A``/``image_B``). The two members of a pair are
+compared under one condition, so a row whose members name different condition images (different
+bytes) is refused, naming the row.
+
 The prompt column is the first of ``prompt``, ``caption``, ``Prompt`` that exists. Text
 labels are case-insensitive. Media paths are relative to ``root`` (default: the folder that
 holds the dataset file); a path with a ``..`` component, or an absolute path outside
@@ -32,6 +38,9 @@ Multi-dimensional datasets keep ``media_w = A``, ``media_l = B`` unless ``order_
 dimension to order by, since no single order fits every dimension. (VideoAlign's own code
 writes missing as 22; here it is -2 so that ``label != 0`` keeps meaning "not a tie".)
 
+The label layouts are read by :mod:`flowalign.data.preference_labels` (one reader per layout), and
+:mod:`flowalign.data.preference_jsonl` writes pairs back as a jsonl (names re-exported here).
+
 Rows are checked lazily, when loaded, and all at once by :meth:`PreferenceDataset.validate`.
 Every problem raises :class:`~flowalign.data.errors.DataError` naming the file and the row:
 ``line N`` (from 1) in text files, ``row N`` (from 0) in parquet and HF datasets.
@@ -40,21 +49,30 @@ Every problem raises :class:`~flowalign.data.errors.DataError` naming the file a
 from __future__ import annotations
 
 import filecmp
-import json
 import logging
-import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from flowalign.data.errors import DataError
-from flowalign.data.media import MediaError, atomic_write, decode_image_bytes, load_media, save_media
+from flowalign.data.media import MediaError, decode_image_bytes, load_media
+from flowalign.data.preference_jsonl import collate_preference, write_preference_jsonl
+from flowalign.data.preference_labels import (
+    LABEL_L_BETTER,
+    LABEL_MISSING,
+    LABEL_TIE,
+    LABEL_W_BETTER,
+    OVERALL,
+    canonicalise_pair,
+    is_missing,
+    label_reader,
+)
+from flowalign.data.preference_pair import PreferencePair
 from flowalign.data.tables import Table, open_table
 
 __all__ = [
@@ -71,14 +89,6 @@ __all__ = [
     "write_preference_jsonl",
 ]
 
-LABEL_W_BETTER = 1
-LABEL_TIE = 0
-LABEL_L_BETTER = -1
-LABEL_MISSING = -2
-OVERALL = "overall"
-"""Dimension name of single-label datasets."""
-
-_TEXT_LABELS = {"a": LABEL_W_BETTER, "b": LABEL_L_BETTER, "tie": LABEL_TIE, "same": LABEL_TIE}
 _PROMPT_COLUMNS = ("prompt", "caption", "Prompt")
 _MEDIA_COLUMNS = (
     ("path_A", "path_B"),
@@ -86,68 +96,11 @@ _MEDIA_COLUMNS = (
     ("jpg_0", "jpg_1"),
     ("image_0_path", "image_1_path"),
 )
-_DIMENSION_COLUMNS = ("VQ", "MQ", "TA", "Overall")
+_CONDITION_COLUMNS = ("condition", "image", "input_image")
+_CONDITION_PAIRS = (("condition_A", "condition_B"), ("image_A", "image_B"))
 _AUTO = "auto"
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    """One loaded pair.
-
-    Attributes:
-        prompt: the text prompt.
-        media_w: float [3, H, W] image or [T, 3, H, W] video in [0, 1] (preferred item for
-            single-label datasets; item A for multi-dimensional ones, see module doc).
-        media_l: the other item, same layout.
-        labels: dimension -> 1 (w better), 0 (tie), -1 (l better) or -2 (missing).
-        source: where the row lives, e.g. ``"pairs.jsonl line 3"``.
-        meta: extra fields kept from the file (the jsonl ``"meta"`` object), else empty.
-    """
-
-    prompt: str
-    media_w: Tensor
-    media_l: Tensor
-    labels: dict[str, int]
-    source: str = ""
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def canonicalise_pair(
-    media_a: T, media_b: T, labels: Mapping[str, int], *, order_by: str
-) -> tuple[T, T, dict[str, int]]:
-    """Order an A/B pair so that the first item is not worse on ``order_by``.
-
-    If ``labels[order_by]`` is -1 (B better) the items swap and every non-missing label is
-    negated (1 <-> -1; 0 and -2 stay); otherwise (A better, tie, missing) nothing moves.
-
-    Args:
-        media_a: item A (a tensor, a path, anything).
-        media_b: item B.
-        labels: dimension -> label in A/B terms (1 = A better, 0 tie, -1 B better, -2 missing).
-        order_by: the dimension that decides the order.
-
-    Returns:
-        ``(media_w, media_l, labels_wl)`` with ``labels_wl[order_by]`` in {1, 0, -2}.
-
-    Raises:
-        KeyError: ``order_by`` is not in ``labels``.
-    """
-    if labels[order_by] != LABEL_L_BETTER:
-        return media_a, media_b, dict(labels)
-    flipped = {k: (v if v in (LABEL_TIE, LABEL_MISSING) else -v) for k, v in labels.items()}
-    return media_b, media_a, flipped
-
-
-def _is_missing(value: Any) -> bool:
-    return (
-        value is None
-        or (isinstance(value, float) and math.isnan(value))
-        or (isinstance(value, str) and not value.strip())
-    )
 
 
 @dataclass(frozen=True)
@@ -167,6 +120,7 @@ class _Row:
     ref_b: _Ref
     labels: dict[str, int]  # A/B terms
     meta: dict[str, Any]
+    condition: _Ref | None = None
 
 
 class PreferenceDataset(Dataset[PreferencePair]):
@@ -214,7 +168,8 @@ class PreferenceDataset(Dataset[PreferencePair]):
             if c not in cols:
                 raise DataError(self.path, f"missing media column {c!r}; found {cols}")
         self._media_cols = media
-        self._label_kind, self.dimensions = self._label_layout(cols, dimensions)
+        self._condition_cols = self._condition_layout(cols)
+        self.dimensions, self._labels = label_reader(table, media, dimensions)
         if order_by == _AUTO:
             order_by = self.dimensions[0] if len(self.dimensions) == 1 else None
         if order_by is not None and order_by not in self.dimensions:
@@ -236,76 +191,36 @@ class PreferenceDataset(Dataset[PreferencePair]):
                 self.path, "dataset has no rows" + ("" if keep_ties else " once ties are dropped")
             )
 
-    # ------------------------------------------------------------------ layout
-
-    def _label_layout(self, cols: list[str], dimensions: Sequence[str] | None) -> tuple[str, tuple[str, ...]]:
-        if self._media_cols == ("chosen", "rejected"):
-            return "chosen", (OVERALL,)
-        if "label_0" in cols or "label_1" in cols:
-            for c in ("label_0", "label_1"):
+    def _condition_layout(self, cols: list[str]) -> tuple[str, ...]:
+        """The condition-image column (one name) or per-member columns (two names), or ()."""
+        shared = next((c for c in _CONDITION_COLUMNS if c in cols), None)
+        pair = next((p for p in _CONDITION_PAIRS if p[0] in cols or p[1] in cols), None)
+        if shared and pair:
+            raise DataError(self.path, f"condition image given twice: column {shared!r} and {list(pair)}")
+        if pair:
+            for c in pair:
                 if c not in cols:
-                    raise DataError(self.path, f"missing label column {c!r}; found {cols}")
-            return "pickapic", (OVERALL,)
-        if "label" in cols:
-            if dimensions:
-                return "label", tuple(dimensions)
-            first = self._table.row(0).get("label") if self._table.num_rows else None
-            return "label", tuple(first) if isinstance(first, Mapping) and first else (OVERALL,)
-        dims = tuple(dimensions) if dimensions else tuple(c for c in _DIMENSION_COLUMNS if c in cols)
-        if not dims:
+                    raise DataError(self.path, f"missing condition column {c!r}; found {cols}")
+            return pair
+        return (shared,) if shared else ()
+
+    def _condition(self, row: Mapping[str, Any], where: str) -> _Ref | None:
+        """The row's condition image; per-member columns must name the same image."""
+        if not self._condition_cols:
+            return None
+        refs = [self._ref(row.get(c), c, where) for c in self._condition_cols]
+        same_file = refs[0].path is not None and refs[0].path == refs[-1].path
+        if len(refs) == 2 and not same_file and not self._same_bytes(refs[0], refs[1]):
+            a, b = self._condition_cols
             raise DataError(
                 self.path,
-                f"missing label columns: expected label_0/label_1, label, or any of {list(_DIMENSION_COLUMNS)}; found {cols}",
+                f"the pair has different condition images ({a} {_describe(refs[0])}, {b} "
+                f"{_describe(refs[1])}); both members of a pair must share one condition",
+                where=where,
             )
-        for d in dims:
-            if d not in cols:
-                raise DataError(self.path, f"missing label column {d!r}; found {cols}")
-        return "columns", dims
+        return refs[0]
 
     # ------------------------------------------------------------------ row checks
-
-    def _labels(self, row: Mapping[str, Any], where: str) -> dict[str, int]:
-        kind, dims = self._label_kind, self.dimensions
-        if kind == "chosen":
-            return {OVERALL: LABEL_W_BETTER}
-        if kind == "pickapic":
-            pair = (row.get("label_0"), row.get("label_1"))
-            codes = {(1, 0): LABEL_W_BETTER, (0, 1): LABEL_L_BETTER, (0.5, 0.5): LABEL_TIE}
-            try:
-                return {OVERALL: codes[pair]}
-            except (KeyError, TypeError):
-                raise DataError(
-                    self.path, f"label_0/label_1 = {pair}, expected (1, 0), (0, 1) or (0.5, 0.5)", where=where
-                ) from None
-        if kind == "label" and not isinstance(row.get("label"), Mapping):
-            if dims != (OVERALL,):
-                raise DataError(
-                    self.path, f"label must be an object with dimensions {list(dims)}", where=where
-                )
-            raw = {OVERALL: row.get("label")}
-        elif kind == "label":
-            unknown = sorted(set(row["label"]) - set(dims))
-            if unknown:
-                raise DataError(
-                    self.path, f"label has unknown dimensions {unknown}; expected {list(dims)}", where=where
-                )
-            raw = {d: row["label"].get(d) for d in dims}
-        else:
-            raw = {d: row.get(d) for d in dims}  # a jsonl row may leave a dimension out: missing
-        labels = {}
-        for d, value in raw.items():
-            if _is_missing(value):
-                labels[d] = LABEL_MISSING
-                continue
-            code = _TEXT_LABELS.get(value.strip().lower()) if isinstance(value, str) else None
-            if code is None:
-                raise DataError(
-                    self.path, f"label {d!r} = {value!r}, expected one of A, B, tie/same", where=where
-                )
-            labels[d] = code
-        if all(v == LABEL_MISSING for v in labels.values()):
-            raise DataError(self.path, f"missing label (dimensions {list(dims)} are all empty)", where=where)
-        return labels
 
     def _ref(self, value: Any, column: str, where: str) -> _Ref:
         if isinstance(value, Mapping):  # HF Image feature: {"bytes": ..., "path": ...}
@@ -314,7 +229,7 @@ class PreferenceDataset(Dataset[PreferencePair]):
             if not value:
                 raise DataError(self.path, f"{column}: image bytes are empty", where=where)
             return _Ref(column, data=bytes(value))
-        if _is_missing(value) or not isinstance(value, str):
+        if is_missing(value) or not isinstance(value, str):
             raise DataError(
                 self.path, f"{column}: expected a file path or image bytes, got {value!r}", where=where
             )
@@ -350,7 +265,8 @@ class PreferenceDataset(Dataset[PreferencePair]):
         if self._same_bytes(ref_a, ref_b):
             raise DataError(self.path, f"{col_a} and {col_b} have identical bytes", where=where)
         meta = row.get("meta") if isinstance(row.get("meta"), Mapping) else {}
-        return _Row(where, prompt.strip(), ref_a, ref_b, labels, dict(meta))
+        condition = self._condition(row, where)
+        return _Row(where, prompt.strip(), ref_a, ref_b, labels, dict(meta), condition)
 
     @staticmethod
     def _same_bytes(a: _Ref, b: _Ref) -> bool:
@@ -360,7 +276,7 @@ class PreferenceDataset(Dataset[PreferencePair]):
         bytes_b = b.data if b.data is not None else b.path.read_bytes()  # type: ignore[union-attr]
         return bytes_a == bytes_b
 
-    def _load(self, ref: _Ref, where: str) -> Tensor:
+    def _load(self, ref: _Ref, where: str, *, transform: bool = True) -> Tensor:
         try:
             if ref.data is not None:
                 media = decode_image_bytes(ref.data, source=f"{self.path} {where} {ref.column}")
@@ -370,7 +286,7 @@ class PreferenceDataset(Dataset[PreferencePair]):
             # bytes: the row already names the source; files: keep the media path in the message
             reason = exc.reason if ref.data is not None else str(exc)
             raise DataError(self.path, f"{ref.column}: {reason}", where=where) from exc
-        return self._transform(media) if self._transform is not None else media
+        return self._transform(media) if transform and self._transform is not None else media
 
     # ------------------------------------------------------------------ public
 
@@ -384,7 +300,17 @@ class PreferenceDataset(Dataset[PreferencePair]):
             media_w, media_l, labels = media_a, media_b, row.labels
         else:
             media_w, media_l, labels = canonicalise_pair(media_a, media_b, row.labels, order_by=self.order_by)
-        return PreferencePair(row.prompt, media_w, media_l, labels, f"{self.path} {row.where}", row.meta)
+        condition = None
+        if row.condition is not None:  # the model resizes it to the generated size
+            condition = self._load(row.condition, row.where, transform=False)
+            if condition.ndim != 3:
+                raise DataError(
+                    self.path,
+                    f"{row.condition.column}: a condition must be an image, not a video",
+                    where=row.where,
+                )
+        source = f"{self.path} {row.where}"
+        return PreferencePair(row.prompt, media_w, media_l, labels, source, row.meta, condition)
 
     def prompt(self, index: int) -> str:
         """The prompt of item ``index`` (reads the row only; no media decoded)."""
@@ -473,129 +399,5 @@ def load_preference_dataset(
     )
 
 
-def collate_preference(pairs: Sequence[PreferencePair]) -> dict[str, Any]:
-    """Stack pairs into a batch (use as a DataLoader ``collate_fn``).
-
-    Args:
-        pairs: B pairs with the same label dimensions and media of one shape.
-
-    Returns:
-        ``{"prompt": list[str], "media_w": [B, ...], "media_l": [B, ...],
-        "labels": {dim: long [B] in {1 w better, 0 tie, -1 l better, -2 missing}},
-        "source": list[str]}``.
-
-    Raises:
-        ValueError: no pairs, different label dimensions, or media of different shapes
-            (pass ``transform=`` to the dataset to resize), naming the offending rows.
-    """
-    if not pairs:
-        raise ValueError("collate_preference got no pairs")
-    dims = list(pairs[0].labels)
-    shape = pairs[0].media_w.shape
-    for p in pairs:
-        if list(p.labels) != dims:
-            raise ValueError(
-                f"{p.source}: label dimensions {list(p.labels)} differ from {dims} ({pairs[0].source})"
-            )
-        for name, m in (("media_w", p.media_w), ("media_l", p.media_l)):
-            if m.shape != shape:
-                raise ValueError(
-                    f"{p.source}: {name} has shape {tuple(m.shape)} but {pairs[0].source} media_w has "
-                    f"{tuple(shape)}; resize with the dataset's transform="
-                )
-    return {
-        "prompt": [p.prompt for p in pairs],
-        "media_w": torch.stack([p.media_w for p in pairs]),  # [B, 3, H, W] or [B, T, 3, H, W]
-        "media_l": torch.stack([p.media_l for p in pairs]),
-        "labels": {d: torch.tensor([p.labels[d] for p in pairs], dtype=torch.long) for d in dims},
-        "source": [p.source for p in pairs],
-    }
-
-
-_LABEL_TEXT = {LABEL_W_BETTER: "A", LABEL_TIE: "tie", LABEL_L_BETTER: "B", LABEL_MISSING: None}
-
-
-def write_preference_jsonl(
-    out_dir: str | os.PathLike[str],
-    rows: Iterable[PreferencePair | Mapping[str, Any]],
-    *,
-    filename: str = "pairs.jsonl",
-    image_ext: str = ".png",
-    video_ext: str = ".mp4",
-    fps: float = 8,
-    overwrite: bool = False,
-) -> Path:
-    """Write pairs as media files plus a jsonl that :func:`load_preference_dataset` reads.
-
-    Each row becomes ``media/{i:06d}_A{ext}`` (= media_w), ``media/{i:06d}_B{ext}`` (= media_l)
-    and a line ``{"prompt", "path_A", "path_B", "label"[, "meta"]}``; ``label`` is ``"A"``,
-    ``"B"`` or ``"tie"`` for the single dimension ``"overall"``, else an object per dimension
-    (missing = null). Media files are written atomically; the jsonl is written to a temporary
-    name and renamed at the end, so it only appears once every row is written.
-
-    Args:
-        out_dir: output folder (created).
-        rows: :class:`PreferencePair` objects or mappings with ``prompt``, ``media_w``,
-            ``media_l`` and optionally ``labels`` (default ``{"overall": 1}``) and ``meta``
-            (JSON-serialisable, e.g. rewards and seeds).
-        filename: name of the jsonl inside ``out_dir``.
-        image_ext: extension for [3, H, W] media (``.png`` is lossless).
-        video_ext: extension for [T, 3, H, W] media (``.mp4`` lossy, ``.gif``, ``.npy`` exact).
-        fps: frames per second for videos.
-        overwrite: replace an existing jsonl (otherwise refuse).
-
-    Returns:
-        The path of the jsonl.
-
-    Raises:
-        FileExistsError: the jsonl exists and ``overwrite`` is False.
-        DataError: a row with an empty prompt, bad labels, or media that cannot be saved;
-            or no rows at all.
-    """
-    out_dir = Path(out_dir)
-    jsonl = out_dir / filename
-    if jsonl.exists() and not overwrite:
-        raise FileExistsError(f"{jsonl} exists; pass overwrite=True to replace it")
-    (out_dir / "media").mkdir(parents=True, exist_ok=True)
-    count = 0
-    with atomic_write(jsonl) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for i, row in enumerate(rows):
-            where = f"row {i}"
-            if isinstance(row, PreferencePair):
-                prompt, media_w, media_l, labels, meta = (
-                    row.prompt,
-                    row.media_w,
-                    row.media_l,
-                    row.labels,
-                    row.meta,
-                )
-            else:
-                prompt, media_w, media_l = row.get("prompt"), row.get("media_w"), row.get("media_l")
-                labels, meta = row.get("labels", {OVERALL: LABEL_W_BETTER}), row.get("meta", {})
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise DataError(jsonl, f"prompt must be a non-empty string, got {prompt!r}", where=where)
-            if not isinstance(media_w, Tensor) or not isinstance(media_l, Tensor):
-                raise DataError(jsonl, "media_w and media_l must be tensors", where=where)
-            bad = {k: v for k, v in labels.items() if v not in _LABEL_TEXT}
-            if not labels or bad:
-                raise DataError(
-                    jsonl, f"labels must map dimensions to 1, 0, -1 or -2, got {dict(labels)}", where=where
-                )
-            record: dict[str, Any] = {"prompt": prompt.strip()}
-            for key, media in (("path_A", media_w), ("path_B", media_l)):
-                rel = f"media/{i:06d}_{key[-1]}{image_ext if media.ndim == 3 else video_ext}"
-                try:
-                    save_media(media, out_dir / rel, fps=fps)
-                except MediaError as exc:
-                    raise DataError(jsonl, f"{key}: {exc}", where=where) from exc
-                record[key] = rel
-            text = {k: _LABEL_TEXT[v] for k, v in labels.items()}
-            record["label"] = text[OVERALL] if list(text) == [OVERALL] else text
-            if meta:
-                record["meta"] = dict(meta)
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-        fh.flush()
-        if count == 0:
-            raise DataError(jsonl, "no rows to write")
-    return jsonl
+def _describe(ref: _Ref) -> str:
+    return str(ref.path) if ref.path is not None else f"<{len(ref.data or b'')} bytes>"

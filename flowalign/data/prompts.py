@@ -15,6 +15,10 @@ Formats, chosen by the extension:
 - ``.csv`` / ``.tsv``: a header row and a prompt column (PartiPrompts' ``PartiPrompts.tsv``
   has ``Prompt``).
 
+Image-conditioned families (image-to-video, edit) take a condition image per prompt: an
+``image`` (or ``condition``, ``input_image``) key or column holding a path relative to the prompt
+file's folder (:func:`load_conditioned_prompts`); either every entry has one or none does.
+
 The prompt key or column is ``key`` when given, else the first of :data:`PROMPT_KEYS` that
 is present. Every prompt must be a non-empty string after stripping. Files are read as UTF-8
 (a byte-order mark is allowed). An empty file, a file with no prompts, and every bad line
@@ -33,10 +37,20 @@ from flowalign.data.errors import DataError
 from flowalign.data.tables import csv_rows
 from flowalign.files import parse_json_object
 
-__all__ = ["PROMPT_EXTENSIONS", "PROMPT_KEYS", "load_prompt_records", "load_prompts"]
+__all__ = [
+    "IMAGE_KEYS",
+    "PROMPT_EXTENSIONS",
+    "PROMPT_KEYS",
+    "load_conditioned_prompts",
+    "load_prompt_records",
+    "load_prompts",
+]
 
 PROMPT_KEYS: tuple[str, ...] = ("prompt", "Prompt", "caption", "prompt_en", "text")
 """Keys/columns tried in order when ``key`` is not given."""
+
+IMAGE_KEYS: tuple[str, ...] = ("image", "condition", "input_image")
+"""Keys/columns of a prompt's condition image, tried in order."""
 
 PROMPT_EXTENSIONS: frozenset[str] = frozenset({".txt", ".jsonl", ".json", ".csv", ".tsv"})
 
@@ -205,3 +219,42 @@ def load_prompts(
         DataError: as :func:`load_prompt_records`.
     """
     return [r["prompt"] for r in load_prompt_records(path, key=key, comment=comment)]
+
+
+def _entry(path: Path, index: int) -> str:
+    """Where entry ``index`` (from 0) of a prompt file is: a line (text formats) or an item (.json)."""
+    ext = path.suffix.lower()
+    if ext == ".json":
+        return f"item {index}"
+    return f"line {index + (2 if ext in ('.csv', '.tsv') else 1)}"
+
+
+def load_conditioned_prompts(
+    path: str | os.PathLike[str], *, key: str | None = None
+) -> tuple[list[str], list[Path] | None]:
+    """Prompts and, when the file has an image key/column (:data:`IMAGE_KEYS`), each prompt's
+    condition image path (relative paths from the file's folder; each must exist).
+
+    Raises:
+        DataError: as :func:`load_prompt_records`, or an entry without an image where others have
+            one, or an image file that does not exist, naming the line.
+    """
+    path = Path(path)
+    records = load_prompt_records(path, key=key)
+    image_key = next((k for k in IMAGE_KEYS if any(k in r for r in records)), None)
+    prompts = [r["prompt"] for r in records]
+    if image_key is None:
+        return prompts, None
+    images = []
+    for i, record in enumerate(records):
+        value = record.get(image_key)
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(
+                path, f"no condition image {image_key!r} (other entries have one)", where=_entry(path, i)
+            )
+        image = Path(value.strip())
+        image = image if image.is_absolute() else path.parent / image
+        if not image.is_file():
+            raise DataError(path, f"condition image {image} does not exist", where=_entry(path, i))
+        images.append(image)
+    return prompts, images

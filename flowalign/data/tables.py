@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from flowalign.data.errors import DataError
+from flowalign.data.hub_stream import parse_stream_spec, stream_to_cache
 from flowalign.files import parse_json_object
 
 __all__ = ["HUB_PREFIX", "Table", "csv_rows", "open_table"]
@@ -244,7 +245,9 @@ class _HFTable:
 def open_table(path: str | os.PathLike[str], *, split: str | None = None) -> Table:
     """Open a jsonl, csv/tsv or parquet file, a folder of parquet shards, a HF datasets folder, or
     ``hf:<id>``: a dataset on the Hugging Face hub (or a local dataset folder) read with
-    ``datasets.load_dataset`` (downloaded whole into the ``datasets`` cache; needs the ``data`` extra).
+    ``datasets.load_dataset`` (downloaded whole into the ``datasets`` cache; needs the ``data`` extra),
+    or ``hf:<id>?streaming=1&rows=N``: its first N rows streamed into a local row cache
+    (:mod:`flowalign.data.hub_stream`).
 
     Args:
         path: the file or folder, or ``hf:<id>``.
@@ -260,6 +263,11 @@ def open_table(path: str | os.PathLike[str], *, split: str | None = None) -> Tab
         hub_id = str(path)[len(HUB_PREFIX) :]
         if not hub_id:
             raise DataError(path, "empty dataset id after 'hf:'")
+        if "?" in hub_id:  # hf:<id>?streaming=1&rows=N: the first rows, streamed into a local cache
+            folder, root = stream_to_cache(parse_stream_spec(hub_id), split=split)
+            table = _ParquetTable(folder, sorted(folder.glob("*.parquet")))
+            table.path, table.default_root = Path(str(path)), root
+            return table
         return _HFTable(Path(str(path)), split, hub_id=hub_id)
     path = Path(path)
     if not path.exists():

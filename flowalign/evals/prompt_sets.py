@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from flowalign.data.errors import DataError
-from flowalign.data.prompts import load_prompt_records
+from flowalign.data.prompts import load_conditioned_prompts, load_prompt_records
 
 __all__ = [
     "BENCHMARK_LOADERS",
@@ -58,6 +58,7 @@ class PromptSet:
         kind: ``"image"`` or ``"video"`` when the set is for one kind of media, else None.
         groups: one group label per prompt (Parti category, GenEval tag, ...), or empty.
         is_toy: every prompt is a toy-world caption (toy metrics and references apply).
+        images: one condition image file per prompt (image-to-video, edit), or empty.
     """
 
     name: str
@@ -66,10 +67,15 @@ class PromptSet:
     kind: str | None = None
     groups: tuple[str, ...] = field(default_factory=tuple)
     is_toy: bool = False
+    images: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if not self.prompts:
             raise ValueError(f"prompt set {self.name!r} ({self.source}): no prompts")
+        if self.images and len(self.images) != len(self.prompts):
+            raise ValueError(
+                f"prompt set {self.name!r}: {len(self.images)} condition images for {len(self.prompts)} prompts"
+            )
         if self.groups and len(self.groups) != len(self.prompts):
             raise ValueError(
                 f"prompt set {self.name!r}: {len(self.groups)} group labels for {len(self.prompts)} prompts"
@@ -93,6 +99,7 @@ class PromptSet:
             kind=self.kind,
             groups=tuple(self.groups[i] for i in idx) if self.groups else (),
             is_toy=self.is_toy,
+            images=tuple(self.images[i] for i in idx) if self.images else (),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -248,8 +255,10 @@ def _resolve(text: str) -> PromptSet:
     path = Path(text)
     if path.suffix.lower() in (".txt", ".jsonl", ".json", ".csv", ".tsv") or path.exists():
         _check_exists(path)
-        prompts = tuple(r["prompt"] for r in load_prompt_records(path))
-        return PromptSet(path.stem, prompts, str(path), None, (), _all_toy(prompts))
+        found, images = load_conditioned_prompts(path)  # an image column: condition images
+        prompts = tuple(found)
+        kept = tuple(str(image.resolve()) for image in images) if images else ()
+        return PromptSet(path.stem, prompts, str(path), None, (), _all_toy(prompts), kept)
     raise ValueError(
         f"unknown prompt set {text!r}: not a built-in set ({', '.join(builtin_prompt_sets())}), "
         f"not <benchmark>:PATH with benchmark in {sorted(BENCHMARK_LOADERS)}, and no such prompt file"
@@ -259,7 +268,11 @@ def _resolve(text: str) -> PromptSet:
 def write_prompt_set(prompt_set: PromptSet, path: str | os.PathLike[str]) -> None:
     """Save a set's prompts (and groups) as jsonl, so a report can be re-run on exactly these prompts."""
     lines = [
-        json.dumps({"prompt": p} | ({"group": prompt_set.groups[i]} if prompt_set.groups else {}))
+        json.dumps(
+            {"prompt": p}
+            | ({"group": prompt_set.groups[i]} if prompt_set.groups else {})
+            | ({"image": prompt_set.images[i]} if prompt_set.images else {})
+        )
         for i, p in enumerate(prompt_set.prompts)
     ]
     Path(path).write_text("\n".join(lines) + "\n")

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import ChainableUndefined, Environment, PackageLoader, Undefined
+from markupsafe import Markup
 from torch import Tensor
 
 from flowalign.evals.grid import image_grid, upscale_nearest
@@ -110,36 +112,52 @@ def load_report(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return report
 
 
+def _escape(value: Any) -> Markup:
+    """How the page escapes every value from outside: ``html.escape`` (quotes too); markup is kept."""
+    if isinstance(value, Undefined):
+        value = None
+    return value if isinstance(value, Markup) else Markup(escape(str(value)))
+
+
+def _environment() -> Environment:
+    env = Environment(
+        loader=PackageLoader("flowalign.evals", "templates"),
+        autoescape=True,
+        finalize=_escape,
+        undefined=ChainableUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["fmt"] = lambda v: format_number(None if isinstance(v, Undefined) else v)
+    env.filters["json"] = json.dumps
+    env.filters["delta"] = lambda d: Markup("&Delta; ") + _escape(d)
+    env.globals["colour_for"] = colour_for
+    return env
+
+
 class _Page:
-    """Accumulates HTML; ``num`` prints a report value with its JSON pointer."""
+    """The report for the templates; ``num`` prints a report value with its JSON pointer."""
 
     def __init__(self, report: Mapping[str, Any], out_dir: Path) -> None:
-        self.report, self.out_dir, self.parts = report, out_dir, []
+        self.report, self.out_dir = report, out_dir
 
-    def add(self, html: str) -> None:
-        self.parts.append(html)
-
-    def num(self, *path: Any) -> str:
+    def num(self, *path: Any) -> Markup:
+        """The number at ``path`` (tuples in it are spliced: ``num(base, "stats", m)``)."""
+        path = tuple(q for p in path for q in (p if isinstance(p, tuple) else (p,)))
         value: Any = self.report
         for p in path:
             value = value[p]
-        return (
+        return Markup(
             f'<span class="num" data-key="{escape(json_pointer(*path))}" data-value="{escape(repr(value))}">'
             f"{format_number(value)}</span>"
         )
 
-    def interval(self, *path: Any, mean: str = "mean") -> str:
+    def interval(self, *path: Any, mean: str = "mean") -> Markup:
         """``mean [low, high]`` of a stats dict at ``path``."""
-        return (
+        return Markup(
             f"{self.num(*path, mean)} <span class='ci'>[{self.num(*path, 'ci_low')}, "
             f"{self.num(*path, 'ci_high')}]</span>"
         )
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
-    head = "".join(f"<th>{h}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _media_path(out_dir: Path, rel: str) -> Path:
@@ -189,105 +207,25 @@ def _embed(files: Sequence[Path]) -> str:
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
 
 
-def _header(page: _Page) -> None:
-    r = page.report
-    env = r.get("environment") or {}
-    commit = env.get("git_commit") or "unknown"
-    dirty = " (uncommitted changes)" if env.get("git_dirty") else ""
-    page.add("<h1>flowalign evaluation report</h1>")
-    page.add(
-        f"<p>Created {escape(str(r.get('created')))} &middot; commit <code>{escape(commit)}</code>{escape(dirty)}"
-        f" &middot; format {escape(str(r.get('format')))}</p>"
-    )
-    failures = r.get("failures") or []
-    if failures:
-        items = "".join(
-            "<li><b>{}</b> {}: {}</li>".format(
-                escape(str(f.get("stage"))),
-                escape(", ".join(f"{k}={v}" for k, v in f.items() if k not in ("stage", "error"))),
-                escape(str(f.get("error"))),
-            )
-            for f in failures
-        )
-        page.add(
-            f'<div class="failures" id="failures"><h3>{len(failures)} failure(s)</h3><ul>{items}</ul></div>'
-        )
+def _failure_details(failure: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in failure.items() if k not in ("stage", "error"))
 
 
-def _settings(page: _Page) -> None:
-    r = page.report
-    page.add("<h2 id='settings'>Settings</h2>")
-    settings = r.get("settings") or {}
-    rows = [[escape(str(k)), f"<code>{escape(json.dumps(v))}</code>"] for k, v in settings.items()]
-    page.add(_table(["setting", "value"], rows, "settings"))
-    models = r.get("models") or []
-    page.add("<h3>Models</h3>")
-    page.add(
-        _table(
-            ["model", "path", "source", "sampling", "fingerprint", "status"],
-            [
-                [
-                    f"<span style='color:{colour_for(i)}'>&#9632;</span> {escape(m['name'])}",
-                    f"<code>{escape(str(m['path']))}</code>",
-                    escape(str(m.get("source"))),
-                    f"<code>{escape(json.dumps(m.get('generation') or m.get('settings') or {}))}</code>",
-                    f"<code>{escape(str(m.get('fingerprint')))}</code>",
-                    escape(str(m.get("status"))),
-                ]
-                for i, m in enumerate(models)
-            ],
-            "models",
-        )
-    )
-    page.add("<h3>Rewards</h3>")
-    page.add(
-        _table(
-            ["spec", "dimensions", "scores file", "reused", "scored now"],
-            [
-                [
-                    f"<code>{escape(str(x.get('spec')))}</code>",
-                    escape(", ".join(x.get("dimensions") or [])),
-                    f"<code>{escape(str(x.get('file')))}</code>",
-                    page.num("rewards", i, "num_reused") if "num_reused" in x else "n/a",
-                    page.num("rewards", i, "num_scored") if "num_scored" in x else "n/a",
-                ]
-                for i, x in enumerate(r.get("rewards") or [])
-            ],
-            "rewards",
-        )
-    )
-    timings = r.get("timings") or {}
-    if timings:
-        labels = {"generate_s": "generation (s)", "score_s": "scoring (s)", "metrics_s": "metrics (s)",
-                  "num_samples": "samples"}  # fmt: skip
-        rows = [[escape(labels.get(k, k)), page.num("timings", k)] for k in timings if k in labels]
-        page.add("<h3>Time of this run</h3>" + _table(["stage", "value"], rows, "timings"))
-    env = r.get("environment") or {}
-    rows = [["python", escape(str(env.get("python")))], ["platform", escape(str(env.get("platform")))]]
-    rows += [[escape(k), escape(str(v))] for k, v in (env.get("versions") or {}).items()]
-    page.add("<h3>Environment</h3>" + _table(["component", "version"], rows, "environment"))
+def _timing_rows(page: _Page) -> list[list[Any]]:
+    labels = {"generate_s": "generation (s)", "score_s": "scoring (s)", "metrics_s": "metrics (s)",
+              "num_samples": "samples"}  # fmt: skip
+    timings = page.report.get("timings") or {}
+    return [[labels[k], page.num("timings", k)] for k in timings if k in labels]
 
 
-def _set_section(page: _Page, name: str) -> None:
+def _prompt_set(page: _Page, name: str) -> dict[str, Any]:
+    """What the prompt-set template needs beyond report.json: the dimensions shown, the plots (SVG)
+    and the embedded sample grids."""
     res = page.report["results"][name]
     models = res["models"]
     order = [m["name"] for m in page.report.get("models") or []]
     colours = {m: colour_for(order.index(m) if m in order else i) for i, m in enumerate(models)}
     dims = [d for d in page.report.get("dimensions") or [] if any(d in res["stats"][m] for m in models)]
-    base = ("results", name)
-    info = next((s for s in page.report.get("prompt_sets") or [] if s["name"] == name), {})
-    page.add(f"<h2 id='set-{escape(name)}'>Prompt set {escape(name)}</h2>")
-    page.add(f"<p>source <code>{escape(str(info.get('source')))}</code>, {format_number(info.get('num_prompts'))} "
-             f"prompts</p>")  # fmt: skip
-
-    page.add("<h3>Rewards: mean [95% CI], resampling prompts</h3>")
-    rows = []
-    for m in models:
-        cells = [escape(m), page.num(*base, "num_samples", m)]
-        for d in dims:
-            cells.append(page.interval(*base, "stats", m, d) if d in res["stats"][m] else "n/a")
-        rows.append(cells)
-    page.add(_table(["model", "samples", *map(escape, dims)], rows, "stats"))
     plots = []
     for d in dims:
         entries = [(m, s["mean"], s["ci_low"], s["ci_high"]) for m in models if (s := res["stats"][m].get(d))]
@@ -297,136 +235,33 @@ def _set_section(page: _Page, name: str) -> None:
         if d in res.get("histograms", {}):
             h = res["histograms"][d]
             plots.append(histogram_plot(h["edges"], h["counts"], title=f"{d}: distribution", colours=colours))
-    page.add(f"<div class='plots'>{''.join(plots)}</div>")
-    _guidance_curves(page, name, dims)
-
-    if res.get("by_group"):
-        page.add("<h3>Mean per prompt group</h3>")
-        groups = list(res["by_group"])
-        for d in dims:
-            rows = []
-            for g in groups:
-                cells = [escape(g)]
-                for m in models:
-                    cell = res["by_group"][g].get(m, {}).get(d)
-                    cells.append(
-                        f"{page.num(*base, 'by_group', g, m, d, 'mean')} (n={page.num(*base, 'by_group', g, m, d, 'n')})"
-                        if cell else "n/a"
-                    )  # fmt: skip
-                rows.append(cells)
-            page.add(_table([f"group ({escape(d)})", *map(escape, models)], rows, "by-group"))
-
-    if res.get("win_rates"):
-        page.add(
-            "<h3>Win rates on paired samples (same prompt and seed)</h3><p>Row model against column model: "
-            "P(row scores higher) + &frac12; P(tie) [95% CI]; hover a cell for wins, ties and losses.</p>"
-        )
-        tables = []
-        for d, entries in res["win_rates"].items():
-            where = {(e["a"], e["b"]): i for i, e in enumerate(entries)}
-            rows = []
-            for a in models:
-                cells = [f"<b>{escape(a)}</b>"]
-                for b in models:
-                    i = where.get((a, b))
-                    if i is None:
-                        cells.append("&mdash;" if a == b else "n/a")
-                        continue
-                    p, e = (*base, "win_rates", d, i), entries[i]
-                    tip = (f"{a} wins {format_number(e['win'])}, ties {format_number(e['tie'])}, "
-                           f"{b} wins {format_number(e['loss'])} over {e['n']} pairs")  # fmt: skip
-                    cells.append(
-                        f'<span title="{escape(tip)}">{page.interval(*p, mean="win_rate_with_ties")}</span>'
-                    )
-                rows.append(cells)
-            tables.append(_table([escape(d), *map(escape, models)], rows, "win-rates"))
-        page.add(f"<div class='plots'>{''.join(tables)}</div>")
-
-    div_rows = []
-    for m in models:
-        dv = res.get("diversity", {}).get(m, {})
-        cells = [escape(m)]
-        cells.append(page.interval(*base, "diversity", m, "pixel") if "pixel" in dv else "n/a")
-        cells.append(page.interval(*base, "diversity", m, "lpips") if "lpips" in dv else "n/a")
-        if "attributes" in dv:
-            attrs = dv["attributes"]["attributes"]
-            parts = [
-                f"{escape(k)} {page.num(*base, 'diversity', m, 'attributes', 'attributes', k, 'entropy_bits')}"
-                f"/{page.num(*base, 'diversity', m, 'attributes', 'attributes', k, 'reference_bits')}"
-                for k in attrs
-            ]
-            cells.append(
-                ", ".join(parts)
-                + f"; object present {page.num(*base, 'diversity', m, 'attributes', 'present')}"
-            )
-        else:
-            cells.append("n/a")
-        fid = res.get("fid", {}).get(m, {})
-        cells.append(
-            f"{page.num(*base, 'fid', m, 'toy', 'fid')} (floor {page.num(*base, 'fid', m, 'toy', 'floor')})"
-            if "toy" in fid else "n/a"
-        )  # fmt: skip
-        cells.append(page.num(*base, "fid", m, "inception", "fid") if "inception" in fid else "n/a")
-        div_rows.append(cells)
-    page.add("<h3>Diversity and FID</h3>")
-    page.add(
-        "<p>Diversity: mean distance between samples of the same prompt [95% CI]. Attribute entropy (toy "
-        "world): bits of the detected attribute histogram / bits the prompts ask for. Toy FID: Frechet distance "
-        "of oracle features to renders of the same captions; the floor is that of a second set of renders.</p>"
-    )
-    page.add(_table(["model", "pixel distance", "LPIPS", "attribute entropy (bits, sample/prompts)",
-                     "toy FID", "Inception FID"], div_rows, "diversity"))  # fmt: skip
-
-    if res.get("against_base"):
-        base_name = page.report.get("settings", {}).get("base")
-        page.add(f"<h3>Against the base model ({escape(str(base_name))}): paired change [95% CI]</h3>")
-        rows = []
-        for m, ab in res["against_base"].items():
-            p = (*base, "against_base", m)
-            cells = [escape(m)]
-            for d in dims:
-                cells.append(page.interval(*p, "deltas", d, mean="delta") if d in ab["deltas"] else "n/a")
-            cells.append(
-                page.interval(*p, "drift_pixel")
-                if "drift_pixel" in ab
-                else escape(ab.get("drift_note", "n/a"))
-            )
-            cells.append(page.interval(*p, "drift_lpips") if "drift_lpips" in ab else "n/a")
-            flags = "".join(f"<div class='flag'>&#9888; {escape(f)}</div>" for f in ab.get("flags", []))
-            cells.append(flags or "none")
-            rows.append(cells)
-        page.add(_table(["model", *(f"&Delta; {escape(d)}" for d in dims), "drift (pixel RMS)", "drift (LPIPS)",
-                         "reward-hacking flags"], rows, "against-base"))  # fmt: skip
-
     diag = res.get("diagnostics", {})
-    cols = sorted({c for m in models for c in diag.get(m, {})})
-    if cols:
-        rows = [[escape(m)] + [page.num(*base, "diagnostics", m, c, "mean") if c in diag.get(m, {}) else "n/a"
-                               for c in cols] for m in models]  # fmt: skip
-        page.add("<details><summary>Diagnostic score columns (means)</summary>"
-                 + _table(["model", *map(escape, cols)], rows, "diagnostics") + "</details>")  # fmt: skip
-
-    page.add("<h3>Samples</h3>")
-    rows = []
-    for entry in res.get("grid", []):
-        cells = [f"<span class='prompt'>{escape(entry['prompt'])}</span>"]
-        for m in models:
-            files = entry["samples"].get(m) or []
-            if not files:
-                cells.append("<span class='missing'>no samples</span>")
-                continue
-            try:
-                uri = _embed([_media_path(page.out_dir, f) for f in files])
-            except (OSError, ValueError) as err:
-                cells.append(f"<span class='missing'>{escape(f'{type(err).__name__}: {err}')}</span>")
-                continue
-            alt = escape(f"{m}: {entry['prompt']}")
-            cells.append(f'<img class=\'sample\' alt="{alt}" src="{uri}">')
-        rows.append(cells)
-    page.add(_table(["prompt", *map(escape, models)], rows, "grid"))
+    return {
+        "name": name,
+        "res": res,
+        "models": models,
+        "dims": dims,
+        "base": ("results", name),
+        "info": next((s for s in page.report.get("prompt_sets") or [] if s["name"] == name), {}),
+        "plots": Markup("".join(plots)),
+        "curves": Markup(_guidance_curves(page, name, dims)),
+        "diagnostics": sorted({c for m in models for c in diag.get(m, {})}),
+        "grid": [(entry, [(m, *_cell(page, entry, m)) for m in models]) for entry in res.get("grid", [])],
+    }
 
 
-def _guidance_curves(page: _Page, name: str, dims: Sequence[str]) -> None:
+def _cell(page: _Page, entry: Mapping[str, Any], model: str) -> tuple[str | None, str | None]:
+    """(data URI, None) of one grid cell's samples, or (None, why they cannot be shown)."""
+    files = entry["samples"].get(model) or []
+    if not files:
+        return None, "no samples"
+    try:
+        return _embed([_media_path(page.out_dir, f) for f in files]), None
+    except (OSError, ValueError) as err:
+        return None, f"{type(err).__name__}: {err}"
+
+
+def _guidance_curves(page: _Page, name: str, dims: Sequence[str]) -> str:
     """Each swept model's mean reward against its guidance scale (``flowalign eval --guidance-sweep``)."""
     stats = page.report["results"][name]["stats"]
     curves: dict[str, list[tuple[float, str]]] = {}
@@ -436,7 +271,7 @@ def _guidance_curves(page: _Page, name: str, dims: Sequence[str]) -> None:
             curves.setdefault(model, []).append((float(scale), entry["name"]))
     curves = {model: points for model, points in curves.items() if len(points) > 1}
     if not curves:
-        return
+        return ""
     colours = {model: colour_for(i) for i, model in enumerate(curves)}
     plots = []
     for d in dims:
@@ -449,43 +284,28 @@ def _guidance_curves(page: _Page, name: str, dims: Sequence[str]) -> None:
                 series, title=f"{d} against guidance (95% CI)", x_label="guidance scale", colours=colours
             )
         )
-    page.add("<h3>Guidance curves</h3><div class='plots'>" + "".join(plots) + "</div>")
-
-
-def _calibration(page: _Page) -> None:
-    cal = page.report.get("calibration")
-    if not cal:
-        return
-    page.add(f"<h2 id='calibration'>Reward calibration on labelled pairs</h2><p><code>{escape(str(cal['pairs']))}"
-             f"</code>, {page.num('calibration', 'num_pairs')} pairs</p>")  # fmt: skip
-    rows = []
-    for d, c in cal.get("dimensions", {}).items():
-        p = ("calibration", "dimensions", d)
-        rows.append([escape(d), f"<code>{escape(str(c['reward']))}</code>", escape(str(c["label"])),
-                     page.num(*p, "accuracy"), page.num(*p, "accuracy_with_ties"), page.num(*p, "ece"),
-                     page.num(*p, "fitted_temperature") if "fitted_temperature" in c else "n/a",
-                     page.num(*p, "ece_fitted") if "ece_fitted" in c else "n/a", page.num(*p, "num_pairs")])  # fmt: skip
-    page.add(_table(["dimension", "reward", "label", "accuracy (no ties)", "accuracy (ties calibrated)", "ECE (T=1)",
-                     "fitted T", "ECE (fitted T)", "pairs"], rows, "calibration"))  # fmt: skip
+    return "".join(plots)
 
 
 def render_report(out_dir: str | os.PathLike[str], *, report: Mapping[str, Any] | None = None) -> Path:
-    """Write ``report.html`` from ``report.json`` (or ``report``) and the media it names; return its path."""
+    """Write ``report.html`` from ``report.json`` (or ``report``) and the media it names; return its path.
+
+    The page is ``templates/report.html.j2`` (one ``templates/prompt_set.html.j2`` per prompt set)."""
     out_dir = Path(out_dir)
     report = dict(report) if report is not None else load_report(out_dir)
     page = _Page(report, out_dir)
-    page.add(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>flowalign eval report</title>"
-             f"<style>{_CSS}</style></head><body>")  # fmt: skip
-    _header(page)
-    names = list(report.get("results") or {})
-    if names:
-        links = " &middot; ".join(f"<a href='#set-{escape(n)}'>{escape(n)}</a>" for n in names)
-        page.add(f"<p>Prompt sets: {links} &middot; <a href='#settings'>settings</a></p>")
-    else:
-        page.add("<p class='missing'>No results: every model or prompt set failed (see above).</p>")
-    for name in names:
-        _set_section(page, name)
-    _calibration(page)
-    _settings(page)
-    page.add("</body></html>\n")
-    return atomic_write_text(out_dir / REPORT_HTML, "".join(page.parts))
+    html = (
+        _environment()
+        .get_template("report.html.j2")
+        .render(
+            r=report,
+            css=Markup(_CSS),
+            num=page.num,
+            interval=page.interval,
+            failure_details=_failure_details,
+            pair_index=lambda entries: {(e["a"], e["b"]): i for i, e in enumerate(entries)},
+            sets=[_prompt_set(page, name) for name in report.get("results") or {}],
+            timing_rows=_timing_rows(page),
+        )
+    )
+    return atomic_write_text(out_dir / REPORT_HTML, html)

@@ -243,7 +243,9 @@ class SampleGenerator:
                 if missing:
                     job = replace(settings, seed=first_seed, samples_per_prompt=k)
 
-                    def run(model, job_dir=job_dir, prompts=prompts, job=job, missing=missing):
+                    images = list(pset.images[j0 : j0 + len(prompts)]) if pset.images else None
+
+                    def run(model, job_dir=job_dir, prompts=prompts, job=job, missing=missing, images=images):
                         transforms, batch = None, self.options.batch_size
                         if spec.guidance_key and spec.guidance is None:
                             raise ValueError(
@@ -253,7 +255,8 @@ class SampleGenerator:
                         if spec.guidance is not None:  # one pipeline call on this prompt's missing samples
                             transforms, batch = spec.guidance(model, prompts * missing), max(batch, missing)
                         generate_files(model, prompts, job_dir, job, velocity_transforms=transforms,
-                                       batch_size=batch, model_name=name, progress=self.progress)  # fmt: skip
+                                       batch_size=batch, model_name=name, progress=self.progress,
+                                       images=images)  # fmt: skip
 
                     self._draw(name, spec, run, where={"prompt_set": pset.name, "seed": seed})
                 for row in read_manifest(job_dir / MANIFEST):

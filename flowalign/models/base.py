@@ -67,27 +67,50 @@ class ModelLoadError(ValueError):
 class PromptEmbeds:
     """Text conditioning for a batch. Fields a family does not use stay ``None``.
 
+    A condition image (image-to-video first frame, edit source) travels in the same object as the
+    text: the family's ``encode_prompt(..., images=...)`` fills the image fields and its
+    ``velocity`` consumes them, so samplers and training losses pass one conditioning object.
+
     Attributes:
         embeds: token embeddings ``[B, L, D]``.
         pooled: pooled embeddings ``[B, D_pooled]`` (SD3, FLUX).
         text_ids: FLUX text position ids ``[L, 3]`` (shared by the batch, not batched).
+        mask: ``[B, L]``, nonzero on real tokens, for families whose transformer drops or masks padding
+            (bool for Qwen-Image and Z-Image; the pipeline's own float or integer mask for HunyuanVideo
+            1.5 and LTX-2); None means every token counts.
+        image_latents: condition-image latents ``[B, ...]`` in the family's layout (Wan I2V: the
+            first-frame mask and latents concatenated on channels to the noisy latents).
+        image_embeds: condition-image encoder tokens ``[B, L_img, D_img]`` (Wan 2.1 I2V's CLIP).
+        embeds_2: a second encoder's tokens ``[B, L2, D2]`` kept apart from ``embeds`` (HunyuanVideo
+            1.5's ByT5 glyph encoder), with its token mask ``mask_2`` ``[B, L2]``.
     """
 
     embeds: Tensor
     pooled: Tensor | None = None
     text_ids: Tensor | None = None
+    mask: Tensor | None = None
+    image_latents: Tensor | None = None
+    image_embeds: Tensor | None = None
+    embeds_2: Tensor | None = None
+    mask_2: Tensor | None = None
+
+    _BATCHED = ("embeds", "pooled", "mask", "image_latents", "image_embeds", "embeds_2", "mask_2")
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
     def _map_batched(self, fn) -> PromptEmbeds:
-        return replace(self, embeds=fn(self.embeds), pooled=None if self.pooled is None else fn(self.pooled))
+        out = {name: getattr(self, name) for name in self._BATCHED}
+        return replace(self, **{k: None if v is None else fn(v) for k, v in out.items()})
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PromptEmbeds:
+        """Move every field; ``dtype`` applies to the floating ones (a bool or integer mask keeps its dtype)."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = None if value is None else value.to(device=device, dtype=dtype)
+            if value is not None:
+                value = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+            out[f.name] = value
         return PromptEmbeds(**out)
 
     def index(self, idx: Tensor | slice | list[int]) -> PromptEmbeds:
@@ -105,10 +128,20 @@ class PromptEmbeds:
         lengths = {item.embeds.shape[1] for item in items}
         if len(lengths) != 1:
             raise ValueError(f"cannot batch prompt embeddings of different lengths {sorted(lengths)}")
-        pooled = None if first.pooled is None else torch.cat([item.pooled for item in items])
-        return PromptEmbeds(
-            embeds=torch.cat([item.embeds for item in items]), pooled=pooled, text_ids=first.text_ids
-        )
+        batched = {
+            name: None if getattr(first, name) is None else torch.cat([getattr(item, name) for item in items])
+            for name in PromptEmbeds._BATCHED
+        }
+        return PromptEmbeds(text_ids=first.text_ids, **batched)
+
+
+def check_image_size(family: str, height: int, width: int, num_frames: int, *, multiple: int) -> None:
+    """The size check of an image family whose sides must be positive multiples of ``multiple``."""
+    for name, value in (("height", height), ("width", width)):
+        if value < multiple or value % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple} for {family}, got {value}")
+    if num_frames != 1:
+        raise ValueError(f"{family} makes images: num_frames must be 1, got {num_frames}")
 
 
 class FlowModel(ABC):
@@ -167,10 +200,12 @@ class FlowModel(ABC):
         Each component is read straight into its dtype from :meth:`component_dtypes` (no fp32
         copy of a bf16 model on the way), then moved to ``device``.
         """
-        kwargs = {name: None for name in cls.optional_components}
+        index = read_model_index(path_or_id)
+        # Optional components the folder does not have load as None (a folder that has them, e.g. a
+        # Wan 2.2 A14B ``transformer_2``, loads them).
+        kwargs = {name: None for name in cls.optional_components if name not in index}
         # Components saved as None (e.g. SD3 without T5) must be passed as None explicitly.
         expected, _ = cls.pipeline_class._get_signature_keys(cls.pipeline_class)
-        index = read_model_index(path_or_id)
         kwargs.update({name: None for name in expected if index.get(name, [None, None])[0] is None})
         kwargs.update(components)
         dtypes = cls.component_dtypes(torch_dtype)
@@ -198,14 +233,39 @@ class FlowModel(ABC):
     def transformer(self) -> nn.Module:
         return self.pipe.transformer
 
+    execution_device: torch.device | None = None
+    """Where the adapters compute (prompt encoding, noise) while the transformer is elsewhere: staged
+    placement (:mod:`flowalign.training.placement`) sets it while the transformer waits on the CPU
+    and the text encoders work on the GPU. ``None`` (the default) means the transformer's device."""
+
     @property
     def device(self) -> torch.device:
+        """:attr:`execution_device` when set, else the transformer's device."""
+        if self.execution_device is not None:
+            return self.execution_device
         return self.transformer.device
 
     @property
     def dtype(self) -> torch.dtype:
         """The transformer's compute dtype (see :func:`net_dtype`)."""
         return net_dtype(self.transformer)
+
+    @property
+    def takes_images(self) -> bool:
+        """True for families conditioned on an image (image-to-video, edit): their ``encode_prompt``
+        takes ``images=`` (one per prompt) and the target ``height``/``width``/``num_frames``."""
+        return False
+
+    @property
+    def training_t_span(self) -> tuple[float, float]:
+        """The t range training draws from, (0, 1) unless the trained network serves only part of
+        the trajectory (one Wan 2.2 A14B expert)."""
+        return (0.0, 1.0)
+
+    @property
+    def requires_images(self) -> bool:
+        """True where a condition image is mandatory (image-to-video, edit), not merely accepted."""
+        return False
 
     @property
     def uses_guidance_embedding(self) -> bool:
@@ -256,7 +316,12 @@ class FlowModel(ABC):
     def encode_prompt(
         self, prompts: list[str], *, negative_prompts: list[str] | None = None, with_uncond: bool = False
     ) -> tuple[PromptEmbeds, PromptEmbeds | None]:
-        """Encode prompts; with ``with_uncond`` also the negative (or empty) prompts for CFG."""
+        """Encode prompts; with ``with_uncond`` also the negative (or empty) prompts for CFG.
+
+        Families with :attr:`takes_images` also accept ``images`` (one condition image per prompt)
+        and the target ``height``, ``width`` and ``num_frames``: the image fields of the returned
+        :class:`PromptEmbeds` (both branches: CFG keeps the image in the unconditional pass too).
+        """
 
     @abstractmethod
     def latent_shape(self, batch_size: int, height: int, width: int, num_frames: int = 1) -> tuple[int, ...]:
@@ -291,6 +356,11 @@ class FlowModel(ABC):
         to the network's dtype (:func:`net_dtype`), so a bf16 network takes fp32 latents; the
         output comes back in ``x``'s dtype.
         """
+
+    def combine_guidance(self, v_uncond: Tensor, v_cond: Tensor, scale: float) -> Tensor:
+        """Classifier-free guidance ``v_uncond + w (v_cond - v_uncond)``; a family whose pipeline
+        also rescales the guided velocity (Qwen-Image) overrides this."""
+        return v_uncond + scale * (v_cond - v_uncond)
 
     # ------------------------------------------------------------------ time grid
     def sampling_scheduler(self) -> FlowMatchEulerDiscreteScheduler:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from flowalign.models.base import (
     FlowModel,
     PromptEmbeds,
+    check_image_size,
     decode_with_image_vae,
     encode_with_image_vae,
     net_dtype,
@@ -92,12 +93,7 @@ class FluxModel(FlowModel):
         )
 
     def check_size(self, height, width, num_frames=1):
-        m = self.pipe.vae_scale_factor * 2
-        for name, value in (("height", height), ("width", width)):
-            if value < m or value % m:
-                raise ValueError(f"{name} must be a positive multiple of {m} for {self.family}, got {value}")
-        if num_frames != 1:
-            raise ValueError(f"{self.family} makes images: num_frames must be 1, got {num_frames}")
+        check_image_size(self.family, height, width, num_frames, multiple=self.pipe.vae_scale_factor * 2)
 
     def time_grid(self, num_inference_steps, *, height, width, num_frames=1, device=None):
         _, _, h, w = self.latent_shape(1, height, width)

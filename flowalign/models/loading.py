@@ -13,13 +13,31 @@ import torch
 
 from flowalign.models.base import _FAMILIES, FlowModel, ModelLoadError, read_model_index
 from flowalign.models.flux import FluxModel
+from flowalign.models.flux2 import Flux2KleinModel, Flux2Model
+from flowalign.models.hunyuan_video15 import HunyuanVideo15Model
+from flowalign.models.ltx2 import LTX2Model
+from flowalign.models.qwen_image import QwenImageModel
 from flowalign.models.sd3 import SD3Model, without_t5
 from flowalign.models.toy import ToyModel
 from flowalign.models.wan import WanModel
+from flowalign.models.wan_i2v import WanI2VModel
+from flowalign.models.z_image import ZImageModel
 
 __all__ = ["BUILTIN_FAMILIES", "family_for", "load_flow_model", "registered_families"]
 
-BUILTIN_FAMILIES = (SD3Model, FluxModel, WanModel, ToyModel)
+BUILTIN_FAMILIES = (
+    SD3Model,
+    FluxModel,
+    WanModel,
+    WanI2VModel,
+    ToyModel,
+    Flux2Model,
+    Flux2KleinModel,
+    ZImageModel,
+    QwenImageModel,
+    HunyuanVideo15Model,
+    LTX2Model,
+)
 """The families shipped with the package (importing their modules registered them)."""
 
 

@@ -134,8 +134,12 @@ def save_lora(
     *,
     prefix: str | None = "transformer",
     adapter_name: str = "default",
+    weight_name: str = LORA_WEIGHT_NAME,
 ) -> Path:
     """Write ``out_dir/pytorch_lora_weights.safetensors`` in diffusers' LoRA format (atomically).
+
+    A network whose ``lora_parts()`` maps file names to components (Wan 2.2 A14B's trained experts)
+    writes one file per component into ``out_dir``.
 
     Args:
         model: the adapted model.
@@ -143,11 +147,21 @@ def save_lora(
         prefix: the pipeline component the LoRA belongs to ("transformer" for SD3/FLUX/Wan,
             "unet" for UNet pipelines); None writes bare keys (for ``load_lora_adapter(prefix=None)``).
         adapter_name: which adapter to export.
+        weight_name: the file name inside ``out_dir``.
 
     Returns:
         The written file.
     """
     inner = _unwrap(model)
+    parts = getattr(inner, "lora_parts", None)
+    if callable(parts):  # a network of several pipeline components (Wan 2.2 A14B's experts): one file each
+        written = [
+            save_lora(part, out_dir, prefix=prefix, adapter_name=adapter_name, weight_name=name)
+            for name, part in parts().items()
+        ]
+        if not written:
+            raise ValueError(f"{type(inner).__name__} has no trained part with a LoRA adapter")
+        return written[0]
     configs = getattr(inner, "peft_config", {})
     if adapter_name not in configs:
         raise ValueError(
@@ -162,7 +176,7 @@ def save_lora(
     header = {"format": "pt", _METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True, default=str)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / LORA_WEIGHT_NAME
+    target = out_dir / weight_name
     with atomic_write(target) as tmp:
         safetensors.torch.save_file(state, str(tmp), metadata=header)
     return target
@@ -184,9 +198,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = inner.get_submodule(parent_name) if parent_name else inner
         setattr(parent, child, layer.get_base_layer())
-    for attr in ("peft_config",):
-        if hasattr(inner, attr):
-            delattr(inner, attr)
-    if hasattr(inner, "_hf_peft_config_loaded"):
-        inner._hf_peft_config_loaded = False
+    for module in inner.modules():  # the model and any adapted component inside it
+        if hasattr(module, "peft_config"):
+            delattr(module, "peft_config")
+        if hasattr(module, "_hf_peft_config_loaded"):
+            module._hf_peft_config_loaded = False
     return inner

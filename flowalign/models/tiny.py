@@ -37,6 +37,8 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from flowalign.models.tiny_vae import tiny_image_vae
+
 TINY_SD3_TRANSFORMER = dict(
     sample_size=32,
     patch_size=2,
@@ -113,21 +115,7 @@ def _clip_text_config(vocab_size: int, hidden: int = 32, projection: int = 32) -
 
 
 def _tiny_vae(latent_channels: int = 16) -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    return tiny_image_vae(latent_channels, shift_factor=0.0609, scaling_factor=1.5035)  # SD3's
 
 
 def _eval(pipe):
@@ -240,3 +228,14 @@ def save_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     out_dir = Path(out_dir)
     TINY_BUILDERS[family](seed).save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
+
+
+# The newer text-to-image families keep their builders in their own module.
+from flowalign.models.tiny_image_families import TINY_IMAGE_BUILDERS  # noqa: E402
+
+TINY_BUILDERS.update(TINY_IMAGE_BUILDERS)
+
+# The newer text-to-video families keep their builders in their own module.
+from flowalign.models.tiny_video_families import TINY_VIDEO_BUILDERS  # noqa: E402
+
+TINY_BUILDERS.update(TINY_VIDEO_BUILDERS)

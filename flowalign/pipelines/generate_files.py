@@ -88,6 +88,7 @@ def generate_files(
     transforms_factory: Callable[[list[str]], list[VelocityTransform]] | None = None,
     progress: bool = True,
     shard: Shard | None = None,
+    images: list[str | Path] | None = None,
 ) -> list[dict]:
     """Generate ``samples_per_prompt`` samples per prompt into ``out_dir`` and append to its manifest.
 
@@ -105,6 +106,8 @@ def generate_files(
     counts as done and is merged by the next run. Images are written as PNG,
     videos as MP4 and GIF. ``transforms_factory(prompts)`` builds velocity transforms for each batch's
     prompts (reward guidance conditions on them); ``velocity_transforms`` apply to every batch as they are.
+    ``images`` (one file per prompt) are the condition images of image-conditioned families, recorded
+    in each row's ``"image"``.
 
     Returns:
         The manifest rows of this call's new samples.
@@ -127,12 +130,13 @@ def generate_files(
         (f"{i:06d}", prompt, settings.seed + i)
         for i, prompt in enumerate(p for p in prompts for _ in range(settings.samples_per_prompt))
     ]
+    conditions = _conditions(jobs, prompts, images, settings.samples_per_prompt)
     record = {k: v for k, v in asdict(settings).items() if k not in ("seed", "extra")} | settings.extra
     shard = shard or current_shard()
     run = dict(model_name=model_name, family=model.family, record=record)
     options = dict(
         batch_size=batch_size, model_name=model_name, velocity_transforms=velocity_transforms,
-        transforms_factory=transforms_factory, progress=progress and shard.is_main,
+        transforms_factory=transforms_factory, progress=progress and shard.is_main, conditions=conditions,
     )  # fmt: skip
     if not shard.sharded:
         with exclusive_lock(out_dir / LOCK):  # held for the whole run: a second writer waits, then resumes
@@ -152,6 +156,18 @@ def generate_files(
         error = err
     finish(manifest, shard, out_dir / LOCK, _by_id, error=error)
     return sorted((row for rows in shard.gather(written) for row in rows), key=_by_id)
+
+
+def _conditions(
+    jobs: list, prompts: list[str], images: list | None, per_prompt: int
+) -> dict[str, str] | None:
+    """Sample id -> its prompt's condition image file (None without images)."""
+    if images is None:
+        return None
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} condition images for {len(prompts)} prompts")
+    per_sample = [str(image) for image in images for _ in range(per_prompt)]
+    return {job[0]: image for job, image in zip(jobs, per_sample, strict=True)}
 
 
 def _by_id(row: dict) -> str:
@@ -223,6 +239,7 @@ def _run_jobs(
     velocity_transforms: list[VelocityTransform] | None,
     transforms_factory: Callable[[list[str]], list[VelocityTransform]] | None,
     progress: bool,
+    conditions: dict[str, str] | None = None,
 ) -> list[dict]:
     """Sample the jobs in batches, saving each file and appending its row to ``sink_path`` (the manifest or
     this process's part) as soon as the file exists."""
@@ -233,8 +250,10 @@ def _run_jobs(
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             generators = [torch.Generator(model.device).manual_seed(seed) for _, _, seed in chunk]
+            image = None if conditions is None else [_open_image(conditions[i]) for i, _, _ in chunk]
             out = pipeline(
                 [p for _, p, _ in chunk],
+                image=image,
                 negative_prompt=settings.negative_prompt,
                 num_inference_steps=settings.num_inference_steps,
                 guidance_scale=settings.guidance_scale,
@@ -261,6 +280,8 @@ def _run_jobs(
                     "family": model.family,
                     "settings": record,
                 }
+                if conditions is not None:
+                    row["image"] = conditions[sample_id]
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
                 written.append(row)
@@ -276,3 +297,14 @@ def _save(media: torch.Tensor, out_dir: Path, sample_id: str, *, is_video: bool,
     save_video(media, out_dir / f"{sample_id}.mp4", fps=fps)
     save_video(media, out_dir / f"{sample_id}.gif", fps=fps)
     return [f"{sample_id}.mp4", f"{sample_id}.gif"]
+
+
+def _open_image(path: str):
+    """A condition image file as an RGB PIL image (errors name the file)."""
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as err:
+        raise ValueError(f"cannot read condition image {path}: {err}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,6 +34,31 @@ def _as_list(prompt: str | list[str], name: str) -> list[str]:
     return prompts
 
 
+def _negatives(negative_prompt: str | list[str] | None, count: int) -> list[str] | None:
+    if negative_prompt is None:
+        return None
+    negatives = [negative_prompt] * count if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != count:
+        raise ValueError(f"got {len(negatives)} negative prompts for {count} prompts")
+    return negatives
+
+
+def condition_images(model: FlowModel, image: Any, count: int) -> list | None:
+    """One condition image per prompt (a single image serves every prompt), or None without one."""
+    if image is None:
+        if model.requires_images:
+            raise ValueError(f"{model.family} is conditioned on an image: pass image= (generate --image)")
+        return None
+    if not model.takes_images:
+        raise ValueError(f"{model.family} takes no condition image (it is text-conditioned only)")
+    images = list(image) if isinstance(image, list | tuple) else [image]
+    if len(images) == 1:
+        images = images * count
+    if len(images) != count:
+        raise ValueError(f"got {len(images)} condition images for {count} prompts")
+    return images
+
+
 class FlowPipeline:
     """Generate images or videos from prompts with any :class:`FlowModel`.
 
@@ -40,6 +66,8 @@ class FlowPipeline:
     is classifier-free guidance (1 = off); for FLUX, as in ``FluxPipeline``, it is the embedded
     guidance input of guidance-distilled models (FLUX.1-dev), unused by FLUX.1-schnell, and
     ``true_cfg_scale`` turns on real CFG with the negative prompt.
+    ``image`` is the condition image of image-conditioned families (image-to-video, edit): one per
+    prompt or one for all, a PIL image or a float ``[3, H, W]`` tensor in [0, 1].
     ``velocity_transforms`` wrap the guided velocity (reward guidance plugs in here). The model
     computes in the dtype it was loaded in (e.g. bf16); the sampler's latents, the velocities it
     sees and the returned media are at least fp32.
@@ -54,6 +82,7 @@ class FlowPipeline:
         prompt: str | list[str],
         *,
         negative_prompt: str | list[str] | None = None,
+        image: Any = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         true_cfg_scale: float = 1.0,
@@ -73,15 +102,7 @@ class FlowPipeline:
     ) -> GenerationOutput:
         model = self.model
         prompts = _as_list(prompt, "prompt")
-        negatives = None
-        if negative_prompt is not None:
-            negatives = (
-                [negative_prompt] * len(prompts)
-                if isinstance(negative_prompt, str)
-                else list(negative_prompt)
-            )
-            if len(negatives) != len(prompts):
-                raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        negatives = _negatives(negative_prompt, len(prompts))
         steps = num_inference_steps if num_inference_steps is not None else model.default_num_inference_steps
         if steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
@@ -100,7 +121,10 @@ class FlowPipeline:
         else:
             embedded, cfg_scale = None, scale
             use_cfg = cfg_scale > 1.0
-        cond, uncond = model.encode_prompt(prompts, negative_prompts=negatives, with_uncond=use_cfg)
+        images = condition_images(model, image, len(prompts))
+        size = {"height": height, "width": width, "num_frames": num_frames}
+        extra = {} if images is None else {"images": images, **size}
+        cond, uncond = model.encode_prompt(prompts, negative_prompts=negatives, with_uncond=use_cfg, **extra)
         if num_samples_per_prompt > 1:
             cond = cond.repeat_interleave(num_samples_per_prompt)
             uncond = None if uncond is None else uncond.repeat_interleave(num_samples_per_prompt)

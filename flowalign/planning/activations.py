@@ -192,6 +192,11 @@ def transformer_activations(
     bf16) and backward rebuilds one block at a time, so ``saved`` = the inputs of every block + the
     largest block's activations.
     """
+    if arch.family not in ("sd3", "flux", "wan"):
+        raise ValueError(
+            f"{arch.name}: the activation memory of {arch.family} blocks is not modelled yet (its weights, "
+            "LoRA and optimizer sizes are known: flowalign.planning.architectures.param_count)"
+        )
     s = block_shape(arch)
     t = arch.transformer
     per_block: list[int] = []

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from flowalign.planning.text_encoders import TEXT_ENCODERS as TEXT_ENCODERS  # re-exported
+
 _SD3_DUAL = list(range(13))  # SD3.5-Medium: MMDiT-X self-attention in the first 13 blocks
 
 SD3_VAE = {
@@ -38,43 +40,26 @@ WAN_VAE = {
     "class": "AutoencoderKLWan",
     "config": {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2},
 }
-
-_CLIP_L = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-}
-_CLIP_G = {
-    "vocab_size": 49408,
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 20,
-    "max_position_embeddings": 77,
-    "hidden_act": "gelu",
-    "projection_dim": 1280,
-}
-_T5_XXL = {
-    "d_model": 4096,
-    "d_ff": 10240,
-    "d_kv": 64,
-    "num_heads": 64,
-    "num_layers": 24,
-    "vocab_size": 32128,
-    "feed_forward_proj": "gated-gelu",
-}
-
-TEXT_ENCODERS: dict[str, dict[str, Any]] = {
-    "clip-l": {"class": "CLIPTextModelWithProjection", "config": _CLIP_L},
-    "clip-l-noproj": {"class": "CLIPTextModel", "config": _CLIP_L},
-    "clip-g": {"class": "CLIPTextModelWithProjection", "config": _CLIP_G},
-    "t5-xxl": {"class": "T5EncoderModel", "config": _T5_XXL},
-    "umt5-xxl": {"class": "UMT5EncoderModel", "config": {**_T5_XXL, "vocab_size": 256384}},
+# Wan2.2-TI2V-5B-Diffusers vae/config.json: the 48-channel residual VAE; its 2x2 patchify (12 = 3 x 2 x 2
+# input channels) on top of the 8x convolutional downsampling makes latents 16x smaller per side.
+WAN22_VAE = {
+    "class": "AutoencoderKLWan",
+    "config": {
+        "base_dim": 160,
+        "decoder_base_dim": 256,
+        "z_dim": 48,
+        "dim_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "temperal_downsample": [False, True, True],
+        "is_residual": True,
+        "in_channels": 12,
+        "out_channels": 12,
+        "patch_size": 2,
+        "scale_factor_spatial": 16,
+        "scale_factor_temporal": 4,
+        "latents_mean": [0.0] * 48,  # the published 48 statistics; they carry no parameters
+        "latents_std": [1.0] * 48,
+    },
 }
 
 
@@ -97,17 +82,25 @@ class Architecture:
     temporal_stride: int = 1
     """Frames per latent frame after the first (Wan: 4; images: 1)."""
     latent_channels: int = 16
+    experts: int = 1
+    """Transformers of this config the pipeline holds (Wan 2.2 A14B: 2, switched at the boundary
+    timestep; ``transformer`` above is each expert's config and the counts are per expert)."""
 
     @property
     def hidden(self) -> int:
         t = self.transformer
+        if "dim" in t:  # Z-Image names its width
+            return t["dim"]
         return t["num_attention_heads"] * t["attention_head_dim"]
 
     @property
     def patch(self) -> tuple[int, int, int]:
         """(frames, height, width) latent patch that becomes one token."""
-        if self.family == "flux":
-            return (1, 2, 2)  # the pipeline packs 2x2 latent patches into the 64 input channels
+        if self.family in ("flux", "flux2"):
+            return (1, 2, 2)  # the pipeline packs 2x2 latent patches into the input channels
+        if "all_patch_size" in self.transformer:  # Z-Image
+            p, f = self.transformer["all_patch_size"][0], self.transformer["all_f_patch_size"][0]
+            return (f, p, p)
         p = self.transformer.get("patch_size", 1)
         return tuple(p) if isinstance(p, list | tuple) else (1, p, p)
 
@@ -228,25 +221,139 @@ ARCHITECTURES: dict[str, Architecture] = {
             vae_dtype="fp32",
             temporal_stride=4,
         ),
+        # Wan 2.2 and image-to-video, from the ``transformer/config.json`` (and ``model_index.json``) of
+        # Wan-AI/Wan2.2-T2V-A14B-Diffusers, Wan2.2-I2V-A14B-Diffusers, Wan2.1-I2V-14B-480P-Diffusers and
+        # Wan2.2-TI2V-5B-Diffusers.
+        Architecture(
+            "wan2.2-t2v-a14b",  # boundary_ratio 0.875; transformer_2 has the same config
+            "wan",
+            {**_WAN_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
+            ("umt5-xxl",),
+            text_tokens=512,
+            vae=WAN_VAE,
+            vae_dtype="fp32",
+            temporal_stride=4,
+            experts=2,
+        ),
+        Architecture(
+            "wan2.2-i2v-a14b",  # boundary_ratio 0.9; 36 = 16 noisy + 4 mask + 16 condition channels
+            "wan",
+            {**_WAN_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40, "in_channels": 36},
+            ("umt5-xxl",),
+            text_tokens=512,
+            vae=WAN_VAE,
+            vae_dtype="fp32",
+            temporal_stride=4,
+            experts=2,
+        ),
+        Architecture(
+            "wan2.1-i2v-14b",  # plus a CLIP ViT-H/14 image encoder (its 257 tokens of width 1280), not counted
+            "wan",
+            {
+                **_WAN_COMMON,
+                "num_attention_heads": 40,
+                "ffn_dim": 13824,
+                "num_layers": 40,
+                "in_channels": 36,
+                "image_dim": 1280,
+                "added_kv_proj_dim": 5120,
+            },
+            ("umt5-xxl",),
+            text_tokens=512,
+            vae=WAN_VAE,
+            vae_dtype="fp32",
+            temporal_stride=4,
+        ),
+        Architecture(
+            "wan2.2-ti2v-5b",  # expand_timesteps: per-token timesteps, text- and image-to-video
+            "wan",
+            {
+                **_WAN_COMMON,
+                "num_attention_heads": 24,
+                "ffn_dim": 14336,
+                "num_layers": 30,
+                "in_channels": 48,
+                "out_channels": 48,
+            },
+            ("umt5-xxl",),
+            text_tokens=512,
+            vae=WAN22_VAE,
+            vae_dtype="fp32",
+            spatial_stride=16,
+            temporal_stride=4,
+            latent_channels=48,
+        ),
     )
 }
+
+# The newer image families. Transformer configs: FLUX.2 [dev], Qwen-Image and Z-Image are the
+# defaults of diffusers' Flux2Transformer2DModel, QwenImageTransformer2DModel and
+# ZImageTransformer2DModel (written out; they are the released transformer/config.json values), and
+# FLUX.2 [klein] 4B / 9B the released checkpoints' shapes: 5 + 20 blocks of width 3072 (4B) and
+# 24 single blocks of width 4096 (9B), text width 3 x the Qwen3 width; the 9B's 8 double blocks are
+# the count that gives its published size (6 would give 8.2B). Meta-built counts: 32.2B, 3.9B, 9.1B,
+# 20.4B, 6.2B. Their block activations are not modelled yet (:data:`SIZED_ONLY`).
+_FLUX2_COMMON = {"patch_size": 1, "in_channels": 128, "attention_head_dim": 128, "timestep_guidance_channels": 256,
+                 "mlp_ratio": 3.0, "axes_dims_rope": [32, 32, 32, 32], "rope_theta": 2000}  # fmt: skip
+FLUX2_VAE = {
+    "class": "AutoencoderKLFlux2",
+    "config": {"latent_channels": 32, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2},
+}
+QWEN_IMAGE_VAE = {
+    "class": "AutoencoderKLQwenImage",
+    "config": {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2},
+}
+
+
+def _flux2(name: str, layers: int, singles: int, heads: int, text_dim: int, encoder: str, guidance: bool):
+    t = dict(_FLUX2_COMMON, num_layers=layers, num_single_layers=singles, num_attention_heads=heads,
+             joint_attention_dim=text_dim, guidance_embeds=guidance)  # fmt: skip
+    return Architecture(name, "flux2", t, (encoder,), text_tokens=512, vae=FLUX2_VAE, latent_channels=32)
+
+
+_QWEN_IMAGE = {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+               "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False,
+               "axes_dims_rope": [16, 56, 56]}  # fmt: skip
+_Z_IMAGE = {"all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
+            "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,
+            "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48],
+            "axes_lens": [1024, 512, 512]}  # fmt: skip
+SIZED_ONLY: dict[str, Architecture] = {
+    a.name: a
+    for a in (
+        _flux2("flux2-dev", 8, 48, 48, 15360, "mistral-small-3.1", guidance=True),
+        _flux2("flux2-klein-4b", 5, 20, 24, 7680, "qwen3-4b", guidance=False),
+        _flux2("flux2-klein-9b", 8, 24, 32, 12288, "qwen3-8b", guidance=False),
+        Architecture(
+            "qwen-image", "qwen-image", _QWEN_IMAGE, ("qwen2.5-vl-7b",), text_tokens=512, vae=QWEN_IMAGE_VAE
+        ),
+        Architecture("z-image", "z-image", _Z_IMAGE, ("qwen3-4b-base",), text_tokens=512),
+    )
+}
+"""Published configurations the planner knows the size of (weights, LoRA, optimizer state), but whose
+block activations :mod:`flowalign.planning.activations` does not model yet."""
 
 _TRANSFORMER_CLASS = {
     "sd3": "SD3Transformer2DModel",
     "flux": "FluxTransformer2DModel",
     "wan": "WanTransformer3DModel",
+    "flux2": "Flux2Transformer2DModel",
+    "qwen-image": "QwenImageTransformer2DModel",
+    "z-image": "ZImageTransformer2DModel",
 }
 
 
 def get_architecture(name: str) -> Architecture:
-    """The architecture called ``name``.
+    """The architecture called ``name`` (from :data:`ARCHITECTURES` or :data:`SIZED_ONLY`).
 
     Raises:
         ValueError: an unknown name (the message lists the known ones).
     """
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[name]
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name]
+    if name in SIZED_ONLY:
+        return SIZED_ONLY[name]
+    raise ValueError(f"unknown model {name!r}; known: {', '.join([*ARCHITECTURES, *SIZED_ONLY])}")
 
 
 _CONFIG_CLASS = {
@@ -254,14 +361,23 @@ _CONFIG_CLASS = {
     "CLIPTextModelWithProjection": "CLIPTextConfig",
     "T5EncoderModel": "T5Config",
     "UMT5EncoderModel": "UMT5Config",
+    "Qwen3Model": "Qwen3Config",
+    "Qwen3ForCausalLM": "Qwen3Config",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLConfig",
+    "Mistral3ForConditionalGeneration": "Mistral3Config",
 }
 
 
 def _class(name: str):
     import diffusers
+    import diffusers.pipelines.ltx2  # LTX2TextConnectors is not exported at the top level
     import transformers
 
-    return getattr(diffusers, name, None) or getattr(transformers, name)
+    return (
+        getattr(diffusers, name, None)
+        or getattr(diffusers.pipelines.ltx2, name, None)
+        or getattr(transformers, name)
+    )
 
 
 def build(class_name: str, config: dict[str, Any], device: str | torch.device = "meta") -> torch.nn.Module:
@@ -352,3 +468,17 @@ def shrunk(arch: Architecture, layers: int, single_layers: int | None = None) ->
     if single_layers is not None:
         t["num_single_layers"] = single_layers
     return dataclasses.replace(arch, name=f"{arch.name}-{layers}l", transformer=t)
+
+
+# HunyuanVideo 1.5 and LTX-2 keep their configurations in their own module.
+from flowalign.planning.architectures_video import (  # noqa: E402
+    VIDEO_CONFIG_CLASS,
+    VIDEO_TEXT_ENCODERS,
+    VIDEO_TRANSFORMER_CLASS,
+    video_architectures,
+)
+
+TEXT_ENCODERS.update(VIDEO_TEXT_ENCODERS)
+ARCHITECTURES.update({a.name: a for a in video_architectures(Architecture)})
+_TRANSFORMER_CLASS.update(VIDEO_TRANSFORMER_CLASS)
+_CONFIG_CLASS.update(VIDEO_CONFIG_CLASS)

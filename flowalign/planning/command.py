@@ -7,7 +7,8 @@
 A preset names a recipe of :data:`PRESETS`; a YAML file is read for ``model`` (a hub id or a folder
 whose ``transformer/config.json`` matches a known architecture), ``train.batch_size``,
 ``train.gradient_checkpointing``, ``train.ema.use``, ``lora.rank`` (no ``lora`` section: full
-fine-tune), ``drop_t5`` and ``cache_prompts`` (false: text encoders on the device); the method is the file's ``dpo`` / ``sft`` / ``fdistill`` section.
+fine-tune), ``drop_t5``, ``cache_prompts`` (false: text encoders on the device) and ``cache_latents``
+(true: the VAE off the device); the method is the file's ``dpo`` / ``sft`` / ``fdistill`` section.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 from pathlib import Path
 
 from flowalign.planning.architectures import ARCHITECTURES
+from flowalign.planning.architectures_video import VIDEO_HUB_IDS
 from flowalign.planning.memory import GIB, STRATEGIES, Plan, Recipe, plan, suggest
 from flowalign.validation import check_number, load_yaml_bounded, short_repr
 
@@ -44,6 +46,15 @@ _HUB_IDS = {
     "black-forest-labs/FLUX.1-schnell": "flux-schnell",
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan-1.3b",
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan-14b",
+    "black-forest-labs/FLUX.2-dev": "flux2-dev",
+    "black-forest-labs/FLUX.2-klein-4B": "flux2-klein-4b",
+    "black-forest-labs/FLUX.2-klein-base-4B": "flux2-klein-4b",
+    "black-forest-labs/FLUX.2-klein-9B": "flux2-klein-9b",
+    "black-forest-labs/FLUX.2-klein-base-9B": "flux2-klein-9b",
+    "Qwen/Qwen-Image": "qwen-image",
+    "Tongyi-MAI/Z-Image": "z-image",
+    "Tongyi-MAI/Z-Image-Turbo": "z-image",
+    **VIDEO_HUB_IDS,
 }
 _COMPARE = ("num_layers", "num_attention_heads", "attention_head_dim", "num_single_layers", "ffn_dim")
 
@@ -93,6 +104,7 @@ def recipe_from_yaml(path: Path) -> Recipe:
         lora_rank=int(rank) if rank is not None else None,
         drop_t5=_flag(data.get("drop_t5", False), f"{path}: drop_t5"),
         text_encoders="cached" if cached else "device",
+        vae="cached" if _flag(data.get("cache_latents", False), f"{path}: cache_latents") else "device",
     )
 
 
@@ -108,13 +120,20 @@ def _row(name: str, p: Plan, sizes: list[float]) -> str:
     mode = f"LoRA r{r.lora_rank}" if r.lora_rank and r.method != "fdistill" else "full"
     fits = "  ".join(("yes" if p.fits(s) else "no ").ljust(5) for s in sizes)
     base = r.base_dtype if r.lora_rank else "-"
-    return f"{name:<26} {r.method:<8} {mode:<8} {base:<5} {gpus:<8} {p.peak / GIB:7.1f}   {fits}"
+    staged = "yes" if r.staged else "no"
+    return (
+        f"{name:<26} {r.method:<8} {mode:<8} {base:<5} {gpus:<8} {staged:<6} {p.load_peak / GIB:5.1f}"
+        f" {p.step_peak / GIB:5.1f} {p.peak / GIB:7.1f}   {fits}"
+    )
 
 
 def _breakdown(p: Plan) -> list[str]:
     lines = [f"  {k:<46} {v / GIB:7.2f}" for k, v in p.resident.items()]
+    lines.append(f"  training phase: {p.training_phase}")
+    lines += [f"  {k:<46} {v / GIB:7.2f}" for k, v in p.phases[p.training_phase].items()]
+    lines.append(f"  {p.load_phase}")
+    lines += [f"  {k:<46} {v / GIB:7.2f}" for k, v in p.load.items()]
     lines.append(f"  peak phase: {p.peak_phase}")
-    lines += [f"  {k:<46} {v / GIB:7.2f}" for k, v in p.phases[p.peak_phase].items()]
     return lines
 
 
@@ -157,7 +176,8 @@ def recipes_for(target: str) -> dict[str, Recipe]:
 def plan_report(plans: dict[str, Plan], sizes: list[float], *, breakdown: bool = False) -> list[str]:
     """The table (one row per plan, fits or not at each GPU size) and the switches that make each fit."""
     fit_head = "  ".join(f"{s:g}GB".ljust(5) for s in sizes)
-    lines = [f"{'recipe':<26} {'method':<8} {'train':<8} {'base':<5} {'GPUs':<8} {'GiB/GPU':>7}   {fit_head}"]
+    head = f"{'recipe':<26} {'method':<8} {'train':<8} {'base':<5} {'GPUs':<8} {'staged':<6} {'load':>5}"
+    lines = [f"{head} {'step':>5} {'GiB/GPU':>7}   {fit_head}"]
     for name, p in plans.items():
         lines.append(_row(name, p, sizes))
         if breakdown:
@@ -170,6 +190,11 @@ def plan_report(plans: dict[str, Plan], sizes: list[float], *, breakdown: bool =
             if after.fits(size):
                 lines.append(
                     f"{name} at {size:g} GB: fits with {', '.join(switches)} -> {after.peak / GIB:.1f} GiB"
+                )
+            elif after.load_peak > after.step_peak:
+                lines.append(
+                    f"{name} at {size:g} GB: does not fit with every switch: loading alone needs "
+                    f"{after.load_peak / GIB:.1f} GiB ({after.load_phase})"
                 )
             else:
                 lines.append(

@@ -1,6 +1,6 @@
 """Peak memory per GPU of a training recipe, from the real model configuration.
 
-    peak = resident + max(step, VAE encode, text encode)
+    peak = max(load, resident + max(step, VAE encode, text encode))
 
 resident (alive for the whole run, divided by the strategy where it shards them):
     frozen weights       the base transformer (LoRA) in ``base_dtype``; the DPO reference of a full
@@ -15,6 +15,16 @@ step (one forward with gradient on every sample of the micro-batch, then backwar
                          keeps block inputs only), plus one block's working set for the transient
                          gradients of backward (or the no-grad reference forward), plus the autocast
                          bf16 weight copies of a full fine-tune, plus the flow tensors of the loss
+
+load (before any gradient or optimizer state exists: the model is read and the caches are built)
+                         the larger of prompt caching (the text encoders, the VAE and one batch of
+                         :data:`CACHE_BATCH` prompts through the largest encoder) and latent caching
+                         (the VAE and one batch of :data:`CACHE_BATCH` images through it), on top of
+                         the transformer's weights, unless the run loads in stages (:attr:`Recipe.staged`,
+                         ``flowalign/training/placement.py``): then the transformer waits on the CPU
+                         and joins the device only after the caches are built. A run that is not
+                         staged holds every component at once, unsharded even under FSDP / ZeRO-3
+                         (each process loads the whole model before it is sharded).
 
 Strategies: ``ddp`` replicates everything (and keeps a bucket copy of the gradients); ``zero2``
 shards gradients and optimizer state; ``fsdp`` (full shard) and ``zero3`` shard weights too, and
@@ -46,6 +56,9 @@ BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 0.5 + 4 / 64
 """Bytes per weight; nf4 carries one fp32 scale per block of 64 weights."""
 STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+CACHE_BATCH = 8
+"""Prompts (or images) per encoder pass while a run builds its caches (the caches' default batch)."""
+QUANTIZED = ("int8", "nf4")
 
 
 @dataclass(frozen=True)
@@ -74,7 +87,10 @@ class Recipe:
     """SD3 / SD3.5 without the T5 encoder (run config ``drop_t5: true``): its weights are never loaded."""
     vae: Literal["cached", "device"] = "device"
     cpu_offload: bool = False
-    """Frozen weights stay on the CPU and are streamed to the device one block at a time."""
+    """``train.offload_frozen``: frozen modules (a full fine-tune's reference copy, f-distill's teacher,
+    text encoders and VAE kept for the step) stay on the CPU and are streamed to the device layer by
+    layer (counted as two blocks of the transformer). A LoRA base is part of the trained transformer
+    and stays on the device."""
     ema: bool = False
     fake_score: Literal["full", "lora"] = "full"
     """f-distill's online score network."""
@@ -107,25 +123,58 @@ class Recipe:
         if self.drop_t5 and self.arch.family != "sd3":
             raise ValueError(f"drop_t5 applies to SD3 / SD3.5, not to {self.arch.name} (it needs its T5)")
 
+    @property
+    def staged(self) -> bool:
+        """Whether the run loads in stages (``flowalign/training/placement.py``): a DPO run with cached
+        prompts whose base is not quantized (bitsandbytes quantizes on the way to the GPU), launched
+        without FSDP / DeepSpeed (they prepare modules already on the device)."""
+        return (
+            self.method == "dpo"
+            and self.text_encoders == "cached"
+            and self.base_dtype not in QUANTIZED
+            and self.strategy == "ddp"
+        )
+
     def replace(self, **changes) -> Recipe:
         return dataclasses.replace(self, **changes)
 
 
 @dataclass
 class Plan:
-    """Predicted bytes per GPU, by item; ``peak`` = resident + the largest phase."""
+    """Predicted bytes per GPU, by item; ``peak`` = the larger of the load phase and resident + the
+    largest training phase."""
 
     recipe: Recipe
     resident: dict[str, float] = field(default_factory=dict)
     phases: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Training phases, each on top of ``resident``."""
+    load: dict[str, float] = field(default_factory=dict)
+    """The device's whole content at the worst moment of loading and cache building (not on top of
+    ``resident``: no gradient or optimizer state exists yet)."""
+    load_phase: str = "load"
+    """Which moment ``load`` describes (e.g. ``load: prompt caching (staged)``)."""
 
     @property
-    def peak_phase(self) -> str:
+    def training_phase(self) -> str:
+        """The largest training phase."""
         return max(self.phases, key=lambda k: sum(self.phases[k].values()))
 
     @property
+    def step_peak(self) -> float:
+        """Resident plus the largest training phase: the peak once training runs."""
+        return sum(self.resident.values()) + sum(self.phases[self.training_phase].values())
+
+    @property
+    def load_peak(self) -> float:
+        return sum(self.load.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return self.load_phase if self.load_peak > self.step_peak else self.training_phase
+
+    @property
     def peak(self) -> float:
-        return sum(self.resident.values()) + sum(self.phases[self.peak_phase].values())
+        return max(self.step_peak, self.load_peak)
 
     def fits(self, gpu_gib: float) -> bool:
         return self.peak <= gpu_gib * GIB
@@ -152,8 +201,11 @@ def _text_encode_peak(arch: Architecture, recipe: Recipe, samples: int) -> float
     best = 0.0
     for key in recipe.text_encoder_keys:
         cfg = TEXT_ENCODERS[key]["config"]
+        cfg = cfg.get("text_config", cfg)  # multimodal encoders (Qwen2.5-VL, Mistral 3, Gemma 3): the LLM
         width = cfg.get("hidden_size", cfg.get("d_model"))
         ffn = cfg.get("intermediate_size", cfg.get("d_ff"))
+        if width is None or ffn is None:  # not a language model (LTX-2's text connectors)
+            continue
         tokens = 77 if key.startswith("clip") else (recipe.text_tokens or arch.text_tokens)
         best = max(best, samples * tokens * (3 * width + 2 * ffn) * BF16)
     return best
@@ -174,15 +226,24 @@ def _trainable_params(recipe: Recipe) -> tuple[int, int]:
     return total, total if recipe.method == "dpo" else 0  # full DPO keeps a frozen reference copy
 
 
+def _separate_frozen_transformer(recipe: Recipe) -> bool:
+    """Whether the frozen transformer weights are a module of their own (a full fine-tune's DPO
+    reference, f-distill's teacher), which ``train.offload_frozen`` can offload; a LoRA base is not."""
+    return recipe.method == "fdistill" or (recipe.lora_rank is None and recipe.method == "dpo")
+
+
+def _frozen_dtype(recipe: Recipe) -> str:
+    """The frozen transformer weights' dtype: the base of a LoRA run (or f-distill's teacher), else the
+    bf16 reference copy of a full fine-tune."""
+    return recipe.base_dtype if (recipe.lora_rank is not None or recipe.method == "fdistill") else "bf16"
+
+
 def _resident(recipe: Recipe, arch: Architecture) -> dict[str, float]:
     trainable, frozen = _trainable_params(recipe)
     n_blocks = arch.transformer["num_layers"] + arch.transformer.get("num_single_layers", 0)
-    frozen_dtype = (
-        recipe.base_dtype if (recipe.lora_rank is not None or recipe.method == "fdistill") else "bf16"
-    )
-    frozen_bytes = frozen * BYTES[frozen_dtype] / _shards(recipe, "weights")
-    if recipe.cpu_offload:
-        frozen_bytes = 2 * frozen * BYTES[frozen_dtype] / n_blocks
+    frozen_bytes = frozen * BYTES[_frozen_dtype(recipe)] / _shards(recipe, "weights")
+    if recipe.cpu_offload and _separate_frozen_transformer(recipe):
+        frozen_bytes = 2 * frozen * BYTES[_frozen_dtype(recipe)] / n_blocks
     optim = 8.0 if recipe.optimizer == "adamw" else 2.0
     out = {
         "frozen weights": frozen_bytes,
@@ -195,9 +256,9 @@ def _resident(recipe: Recipe, arch: Architecture) -> dict[str, float]:
         out["EMA (fp32)"] = trainable * FP32 / _shards(recipe, "weights")
     if recipe.strategy == "ddp" and recipe.num_gpus > 1:
         out["DDP gradient buckets"] = trainable * FP32
-    if recipe.text_encoders == "device":
+    if recipe.text_encoders == "device" and not recipe.cpu_offload:  # offloaded: streamed per layer
         out["text encoders (bf16)"] = sum(param_count(k) for k in recipe.text_encoder_keys) * BF16
-    if recipe.vae == "device":
+    if recipe.vae == "device" and not recipe.cpu_offload:
         out[f"VAE ({arch.vae_dtype})"] = vae_param_count(arch) * BYTES[arch.vae_dtype]
     if recipe.device == "cuda":
         out["CUDA context reserve"] = CUDA_RESERVE
@@ -237,11 +298,37 @@ def _step(recipe: Recipe, arch: Architecture, samples: int) -> dict[str, float]:
     return step
 
 
+def _load(recipe: Recipe, arch: Architecture) -> tuple[str, dict[str, float]]:
+    """The worst moment of loading and cache building, and the device's content then (see the module
+    docstring): prompt caching or latent caching, with or without the transformer."""
+    base: dict[str, float] = {}
+    if not recipe.staged:  # every process holds the whole transformer, sharded or not
+        trainable, frozen = _trainable_params(recipe)
+        base["frozen weights"] = frozen * BYTES[_frozen_dtype(recipe)]
+        base["buffers (bf16 position tables)"] = buffer_count(arch) * BF16
+        base["trainable weights (fp32)"] = trainable * FP32
+    encoders = {"text encoders (bf16)": sum(param_count(k) for k in recipe.text_encoder_keys) * BF16}
+    vae = {f"VAE ({arch.vae_dtype})": vae_param_count(arch) * BYTES[arch.vae_dtype]}
+    reserve = {"CUDA context reserve": CUDA_RESERVE} if recipe.device == "cuda" else {}
+    prompts = base | encoders | vae | reserve
+    if recipe.text_encoders == "cached":
+        prompts["text encode (cache batch)"] = _text_encode_peak(arch, recipe, CACHE_BATCH)
+    moments = {"prompt caching": prompts}
+    if recipe.vae == "cached":  # after the prompt cache: the encoders left when it was built
+        latents = base | (encoders if recipe.text_encoders == "device" else {}) | vae | reserve
+        latents["VAE encode (cache batch)"] = _vae_encode_peak(arch, recipe, CACHE_BATCH)
+        moments["latent caching"] = latents
+    worst = max(moments, key=lambda k: sum(moments[k].values()))
+    how = "staged" if recipe.staged else "every component on the device"
+    return f"load: {worst}, {how}", moments[worst]
+
+
 def plan(recipe: Recipe) -> Plan:
     """Predict the peak memory per GPU of ``recipe``."""
     arch = recipe.arch
     samples = 2 * recipe.batch if recipe.method == "dpo" else recipe.batch
     result = Plan(recipe, resident=_resident(recipe, arch))
+    result.load_phase, result.load = _load(recipe, arch)
     result.phases["training step"] = _step(recipe, arch, samples)
     if recipe.vae == "device":
         result.phases["VAE encode"] = {"VAE encode": _vae_encode_peak(arch, recipe, samples)}
@@ -259,11 +346,15 @@ SWITCHES: tuple[tuple[str, dict], ...] = (
     ("LoRA rank 8", {"lora_rank": 8}),
     ("8-bit frozen base (run config quantize_base: int8)", {"base_dtype": "int8"}),
     ("4-bit frozen base (run config quantize_base: nf4)", {"base_dtype": "nf4"}),
-    ("CPU offload of frozen weights", {"cpu_offload": True}),
+    ("CPU offload of frozen modules (train.offload_frozen: true)", {"cpu_offload": True}),
 )
 
 
 def _applies(recipe: Recipe, changes: dict) -> bool:
+    if "cpu_offload" in changes:  # what train.offload_frozen offloads; sharded launches refuse it
+        offloadable = _separate_frozen_transformer(recipe) or "device" in (recipe.text_encoders, recipe.vae)
+        if recipe.strategy != "ddp" or not offloadable:
+            return False
     if "fake_score" in changes and recipe.method != "fdistill":
         return False
     if "lora_rank" in changes or "base_dtype" in changes:

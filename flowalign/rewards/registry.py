@@ -36,9 +36,12 @@ _BUILTIN: dict[str, str] = {
     "aesthetic": "flowalign.rewards.aesthetic:load_aesthetic",
     "imagereward": "flowalign.rewards.imagereward:load_imagereward",
     "multihead": "flowalign.rewards.multihead:load_multihead",
+    "ocr": "flowalign.rewards.ocr:load_ocr",
+    "remote": "flowalign.rewards.remote:load_remote",
     "toy": "flowalign.rewards.toy:load_toy",
     "toy_classifier": "flowalign.rewards.toy_classifier:load_toy_classifier",
     "videoreward": "flowalign.rewards.videoreward:load_videoreward",
+    "vlm_judge": "flowalign.rewards.vlm_judge:load_vlm_judge",
 }
 _REGISTRY: dict[str, RewardLoader] = {}
 

@@ -33,6 +33,7 @@ from flowalign.rewards.batches import batches as _batches
 from flowalign.rewards.batches import prefetch as _prefetch
 from flowalign.rewards.combine import RewardCombiner
 from flowalign.rewards.registry import available_rewards, load_reward
+from flowalign.rewards.remote import RemoteRewardError
 from flowalign.sharding import (
     OtherProcessFailed,
     Shard,
@@ -447,9 +448,9 @@ def _score_todo(
             batch_prompts = None if batch_items[0].prompt is None else [i.prompt for i in batch_items]
             try:
                 scores = job.combiner.score(batch.to(job.device), batch_prompts, batch_size=job.batch_size)
-            except RewardInputError as err:
+            except (RewardInputError, RemoteRewardError) as err:  # name the files of the batch
                 files = ", ".join(str(i.file) for i in batch_items[:3])
-                raise RewardInputError(f"{files}{' ...' if len(batch_items) > 3 else ''}: {err}") from err
+                raise type(err)(f"{files}{' ...' if len(batch_items) > 3 else ''}: {err}") from err
             values = {k: v.detach().cpu().tolist() for k, v in scores.items()}
             for j, item in enumerate(batch_items):
                 row = {"id": item.id, "file": str(item.file), "prompt": item.prompt, "rewards": job.names}

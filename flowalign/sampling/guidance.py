@@ -44,7 +44,9 @@ def model_velocity_fn(
             return model.velocity(x, t, cond, guidance=embedded_guidance, net=net)
         v = model.velocity(torch.cat([x, x]), torch.cat([t, t]), both, guidance=embedded_guidance, net=net)
         v_uncond, v_cond = v.chunk(2)
-        return cfg_combine(v_uncond, v_cond, guidance_scale)
+        return model.combine_guidance(
+            v_uncond, v_cond, guidance_scale
+        )  # cfg_combine unless the family rescales
 
     return velocity
 

@@ -32,6 +32,7 @@ __all__ = ["build_upload_folder", "push_run"]
 
 GRID_SAMPLES = 8
 _VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".gif", ".npy"}
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
@@ -79,7 +80,10 @@ def _eval_samples(report: dict[str, Any], eval_dir: Path, model: str | None) -> 
 
 def _preview_samples(run_dir: Path) -> list[Path]:
     steps = sorted(p for p in (run_dir / "samples").glob("step-*") if p.is_dir())
-    return sorted(f for f in steps[-1].iterdir() if f.is_file()) if steps else []
+    media = _IMAGE_SUFFIXES | _VIDEO_SUFFIXES
+    return (
+        sorted(f for f in steps[-1].iterdir() if f.is_file() and f.suffix.lower() in media) if steps else []
+    )
 
 
 def _write_grid(files: list[Path], out: Path) -> bool:

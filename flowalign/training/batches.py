@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from flowalign.data.batches import PromptBatch
 from flowalign.training.method import sample_seed
 
 __all__ = ["DataCursor", "IndexedDataset", "to_device"]
@@ -166,9 +167,12 @@ class DataCursor:
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) batch to ``device``; other values are kept."""
+    """Move every tensor in a (nested) batch to ``device``; other values are kept. A typed batch
+    (:mod:`flowalign.data.batches`) moves itself."""
     if isinstance(obj, Tensor):
         return obj.to(device, non_blocking=True)
+    if isinstance(obj, PromptBatch):
+        return obj.to(device)
     if isinstance(obj, Mapping):
         return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, list | tuple):

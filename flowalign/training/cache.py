@@ -364,9 +364,7 @@ class PromptEmbedCache:
 
         def encode(batch: dict) -> dict[str, Tensor]:
             cond, _ = model.encode_prompt(list(batch["prompt"]))
-            out = {"embeds": cond.embeds}
-            if cond.pooled is not None:
-                out["pooled"] = cond.pooled
+            out = {name: getattr(cond, name) for name in cond._BATCHED if getattr(cond, name) is not None}
             if cond.text_ids is not None:  # shared by the batch: stored with every row
                 out["text_ids"] = cond.text_ids.unsqueeze(0).expand(len(cond), *cond.text_ids.shape)
             return out
@@ -408,11 +406,8 @@ class PromptEmbedCache:
             items = [self._rows[i] for i in idx]
             table = {key: torch.stack([item[key] for item in items]) for key in self._rows.keys}
         text_ids = table.get("text_ids")
-        return PromptEmbeds(
-            embeds=table["embeds"],
-            pooled=table.get("pooled"),
-            text_ids=None if text_ids is None else text_ids[0],
-        ).to(device=device)
+        batched = {name: table.get(name) for name in PromptEmbeds._BATCHED}
+        return PromptEmbeds(text_ids=None if text_ids is None else text_ids[0], **batched).to(device=device)
 
 
 def _collate_prompts(items: list[dict]) -> dict:

@@ -12,6 +12,10 @@ A checkpoint is a folder ``<output_dir>/checkpoint-{step:08d}/`` holding::
     config.yaml                the resolved run config
     manifest.json              every file above with its size and sha256, written LAST
 
+Sharded runs (FSDP2) write the same folder with the weights, EMA and optimizer state in ``shards/``
+instead, each process its own part (``layout: sharded`` in the manifest; see
+:mod:`flowalign.training.dcp_checkpoint`).
+
 It is written into ``checkpoint-<step 8 digits>.tmp-<pid>/`` and renamed into place with
 :func:`os.replace`, so a folder under the final name is always complete; a folder without a
 valid manifest is never picked up. ``.pt`` files are read back only with
@@ -215,6 +219,7 @@ def save_checkpoint(
     method_state: Mapping[str, Any] | None = None,
     config: dict | None = None,
     keep_last: int | None = None,
+    tmp: Path | None = None,
 ) -> Path:
     """Write ``checkpoint-{step:08d}`` atomically and rotate old ones.
 
@@ -230,6 +235,8 @@ def save_checkpoint(
         method_state: ``Method.state_dict()``.
         config: resolved config as a plain mapping (written as YAML).
         keep_last: keep only this many newest complete checkpoints (None = all).
+        tmp: the temporary folder, already holding the ``shards/`` of a sharded checkpoint
+            (:func:`flowalign.training.dcp_checkpoint.start_sharded`); None = a new one.
 
     Returns:
         The final checkpoint folder.
@@ -237,10 +244,11 @@ def save_checkpoint(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / checkpoint_dir_name(step)
-    tmp = output_dir / f"{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    if tmp is None:
+        tmp = output_dir / f"{final.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     try:
         for name, module in modules.items():
             if not _MODULE_NAME_RE.match(name):
@@ -262,11 +270,13 @@ def save_checkpoint(
         if config is not None:
             _write_file(tmp / "config.yaml", _text_saver(yaml.safe_dump(config, sort_keys=False)))
         files = {
-            p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(tmp.iterdir())
+            p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(tmp.rglob("*"))
             if p.is_file()
         }
         manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step, "files": files}
+        if (tmp / "shards").is_dir():
+            manifest["layout"] = "sharded"
         _write_file(tmp / MANIFEST, _text_saver(json.dumps(manifest, indent=2, sort_keys=True)))
         match_umask(tmp)  # safetensors writes 0600
         _fsync_path(tmp)
@@ -417,6 +427,9 @@ class Checkpoint:
     ema: dict[str, Tensor] | None = None
     config: dict | None = None
     files: dict[str, dict] = field(default_factory=dict)
+    layout: str = "full"
+    """"full", or "sharded": weights, EMA and optimizer state are in ``shards/`` (see
+    :func:`flowalign.training.dcp_checkpoint.load_full`)."""
 
 
 def _load_torch(path: Path) -> Any:
@@ -469,4 +482,5 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
         ema=ema,
         config=config,
         files=files,
+        layout=str(manifest.get("layout", "full")),
     )

@@ -23,7 +23,6 @@ gathered weights.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -31,6 +30,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from flowalign.training.export_copies import ExportCopies
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ __all__ = [
     "shard_like",
     "shard_optimizer_state",
     "wants_deepspeed",
+    "wants_fsdp",
 ]
 
 DDP, FSDP2, DEEPSPEED = "ddp", "fsdp2", "deepspeed"
@@ -60,6 +62,11 @@ called through ``forward`` (FSDP gathers the parameters in its forward hooks).""
 def wants_deepspeed() -> bool:
     """Whether the launch config asked for DeepSpeed (known before the Accelerator exists)."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def wants_fsdp() -> bool:
+    """Whether the launch config asked for FSDP (known before the Accelerator exists)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -86,8 +93,7 @@ def resolve_strategy(acc: Any) -> str:
             setattr(state, key, value)
             PartialState._shared_state[key] = value
 
-    fsdp_env = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if fsdp_env and acc.distributed_type == DistributedType.MULTI_CPU:
+    if wants_fsdp() and acc.distributed_type == DistributedType.MULTI_CPU:
         state.fsdp_plugin = FullyShardedDataParallelPlugin()
         set_state(distributed_type=DistributedType.FSDP)
     if acc.distributed_type == DistributedType.FSDP:
@@ -118,16 +124,10 @@ def resolve_strategy(acc: Any) -> str:
 # Preparing models and optimizers together
 
 
-def _group_owner(params: list[nn.Parameter], modules: Mapping[str, nn.Module], group: str) -> str:
-    owners = {
-        name for name, module in modules.items() for p in module.parameters() if any(p is q for q in params)
-    }
-    if len(owners) != 1:
-        raise ValueError(
-            f"optimizer group {group!r} spans the trainable modules {sorted(owners)}; sharded training "
-            "(FSDP2/DeepSpeed) prepares each module with its own optimizers, so a group must lie in one module"
-        )
-    return owners.pop()
+def _group_owners(params: list[nn.Parameter], modules: Mapping[str, nn.Module]) -> list[str]:
+    """The trainable modules holding ``params``, in the order of ``modules``."""
+    ids = {id(p) for p in params}
+    return [name for name, module in modules.items() if any(id(p) in ids for p in module.parameters())]
 
 
 def _configure_deepspeed(acc: Any, cfg: Any) -> None:
@@ -147,6 +147,14 @@ def _configure_deepspeed(acc: Any, cfg: Any) -> None:
             logger.warning("DeepSpeed config %s=%s replaced by the run config's %s", key, old, value)
         ds[key] = value
     acc.gradient_accumulation_steps = cfg.grad_accum_steps
+    zero = ds.setdefault("zero_optimization", {})
+    if int(zero.get("stage", getattr(acc.state.deepspeed_plugin, "zero_stage", None) or 0)) == 3:
+        # the final export gathers the whole weights, which ZeRO-3 only does with this switch on
+        if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+            logger.info(
+                "DeepSpeed ZeRO-3: stage3_gather_16bit_weights_on_model_save turned on for the export"
+            )
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 def prepare_sharded(
@@ -159,10 +167,16 @@ def prepare_sharded(
 ) -> tuple[dict[str, nn.Module], dict[str, Any], dict[str, torch.optim.Optimizer], dict[str, list]]:
     """``Accelerator.prepare(module, *its optimizers)`` for each trainable module.
 
+    A group whose parameters lie in several modules (f-distill's critic: the fake score and the
+    discriminator heads) cannot be prepared with any one of them; under FSDP2 each of its modules is
+    prepared with a carrier optimizer (plain SGD over the module's share of the group, never stepped)
+    that accelerate maps onto the sharded parameters, and the group's real optimizer is built over
+    those DTensors afterwards, in the group's parameter order. DeepSpeed takes one module and one group.
+
     Returns (wrapped modules, prepared optimizers, the torch optimizers inside them, the parameter
     groups as the prepared optimizers hold them: DTensors under FSDP2).
     """
-    owner = {g: _group_owner(ps, trainable, g) for g, ps in groups.items()}
+    owners = {g: _group_owners(ps, trainable) for g, ps in groups.items()}
     if strategy == DEEPSPEED:
         if len(trainable) != 1 or len(groups) != 1:
             raise ValueError(
@@ -170,20 +184,58 @@ def prepare_sharded(
                 f"modules {sorted(trainable)} and groups {sorted(groups)}; use FSDP2 for it"
             )
         _configure_deepspeed(acc, cfg)
+    spanning = [g for g in groups if len(owners[g]) > 1]
     wrapped: dict[str, nn.Module] = {}
     prepared: dict[str, Any] = {}
     base: dict[str, torch.optim.Optimizer] = {}
+    sharded: dict[int, Tensor] = {}  # id(original parameter) -> its DTensor, for the spanning groups
     for name, module in trainable.items():
-        names = [g for g in groups if owner[g] == name]
+        names = [g for g in groups if owners[g] == [name]]
         optimizers = [make_optimizer(g, list(groups[g])) for g in names]
-        out = acc.prepare(module, *optimizers)
+        carried = [p for g in spanning if name in owners[g] for p in groups[g] if _holds(module, p)]
+        carrier = torch.optim.SGD(carried, lr=0.0) if carried else None
+        with _wrap_classes_in(acc, module, strategy):
+            out = acc.prepare(module, *optimizers, *([carrier] if carrier is not None else []))
         wrapped[name] = out[0]
-        for g, opt, raw in zip(names, out[1:], optimizers, strict=True):
+        for g, opt, raw in zip(names, out[1 : 1 + len(names)], optimizers, strict=True):
             prepared[g], base[g] = opt, raw
+        if carrier is not None:
+            sharded.update(zip(map(id, carried), _optimizer_params(carrier), strict=True))
+            _forget_optimizer(acc, out[-1])
+    for g in spanning:
+        raw = make_optimizer(g, [sharded[id(p)] for p in groups[g]])
+        prepared[g], base[g] = acc.prepare_optimizer(raw, device_placement=False), raw
     if strategy == DEEPSPEED:  # the engine keeps the module's parameters (its optimizer holds flat copies)
         return wrapped, prepared, base, {g: list(ps) for g, ps in groups.items()}
     # FSDP2: the optimizers now hold the DTensor parameters the modules were sharded into
     return wrapped, prepared, base, {g: _optimizer_params(base[g]) for g in groups}
+
+
+@contextlib.contextmanager
+def _wrap_classes_in(acc: Any, module: nn.Module, strategy: str) -> Iterator[None]:
+    """Under FSDP2, the launch config's ``fsdp_transformer_layer_cls_to_wrap`` names cut down to the
+    classes ``module`` has while it is prepared: accelerate refuses a module without one of them, and
+    a method's small networks (f-distill's discriminator heads) have none (they stay one unit)."""
+    plugin = getattr(acc.state, "fsdp_plugin", None) if strategy == FSDP2 else None
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+    if not names:
+        yield
+        return
+    present = {type(m).__name__ for m in module.modules()}
+    plugin.transformer_cls_names_to_wrap = [n for n in names if n in present]
+    try:
+        yield
+    finally:
+        plugin.transformer_cls_names_to_wrap = names
+
+
+def _holds(module: nn.Module, p: nn.Parameter) -> bool:
+    return any(q is p for q in module.parameters())
+
+
+def _forget_optimizer(acc: Any, prepared: Any) -> None:
+    """Drop an accelerate-prepared carrier optimizer from the accelerator's list (it is never stepped)."""
+    acc._optimizers = [o for o in acc._optimizers if o is not prepared]
 
 
 def shard_frozen(acc: Any, modules: Iterable[nn.Module]) -> None:
@@ -362,100 +414,6 @@ def shard_optimizer_state(sd: Mapping, optimizer: torch.optim.Optimizer) -> dict
             for k, v in entry.items()
         }
     return {"state": state, "param_groups": sd["param_groups"]}
-
-
-# --------------------------------------------------------------------------------------------
-# Plain copies for the export
-
-
-def _meta_copy(module: nn.Module) -> nn.Module:
-    """A deep copy whose parameters are on the meta device (no memory); buffers are copied."""
-    memo: dict[int, Any] = {}
-    for p in module.parameters():
-        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    return copy.deepcopy(module, memo)
-
-
-def _replace_references(root: Any, old: nn.Module, new: nn.Module, depth: int = 5) -> list[tuple]:
-    """Point every attribute, child module or dict entry reachable from ``root`` (``depth`` levels)
-    that is ``old`` at ``new``; returns (container, key, kind) to undo it."""
-    done: list[tuple] = []
-    seen: set[int] = set()
-    frontier = [root]
-    for _ in range(depth):
-        nxt = []
-        for obj in frontier:
-            if id(obj) in seen or obj is old:
-                continue
-            seen.add(id(obj))
-            slots: list[tuple[Any, Any, str]] = []
-            if isinstance(obj, nn.Module):
-                slots += [(obj._modules, k, "dict") for k in obj._modules]
-            if isinstance(obj, dict):
-                slots += [(obj, k, "dict") for k in obj]
-            elif hasattr(obj, "__dict__") and not isinstance(obj, type | Tensor):
-                slots += [(obj, k, "attr") for k in vars(obj) if not k.startswith("__")]
-            for container, key, kind in slots:
-                value = container[key] if kind == "dict" else vars(container)[key]
-                if value is old:
-                    if kind == "dict":
-                        container[key] = new
-                    else:
-                        object.__setattr__(container, key, new)
-                    done.append((container, key, kind))
-                elif isinstance(value, nn.Module | dict) or hasattr(value, "__dict__"):
-                    nxt.append(value)
-        frontier = nxt
-    return done
-
-
-class ExportCopies:
-    """Plain (unsharded) copies of sharded trainable modules for the main process's export.
-
-    Built before sharding (parameters on the meta device); :meth:`fill` loads gathered full
-    weights; :meth:`swapped` points the method's references at the copies while it exports.
-    """
-
-    def __init__(self, modules: Mapping[str, nn.Module], *, build: bool) -> None:
-        self.originals = dict(modules)
-        self.copies = {n: _meta_copy(m) for n, m in modules.items()} if build else {}
-
-    def fill(self, states: Mapping[str, Mapping[str, Tensor]]) -> None:
-        """Load full state dicts (``{module name: state dict}``) into the copies."""
-        for name, state in states.items():
-            copy_ = self.copies[name]
-            missing, unexpected = copy_.load_state_dict(dict(state), strict=False, assign=True)
-            left = [n for n, p in copy_.named_parameters() if p.is_meta]
-            if left or unexpected:
-                raise ValueError(
-                    f"export of {name!r}: gathered weights do not match the module "
-                    f"(missing {left[:5]}, unexpected {unexpected[:5]})"
-                )
-
-    def load_trainable(self, flat: Mapping[str, Tensor], names: Iterable[str]) -> None:
-        """Overwrite the trainable parameters of the copies ``names`` from ``{"<module>.<param>": tensor}``
-        (the EMA shadow)."""
-        with torch.no_grad():
-            for name in names:
-                module = self.copies[name]
-                for pname, p in module.named_parameters():
-                    if p.requires_grad:
-                        p.copy_(flat[f"{name}.{pname}"].to(p.dtype))
-
-    @contextlib.contextmanager
-    def swapped(self, root: Any) -> Iterator[None]:
-        undo: list[tuple] = []
-        try:
-            for name, original in self.originals.items():
-                for container, key, kind in _replace_references(root, original, self.copies[name]):
-                    undo.append((container, key, kind, original))
-            yield
-        finally:
-            for container, key, kind, original in undo:
-                if kind == "dict":
-                    container[key] = original
-                else:
-                    object.__setattr__(container, key, original)
 
 
 def full_module_state(acc: Any, module: nn.Module, strategy: str, *, keep: bool) -> dict[str, Tensor]:

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 
 from flowalign.config import TrainConfig, config_to_dict, save_config
+from flowalign.training import dcp_checkpoint as dcp_
 from flowalign.training import distributed as dist_
 from flowalign.training.batches import DataCursor, to_device
 from flowalign.training.checkpoint import (
@@ -50,7 +51,6 @@ from flowalign.training.checkpoint import (
     capture_rng_state,
     find_latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     load_trainable_state_dict,
     remove_stale_tmp_dirs,
     restore_rng_state,
@@ -59,7 +59,11 @@ from flowalign.training.checkpoint import (
 from flowalign.training.ema import EMA
 from flowalign.training.memory import enable_gradient_checkpointing
 from flowalign.training.method import Method, StepContext
+from flowalign.training.offload import place_frozen, restore_offloaded
 from flowalign.training.optim import build_lr_scheduler, build_optimizer
+from flowalign.training.previews import Previews
+from flowalign.training.savers import enable_run_vae_savers
+from flowalign.training.speed import apply_speed_switches
 
 __all__ = ["METRICS_FILE", "TrainResult", "TrainingDiverged", "train"]
 
@@ -260,8 +264,17 @@ class _Run:
             if cfg.gradient_checkpointing:
                 enable_gradient_checkpointing(module, name)
             module.train()
-        for module in method.frozen_modules().values():
-            module.to(self.device).eval()
+        enable_run_vae_savers(method, cfg)
+        frozen = method.frozen_modules()
+        offload, sharded = cfg.offload_frozen, self.sharded
+        place_frozen(frozen, self.trainable, self.device, offload=offload, sharded=sharded, owner=method)
+        apply_speed_switches(
+            self.trainable,
+            method.frozen_modules().values(),
+            compile=cfg.compile,
+            compile_backend=cfg.compile_backend,
+            attention_backend=cfg.attention_backend,
+        )
         self.groups = dict(method.optimizer_groups())
         _check_groups(self.groups, self.trainable)
         group_cfgs = {g: method.optim_config(g, cfg.optim) for g in self.groups}
@@ -297,37 +310,21 @@ class _Run:
         self.ema_names = list(method.ema_modules()) if cfg.ema.use else []
         self.ema = EMA(self.ema_modules(), decay=cfg.ema.decay) if cfg.ema.use else None
         self.step, self.epoch, self.position, self.nan_total, self.nan_in_row = 0, 0, 0, 0, 0
+        self.layout = dcp_.resolve_layout(cfg.checkpoint.layout, strategy)
 
     def ema_modules(self) -> dict[str, nn.Module]:
         return {n: self.trainable[n] for n in self.ema_names}
 
     def restore(self, ckpt: Checkpoint) -> None:
         where = ckpt.path
-        for name, module in self.trainable.items():
-            if name not in ckpt.weights:
-                raise ValueError(
-                    f"{where}: no weights for trainable module {name!r} (has {sorted(ckpt.weights)})"
-                )
-            if self.strategy == dist_.DEEPSPEED:
-                dist_.load_full_trainable(module, ckpt.weights[name], self.strategy)
-            else:  # FSDP2: each process copies its shard of the full tensors
-                load_trainable_state_dict(
-                    module, ckpt.weights[name], source=f"{where}/model-{name}.safetensors"
-                )
-        if self.ema is not None:
-            if ckpt.ema is None:
-                raise ValueError(f"{where}: EMA is on but the checkpoint has no ema.safetensors")
-            self.ema.load_state_dict(ckpt.ema)
-        for g, opt in self.optimizers.items():
-            if g not in ckpt.optimizers or g not in ckpt.schedulers:
-                raise ValueError(f"{where}: no optimizer/scheduler state for group {g!r}")
-            state = ckpt.optimizers[g]
-            if self.strategy == dist_.DEEPSPEED:
-                dist_.load_deepspeed_optimizer_state(state, opt, self.base_optimizers[g], self.groups[g])
-            elif self.strategy == dist_.FSDP2:
-                opt.load_state_dict(dist_.shard_optimizer_state(state, self.base_optimizers[g]))
-            else:
-                opt.load_state_dict(state)
+        if ckpt.layout == "sharded" and self.strategy == dist_.FSDP2:
+            # each process reads its own slices of the shards, whatever the world size that wrote them
+            dcp_.load_sharded(ckpt, self.trainable, self.base_optimizers, self.ema)
+        else:
+            self.restore_full(dcp_.load_full(ckpt))
+        for g in self.optimizers:
+            if g not in ckpt.schedulers:
+                raise ValueError(f"{where}: no scheduler state for group {g!r}")
             self.schedulers[g].load_state_dict(ckpt.schedulers[g])
         rank = self.acc.process_index
         if rank < len(ckpt.rng_states):
@@ -348,6 +345,35 @@ class _Run:
             int(ckpt.state.get("nan_skipped", 0)),
             int(ckpt.state.get("nan_in_row", 0)),
         )
+
+    def restore_full(self, ckpt: Checkpoint) -> None:
+        """Weights, EMA and optimizer state from whole tensors (cut into shards under FSDP2)."""
+        where = ckpt.path
+        for name, module in self.trainable.items():
+            if name not in ckpt.weights:
+                raise ValueError(
+                    f"{where}: no weights for trainable module {name!r} (has {sorted(ckpt.weights)})"
+                )
+            if self.strategy == dist_.DEEPSPEED:
+                dist_.load_full_trainable(module, ckpt.weights[name], self.strategy)
+            else:  # FSDP2: each process copies its shard of the full tensors
+                load_trainable_state_dict(
+                    module, ckpt.weights[name], source=f"{where}/model-{name}.safetensors"
+                )
+        if self.ema is not None:
+            if ckpt.ema is None:
+                raise ValueError(f"{where}: EMA is on but the checkpoint has no ema.safetensors")
+            self.ema.load_state_dict(ckpt.ema)
+        for g, opt in self.optimizers.items():
+            if g not in ckpt.optimizers:
+                raise ValueError(f"{where}: no optimizer state for group {g!r}")
+            state = ckpt.optimizers[g]
+            if self.strategy == dist_.DEEPSPEED:
+                dist_.load_deepspeed_optimizer_state(state, opt, self.base_optimizers[g], self.groups[g])
+            elif self.strategy == dist_.FSDP2:
+                opt.load_state_dict(dist_.shard_optimizer_state(state, self.base_optimizers[g]))
+            else:
+                opt.load_state_dict(state)
 
     def check_loss(self, loss: object, group: str) -> None:
         """A method's loss must be a scalar tensor that reaches a trainable parameter."""
@@ -444,8 +470,12 @@ class _Run:
         path: list[str | None] = [None]
         main = self.acc.is_main_process
         modules: Mapping[str, Any] = self.trainable
-        optimizers = ema = None
-        if self.sharded:  # full tensors gathered by every process, kept by the main one
+        optimizers = ema = tmp = None
+        if self.layout == "sharded":  # every process writes its shards into the main one's tmp folder
+            tmp = dcp_.start_sharded(self.acc, output_dir, self.step)
+            optimizers = dcp_.save_shards(tmp, self.trainable, self.base_optimizers, self.ema)
+            modules = {}
+        elif self.sharded:  # full tensors gathered by every process, kept by the main one
             modules = {
                 n: dist_.full_trainable(m, self.strategy, keep=main) for n, m in self.trainable.items()
             }
@@ -479,6 +509,7 @@ class _Run:
                     method_state=self.method.state_dict(),
                     config=run_cfg,
                     keep_last=self.cfg.checkpoint.keep_last,
+                    tmp=tmp,
                 )
             )
         return Path(broadcast_object_list(path)[0])
@@ -557,7 +588,7 @@ def train(
     set_seed(cfg.seed, device_specific=True)
     run = _Run(method, method_name, cfg, acc, strategy)
     if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = dcp_.load_verified(acc, ckpt_path)
         run.restore(ckpt)
         if acc.is_main_process and ckpt.config is not None and ckpt.config != run_cfg:
             logger.warning("resuming %s with a config that differs from its config.yaml", ckpt_path)
@@ -586,6 +617,7 @@ def train(
         from flowalign.training.trackers import start_trackers
 
         start_trackers(acc, cfg, run_config if run_config is not None else cfg, output_dir)
+    previews = Previews(method, cfg, acc, sharded=run.sharded) if cfg.validation is not None else None
     acc.wait_for_everyone()
 
     from tqdm.auto import tqdm
@@ -661,6 +693,8 @@ def train(
                 periodic = cfg.checkpoint.every > 0 and run.step % cfg.checkpoint.every == 0
                 if periodic or interrupted or run.step == cfg.max_steps:
                     last_ckpt = run.write_checkpoint(output_dir, cursor, run_cfg)
+                if previews is not None:
+                    previews.maybe_write(run.step)
                 if interrupted:
                     break
     finally:
@@ -671,6 +705,9 @@ def train(
             tracker.finish()
         for module in run.wrapped.values():
             acc.unwrap_model(module, keep_fp32_wrapper=False)  # removes accelerate's autocast forward patch
+        restore_offloaded(
+            method.frozen_modules().values(), owner=method
+        )  # train.offload_frozen: weights back on the CPU
 
     export_dir = None
     if not interrupted and run.step == cfg.max_steps:

@@ -111,7 +111,13 @@ def convert_wan_lora_to_comfyui(src: str | os.PathLike, dst: str | os.PathLike) 
     """Convert ``src`` (a diffusers LoRA file or its folder) to a ComfyUI Wan LoRA file at ``dst`` (atomically)."""
     src = Path(src)
     if src.is_dir():
-        src = src / LORA_WEIGHT_NAME
+        folder, src = src, src / LORA_WEIGHT_NAME
+        low = folder / "pytorch_lora_weights_2.safetensors"  # Wan 2.2 A14B's low-noise expert
+        if not src.is_file() and low.is_file():
+            raise FileNotFoundError(
+                f"{folder} holds only a Wan 2.2 low-noise expert LoRA: convert the file {low} "
+                "(ComfyUI loads one LoRA file per expert model)"
+            )
     if not src.is_file():
         raise FileNotFoundError(f"no LoRA file at {src}")
     try:

@@ -201,8 +201,9 @@ class Method(abc.ABC):
         """Loss of one micro-batch for parameter group ``group``.
 
         Args:
-            batch: collated micro-batch on ``ctx.device``; ``batch["index"]`` is a [B] int64 tensor of
-                dataset indices (use it as ``sample_ids`` for random draws).
+            batch: collated micro-batch on ``ctx.device`` (a dict, or a typed batch of
+                :mod:`flowalign.data.batches`); its ``index`` is a [B] int64 tensor of dataset
+                indices (use it as ``sample_ids`` for random draws).
             ctx: step number, devices, prepared modules and per-sample RNG.
             group: which optimizer group this loss updates (see :meth:`groups_to_update`).
 

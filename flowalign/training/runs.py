@@ -10,7 +10,9 @@ straight into the compute dtype, components trained in full (the transformer of 
 without LoRA) in fp32 as master weights, and LoRA adapters are created in fp32. The device is
 this process's own (:func:`training_device`), known before loading, so each rank reads its
 model onto its own GPU. A LoRA run may instead load its transformer base quantized by bitsandbytes
-(``quantize_base: int8 | nf4``, :mod:`flowalign.models.quantize`; a CUDA GPU only).
+(``quantize_base: int8 | nf4``, :mod:`flowalign.models.quantize`; a CUDA GPU only). DPO and RWR runs
+that cache their prompts load in stages (:mod:`flowalign.training.placement`): the transformer joins
+the device only once the text encoders (and the VAE of cached latents) have left it.
 """
 
 from __future__ import annotations
@@ -19,23 +21,32 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.data import Dataset
 
+import flowalign.toy  # noqa: F401  (registers the toy: data sources)
 from flowalign.config import LoraConfig, TrainConfig
-from flowalign.data.buckets import BucketConfig, BucketedPairs, check_same_size
+from flowalign.data.buckets import BucketConfig
 from flowalign.data.errors import DataError
+from flowalign.data.items import ManifestDataset as ManifestDataset  # the datasets of these runs
+from flowalign.data.items import PairDataset as PairDataset
 from flowalign.data.paths import load_row_media, resolve_data_path
+from flowalign.data.sources import open_source
 from flowalign.files import read_jsonl
 from flowalign.models import load_flow_model
 from flowalign.models.base import FlowModel
 from flowalign.models.quantize import QuantizeBase, check_quantize_base, load_quantized_transformer
+from flowalign.models.vae_savers import enable_vae_savers
+from flowalign.training.conditions import load_candidate_conditions, select_train_expert
+from flowalign.training.latent_cache import cache_run_latents
 from flowalign.training.loop import TrainResult, train
 from flowalign.training.methods.dpo import DPOConfig, FlowDPO
 from flowalign.training.methods.latent_reward import LatentRewardTrainingConfig
 from flowalign.training.methods.rwr import FlowRWR, RWRConfig, WeightedSamples
 from flowalign.training.methods.sft import FlowMatchingSFT, SFTConfig
+from flowalign.training.placement import cache_run_conditioning, stage_components, stages_placement
 
 TOY_PREFIX = "toy:"
 COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,17 +105,33 @@ def load_training_model(
     full: tuple[str, ...] = (),
     quantize_base: str | None = None,
     drop_t5: bool = False,
+    staged: bool = False,
 ) -> FlowModel:
     """The model of a run under the dtype policy, on :func:`training_device`; the components named in
-    ``full`` are trained in full and load in fp32, every other one in :func:`compute_dtype`.
+    ``full`` are trained in full and load in fp32, every other one in :func:`compute_dtype`. ``staged``
+    keeps the transformer on the CPU (:func:`~flowalign.training.placement.stage_components`).
 
     ``quantize_base`` (``int8``/``nf4``, LoRA runs only) loads the transformer's Linear weights
     quantized by bitsandbytes (:mod:`flowalign.models.quantize`) instead of in the compute dtype.
     """
+    model = _load_training_model(spec, train, full, quantize_base, drop_t5, staged)
+    keys = ("train.vae_slicing", "train.vae_tiling")
+    return enable_vae_savers(model, slicing=train.vae_slicing, tiling=train.vae_tiling, keys=keys)
+
+
+def _load_training_model(
+    spec: str,
+    train: TrainConfig,
+    full: tuple[str, ...],
+    quantize_base: str | None,
+    drop_t5: bool,
+    staged: bool,
+) -> FlowModel:
     dtypes = {"default": compute_dtype(train)} | {name: torch.float32 for name in full}
     device = training_device(train)
     if quantize_base is None:
-        return load_model_spec(spec, device=device, dtype=dtypes, drop_t5=drop_t5)
+        model = load_model_spec(spec, device="cpu" if staged else device, dtype=dtypes, drop_t5=drop_t5)
+        return stage_components(model, device) if staged else model
     if "transformer" in full:
         raise ValueError(f"quantize_base={quantize_base} needs a LoRA run, not a full fine-tune")
     if spec.startswith(TOY_PREFIX):
@@ -115,54 +142,10 @@ def load_training_model(
     return load_flow_model(spec, device=device, torch_dtype=dtypes, transformer=transformer, drop_t5=drop_t5)
 
 
-def cache_run_prompts(method, prompts: list[str], train: TrainConfig) -> None:
-    """Encode a run's prompts once into ``<output_dir>/cache/prompts`` (the main process builds it,
-    the others then open it) and take the text encoders off the device."""
-    from accelerate import PartialState
-
-    with PartialState(cpu=train.cpu).main_process_first():
-        method.cache_prompts(prompts, cache_dir=Path(train.output_dir) / "cache" / "prompts")
-
-
-class ManifestDataset(Dataset):
-    """Media + prompts listed in a manifest.jsonl ({"file" or "path", "prompt"}, paths relative to it)."""
-
-    def __init__(self, manifest: str | Path):
-        self.manifest = Path(manifest)
-        if not self.manifest.is_file():
-            raise DataError(self.manifest, "manifest not found")
-        self.rows = []
-        for number, row in read_jsonl(self.manifest, error=DataError):
-            file = row.get("file") or row.get("path")
-            prompt = row.get("prompt")
-            if not file or not isinstance(prompt, str) or not prompt.strip():
-                raise DataError(
-                    self.manifest, "needs a non-empty 'prompt' and a 'file'", where=f"line {number}"
-                )
-            where = f"line {number}"
-            path = resolve_data_path(
-                self.manifest.parent, file, source=self.manifest, where=where, key="file"
-            )
-            self.rows.append((path, prompt, where))
-        if not self.rows:
-            raise DataError(self.manifest, "has no rows")
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        path, prompt, where = self.rows[i]
-        pixels = load_row_media(path, source=self.manifest, where=where, key="file")
-        return {"pixels": pixels, "prompt": prompt, "index": i}
-
-
 def sft_dataset(spec: str, kind: str, *, num_items: int, seed: int) -> Dataset:
-    """``toy:train`` renders the toy world's training split; otherwise a manifest.jsonl path."""
-    if spec.startswith(TOY_PREFIX):
-        from flowalign.toy.data import PrerenderedToy, ToyDataset
-
-        return PrerenderedToy(ToyDataset(spec[len(TOY_PREFIX) :], kind=kind, num=num_items, seed=seed))
-    return ManifestDataset(spec)
+    """The media + prompts of ``spec`` (:func:`flowalign.data.sources.open_source`): ``toy:image`` /
+    ``toy:video`` render ``num_items`` of the toy world's training split, a path is a manifest.jsonl."""
+    return open_source(spec, "media", kind=kind, num=num_items, seed=seed)
 
 
 @dataclass(kw_only=True)
@@ -172,7 +155,8 @@ class SFTRun:
     model: str = "toy:image"
     """Hub id or folder to fine-tune, or toy:image / toy:video for a fresh toy model."""
     data: str = "toy:train"
-    """toy:train (the toy world's training split) or a manifest.jsonl of media + prompts."""
+    """toy:image / toy:video (the toy world's training split; the older toy:train means the model's
+    kind), or a manifest.jsonl of media + prompts (or a folder holding one)."""
     num_items: int = 60_000
     """Items rendered for toy data."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -180,6 +164,10 @@ class SFTRun:
     drop_t5: bool = False
     """SD3 / SD3.5 only: load without the T5 text encoder (``text_encoder_3``); its tokens become zeros,
     as in diffusers (``--no-t5`` on the command line)."""
+    cache_latents: bool = False
+    """Encode the media through the VAE once (see :attr:`DPORun.cache_latents`)."""
+    latent_cache_dir: Path | None = None
+    """Folder of the latent cache (null: ``<output_dir>/cache/latents``)."""
 
 
 @dataclass(kw_only=True)
@@ -207,11 +195,19 @@ class DPORun:
     cache_prompts: bool = True
     """Encode each distinct prompt once before training (kept in ``<output_dir>/cache/prompts`` and
     reused on resume) and train with the text encoders off the device; false encodes every step."""
+    cache_latents: bool = False
+    """Encode every item's media through the VAE once before training (kept in ``latent_cache_dir``,
+    reused by a resume or another run on the same data and model); train with the VAE off the device."""
+    latent_cache_dir: Path | None = None
+    """Folder of the latent cache (null: ``<output_dir>/cache/latents``)."""
     keep_ties: bool = False
     """Train on tie rows too (in file order); by default they are dropped and their number logged."""
     buckets: BucketConfig | None = None
     """Resize + center-crop every pair into an aspect-ratio bucket of about resolution² pixels (clips
     also to ``num_frames``), one bucket per global batch; null trains at file size (one size per pair)."""
+    train_expert: Literal["high", "low", "both"] = "both"
+    """Wan 2.2 A14B: which expert the run adapts, the high-noise one (timesteps >= boundary), the
+    low-noise one, or both; the other stays as loaded. Other models: ``both`` only."""
 
 
 @dataclass(kw_only=True)
@@ -231,49 +227,14 @@ class RWRRun:
     lora: LoraConfig | None = field(default_factory=LoraConfig)
     quantize_base: QuantizeBase | None = None
     """``int8`` / ``nf4``: a bitsandbytes-quantized frozen transformer base (see :attr:`DPORun.quantize_base`)."""
+    train_expert: Literal["high", "low", "both"] = "both"
+    """Wan 2.2 A14B: which expert the run adapts (see :attr:`DPORun.train_expert`)."""
     cache_prompts: bool = True
     """Encode each distinct prompt once before training (see :attr:`DPORun.cache_prompts`)."""
-
-
-class PairDataset(Dataset):
-    """Preference pairs as training items for :class:`FlowDPO`.
-
-    Each pair is ordered by its single label, or by the ``Overall`` dimension of multi-dimensional
-    labels (VideoAlign); ties on it are dropped unless ``keep_ties`` (the count is logged). With ``buckets`` every pair is
-    resized and cropped into its aspect-ratio bucket and each global batch comes from one bucket
-    (:mod:`flowalign.data.buckets`); without, the two media of a pair must have one size (else one
-    :class:`DataError` naming the row).
-    """
-
-    def __init__(self, path: str | Path, *, keep_ties: bool = False, buckets: BucketConfig | None = None):
-        from flowalign.data.preference import load_preference_dataset
-
-        pairs = load_preference_dataset(path)
-        order_by = pairs.order_by
-        if order_by is None:  # multi-dimensional labels: the overall one orders each pair
-            order_by = next((d for d in pairs.dimensions if d.lower() == "overall"), None)
-            if order_by is None:
-                raise DataError(
-                    pairs.path,
-                    f"DPO needs one preference per pair; the labels have dimensions {list(pairs.dimensions)} "
-                    "and none is 'Overall'",
-                )
-        if order_by != pairs.order_by or not keep_ties:
-            pairs = load_preference_dataset(path, order_by=order_by, keep_ties=keep_ties)
-        self.pairs = BucketedPairs(pairs, buckets) if buckets is not None else pairs
-        if buckets is not None:  # the loop's data cursor then takes each global batch from one bucket
-            self.batch_order = self.pairs.batch_order
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int) -> dict:
-        pair = self.pairs[i]
-        check_same_size(pair.media_w, pair.media_l, source=pair.source)
-        return {"media_w": pair.media_w, "media_l": pair.media_l, "prompt": pair.prompt, "index": i}
-
-    def prompts(self) -> list[str]:
-        return [self.pairs.prompt(i) for i in range(len(self.pairs))]
+    cache_latents: bool = False
+    """Encode the media through the VAE once (see :attr:`DPORun.cache_latents`)."""
+    latent_cache_dir: Path | None = None
+    """Folder of the latent cache (null: ``<output_dir>/cache/latents``)."""
 
 
 def _read_candidates(
@@ -334,9 +295,9 @@ def run_sft(run: SFTRun, *, resume: bool = False, progress: bool = True) -> Trai
     model = load_training_model(run.model, run.train, full=full, drop_t5=run.drop_t5)
     kind = "video" if model.is_video else "image"
     data = sft_dataset(run.data, kind, num_items=run.num_items, seed=run.train.seed)
-    return train(
-        FlowMatchingSFT(model, run.sft), data, run.train, resume=resume, progress=progress, run_config=run
-    )
+    method = FlowMatchingSFT(model, run.sft)
+    data = cache_run_latents(run, method, data, "sft", kind, run.num_items, run.train.seed)
+    return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
 
 
 def run_dpo(run: DPORun, *, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -344,19 +305,20 @@ def run_dpo(run: DPORun, *, resume: bool = False, progress: bool = True) -> Trai
     return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
 
 
-def prepare_dpo(run: DPORun) -> tuple[FlowDPO, PairDataset]:
+def prepare_dpo(run: DPORun) -> tuple[FlowDPO, Dataset]:
     """The method and dataset of a DPO run: model loaded under the dtype policy on this process's
-    device, LoRA (fp32) attached, prompts cached when ``run.cache_prompts``."""
+    device, LoRA (fp32) attached, prompts and media latents cached as the run says (in stages)."""
     torch.manual_seed(run.train.seed)  # random initialisations (LoRA, heads) follow the run seed
     check_quantize_base(run.quantize_base, lora=run.lora)
     full = () if run.lora else ("transformer",)
     model = load_training_model(
-        run.model, run.train, full=full, quantize_base=run.quantize_base, drop_t5=run.drop_t5
-    )
+        run.model, run.train, full=full, quantize_base=run.quantize_base, drop_t5=run.drop_t5,
+        staged=stages_placement(run),
+    )  # fmt: skip
+    select_train_expert(model, run.train_expert)
     method = FlowDPO(model, run.dpo, lora=run.lora)
-    data = PairDataset(run.data, keep_ties=run.keep_ties, buckets=run.buckets)
-    if run.cache_prompts:
-        cache_run_prompts(method, data.prompts(), run.train)
+    data = open_source(run.data, "pairs", keep_ties=run.keep_ties, buckets=run.buckets)
+    data = cache_run_conditioning(run, method, data, data.prompts, "dpo", run.keep_ties, run.buckets)
     return method, data
 
 
@@ -365,13 +327,15 @@ def run_rwr(run: RWRRun, *, resume: bool = False, progress: bool = True) -> Trai
     check_quantize_base(run.quantize_base, lora=run.lora)
     full = () if run.lora else ("transformer",)
     model = load_training_model(
-        run.model, run.train, full=full, quantize_base=run.quantize_base, drop_t5=run.drop_t5
-    )
+        run.model, run.train, full=full, quantize_base=run.quantize_base, drop_t5=run.drop_t5,
+        staged=stages_placement(run),
+    )  # fmt: skip
     media, prompts, rewards = load_candidates(run.data, run.reward_key)
-    data = WeightedSamples(media, prompts, rewards, run.rwr)
+    conditions, images = load_candidate_conditions(run.data)
+    data = WeightedSamples(media, prompts, rewards, run.rwr, conditions=conditions, images=images)
+    select_train_expert(model, run.train_expert)
     method = FlowRWR(model, run.rwr, lora=run.lora)
-    if run.cache_prompts:
-        cache_run_prompts(method, prompts, run.train)
+    data = cache_run_conditioning(run, method, data, prompts, "rwr", run.reward_key, run.rwr)
     return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
 
 

@@ -130,11 +130,14 @@ def quantize_to_uint8_grid(media: Tensor) -> Tensor:
     return (media.clamp(0.0, 1.0) * 255.0).round() / 255.0
 
 
-def sample_batch(pipe: FlowPipeline, chunk: list[tuple[str, int]], config: PairsConfig) -> Tensor:
+def sample_batch(
+    pipe: FlowPipeline, chunk: list[tuple[str, int]], config: PairsConfig, images: list | None = None
+) -> Tensor:
     """One pipeline call on ``(prompt, seed)`` jobs, each with its own seeded generator, on the 8-bit grid
-    (so scores computed on it are the scores of the lossless files)."""
+    (so scores computed on it are the scores of the lossless files); ``images``: each job's condition."""
     out = pipe(
         [p for p, _ in chunk],
+        image=images,
         generator=[torch.Generator().manual_seed(s) for _, s in chunk],
         guidance_scale=config.guidance_scale,
         num_inference_steps=config.num_inference_steps,
@@ -209,14 +212,20 @@ def _sample_todo(
     sink_path: Path,
     config: PairsConfig,
     progress: bool,
+    conditions: list[str] | None = None,
 ) -> int:
-    """Sample, score and write ``todo`` batch by batch: files first, then one flushed row per candidate."""
+    """Sample, score and write ``todo`` batch by batch: files first, then one flushed row per candidate.
+
+    ``conditions``: per prompt, its condition image's file inside ``out_dir`` (recorded in each row)."""
     pipe = FlowPipeline(model)
+    k = config.num_candidates
     bar = tqdm(total=len(todo), desc="candidates", unit="sample", disable=not progress)
     with sink_path.open("a") as sink:
         for start in range(0, len(todo), config.batch_size):
             chunk = todo[start : start + config.batch_size]
-            media = sample_batch(pipe, [(p, s) for _, p, s in chunk], config)
+            names = None if conditions is None else [conditions[i // k] for i, _, _ in chunk]
+            images = None if names is None else [_open_rgb(out_dir / name) for name in names]
+            media = sample_batch(pipe, [(p, s) for _, p, s in chunk], config, images)
             scores = score_fn(media, [p for _, p, _ in chunk])
             if "overall" not in scores:
                 raise ValueError(f"score_fn must return an 'overall' score to rank by; got {sorted(scores)}")
@@ -226,6 +235,8 @@ def _sample_todo(
                 name = f"candidates/{i:06d}{ext}"
                 save_media(media[j], out_dir / name, fps=config.fps)
                 row = {"id": i, "prompt": prompt, "seed": seed, "file": name}
+                if names is not None:
+                    row["image"] = names[j]
                 sink.write(json.dumps(row | {"scores": {k: v[j] for k, v in values.items()}}) + "\n")
                 sink.flush()
             bar.update(len(chunk))
@@ -242,21 +253,25 @@ def sample_and_score(
     shard: Shard,
     *,
     progress: bool = True,
+    images: list | None = None,
 ) -> list[dict]:
     """Write every candidate of ``prompts`` not yet in ``out_dir`` (see the module docstring); return
-    all rows of ``candidates.jsonl``, in id order, on every process."""
+    all rows of ``candidates.jsonl``, in id order, on every process. ``images`` (one file per prompt)
+    are condition images, copied as PNG into ``out_dir/conditions`` so the dataset holds them."""
     k = config.num_candidates
     jobs = [(i * k + j, p, config.seed + i * k + j) for i, p in enumerate(prompts) for j in range(k)]
     settings = candidate_settings(model, score_fn, config, len(prompts))
     path, lock = out_dir / CANDIDATES, out_dir / LOCK
     (out_dir / "candidates").mkdir(parents=True, exist_ok=True)
     progress = progress and shard.is_main
+    conditions = None if images is None else copy_conditions(images, out_dir, len(prompts), shard)
+    options = dict(progress=progress, conditions=conditions)
     if not shard.sharded:
         with exclusive_lock(lock):  # held for the whole run: a second writer waits, then resumes
             _record_settings(out_dir, settings)
             repair_tail(path)
             todo = _todo(path, jobs, shard, config.batch_size)
-            _sample_todo(model, todo, score_fn, out_dir, path, config, progress)
+            _sample_todo(model, todo, score_fn, out_dir, path, config, **options)
             merge_parts(path, _by_id)  # parts left by a killed multi-process run: counted done above
         return read_rows(path)
     error = None
@@ -266,7 +281,7 @@ def sample_and_score(
                 _record_settings(out_dir, settings)
                 repair_tail(path)
                 todo = _todo(path, jobs, shard, config.batch_size)
-            _sample_todo(model, todo, score_fn, out_dir, part, config, progress)
+            _sample_todo(model, todo, score_fn, out_dir, part, config, **options)
     except Exception as err:  # noqa: BLE001 - shared with the other processes, then raised on all
         error = err
     finish(path, shard, lock, _by_id, error=error)
@@ -275,3 +290,29 @@ def sample_and_score(
 
 def _by_id(row: dict) -> int:
     return int(row["id"])
+
+
+def _open_rgb(path: Path):
+    import PIL.Image
+
+    with PIL.Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def copy_conditions(images: list, out_dir: Path, num_prompts: int, shard: Shard) -> list[str]:
+    """Each prompt's condition image written as ``conditions/<prompt index>.png`` (RGB, lossless) by the
+    main process; returns the names relative to ``out_dir``."""
+    if len(images) != num_prompts:
+        raise ValueError(f"got {len(images)} condition images for {num_prompts} prompts")
+    names = [f"conditions/{i:06d}.png" for i in range(num_prompts)]
+    if shard.is_main:
+        (out_dir / "conditions").mkdir(parents=True, exist_ok=True)
+        for image, name in zip(images, names, strict=True):
+            try:
+                rgb = _open_rgb(Path(image))
+            except OSError as err:
+                raise ValueError(f"cannot read condition image {image}: {err}") from None
+            with atomic_write(out_dir / name) as tmp:
+                rgb.save(tmp, format="PNG")
+    shard.barrier()
+    return names

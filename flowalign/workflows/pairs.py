@@ -107,6 +107,7 @@ def build_pairs(
     *,
     progress: bool = True,
     shard: Shard | None = None,
+    images: list | None = None,
 ) -> tuple[Candidates, list[tuple[int, int]]]:
     """Sample, score (``score_fn(media, prompts) -> {dim: [N], "overall": [N]}``), pick pairs, write files.
 
@@ -115,7 +116,8 @@ def build_pairs(
     ``load_preference_dataset`` reads) whose rows point at the candidate files, and ``pairs_config.json``.
     An interrupted run resumes from the candidates on disk; a folder made with other settings is refused
     (:mod:`flowalign.workflows.candidates`). Under several processes (``accelerate launch``) each samples
-    its own batches and every process returns the same result.
+    its own batches and every process returns the same result. ``images`` (one file per prompt): the
+    condition images of an image-conditioned family; each pair's row names its prompt's (``"image"``).
 
     Returns:
         The candidates (media read from their files when asked for) and the chosen (winner, loser) indices.
@@ -128,7 +130,9 @@ def build_pairs(
         raise ValueError("no prompts to build pairs from")
     out_dir = Path(out_dir)
     shard = shard or current_shard()
-    rows = sample_and_score(model, list(prompts), score_fn, out_dir, config, shard, progress=progress)
+    rows = sample_and_score(
+        model, list(prompts), score_fn, out_dir, config, shard, progress=progress, images=images
+    )
     expected = len(prompts) * config.num_candidates
     if len(rows) != expected or [r["id"] for r in rows] != list(range(expected)):
         raise DataError(out_dir / CANDIDATES, f"{len(rows)} candidates on disk, expected ids 0..{expected - 1}; "
@@ -141,7 +145,10 @@ def build_pairs(
     if shard.is_main:
         files = [r["file"] for r in rows]
         if chosen:
-            write_pairs_jsonl(out_dir / PAIRS, cand.prompts, files, cand.scores["overall"], chosen)
+            conditions = [r.get("image") for r in rows] if images is not None else None
+            write_pairs_jsonl(
+                out_dir / PAIRS, cand.prompts, files, cand.scores["overall"], chosen, conditions=conditions
+            )
         else:
             (out_dir / PAIRS).unlink(missing_ok=True)  # an older run's pairs would not match this record
         record = {**settings, **asdict(config), "num_pairs": len(chosen), "ties_skipped": ties}
@@ -159,9 +166,16 @@ def build_pairs(
 
 
 def write_pairs_jsonl(
-    path: Path, prompts: list[str], files: list[str], overall: Tensor, chosen: list[tuple[int, int]]
+    path: Path,
+    prompts: list[str],
+    files: list[str],
+    overall: Tensor,
+    chosen: list[tuple[int, int]],
+    *,
+    conditions: list[str | None] | None = None,
 ) -> None:
-    """A preference jsonl whose rows point at the candidates' own files (winner = A), written atomically."""
+    """A preference jsonl whose rows point at the candidates' own files (winner = A), written atomically;
+    with ``conditions`` (per candidate) each row names the pair's shared condition image."""
     with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as sink:
         for w, l_ in chosen:
             record = {
@@ -169,6 +183,7 @@ def write_pairs_jsonl(
                 "path_A": files[w],
                 "path_B": files[l_],
                 "label": "A",
+                **({} if conditions is None else {"image": conditions[w]}),
                 "meta": {
                     "candidate_w": w,
                     "candidate_l": l_,

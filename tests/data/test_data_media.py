@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flowalign.data import media
+from flowalign.data import images, videos
 from flowalign.data.media import (
     MediaError,
     atomic_write,
@@ -171,8 +171,8 @@ def test_pyav_and_ffmpeg_backends_agree(tmp_path: Path) -> None:
     pytest.importorskip("av", reason="PyAV is optional (the [video] extra); the ffmpeg backend is tested")
     v = _smooth_video(3, 16, 16)
     save_video(v, tmp_path / "a.mp4")
-    a = media._read_pyav(tmp_path / "a.mp4", None)
-    b = media._read_ffmpeg(tmp_path / "a.mp4", None)
+    a = videos._read_pyav(tmp_path / "a.mp4", None)
+    b = videos._read_ffmpeg(tmp_path / "a.mp4", None)
     assert len(a) == len(b) == 3
     for fa, fb in zip(a, b, strict=True):
         assert np.abs(fa.astype(int) - fb.astype(int)).mean() < 2.0
@@ -275,7 +275,7 @@ def test_content_not_matching_extension(tmp_path: Path) -> None:
 def test_decompression_bomb_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     p = tmp_path / "big.png"
     save_image(_uint8_image(0, 16, 16), p)
-    monkeypatch.setattr(media, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(MediaError, match="MAX_IMAGE_PIXELS") as exc:
         load_image(p)
     _assert_names(exc, p)

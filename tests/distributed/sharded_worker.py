@@ -1,6 +1,6 @@
 """Flow-DPO for the sharded-training tests, in this process or under ``accelerate launch`` (CPU, gloo).
 
-usage: sharded_worker.py MODEL_DIR OUTPUT_DIR MODE BATCH MAX_STEPS [resume=PATH] [wrap=none]
+usage: sharded_worker.py MODEL_DIR OUTPUT_DIR MODE BATCH MAX_STEPS [resume=PATH] [wrap=none] [ema=off]
 MODE is "lora" or "full"; ``wrap=none`` shards the transformer as one FSDP unit instead of one unit
 per transformer block (the launch config's wrap policy). Prints ``WORLD=<n> RANK=<r> STRATEGY=<s>`` on every rank and ``DIST-DONE``
 on the main one; ends with the gloo exit workaround (the crash at interpreter exit after all work).
@@ -33,8 +33,10 @@ def run(
     resume: bool | str = False,
     grad_clip: float | None = None,
     checkpoint_every: int = 0,
+    ema: bool = True,
 ):
-    """Flow-DPO on 8 toy pairs (lr 1e-2, beta 2000, EMA on); LoRA rank 4 or a full fine-tune."""
+    """Flow-DPO on 8 toy pairs (lr 1e-2, beta 2000, EMA on unless ``ema`` is False); LoRA rank 4 or a
+    full fine-tune."""
     from flowalign.config import CheckpointConfig, EMAConfig, LoraConfig, OptimConfig, TrainConfig
     from flowalign.models import load_flow_model
     from flowalign.training.loop import train
@@ -53,7 +55,7 @@ def run(
         trackers=[],
         cpu=os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true",  # DeepSpeed needs cpu=False
         optim=OptimConfig(lr=1e-2 if mode == "lora" else 1e-3),
-        ema=EMAConfig(use=True, decay=0.5),
+        ema=EMAConfig(use=ema, decay=0.5),
         checkpoint=CheckpointConfig(every=checkpoint_every),
     )
     return method, train(method, toy_pairs(), config, progress=False, resume=resume)
@@ -66,8 +68,9 @@ if __name__ == "__main__":
         os.environ["FSDP_AUTO_WRAP_POLICY"] = "NO_WRAP"
     resume = opts.get("resume", False)
     method, result = run(
-        a[0], Path(a[1]), a[2], int(a[3]), max_steps=int(a[4]), resume=resume, checkpoint_every=1
-    )
+        a[0], Path(a[1]), a[2], int(a[3]), max_steps=int(a[4]), resume=resume, checkpoint_every=1,
+        ema=opts.get("ema", "on") != "off",
+    )  # fmt: skip
     from accelerate.state import AcceleratorState
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor

@@ -51,11 +51,64 @@ def test_export_copies_refuse_weights_of_another_module():
         copies.fill({"net": {"weight": torch.zeros(4, 3)}})
 
 
-def test_a_group_spanning_two_modules_is_refused_for_sharded_training():
+class FakeAccelerator:
+    """Records ``prepare`` calls; hands back what it got, as an FSDP2 prepare does (in-place sharding),
+    with each parameter replaced by a new one, as ``fully_shard`` does."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self._optimizers: list = []
+        self.plugin = SimpleNamespace(transformer_cls_names_to_wrap=["Linear", "JointTransformerBlock"])
+        self.state = SimpleNamespace(fsdp_plugin=self.plugin)
+        self.wrap_names: list[list[str]] = []
+
+    def prepare(self, module, *optimizers):
+        self.calls.append((module, *optimizers))
+        self.wrap_names.append(list(self.plugin.transformer_cls_names_to_wrap))
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["params"] = [nn.Parameter(p.detach().clone()) for p in group["params"]]
+            self._optimizers.append(opt)
+        return (module, *optimizers)
+
+    def prepare_optimizer(self, opt, device_placement=None):
+        self._optimizers.append(opt)
+        return opt
+
+
+def test_a_group_spanning_two_modules_gets_its_optimizer_over_the_sharded_parameters():
+    """f-distill's critic: one group over two modules. Each module is prepared with a carrier (SGD over
+    its share of the group), and the group's optimizer is built afterwards over the parameters the
+    carriers were given back, in the group's order; the carriers leave the accelerator's list."""
+    gen, fake, heads = nn.Linear(2, 2), nn.Linear(2, 3), nn.Linear(3, 1)
+    groups = {"generator": list(gen.parameters()), "critic": [*fake.parameters(), *heads.parameters()]}
+    acc = FakeAccelerator()
+    built: dict = {}
+
+    def make(g, ps):
+        built[g] = torch.optim.AdamW(ps, lr=0.1)
+        return built[g]
+
+    trainable = {"generator": gen, "fake_score": fake, "discriminator": heads}
+    wrapped, prepared, base, params = dist_.prepare_sharded(acc, dist_.FSDP2, None, trainable, groups, make)
+    assert wrapped == trainable and base == built and prepared == built
+    assert [len(c) for c in acc.calls] == [2, 2, 2]  # each module with one optimizer: own or carrier
+    carriers = [c[1] for c in acc.calls[1:]]
+    assert all(isinstance(c, torch.optim.SGD) for c in carriers)
+    carried = [p for c in carriers for g in c.param_groups for p in g["params"]]
+    assert params["critic"] == carried and len(carried) == 4
+    assert all(p is not q for p, q in zip(carried, groups["critic"], strict=True))  # the replacements
+    assert acc._optimizers == [built["generator"], built["critic"]]
+    # the launch config's layer classes, cut down to those each module has while it is prepared
+    assert acc.wrap_names == [["Linear"]] * 3
+    assert acc.plugin.transformer_cls_names_to_wrap == ["Linear", "JointTransformerBlock"]
+
+
+def test_deepspeed_refuses_several_modules_or_groups():
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
     groups = {"critic": [*a.parameters(), *b.parameters()]}
-    with pytest.raises(ValueError, match="group 'critic' spans the trainable modules \\['a', 'b'\\]"):
-        dist_.prepare_sharded(None, dist_.FSDP2, None, {"a": a, "b": b}, groups, lambda g, ps: None)
+    with pytest.raises(ValueError, match="DeepSpeed runs one engine.*use FSDP2"):
+        dist_.prepare_sharded(None, dist_.DEEPSPEED, None, {"a": a, "b": b}, groups, lambda g, ps: None)
 
 
 def test_deepspeed_takes_batch_accumulation_and_clipping_from_the_run_config(tmp_path, caplog):

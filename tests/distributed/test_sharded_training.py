@@ -38,6 +38,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flowalign.training.checkpoint import load_checkpoint
+from flowalign.training.dcp_checkpoint import read_full
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -57,10 +60,10 @@ def _free_port() -> int:
 
 
 def launch(config: Path, model_dir: Path, out: Path, mode: str, steps: int, *opts: str) -> str:
-    """Run sharded_worker.py (onestep_worker.py for mode "distar") on 2 processes with the accelerate
-    ``config``; returns the log."""
-    if mode == "distar":
-        worker = [str(HERE / "onestep_worker.py"), str(model_dir), str(out), str(steps)]
+    """Run sharded_worker.py (onestep_worker.py for modes "distar" and "fdistill") on 2 processes with
+    the accelerate ``config``; returns the log."""
+    if mode in ("distar", "fdistill"):
+        worker = [str(HERE / "onestep_worker.py"), str(model_dir), str(out), str(steps), f"method={mode}"]
     else:
         worker = [str(HERE / "sharded_worker.py"), str(model_dir), str(out), mode, "2", str(steps)]
     cmd = [
@@ -84,16 +87,23 @@ def metrics(out: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
-def trainable_count(ckpt: Path) -> int:
+def trainable_count(ckpt) -> int:
     """Gradient elements plus tensors: the number of squares a gradient norm of all of them adds."""
-    weights = [w for f in ckpt.glob("model-*.safetensors") for w in load_file(f).values()]
+    weights = [w for module in ckpt.weights.values() for w in module.values()]
     return sum(t.numel() for t in weights) + len(weights)
 
 
-def assert_same_step(a: Path, b: Path, step: int) -> None:
-    """Metrics of ``step`` equal (the gradient norm within its rounding bound), checkpoint files equal."""
+def assert_same_step(
+    a: Path, b: Path, step: int, *, layouts: tuple[str, str] | None = None, ema: bool = True
+) -> None:
+    """Metrics of ``step`` equal (the gradient norm within its rounding bound); weights, EMA and
+    optimizer state of the two checkpoints equal, whatever their layouts (full, or DCP shards read
+    whole); ``layouts`` checks which layout each run wrote."""
     ra, rb = metrics(a)[step], metrics(b)[step]
-    ckpt_a, ckpt_b = a / f"checkpoint-{step:08d}", b / f"checkpoint-{step:08d}"
+    path_a, path_b = a / f"checkpoint-{step:08d}", b / f"checkpoint-{step:08d}"
+    if layouts is not None:
+        assert (load_checkpoint(path_a).layout, load_checkpoint(path_b).layout) == layouts
+    ckpt_a, ckpt_b = read_full(path_a), read_full(path_b)
     assert ra.keys() == rb.keys()
     for key in ra:
         if key.endswith("grad_norm"):
@@ -102,18 +112,17 @@ def assert_same_step(a: Path, b: Path, step: int) -> None:
             assert abs(rb[key] - ra[key]) <= (gamma + 2 * U) * ra[key], (step, ra[key], rb[key])
         else:
             assert rb[key] == ra[key], (step, key, ra[key], rb[key])
-    names = sorted(p.name for p in ckpt_a.glob("*.safetensors"))
-    assert names == sorted(p.name for p in ckpt_b.glob("*.safetensors")) and "ema.safetensors" in names
-    for name in names:
-        wa, wb = load_file(ckpt_a / name), load_file(ckpt_b / name)
-        assert wa.keys() == wb.keys(), name
+    assert (ckpt_a.ema is not None, ckpt_b.ema is not None) == (ema, ema)
+    pairs = [(("ema",), ckpt_a.ema, ckpt_b.ema)] if ema else []
+    assert ckpt_a.weights.keys() == ckpt_b.weights.keys()
+    pairs += [(("model", m), ckpt_a.weights[m], ckpt_b.weights[m]) for m in ckpt_a.weights]
+    for where, wa, wb in pairs:
+        assert wa.keys() == wb.keys(), where
         for key in wa:
-            assert torch.equal(wa[key], wb[key]), (name, key)
-    opt_a = torch.load(ckpt_a / "optimizer.pt", weights_only=True)
-    opt_b = torch.load(ckpt_b / "optimizer.pt", weights_only=True)
-    assert opt_a.keys() == opt_b.keys()
-    for group, oa in opt_a.items():
-        ob = opt_b[group]
+            assert torch.equal(wa[key], wb[key]), (where, key)
+    assert ckpt_a.optimizers.keys() == ckpt_b.optimizers.keys()
+    for group, oa in ckpt_a.optimizers.items():
+        ob = ckpt_b.optimizers[group]
         assert oa["param_groups"] == ob["param_groups"]
         assert oa["state"].keys() == ob["state"].keys()
         for idx, entry in oa["state"].items():

@@ -105,3 +105,25 @@ def test_push_out_writes_the_folder_without_uploading(toy_dpo_run, tmp_path, mon
     )
     assert res.exit_code == 0, res.output
     assert "nothing uploaded" in res.output and (tmp_path / "o" / "README.md").is_file()
+
+
+def test_sample_grid_from_the_latest_training_previews(toy_dpo_run, tmp_path):
+    import shutil
+
+    import torch
+
+    from flowalign.data.media import load_media, save_image
+
+    run = tmp_path / "run"
+    shutil.copytree(toy_dpo_run, run)
+    for step, value in (("step-000001", 0.0), ("step-000002", 1.0)):
+        folder = run / "samples" / step
+        folder.mkdir(parents=True)
+        for i in range(2):
+            save_image(torch.full((3, 16, 16), value), folder / f"{i}.png")
+        (folder / "samples.json").write_text("{}")
+    folder = build_upload_folder(run, tmp_path / "up", repo_id="me/toy-dpo")
+    grid = load_media(folder / "samples.png")
+    assert grid.shape == (3, 16 + 4, 2 * 16 + 6)  # two previews side by side, 2-pixel padding
+    assert grid[:, 2:18, 2:18].min() == 1.0  # the latest step's white previews, not the first step's black
+    assert "![samples](samples.png)" in (folder / "README.md").read_text()

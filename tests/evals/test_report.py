@@ -222,3 +222,24 @@ def test_a_guidance_sweep_gets_one_curve_per_swept_model(toy_models, tmp_path, r
     curve = html[html.index('class="plot curve"') :].split("</svg>")[0]
     assert curve.count("<polyline") == 1 and curve.count("<circle") == 3  # model a at 1, 2, 4; b is not swept
     assert "Guidance curves" not in rich_run.html_path.read_text()
+
+
+def test_the_report_names_the_extractor_and_weights_of_each_distance(rich_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(rich_run.json_path.parent, copy)
+    report = json.loads((copy / "report.json").read_text())
+    res = report["results"]["toy-heldout"]
+    res["fid"]["a"]["inception"] = {"fid": 12.5, "kid": 0.0123, "kid_se": 0.001, "kid_subset_size": 6, "n": 6,
+                                    "n_reference": 6, "extractor": "clean-fid Inception-v3 (TF 2015-12-05 graph)",
+                                    "weights": "inception-2015-12-05.pt", "sha256": "ab" * 32,
+                                    "comparable_with_papers": True}  # fmt: skip
+    res["fid"]["b"]["clip"] = {"fid": 3.25, "n": 6, "n_reference": 6, "extractor": "CLIP image embeddings (tiny)",
+                               "comparable_with_papers": False}  # fmt: skip
+    html = render_report(copy, report=report).read_text()
+    assert (
+        "Inception FID and KID: clean-fid Inception-v3 (TF 2015-12-05 graph), weights inception-2015-12-05.pt"
+        in html
+    )
+    assert "(sha256 abababababab); comparable with published numbers." in html
+    assert "CLIP-FD: CLIP image embeddings (tiny); comparable between runs of this tool only." in html
+    assert "12.5" in html and "3.25" in html and "0.0123" in html

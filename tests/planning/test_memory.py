@@ -23,6 +23,10 @@ PUBLISHED = {
 }  # fmt: skip
 
 
+# architectures whose block activations are modelled (the newer video families plan weights only)
+MODELLED = [name for name, arch in ARCHITECTURES.items() if arch.family in ("sd3", "flux", "wan")]
+
+
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_meta_built_parameter_counts_match_the_published_sizes(name: str) -> None:
     assert round(param_count(name) / 1e9, 2) == PUBLISHED[name]
@@ -65,7 +69,7 @@ def test_lora_dpo_resident_items_are_the_exact_products() -> None:
 
 
 def test_checkpointing_lowers_activations() -> None:
-    for name in ARCHITECTURES:
+    for name in MODELLED:
         arch = get_architecture(name)
         kw = dict(image_tokens=arch.image_tokens(512, 512), text_tokens=arch.text_tokens, samples=2)
         for rank in (16, None):
@@ -83,8 +87,9 @@ def test_activations_grow_with_resolution_and_pairs() -> None:
 
 def test_more_gpus_lower_sharded_memory_and_leave_ddp_replicas() -> None:
     base = Recipe("flux-dev", lora_rank=None)
-    peaks = [plan(base.replace(num_gpus=g, strategy="fsdp")).peak for g in (2, 4, 8)]
-    assert peaks[0] > peaks[1] > peaks[2]
+    plans = [plan(base.replace(num_gpus=g, strategy="fsdp")) for g in (2, 4, 8)]
+    assert plans[0].step_peak > plans[1].step_peak > plans[2].step_peak
+    assert plans[0].load == plans[2].load  # each process loads the whole model before it is sharded
     z2 = [plan(base.replace(num_gpus=g, strategy="zero2")).resident["optimizer (adamw)"] for g in (2, 8)]
     assert z2[0] == 4 * z2[1]
     ddp = plan(base.replace(num_gpus=8, strategy="ddp"))
@@ -92,7 +97,7 @@ def test_more_gpus_lower_sharded_memory_and_leave_ddp_replicas() -> None:
 
 
 def test_lora_is_smaller_than_full_fine_tune() -> None:
-    for name in ARCHITECTURES:
+    for name in MODELLED:
         assert plan(Recipe(name)).peak < plan(Recipe(name, lora_rank=None)).peak, name
 
 

@@ -41,8 +41,8 @@ def test_mixed_size_pairs_train_through_buckets(tiny_model_dir, tmp_path, monkey
     original = FlowDPO.pair_latents
 
     def spy(self, batch):
-        seen.append(tuple(batch["media_w"].shape))
-        assert batch["media_w"].shape == batch["media_l"].shape
+        seen.append(tuple(batch.media_w.shape))
+        assert batch.media_w.shape == batch.media_l.shape
         return original(self, batch)
 
     monkeypatch.setattr(FlowDPO, "pair_latents", spy)

@@ -24,8 +24,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+import flowalign.toy  # noqa: F401  (registers the toy: data sources)
 from flowalign.config import TrainConfig
-from flowalign.data.media import VIDEO_EXTENSIONS, MediaError, load_video
+from flowalign.data.items import VideoFolderDataset as VideoFolderDataset
+from flowalign.data.sources import open_source
 from flowalign.objectives.cdt import cdt_loss
 from flowalign.tokenizers.cdt import CDTConfig, ConditionedDiffusionTokenizer
 from flowalign.training.method import Method, StepContext
@@ -133,43 +135,12 @@ class CDTTraining(Method):
         return loss.mean(), metrics
 
 
-class VideoFolderDataset(Dataset):
-    """Clips from the video files in a folder: the first ``num_frames`` frames, centre-cropped to ``size``.
-
-    Items are {"pixels": [T, 3, size, size] in [0, 1]}. A file with too few frames or smaller than
-    ``size`` raises :class:`MediaError` naming it when read.
-    """
-
-    def __init__(self, folder: str | os.PathLike, *, num_frames: int, size: int) -> None:
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise FileNotFoundError(f"{self.folder}: video folder not found")
-        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
-        if not self.files:
-            raise ValueError(f"{self.folder}: no video files ({sorted(VIDEO_EXTENSIONS)})")
-        self.num_frames, self.size = num_frames, size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        path = self.files[index]
-        video = load_video(path, max_frames=self.num_frames)  # [T, 3, H, W]
-        t, _, h, w = video.shape
-        if t < self.num_frames or h < self.size or w < self.size:
-            raise MediaError(
-                path, f"need >= {self.num_frames} frames of >= {self.size}x{self.size}, got {t} of {h}x{w}"
-            )
-        top, left = (h - self.size) // 2, (w - self.size) // 2
-        return {"pixels": video[:, :, top : top + self.size, left : left + self.size].contiguous()}
-
-
 @dataclass(kw_only=True)
 class CDTDataConfig:
     """Training clips."""
 
-    source: str = "toy"
-    """"toy" (the toy world's moving shapes) or a folder of video files."""
+    source: str = "toy:video"
+    """toy:video (the toy world's moving shapes) or a folder of video files."""
     num_frames: int = 9
     """Frames per clip (1 + 4k)."""
     size: int = 32
@@ -199,14 +170,10 @@ class CDTRunConfig:
 
 
 def build_dataset(cfg: CDTDataConfig) -> Dataset:
-    """The clips of ``cfg``."""
-    if cfg.source == "toy":
-        from flowalign.toy.data import ToyDataset
-
-        return ToyDataset(
-            "train", kind="video", num=cfg.num, seed=cfg.seed, size=cfg.size, num_frames=cfg.num_frames
-        )
-    return VideoFolderDataset(cfg.source, num_frames=cfg.num_frames, size=cfg.size)
+    """The clips of ``cfg`` (:func:`flowalign.data.sources.open_source`; ``num`` and ``seed`` are toy only)."""
+    return open_source(
+        cfg.source, "clips", num=cfg.num, seed=cfg.seed, size=cfg.size, num_frames=cfg.num_frames
+    )
 
 
 def train_cdt(cfg: CDTRunConfig, *, resume: bool | str | os.PathLike = False, progress: bool = True):

@@ -41,9 +41,21 @@ class TimeSampling:
     """Static shift applied to the sampled t (3.0 matches SD3.5's shifted training table)."""
 
 
-def sample_training_t(cfg: TimeSampling, ids: Tensor, ctx: StepContext, *, key: str = "t") -> Tensor:
-    """One t per sample id, drawn through the step context (deterministic, split-independent). [B]."""
-    return flow.t_from_draws(
+def sample_training_t(
+    cfg: TimeSampling,
+    ids: Tensor,
+    ctx: StepContext,
+    *,
+    key: str = "t",
+    span: tuple[float, float] = (0.0, 1.0),
+) -> Tensor:
+    """One t per sample id, drawn through the step context (deterministic, split-independent). [B].
+
+    ``span = (lo, hi)`` maps the draw affinely into [lo, hi]: t = lo + (hi - lo) t' (a model's
+    :attr:`~flowalign.models.base.FlowModel.training_t_span`, e.g. one Wan 2.2 A14B expert's range).
+    """
+    lo, hi = span
+    t = flow.t_from_draws(
         ctx.randn((), ids, key=f"{key}_normal"),
         ctx.rand((), ids, key=f"{key}_uniform"),
         density=cfg.time_density,
@@ -51,6 +63,7 @@ def sample_training_t(cfg: TimeSampling, ids: Tensor, ctx: StepContext, *, key: 
         logit_std=cfg.logit_std,
         shift=cfg.time_shift,
     ).to(ctx.device)
+    return t if (lo, hi) == (0.0, 1.0) else lo + (hi - lo) * t
 
 
 def trainable_to_fp32(module: nn.Module) -> None:
@@ -179,15 +192,52 @@ class CachedPrompts:
                 self.model.modules()[name].to("cpu")
         return self.prompt_cache
 
-    def condition(self, prompts: Sequence[str], device: torch.device) -> PromptEmbeds:
-        """The prompts' embeddings on ``device``: read from the cache when there is one, else encoded."""
+    def condition(
+        self,
+        prompts: Sequence[str],
+        device: torch.device,
+        *,
+        images: Sequence | None = None,
+        like: torch.Tensor | None = None,
+    ) -> PromptEmbeds:
+        """The prompts' embeddings on ``device``: read from the cache when there is one, else encoded.
+
+        ``images`` (one per prompt) are the condition images of image-conditioned families, encoded
+        with the prompts for media of the size of the latents ``like``."""
+        if images is not None:
+            height, width, frames = self.model.media_size(like.shape)
+            with torch.no_grad():
+                cond, _ = self.model.encode_prompt(
+                    list(prompts), images=list(images), height=height, width=width, num_frames=frames
+                )
+            return cond.to(device=device)
         if self.prompt_cache is not None:
             return self.prompt_cache.lookup(prompts, device)
         return encode_frozen_prompts(self.model, list(prompts))
 
     def without_text_encoders(self, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
-        """``modules`` less the text encoders when the prompts are cached (they stay on the CPU)."""
-        if self.prompt_cache is None:
-            return modules
-        encoders = set(text_encoder_names(self.model))
-        return {k: v for k, v in modules.items() if k not in encoders}
+        """``modules`` less the text encoders when the prompts are cached, and less the VAE when the
+        media latents are (``media_cached``, :mod:`flowalign.training.latent_cache`): they stay on the CPU."""
+        dropped = set(text_encoder_names(self.model)) if self.prompt_cache is not None else set()
+        if getattr(self, "media_cached", False):
+            dropped.add("vae")
+        return {k: v for k, v in modules.items() if k not in dropped}
+
+
+class TransformerPolicy(CachedPrompts):
+    """Mixin for methods that train the transformer (LoRA or full) against a :class:`FrozenReference`
+    (``self.reference``): the transformer is the one trainable module; the other components (less the
+    cached-away encoders and VAE) and a full fine-tune's reference copy are frozen."""
+
+    reference: FrozenReference
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"transformer": self.model.transformer}
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        frozen = self.without_text_encoders(
+            {k: v for k, v in self.model.modules().items() if k != "transformer"}
+        )
+        if self.reference.copy is not None:
+            frozen["reference"] = self.reference.copy
+        return frozen

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from flowalign.config import ConfigError, TrainConfig
+from flowalign.data.batches import PromptBatch
 from flowalign.models.base import FlowModel
 from flowalign.objectives.distar import distar_generator_loss, kl_reward_generator_loss
 from flowalign.rewards.base import RewardModel
@@ -157,8 +158,8 @@ class DiffInstructStar(common.OneStepDistillation):
         power = {"none": 0, "t": 1, "t2": 2}[self.config.time_weighting]
         return self.config.alpha * t.float().pow(power)
 
-    def generator_loss(self, batch: dict, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
-        cfg, ids, prompts = self.config, batch["index"], batch["prompt"]
+    def generator_loss(self, batch: PromptBatch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg, ids, prompts = self.config, batch.index, batch.prompt
         cond, uncond = self.encode(prompts, with_uncond=self.uses_cfg)
         x = self.sample(ids, ctx, cond, net=ctx.module("generator"))  # [B, ...] with the generator's graph
         reward = self.reward_of(x, prompts) if self.reward is not None else None
@@ -197,8 +198,9 @@ class DistarRun:
 
     teacher: str = ""
     """Hub id or local folder of the flow teacher (the reference diffusion)."""
-    teacher_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Storage precision of the frozen teacher (bf16 saves memory on GPU; trainable copies stay fp32)."""
+    teacher_dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    """Precision of the frozen teacher; null = the compute dtype of train.mixed_precision (fp32 for
+    "no", bf16, fp16), as for every run. The generator and fake score stay fp32."""
     method: DistarConfig = field(default_factory=DistarConfig)
     """DI* settings (reward, reward_scale, alpha, ...)."""
     data: common.OneStepData = field(default_factory=common.OneStepData)
@@ -227,8 +229,14 @@ def run_distar(
 
     if not config.teacher:
         raise ConfigError("the teacher model (hub id or folder) is required", key="teacher")
-    teacher = common.load_teacher(config.teacher, method="DI*", dtype=config.teacher_dtype)
+    from flowalign.training.methods.onestep_dtypes import frozen_dtype, load_run_teacher
+    from flowalign.training.runs import training_device
+
+    frozen = frozen_dtype(config.teacher_dtype, config.train.mixed_precision)
+    device = training_device(config.train)
+    teacher = load_run_teacher(config.teacher, method="DI*", frozen=frozen, device=device)
     method = DiffInstructStar(teacher, config.method, reward=reward)
+    method.keep_teacher_in(frozen)
     dataset = common.build_dataset(
         config.data, kind="video" if teacher.is_video else "image", needs_real=False
     )

@@ -14,18 +14,19 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import nn
 
 from flowalign import flow
 from flowalign.config import LoraConfig
+from flowalign.data.batches import PairBatch
 from flowalign.models.base import FlowModel
 from flowalign.models.lora import has_lora, save_lora
-from flowalign.objectives.dpo import flow_dpo_loss, velocity_errors_for_pairs
+from flowalign.objectives.dpo import velocity_errors_for_pairs
+from flowalign.objectives.fdpo import f_dpo_loss
 from flowalign.training.method import Method, StepContext
 from flowalign.training.methods.common import (
-    CachedPrompts,
     FrozenReference,
     TimeSampling,
+    TransformerPolicy,
     freeze_all_but_transformer,
     frozen_copy,
     sample_training_t,
@@ -44,10 +45,18 @@ class DPOConfig:
     """Per-sample error as a "mean" or "sum" over latent elements (sum-with-beta == mean-with-beta*D)."""
     time: TimeSampling = field(default_factory=TimeSampling)
     """How the shared t of each pair is drawn."""
+    divergence: str = "reverse_kl"
+    """The f-divergence constraint (f-DPO, docs/algorithms.md 1G): "reverse_kl" is Flow-DPO; also
+    "forward_kl", "js", "alpha" and the rest of the f-distill table."""
+    alpha: float = 0.5
+    """α of ``divergence="alpha"``."""
+    ratio_scale: float | None = None
+    """f-DPO's a in log(π/π_ref) ≈ -(a/2)(e - e_ref); null uses beta (unused for the reverse KL)."""
 
 
-class FlowDPO(CachedPrompts, Method):
-    """Flow-DPO. Batches: ``media_w``/``media_l`` (or cached ``latents_w``/``latents_l``), ``prompt``, ``index``.
+class FlowDPO(TransformerPolicy, Method):
+    """Flow-DPO on :class:`~flowalign.data.batches.PairBatch` batches (``media_w``/``media_l`` or cached
+    ``latents_w``/``latents_l``, ``prompt``, ``index``).
 
     Call :meth:`cache_prompts` with the dataset's prompts before training to encode each prompt
     once instead of twice per pair and step (the text encoders then leave the device).
@@ -61,59 +70,48 @@ class FlowDPO(CachedPrompts, Method):
             raise ValueError(f"beta_schedule must be 'constant' or 't2', got {self.config.beta_schedule!r}")
         if self.config.reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {self.config.reduction!r}")
+        from flowalign.objectives.f_divergences import get_divergence
+
+        get_divergence(self.config.divergence, alpha=self.config.alpha)  # an unknown name fails here
         freeze_all_but_transformer(model, lora)
         self.reference = FrozenReference(model.transformer, model.compute_dtype)
 
-    def trainable_modules(self) -> dict[str, nn.Module]:
-        return {"transformer": self.model.transformer}
+    def collate(self, items: list[dict]) -> PairBatch:
+        return PairBatch.collate(items)
 
-    def frozen_modules(self) -> dict[str, nn.Module]:
-        frozen = self.without_text_encoders(
-            {k: v for k, v in self.model.modules().items() if k != "transformer"}
-        )
-        if self.reference.copy is not None:
-            frozen["reference"] = self.reference.copy
-        return frozen
-
-    def collate(self, items: list[dict]) -> dict:
-        batch = {
-            "prompt": [item["prompt"] for item in items],
-            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
-        }
-        for key in ("media_w", "media_l", "latents_w", "latents_l"):
-            if key in items[0]:
-                batch[key] = torch.stack([item[key] for item in items])
-        return batch
-
-    def pair_latents(self, batch: dict) -> torch.Tensor:
+    def pair_latents(self, batch: PairBatch) -> torch.Tensor:
         """Canonical latents of the pairs laid out [w_0..w_{P-1}, l_0..l_{P-1}]: [2P, ...]."""
-        if "latents_w" in batch:
-            return torch.cat([batch["latents_w"], batch["latents_l"]])
-        with torch.no_grad():
-            return self.model.encode_media(torch.cat([batch["media_w"], batch["media_l"]]))
+        return PairBatch.coerce(batch).pair_latents(self.model.encode_media)
 
-    def compute_loss(self, batch: dict, ctx: StepContext, group: str):
-        ids = batch["index"]
+    def compute_loss(self, batch: PairBatch, ctx: StepContext, group: str):
+        batch = PairBatch.coerce(batch)
+        ids = batch.index
         x0 = self.pair_latents(batch)  # [2P, ...]
         noise = ctx.randn_like(x0[: len(ids)], ids, key="noise").repeat(
             2, *([1] * (x0.ndim - 1))
         )  # shared per pair
-        t = sample_training_t(self.config.time, ids, ctx).repeat(2)  # shared per pair
+        t = sample_training_t(self.config.time, ids, ctx, span=self.model.training_t_span).repeat(
+            2
+        )  # shared per pair
         x_t = flow.interpolate(x0, noise, t)
         v_target = flow.velocity_target(x0, noise)
-        cond = self.condition(list(batch["prompt"]) * 2, x0.device)
+        images = batch.condition
+        cond = self.condition(batch.prompt * 2, x0.device, images=images and images * 2, like=x0)
         v_policy = self.model.velocity(x_t, t, cond, net=ctx.module("transformer"))
         with torch.no_grad(), self.reference.network(self.model.transformer) as ref_net:
             v_ref = self.model.velocity(x_t, t, cond, net=ref_net)
         reduction = self.config.reduction
         err_w, err_l = velocity_errors_for_pairs(v_policy.float(), v_target.float(), reduction=reduction)
         ref_w, ref_l = velocity_errors_for_pairs(v_ref.float(), v_target.float(), reduction=reduction)
-        loss, metrics = flow_dpo_loss(
+        loss, metrics = f_dpo_loss(
             err_w,
             err_l,
             ref_w,
             ref_l,
             beta=self.config.beta,
+            divergence=self.config.divergence,
+            alpha=self.config.alpha,
+            ratio_scale=self.config.ratio_scale,
             t=t[: len(ids)],
             beta_schedule=self.config.beta_schedule,
         )

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from flowalign import flow
 from flowalign.config import ConfigError, TrainConfig
+from flowalign.data.batches import MediaBatch, PromptBatch
 from flowalign.models.base import FlowModel, PromptEmbeds
 from flowalign.objectives.f_divergences import get_divergence
 from flowalign.objectives.fdistill import (
@@ -47,7 +48,6 @@ from flowalign.training.methods.onestep_common import (
     build_dataset,
     dist_sum,
     frozen,
-    load_teacher,
     seeded,
 )
 
@@ -175,23 +175,20 @@ class FDistill(OneStepDistillation):
             feats = self.features(x_t, t, cond, guidance=self.embedded_guidance)
         return heads(feats)
 
-    def real_x0(self, batch: dict) -> Tensor:
+    def real_x0(self, batch: PromptBatch) -> Tensor:
         """Clean canonical latents of the batch's real media (``latents``, or ``pixels`` encoded)."""
-        if "latents" in batch:
-            return batch["latents"]
-        if "pixels" not in batch:
+        if not isinstance(batch, MediaBatch):
             raise ValueError(
                 "f-distill: the discriminator needs real media in each batch ('pixels' in [0, 1] or 'latents'); "
-                f"the batch has keys {sorted(batch)}. Give data.real_manifest (or data.toy_items), or use "
+                "the batch has prompts only. Give data.real_manifest (or data.toy_items), or use "
                 "divergence 'rkl' with gan_weight 0"
             )
-        with torch.no_grad():
-            return self.teacher.encode_media(batch["pixels"])
+        return batch.clean_latents(self.teacher.encode_media)
 
     # ---------------------------------------------------------------- losses
-    def generator_loss(self, batch: dict, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
-        cfg, ids = self.config, batch["index"]
-        cond, uncond = self.encode(batch["prompt"], with_uncond=self.uses_cfg)
+    def generator_loss(self, batch: PromptBatch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg, ids = self.config, batch.index
+        cond, uncond = self.encode(batch.prompt, with_uncond=self.uses_cfg)
         x = self.sample(ids, ctx, cond, net=ctx.module("generator"))  # [B, ...] with the generator's graph
         t, _, x_t = self.noised(x, ids, ctx, key="generator")
         with torch.no_grad():
@@ -226,12 +223,12 @@ class FDistill(OneStepDistillation):
         return loss, {**gen_metrics, **metrics}
 
     def extra_critic_loss(
-        self, batch: dict, ctx: StepContext, cond: PromptEmbeds, x0: Tensor
+        self, batch: PromptBatch, ctx: StepContext, cond: PromptEmbeds, x0: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]] | None:
         """Discriminator loss: noised real data vs noised detached generator samples (+ approximate R1)."""
         if self.discriminator is None:
             return None
-        cfg, ids = self.config, batch["index"]
+        cfg, ids = self.config, batch.index
         heads = ctx.module("discriminator")
         x_real = self.real_x0(batch).to(x0.dtype)
         if x_real.shape != x0.shape:
@@ -270,8 +267,9 @@ class FDistillRun:
 
     teacher: str = ""
     """Hub id or local folder of the flow teacher (diffusers layout)."""
-    teacher_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Storage precision of the frozen teacher (bf16 saves memory on GPU; trainable copies stay fp32)."""
+    teacher_dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    """Precision of the frozen teacher; null = the compute dtype of train.mixed_precision (fp32 for
+    "no", bf16, fp16), as for every run. The generator, fake score and discriminator stay fp32."""
     method: FDistillConfig = field(default_factory=FDistillConfig)
     """f-distill settings."""
     data: OneStepData = field(default_factory=OneStepData)
@@ -294,8 +292,14 @@ def run_fdistill(config: FDistillRun, *, resume: bool | str | Path = False, prog
 
     if not config.teacher:
         raise ConfigError("the teacher model (hub id or folder) is required", key="teacher")
-    teacher = load_teacher(config.teacher, method="f-distill", dtype=config.teacher_dtype)
+    from flowalign.training.methods.onestep_dtypes import frozen_dtype, load_run_teacher
+    from flowalign.training.runs import training_device
+
+    frozen = frozen_dtype(config.teacher_dtype, config.train.mixed_precision)
+    device = training_device(config.train)
+    teacher = load_run_teacher(config.teacher, method="f-distill", frozen=frozen, device=device)
     method = FDistill(teacher, config.method)
+    method.keep_teacher_in(frozen)
     dataset = build_dataset(
         config.data,
         kind="video" if teacher.is_video else "image",

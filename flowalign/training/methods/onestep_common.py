@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from flowalign import flow
 from flowalign.config import ConfigError, LoraConfig, OptimConfig
+from flowalign.data.batches import MediaBatch, PromptBatch
 from flowalign.files import read_jsonl
 from flowalign.models.base import FlowModel, PromptEmbeds
 from flowalign.objectives.fdistill import fake_score_loss
@@ -151,18 +152,19 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 def find_blocks(transformer: nn.Module) -> nn.ModuleList:
-    """The main list of transformer blocks (``transformer_blocks`` in SD3/FLUX, ``blocks`` in Wan).
+    """The main list of transformer blocks (``transformer_blocks`` in SD3/FLUX, ``blocks`` in Wan,
+    ``layers`` in Z-Image).
 
     Raises:
         ValueError: the module has neither attribute (an unsupported teacher architecture).
     """
-    for name in ("transformer_blocks", "blocks"):
+    for name in ("transformer_blocks", "blocks", "layers"):
         blocks = getattr(transformer, name, None)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
             return blocks
     raise ValueError(
-        f"{type(transformer).__name__} has no 'transformer_blocks' or 'blocks' list: the discriminator "
-        "needs a transformer teacher (SD3, FLUX, Wan or toy families)"
+        f"{type(transformer).__name__} has no 'transformer_blocks' or 'blocks' list (nor a 'layers' list): "
+        "the discriminator needs a transformer teacher (SD3, FLUX, FLUX.2, Qwen-Image, Wan, Z-Image or toy families)"
     )
 
 
@@ -175,7 +177,8 @@ class TeacherFeatures:
 
     The forward stops after the deepest chosen block. A block's output is its hidden states
     ``[B, N, D]`` (the last element when it returns a tuple: SD3 and FLUX blocks return
-    ``(context, hidden_states)``, Wan blocks the hidden states alone).
+    ``(context, hidden_states)``, Wan blocks the hidden states alone; a family whose blocks return
+    the media first, HunyuanVideo 1.5 and LTX-2, sets ``block_media_index = 0``).
 
     Args:
         model: the teacher adapter (its ``velocity`` runs the forward).
@@ -206,10 +209,12 @@ class TeacherFeatures:
         """Features ``[B, N, D]`` per chosen block for noised inputs ``x_t`` at times ``t`` [B]."""
         found: dict[int, Tensor] = {}
         last = self.indices[-1]
+        # where a block's tuple output keeps the media tokens (the last, unless the family says otherwise)
+        media_index = getattr(self.model, "block_media_index", -1)
 
         def hook(index: int):
             def fn(module: nn.Module, args: Any, output: Any) -> None:
-                out = output[-1] if isinstance(output, tuple) else output
+                out = output[media_index] if isinstance(output, tuple) else output
                 found[index] = out
                 if index == last:
                     raise _StopForward
@@ -344,9 +349,10 @@ def build_dataset(data: OneStepData, *, kind: str, needs_real: bool) -> Dataset:
         ValueError: no source, or only prompts where real media are needed.
     """
     if data.toy_items > 0:
-        from flowalign.toy.data import PrerenderedToy, ToyDataset
+        import flowalign.toy  # noqa: F401  (registers the toy: data sources)
+        from flowalign.data.sources import open_source
 
-        return PrerenderedToy(ToyDataset("train", kind=kind, num=data.toy_items))
+        return open_source(f"toy:{kind}", "media", num=data.toy_items)
     if data.real_manifest is not None:
         return MediaTextDataset(data.real_manifest)
     if data.prompts_file is not None:
@@ -365,12 +371,17 @@ TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 
 
 def load_teacher(
-    path_or_id: str | Path, *, method: str, dtype: str = "fp32", device: str | torch.device = "cpu"
+    path_or_id: str | Path,
+    *,
+    method: str,
+    dtype: str | dict[str, torch.dtype] = "fp32",
+    device: str | torch.device = "cpu",
 ) -> FlowModel:
     """Load a flow teacher of a supported family; the error names the method and the supported families.
 
-    ``dtype`` ("fp32", "bf16", "fp16") is the frozen teacher's storage precision; the generator and a
-    full fake-score copy are always fp32.
+    ``dtype`` ("fp32", "bf16", "fp16", or per-component dtypes as :meth:`FlowModel.component_dtypes`
+    takes them) is the teacher's storage precision; the generator and a full fake-score copy are
+    always fp32.
 
     Raises:
         ModelLoadError: missing folder, unreadable index or an unsupported pipeline class.
@@ -378,10 +389,11 @@ def load_teacher(
     from flowalign.models.base import ModelLoadError
     from flowalign.models.loading import load_flow_model, registered_families
 
-    if dtype not in TEACHER_DTYPES:
+    if isinstance(dtype, str) and dtype not in TEACHER_DTYPES:
         raise ValueError(f"{method}: teacher_dtype must be one of {sorted(TEACHER_DTYPES)}, got {dtype!r}")
     try:
-        return load_flow_model(path_or_id, device=device, torch_dtype=TEACHER_DTYPES[dtype])
+        torch_dtype = TEACHER_DTYPES[dtype] if isinstance(dtype, str) else dtype
+        return load_flow_model(path_or_id, device=device, torch_dtype=torch_dtype)
     except ModelLoadError as err:
         families = sorted(cls.family for cls in registered_families().values())
         raise ModelLoadError(
@@ -420,6 +432,16 @@ class OneStepDistillation(Method):
         self.num_frames = config.num_frames or teacher.default_num_frames
         teacher.check_size(self.height, self.width, self.num_frames)
 
+    def keep_teacher_in(self, dtype: torch.dtype) -> None:
+        """Cast the frozen teacher transformer to ``dtype`` (the run's compute dtype); the trainable
+        LoRA adapters of a ``fake_score: lora`` on it keep their fp32 values, bit for bit."""
+        transformer = self.teacher.transformer
+        trainable = [(p, p.data) for p in transformer.parameters() if p.requires_grad]
+        transformer.to(dtype)
+        for p, data in trainable:
+            p.data = data
+        self.teacher.compute_dtype = dtype
+
     # ---------------------------------------------------------------- Method hooks
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {GENERATOR: self.generator, "fake_score": self.fake, **self.extra_critic_modules()}
@@ -455,17 +477,15 @@ class OneStepDistillation(Method):
     def ema_modules(self) -> list[str]:
         return [GENERATOR]
 
-    def collate(self, items: list[dict]) -> dict:
-        batch: dict = {
-            "prompt": [it["prompt"] for it in items],
-            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
-        }
-        for key in ("pixels", "latents"):
-            if key in items[0]:
-                batch[key] = torch.stack([it[key] for it in items])
-        return batch
+    def collate(self, items: list[dict]) -> PromptBatch:
+        """A :class:`MediaBatch` when the items carry real media (``pixels``/``latents``), else a
+        :class:`PromptBatch` (data-free distillation)."""
+        return _batch_type(items[0] if items else {}).collate(items)
 
-    def compute_loss(self, batch: dict, ctx: StepContext, group: str) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(
+        self, batch: PromptBatch, ctx: StepContext, group: str
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        batch = batch if isinstance(batch, PromptBatch) else _batch_type(batch).coerce(batch)
         if group == GENERATOR and ctx.step < self.common.regression_steps:
             from flowalign.training.methods.onestep_regression import regression_loss
 
@@ -478,15 +498,15 @@ class OneStepDistillation(Method):
             raise ValueError(f"{type(self).__name__}: unknown parameter group {group!r}")
         return loss.mean(), metrics
 
-    def generator_loss(self, batch: dict, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def generator_loss(self, batch: PromptBatch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-sample generator loss [B] and metrics (implemented by each method)."""
         raise TypeError(f"{type(self).__name__} must define generator_loss")
 
-    def critic_loss(self, batch: dict, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+    def critic_loss(self, batch: PromptBatch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         """Fake-score denoising loss on fresh detached generator samples (docs/algorithms.md 2.5 / 3.4 (a)),
         plus :meth:`extra_critic_loss` (f-distill's discriminator)."""
-        ids = batch["index"]
-        cond, _ = self.encode(batch["prompt"], with_uncond=False)
+        ids = batch.index
+        cond, _ = self.encode(batch.prompt, with_uncond=False)
         with torch.no_grad():
             x0 = self.sample(ids, ctx, cond, net=self.generator)
         t, noise, x_t = self.noised(x0, ids, ctx, key="critic")
@@ -500,7 +520,7 @@ class OneStepDistillation(Method):
         return loss, out
 
     def extra_critic_loss(
-        self, batch: dict, ctx: StepContext, cond: PromptEmbeds, x0: Tensor
+        self, batch: PromptBatch, ctx: StepContext, cond: PromptEmbeds, x0: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]] | None:
         """More per-sample critic loss [B] on the same detached generator samples ``x0``. Default none."""
         return None
@@ -620,3 +640,8 @@ def generate_x0(
     t = torch.full((z.shape[0],), GENERATOR_TIME, device=z.device, dtype=torch.float32)
     v = model.velocity(z, t, cond, guidance=guidance, net=net)
     return flow.x0_from_velocity(z, v, t)
+
+
+def _batch_type(item: Mapping[str, Any]) -> type[PromptBatch]:
+    """The batch class of items (or a batch mapping) like ``item``: media or prompts only."""
+    return MediaBatch if ("pixels" in item or "latents" in item) else PromptBatch

@@ -160,15 +160,16 @@ def build_datasets(run: RewardModelRun, size: int) -> tuple[Dataset, Dataset, li
     """(train pairs, held-out pairs, label dimensions, media kind, training prompts) of ``run.data``."""
     data = run.data
     if data.source in TOY_SOURCES:
-        from flowalign.toy.reward_pairs import build_toy_reward_pairs, toy_dimensions
+        from flowalign.data.sources import open_source
+        from flowalign.toy.reward_pairs import toy_dimensions
 
         kind = data.source.split(":")[1]
-        common = dict(kind=kind, seed=data.toy_seed, size=size, num_frames=data.toy_num_frames)
-        train_set = build_toy_reward_pairs(
-            data.toy_train_pairs, split="train", wrong_motion_share=data.toy_wrong_motion, **common
+        common = dict(seed=data.toy_seed, size=size, num_frames=data.toy_num_frames)
+        train_set = open_source(
+            data.source, "pairs", num=data.toy_train_pairs, wrong_motion_share=data.toy_wrong_motion, **common
         )
         # held-out pairs keep the natural mix (a wrong motion as likely as each other wrong attribute)
-        eval_set = build_toy_reward_pairs(data.toy_eval_pairs, split="heldout", **common)
+        eval_set = open_source(data.source, "pairs", num=data.toy_eval_pairs, split="heldout", **common)
         from flowalign.models.toy import toy_corpus
 
         # the toy vocabulary is closed (held-out captions use no new words): one tokenizer for images and

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from flowalign import flow
 from flowalign.config import ALLOW_INF, LoraConfig
+from flowalign.data.batches import MediaBatch
 from flowalign.models.base import FlowModel
 from flowalign.objectives.flow_matching import per_sample_mse
 from flowalign.objectives.rwr import flow_rwr_loss, rwr_weights
@@ -52,13 +53,26 @@ class RWRConfig:
 
 
 class WeightedSamples(Dataset):
-    """Samples with rewards -> items carrying their RWR weight (groups = identical prompts)."""
+    """Samples with rewards -> items carrying their RWR weight (groups = identical prompts, and identical
+    condition images when the samples have them: ``conditions`` holds one key per sample, ``images`` the
+    [3, H, W] condition image of each key)."""
 
-    def __init__(self, media: torch.Tensor, prompts: list[str], rewards: torch.Tensor, config: RWRConfig):
+    def __init__(
+        self,
+        media: torch.Tensor,
+        prompts: list[str],
+        rewards: torch.Tensor,
+        config: RWRConfig,
+        *,
+        conditions: list[str] | None = None,
+        images: dict[str, torch.Tensor] | None = None,
+    ):
         if not (len(media) == len(prompts) == len(rewards)):
             raise ValueError(f"got {len(media)} media, {len(prompts)} prompts and {len(rewards)} rewards")
-        groups = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-        group_ids = torch.tensor([groups[p] for p in prompts])
+        keys = list(zip(prompts, conditions, strict=True)) if conditions is not None else list(prompts)
+        groups = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        group_ids = torch.tensor([groups[k] for k in keys])
+        self.conditions, self.images = conditions, images or {}
         self.media, self.prompts = media, prompts
         self.weights = rwr_weights(
             rewards.double(),
@@ -71,11 +85,15 @@ class WeightedSamples(Dataset):
         return len(self.prompts)
 
     def __getitem__(self, i: int) -> dict:
-        return {"pixels": self.media[i], "prompt": self.prompts[i], "weight": self.weights[i], "index": i}
+        item = {"pixels": self.media[i], "prompt": self.prompts[i], "weight": self.weights[i], "index": i}
+        if self.conditions is not None:
+            item["condition"] = self.images[self.conditions[i]]
+        return item
 
 
 class FlowRWR(CachedPrompts, Method):
-    """Reward-weighted flow matching. Batches: ``pixels`` (or ``latents``), ``prompt``, ``weight``, ``index``.
+    """Reward-weighted flow matching on :class:`~flowalign.data.batches.MediaBatch` batches (``pixels`` or
+    ``latents``, ``prompt``, ``weight``, ``index``).
 
     :meth:`cache_prompts` encodes the prompts once (the empty prompt of caption dropout included).
     """
@@ -98,21 +116,24 @@ class FlowRWR(CachedPrompts, Method):
         extra = [""] if self.config.caption_dropout > 0 else []
         return super().cache_prompts(list(prompts) + extra, **kwargs)
 
-    def compute_loss(self, batch: dict, ctx: StepContext, group: str):
-        ids = batch["index"]
-        if "latents" in batch:
-            x0 = batch["latents"]
-        else:
-            with torch.no_grad():
-                x0 = self.model.encode_media(batch["pixels"])
+    def collate(self, items: list[dict]) -> MediaBatch:
+        return MediaBatch.collate(items)
+
+    def compute_loss(self, batch: MediaBatch, ctx: StepContext, group: str):
+        batch = MediaBatch.coerce(batch)
+        if batch.weight is None:
+            raise ValueError("FlowRWR: the batch has no per-sample 'weight' (see WeightedSamples)")
+        ids = batch.index
+        x0 = batch.clean_latents(self.model.encode_media)
         noise = ctx.randn_like(x0, ids, key="noise")
-        t = sample_training_t(self.config.time, ids, ctx)
+        t = sample_training_t(self.config.time, ids, ctx, span=self.model.training_t_span)
         x_t = flow.interpolate(x0, noise, t)
-        prompts = drop_captions(batch["prompt"], ids, ctx, self.config.caption_dropout)
-        cond = self.condition(prompts, x0.device)
+        prompts = drop_captions(batch.prompt, ids, ctx, self.config.caption_dropout)
+        images = batch.condition  # a caption-dropped sample keeps its image (as CFG samples it)
+        cond = self.condition(prompts, x0.device, images=None if images is None else list(images), like=x0)
         v = self.model.velocity(x_t, t, cond, net=ctx.module("transformer"))
         err = per_sample_mse(v.float(), flow.velocity_target(x0, noise).float())
-        loss, metrics = flow_rwr_loss(err, batch["weight"].float())
+        loss, metrics = flow_rwr_loss(err, batch.weight.float())
         return loss.mean(), metrics
 
     def export(self, out_dir: Path) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from flowalign import flow
+from flowalign.data.batches import MediaBatch
 from flowalign.models.base import FlowModel
 from flowalign.objectives.flow_matching import flow_matching_loss, time_loss_weight
 from flowalign.training.method import Method, StepContext
@@ -43,8 +44,9 @@ class SFTConfig(TimeSampling):
 class FlowMatchingSFT(Method):
     """Flow matching on (media, prompt) batches for any FlowModel.
 
-    Batches hold ``pixels`` (media in [0, 1]) or cached canonical ``latents``, ``prompt`` (list of
-    str) and ``index`` (dataset indices, for per-sample random draws).
+    Batches are :class:`~flowalign.data.batches.MediaBatch`: ``pixels`` (media in [0, 1]) or cached
+    canonical ``latents``, ``prompt`` (list of str) and ``index`` (dataset indices, for per-sample
+    random draws).
     """
 
     def __init__(self, model: FlowModel, config: SFTConfig | None = None):
@@ -67,40 +69,38 @@ class FlowMatchingSFT(Method):
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         trainable = set(map(id, self.trainable_modules().values()))
-        return {k: v for k, v in self.model.modules().items() if id(v) not in trainable}
-
-    def collate(self, items: list[dict]) -> dict:
-        batch = {
-            "prompt": [item["prompt"] for item in items],
-            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        offloaded = {"vae"} if getattr(self, "media_cached", False) else set()  # latents cached
+        return {
+            k: v for k, v in self.model.modules().items() if id(v) not in trainable and k not in offloaded
         }
-        key = "latents" if "latents" in items[0] else "pixels"
-        batch[key] = torch.stack([item[key] for item in items])
-        return batch
 
-    def encode(self, batch: dict, ctx: StepContext) -> tuple[Tensor, list[str]]:
+    def collate(self, items: list[dict]) -> MediaBatch:
+        return MediaBatch.collate(items)
+
+    def encode(self, batch: MediaBatch, ctx: StepContext) -> tuple[Tensor, list[str]]:
         """Clean canonical latents x0 and the prompts after caption dropout."""
-        ids = batch["index"]
-        if "latents" in batch:
-            x0 = batch["latents"]
-        else:
-            with torch.no_grad():
-                x0 = self.model.encode_media(batch["pixels"])
-        return x0, drop_captions(batch["prompt"], ids, ctx, self.config.caption_dropout)
+        batch = MediaBatch.coerce(batch)
+        x0 = batch.clean_latents(self.model.encode_media)
+        return x0, drop_captions(batch.prompt, batch.index, ctx, self.config.caption_dropout)
 
     def sample_t(self, ids: Tensor, ctx: StepContext) -> Tensor:
-        return sample_training_t(self.config, ids, ctx)
+        return sample_training_t(self.config, ids, ctx, span=self.model.training_t_span)
 
-    def compute_loss(self, batch: dict, ctx: StepContext, group: str):
-        ids = batch["index"]
+    def compute_loss(self, batch: MediaBatch, ctx: StepContext, group: str):
+        batch = MediaBatch.coerce(batch)
+        ids = batch.index
         x0, prompts = self.encode(batch, ctx)
         swap = (
             self.model.swapped(text_encoder=ctx.module("text_encoder"))
             if self.config.train_text_encoder
             else nullcontext()
         )
+        extra = {}
+        if batch.condition is not None:
+            height, width, frames = self.model.media_size(x0.shape)
+            extra = dict(images=list(batch.condition), height=height, width=width, num_frames=frames)
         with swap, torch.set_grad_enabled(self.config.train_text_encoder):
-            cond, _ = self.model.encode_prompt(prompts)
+            cond, _ = self.model.encode_prompt(prompts, **extra)
         noise = ctx.randn_like(x0, ids, key="noise")
         t = self.sample_t(ids, ctx)
         x_t = flow.interpolate(x0, noise, t)

@@ -1,0 +1,112 @@
+"""Staged placement: a run that caches its conditioning never holds every component on the GPU at once.
+
+Without staging a run loads the whole pipeline onto its device (transformer, every text encoder and
+the VAE), builds its prompt cache (and latent cache), and only then takes the encoders off: the peak
+at load is the sum of all weights, more than the training step needs for most recipes (SD3.5-Large
+with T5-XXL, FLUX.1-dev). Staged, the same run goes through three phases:
+
+1. load: the transformer stays on the CPU, read in its training dtype (the compute dtype for a LoRA
+   base, fp32 master weights for a full fine-tune; never an extra fp32 copy); the text encoders
+   and the VAE go to the process's device, and :attr:`FlowModel.execution_device` points the
+   adapters at that device while the transformer is elsewhere;
+2. caching: the method is built (LoRA adapters are created on the CPU transformer, in fp32; the
+   frozen DPO reference of a full fine-tune is copied there in the compute dtype), then the prompt
+   cache and the latent cache are built on the device, after which the text encoders (and the VAE,
+   when latents are cached) go to the CPU;
+3. :func:`finish_staging`: every module the method trains or keeps frozen for the step (the
+   transformer with its adapters, a reference copy, the VAE when latents are not cached) moves to
+   the device, keeping its dtype, and the execution-device override is cleared.
+
+The device then holds at most max(encoders + VAE, training state) instead of their sum. Runs stage
+only when they cache their prompts and load the plain transformer onto one process's device:
+a bitsandbytes-quantized base (``quantize_base``) is quantized while it is moved to the GPU, and
+FSDP2 / DeepSpeed prepare modules that are already on the device, so those keep the one-phase load.
+
+The LoRA adapters of a staged run are initialised by the CPU generator (the run seed), so a staged
+run on a GPU starts from different adapter draws than an unstaged one would; on one device both
+are the same run, loss for loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from flowalign.config import TrainConfig
+from flowalign.models.base import FlowModel
+from flowalign.training.distributed import wants_deepspeed, wants_fsdp
+from flowalign.training.latent_cache import cache_run_latents
+
+__all__ = [
+    "cache_run_conditioning",
+    "cache_run_prompts",
+    "finish_staging",
+    "stage_components",
+    "stages_placement",
+]
+
+
+def stages_placement(run: Any) -> bool:
+    """Whether ``run`` (a DPO or RWR run config) loads in stages (see the module docstring): it caches
+    its prompts, its base is not quantized, and the launch is neither FSDP2 nor DeepSpeed."""
+    if not getattr(run, "cache_prompts", False) or getattr(run, "quantize_base", None) is not None:
+        return False
+    return not (wants_fsdp() or wants_deepspeed())
+
+
+def stage_components(model: FlowModel, device: torch.device | str) -> FlowModel:
+    """Phase 1 on a model loaded on the CPU: every component but the transformer moves to ``device``
+    (dtypes kept), and the model computes on ``device`` (:attr:`FlowModel.execution_device`)."""
+    device = torch.device(device)
+    for name, module in model.modules().items():
+        if name != "transformer":
+            module.to(device)
+    model.execution_device = device
+    return model
+
+
+def finish_staging(method: Any, *, offload_frozen: bool = False) -> None:
+    """Phase 3: the method's trainable and frozen-for-the-step modules move to the model's execution
+    device (dtypes kept: fp32 adapters and master weights stay fp32), and the override is cleared.
+    With ``offload_frozen`` (``train.offload_frozen``) the frozen ones go to the CPU instead, where the
+    loop's offload hooks keep them. Nothing happens for a model that was not staged."""
+    model: FlowModel = method.model
+    device = model.execution_device
+    if device is None:
+        return
+    for module in method.trainable_modules().values():
+        module.to(device)
+    for module in method.frozen_modules().values():
+        module.to("cpu" if offload_frozen else device)
+    model.execution_device = None
+
+
+def cache_run_prompts(method: Any, prompts: list[str], train: TrainConfig) -> None:
+    """Encode a run's prompts once into ``<output_dir>/cache/prompts`` (the main process builds it,
+    the others then open it) and take the text encoders off the device."""
+    from accelerate import PartialState
+
+    with PartialState(cpu=train.cpu).main_process_first():
+        method.cache_prompts(prompts, cache_dir=Path(train.output_dir) / "cache" / "prompts")
+
+
+def cache_run_conditioning(
+    run: Any,
+    method: Any,
+    data: Dataset,
+    prompts: Sequence[str] | Callable[[], Sequence[str]],
+    *settings: Any,
+) -> Dataset:
+    """Phase 2 and 3 of a run: its prompt cache (when ``run.cache_prompts``; ``prompts`` may be a
+    callable, read only then), its latent cache (when ``run.cache_latents``, see
+    :func:`~flowalign.training.latent_cache.cache_run_latents` for ``settings``), then
+    :func:`finish_staging`. Returns the dataset to train on."""
+    if run.cache_prompts and not getattr(method.model, "takes_images", False):  # conditions: encoded per step
+        cache_run_prompts(method, list(prompts() if callable(prompts) else prompts), run.train)
+    data = cache_run_latents(run, method, data, *settings)
+    finish_staging(method, offload_frozen=run.train.offload_frozen)
+    return data

@@ -1,0 +1,54 @@
+"""The planner knows the published sizes of FLUX.2 (dev, klein 4B/9B), Qwen-Image and Z-Image and their
+text encoders; it refuses, with one clear line, to predict their activations (not modelled yet)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowalign.planning.architectures import SIZED_ONLY, build, get_architecture, param_count
+from flowalign.planning.command import plan_main, recipe_from_yaml
+from flowalign.planning.memory import Recipe, plan
+
+# Meta-built parameter counts (billions, 2 decimals) of the written-out configs; the model cards state
+# 32B, 4B, 9B, 20B and 6B for the transformers and 4B, 8B, 7B (+ vision) and 24B for the encoders.
+SIZES = {
+    "flux2-dev": 32.22, "flux2-klein-4b": 3.88, "flux2-klein-9b": 9.08, "qwen-image": 20.43, "z-image": 6.15,
+    "qwen3-4b": 4.02, "qwen3-8b": 8.19, "qwen2.5-vl-7b": 8.29, "mistral-small-3.1": 24.01,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_meta_built_counts_match_the_published_sizes(name: str) -> None:
+    assert round(param_count(name) / 1e9, 2) == SIZES[name]
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("flux2-dev", "Flux2Transformer2DModel"),
+        ("qwen-image", "QwenImageTransformer2DModel"),
+        ("z-image", "ZImageTransformer2DModel"),
+    ],
+)
+def test_written_configs_equal_the_diffusers_defaults(name: str, cls: str) -> None:
+    """These three are diffusers' class defaults: the same count as a default-constructed model."""
+    assert param_count(name) == sum(p.numel() for p in build(cls, {}).parameters())
+
+
+def test_token_geometry_of_the_new_families() -> None:
+    # 1024 x 1024: 128 x 128 latents, 2 x 2 patches -> 4096 tokens; FLUX.2's latents have 32 channels
+    for name in SIZED_ONLY:
+        assert get_architecture(name).image_tokens(1024, 1024) == 4096
+    assert get_architecture("flux2-dev").latent_shape(1024, 1024) == (32, 1, 128, 128)
+    assert get_architecture("z-image").hidden == 3840
+
+
+def test_plan_refuses_with_one_line(tmp_path, capsys) -> None:
+    with pytest.raises(ValueError, match="activation memory of flux2 blocks is not modelled yet"):
+        plan(Recipe("flux2-dev"))
+    cfg = tmp_path / "qwen.yaml"
+    cfg.write_text("model: Qwen/Qwen-Image\ndpo: {}\nlora: {rank: 16}\n")
+    assert recipe_from_yaml(cfg).model == "qwen-image"
+    assert plan_main([str(cfg)]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("error: qwen-image: the activation memory of qwen-image")
