@@ -133,6 +133,20 @@ class DemoReport:
         media = {name: row.evaluation.media[index] for name, row in self.rows.items()}
         labelled_grid(self.grid_prompts(), media, scale=GRID_SCALE).save(path)
 
+    def has_pair(self) -> bool:
+        """True when both the base (teacher) and the one-step student rows exist."""
+        return "base" in self.rows and "one-step" in self.rows
+
+    def write_pair(self, path: Path) -> None:
+        """``onestep_vs_teacher.png``: the teacher's samples above the one-step student's, same prompts and
+        noise seeds per column (every row of the demo draws sample i from seed 1000 + i)."""
+        index = torch.tensor(self.grid_indices())
+        media = {
+            "teacher (base)": self.rows["base"].evaluation.media[index],
+            "one-step student": self.rows["one-step"].evaluation.media[index],
+        }
+        labelled_grid(self.grid_prompts(), media, scale=GRID_SCALE).save(path)
+
     # ------------------------------------------------------------------------------------------- output
     def write(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +154,8 @@ class DemoReport:
         n = next(iter(self.rows.values())).evaluation.scores["ta"].numel() if self.rows else 0
         if self.rows:
             self.write_grid(self.out_dir / "grid.png")
+        if self.has_pair():
+            self.write_pair(self.out_dir / "onestep_vs_teacher.png")
         record = {
             "samples_per_model": n,
             "models": {
@@ -200,6 +216,12 @@ class DemoReport:
             + "; ".join(f"{p} (seed {1000 + i})" for i, p in zip(self.grid_indices(), prompts, strict=True))
             + ".",
         ]
+        if self.has_pair():
+            md += [
+                "",
+                "![the teacher above its one-step student, same prompt and noise per column]"
+                "(onestep_vs_teacher.png)",
+            ]
         return "\n".join(md) + "\n"
 
     def _html(self, n: int) -> str:
@@ -225,6 +247,13 @@ class DemoReport:
             + "<figure><img src='grid.png' alt='samples: one row per model, one column per prompt'>"
             + f"<figcaption>Rows, top to bottom: <ol>{rows}</ol>Columns, left to right (the prompt above "
             + f"each column; the same seed down a column): <ol>{prompts}</ol></figcaption></figure>"
+            + (
+                "<figure><img src='onestep_vs_teacher.png' alt='teacher above its one-step student'>"
+                "<figcaption>The teacher (top) and its one-step student (bottom) from the same noise "
+                "and prompt in each column.</figcaption></figure>"
+                if self.has_pair()
+                else ""
+            )
         )
 
 

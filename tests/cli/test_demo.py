@@ -101,6 +101,10 @@ def test_demo_writes_one_table_one_grid_sources_and_timings(tmp_path, tiny_base,
     assert summary["models"]["flow-dpo"]["cells"]["Δ visual quality"] == f"{diff:+.3f} ± {se:.3f}"
     grid = Image.open(out / "grid.png")
     assert grid.height > 4 * 32 * GRID_SCALE and grid.width > 6 * 32 * GRID_SCALE  # 4 model rows, 6 prompts
+    pair = Image.open(out / "onestep_vs_teacher.png")
+    # two model rows (teacher, student) under the same 6 prompt columns
+    assert 2 * 32 * GRID_SCALE < pair.height < 3 * 32 * GRID_SCALE + 200 and pair.width > 6 * 32 * GRID_SCALE
+    assert "onestep_vs_teacher.png" in md and "onestep_vs_teacher.png" in page
     assert (out / "report" / "report.html").is_file()
     report_json = json.loads((out / "report" / "report.json").read_text())
     assert report_json["timings"]["num_samples"] == 4 * 6

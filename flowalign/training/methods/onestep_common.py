@@ -80,6 +80,11 @@ class OneStepConfig:
     """Optimizer of the critic group: fake score (+ discriminator) (None: the run's ``train.optim``)."""
     critic_warmup_steps: int = 0
     """Critic-only steps at the start (lets the fake score catch up with a generator that starts distilled)."""
+    regression_steps: int = 0
+    """Generator-only steps at the start regressing the teacher's ODE outputs from the same noise
+    (``onestep_regression``); the critic warm-up and the alternation follow."""
+    regression_teacher_steps: int = 8
+    """Euler steps of the teacher ODE that gives the regression targets."""
     generator_init: Path | None = None
     """Start the generator from a one-step checkpoint folder (DI* starts from a DMD2 / f-distill generator)."""
     height: int | None = None
@@ -96,6 +101,12 @@ class OneStepConfig:
             )
         if self.t_power <= 0:
             raise ConfigError(f"must be > 0, got {self.t_power}", key="t_power")
+        if self.regression_steps < 0:
+            raise ConfigError(f"must be >= 0, got {self.regression_steps}", key="regression_steps")
+        if self.regression_teacher_steps < 1:
+            raise ConfigError(
+                f"must be >= 1, got {self.regression_teacher_steps}", key="regression_teacher_steps"
+            )
         if self.critic_warmup_steps < 0:
             raise ConfigError(f"must be >= 0, got {self.critic_warmup_steps}", key="critic_warmup_steps")
         if self.guidance_scale < 0:
@@ -456,6 +467,9 @@ class OneStepDistillation(Method):
 
     def groups_to_update(self, step: int) -> list[str]:
         cfg = self.common
+        if step < cfg.regression_steps:
+            return [GENERATOR]
+        step -= cfg.regression_steps
         if step < cfg.critic_warmup_steps:
             return [CRITIC]
         return [GENERATOR] if (step - cfg.critic_warmup_steps) % cfg.generator_every == 0 else [CRITIC]
@@ -472,7 +486,11 @@ class OneStepDistillation(Method):
         self, batch: PromptBatch, ctx: StepContext, group: str
     ) -> tuple[Tensor, dict[str, Tensor]]:
         batch = batch if isinstance(batch, PromptBatch) else _batch_type(batch).coerce(batch)
-        if group == GENERATOR:
+        if group == GENERATOR and ctx.step < self.common.regression_steps:
+            from flowalign.training.methods.onestep_regression import regression_loss
+
+            loss, metrics = regression_loss(self, batch, ctx)
+        elif group == GENERATOR:
             loss, metrics = self.generator_loss(batch, ctx)
         elif group == CRITIC:
             loss, metrics = self.critic_loss(batch, ctx)
