@@ -1,0 +1,72 @@
+"""SFT, RWR, GRPO, latent reward, reward model and CDT under FSDP2 on 2 CPU processes (gloo): 2 steps
+equal one process with the same global batch.
+
+Why the comparisons are exact, and the one tolerance: see tests/distributed/test_sharded_training.py.
+Each process's micro-batch has the shapes and data of one accumulated micro-batch of the one-process
+run (every method draws its noise, times and caption drops from the sample index and the step), the
+reduce-scatter adds two halved gradients (halving is exact, a two-term sum has no order), so weights,
+EMA and Adam state are equal bit for bit; only the logged gradient norm, summed shard by shard, is
+compared within ``(gamma_N + 2u) * norm``. Full fine-tunes (SFT, reward model, CDT) shard each network as
+one FSDP unit (``wrap=none``): their shared embeddings' gradients are sums over blocks whose order
+per-block units would change. LoRA methods (RWR, GRPO, latent reward) use the per-block units.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from methods_worker import run  # noqa: E402
+from test_sharded_training import FSDP2_CPU, _free_port, assert_same_step  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS = 2
+
+
+def launch(model_dir: Path, out: Path, method: str, *opts: str) -> str:
+    """methods_worker.py on 2 FSDP2 processes for ``STEPS`` steps; returns the log."""
+    worker = [str(HERE / "methods_worker.py"), str(model_dir), str(out), str(STEPS), f"method={method}"]
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CPU),
+        "--num_processes", "2", "--main_process_port", str(_free_port()), *worker, *opts,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    log = proc.stdout + proc.stderr
+    assert f"DIST-DONE STEP={STEPS}" in log, log[-4000:]
+    assert "WORLD=2 RANK=0" in log and "WORLD=2 RANK=1" in log, log[-4000:]
+    assert "TYPE=DistributedType.FSDP" in log and " SHARDED=0/" not in log, log[-4000:]
+    return log
+
+
+def check(model_dir: Path, tmp_path: Path, method: str, *opts: str) -> None:
+    one = tmp_path / "one"
+    run(str(model_dir), one, 2, grad_accum_steps=2, max_steps=STEPS, method=method)
+    two = tmp_path / "two"
+    launch(model_dir, two, method, *opts)
+    for step in range(1, STEPS + 1):
+        assert_same_step(one, two, step)
+
+
+def test_fsdp2_reward_model_equals_one_process(toy_dist_dir, tmp_path):
+    """The multi-head reward model (full fine-tune, one unit): 2 steps equal one process."""
+    check(toy_dist_dir, tmp_path, "reward", "wrap=none")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "opts"),
+    [("sft", ("wrap=none",)), ("rwr", ()), ("grpo", ()), ("latent", ()), ("cdt", ("wrap=none",))],
+)
+def test_fsdp2_method_equals_one_process(toy_dist_dir, toy_teacher_dir, tmp_path, method, opts):
+    """Each method: 2 FSDP2 steps equal one process with the same global batch."""
+    model_dir = toy_teacher_dir if method == "latent" else toy_dist_dir
+    check(model_dir, tmp_path, method, *opts)
