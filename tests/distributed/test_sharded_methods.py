@@ -6,7 +6,8 @@ Each process's micro-batch has the shapes and data of one accumulated micro-batc
 run (every method draws its noise, times and caption drops from the sample index and the step), the
 reduce-scatter adds two halved gradients (halving is exact, a two-term sum has no order), so weights,
 EMA and Adam state are equal bit for bit; only the logged gradient norm, summed shard by shard, is
-compared within ``(gamma_N + 2u) * norm``. Full fine-tunes (SFT, reward model, CDT) shard each network as
+compared within ``(gamma_N + 2u) * norm``. The reward trainers' score normalisers (method state) fold
+every process's statistics in rank order, the order of the one-process micro-batches: equal too. Full fine-tunes (SFT, reward model, CDT) shard each network as
 one FSDP unit (``wrap=none``): their shared embeddings' gradients are sums over blocks whose order
 per-block units would change. LoRA methods (RWR, GRPO, latent reward) use the per-block units.
 """
@@ -19,6 +20,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from flowalign.training.dcp_checkpoint import read_full
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -54,6 +58,12 @@ def check(model_dir: Path, tmp_path: Path, method: str, *opts: str) -> None:
     launch(model_dir, two, method, *opts)
     for step in range(1, STEPS + 1):
         assert_same_step(one, two, step)
+        sa, sb = (torch.load(d / f"checkpoint-{step:08d}" / "method_state.pt") for d in (one, two))
+        assert sa.keys() == sb.keys()  # the reward trainers' score normalisers, folded over all ranks
+        for key in sa:
+            assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), (step, key)
+    first, last = (read_full(two / f"checkpoint-{s:08d}").weights for s in (1, STEPS))
+    assert any(not torch.equal(first[m][k], last[m][k]) for m in first for k in first[m])  # it trained
 
 
 def test_fsdp2_reward_model_equals_one_process(toy_dist_dir, tmp_path):
