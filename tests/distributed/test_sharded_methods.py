@@ -66,9 +66,10 @@ def check(model_dir: Path, tmp_path: Path, method: str, *opts: str) -> None:
     assert any(not torch.equal(first[m][k], last[m][k]) for m in first for k in first[m])  # it trained
 
 
-def test_fsdp2_reward_model_equals_one_process(toy_dist_dir, tmp_path):
-    """The multi-head reward model (full fine-tune, one unit): 2 steps equal one process."""
-    check(toy_dist_dir, tmp_path, "reward", "wrap=none")
+def test_fsdp2_reward_model_equals_one_process(tmp_path):
+    """The multi-head reward model (full fine-tune, one unit; CLIP's frozen 0-d logit_scale is left out of
+    the sharding): 2 steps equal one process, normaliser included."""
+    check(tmp_path, tmp_path, "reward", "wrap=none")  # builds its network from a seed: no model folder
 
 
 @pytest.mark.slow
@@ -80,3 +81,26 @@ def test_fsdp2_method_equals_one_process(toy_dist_dir, toy_teacher_dir, tmp_path
     """Each method: 2 FSDP2 steps equal one process with the same global batch."""
     model_dir = toy_teacher_dir if method == "latent" else toy_dist_dir
     check(model_dir, tmp_path, method, *opts)
+
+
+def test_fsdp2_preparation_leaves_frozen_scalars_out_and_refuses_trainable_ones():
+    """A frozen 0-d parameter reaches accelerate as an ignored parameter while the module is prepared
+    (the plugin is restored after); a trainable one is refused with its name."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from flowalign.training.distributed import FSDP2, _wrap_classes_in
+
+    net = nn.Linear(2, 2)
+    net.scale = nn.Parameter(torch.tensor(1.0), requires_grad=False)
+    plugin = SimpleNamespace(transformer_cls_names_to_wrap=["Linear", "Absent"], ignored_modules=None)
+    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))
+    with _wrap_classes_in(acc, net, FSDP2):
+        assert plugin.transformer_cls_names_to_wrap == ["Linear"]
+        assert [p for m in plugin.ignored_modules for p in m.parameters()] == [net.scale]
+    assert plugin.ignored_modules is None and plugin.transformer_cls_names_to_wrap == ["Linear", "Absent"]
+    net.scale.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"trainable 0-d parameters \['scale'\]"):
+        with _wrap_classes_in(acc, net, FSDP2):
+            pass
