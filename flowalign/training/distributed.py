@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -232,16 +233,22 @@ def _wrap_classes_in(acc: Any, module: nn.Module, strategy: str) -> Iterator[Non
             "its first dimension; freeze them, store them with shape [1], or use DDP"
         )
     names = getattr(plugin, "transformer_cls_names_to_wrap", None)
-    ignored = plugin.ignored_modules
+    ignored = getattr(plugin, "ignored_modules", None)
     if names:
         present = {type(m).__name__ for m in module.modules()}
         plugin.transformer_cls_names_to_wrap = [n for n in names if n in present]
     if scalars:  # accelerate reads the parameters of these "modules" as fully_shard's ignored_params
-        plugin.ignored_modules = [*(ignored or []), nn.ParameterList([p for _, p in scalars])]
+        listed = ignored or []
+        if isinstance(ignored, str):  # the config's regex over module names, resolved as accelerate does
+            listed = [m for n, m in module.named_modules() if re.fullmatch(ignored, n)]
+        plugin.ignored_modules = [*listed, nn.ParameterList([p for _, p in scalars])]
     try:
         yield
     finally:
-        plugin.transformer_cls_names_to_wrap, plugin.ignored_modules = names, ignored
+        if names:
+            plugin.transformer_cls_names_to_wrap = names
+        if scalars:
+            plugin.ignored_modules = ignored
 
 
 def _holds(module: nn.Module, p: nn.Parameter) -> bool:
