@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -215,18 +216,39 @@ def prepare_sharded(
 def _wrap_classes_in(acc: Any, module: nn.Module, strategy: str) -> Iterator[None]:
     """Under FSDP2, the launch config's ``fsdp_transformer_layer_cls_to_wrap`` names cut down to the
     classes ``module`` has while it is prepared: accelerate refuses a module without one of them, and
-    a method's small networks (f-distill's discriminator heads) have none (they stay one unit)."""
+    a method's small networks (f-distill's discriminator heads) have none (they stay one unit).
+
+    FSDP2 shards every parameter along its first dimension, so it refuses 0-d ones (CLIP's
+    ``logit_scale``). A frozen 0-d parameter is left out of the sharding (each process keeps its own
+    identical copy, and it has no gradient to reduce); a trainable one is refused with a ValueError."""
     plugin = getattr(acc.state, "fsdp_plugin", None) if strategy == FSDP2 else None
-    names = getattr(plugin, "transformer_cls_names_to_wrap", None)
-    if not names:
+    if plugin is None:
         yield
         return
-    present = {type(m).__name__ for m in module.modules()}
-    plugin.transformer_cls_names_to_wrap = [n for n in names if n in present]
+    scalars = [(n, p) for n, p in module.named_parameters() if p.ndim == 0]
+    trainable = [n for n, p in scalars if p.requires_grad]
+    if trainable:
+        raise ValueError(
+            f"FSDP2 cannot shard the trainable 0-d parameters {trainable}: it splits each parameter along "
+            "its first dimension; freeze them, store them with shape [1], or use DDP"
+        )
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+    ignored = getattr(plugin, "ignored_modules", None)
+    if names:
+        present = {type(m).__name__ for m in module.modules()}
+        plugin.transformer_cls_names_to_wrap = [n for n in names if n in present]
+    if scalars:  # accelerate reads the parameters of these "modules" as fully_shard's ignored_params
+        listed = ignored or []
+        if isinstance(ignored, str):  # the config's regex over module names, resolved as accelerate does
+            listed = [m for n, m in module.named_modules() if re.fullmatch(ignored, n)]
+        plugin.ignored_modules = [*listed, nn.ParameterList([p for _, p in scalars])]
     try:
         yield
     finally:
-        plugin.transformer_cls_names_to_wrap = names
+        if names:
+            plugin.transformer_cls_names_to_wrap = names
+        if scalars:
+            plugin.ignored_modules = ignored
 
 
 def _holds(module: nn.Module, p: nn.Parameter) -> bool:

@@ -332,7 +332,7 @@ class LatentRewardTraining(NormalisedScores, Method):
         return loss.mean(), metrics
 
     def _update_stats(self, r_w: Tensor, r_l: Tensor) -> None:
-        r_w, r_l = r_w.double().cpu(), r_l.double().cpu()  # [B, K]
+        r_w, r_l = r_w.double(), r_l.double()  # [B, K]
         self.normaliser.update(torch.cat([r_w, r_l]).mean(dim=0), 0.5 * (r_w - r_l).pow(2).mean(dim=0))
 
     def export(self, out_dir: Path) -> None:

@@ -158,7 +158,7 @@ class RewardModelTraining(NormalisedScores, Method):
         return loss.mean(), metrics
 
     def _update_stats(self, r: Tensor) -> None:
-        r = r.double().cpu()  # [2B, K]
+        r = r.double()  # [2B, K]
         self.normaliser.update(r.mean(dim=0), r.pow(2).mean(dim=0))
 
     def export(self, out_dir: Path) -> None:

@@ -14,7 +14,19 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+
+def _all_ranks(row: Tensor) -> list[Tensor]:
+    """``row`` of every data-parallel process, in rank order, on the CPU (just ``[row]`` in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [row.cpu()]
+    nccl = dist.get_backend() == "nccl"
+    row = row.to(torch.device("cuda", torch.cuda.current_device())) if nccl else row.cpu()
+    rows = [torch.empty_like(row) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, row)
+    return [r.cpu() for r in rows]
 
 
 class ScoreNormaliser:
@@ -32,8 +44,16 @@ class ScoreNormaliser:
 
     def update(self, mean: Tensor, second: Tensor) -> None:
         """Fold one batch's ``[K]`` statistics in (fp64 on the CPU); a non-finite batch is skipped, as the
-        loop skips its step, so that it cannot poison the normaliser."""
-        mean, second = mean.double().cpu(), second.double().cpu()
+        loop skips its step, so that it cannot poison the normaliser.
+
+        Across data-parallel processes every process folds in the statistics of all of them, in rank
+        order: the normaliser stays the same on every process, and equals that of one process taking
+        the same micro-batches one after another as accumulation steps."""
+        k = len(self.dimensions)
+        for row in _all_ranks(torch.cat([mean.double().reshape(k), second.double().reshape(k)])):
+            self._fold(row[:k], row[k:])
+
+    def _fold(self, mean: Tensor, second: Tensor) -> None:
         if not (torch.isfinite(mean).all() and torch.isfinite(second).all()):
             return
         m = self.momentum if self.count else 0.0
