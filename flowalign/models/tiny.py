@@ -37,7 +37,8 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-from flowalign.models.tiny_vae import tiny_image_vae
+from flowalign.models.tiny_parts import eval_pipeline as _eval
+from flowalign.models.tiny_parts import tiny_image_vae
 
 TINY_SD3_TRANSFORMER = dict(
     sample_size=32,
@@ -116,15 +117,6 @@ def _clip_text_config(vocab_size: int, hidden: int = 32, projection: int = 32) -
 
 def _tiny_vae(latent_channels: int = 16) -> AutoencoderKL:
     return tiny_image_vae(latent_channels, shift_factor=0.0609, scaling_factor=1.5035)  # SD3's
-
-
-def _eval(pipe):
-    # Components built from config start in train mode (dropout on); from_pretrained returns eval mode.
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:

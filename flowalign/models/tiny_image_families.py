@@ -37,7 +37,8 @@ from transformers import (
     Qwen3Model,
 )
 
-from flowalign.models.tiny_vae import tiny_image_vae
+from flowalign.models.tiny_parts import eval_pipeline as _eval
+from flowalign.models.tiny_parts import tiny_image_vae
 
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 IMAGE_SPECIALS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]  # Pixtral's image tokens (FLUX.2 [dev]'s processor)
@@ -93,15 +94,6 @@ def tiny_chat_tokenizer(cls: type[PreTrainedTokenizerFast] | None = None) -> Pre
     )
     tok.chat_template = QWEN_CHAT_TEMPLATE
     return tok
-
-
-def _eval(pipe):
-    """Eval mode (components built from config start in train mode) and no progress bars."""
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _tiny_flux_vae() -> AutoencoderKL:

@@ -35,6 +35,8 @@ from transformers import (
     T5EncoderModel,
 )
 
+from flowalign.models.tiny_parts import eval_pipeline as _eval
+
 _CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -57,14 +59,6 @@ def _bpe_tokenizer(corpus: str, specials: list[str], **kwargs) -> PreTrainedToke
     )
     core.train_from_iterator([corpus], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=core, **kwargs)
-
-
-def _eval(pipe):
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 # ---------------------------------------------------------------------- HunyuanVideo 1.5

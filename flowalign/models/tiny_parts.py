@@ -1,7 +1,8 @@
-"""The tiny 8x image VAE of the offline test models (every image family's builder uses it)."""
+"""Parts every tiny offline builder shares: the 8x image VAE and the eval-mode switch."""
 
 from __future__ import annotations
 
+import torch
 from diffusers import AutoencoderKL
 
 
@@ -22,3 +23,12 @@ def tiny_image_vae(latent_channels: int, *, shift_factor: float, scaling_factor:
         shift_factor=shift_factor,
         scaling_factor=scaling_factor,
     )
+
+
+def eval_pipeline(pipe):
+    """Eval mode (components built from config start in train mode) and no progress bars."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
