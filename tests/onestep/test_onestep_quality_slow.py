@@ -39,10 +39,17 @@ def _check(scores: dict, pinned: dict) -> None:
 
 
 def _student(tmp_path, settings: OneStepToySettings):
-    model, _ = distill_toy(
+    """(the exported one-step generator folder, its held-out scores) of an f-distill (JS) run."""
+    model_dir, _ = distill_toy(
         None, tmp_path, FDistillConfig(divergence="js", gan_weight=settings.gan_weight), settings
     )
-    return evaluate_one_step(model, settings).scores
+    return model_dir, evaluate_one_step(model_dir, settings).scores
+
+
+@pytest.fixture(scope="module")
+def default_student(tmp_path_factory):
+    """The student at the default settings, shared by the tests that compare with it or start from it."""
+    return _student(tmp_path_factory.mktemp("default-student"), OneStepToySettings())
 
 
 def test_teacher_scores_under_the_hardened_oracles():
