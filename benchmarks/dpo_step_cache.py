@@ -27,7 +27,7 @@ import resource
 import tempfile
 import time
 
-from harness import run_in_subprocess  # noqa: E402
+from harness import mean_step_seconds, run_in_subprocess  # noqa: E402
 
 PROMPTS = [
     "a red cube on a wooden table, studio light",
@@ -129,12 +129,7 @@ def run_variant(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for k in range(args.warmup):
-        step(k)
-    start = time.perf_counter()
-    for k in range(args.steps):
-        step(args.warmup + k)
-    seconds = (time.perf_counter() - start) / args.steps
+    seconds = mean_step_seconds(step, warmup=args.warmup, steps=args.steps)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     tmp.cleanup()
     return {

@@ -25,7 +25,7 @@ import tempfile
 import time
 
 from dpo_step_cache import PROMPTS, build_model  # noqa: E402
-from harness import run_in_subprocess  # noqa: E402
+from harness import mean_step_seconds, run_in_subprocess  # noqa: E402
 
 
 def wide_vae(width: int):
@@ -88,12 +88,7 @@ def run_variant(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for k in range(args.warmup):
-        step(k)
-    start = time.perf_counter()
-    for k in range(args.steps):
-        step(args.warmup + k)
-    seconds = (time.perf_counter() - start) / args.steps
+    seconds = mean_step_seconds(step, warmup=args.warmup, steps=args.steps)
     tmp.cleanup()
     return {
         "variant": args.variant,

@@ -38,6 +38,17 @@ def time_fn(name: str, fn: Callable[[], object], *, repeats: int = 5, warmup: in
     return Timing(name, seconds)
 
 
+def mean_step_seconds(step: Callable[[int], object], *, warmup: int, steps: int) -> float:
+    """Mean wall seconds of ``step(k)`` over ``steps`` calls after ``warmup`` untimed ones; ``k`` counts
+    every call from 0, so each call can take its own batch."""
+    for k in range(warmup):
+        step(k)
+    start = time.perf_counter()
+    for k in range(steps):
+        step(warmup + k)
+    return (time.perf_counter() - start) / steps
+
+
 def interleaved(
     fns: dict[str, Callable[[], object]], *, repeats: int = 5, warmup: int = 1, sync=None
 ) -> dict:
