@@ -144,6 +144,17 @@ def check_image_size(family: str, height: int, width: int, num_frames: int, *, m
         raise ValueError(f"{family} makes images: num_frames must be 1, got {num_frames}")
 
 
+def check_video_size(
+    family: str, height: int, width: int, num_frames: int, *, multiple: int, temporal: int
+) -> None:
+    """The size check of a video family: sides positive multiples of ``multiple``, frames ``1 + temporal * n``."""
+    for name, value in (("height", height), ("width", width)):
+        if value < multiple or value % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple} for {family}, got {value}")
+    if num_frames < 1 or (num_frames - 1) % temporal:
+        raise ValueError(f"num_frames must be 1 + a multiple of {temporal} for {family}, got {num_frames}")
+
+
 class FlowModel(ABC):
     """A text-to-image/video rectified-flow model behind the canonical interface.
 

@@ -29,7 +29,14 @@ from diffusers import LTX2Pipeline
 from torch import Tensor, nn
 
 from flowalign.flow import flux_mu, t_to_timesteps
-from flowalign.models.base import FlowModel, PromptEmbeds, at_least_fp32, net_dtype, register_family
+from flowalign.models.base import (
+    FlowModel,
+    PromptEmbeds,
+    at_least_fp32,
+    check_video_size,
+    net_dtype,
+    register_family,
+)
 from flowalign.models.schedules import scheduler_time_grid
 
 AUDIO_OPTIONS = (
@@ -101,13 +108,14 @@ class LTX2Model(FlowModel):
         return (batch_size, self.transformer.config.in_channels, frames, height // f, width // f)
 
     def check_size(self, height, width, num_frames=1):
-        m = self.spatial_factor
-        for name, value in (("height", height), ("width", width)):
-            if value < m or value % m:
-                raise ValueError(f"{name} must be a positive multiple of {m} for {self.family}, got {value}")
-        k = self.temporal_factor
-        if num_frames < 1 or (num_frames - 1) % k:
-            raise ValueError(f"num_frames must be 1 + a multiple of {k} for {self.family}, got {num_frames}")
+        check_video_size(
+            self.family,
+            height,
+            width,
+            num_frames,
+            multiple=self.spatial_factor,
+            temporal=self.temporal_factor,
+        )
 
     def _stats(self, like: Tensor) -> tuple[Tensor, Tensor, float]:
         vae = self.pipe.vae

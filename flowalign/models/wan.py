@@ -29,7 +29,14 @@ from diffusers import WanPipeline
 from torch import Tensor, nn
 
 from flowalign.flow import t_to_timesteps
-from flowalign.models.base import FlowModel, PromptEmbeds, at_least_fp32, net_dtype, register_family
+from flowalign.models.base import (
+    FlowModel,
+    PromptEmbeds,
+    at_least_fp32,
+    check_video_size,
+    net_dtype,
+    register_family,
+)
 from flowalign.models.lora import _unwrap
 from flowalign.models.wan_condition import check_images, condition_latents
 from flowalign.models.wan_experts import TrainExpert, TwoExpertTransformer
@@ -188,13 +195,14 @@ class WanModel(FlowModel):
         return (batch_size, self.pipe.vae.config.z_dim, frames, height // f, width // f)
 
     def check_size(self, height, width, num_frames=1):
-        m = self.pipe.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
-        for name, value in (("height", height), ("width", width)):
-            if value < m or value % m:
-                raise ValueError(f"{name} must be a positive multiple of {m} for {self.family}, got {value}")
-        k = self.temporal_factor
-        if num_frames < 1 or (num_frames - 1) % k:
-            raise ValueError(f"num_frames must be 1 + a multiple of {k} for {self.family}, got {num_frames}")
+        check_video_size(
+            self.family,
+            height,
+            width,
+            num_frames,
+            multiple=self.pipe.vae_scale_factor_spatial * self.transformer.config.patch_size[1],
+            temporal=self.temporal_factor,
+        )
 
     def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
         cfg = self.pipe.vae.config
