@@ -52,7 +52,6 @@ _ORCHESTRATION = "one long orchestration function: to split into setup, steps an
 EXCEPTIONS: dict[str, str] = {
     # modules
     "rewards.latent": "LatentRewardModel alone is 264 lines (trunk, heads, normalisation, save/load)",
-    "training.methods.onestep_common": "the one-step base class plus f-distill-only heads and the data config",
     # functions
     "cli.generate:generate": "a Typer command: 35 of its lines are the option declarations (the --help texts)",
     "config_types:_coerce": "one type dispatch over every annotation the config loader accepts",
