@@ -7,10 +7,14 @@ a list of such items into one batch, and :meth:`to` moves its tensors to a devic
     PromptBatch   prompt [B] (str), index [B] (int64)
     MediaBatch    + pixels [B, 3, H, W] / [B, T, 3, H, W] in [0, 1] or cached canonical latents,
                     and an optional per-sample loss weight [B]
-    PairBatch     + media_w / media_l (pixels) or latents_w / latents_l, one shape per batch
+    PairBatch     + media_w / media_l (pixels) or latents_w / latents_l, one shape per batch, and
+                    optional per-dimension preference labels (reward training)
 
 A method may also be handed a plain mapping with the same keys (a hand-built batch, or the output of
 ``torch.utils.data.default_collate``): :meth:`coerce` reads it into the typed batch.
+
+Media read without captions (the clips a video tokenizer trains on) are collated with
+``unconditional=True``: each item without a ``"prompt"`` gets the empty prompt.
 """
 
 from __future__ import annotations
@@ -41,11 +45,16 @@ class PromptBatch:
     def __len__(self) -> int:
         return len(self.prompt)
 
-    def _tensor_fields(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)]
-
     def _map(self, fn: Callable[[Tensor], Tensor]) -> Self:
-        return dataclasses.replace(self, **{k: fn(getattr(self, k)) for k in self._tensor_fields()})
+        """A copy with ``fn`` applied to every tensor field and to the tensors of dict fields."""
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                changes[f.name] = fn(value)
+            elif isinstance(value, dict):
+                changes[f.name] = {k: fn(v) if isinstance(v, Tensor) else v for k, v in value.items()}
+        return dataclasses.replace(self, **changes)
 
     def to(self, device: torch.device | str) -> Self:
         """A copy with every tensor on ``device`` (the prompts are kept)."""
@@ -58,36 +67,52 @@ class PromptBatch:
     @classmethod
     def _tensor_keys(cls) -> tuple[str, ...]:
         return tuple(
-            f.name for f in dataclasses.fields(cls) if f.name not in ("prompt", "index", "condition")
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in ("prompt", "index", "condition", "labels")
         )
 
     @classmethod
-    def collate(cls, items: Sequence[Mapping[str, Any]]) -> Self:
+    def collate(cls, items: Sequence[Mapping[str, Any]], *, unconditional: bool = False) -> Self:
         """One batch from dataset items (dicts with ``prompt``, ``index`` and this batch's tensors).
 
+        Args:
+            items: the dataset items of one micro-batch.
+            unconditional: items may have no ``"prompt"`` (they get the empty prompt).
+
         Raises:
-            ValueError: no items, or an item without a key that the first item has.
+            ValueError: no items, an item without a key that the first item has, or a tensor whose
+                shape differs from the first item's.
         """
         if not items:
             raise ValueError(f"{cls.__name__}.collate got no items")
         present = [k for k in cls._tensor_keys() if k in items[0]]
+        required = ("index", *present) if unconditional else ("prompt", "index", *present)
         for n, item in enumerate(items):
-            missing = [k for k in ("prompt", "index", *present) if k not in item]
+            missing = [k for k in required if k not in item]
             if missing:
                 raise ValueError(f"{cls.__name__}: item {n} has no {missing} (it has {sorted(item)})")
         fields: dict[str, Any] = {
-            "prompt": [item["prompt"] for item in items],
+            "prompt": [item.get("prompt", "") if unconditional else item["prompt"] for item in items],
             "index": torch.tensor([int(item["index"]) for item in items], dtype=torch.long),
         }
         for key in present:
-            fields[key] = torch.stack([torch.as_tensor(item[key]) for item in items])
+            values = [torch.as_tensor(item[key]) for item in items]
+            for n, v in enumerate(values):
+                if v.shape != values[0].shape:
+                    raise ValueError(
+                        f"{cls.__name__}: item {n} {key} has shape {tuple(v.shape)} but item 0 has "
+                        f"{tuple(values[0].shape)} (one batch holds one shape: resize the media)"
+                    )
+            fields[key] = torch.stack(values)
         if "condition" in items[0]:
             fields["condition"] = [item["condition"] for item in items]
         return cls._checked(fields)
 
     @classmethod
-    def coerce(cls, batch: Self | Mapping[str, Any]) -> Self:
-        """``batch`` itself, or a mapping with this batch's keys (extra keys are ignored) as one."""
+    def coerce(cls, batch: Self | Mapping[str, Any], *, unconditional: bool = False) -> Self:
+        """``batch`` itself, or a mapping with this batch's keys (extra keys are ignored) as one;
+        ``unconditional``: a mapping without ``"prompt"`` gets empty prompts."""
         if isinstance(batch, cls):
             return batch
         if not isinstance(batch, Mapping):
@@ -96,6 +121,8 @@ class PromptBatch:
         fields = {k: v for k, v in batch.items() if k in names}
         if "prompt" in fields:
             fields["prompt"] = list(fields["prompt"])
+        elif unconditional and "index" in fields:
+            fields["prompt"] = [""] * len(fields["index"])
         missing = sorted({"prompt", "index"} - set(fields))
         if missing:
             raise ValueError(f"{cls.__name__}: the batch has no {missing} (it has {sorted(batch)})")
@@ -133,7 +160,7 @@ class MediaBatch(PromptBatch):
 
 @dataclass(kw_only=True)
 class PairBatch(PromptBatch):
-    """Preference pairs (DPO): the chosen (w) and rejected (l) media of one prompt each."""
+    """Preference pairs (DPO, reward training): the chosen (w) and rejected (l) media of one prompt each."""
 
     media_w: Tensor | None = None
     """[P, ...] chosen media in [0, 1]."""
@@ -143,6 +170,31 @@ class PairBatch(PromptBatch):
     """Cached canonical latents of the chosen media (read instead of encoding ``media_w``)."""
     latents_l: Tensor | None = None
     """Cached canonical latents of the rejected media."""
+    labels: dict[str, Tensor] | None = None
+    """Per-dimension preference labels ``{name: long [P]}`` (1 = w better, 0 tie, -1 l better,
+    -2 missing; :mod:`flowalign.data.preference`) for reward training; None when the items have none."""
+
+    @classmethod
+    def collate(cls, items: Sequence[Mapping[str, Any]], *, unconditional: bool = False) -> Self:
+        """As :meth:`PromptBatch.collate`, with the items' ``"labels"`` stacked per name when the first
+        item has them.
+
+        Raises:
+            ValueError: as :meth:`PromptBatch.collate`, or items whose label names differ.
+        """
+        batch = super().collate(items, unconditional=unconditional)
+        if "labels" not in items[0]:
+            return batch
+        names = list(items[0]["labels"])
+        for n, item in enumerate(items):
+            if list(item.get("labels") or ()) != names:
+                raise ValueError(
+                    f"PairBatch: item {n} has labels {list(item.get('labels') or ())}, item 0 has {names}"
+                )
+        batch.labels = {
+            name: torch.tensor([item["labels"][name] for item in items], dtype=torch.long) for name in names
+        }
+        return batch
 
     @classmethod
     def _checked(cls, fields: dict[str, Any]) -> Self:

@@ -90,3 +90,54 @@ def test_bad_batches_name_what_is_missing():
         PairBatch.coerce({"prompt": ["x"], "media_w": torch.zeros(1, 3), "media_l": torch.zeros(1, 3)})
     with pytest.raises(TypeError, match="expected a PairBatch or a mapping"):
         PairBatch.coerce([1, 2])
+
+
+def _labelled_pairs(names=("VQ", "TA")) -> list[dict]:
+    g = torch.Generator().manual_seed(2)
+    return [
+        {
+            "latents_w": torch.rand(2, 3, generator=g),
+            "latents_l": torch.rand(2, 3, generator=g),
+            "prompt": f"p{i}",
+            "index": i,
+            "labels": {n: [1, -1, 0, -2][(i + k) % 4] for k, n in enumerate(names)},
+        }
+        for i in range(3)
+    ]
+
+
+def test_pair_batch_stacks_labels_per_name_and_moves_them():
+    batch = PairBatch.collate(_labelled_pairs())
+    assert list(batch.labels) == ["VQ", "TA"]
+    assert batch.labels["VQ"].tolist() == [1, -1, 0] and batch.labels["TA"].tolist() == [-1, 0, -2]
+    assert batch.labels["VQ"].dtype == torch.long and batch.media_w is None
+    moved = batch.to(torch.device("meta"))
+    assert moved.labels["TA"].device.type == moved.latents_w.device.type == "meta"
+    assert batch.labels["TA"].device.type == "cpu"  # a copy: the batch itself stays
+    unlabelled = PairBatch.collate(
+        [{k: v for k, v in it.items() if k != "labels"} for it in _labelled_pairs()]
+    )
+    assert unlabelled.labels is None
+    mixed = _labelled_pairs()
+    mixed[2]["labels"] = {"VQ": 1}
+    with pytest.raises(ValueError, match=r"item 2 has labels \['VQ'\], item 0 has \['VQ', 'TA'\]"):
+        PairBatch.collate(mixed)
+
+
+def test_items_of_different_shapes_are_named():
+    items = _media_items()
+    items[2]["pixels"] = torch.zeros(3, 8, 8)
+    with pytest.raises(ValueError, match=r"item 2 pixels has shape \(3, 8, 8\) but item 0 has \(3, 4, 4\)"):
+        MediaBatch.collate(items)
+
+
+def test_unconditional_media_get_empty_prompts():
+    items = [{"pixels": torch.full((3, 2, 2), float(i)), "index": i} for i in range(2)]
+    with pytest.raises(ValueError, match=r"item 0 has no \['prompt'\]"):
+        MediaBatch.collate(items)
+    batch = MediaBatch.collate(items, unconditional=True)
+    assert batch.prompt == ["", ""] and batch.pixels[:, 0, 0, 0].tolist() == [0.0, 1.0]
+    captioned = MediaBatch.collate([{**items[0], "prompt": "a"}, items[1]], unconditional=True)
+    assert captioned.prompt == ["a", ""]
+    coerced = MediaBatch.coerce({"pixels": batch.pixels, "index": batch.index}, unconditional=True)
+    assert coerced.prompt == ["", ""] and torch.equal(coerced.pixels, batch.pixels)

@@ -106,8 +106,8 @@ def test_samples_depend_on_the_prompt_index_not_the_batch(toy_model):
     both = method.collate([{"prompt": p, "index": i} for i, p in enumerate(PROMPTS)])
     one = method.collate([{"prompt": PROMPTS[1], "index": 1}])
     ctx = _ctx(method)
-    traj2, _, s2 = method.sample([p for p in both["prompt"] for _ in range(4)], list(range(8)), ctx, [0])
-    traj1, _, s1 = method.sample([p for p in one["prompt"] for _ in range(4)], list(range(4, 8)), ctx, [0])
+    traj2, _, s2 = method.sample([p for p in both.prompt for _ in range(4)], list(range(8)), ctx, [0])
+    traj1, _, s1 = method.sample([p for p in one.prompt for _ in range(4)], list(range(4, 8)), ctx, [0])
     torch.testing.assert_close(traj2.x0[4:], traj1.x0, rtol=0, atol=1e-6)
     torch.testing.assert_close(traj2.log_probs[4:], traj1.log_probs, rtol=0, atol=1e-5)
 

@@ -95,7 +95,7 @@ def test_shared_noise_option_noises_both_members_with_one_draw(toy_image):
     tt = t_w.view(-1, 1, 1, 1)
     # x_t^w - x_t^l = (1 - t)(x0_w - x0_l) only if the noise is the same draw
     torch.testing.assert_close(
-        x_w - x_l, (1 - tt) * (batch["latents_w"] - batch["latents_l"]), rtol=1e-5, atol=1e-5
+        x_w - x_l, (1 - tt) * (batch.latents_w - batch.latents_l), rtol=1e-5, atol=1e-5
     )
 
 
@@ -109,8 +109,8 @@ def test_pair_members_share_t_but_not_noise_by_default(toy_image):
     t_w, t_l = t.chunk(2)
     assert torch.equal(t_w, t_l)
     tt = t_w.view(-1, 1, 1, 1)
-    noise_w = (x_t.chunk(2)[0] - (1 - tt) * batch["latents_w"]) / tt
-    noise_l = (x_t.chunk(2)[1] - (1 - tt) * batch["latents_l"]) / tt
+    noise_w = (x_t.chunk(2)[0] - (1 - tt) * batch.latents_w) / tt
+    noise_l = (x_t.chunk(2)[1] - (1 - tt) * batch.latents_l) / tt
     assert (noise_w - noise_l).abs().mean() > 0.5  # two unit-variance draws, not one
 
 
@@ -127,7 +127,7 @@ def test_normalisation_is_the_same_time_spread_of_scores_not_their_offset_over_t
     with torch.no_grad():
         method.compute_loss(batch, StepContext(step=0, seed=0, modules={"latent_reward": spy}), "main")
         ((x_t, t),) = spy.calls
-        cond, _ = toy_image.encode_prompt(batch["prompt"])
+        cond, _ = toy_image.encode_prompt(batch.prompt)
         from flowalign.models.base import PromptEmbeds
 
         r = method.reward_model(x_t, t, PromptEmbeds.cat([cond, cond]))
@@ -146,7 +146,7 @@ def test_clean_input_ablation_scores_clean_latents(toy_image):
     method.compute_loss(batch, StepContext(step=0, seed=0, modules={"latent_reward": spy}), "main")
     ((x_t, t),) = spy.calls
     assert (t == 0).all()
-    assert torch.equal(x_t, torch.cat([batch["latents_w"], batch["latents_l"]]))
+    assert torch.equal(x_t, torch.cat([batch.latents_w, batch.latents_l]))
 
 
 @pytest.mark.parametrize("trunk_training", ["frozen", "lora", "full"])
@@ -177,15 +177,15 @@ def test_one_step_gives_a_finite_loss_and_changes_every_trainable_parameter(toy_
 def test_labels_follow_the_batch_and_unknown_names_are_refused(toy_image):
     method = _method(toy_image, trunk_training="frozen")
     batch = method.collate(_pairs())
-    labels = method._labels(batch, batch["latents_w"], batch["latents_l"])
+    labels = method._labels(batch, batch.latents_w, batch.latents_l)
     assert labels.tolist() == [[1, 1], [1, -1], [1, 0], [1, -2]]  # VQ -> vq, TA -> ta, case-insensitive
-    batch["labels"]["overall"] = torch.ones(4, dtype=torch.long)
+    batch.labels["overall"] = torch.ones(4, dtype=torch.long)
     with pytest.raises(ValueError, match="label 'overall' matches no reward dimension"):
-        method._labels(batch, batch["latents_w"], batch["latents_l"])
+        method._labels(batch, batch.latents_w, batch.latents_l)
     mapped = _method(toy_image, trunk_training="frozen", label_map={"overall": "ta", "TA": "vq", "VQ": "vq"})
-    del batch["labels"]["VQ"]
-    assert mapped._labels(batch, batch["latents_w"], batch["latents_l"])[:, 1].tolist() == [1, 1, 1, 1]
-    del batch["labels"]
+    del batch.labels["VQ"]
+    assert mapped._labels(batch, batch.latents_w, batch.latents_l)[:, 1].tolist() == [1, 1, 1, 1]
+    batch.labels = None
     with pytest.raises(ValueError, match="no 'labels' and no teacher"):
         method.compute_loss(batch, _ctx(method), "main")
 
@@ -214,7 +214,7 @@ def test_teacher_labels_come_from_the_clean_reward(toy_image):
     torch.testing.assert_close(x0_w, images * 2 - 1)
     labels = method._labels(batch, x0_w, x0_l)
     assert labels[:, 1].tolist() == [1] * 8
-    batch["media_w"] = blank
+    batch.media_w = blank
     assert method._labels(batch, x0_l, x0_l)[:, 1].tolist() == [0] * 8
     loss, _ = method.compute_loss(method.collate(items), _ctx(method), "main")
     assert torch.isfinite(loss)
@@ -263,7 +263,7 @@ def test_human_labelled_pairs_load_through_the_preference_reader(tmp_path, toy_i
     method = _method(toy_image, trunk_training="frozen")
     batch = method.collate([{**items[i], "index": i} for i in range(4)])
     x0_w, x0_l = method._clean_latents(batch)
-    torch.testing.assert_close(x0_w, batch["media_w"] * 2 - 1)
+    torch.testing.assert_close(x0_w, batch.media_w * 2 - 1)
     assert method._labels(batch, x0_w, x0_l).tolist() == [[1, 1], [-1, -2], [0, 1], [1, 1]]
     loss, _ = method.compute_loss(batch, _ctx(method), "main")
     assert torch.isfinite(loss) and loss > 0

@@ -138,7 +138,7 @@ def test_latent_reward_normaliser_survives_a_non_finite_batch():
     method.compute_loss(method.collate(items), ctx, "main")
     state = {k: v.clone() if isinstance(v, Tensor) else v for k, v in method.state_dict().items()}
     poisoned = method.collate(items)
-    poisoned["latents_w"][1] = float("nan")
+    poisoned.latents_w[1] = float("nan")
     loss, _ = method.compute_loss(poisoned, ctx, "main")
     assert not torch.isfinite(loss)  # the loop skips this step...
     assert _same(method.state_dict(), state)  # ...and the exported normalisation does not change

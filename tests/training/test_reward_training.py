@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from flowalign.config import CheckpointConfig, OptimConfig, TrainConfig
+from flowalign.data.batches import PairBatch
 from flowalign.objectives.bt_ties import btt_loss, pairwise_accuracy
 from flowalign.rewards.multihead import MultiHeadConfig, MultiHeadRewardModel
 from flowalign.toy.reward_pairs import build_toy_reward_pairs
@@ -18,7 +19,6 @@ from flowalign.training.method import StepContext
 from flowalign.training.methods.reward_model import (
     RewardModelTraining,
     RewardModelTrainingConfig,
-    collate_pairs,
     evaluate_pairs,
 )
 from flowalign.training.methods.reward_run import RewardDataConfig, RewardModelRun, run_reward_model
@@ -42,12 +42,12 @@ def tiny_model(corpus) -> MultiHeadRewardModel:
     )
 
 
-def batch_of(pairs, n=8, labels=None) -> dict:
+def batch_of(pairs, n=8, labels=None) -> PairBatch:
     items = [{**pairs[i], "index": i} for i in range(n)]
     if labels is not None:
         for i, item in enumerate(items):
             item["labels"] = {k: v[i] for k, v in labels.items()}
-    return collate_pairs(items)
+    return PairBatch.collate(items)
 
 
 def test_missing_labels_contribute_no_loss_and_no_gradient(pairs):
@@ -62,7 +62,7 @@ def test_missing_labels_contribute_no_loss_and_no_gradient(pairs):
     assert all(p.grad is None or not p.grad.any() for p in model.heads["ta"].parameters())
     assert any(p.grad is not None and p.grad.any() for p in model.heads["vq"].parameters())
     with torch.no_grad():
-        scores = model(torch.cat([batch["media_w"], batch["media_l"]]), batch["prompt"] * 2)
+        scores = model(torch.cat([batch.media_w, batch.media_l]), batch.prompt * 2)
     only_vq, _ = btt_loss(scores["vq"][:8], scores["vq"][8:], torch.tensor(vq), theta=5.0)
     torch.testing.assert_close(
         loss.detach(), only_vq.mean() / 2
@@ -78,6 +78,16 @@ def test_bad_labels_are_refused(pairs):
         method.compute_loss(batch_of(pairs, labels={"vq": [5] * 8, "ta": [0] * 8}), ctx, "main")
     with pytest.raises(ValueError, match="'overall' matches no reward dimension"):
         method.compute_loss(batch_of(pairs, labels={"overall": [1] * 8}), ctx, "main")
+    unlabelled = batch_of(pairs)
+    unlabelled.labels = None
+    with pytest.raises(ValueError, match="the pairs have no 'labels'"):
+        method.compute_loss(unlabelled, ctx, "main")
+    cached = PairBatch(
+        prompt=["a"], index=torch.tensor([0]), latents_w=torch.zeros(1, 4), latents_l=torch.zeros(1, 4)
+    )
+    cached.labels = {"vq": torch.tensor([1])}
+    with pytest.raises(ValueError, match="no media_w/media_l"):
+        method.compute_loss(cached, ctx, "main")
     with pytest.raises(ValueError, match="theta"):
         RewardModelTrainingConfig(theta=1.0)
 

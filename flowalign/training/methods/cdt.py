@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 import flowalign.toy  # noqa: F401  (registers the toy: data sources)
 from flowalign.config import TrainConfig
+from flowalign.data.batches import MediaBatch
 from flowalign.data.items import VideoFolderDataset as VideoFolderDataset
 from flowalign.data.sources import open_source
 from flowalign.objectives.cdt import cdt_loss
@@ -95,16 +96,17 @@ class CDTTraining(Method):
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {"lpips": self.lpips_fn} if isinstance(self.lpips_fn, nn.Module) else {}
 
-    def collate(self, items: list[dict]) -> dict:
-        return {
-            "pixels": torch.stack([item["pixels"] for item in items]),
-            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
-        }
+    def collate(self, items: list[dict]) -> MediaBatch:
+        """Clips (or images) with or without captions: the tokenizer reads pixels only."""
+        return MediaBatch.collate(items, unconditional=True)
 
     def compute_loss(
-        self, batch: dict, ctx: StepContext, group: str
+        self, batch: MediaBatch, ctx: StepContext, group: str
     ) -> tuple[Tensor, dict[str, Tensor | float]]:
-        pixels, ids = batch["pixels"], batch["index"]
+        batch = MediaBatch.coerce(batch, unconditional=True)
+        if batch.pixels is None:
+            raise ValueError("CDT training reads pixels; the batch has cached latents only")
+        pixels, ids = batch.pixels, batch.index
         if pixels.ndim == 4:
             pixels = pixels[:, None]  # images are 1-frame clips
         x = (pixels.transpose(1, 2) * 2 - 1).contiguous()  # [B, 3, T, H, W] in [-1, 1]

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from flowalign.config import LoraConfig
+from flowalign.data.batches import PromptBatch
 from flowalign.models.base import FlowModel
 from flowalign.objectives.grpo import gaussian_mean_kl, group_advantages, grpo_clipped_loss
 from flowalign.sampling.guidance import model_velocity_fn
@@ -137,7 +138,7 @@ class PromptItems(Dataset):
 
 
 class FlowGRPO(TransformerPolicy, Method):
-    """Flow-GRPO (module docstring). Batches: ``prompt`` (list of str) and ``index`` [P]."""
+    """Flow-GRPO (module docstring). Batches: :class:`~flowalign.data.batches.PromptBatch` (``prompt``, ``index`` [P])."""
 
     def __init__(
         self,
@@ -154,11 +155,8 @@ class FlowGRPO(TransformerPolicy, Method):
         freeze_all_but_transformer(model, lora)
         self.reference = FrozenReference(model.transformer, model.compute_dtype)
 
-    def collate(self, items: list[dict]) -> dict:
-        return {
-            "prompt": [item["prompt"] for item in items],
-            "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
-        }
+    def collate(self, items: list[dict]) -> PromptBatch:
+        return PromptBatch.collate(items)
 
     def cache_prompts(self, prompts: Sequence[str], **kwargs):
         """Cache the prompts and the empty prompt (CFG's unconditional branch)."""
@@ -254,11 +252,12 @@ class FlowGRPO(TransformerPolicy, Method):
         kl_value = torch.stack(kls).mean() if kls else torch.zeros((), device=ctx.device)
         return torch.stack(losses).mean(), {**metric_sums, "kl": kl_value}
 
-    def compute_loss(self, batch: dict, ctx: StepContext, group: str):
+    def compute_loss(self, batch: PromptBatch, ctx: StepContext, group: str):
         cfg = self.config
         k = cfg.num_samples
-        prompts = [p for p in batch["prompt"] for _ in range(k)]
-        sample_ids = [int(i) * k + j for i in batch["index"].tolist() for j in range(k)]
+        batch = PromptBatch.coerce(batch)
+        prompts = [p for p in batch.prompt for _ in range(k)]
+        sample_ids = [int(i) * k + j for i in batch.index.tolist() for j in range(k)]
         window = training_window(cfg, ctx.step, ctx.seed)
         was_training = self.model.transformer.training
         self.model.transformer.eval()  # sampling and the update see the same network

@@ -22,7 +22,8 @@ description (docs/algorithms.md 1D); ``share_noise=True`` keeps the other varian
 
 Dataset items are dicts: ``"prompt"``; ``"latents_w"``/``"latents_l"`` (canonical latents) or
 ``"media_w"``/``"media_l"`` (pixels in [0, 1]); optional ``"labels"`` ``{name: 1 | 0 | -1 | -2}`` (1 = w
-better, as in :mod:`flowalign.data.preference`). :class:`ScoredPairs` builds such items from scored
+better, as in :mod:`flowalign.data.preference`), collated into a
+:class:`~flowalign.data.batches.PairBatch`. :class:`ScoredPairs` builds such items from scored
 samples (distillation without a teacher at training time).
 """
 
@@ -40,6 +41,7 @@ from torch.utils.data import Dataset
 
 from flowalign import flow
 from flowalign.config import LoraConfig
+from flowalign.data.batches import PairBatch
 from flowalign.models.base import FlowModel, PromptEmbeds
 from flowalign.objectives.bt_ties import LABEL_MISSING, btt_loss, labels_from_scores, pairwise_accuracy
 from flowalign.rewards.latent import LatentRewardModel
@@ -253,35 +255,22 @@ class LatentRewardTraining(NormalisedScores, Method):
             frozen["teacher"] = self.teacher
         return frozen
 
-    def collate(self, items: list[dict]) -> dict:
-        batch: dict = {
-            "prompt": [it["prompt"] for it in items],
-            "index": torch.tensor([it["index"] for it in items]),
-        }
-        kind = "latents" if "latents_w" in items[0] else "media"
-        for key in (f"{kind}_w", f"{kind}_l"):
-            if key not in items[0]:
-                raise ValueError(f"latent reward batch: item {items[0]['index']} has no {key!r}")
-            batch[key] = torch.stack([it[key] for it in items])
-        if "labels" in items[0]:
-            names = list(items[0]["labels"])
-            batch["labels"] = {
-                n: torch.tensor([it["labels"][n] for it in items], dtype=torch.long) for n in names
-            }
-        return batch
+    def collate(self, items: list[dict]) -> PairBatch:
+        return PairBatch.collate(items)
 
-    def _clean_latents(self, batch: dict) -> tuple[Tensor, Tensor]:
-        if "latents_w" in batch:
-            return batch["latents_w"], batch["latents_l"]
+    def _clean_latents(self, batch: PairBatch) -> tuple[Tensor, Tensor]:
+        """The pair's clean latents: the cached ones, else the encoded media (each member on its own)."""
+        if batch.latents_w is not None:
+            return batch.latents_w, batch.latents_l
         with torch.no_grad():
-            return self.model.encode_media(batch["media_w"]), self.model.encode_media(batch["media_l"])
+            return self.model.encode_media(batch.media_w), self.model.encode_media(batch.media_l)
 
-    def _labels(self, batch: dict, x0_w: Tensor, x0_l: Tensor) -> Tensor:
+    def _labels(self, batch: PairBatch, x0_w: Tensor, x0_l: Tensor) -> Tensor:
         """Labels [B, K] in the reward's dimension order (1 = w better)."""
         dims = list(self.config.dimensions)
-        if "labels" in batch:
+        if batch.labels is not None:
             out = torch.full((x0_w.shape[0], len(dims)), LABEL_MISSING, dtype=torch.long)
-            for name, values in batch["labels"].items():
+            for name, values in batch.labels.items():
                 dim = self.config.label_map.get(name, name.lower())
                 if dim not in dims:
                     raise ValueError(
@@ -292,10 +281,10 @@ class LatentRewardTraining(NormalisedScores, Method):
         if self.teacher is None:
             raise ValueError("latent reward: the batch has no 'labels' and no teacher reward was given")
         with torch.no_grad():
-            media = [batch.get(k) for k in ("media_w", "media_l")]
-            if media[0] is None:
+            media = [batch.media_w, batch.media_l]
+            if batch.latents_w is not None:  # cached latents: the teacher scores their decodings
                 media = [self.model.decode_latents(x0_w), self.model.decode_latents(x0_l)]
-            s_w, s_l = (self.teacher.score(m, batch["prompt"]) for m in media)
+            s_w, s_l = (self.teacher.score(m, batch.prompt) for m in media)
         a = torch.stack([s_w[d] for d in dims], dim=1)  # [B, K]
         b = torch.stack([s_l[d] for d in dims], dim=1)
         return labels_from_scores(a, b, tie_margin=self.config.tie_margin).to(x0_w.device)
@@ -310,12 +299,13 @@ class LatentRewardTraining(NormalisedScores, Method):
         )
         return (cfg.t_min + (cfg.t_max - cfg.t_min) * u).to(ctx.device)
 
-    def compute_loss(self, batch: dict, ctx: StepContext, group: str):
-        cfg, ids = self.config, batch["index"]
+    def compute_loss(self, batch: PairBatch, ctx: StepContext, group: str):
+        batch = PairBatch.coerce(batch)
+        cfg, ids = self.config, batch.index
         x0_w, x0_l = self._clean_latents(batch)
         labels = self._labels(batch, x0_w, x0_l)
         with torch.no_grad():
-            cond, _ = self.model.encode_prompt(batch["prompt"])
+            cond, _ = self.model.encode_prompt(batch.prompt)
         noise_w = ctx.randn_like(x0_w, ids, key="noise")
         noise_l = noise_w if cfg.share_noise else ctx.randn_like(x0_l, ids, key="noise_l")
         t = self.sample_t(ids, ctx)  # one t per pair

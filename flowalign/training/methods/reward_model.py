@@ -17,6 +17,7 @@ The method draws no random numbers (no noise, no augmentation), so resuming need
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from flowalign.data.batches import PairBatch
 from flowalign.objectives.bt_ties import (
     LABEL_MISSING,
     LABEL_TIE,
@@ -81,34 +83,18 @@ def map_labels(
     return out
 
 
-def collate_pairs(items: list[dict]) -> dict:
-    """Stack pair items ``{"prompt", "media_w", "media_l", "labels", "index"}`` into a batch.
+def _pair_media(batch: PairBatch | Mapping) -> PairBatch:
+    """A labelled pair batch with media (what the reward model scores).
 
     Raises:
-        ValueError: members of different shapes or label names (naming the items).
+        ValueError: a batch without labels or without ``media_w``/``media_l`` (cached latents).
     """
-    first = items[0]
-    for it in items:
-        for key in ("media_w", "media_l"):
-            if it[key].shape != first["media_w"].shape:
-                raise ValueError(
-                    f"reward model batch: item {it.get('index')} {key} has shape {tuple(it[key].shape)} but item "
-                    f"{first.get('index')} has {tuple(first['media_w'].shape)}; resize media (data.media_size)"
-                )
-        if list(it["labels"]) != list(first["labels"]):
-            raise ValueError(
-                f"reward model batch: item {it.get('index')} has labels {list(it['labels'])}, "
-                f"item {first.get('index')} {list(first['labels'])}"
-            )
-    return {
-        "prompt": [it["prompt"] for it in items],
-        "index": torch.tensor([it["index"] for it in items]),
-        "media_w": torch.stack([it["media_w"] for it in items]),  # [B, 3, H, W] or [B, T, 3, H, W]
-        "media_l": torch.stack([it["media_l"] for it in items]),
-        "labels": {
-            n: torch.tensor([it["labels"][n] for it in items], dtype=torch.long) for n in first["labels"]
-        },
-    }
+    batch = PairBatch.coerce(batch)
+    if batch.labels is None:
+        raise ValueError("reward model batch: the pairs have no 'labels'")
+    if batch.media_w is None:
+        raise ValueError("reward model batch: the pairs have no media_w/media_l (the model reads pixels)")
+    return batch
 
 
 class RewardModelTraining(NormalisedScores, Method):
@@ -138,15 +124,16 @@ class RewardModelTraining(NormalisedScores, Method):
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"reward_model": self.reward_model}
 
-    def collate(self, items: list[dict]) -> dict:
-        return collate_pairs(items)
+    def collate(self, items: list[dict]) -> PairBatch:
+        return PairBatch.collate(items)
 
-    def compute_loss(self, batch: dict, ctx: StepContext, group: str):
+    def compute_loss(self, batch: PairBatch, ctx: StepContext, group: str):
         cfg, dims = self.config, self.dimensions
-        media_w, media_l = batch["media_w"], batch["media_l"]
+        batch = _pair_media(batch)
+        media_w, media_l = batch.media_w, batch.media_l
         b = media_w.shape[0]
-        labels = map_labels(batch["labels"], dims, cfg.label_map, batch=b).to(media_w.device)
-        scores = ctx.module("reward_model")(torch.cat([media_w, media_l]), list(batch["prompt"]) * 2)
+        labels = map_labels(batch.labels, dims, cfg.label_map, batch=b).to(media_w.device)
+        scores = ctx.module("reward_model")(torch.cat([media_w, media_l]), list(batch.prompt) * 2)
         r = torch.stack([scores[d] for d in dims], dim=1)  # [2B, K] float32
         r_w, r_l = r[:b], r[b:]
         loss, metrics = btt_loss(r_w, r_l, labels, theta=cfg.theta, average=cfg.average)
@@ -197,12 +184,10 @@ def evaluate_pairs(
     try:
         for lo in range(0, len(pairs), batch_size):
             items = [{**pairs[i], "index": i} for i in range(lo, min(len(pairs), lo + batch_size))]
-            batch = collate_pairs(items)
+            batch = _pair_media(PairBatch.collate(items))
             b = len(items)
-            labels.append(map_labels(batch["labels"], dims, label_map or {}, batch=b))
-            scores = model.score(
-                torch.cat([batch["media_w"], batch["media_l"]]).to(model.device), batch["prompt"] * 2
-            )
+            labels.append(map_labels(batch.labels, dims, label_map or {}, batch=b))
+            scores = model.score(torch.cat([batch.media_w, batch.media_l]).to(model.device), batch.prompt * 2)
             r = torch.stack([scores[d] for d in dims], dim=1).cpu()  # [2B, K]
             r_w.append(r[:b])
             r_l.append(r[b:])
