@@ -142,18 +142,19 @@ _FLUX_COMMON = {
     "pooled_projection_dim": 768,
     "axes_dims_rope": [16, 56, 56],
 }
-_WAN_COMMON = {
-    "patch_size": [1, 2, 2],
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "rope_max_seq_len": 1024,
-}
+_WAN_COMMON = {"patch_size": [1, 2, 2], "attention_head_dim": 128, "in_channels": 16, "out_channels": 16,
+               "text_dim": 4096, "freq_dim": 256, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads",
+               "eps": 1e-6, "rope_max_seq_len": 1024}  # fmt: skip
+_WAN_14B = {"num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+
+
+def _wan(name: str, config: dict[str, Any], **options: Any) -> Architecture:
+    """A Wan entry: the shared transformer settings updated by ``config``, UMT5-XXL text (512 tokens),
+    the Wan VAE kept in fp32 and a 4x temporal stride (``options`` override the geometry)."""
+    options = {"vae": WAN_VAE, "vae_dtype": "fp32", "temporal_stride": 4, **options}
+    return Architecture(name, "wan", {**_WAN_COMMON, **config}, ("umt5-xxl",), text_tokens=512, **options)
+
+
 _SD3_TEXT = ("clip-l", "clip-g", "t5-xxl")
 _FLUX_TEXT = ("clip-l-noproj", "t5-xxl")
 
@@ -201,86 +202,29 @@ ARCHITECTURES: dict[str, Architecture] = {
             _FLUX_TEXT,
             text_tokens=256,
         ),
-        Architecture(
-            "wan-1.3b",
-            "wan",
-            {**_WAN_COMMON, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
-            ("umt5-xxl",),
-            text_tokens=512,
-            vae=WAN_VAE,
-            vae_dtype="fp32",
-            temporal_stride=4,
-        ),
-        Architecture(
-            "wan-14b",
-            "wan",
-            {**_WAN_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
-            ("umt5-xxl",),
-            text_tokens=512,
-            vae=WAN_VAE,
-            vae_dtype="fp32",
-            temporal_stride=4,
-        ),
+        _wan("wan-1.3b", {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}),
+        _wan("wan-14b", _WAN_14B),
         # Wan 2.2 and image-to-video, from the ``transformer/config.json`` (and ``model_index.json``) of
         # Wan-AI/Wan2.2-T2V-A14B-Diffusers, Wan2.2-I2V-A14B-Diffusers, Wan2.1-I2V-14B-480P-Diffusers and
         # Wan2.2-TI2V-5B-Diffusers.
-        Architecture(
-            "wan2.2-t2v-a14b",  # boundary_ratio 0.875; transformer_2 has the same config
-            "wan",
-            {**_WAN_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
-            ("umt5-xxl",),
-            text_tokens=512,
-            vae=WAN_VAE,
-            vae_dtype="fp32",
-            temporal_stride=4,
-            experts=2,
-        ),
-        Architecture(
-            "wan2.2-i2v-a14b",  # boundary_ratio 0.9; 36 = 16 noisy + 4 mask + 16 condition channels
-            "wan",
-            {**_WAN_COMMON, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40, "in_channels": 36},
-            ("umt5-xxl",),
-            text_tokens=512,
-            vae=WAN_VAE,
-            vae_dtype="fp32",
-            temporal_stride=4,
-            experts=2,
-        ),
-        Architecture(
-            "wan2.1-i2v-14b",  # plus a CLIP ViT-H/14 image encoder (its 257 tokens of width 1280), not counted
-            "wan",
+        _wan(
+            "wan2.2-t2v-a14b", _WAN_14B, experts=2
+        ),  # boundary_ratio 0.875; transformer_2 has the same config
+        # boundary_ratio 0.9; 36 = 16 noisy + 4 mask + 16 condition channels
+        _wan("wan2.2-i2v-a14b", {**_WAN_14B, "in_channels": 36}, experts=2),
+        # plus a CLIP ViT-H/14 image encoder (its 257 tokens of width 1280), not counted
+        _wan("wan2.1-i2v-14b", {**_WAN_14B, "in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120}),
+        _wan(  # expand_timesteps: per-token timesteps, text- and image-to-video
+            "wan2.2-ti2v-5b",
             {
-                **_WAN_COMMON,
-                "num_attention_heads": 40,
-                "ffn_dim": 13824,
-                "num_layers": 40,
-                "in_channels": 36,
-                "image_dim": 1280,
-                "added_kv_proj_dim": 5120,
-            },
-            ("umt5-xxl",),
-            text_tokens=512,
-            vae=WAN_VAE,
-            vae_dtype="fp32",
-            temporal_stride=4,
-        ),
-        Architecture(
-            "wan2.2-ti2v-5b",  # expand_timesteps: per-token timesteps, text- and image-to-video
-            "wan",
-            {
-                **_WAN_COMMON,
                 "num_attention_heads": 24,
                 "ffn_dim": 14336,
                 "num_layers": 30,
                 "in_channels": 48,
                 "out_channels": 48,
             },
-            ("umt5-xxl",),
-            text_tokens=512,
             vae=WAN22_VAE,
-            vae_dtype="fp32",
             spatial_stride=16,
-            temporal_stride=4,
             latent_channels=48,
         ),
     )
