@@ -12,6 +12,8 @@ The one home of the package's file chores:
   :func:`atomic_write_bytes`, :func:`atomic_write_text`, :func:`atomic_write_json`, :func:`write_jsonl`;
 - JSON lines: :func:`parse_json_object` (one line, errors naming the file and line), :func:`read_jsonl`,
   :func:`append_jsonl`;
+- safetensors files the same byte for byte for the same tensors and metadata: :func:`save_safetensors`,
+  :func:`canonical_safetensors`;
 - :func:`sha256_file`; :func:`exclusive_lock`, the lock that lets several processes share an output
   folder; :func:`first_difference`, which names the setting that makes a resumed run differ from the
   recorded one.
@@ -153,6 +155,42 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, **dumps: Any) -> P
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]], **dumps: Any) -> Path:
     """Write ``rows`` as JSON lines (one object a line) to ``path`` atomically; returns the path."""
     return atomic_write_text(path, "".join(json.dumps(row, **dumps) + "\n" for row in rows))
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+def save_safetensors(
+    tensors: Mapping[str, Any], path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``tensors`` (name -> torch tensor) to ``path`` as a safetensors file, atomically, with the same
+    bytes whenever the tensors and ``metadata`` are the same.
+
+    safetensors holds the header's metadata in a hash map whose order changes from one map to the next
+    (and so from run to run): with two or more metadata keys its own writer gives one of several byte
+    strings for one content. The header is rewritten with sorted metadata (:func:`canonical_safetensors`).
+    """
+    import safetensors.torch
+
+    data = safetensors.torch.save(dict(tensors), metadata=None if metadata is None else dict(metadata))
+    return atomic_write_bytes(path, canonical_safetensors(data))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The bytes of a safetensors file with its header's ``__metadata__`` first and in sorted key order.
+
+    The format: an 8-byte little-endian header length N, N bytes of JSON header (padded with spaces to a
+    multiple of 8), then the tensor bytes, whose offsets in the header count from the start of the tensor
+    bytes; a header of another length therefore leaves them valid. The tensor entries keep their order.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    if meta is not None:
+        header = {"__metadata__": dict(sorted(meta.items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def sha256_file(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:

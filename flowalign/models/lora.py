@@ -16,13 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import peft
-import safetensors.torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from torch import Tensor, nn
 
 from flowalign.config import LoraConfig
-from flowalign.files import atomic_write
+from flowalign.files import save_safetensors
 
 __all__ = [
     "LORA_WEIGHT_NAME",
@@ -176,10 +175,7 @@ def save_lora(
     header = {"format": "pt", _METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True, default=str)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / weight_name
-    with atomic_write(target) as tmp:
-        safetensors.torch.save_file(state, str(tmp), metadata=header)
-    return target
+    return save_safetensors(state, out_dir / weight_name, metadata=header)  # same bytes run to run
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

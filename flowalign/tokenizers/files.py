@@ -20,18 +20,17 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import safe_open
 from torch import Tensor
 
 from flowalign.data.media import (
     IMAGE_EXTENSIONS,
     MediaError,
-    atomic_write,
     load_media,
     save_image,
     save_media,
 )
-from flowalign.files import atomic_write_json
+from flowalign.files import atomic_write_json, save_safetensors
 from flowalign.tokenizers.cdt import (
     ConditionedDiffusionTokenizer,
     decode_video,
@@ -157,8 +156,7 @@ def encode_file(
         "is_image": str(media.ndim == 3).lower(),
         "trimmed": str(trimmed).lower(),
     }
-    with atomic_write(output_path) as tmp:
-        save_file({"latents": z.float().cpu().contiguous()}, str(tmp), metadata=meta)
+    save_safetensors({"latents": z.float().cpu().contiguous()}, output_path, metadata=meta)
     return output_path
 
 

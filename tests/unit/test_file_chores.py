@@ -14,7 +14,9 @@ from flowalign.files import (
     atomic_write,
     atomic_write_json,
     atomic_write_text,
+    canonical_safetensors,
     read_jsonl,
+    save_safetensors,
     sha256_file,
     write_jsonl,
 )
@@ -72,3 +74,38 @@ def test_lazy_exports_import_on_first_use_and_list_the_names():
     assert {"run_eval", "EvalOptions"} <= set(dir(evals)) and "train" in training.__all__
     with pytest.raises(AttributeError, match="'flowalign.training' has no attribute 'nope'"):
         training.nope  # noqa: B018
+
+
+def _with_metadata_order(data: bytes, keys: list[str]) -> bytes:
+    """A safetensors file's bytes with its metadata keys written in the order ``keys`` (same content)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__")
+    text = json.dumps({"__metadata__": {k: meta[k] for k in keys}, **header}).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
+def test_safetensors_files_are_the_same_bytes_for_the_same_content(tmp_path):
+    torch = pytest.importorskip("torch")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    tensors = {"b.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a.bias": torch.ones(5)}
+    meta = {"format": "pt", "lora_adapter_metadata": '{"r": 4}', "note": "\u00e9t\u00e9"}
+    data = safetensors_torch.save(tensors, metadata=meta)
+    orders = [list(meta), list(reversed(meta)), sorted(meta, key=len)]
+    canonical = {canonical_safetensors(_with_metadata_order(data, keys)) for keys in orders}
+    assert len(canonical) == 1
+    (one,) = canonical
+    assert int.from_bytes(one[:8], "little") % 8 == 0
+    assert one.endswith(data[8 + int.from_bytes(data[:8], "little") :])  # tensor bytes untouched
+    loaded = safetensors_torch.load(one)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    # safetensors' own writer orders the metadata by a hash map: one content, several byte strings;
+    # save_safetensors writes one (a hundred writes give one digest)
+    digests = set()
+    for i in range(100):
+        path = save_safetensors(tensors, tmp_path / f"w{i}.safetensors", metadata=meta)
+        digests.add(sha256_file(path))
+    assert len(digests) == 1 and (tmp_path / "w0.safetensors").read_bytes() == one
+    with safetensors_torch.safe_open(str(tmp_path / "w0.safetensors"), "pt") as f:
+        assert f.metadata() == meta
