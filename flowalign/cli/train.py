@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +29,11 @@ ResumeOpt = Annotated[
 ]
 
 
+def _opt(kind: Any, help: str | None = None) -> Any:
+    """A command's shortcut option for one config key: a ``kind`` value, or None to keep the config's."""
+    return Annotated[kind | None, typer.Option(help=help)]
+
+
 def _help_config(run_config: str) -> Any:
     """The ``--help-config`` option of a command whose run config is the dataclass ``module:Name``:
     it prints every config key with its type, default and documentation, then exits."""
@@ -35,8 +42,7 @@ def _help_config(run_config: str) -> Any:
         if value:
             from flowalign.config import config_help
 
-            module, _, name = run_config.partition(":")
-            typer.echo(config_help(getattr(importlib.import_module(module), name)))
+            typer.echo(config_help(_load(run_config)))
             raise typer.Exit()
 
     return Annotated[
@@ -48,6 +54,12 @@ def _help_config(run_config: str) -> Any:
             help="Show every config key (for --config and --set) with its type, default and doc, and exit.",
         ),
     ]
+
+
+def _load(spec: str) -> Any:
+    """The object ``module:name``."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _run_training(
@@ -66,197 +78,138 @@ def _run_training(
     typer.echo(f"trained {result.step} steps; model in {where}")
 
 
-@train_app.command("sft")
+def _train_command(name: str, run_config: str, runner: str) -> Callable[[Callable[..., dict]], Any]:
+    """Register ``flowalign train <name>`` from a function that declares the command's own shortcut options
+    and returns them as ``{config key: value}`` (None: not given).
+
+    The options every command has are added here: ``--config``, ``--set`` and ``--help-config`` (of the
+    run config dataclass ``run_config``, "module:Name") before the function's own, ``--out``, ``--steps``
+    and ``--resume`` after them. The command loads the run config and trains it with ``runner``
+    ("module:name")."""
+
+    def register(shortcuts: Callable[..., dict]) -> Any:
+        def param(key: str, annotation: Any, default: Any) -> inspect.Parameter:
+            return inspect.Parameter(
+                key, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+            )
+
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in _own_params(shortcuts)]
+        head = [param("config", ConfigOpt, None), param("set_", SetOpt, None)]
+        head.append(param("help_config", _help_config(run_config), False))
+        tail = [param("out", OutOpt, None), param("steps", StepsOpt, None), param("resume", ResumeOpt, False)]
+
+        def command(**options: Any) -> None:
+            common = {
+                key: options.pop(key) for key in ("config", "set_", "help_config", "out", "steps", "resume")
+            }
+            _run_training(
+                _load(run_config), _load(runner), common["config"], common["set_"], common["resume"],
+                shortcuts(**options), out=common["out"], steps=common["steps"],
+            )  # fmt: skip
+
+        command.__signature__ = inspect.Signature([*head, *own, *tail])
+        command.__name__, command.__doc__ = shortcuts.__name__, shortcuts.__doc__
+        return train_app.command(name)(command)
+
+    return register
+
+
+def _own_params(fn: Callable[..., Any]) -> list[inspect.Parameter]:
+    """``fn``'s parameters with their annotations evaluated (this module has postponed annotations)."""
+    return list(inspect.signature(fn, eval_str=True).parameters.values())
+
+
+@_train_command("sft", "flowalign.training.runs:SFTRun", "flowalign.training.runs:run_sft")
 def train_sft(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    help_config: _help_config("flowalign.training.runs:SFTRun") = False,
-    model: Annotated[str | None, typer.Option(help="Hub id, folder, or toy:image / toy:video.")] = None,
-    data: Annotated[
-        str | None,
-        typer.Option(help="toy:image / toy:video (toy:train: the model's kind) or a manifest.jsonl."),
-    ] = None,
-    out: OutOpt = None,
-    steps: StepsOpt = None,
+    model: _opt(str, "Hub id, folder, or toy:image / toy:video.") = None,
+    data: _opt(str, "toy:image / toy:video (toy:train: the model's kind) or a manifest.jsonl.") = None,
     no_t5: NoT5Opt = False,
-    resume: ResumeOpt = False,
-) -> None:
+) -> dict[str, object]:
     """Flow-matching fine-tuning (pretrains the toy base models)."""
-    from flowalign.training.runs import SFTRun, run_sft
-
-    overrides = {"model": model, "data": data, "drop_t5": no_t5 or None}
-    _run_training(SFTRun, run_sft, config, set_, resume, overrides, out=out, steps=steps)
+    return {"model": model, "data": data, "drop_t5": no_t5 or None}
 
 
-@train_app.command("dpo")
+@_train_command("dpo", "flowalign.training.runs:DPORun", "flowalign.training.runs:run_dpo")
 def train_dpo(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    help_config: _help_config("flowalign.training.runs:DPORun") = False,
-    model: Annotated[str | None, typer.Option(help="Base model: hub id or folder.")] = None,
-    data: Annotated[
-        str | None, typer.Option(help="pairs.jsonl, VideoAlign csv or Pick-a-Pic parquet.")
-    ] = None,
-    out: OutOpt = None,
-    steps: StepsOpt = None,
-    beta: Annotated[float | None, typer.Option(help="DPO beta (mean-reduced errors).")] = None,
+    model: _opt(str, "Base model: hub id or folder.") = None,
+    data: _opt(str, "pairs.jsonl, VideoAlign csv or Pick-a-Pic parquet.") = None,
+    beta: _opt(float, "DPO beta (mean-reduced errors).") = None,
     no_t5: NoT5Opt = False,
-    resume: ResumeOpt = False,
-) -> None:
+) -> dict[str, object]:
     """Flow-DPO preference fine-tuning (LoRA by default; --set lora=null for a full fine-tune)."""
-    from flowalign.training.runs import DPORun, run_dpo
-
-    overrides = {"model": model, "data": data, "dpo.beta": beta, "drop_t5": no_t5 or None}
-    _run_training(DPORun, run_dpo, config, set_, resume, overrides, out=out, steps=steps)
+    return {"model": model, "data": data, "dpo.beta": beta, "drop_t5": no_t5 or None}
 
 
-@train_app.command("rwr")
+@_train_command("rwr", "flowalign.training.runs:RWRRun", "flowalign.training.runs:run_rwr")
 def train_rwr(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    help_config: _help_config("flowalign.training.runs:RWRRun") = False,
-    model: Annotated[str | None, typer.Option(help="Base model: hub id or folder.")] = None,
-    data: Annotated[str | None, typer.Option(help="candidates.jsonl from `flowalign pairs`.")] = None,
-    out: OutOpt = None,
-    steps: StepsOpt = None,
-    temperature: Annotated[float | None, typer.Option(help="RWR temperature beta.")] = None,
+    model: _opt(str, "Base model: hub id or folder.") = None,
+    data: _opt(str, "candidates.jsonl from `flowalign pairs`.") = None,
+    temperature: _opt(float, "RWR temperature beta.") = None,
     no_t5: NoT5Opt = False,
-    resume: ResumeOpt = False,
-) -> None:
+) -> dict[str, object]:
     """Flow-RWR: reward-weighted flow matching on scored samples."""
-    from flowalign.training.runs import RWRRun, run_rwr
-
-    overrides = {
-        "model": model,
-        "data": data,
-        "rwr.temperature": temperature,
-        "drop_t5": no_t5 or None,
-    }
-    _run_training(RWRRun, run_rwr, config, set_, resume, overrides, out=out, steps=steps)
+    return {"model": model, "data": data, "rwr.temperature": temperature, "drop_t5": no_t5 or None}
 
 
-@train_app.command("grpo")
+@_train_command("grpo", "flowalign.training.grpo_run:GRPORun", "flowalign.training.grpo_run:run_grpo")
 def train_grpo(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    help_config: _help_config("flowalign.training.grpo_run:GRPORun") = False,
-    model: Annotated[str | None, typer.Option(help="Base model: hub id, folder, or toy:image.")] = None,
-    prompts: Annotated[
-        str | None, typer.Option(help="toy:train[:video] or a prompt file (.txt, .jsonl, .json, .csv).")
-    ] = None,
-    reward: Annotated[
-        list[str] | None, typer.Option(help="Reward spec of the registry (repeat for a mix), e.g. toy.")
-    ] = None,
-    weights: Annotated[str | None, typer.Option(help="Per-dimension weights, e.g. ta=1,vq=0.5.")] = None,
-    out: OutOpt = None,
-    steps: StepsOpt = None,
-    resume: ResumeOpt = False,
-) -> None:
+    model: _opt(str, "Base model: hub id, folder, or toy:image.") = None,
+    prompts: _opt(str, "toy:train[:video] or a prompt file (.txt, .jsonl, .json, .csv).") = None,
+    reward: _opt(list[str], "Reward spec of the registry (repeat for a mix), e.g. toy.") = None,
+    weights: _opt(str, "Per-dimension weights, e.g. ta=1,vq=0.5.") = None,
+) -> dict[str, object]:
     """Flow-GRPO: online RL with K SDE samples per prompt, group advantages and a KL to the reference."""
-    from flowalign.training.grpo_run import GRPORun, run_grpo
-
-    overrides = {
-        "model": model,
-        "prompts": prompts,
-        "weights": weights,
-        "rewards": "[" + ",".join(reward) + "]" if reward else None,
-    }
-    _run_training(GRPORun, run_grpo, config, set_, resume, overrides, out=out, steps=steps)
+    rewards = "[" + ",".join(reward) + "]" if reward else None
+    return {"model": model, "prompts": prompts, "weights": weights, "rewards": rewards}
 
 
-@train_app.command("latent-reward")
+@_train_command(
+    "latent-reward", "flowalign.training.runs:LatentRewardRun", "flowalign.training.runs:run_latent_reward"
+)
 def train_latent_reward(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    help_config: _help_config("flowalign.training.runs:LatentRewardRun") = False,
-    model: Annotated[str | None, typer.Option(help="Flow model the guide is for: hub id or folder.")] = None,
-    data: Annotated[
-        str | None,
-        typer.Option(help="Preference pairs with per-dimension labels, or candidates.jsonl from `pairs`."),
-    ] = None,
-    out: OutOpt = None,
-    steps: StepsOpt = None,
-    dimensions: Annotated[str | None, typer.Option(help="Reward dimensions, e.g. vq,ta or vq,mq,ta.")] = None,
-    teacher: Annotated[
-        str | None, typer.Option(help="Clean reward that labels every batch instead (e.g. toy).")
-    ] = None,
-    resume: ResumeOpt = False,
-) -> None:
+    model: _opt(str, "Flow model the guide is for: hub id or folder.") = None,
+    data: _opt(str, "Preference pairs with per-dimension labels, or candidates.jsonl from `pairs`.") = None,
+    dimensions: _opt(str, "Reward dimensions, e.g. vq,ta or vq,mq,ta.") = None,
+    teacher: _opt(str, "Clean reward that labels every batch instead (e.g. toy).") = None,
+) -> dict[str, object]:
     """Noise-aware latent reward for Flow-NRG guidance (`generate --guide OUT/final`)."""
-    from flowalign.training.runs import LatentRewardRun, run_latent_reward
-
-    overrides = {
-        "model": model,
-        "data": data,
-        "teacher": teacher,
-        "reward.dimensions": f"[{dimensions}]" if dimensions else None,
-    }
-    _run_training(LatentRewardRun, run_latent_reward, config, set_, resume, overrides, out=out, steps=steps)
+    dims = f"[{dimensions}]" if dimensions else None
+    return {"model": model, "data": data, "teacher": teacher, "reward.dimensions": dims}
 
 
-@train_app.command("fdistill")
+_FDISTILL = "flowalign.training.methods.fdistill"
+
+
+@_train_command("fdistill", f"{_FDISTILL}:FDistillRun", f"{_FDISTILL}:run_fdistill")
 def train_fdistill(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    help_config: _help_config("flowalign.training.methods.fdistill:FDistillRun") = False,
-    teacher: Annotated[str | None, typer.Option(help="Teacher: hub id or folder of a flow model.")] = None,
-    divergence: Annotated[
-        str | None, typer.Option(help="js, kl, rkl, sf, sh, jf, pearson, neyman, alpha.")
-    ] = None,
-    out: OutOpt = None,
-    steps: StepsOpt = None,
-    resume: ResumeOpt = False,
-) -> None:
+    teacher: _opt(str, "Teacher: hub id or folder of a flow model.") = None,
+    divergence: _opt(str, "js, kl, rkl, sf, sh, jf, pearson, neyman, alpha.") = None,
+) -> dict[str, object]:
     """f-distill: a one-step generator by f-divergence distribution matching."""
-    from flowalign.training.methods.fdistill import FDistillRun, run_fdistill
-
-    overrides = {
-        "teacher": teacher,
-        "method.divergence": divergence,
-    }
-    _run_training(FDistillRun, run_fdistill, config, set_, resume, overrides, out=out, steps=steps)
+    return {"teacher": teacher, "method.divergence": divergence}
 
 
-@train_app.command("distar")
+_DISTAR = "flowalign.training.methods.distar"
+
+
+@_train_command("distar", f"{_DISTAR}:DistarRun", f"{_DISTAR}:run_distar")
 def train_distar(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    help_config: _help_config("flowalign.training.methods.distar:DistarRun") = False,
-    teacher: Annotated[
-        str | None, typer.Option(help="Teacher (reference diffusion): hub id or folder.")
-    ] = None,
-    reward: Annotated[str | None, typer.Option(help="A differentiable reward name.")] = None,
-    reward_scale: Annotated[float | None, typer.Option()] = None,
-    alpha: Annotated[float | None, typer.Option(help="Weight of the score-divergence regulariser.")] = None,
-    out: OutOpt = None,
-    steps: StepsOpt = None,
-    resume: ResumeOpt = False,
-) -> None:
+    teacher: _opt(str, "Teacher (reference diffusion): hub id or folder.") = None,
+    reward: _opt(str, "A differentiable reward name.") = None,
+    reward_scale: _opt(float) = None,
+    alpha: _opt(float, "Weight of the score-divergence regulariser.") = None,
+) -> dict[str, object]:
     """Diff-Instruct*: a reward-aligned one-step generator with score-divergence regularisation."""
-    from flowalign.training.methods.distar import DistarRun, run_distar
-
-    overrides = {
-        "teacher": teacher,
-        "method.reward": reward,
-        "method.reward_scale": reward_scale,
-        "method.alpha": alpha,
-    }
-    _run_training(DistarRun, run_distar, config, set_, resume, overrides, out=out, steps=steps)
+    scaled = {"method.reward_scale": reward_scale, "method.alpha": alpha}
+    return {"teacher": teacher, "method.reward": reward, **scaled}
 
 
-@train_app.command("cdt")
-def train_cdt_cmd(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    help_config: _help_config("flowalign.training.methods.cdt:CDTRunConfig") = False,
-    out: OutOpt = None,
-    steps: StepsOpt = None,
-    resume: ResumeOpt = False,
-) -> None:
+@_train_command(
+    "cdt", "flowalign.training.methods.cdt:CDTRunConfig", "flowalign.training.methods.cdt:train_cdt"
+)
+def train_cdt_cmd() -> dict[str, object]:
     """CDT: a conditioned-diffusion video tokenizer (toy clips by default; --set data.source=DIR)."""
-    from flowalign.training.methods.cdt import CDTRunConfig, train_cdt
-
-    _run_training(CDTRunConfig, train_cdt, config, set_, resume, {}, out=out, steps=steps)
+    return {}
 
 
 @train_app.command("reward")
@@ -264,13 +217,8 @@ def train_reward(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     help_config: _help_config("flowalign.training.methods.reward_run:RewardModelRun") = False,
-    data: Annotated[
-        str | None,
-        typer.Option(help="Preference pairs with per-dimension labels (jsonl, VideoAlign csv, parquet)."),
-    ] = None,
-    toy: Annotated[
-        str | None, typer.Option(help="Oracle-labelled toy pairs instead: image or video.")
-    ] = None,
+    data: _opt(str, "Preference pairs with per-dimension labels (jsonl, VideoAlign csv, parquet).") = None,
+    toy: _opt(str, "Oracle-labelled toy pairs instead: image or video.") = None,
     out: OutOpt = None,
     steps: StepsOpt = None,
     resume: ResumeOpt = False,
