@@ -1,0 +1,128 @@
+"""Qwen-Image-Edit-Plus through the CLI: `generate --image`, `train dpo` on edit pairs (the LoRA loads
+into diffusers' pipeline with the same output), and pairs whose members name different condition
+images refused with the row.
+
+The image areas of the edit pipelines are shrunk as in ``test_qwen_image_edit.py`` (the CLI runs in
+this process, so the adapter and diffusers read the same shrunk areas). fp32: the LoRA merged into
+flowalign's weights and diffusers' unmerged adapter differ by rounding only (~1e-7).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from test_qwen_image_edit import small_edit_areas  # noqa: F401  (the fixture)
+from typer.testing import CliRunner
+
+from flowalign.cli import app
+from flowalign.models import load_flow_model
+from flowalign.pipelines import FlowPipeline
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.usefixtures("small_edit_areas")]
+
+runner = CliRunner()
+FAMILY = "qwen-image-edit-plus"
+TOL = 1e-4
+COMMON = ["--set", "train.batch_size=2", "--set", "train.trackers=[]", "--set", "train.cpu=true"]
+GEN = dict(num_inference_steps=2, height=32, width=32)
+
+
+def _png(path, seed, height=48, width=32):
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    PIL.Image.fromarray(pixels).save(path)
+    return path
+
+
+def write_pairs(folder, *, other_condition: bool = False):
+    """pairs.jsonl of two 32 x 32 edit pairs, each row naming its condition image; with
+    ``other_condition`` the rows name one per member, and row 2's B member names another image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(2):
+        for side, seed in (("A", 10 + i), ("B", 20 + i)):
+            _png(folder / f"{i}{side}.png", seed, 32, 32)
+        _png(folder / f"cond{i}.png", i)
+        row = {"prompt": f"make shape {i} red", "path_A": f"{i}A.png", "path_B": f"{i}B.png", "label": "A"}
+        if other_condition:  # per-member columns; row 2's members differ
+            other = f"cond{i}.png" if i == 0 else _png(folder / "other.png", 5).name
+            row.update(image_A=f"cond{i}.png", image_B=other)
+        else:
+            row["image"] = f"cond{i}.png"
+        rows.append(row)
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "pairs.jsonl"
+
+
+def test_generate_with_an_image(tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir(FAMILY)
+    image = _png(tmp_path / "source.png", 0)
+    size = ["--steps", "2", "--height", "32", "--width", "32", "--dtype", "fp32", "--device", "cpu"]
+    args = [
+        "generate",
+        "--model",
+        model_dir,
+        "--prompt",
+        "make it red",
+        "--image",
+        image,
+        "--out",
+        tmp_path / "o",
+    ]
+    res = runner.invoke(app, list(map(str, [*args, *size])))
+    assert res.exit_code == 0, res.output
+    manifest = [json.loads(line) for line in (tmp_path / "o" / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == 1 and manifest[0]["image"] == str(image)
+    with PIL.Image.open(tmp_path / "o" / manifest[0]["file"]) as written:
+        assert written.size == (32, 32)
+    res = runner.invoke(app, list(map(str, [*args[:-4], "--out", tmp_path / "p", *size])))
+    assert res.exit_code != 0 and "--image" in res.output  # an edit model without a source image
+
+
+def test_pair_with_different_condition_images_is_refused_with_its_row(tiny_model_dir, tmp_path):
+    data = write_pairs(tmp_path / "data", other_condition=True)
+    args = ["train", "dpo", "--model", str(tiny_model_dir(FAMILY)), "--data", str(data)]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "run"), "--steps", "2", *COMMON])
+    assert res.exit_code != 0
+    assert "line 2" in res.output and "different condition images" in res.output, res.output
+
+
+def _edit(model_or_pipe, image):
+    gen = torch.Generator().manual_seed(5)
+    if isinstance(model_or_pipe, FlowPipeline):
+        return model_or_pipe(
+            ["make shape 0 red"], image=image, generator=gen, guidance_scale=4.0, **GEN
+        ).media
+    return model_or_pipe(
+        image=image,
+        prompt="make shape 0 red",
+        negative_prompt=" ",
+        true_cfg_scale=4.0,
+        generator=gen,
+        output_type="pt",
+        **GEN,
+    ).images
+
+
+def test_dpo_lora_loads_into_the_edit_pipeline(tiny_model_dir, tmp_path):
+    base_dir = tiny_model_dir(FAMILY)
+    data = write_pairs(tmp_path / "data")
+    res = runner.invoke(
+        app,
+        ["train", "dpo", "--model", str(base_dir), "--data", str(data), "--out", str(tmp_path / "run")]
+        + ["--steps", "2", *COMMON, "--set", "lora.rank=4", "--set", "lora.alpha=8"]
+        + ["--set", "train.optim.lr=0.05"],
+    )
+    assert res.exit_code == 0, res.output
+    image = PIL.Image.open(tmp_path / "data" / "cond0.png")
+    final = tmp_path / "run" / "final"
+    ours = _edit(FlowPipeline(load_flow_model(final)), image)
+    base = load_flow_model(base_dir)
+    before = _edit(FlowPipeline(base), image)
+    base.pipe.load_lora_weights(str(final / "lora"))
+    theirs = _edit(base.pipe, image)
+    assert (ours - before).abs().max() > 10 * TOL  # the LoRA moved the output well past TOL
+    assert (ours - theirs).abs().max() <= TOL
