@@ -126,3 +126,49 @@ def test_dpo_lora_loads_into_the_edit_pipeline(tiny_model_dir, tmp_path):
     theirs = _edit(base.pipe, image)
     assert (ours - before).abs().max() > 10 * TOL  # the LoRA moved the output well past TOL
     assert (ours - theirs).abs().max() <= TOL
+
+
+def test_fdistill_one_step_generator_loads_into_the_edit_pipeline(tiny_model_dir, tmp_path):
+    """f-distill on real edits (a manifest with each row's condition image); the exported generator
+    loads with the pipeline's from_pretrained and its one step equals flowalign's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+
+    from flowalign.pipelines.one_step import OneStepPipeline
+
+    base_dir = tiny_model_dir(FAMILY)
+    data = tmp_path / "data"
+    write_pairs(data)
+    rows = [{"prompt": f"make shape {i} red", "file": f"{i}A.png", "image": f"cond{i}.png"} for i in range(2)]
+    (data / "real.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bare = "".join(json.dumps({k: r[k] for k in ("prompt", "file")}) + "\n" for r in rows)
+    (data / "no_images.jsonl").write_text(bare)
+
+    def fdistill(manifest, out):
+        sets = [f"data.real_manifest={manifest}", "method.height=32", "method.width=32"]
+        sets += ["method.guidance_scale=1.0", "train.optim.lr=0.01"]
+        args = ["train", "fdistill", "--teacher", str(base_dir), "--out", str(out), "--steps", "2", *COMMON]
+        return runner.invoke(app, args + [arg for value in sets for arg in ("--set", value)])
+
+    res = fdistill(data / "no_images.jsonl", tmp_path / "refused")
+    assert res.exit_code != 0 and "give each data row its condition image" in res.output, res.output
+    res = fdistill(data / "real.jsonl", tmp_path / "fd")
+    assert res.exit_code == 0, res.output
+    image = PIL.Image.open(data / "cond0.png")
+    kwargs = dict(image=image, height=32, width=32)
+    final = tmp_path / "fd" / "final"
+    ours = OneStepPipeline(final, guidance_scale=1.0)(["make shape 0 red"], generator=_gen(), **kwargs).media
+    teacher = OneStepPipeline(load_flow_model(base_dir), guidance_scale=1.0)
+    before = teacher(["make shape 0 red"], generator=_gen(), **kwargs).media
+    pipe = QwenImageEditPlusPipeline.from_pretrained(str(final))
+    pipe.set_progress_bar_config(disable=True)
+    # one step from t = 1 to 0, without the terminal stretch (0/0 on a one-point grid: NaN in diffusers)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift_terminal=None)
+    theirs = pipe(
+        prompt="make shape 0 red", num_inference_steps=1, generator=_gen(), output_type="pt", **kwargs
+    ).images
+    assert (ours - before).abs().max() > 10 * TOL  # the generator moved away from the teacher
+    assert (ours - theirs).abs().max() <= TOL
+
+
+def _gen():
+    return torch.Generator().manual_seed(5)

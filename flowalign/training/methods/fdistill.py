@@ -134,7 +134,7 @@ class FDistill(OneStepDistillation):
         self.discriminator: DiscriminatorHeads | None = None
         if cfg.needs_discriminator:
             self.features = TeacherFeatures(teacher, cfg.discriminator_blocks)
-            cond, _ = self.encode([""], with_uncond=False)
+            cond, _ = self.encode([""], with_uncond=False, images=self.probe_images())
             probe = torch.zeros(
                 teacher.latent_shape(1, self.height, self.width, self.num_frames),
                 device=teacher.device,
@@ -188,7 +188,7 @@ class FDistill(OneStepDistillation):
     # ---------------------------------------------------------------- losses
     def generator_loss(self, batch: PromptBatch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         cfg, ids = self.config, batch.index
-        cond, uncond = self.encode(batch.prompt, with_uncond=self.uses_cfg)
+        cond, uncond = self.encode(batch.prompt, with_uncond=self.uses_cfg, images=batch.condition)
         x = self.sample(ids, ctx, cond, net=ctx.module("generator"))  # [B, ...] with the generator's graph
         t, _, x_t = self.noised(x, ids, ctx, key="generator")
         with torch.no_grad():

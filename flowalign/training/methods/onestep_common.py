@@ -293,7 +293,8 @@ class MediaTextDataset(Dataset):
 
     Each line needs ``"prompt"`` and ``"file"`` (a path relative to the manifest's folder), which is the
     format ``flowalign generate`` writes, so teacher samples can serve as the real data (data-free).
-    Item: ``{"prompt", "pixels": [3, H, W] or [T, 3, H, W] in [0, 1], "index"}``.
+    Item: ``{"prompt", "pixels": [3, H, W] or [T, 3, H, W] in [0, 1], "index"}``, plus ``"condition"``
+    (the row's ``"image"``, [3, H, W]) for image-conditioned teachers (edit, image-to-video).
     """
 
     def __init__(self, manifest: str | Path) -> None:
@@ -311,7 +312,12 @@ class MediaTextDataset(Dataset):
             file = resolve_data_path(
                 self.manifest.parent, row["file"], source=self.manifest, where=where, key="file"
             )
-            self.rows.append({**row, "path": file, "where": where})
+            image = row.get("image")
+            if image is not None:
+                image = resolve_data_path(
+                    self.manifest.parent, image, source=self.manifest, where=where, key="image"
+                )
+            self.rows.append({**row, "path": file, "where": where, "image": image})
         if not self.rows:
             raise ValueError(f"{self.manifest}: no rows")
 
@@ -323,7 +329,12 @@ class MediaTextDataset(Dataset):
 
         row = self.rows[i]
         pixels = load_row_media(row["path"], source=self.manifest, where=row["where"], key="file")
-        return {"prompt": row["prompt"], "pixels": pixels, "index": i}
+        item = {"prompt": row["prompt"], "pixels": pixels, "index": i}
+        if row["image"] is not None:
+            item["condition"] = load_row_media(
+                row["image"], source=self.manifest, where=row["where"], key="image"
+            )
+        return item
 
 
 @dataclass(kw_only=True)
@@ -506,7 +517,7 @@ class OneStepDistillation(Method):
         """Fake-score denoising loss on fresh detached generator samples (docs/algorithms.md 2.5 / 3.4 (a)),
         plus :meth:`extra_critic_loss` (f-distill's discriminator)."""
         ids = batch.index
-        cond, _ = self.encode(batch.prompt, with_uncond=False)
+        cond, _ = self.encode(batch.prompt, with_uncond=False, images=batch.condition)
         with torch.no_grad():
             x0 = self.sample(ids, ctx, cond, net=self.generator)
         t, noise, x_t = self.noised(x0, ids, ctx, key="critic")
@@ -546,10 +557,29 @@ class OneStepDistillation(Method):
     def uses_cfg(self) -> bool:
         return not self.teacher.uses_guidance_embedding and self.common.guidance_scale != 1.0
 
-    def encode(self, prompts: list[str], *, with_uncond: bool) -> tuple[PromptEmbeds, PromptEmbeds | None]:
-        """Prompt embeddings (no grad; the text encoders stay frozen)."""
+    def encode(
+        self, prompts: list[str], *, with_uncond: bool, images: Sequence | None = None
+    ) -> tuple[PromptEmbeds, PromptEmbeds | None]:
+        """Prompt embeddings (no grad; the text encoders stay frozen); with ``images`` (one per prompt,
+        image-conditioned teachers) also the condition images' fields for the generator's size."""
+        if images is None and self.teacher.requires_images:
+            raise ValueError(
+                f"{self.teacher.family} is conditioned on an image: give each data row its condition "
+                "image (an 'image' column in data.real_manifest)"
+            )
+        extra = {}
+        if images is not None:
+            extra = dict(
+                images=list(images), height=self.height, width=self.width, num_frames=self.num_frames
+            )
         with torch.no_grad():
-            return self.teacher.encode_prompt(list(prompts), with_uncond=with_uncond)
+            return self.teacher.encode_prompt(list(prompts), with_uncond=with_uncond, **extra)
+
+    def probe_images(self) -> list[Tensor] | None:
+        """A mid-grey condition image for one probe forward of an image-conditioned teacher, else None."""
+        if not self.teacher.requires_images:
+            return None
+        return [torch.full((3, self.height, self.width), 0.5)]
 
     def velocity(self, x: Tensor, t: Tensor, cond: PromptEmbeds, *, net: nn.Module) -> Tensor:
         return self.teacher.velocity(x, t, cond, guidance=self.embedded_guidance, net=net)
