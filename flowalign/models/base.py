@@ -79,7 +79,8 @@ class PromptEmbeds:
             (bool for Qwen-Image and Z-Image; the pipeline's own float or integer mask for HunyuanVideo
             1.5 and LTX-2); None means every token counts.
         image_latents: condition-image latents ``[B, ...]`` in the family's layout (Wan I2V: the
-            first-frame mask and latents concatenated on channels to the noisy latents).
+            first-frame mask and latents concatenated on channels to the noisy latents; Qwen-Image-Edit:
+            the source image's latents ``[B, 16, H_c, W_c]``, appended to the noisy tokens).
         image_embeds: condition-image encoder tokens ``[B, L_img, D_img]`` (Wan 2.1 I2V's CLIP).
         embeds_2: a second encoder's tokens ``[B, L2, D2]`` kept apart from ``embeds`` (HunyuanVideo
             1.5's ByT5 glyph encoder), with its token mask ``mask_2`` ``[B, L2]``.
