@@ -172,3 +172,42 @@ def test_fdistill_one_step_generator_loads_into_the_edit_pipeline(tiny_model_dir
 
 def _gen():
     return torch.Generator().manual_seed(5)
+
+
+@pytest.mark.parametrize("method", ["rwr", "sft"])
+def test_rwr_lora_and_sft_model_load_into_the_edit_pipeline(tiny_model_dir, tmp_path, method):
+    """Flow-RWR (LoRA) on scored edits and SFT (full transformer) on the same rows, each naming its
+    condition image: the LoRA loads with load_lora_weights, the SFT folder with from_pretrained."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    base_dir = tiny_model_dir(FAMILY)
+    data = tmp_path / "data"
+    write_pairs(data)
+    rows = [
+        {
+            "prompt": f"make shape {i} red",
+            "file": f"{i}{side}.png",
+            "image": f"cond{i}.png",
+            "scores": {"overall": s},
+        }
+        for i in range(2)
+        for side, s in (("A", 1.0), ("B", 0.0))
+    ]
+    (data / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["train", method, "--model", str(base_dir), "--data", str(data / "candidates.jsonl")]
+    res = runner.invoke(
+        app, [*args, "--out", str(tmp_path / method), "--steps", "2", *COMMON, "--set", "train.optim.lr=0.05"]
+    )
+    assert res.exit_code == 0, res.output
+    image = PIL.Image.open(data / "cond0.png")
+    final = tmp_path / method / "final"
+    ours = _edit(FlowPipeline(load_flow_model(final)), image)
+    before = _edit(FlowPipeline(load_flow_model(base_dir)), image)
+    if method == "rwr":
+        pipe = load_flow_model(base_dir).pipe
+        pipe.load_lora_weights(str(final / "lora"))
+    else:
+        pipe = QwenImageEditPlusPipeline.from_pretrained(str(final))
+        pipe.set_progress_bar_config(disable=True)
+    assert (ours - before).abs().max() > 10 * TOL
+    assert (ours - _edit(pipe, image)).abs().max() <= TOL
