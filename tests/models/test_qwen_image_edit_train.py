@@ -211,3 +211,50 @@ def test_rwr_lora_and_sft_model_load_into_the_edit_pipeline(tiny_model_dir, tmp_
         pipe.set_progress_bar_config(disable=True)
     assert (ours - before).abs().max() > 10 * TOL
     assert (ours - _edit(pipe, image)).abs().max() <= TOL
+
+
+def test_distar_on_prompts_with_images_loads_into_the_edit_pipeline(tiny_model_dir, tmp_path):
+    """DI* data-free on a prompt file with an image column (mean-pixel reward): the generator loads
+    with the pipeline's from_pretrained and its one step equals flowalign's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+    from stand_ins import registered_mean_pixel
+
+    from flowalign.pipelines.one_step import OneStepPipeline
+
+    base_dir = tiny_model_dir(FAMILY)
+    for i in range(2):
+        _png(tmp_path / f"cond{i}.png", i)
+    (tmp_path / "prompts.csv").write_text(
+        "prompt,image\nmake shape 0 red,cond0.png\nmake shape 1 red,cond1.png\n"
+    )
+    sets = [f"data.prompts_file={tmp_path / 'prompts.csv'}", "method.height=32", "method.width=32"]
+    sets += ["method.guidance_scale=1.0", "train.optim.lr=0.01"]
+    args = [
+        "train",
+        "distar",
+        "--teacher",
+        str(base_dir),
+        "--out",
+        str(tmp_path / "di"),
+        "--steps",
+        "2",
+        *COMMON,
+    ]
+    res = runner.invoke(
+        app, [*args, "--reward", registered_mean_pixel()] + [a for v in sets for a in ("--set", v)]
+    )
+    assert res.exit_code == 0, res.output
+    kwargs = dict(image=PIL.Image.open(tmp_path / "cond0.png"), height=32, width=32)
+    ours = OneStepPipeline(tmp_path / "di" / "final", guidance_scale=1.0)(
+        ["make shape 0 red"], generator=_gen(), **kwargs
+    )
+    teacher = OneStepPipeline(load_flow_model(base_dir), guidance_scale=1.0)
+    before = teacher(["make shape 0 red"], generator=_gen(), **kwargs).media
+    pipe = QwenImageEditPlusPipeline.from_pretrained(str(tmp_path / "di" / "final"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift_terminal=None)
+    theirs = pipe(
+        prompt="make shape 0 red", num_inference_steps=1, generator=_gen(), output_type="pt", **kwargs
+    )
+    assert (ours.media - before).abs().max() > 10 * TOL
+    assert (ours.media - theirs.images).abs().max() <= TOL
