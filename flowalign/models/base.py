@@ -334,6 +334,13 @@ class FlowModel(ABC):
         :class:`PromptEmbeds` (both branches: CFG keeps the image in the unconditional pass too).
         """
 
+    def encode_text(self, prompts: list[str]) -> PromptEmbeds:
+        """The text part of the conditioning alone (no image fields), what a prompt cache stores: the
+        ``cond`` of :meth:`encode_prompt`. Image-to-video families, whose ``encode_prompt`` requires an
+        image, override it; their text embeddings do not depend on the image."""
+        cond, _ = self.encode_prompt(list(prompts))
+        return cond
+
     @abstractmethod
     def latent_shape(self, batch_size: int, height: int, width: int, num_frames: int = 1) -> tuple[int, ...]:
         """Canonical latent shape for media of this size."""

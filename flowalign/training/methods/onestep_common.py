@@ -450,9 +450,21 @@ class OneStepDistillation(Method):
         """More critic-group modules (f-distill's discriminator heads). Default none."""
         return {}
 
+    prompt_cache: Any = None
+    """The teacher's prompt embeddings encoded once (``flowalign/training/methods/onestep_cache.py``)."""
+
     def frozen_modules(self) -> dict[str, nn.Module]:
+        """The teacher's frozen components, less the text encoders once the prompts are cached and the
+        VAE once the real media's latents are (``media_cached``): those stay on the CPU."""
+        from flowalign.training.cache import text_encoder_names
+
         trainable = {id(m) for m in self.trainable_modules().values()}
-        return {k: v for k, v in self.teacher.modules().items() if id(v) not in trainable}
+        dropped = set(text_encoder_names(self.teacher)) if self.prompt_cache is not None else set()
+        if getattr(self, "media_cached", False):
+            dropped.add("vae")
+        return {
+            k: v for k, v in self.teacher.modules().items() if id(v) not in trainable and k not in dropped
+        }
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         critic = [self.fake, *self.extra_critic_modules().values()]
@@ -547,7 +559,12 @@ class OneStepDistillation(Method):
         return not self.teacher.uses_guidance_embedding and self.common.guidance_scale != 1.0
 
     def encode(self, prompts: list[str], *, with_uncond: bool) -> tuple[PromptEmbeds, PromptEmbeds | None]:
-        """Prompt embeddings (no grad; the text encoders stay frozen)."""
+        """Prompt embeddings (no grad; the text encoders stay frozen), read from the prompt cache when
+        there is one (the unconditional branch is the cached empty prompt)."""
+        if self.prompt_cache is not None:
+            device = self.teacher.device
+            uncond = self.prompt_cache.lookup([""] * len(prompts), device) if with_uncond else None
+            return self.prompt_cache.lookup(list(prompts), device), uncond
         with torch.no_grad():
             return self.teacher.encode_prompt(list(prompts), with_uncond=with_uncond)
 
