@@ -9,6 +9,9 @@ a list of such items into one batch, and :meth:`to` moves its tensors to a devic
                     and an optional per-sample loss weight [B]
     PairBatch     + media_w / media_l (pixels) or latents_w / latents_l, one shape per batch
 
+Items of image-conditioned families carry their condition image (``"condition"``) or, once it is
+cached, its encoding as ``condition/<field>`` tensors; either becomes the batch's ``condition`` list.
+
 A method may also be handed a plain mapping with the same keys (a hand-built batch, or the output of
 ``torch.utils.data.default_collate``): :meth:`coerce` reads it into the typed batch.
 """

@@ -11,8 +11,9 @@ with T5-XXL, FLUX.1-dev). Staged, the same run goes through three phases:
    adapters at that device while the transformer is elsewhere;
 2. caching: the method is built (LoRA adapters are created on the CPU transformer, in fp32; the
    frozen DPO reference of a full fine-tune is copied there in the compute dtype), then the prompt
-   cache and the latent cache are built on the device, after which the text encoders (and the VAE,
-   when latents are cached) go to the CPU;
+   cache, the condition cache of image-conditioned families (:mod:`flowalign.training.condition_cache`)
+   and the latent cache are built on the device, after which the text encoders (the image encoder,
+   and the VAE when latents are cached) go to the CPU;
 3. :func:`finish_staging`: every module the method trains or keeps frozen for the step (the
    transformer with its adapters, a reference copy, the VAE when latents are not cached) moves to
    the device, keeping its dtype, and the execution-device override is cleared.
@@ -54,8 +55,8 @@ __all__ = [
 
 
 def stages_placement(run: Any) -> bool:
-    """Whether ``run`` (a DPO or RWR run config) loads in stages (see the module docstring): it caches
-    its prompts, its base is not quantized, and the launch is neither FSDP2 nor DeepSpeed."""
+    """Whether ``run`` (a DPO, RWR or SFT run config) loads in stages (see the module docstring): it
+    caches its prompts, its base is not quantized, and the launch is neither FSDP2 nor DeepSpeed."""
     if not getattr(run, "cache_prompts", False) or getattr(run, "quantize_base", None) is not None:
         return False
     return not (wants_fsdp() or wants_deepspeed())

@@ -10,9 +10,10 @@ straight into the compute dtype, components trained in full (the transformer of 
 without LoRA) in fp32 as master weights, and LoRA adapters are created in fp32. The device is
 this process's own (:func:`training_device`), known before loading, so each rank reads its
 model onto its own GPU. A LoRA run may instead load its transformer base quantized by bitsandbytes
-(``quantize_base: int8 | nf4``, :mod:`flowalign.models.quantize`; a CUDA GPU only). DPO and RWR runs
-that cache their prompts load in stages (:mod:`flowalign.training.placement`): the transformer joins
-the device only once the text encoders (and the VAE of cached latents) have left it.
+(``quantize_base: int8 | nf4``, :mod:`flowalign.models.quantize`; a CUDA GPU only). DPO, RWR and SFT
+runs that cache their prompts load in stages (:mod:`flowalign.training.placement`): the transformer
+joins the device only once the text encoders (and the VAE of cached latents) have left it; latent
+reward runs cache the same way and move the encoders off the device after loading.
 """
 
 from __future__ import annotations
