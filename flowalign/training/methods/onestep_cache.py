@@ -61,7 +61,7 @@ def cache_onestep_conditioning(run: Any, method: Any, dataset: Dataset) -> Datas
         for name in text_encoder_names(teacher):
             teacher.modules()[name].to("cpu")
     wants_media = getattr(method, "discriminator", None) is not None
-    if run.cache_latents and wants_media and "pixels" in dataset[0]:
+    if getattr(run, "cache_latents", False) and wants_media and "pixels" in dataset[0]:
         kind = "video" if teacher.is_video else "image"
         folder = run.latent_cache_dir or out / "latents"
         with state.main_process_first():
