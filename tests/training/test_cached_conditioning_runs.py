@@ -165,3 +165,34 @@ def test_planner_stages_sft_with_cached_prompts(tmp_path):
     config = tmp_path / "sft.yaml"
     config.write_text("model: stabilityai/stable-diffusion-3.5-medium\nsft: {}\ncache_prompts: false\n")
     assert not recipe_from_yaml(config).staged  # text encoders kept: one-phase load
+
+
+def test_i2v_dpo_run_with_latents_calls_no_encoder_per_step(tmp_path):
+    """Prompts, condition rows and latents cached: a step calls no text encoder, VAE or image encoder,
+    and the latent cache holds the condition rows it was built over."""
+    from test_cached_conditioning import Calls, _i2v_pairs
+
+    from flowalign.config import LoraConfig
+    from flowalign.models.tiny_conditioned import save_tiny_conditioned
+    from flowalign.training.loop import train
+    from flowalign.training.runs import DPORun, prepare_dpo
+
+    model_dir = save_tiny_conditioned("wan-i2v", tmp_path / "model")
+    (tmp_path / "data").mkdir()
+    pairs = _i2v_pairs(tmp_path / "data")
+    run = DPORun(
+        model=str(model_dir),
+        data=pairs,
+        train=_train(tmp_path / "run"),
+        lora=LoraConfig(rank=4),
+        cache_latents=True,
+    )
+    method, data = prepare_dpo(run)
+    item = data[0]
+    assert {"latents_w", "latents_l", "condition/image_latents", "condition/image_embeds"} <= set(item)
+    model = method.model
+    names = [n for n in model.modules() if n.startswith("text_encoder")] + ["image_encoder", "vae"]
+    calls = Calls(model, names)
+    assert set(method.frozen_modules()).isdisjoint(names)
+    result = train(method, data, run.train, progress=False, run_config=run)
+    assert result.step == 1 and calls.total() == 0, calls.calls
