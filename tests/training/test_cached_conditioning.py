@@ -314,3 +314,32 @@ def test_condition_cache_follows_the_data_file_and_the_model(wan_i2v_dir, tmp_pa
         next(model.pipe.image_encoder.parameters()).add_(1e-3)
     changed = cache_condition_images(model, PairDataset(pairs), folder, identity=data_identity(pairs))
     assert changed.fingerprint != grown.fingerprint and calls.calls["image_encoder"] == 6
+
+
+def test_prompt_and_latent_caches_follow_the_model(tiny_model_dir, tmp_path):
+    """A run on the same data and model opens its caches; changed text-encoder or VAE weights rebuild them."""
+    from flowalign.training.cache import PromptEmbedCache
+
+    manifest = _manifest(tmp_path)
+    model = load_flow_model(tiny_model_dir("sd3"), device="cpu")
+    data = ManifestDataset(manifest)
+
+    def build():
+        calls = Calls(model, [*_encoders(model), "vae"])
+        PromptEmbedCache.build(model, dataset_prompts(data), cache_dir=tmp_path / "prompts")
+        cache_media_latents(model, data, tmp_path / "latents", identity=data_identity(manifest))
+        for name in calls.calls:  # unwrap: the next build counts afresh
+            target = model.modules()[name]
+            vars(target).pop("encode" if name == "vae" else "forward")
+        return calls.calls
+
+    assert build()["vae"] == 1  # four items in one batch of the cache
+    assert sum(build().values()) == 0  # same data and model: both caches are opened
+    with torch.no_grad():
+        next(model.pipe.text_encoder.parameters()).add_(1e-3)
+    rebuilt = build()
+    assert rebuilt["text_encoder"] > 0 and rebuilt["vae"] == 0  # only the prompt cache depends on it
+    with torch.no_grad():
+        next(model.pipe.vae.parameters()).add_(1e-3)
+    rebuilt = build()
+    assert rebuilt["vae"] == 1 and rebuilt["text_encoder"] == 0
