@@ -60,6 +60,10 @@ class QwenImageEditPlusModel(QwenImageModel):
     def requires_images(self) -> bool:
         return True
 
+    @property
+    def text_reads_image(self) -> bool:
+        return True
+
     # ------------------------------------------------------------------ the condition image
     def condition_inputs(self, image: PIL.Image.Image) -> tuple[PIL.Image.Image, Tensor]:
         """What the pipeline makes of one image: the text encoder's image and the VAE's pixels

@@ -234,9 +234,21 @@ class OneStepDistillation(Method):
         """More critic-group modules (f-distill's discriminator heads). Default none."""
         return {}
 
+    prompt_cache: Any = None
+    """The teacher's prompt embeddings encoded once (``flowalign/training/methods/onestep_cache.py``)."""
+
     def frozen_modules(self) -> dict[str, nn.Module]:
+        """The teacher's frozen components, less the text encoders once the prompts are cached and the
+        VAE once the real media's latents are (``media_cached``): those stay on the CPU."""
+        from flowalign.training.cache import text_encoder_names
+
         trainable = {id(m) for m in self.trainable_modules().values()}
-        return {k: v for k, v in self.teacher.modules().items() if id(v) not in trainable}
+        dropped = set(text_encoder_names(self.teacher)) if self.prompt_cache is not None else set()
+        if getattr(self, "media_cached", False):
+            dropped.add("vae")
+        return {
+            k: v for k, v in self.teacher.modules().items() if id(v) not in trainable and k not in dropped
+        }
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         critic = [self.fake, *self.extra_critic_modules().values()]
@@ -333,13 +345,19 @@ class OneStepDistillation(Method):
     def encode(
         self, prompts: list[str], *, with_uncond: bool, images: Sequence | None = None
     ) -> tuple[PromptEmbeds, PromptEmbeds | None]:
-        """Prompt embeddings (no grad; the text encoders stay frozen); with ``images`` (one per prompt,
-        image-conditioned teachers) also the condition images' fields for the generator's size."""
+        """Prompt embeddings (no grad; the text encoders stay frozen), read from the prompt cache when
+        there is one and no condition image (the unconditional branch is the cached empty prompt);
+        with ``images`` (one per prompt, image-conditioned teachers) also the condition images' fields
+        for the generator's size."""
         if images is None and self.teacher.requires_images:
             raise ValueError(
                 f"{self.teacher.family} is conditioned on an image: give each data row its condition "
                 "image (an 'image' column in data.real_manifest or data.prompts_file)"
             )
+        if self.prompt_cache is not None and images is None:
+            device = self.teacher.device
+            uncond = self.prompt_cache.lookup([""] * len(prompts), device) if with_uncond else None
+            return self.prompt_cache.lookup(list(prompts), device), uncond
         extra = {}
         if images is not None:
             extra = dict(
