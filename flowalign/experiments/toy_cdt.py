@@ -3,9 +3,16 @@
 The paper's central claim is that a conditioned diffusion decoder reconstructs better than a
 deterministic KL-VAE decoder. This trains both on the toy world's moving shapes (CPU, minutes) and
 scores one-step reconstructions of held-out clips (attribute combinations never seen in training)
-with PSNR, SSIM and LPIPS::
+with PSNR, SSIM and LPIPS, plus two detail scores (the spectral distance and high-frequency ratio of
+:mod:`flowalign.tokenizers.spectrum`) and a feature Frechet distance, each with its standard error
+over clips::
 
     python -m flowalign.experiments.toy_cdt --out runs/cdt-toy [--steps 200] [--seed 0]
+    python -m flowalign.experiments.toy_cdt --out runs/cdt-tex --source toy:video-textured \\
+        --steps 400 --num-eval 64 --eval-steps 1 4
+
+``--source toy:video-textured`` trains and scores on the textured world (:mod:`flowalign.toy.texture`),
+where there is fine detail to reconstruct; its table and verdict are in docs/results.md.
 
 Both runs use :class:`~flowalign.training.methods.cdt.CDTTraining` with the same seed, data order,
 optimiser, steps and loss weights; only ``decoder_type`` differs. Without torchvision's ImageNet
