@@ -9,8 +9,9 @@ configs/accelerate/<file>.yaml -m flowalign ...``):
   and optimizer state are sharded DTensors; a gradient is reduce-scattered at every micro-step, so no
   process ever holds a whole gradient. A frozen module marked with :data:`SHARD_FROZEN` (the frozen
   DPO reference of a full fine-tune) is sharded too.
-- ``deepspeed``: one DeepSpeed engine (ZeRO stage 2 or 3) for a method with one trainable module and
-  one parameter group; the engine scales the loss by the accumulation steps, clips and steps.
+- ``deepspeed``: one DeepSpeed engine (ZeRO stage 2 or 3) per optimizer group, over the module or
+  modules of that group (``flowalign.training.deepspeed_engines``); each engine scales its group's
+  loss by the accumulation steps, clips and steps.
 
 Checkpoints stay independent of the world size: sharded tensors are gathered one at a time into
 full CPU tensors kept by the main process (:func:`full_tensors`) and cut back into this process's
@@ -172,19 +173,17 @@ def prepare_sharded(
     discriminator heads) cannot be prepared with any one of them; under FSDP2 each of its modules is
     prepared with a carrier optimizer (plain SGD over the module's share of the group, never stepped)
     that accelerate maps onto the sharded parameters, and the group's real optimizer is built over
-    those DTensors afterwards, in the group's parameter order. DeepSpeed takes one module and one group.
+    those DTensors afterwards, in the group's parameter order. DeepSpeed builds one engine per group
+    (``flowalign.training.deepspeed_engines``).
 
     Returns (wrapped modules, prepared optimizers, the torch optimizers inside them, the parameter
     groups as the prepared optimizers hold them: DTensors under FSDP2).
     """
+    if strategy == DEEPSPEED:  # one engine per optimizer group
+        from flowalign.training.deepspeed_engines import prepare_deepspeed
+
+        return prepare_deepspeed(acc, cfg, trainable, groups, make_optimizer)
     owners = {g: _group_owners(ps, trainable) for g, ps in groups.items()}
-    if strategy == DEEPSPEED:
-        if len(trainable) != 1 or len(groups) != 1:
-            raise ValueError(
-                f"DeepSpeed runs one engine: one trainable module and one optimizer group, this method has "
-                f"modules {sorted(trainable)} and groups {sorted(groups)}; use FSDP2 for it"
-            )
-        _configure_deepspeed(acc, cfg)
     spanning = [g for g in groups if len(owners[g]) > 1]
     wrapped: dict[str, nn.Module] = {}
     prepared: dict[str, Any] = {}
@@ -206,8 +205,6 @@ def prepare_sharded(
     for g in spanning:
         raw = make_optimizer(g, [sharded[id(p)] for p in groups[g]])
         prepared[g], base[g] = acc.prepare_optimizer(raw, device_placement=False), raw
-    if strategy == DEEPSPEED:  # the engine keeps the module's parameters (its optimizer holds flat copies)
-        return wrapped, prepared, base, {g: list(ps) for g, ps in groups.items()}
     # FSDP2: the optimizers now hold the DTensor parameters the modules were sharded into
     return wrapped, prepared, base, {g: _optimizer_params(base[g]) for g in groups}
 
@@ -357,7 +354,7 @@ def _deepspeed_optimizer_state(
 
     steps = [s["step"] for s in optimizer.state.values() if "step" in s]
     state = {}
-    for i, p in enumerate(params):
+    for i, p in enumerate(params if optimizer.state else []):  # no state before the group's first step
         full = full_tensors(
             [(k, safe_get_full_optimizer_state(p, k)) for k in ("exp_avg", "exp_avg_sq")], keep=keep
         )
@@ -379,6 +376,10 @@ def load_deepspeed_optimizer_state(
     linked through the ZeRO optimizer's own lazy-init hook (DeepSpeed 0.19, stages 1-2)."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
+    for group, saved in zip(base.param_groups, sd["param_groups"], strict=False):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+    if not sd["state"]:  # saved before the group's first step: ZeRO creates the state at that step
+        return
     flats = _optimizer_params(base)
     for flat in flats:
         if not base.state.get(flat):
@@ -404,8 +405,6 @@ def load_deepspeed_optimizer_state(
         step = steps.pop()
         for flat in flats:
             base.state[flat]["step"] = torch.tensor(step)
-    for group, saved in zip(base.param_groups, sd["param_groups"], strict=False):
-        group.update({k: v for k, v in saved.items() if k != "params"})
 
 
 def full_optimizer_state(
@@ -442,6 +441,12 @@ def full_module_state(acc: Any, module: nn.Module, strategy: str, *, keep: bool)
     """The whole state dict of a prepared module as full CPU tensors on the keeping process
     (DeepSpeed ZeRO-3: the engine's consolidated 16-bit weights)."""
     if strategy == DEEPSPEED:
+        from deepspeed import DeepSpeedEngine
+
+        if not isinstance(module, DeepSpeedEngine):  # a module of a group of several, not its engine
+            from flowalign.training.deepspeed_engines import gathered_state_dict
+
+            return gathered_state_dict(module, keep=keep)
         state = acc.get_state_dict(module)
         return {k: v.to("cpu") for k, v in state.items()} if keep else {}
     return full_tensors(module.state_dict().items(), keep=keep)

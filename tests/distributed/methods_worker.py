@@ -126,6 +126,7 @@ def run(
 ):
     """``method`` on its toy data (lr 1e-3, EMA decay 0.5, no clipping, a checkpoint after each step)."""
     from flowalign.config import CheckpointConfig, EMAConfig, OptimConfig, TrainConfig
+    from flowalign.training.distributed import wants_deepspeed
     from flowalign.training.loop import train
 
     if method not in METHODS:
@@ -134,7 +135,7 @@ def run(
     built, data = BUILDERS[method](model_dir)
     config = TrainConfig(
         output_dir=out, max_steps=max_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
-        grad_clip=None, log_every=1, trackers=[], cpu=True, optim=OptimConfig(lr=1e-3),
+        grad_clip=None, log_every=1, trackers=[], cpu=not wants_deepspeed(), optim=OptimConfig(lr=1e-3),
         ema=EMAConfig(use=True, decay=0.5), checkpoint=CheckpointConfig(every=1),
     )  # fmt: skip
     return built, train(built, data, config, progress=False)

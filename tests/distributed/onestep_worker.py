@@ -78,6 +78,7 @@ def run(
 ):
     """DI* or f-distill from a tiny toy teacher (see :func:`make_method` for the step order)."""
     from flowalign.config import CheckpointConfig, EMAConfig, OptimConfig, TrainConfig
+    from flowalign.training.distributed import wants_deepspeed
     from flowalign.training.loop import train
 
     torch.manual_seed(0)
@@ -90,7 +91,7 @@ def run(
         grad_clip=None,
         log_every=1,
         trackers=[],
-        cpu=True,
+        cpu=not wants_deepspeed(),  # DeepSpeed starts only without cpu=True
         optim=OptimConfig(lr=1e-3),
         ema=EMAConfig(use=True, decay=0.5),
         checkpoint=CheckpointConfig(every=1, layout=layout),
