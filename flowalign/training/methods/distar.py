@@ -33,6 +33,7 @@ from flowalign.objectives.distar import distar_generator_loss, kl_reward_generat
 from flowalign.rewards.base import RewardModel
 from flowalign.training.method import StepContext
 from flowalign.training.methods import onestep_common as common
+from flowalign.training.methods import onestep_data
 
 __all__ = ["DiffInstructStar", "DistarConfig", "DistarRun", "run_distar"]
 
@@ -203,7 +204,7 @@ class DistarRun:
     "no", bf16, fp16), as for every run. The generator and fake score stay fp32."""
     method: DistarConfig = field(default_factory=DistarConfig)
     """DI* settings (reward, reward_scale, alpha, ...)."""
-    data: common.OneStepData = field(default_factory=common.OneStepData)
+    data: onestep_data.OneStepData = field(default_factory=onestep_data.OneStepData)
     """Prompts (data.prompts_file, or data.toy_items for toy captions)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop settings."""
@@ -237,7 +238,7 @@ def run_distar(
     teacher = load_run_teacher(config.teacher, method="DI*", frozen=frozen, device=device)
     method = DiffInstructStar(teacher, config.method, reward=reward)
     method.keep_teacher_in(frozen)
-    dataset = common.build_dataset(
+    dataset = onestep_data.build_dataset(
         config.data, kind="video" if teacher.is_video else "image", needs_real=False
     )
     return train(method, dataset, config.train, resume=resume, progress=progress, run_config=config)

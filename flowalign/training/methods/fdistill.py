@@ -40,16 +40,14 @@ from flowalign.objectives.fdistill import (
 )
 from flowalign.training.method import StepContext
 from flowalign.training.methods.onestep_common import (
-    DiscriminatorHeads,
     OneStepConfig,
-    OneStepData,
     OneStepDistillation,
-    TeacherFeatures,
-    build_dataset,
     dist_sum,
     frozen,
     seeded,
 )
+from flowalign.training.methods.onestep_data import OneStepData, build_dataset
+from flowalign.training.methods.onestep_heads import DiscriminatorHeads, TeacherFeatures
 
 __all__ = ["FDistill", "FDistillConfig", "FDistillRun", "run_fdistill"]
 
