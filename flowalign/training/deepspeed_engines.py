@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["engine_for", "gathered_state_dict", "prepare_deepspeed"]
+__all__ = ["configure_deepspeed", "engine_for", "gathered_state_dict", "prepare_deepspeed"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,33 @@ def _scalars_as_vectors(module: nn.Module) -> Iterator[None]:
             p.data = p.data.reshape(())
 
 
+def configure_deepspeed(acc: Any, cfg: Any) -> None:
+    """Set the DeepSpeed config's batch, accumulation and clipping values from the run config, the one
+    source of them (a differing value from the accelerate or DeepSpeed config file is replaced, with
+    a warning)."""
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum_steps * acc.num_processes,
+        "gradient_clipping": float(cfg.grad_clip) if cfg.grad_clip is not None else 0.0,
+    }
+    for key, value in wanted.items():
+        old = ds.get(key, "auto")
+        if old != "auto" and float(old) != float(value):
+            logger.warning("DeepSpeed config %s=%s replaced by the run config's %s", key, old, value)
+        ds[key] = value
+    acc.gradient_accumulation_steps = cfg.grad_accum_steps
+    zero = ds.setdefault("zero_optimization", {})
+    if int(zero.get("stage", getattr(acc.state.deepspeed_plugin, "zero_stage", None) or 0)) == 3:
+        # the final export gathers the whole weights, which ZeRO-3 only does with this switch on
+        if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+            logger.info(
+                "DeepSpeed ZeRO-3: stage3_gather_16bit_weights_on_model_save turned on for the export"
+            )
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
 def prepare_deepspeed(
     acc: Any,
     cfg: Any,
@@ -108,10 +135,8 @@ def prepare_deepspeed(
     """
     from accelerate.utils import DeepSpeedEngineWrapper
 
-    from flowalign.training.distributed import _configure_deepspeed
-
     owners = check_partition(trainable, groups)
-    _configure_deepspeed(acc, cfg)
+    configure_deepspeed(acc, cfg)
     wrapped: dict[str, nn.Module] = {}
     prepared: dict[str, Any] = {}
     base: dict[str, torch.optim.Optimizer] = {}

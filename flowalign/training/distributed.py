@@ -24,7 +24,6 @@ gathered weights.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -33,9 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flowalign.training.deepspeed_engines import gathered_state_dict, prepare_deepspeed
 from flowalign.training.export_copies import ExportCopies
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "DDP",
@@ -132,33 +130,6 @@ def _group_owners(params: list[nn.Parameter], modules: Mapping[str, nn.Module]) 
     return [name for name, module in modules.items() if any(id(p) in ids for p in module.parameters())]
 
 
-def _configure_deepspeed(acc: Any, cfg: Any) -> None:
-    """Set the DeepSpeed config's batch, accumulation and clipping values from the run config, the one
-    source of them (a differing value from the accelerate or DeepSpeed config file is replaced, with
-    a warning)."""
-    ds = acc.state.deepspeed_plugin.deepspeed_config
-    wanted = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps,
-        "train_batch_size": cfg.batch_size * cfg.grad_accum_steps * acc.num_processes,
-        "gradient_clipping": float(cfg.grad_clip) if cfg.grad_clip is not None else 0.0,
-    }
-    for key, value in wanted.items():
-        old = ds.get(key, "auto")
-        if old != "auto" and float(old) != float(value):
-            logger.warning("DeepSpeed config %s=%s replaced by the run config's %s", key, old, value)
-        ds[key] = value
-    acc.gradient_accumulation_steps = cfg.grad_accum_steps
-    zero = ds.setdefault("zero_optimization", {})
-    if int(zero.get("stage", getattr(acc.state.deepspeed_plugin, "zero_stage", None) or 0)) == 3:
-        # the final export gathers the whole weights, which ZeRO-3 only does with this switch on
-        if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
-            logger.info(
-                "DeepSpeed ZeRO-3: stage3_gather_16bit_weights_on_model_save turned on for the export"
-            )
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-
-
 def prepare_sharded(
     acc: Any,
     strategy: str,
@@ -180,8 +151,6 @@ def prepare_sharded(
     groups as the prepared optimizers hold them: DTensors under FSDP2).
     """
     if strategy == DEEPSPEED:  # one engine per optimizer group
-        from flowalign.training.deepspeed_engines import prepare_deepspeed
-
         return prepare_deepspeed(acc, cfg, trainable, groups, make_optimizer)
     owners = {g: _group_owners(ps, trainable) for g, ps in groups.items()}
     spanning = [g for g in groups if len(owners[g]) > 1]
@@ -444,8 +413,6 @@ def full_module_state(acc: Any, module: nn.Module, strategy: str, *, keep: bool)
         from deepspeed import DeepSpeedEngine
 
         if not isinstance(module, DeepSpeedEngine):  # a module of a group of several, not its engine
-            from flowalign.training.deepspeed_engines import gathered_state_dict
-
             return gathered_state_dict(module, keep=keep)
         state = acc.get_state_dict(module)
         return {k: v.to("cpu") for k, v in state.items()} if keep else {}

@@ -11,6 +11,7 @@ from torch import nn
 
 from flowalign.config import TrainConfig
 from flowalign.training import distributed as dist_
+from flowalign.training.deepspeed_engines import configure_deepspeed
 
 
 class Holder:
@@ -117,7 +118,7 @@ def test_deepspeed_takes_batch_accumulation_and_clipping_from_the_run_config(tmp
     acc.num_processes = 8
     cfg = TrainConfig(output_dir=tmp_path, batch_size=2, grad_accum_steps=4, grad_clip=0.5)
     with caplog.at_level(logging.WARNING):
-        dist_._configure_deepspeed(acc, cfg)
+        configure_deepspeed(acc, cfg)
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 4
     assert ds["train_batch_size"] == 64 and ds["gradient_clipping"] == 0.5
     assert acc.gradient_accumulation_steps == 4
