@@ -90,7 +90,10 @@ def _scalars_as_vectors(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         for _, p in scalars:
-            p.data = p.data.reshape(())
+            if hasattr(p, "ds_shape"):  # partitioned by ZeRO-3: gathered to this shape from now on
+                p.ds_shape = torch.Size(())
+            else:
+                p.data = p.data.reshape(())
 
 
 def configure_deepspeed(acc: Any, cfg: Any) -> None:
@@ -110,14 +113,6 @@ def configure_deepspeed(acc: Any, cfg: Any) -> None:
             logger.warning("DeepSpeed config %s=%s replaced by the run config's %s", key, old, value)
         ds[key] = value
     acc.gradient_accumulation_steps = cfg.grad_accum_steps
-    zero = ds.setdefault("zero_optimization", {})
-    if int(zero.get("stage", getattr(acc.state.deepspeed_plugin, "zero_stage", None) or 0)) == 3:
-        # the final export gathers the whole weights, which ZeRO-3 only does with this switch on
-        if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
-            logger.info(
-                "DeepSpeed ZeRO-3: stage3_gather_16bit_weights_on_model_save turned on for the export"
-            )
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
 
 
 def prepare_deepspeed(
@@ -166,7 +161,10 @@ def engine_for(optimizer: Any) -> Any:
 
 def gathered_state_dict(module: nn.Module, *, keep: bool) -> dict[str, torch.Tensor]:
     """The full state dict of a module under a DeepSpeed engine as CPU tensors on the keeping process,
-    each ZeRO-3 partitioned parameter gathered on its own (a collective: every process calls it)."""
+    each ZeRO-3 partitioned parameter gathered on its own (a collective: every process calls it).
+
+    Read-only gathering (``modifier_rank=None``): the engine's own consolidated state dict gathers
+    with a broadcast that views each parameter as bytes, which fails for 0-d parameters."""
     import deepspeed
 
     params = dict(module.named_parameters())

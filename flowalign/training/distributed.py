@@ -408,12 +408,11 @@ def shard_optimizer_state(sd: Mapping, optimizer: torch.optim.Optimizer) -> dict
 
 def full_module_state(acc: Any, module: nn.Module, strategy: str, *, keep: bool) -> dict[str, Tensor]:
     """The whole state dict of a prepared module as full CPU tensors on the keeping process
-    (DeepSpeed ZeRO-3: the engine's consolidated 16-bit weights)."""
-    if strategy == DEEPSPEED:
+    (DeepSpeed ZeRO-3: each partitioned parameter gathered on its own, in the module's dtype)."""
+    if strategy == DEEPSPEED:  # an engine, or a module of a group of several under its engine
         from deepspeed import DeepSpeedEngine
 
-        if not isinstance(module, DeepSpeedEngine):  # a module of a group of several, not its engine
-            return gathered_state_dict(module, keep=keep)
-        state = acc.get_state_dict(module)
-        return {k: v.to("cpu") for k, v in state.items()} if keep else {}
+        return gathered_state_dict(
+            module.module if isinstance(module, DeepSpeedEngine) else module, keep=keep
+        )
     return full_tensors(module.state_dict().items(), keep=keep)

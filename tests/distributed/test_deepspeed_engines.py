@@ -43,3 +43,14 @@ def test_frozen_scalars_are_vectors_while_the_engine_starts_and_trainable_ones_a
 def test_an_optimizer_without_an_engine_is_refused():
     with pytest.raises(ValueError, match="no engine"):
         ds_.engine_for(torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1))
+
+
+def test_a_scalar_partitioned_by_zero3_is_gathered_with_its_own_shape_afterwards():
+    """ZeRO-3 replaces a parameter's data by its (empty) partition and records the shape to gather it
+    to: that recorded shape, not the data, takes the 0-d shape back."""
+    net = nn.Linear(2, 2)
+    net.scale = nn.Parameter(torch.tensor(2.5), requires_grad=False)
+    with ds_._scalars_as_vectors(net):
+        net.scale.ds_shape = net.scale.shape  # what partitioning records, then it empties the data
+        net.scale.data = torch.empty(0)
+    assert net.scale.ds_shape == torch.Size(()) and net.scale.numel() == 0
