@@ -161,7 +161,7 @@ class DiffInstructStar(common.OneStepDistillation):
 
     def generator_loss(self, batch: PromptBatch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         cfg, ids, prompts = self.config, batch.index, batch.prompt
-        cond, uncond = self.encode(prompts, with_uncond=self.uses_cfg)
+        cond, uncond = self.encode(prompts, with_uncond=self.uses_cfg, images=batch.condition)
         x = self.sample(ids, ctx, cond, net=ctx.module("generator"))  # [B, ...] with the generator's graph
         reward = self.reward_of(x, prompts) if self.reward is not None else None
         t, noise, x_t = self.noised(x, ids, ctx, key="generator")
@@ -206,6 +206,9 @@ class DistarRun:
     """DI* settings (reward, reward_scale, alpha, ...)."""
     data: onestep_data.OneStepData = field(default_factory=onestep_data.OneStepData)
     """Prompts (data.prompts_file, or data.toy_items for toy captions)."""
+    cache_prompts: bool = True
+    """Encode every prompt (and the empty prompt of CFG) once through the teacher's text encoders before
+    training; they then stay off the device (``flowalign/training/methods/onestep_cache.py``)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop settings."""
 
@@ -230,6 +233,7 @@ def run_distar(
 
     if not config.teacher:
         raise ConfigError("the teacher model (hub id or folder) is required", key="teacher")
+    from flowalign.training.methods.onestep_cache import cache_onestep_conditioning
     from flowalign.training.methods.onestep_dtypes import frozen_dtype, load_run_teacher
     from flowalign.training.runs import training_device
 
@@ -241,4 +245,5 @@ def run_distar(
     dataset = onestep_data.build_dataset(
         config.data, kind="video" if teacher.is_video else "image", needs_real=False
     )
+    dataset = cache_onestep_conditioning(config, method, dataset)
     return train(method, dataset, config.train, resume=resume, progress=progress, run_config=config)

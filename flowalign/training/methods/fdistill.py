@@ -132,7 +132,7 @@ class FDistill(OneStepDistillation):
         self.discriminator: DiscriminatorHeads | None = None
         if cfg.needs_discriminator:
             self.features = TeacherFeatures(teacher, cfg.discriminator_blocks)
-            cond, _ = self.encode([""], with_uncond=False)
+            cond, _ = self.encode([""], with_uncond=False, images=self.probe_images())
             probe = torch.zeros(
                 teacher.latent_shape(1, self.height, self.width, self.num_frames),
                 device=teacher.device,
@@ -186,7 +186,7 @@ class FDistill(OneStepDistillation):
     # ---------------------------------------------------------------- losses
     def generator_loss(self, batch: PromptBatch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         cfg, ids = self.config, batch.index
-        cond, uncond = self.encode(batch.prompt, with_uncond=self.uses_cfg)
+        cond, uncond = self.encode(batch.prompt, with_uncond=self.uses_cfg, images=batch.condition)
         x = self.sample(ids, ctx, cond, net=ctx.module("generator"))  # [B, ...] with the generator's graph
         t, _, x_t = self.noised(x, ids, ctx, key="generator")
         with torch.no_grad():
@@ -272,6 +272,15 @@ class FDistillRun:
     """f-distill settings."""
     data: OneStepData = field(default_factory=OneStepData)
     """Prompts and real data."""
+    cache_prompts: bool = True
+    """Encode every prompt (and the empty prompt of CFG) once through the teacher's text encoders before
+    training; they then stay off the device (``flowalign/training/methods/onestep_cache.py``)."""
+    cache_latents: bool = False
+    """Encode the discriminator's real media through the teacher's VAE once before training (kept in
+    ``latent_cache_dir``, reused by a resume or another run on the same data and teacher); the VAE then
+    stays off the device."""
+    latent_cache_dir: Path | None = None
+    """Folder of the latent cache (null: ``<output_dir>/cache/latents``)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop settings (output_dir, steps, batch, optimizer, EMA, ...)."""
 
@@ -290,6 +299,7 @@ def run_fdistill(config: FDistillRun, *, resume: bool | str | Path = False, prog
 
     if not config.teacher:
         raise ConfigError("the teacher model (hub id or folder) is required", key="teacher")
+    from flowalign.training.methods.onestep_cache import cache_onestep_conditioning
     from flowalign.training.methods.onestep_dtypes import frozen_dtype, load_run_teacher
     from flowalign.training.runs import training_device
 
@@ -303,4 +313,5 @@ def run_fdistill(config: FDistillRun, *, resume: bool | str | Path = False, prog
         kind="video" if teacher.is_video else "image",
         needs_real=config.method.needs_discriminator,
     )
+    dataset = cache_onestep_conditioning(config, method, dataset)
     return train(method, dataset, config.train, resume=resume, progress=progress, run_config=config)

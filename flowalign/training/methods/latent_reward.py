@@ -44,6 +44,7 @@ from flowalign.models.base import FlowModel, PromptEmbeds
 from flowalign.objectives.bt_ties import LABEL_MISSING, btt_loss, labels_from_scores, pairwise_accuracy
 from flowalign.rewards.latent import LatentRewardModel
 from flowalign.training.method import Method, StepContext
+from flowalign.training.methods.common import CachedPrompts
 from flowalign.training.methods.score_stats import NormalisedScores, ScoreNormaliser
 
 __all__ = [
@@ -187,11 +188,16 @@ class PreferenceItems(Dataset):
             "labels": dict(pair.labels),
         }
 
+    def prompts(self) -> list[str]:
+        return [self.pairs.prompt(i) for i in range(len(self.pairs))]
 
-class LatentRewardTraining(NormalisedScores, Method):
+
+class LatentRewardTraining(CachedPrompts, NormalisedScores, Method):
     """BTT training of a :class:`LatentRewardModel` on noised preference pairs (Flow-NRG's guide).
 
     The base model is frozen (``requires_grad=False``, eval mode): it only encodes prompts and media.
+    :meth:`cache_prompts` encodes the prompts once (the text encoders then leave the device), and a
+    run may cache both members' latents (:mod:`flowalign.training.latent_cache`).
 
     Args:
         model: the base flow model (encodes prompts and media; its transformer is copied, not trained).
@@ -248,9 +254,13 @@ class LatentRewardTraining(NormalisedScores, Method):
         return {"latent_reward": self.reward_model}
 
     def frozen_modules(self) -> dict[str, nn.Module]:
-        frozen = dict(self.model.modules())
+        """The base model's components, less those its caches replace (:meth:`cache_prompts`, cached
+        latents); a teacher that scores decoded cached latents keeps the VAE."""
+        frozen = self.without_text_encoders(dict(self.model.modules()))
         if self.teacher is not None:
             frozen["teacher"] = self.teacher
+            if "vae" in self.model.modules():
+                frozen["vae"] = self.model.modules()["vae"]
         return frozen
 
     def collate(self, items: list[dict]) -> dict:
@@ -314,8 +324,7 @@ class LatentRewardTraining(NormalisedScores, Method):
         cfg, ids = self.config, batch["index"]
         x0_w, x0_l = self._clean_latents(batch)
         labels = self._labels(batch, x0_w, x0_l)
-        with torch.no_grad():
-            cond, _ = self.model.encode_prompt(batch["prompt"])
+        cond = self.condition(batch["prompt"], x0_w.device)
         noise_w = ctx.randn_like(x0_w, ids, key="noise")
         noise_l = noise_w if cfg.share_noise else ctx.randn_like(x0_l, ids, key="noise_l")
         t = self.sample_t(ids, ctx)  # one t per pair

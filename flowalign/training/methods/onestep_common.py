@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -234,9 +234,21 @@ class OneStepDistillation(Method):
         """More critic-group modules (f-distill's discriminator heads). Default none."""
         return {}
 
+    prompt_cache: Any = None
+    """The teacher's prompt embeddings encoded once (``flowalign/training/methods/onestep_cache.py``)."""
+
     def frozen_modules(self) -> dict[str, nn.Module]:
+        """The teacher's frozen components, less the text encoders once the prompts are cached and the
+        VAE once the real media's latents are (``media_cached``): those stay on the CPU."""
+        from flowalign.training.cache import text_encoder_names
+
         trainable = {id(m) for m in self.trainable_modules().values()}
-        return {k: v for k, v in self.teacher.modules().items() if id(v) not in trainable}
+        dropped = set(text_encoder_names(self.teacher)) if self.prompt_cache is not None else set()
+        if getattr(self, "media_cached", False):
+            dropped.add("vae")
+        return {
+            k: v for k, v in self.teacher.modules().items() if id(v) not in trainable and k not in dropped
+        }
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         critic = [self.fake, *self.extra_critic_modules().values()]
@@ -290,7 +302,7 @@ class OneStepDistillation(Method):
         """Fake-score denoising loss on fresh detached generator samples (docs/algorithms.md 2.5 / 3.4 (a)),
         plus :meth:`extra_critic_loss` (f-distill's discriminator)."""
         ids = batch.index
-        cond, _ = self.encode(batch.prompt, with_uncond=False)
+        cond, _ = self.encode(batch.prompt, with_uncond=False, images=batch.condition)
         with torch.no_grad():
             x0 = self.sample(ids, ctx, cond, net=self.generator)
         t, noise, x_t = self.noised(x0, ids, ctx, key="critic")
@@ -330,10 +342,35 @@ class OneStepDistillation(Method):
     def uses_cfg(self) -> bool:
         return not self.teacher.uses_guidance_embedding and self.common.guidance_scale != 1.0
 
-    def encode(self, prompts: list[str], *, with_uncond: bool) -> tuple[PromptEmbeds, PromptEmbeds | None]:
-        """Prompt embeddings (no grad; the text encoders stay frozen)."""
+    def encode(
+        self, prompts: list[str], *, with_uncond: bool, images: Sequence | None = None
+    ) -> tuple[PromptEmbeds, PromptEmbeds | None]:
+        """Prompt embeddings (no grad; the text encoders stay frozen), read from the prompt cache when
+        there is one and no condition image (the unconditional branch is the cached empty prompt);
+        with ``images`` (one per prompt, image-conditioned teachers) also the condition images' fields
+        for the generator's size."""
+        if images is None and self.teacher.requires_images:
+            raise ValueError(
+                f"{self.teacher.family} is conditioned on an image: give each data row its condition "
+                "image (an 'image' column in data.real_manifest or data.prompts_file)"
+            )
+        if self.prompt_cache is not None and images is None:
+            device = self.teacher.device
+            uncond = self.prompt_cache.lookup([""] * len(prompts), device) if with_uncond else None
+            return self.prompt_cache.lookup(list(prompts), device), uncond
+        extra = {}
+        if images is not None:
+            extra = dict(
+                images=list(images), height=self.height, width=self.width, num_frames=self.num_frames
+            )
         with torch.no_grad():
-            return self.teacher.encode_prompt(list(prompts), with_uncond=with_uncond)
+            return self.teacher.encode_prompt(list(prompts), with_uncond=with_uncond, **extra)
+
+    def probe_images(self) -> list[Tensor] | None:
+        """A mid-grey condition image for one probe forward of an image-conditioned teacher, else None."""
+        if not self.teacher.requires_images:
+            return None
+        return [torch.full((3, self.height, self.width), 0.5)]
 
     def velocity(self, x: Tensor, t: Tensor, cond: PromptEmbeds, *, net: nn.Module) -> Tensor:
         return self.teacher.velocity(x, t, cond, guidance=self.embedded_guidance, net=net)

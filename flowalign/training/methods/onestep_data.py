@@ -17,10 +17,12 @@ __all__ = ["MediaTextDataset", "OneStepData", "PromptDataset", "build_dataset"]
 
 
 class PromptDataset(Dataset):
-    """Prompts only (data-free distillation, DI*): item ``{"prompt", "index"}``."""
+    """Prompts only (data-free distillation, DI*): item ``{"prompt", "index"}``, plus ``"condition"``
+    ([3, H, W], read from ``images``: one file per prompt) for image-conditioned teachers."""
 
-    def __init__(self, prompts: Sequence[str]) -> None:
+    def __init__(self, prompts: Sequence[str], images: Sequence[Path] | None = None) -> None:
         self.prompts = list(prompts)
+        self.images = None if images is None else list(images)
         if not self.prompts:
             raise ValueError("PromptDataset: the prompt list is empty")
         for i, p in enumerate(self.prompts):
@@ -31,7 +33,12 @@ class PromptDataset(Dataset):
         return len(self.prompts)
 
     def __getitem__(self, i: int) -> dict:
-        return {"prompt": self.prompts[i], "index": i}
+        item = {"prompt": self.prompts[i], "index": i}
+        if self.images is not None:
+            from flowalign.data.media import load_image
+
+            item["condition"] = load_image(self.images[i])
+        return item
 
 
 class MediaTextDataset(Dataset):
@@ -39,7 +46,8 @@ class MediaTextDataset(Dataset):
 
     Each line needs ``"prompt"`` and ``"file"`` (a path relative to the manifest's folder), which is the
     format ``flowalign generate`` writes, so teacher samples can serve as the real data (data-free).
-    Item: ``{"prompt", "pixels": [3, H, W] or [T, 3, H, W] in [0, 1], "index"}``.
+    Item: ``{"prompt", "pixels": [3, H, W] or [T, 3, H, W] in [0, 1], "index"}``, plus ``"condition"``
+    (the row's ``"image"``, [3, H, W]) for image-conditioned teachers (edit, image-to-video).
     """
 
     def __init__(self, manifest: str | Path) -> None:
@@ -57,7 +65,12 @@ class MediaTextDataset(Dataset):
             file = resolve_data_path(
                 self.manifest.parent, row["file"], source=self.manifest, where=where, key="file"
             )
-            self.rows.append({**row, "path": file, "where": where})
+            image = row.get("image")
+            if image is not None:
+                image = resolve_data_path(
+                    self.manifest.parent, image, source=self.manifest, where=where, key="image"
+                )
+            self.rows.append({**row, "path": file, "where": where, "image": image})
         if not self.rows:
             raise ValueError(f"{self.manifest}: no rows")
 
@@ -69,7 +82,12 @@ class MediaTextDataset(Dataset):
 
         row = self.rows[i]
         pixels = load_row_media(row["path"], source=self.manifest, where=row["where"], key="file")
-        return {"prompt": row["prompt"], "pixels": pixels, "index": i}
+        item = {"prompt": row["prompt"], "pixels": pixels, "index": i}
+        if row["image"] is not None:
+            item["condition"] = load_row_media(
+                row["image"], source=self.manifest, where=row["where"], key="image"
+            )
+        return item
 
 
 @dataclass(kw_only=True)
@@ -81,7 +99,8 @@ class OneStepData:
     real_manifest: Path | None = None
     """manifest.jsonl with "prompt" and "file" per line (real images, or teacher samples from flowalign generate)."""
     prompts_file: Path | None = None
-    """Prompts only (.txt/.jsonl/.json/.csv): data-free DI*, or f-distill without discriminator."""
+    """Prompts only (.txt/.jsonl/.json/.csv): data-free DI*, or f-distill without discriminator; an image
+    column names each prompt's condition image (image-conditioned teachers)."""
 
     def __post_init__(self) -> None:
         if self.toy_items < 0:
@@ -107,7 +126,7 @@ def build_dataset(data: OneStepData, *, kind: str, needs_real: bool) -> Dataset:
                 f"data.prompts_file={data.prompts_file} gives prompts only, but the discriminator needs real "
                 "media: set data.real_manifest (e.g. the manifest.jsonl of flowalign generate on the teacher)"
             )
-        from flowalign.data.prompts import load_prompts
+        from flowalign.data.prompts import load_conditioned_prompts
 
-        return PromptDataset(load_prompts(data.prompts_file))
+        return PromptDataset(*load_conditioned_prompts(data.prompts_file))
     raise ValueError("no training data: set data.toy_items, data.real_manifest or data.prompts_file")
