@@ -9,8 +9,9 @@ configs/accelerate/<file>.yaml -m flowalign ...``):
   and optimizer state are sharded DTensors; a gradient is reduce-scattered at every micro-step, so no
   process ever holds a whole gradient. A frozen module marked with :data:`SHARD_FROZEN` (the frozen
   DPO reference of a full fine-tune) is sharded too.
-- ``deepspeed``: one DeepSpeed engine (ZeRO stage 2 or 3) for a method with one trainable module and
-  one parameter group; the engine scales the loss by the accumulation steps, clips and steps.
+- ``deepspeed``: one DeepSpeed engine (ZeRO stage 2 or 3) per optimizer group, over the module or
+  modules of that group (``flowalign.training.deepspeed_engines``); each engine scales its group's
+  loss by the accumulation steps, clips and steps.
 
 Checkpoints stay independent of the world size: sharded tensors are gathered one at a time into
 full CPU tensors kept by the main process (:func:`full_tensors`) and cut back into this process's
@@ -23,7 +24,6 @@ gathered weights.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -32,9 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flowalign.training.deepspeed_engines import gathered_state_dict, prepare_deepspeed
 from flowalign.training.export_copies import ExportCopies
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "DDP",
@@ -131,33 +130,6 @@ def _group_owners(params: list[nn.Parameter], modules: Mapping[str, nn.Module]) 
     return [name for name, module in modules.items() if any(id(p) in ids for p in module.parameters())]
 
 
-def _configure_deepspeed(acc: Any, cfg: Any) -> None:
-    """Set the DeepSpeed config's batch, accumulation and clipping values from the run config, the one
-    source of them (a differing value from the accelerate or DeepSpeed config file is replaced, with
-    a warning)."""
-    ds = acc.state.deepspeed_plugin.deepspeed_config
-    wanted = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps,
-        "train_batch_size": cfg.batch_size * cfg.grad_accum_steps * acc.num_processes,
-        "gradient_clipping": float(cfg.grad_clip) if cfg.grad_clip is not None else 0.0,
-    }
-    for key, value in wanted.items():
-        old = ds.get(key, "auto")
-        if old != "auto" and float(old) != float(value):
-            logger.warning("DeepSpeed config %s=%s replaced by the run config's %s", key, old, value)
-        ds[key] = value
-    acc.gradient_accumulation_steps = cfg.grad_accum_steps
-    zero = ds.setdefault("zero_optimization", {})
-    if int(zero.get("stage", getattr(acc.state.deepspeed_plugin, "zero_stage", None) or 0)) == 3:
-        # the final export gathers the whole weights, which ZeRO-3 only does with this switch on
-        if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
-            logger.info(
-                "DeepSpeed ZeRO-3: stage3_gather_16bit_weights_on_model_save turned on for the export"
-            )
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-
-
 def prepare_sharded(
     acc: Any,
     strategy: str,
@@ -172,19 +144,15 @@ def prepare_sharded(
     discriminator heads) cannot be prepared with any one of them; under FSDP2 each of its modules is
     prepared with a carrier optimizer (plain SGD over the module's share of the group, never stepped)
     that accelerate maps onto the sharded parameters, and the group's real optimizer is built over
-    those DTensors afterwards, in the group's parameter order. DeepSpeed takes one module and one group.
+    those DTensors afterwards, in the group's parameter order. DeepSpeed builds one engine per group
+    (``flowalign.training.deepspeed_engines``).
 
     Returns (wrapped modules, prepared optimizers, the torch optimizers inside them, the parameter
     groups as the prepared optimizers hold them: DTensors under FSDP2).
     """
+    if strategy == DEEPSPEED:  # one engine per optimizer group
+        return prepare_deepspeed(acc, cfg, trainable, groups, make_optimizer)
     owners = {g: _group_owners(ps, trainable) for g, ps in groups.items()}
-    if strategy == DEEPSPEED:
-        if len(trainable) != 1 or len(groups) != 1:
-            raise ValueError(
-                f"DeepSpeed runs one engine: one trainable module and one optimizer group, this method has "
-                f"modules {sorted(trainable)} and groups {sorted(groups)}; use FSDP2 for it"
-            )
-        _configure_deepspeed(acc, cfg)
     spanning = [g for g in groups if len(owners[g]) > 1]
     wrapped: dict[str, nn.Module] = {}
     prepared: dict[str, Any] = {}
@@ -206,8 +174,6 @@ def prepare_sharded(
     for g in spanning:
         raw = make_optimizer(g, [sharded[id(p)] for p in groups[g]])
         prepared[g], base[g] = acc.prepare_optimizer(raw, device_placement=False), raw
-    if strategy == DEEPSPEED:  # the engine keeps the module's parameters (its optimizer holds flat copies)
-        return wrapped, prepared, base, {g: list(ps) for g, ps in groups.items()}
     # FSDP2: the optimizers now hold the DTensor parameters the modules were sharded into
     return wrapped, prepared, base, {g: _optimizer_params(base[g]) for g in groups}
 
@@ -357,7 +323,7 @@ def _deepspeed_optimizer_state(
 
     steps = [s["step"] for s in optimizer.state.values() if "step" in s]
     state = {}
-    for i, p in enumerate(params):
+    for i, p in enumerate(params if optimizer.state else []):  # no state before the group's first step
         full = full_tensors(
             [(k, safe_get_full_optimizer_state(p, k)) for k in ("exp_avg", "exp_avg_sq")], keep=keep
         )
@@ -379,6 +345,10 @@ def load_deepspeed_optimizer_state(
     linked through the ZeRO optimizer's own lazy-init hook (DeepSpeed 0.19, stages 1-2)."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
+    for group, saved in zip(base.param_groups, sd["param_groups"], strict=False):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+    if not sd["state"]:  # saved before the group's first step: ZeRO creates the state at that step
+        return
     flats = _optimizer_params(base)
     for flat in flats:
         if not base.state.get(flat):
@@ -404,8 +374,6 @@ def load_deepspeed_optimizer_state(
         step = steps.pop()
         for flat in flats:
             base.state[flat]["step"] = torch.tensor(step)
-    for group, saved in zip(base.param_groups, sd["param_groups"], strict=False):
-        group.update({k: v for k, v in saved.items() if k != "params"})
 
 
 def full_optimizer_state(
@@ -440,8 +408,11 @@ def shard_optimizer_state(sd: Mapping, optimizer: torch.optim.Optimizer) -> dict
 
 def full_module_state(acc: Any, module: nn.Module, strategy: str, *, keep: bool) -> dict[str, Tensor]:
     """The whole state dict of a prepared module as full CPU tensors on the keeping process
-    (DeepSpeed ZeRO-3: the engine's consolidated 16-bit weights)."""
-    if strategy == DEEPSPEED:
-        state = acc.get_state_dict(module)
-        return {k: v.to("cpu") for k, v in state.items()} if keep else {}
+    (DeepSpeed ZeRO-3: each partitioned parameter gathered on its own, in the module's dtype)."""
+    if strategy == DEEPSPEED:  # an engine, or a module of a group of several under its engine
+        from deepspeed import DeepSpeedEngine
+
+        return gathered_state_dict(
+            module.module if isinstance(module, DeepSpeedEngine) else module, keep=keep
+        )
     return full_tensors(module.state_dict().items(), keep=keep)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from flowalign.config import TrainConfig
 from flowalign.training import dcp_checkpoint as dcp_
+from flowalign.training import deepspeed_engines as ds_
 from flowalign.training import distributed as dist_
 from flowalign.training.batches import DataCursor, to_device
 from flowalign.training.checkpoint import (
@@ -214,7 +215,7 @@ class RunState:
                     loss, metrics = self.method.compute_loss(batch, ctx, group)
                 self.check_loss(loss, group)
                 if self.strategy == dist_.DEEPSPEED:  # the engine divides by the accumulation steps and steps
-                    acc.deepspeed_engine_wrapped.backward(loss, sync_gradients=k == n_micro - 1)
+                    ds_.engine_for(opt).backward(loss, sync_gradients=k == n_micro - 1)
                 else:
                     acc.backward(loss / n_micro)
             losses.append(loss.detach().float())
@@ -231,7 +232,7 @@ class RunState:
         values = (acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local).tolist()
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
         if self.strategy == dist_.DEEPSPEED:  # the engine clipped and stepped; this is its norm
-            norm = dist_.as_float(acc.clip_grad_norm_(params, max_norm))
+            norm = dist_.as_float(ds_.engine_for(opt).get_global_grad_norm())
         else:
             # this group only (the accelerator's clip_grad_norm_ unscales every group's optimizer, and
             # under FSDP it compares parameter lists with ==, which fails with several sharded modules);

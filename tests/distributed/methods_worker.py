@@ -1,7 +1,7 @@
 """The remaining loop methods (SFT, RWR, GRPO, latent reward, reward model, CDT) for the sharded-training
 tests, in this process or under ``accelerate launch`` (CPU, gloo).
 
-usage: methods_worker.py MODEL_DIR OUTPUT_DIR MAX_STEPS method=NAME [wrap=none]
+usage: methods_worker.py MODEL_DIR OUTPUT_DIR MAX_STEPS method=NAME [wrap=none] [ema=off]
 MODEL_DIR is a saved toy model (unused by "reward" and "cdt", which build their tiny networks from a
 seed). Prints ``WORLD=<n> RANK=<r> TYPE=<type> SHARDED=<DTensor parameters>/<trainable parameters>`` on
 every rank and ``DIST-DONE STEP=<n>`` on the main one; ends with the gloo exit workaround.
@@ -122,10 +122,19 @@ BUILDERS = {
 
 
 def run(
-    model_dir: str, out: Path, batch_size: int, *, max_steps: int, method: str, grad_accum_steps: int = 1
+    model_dir: str,
+    out: Path,
+    batch_size: int,
+    *,
+    max_steps: int,
+    method: str,
+    grad_accum_steps: int = 1,
+    ema: bool = True,
 ):
-    """``method`` on its toy data (lr 1e-3, EMA decay 0.5, no clipping, a checkpoint after each step)."""
+    """``method`` on its toy data (lr 1e-3, EMA decay 0.5 unless ``ema`` is False, no clipping, a
+    checkpoint after each step)."""
     from flowalign.config import CheckpointConfig, EMAConfig, OptimConfig, TrainConfig
+    from flowalign.training.distributed import wants_deepspeed
     from flowalign.training.loop import train
 
     if method not in METHODS:
@@ -134,8 +143,8 @@ def run(
     built, data = BUILDERS[method](model_dir)
     config = TrainConfig(
         output_dir=out, max_steps=max_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
-        grad_clip=None, log_every=1, trackers=[], cpu=True, optim=OptimConfig(lr=1e-3),
-        ema=EMAConfig(use=True, decay=0.5), checkpoint=CheckpointConfig(every=1),
+        grad_clip=None, log_every=1, trackers=[], cpu=not wants_deepspeed(), optim=OptimConfig(lr=1e-3),
+        ema=EMAConfig(use=ema, decay=0.5), checkpoint=CheckpointConfig(every=1),
     )  # fmt: skip
     return built, train(built, data, config, progress=False)
 
@@ -145,7 +154,8 @@ if __name__ == "__main__":
     opts = dict(x.split("=", 1) for x in a[3:])
     if opts.get("wrap") == "none":
         os.environ["FSDP_AUTO_WRAP_POLICY"] = "NO_WRAP"
-    method, result = run(a[0], Path(a[1]), 2, max_steps=int(a[2]), method=opts["method"])
+    ema = opts.get("ema", "on") != "off"
+    method, result = run(a[0], Path(a[1]), 2, max_steps=int(a[2]), method=opts["method"], ema=ema)
     from accelerate.state import AcceleratorState
     from torch.distributed.tensor import DTensor
 

@@ -3,7 +3,7 @@ heads in the critic group) for the sharded-training tests, in this process or un
 (CPU, gloo).
 
 usage: onestep_worker.py TEACHER_DIR OUTPUT_DIR MAX_STEPS [method=distar|fdistill] [resume=PATH]
-    [wrap=none] [layout=auto|full|sharded]
+    [wrap=none] [layout=auto|full|sharded] [ema=off]
 Prints ``WORLD=<n> RANK=<r> TYPE=<type> SHARDED=<DTensor parameters>/<trainable parameters>`` on every
 rank and ``DIST-DONE STEP=<n>`` on the main one; ends with the gloo exit workaround.
 """
@@ -75,9 +75,12 @@ def run(
     resume=False,
     method: str = "distar",
     layout: str = "auto",
+    ema: bool = True,
 ):
-    """DI* or f-distill from a tiny toy teacher (see :func:`make_method` for the step order)."""
+    """DI* or f-distill from a tiny toy teacher (see :func:`make_method` for the step order); EMA
+    (decay 0.5) unless ``ema`` is False."""
     from flowalign.config import CheckpointConfig, EMAConfig, OptimConfig, TrainConfig
+    from flowalign.training.distributed import wants_deepspeed
     from flowalign.training.loop import train
 
     torch.manual_seed(0)
@@ -90,9 +93,9 @@ def run(
         grad_clip=None,
         log_every=1,
         trackers=[],
-        cpu=True,
+        cpu=not wants_deepspeed(),  # DeepSpeed starts only without cpu=True
         optim=OptimConfig(lr=1e-3),
-        ema=EMAConfig(use=True, decay=0.5),
+        ema=EMAConfig(use=ema, decay=0.5),
         checkpoint=CheckpointConfig(every=1, layout=layout),
     )
     data = Prompts(pixels=name == "fdistill")
@@ -107,6 +110,7 @@ if __name__ == "__main__":
     method, result = run(
         a[0], Path(a[1]), 2, max_steps=int(a[2]), resume=opts.get("resume", False),
         method=opts.get("method", "distar"), layout=opts.get("layout", "auto"),
+        ema=opts.get("ema", "on") != "off",
     )  # fmt: skip
     from accelerate.state import AcceleratorState
     from torch.distributed.tensor import DTensor

@@ -2,8 +2,8 @@
 
 DeepSpeed is an optional extra: without it the test is skipped. The DeepSpeed config
 (deepspeed_zero3_cpu.json) turns off ZeRO-3's ``memory_efficient_linear``, which swaps in its own linear
-autograd function whose weight gradient is summed in another order than torch's; the final export's
-weight gathering (``stage3_gather_16bit_weights_on_model_save``) is turned on by the loop itself.
+autograd function whose weight gradient is summed in another order than torch's; the final export
+gathers each partitioned weight itself.
 
 What is compared, and why:
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from flowalign.config import TrainConfig
 from flowalign.training import distributed as dist_
+from flowalign.training.deepspeed_engines import configure_deepspeed
 
 
 class Holder:
@@ -104,11 +105,11 @@ def test_a_group_spanning_two_modules_gets_its_optimizer_over_the_sharded_parame
     assert acc.plugin.transformer_cls_names_to_wrap == ["Linear", "JointTransformerBlock"]
 
 
-def test_deepspeed_refuses_several_modules_or_groups():
-    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
-    groups = {"critic": [*a.parameters(), *b.parameters()]}
-    with pytest.raises(ValueError, match="DeepSpeed runs one engine.*use FSDP2"):
-        dist_.prepare_sharded(None, dist_.DEEPSPEED, None, {"a": a, "b": b}, groups, lambda g, ps: None)
+def test_deepspeed_refuses_a_module_shared_by_two_groups():
+    a = nn.Linear(2, 2)
+    groups = {"w": [a.weight], "b": [a.bias]}
+    with pytest.raises(ValueError, match="one engine per optimizer group.*use FSDP2"):
+        dist_.prepare_sharded(None, dist_.DEEPSPEED, None, {"a": a}, groups, lambda g, ps: None)
 
 
 def test_deepspeed_takes_batch_accumulation_and_clipping_from_the_run_config(tmp_path, caplog):
@@ -117,7 +118,7 @@ def test_deepspeed_takes_batch_accumulation_and_clipping_from_the_run_config(tmp
     acc.num_processes = 8
     cfg = TrainConfig(output_dir=tmp_path, batch_size=2, grad_accum_steps=4, grad_clip=0.5)
     with caplog.at_level(logging.WARNING):
-        dist_._configure_deepspeed(acc, cfg)
+        configure_deepspeed(acc, cfg)
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 4
     assert ds["train_batch_size"] == 64 and ds["gradient_clipping"] == 0.5
     assert acc.gradient_accumulation_steps == 4
