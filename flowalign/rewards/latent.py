@@ -208,6 +208,12 @@ class LatentRewardModel(nn.Module):
         )
         return cls(spec, trunk)
 
+    def set_attention_backend(self, backend: str) -> None:
+        """diffusers' attention-backend switch (``ModelMixin.set_attention_backend``) on the trunk's attention."""
+        from diffusers import ModelMixin
+
+        ModelMixin.set_attention_backend(self, backend)
+
     def bind(self, model: FlowModel) -> None:
         """Run an adapter trunk through ``model``'s ``velocity`` (set by :meth:`from_flow_model` and
         :meth:`from_pretrained`; a parts trunk needs no model)."""

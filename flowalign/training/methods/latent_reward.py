@@ -263,6 +263,8 @@ class LatentRewardTraining(NormalisedScores, Method):
             if key not in items[0]:
                 raise ValueError(f"latent reward batch: item {items[0]['index']} has no {key!r}")
             batch[key] = torch.stack([it[key] for it in items])
+        if "condition" in items[0]:
+            batch["condition"] = [it["condition"] for it in items]
         if "labels" in items[0]:
             names = list(items[0]["labels"])
             batch["labels"] = {
@@ -314,8 +316,7 @@ class LatentRewardTraining(NormalisedScores, Method):
         cfg, ids = self.config, batch["index"]
         x0_w, x0_l = self._clean_latents(batch)
         labels = self._labels(batch, x0_w, x0_l)
-        with torch.no_grad():
-            cond, _ = self.model.encode_prompt(batch["prompt"])
+        cond = self._condition(batch, x0_w)
         noise_w = ctx.randn_like(x0_w, ids, key="noise")
         noise_l = noise_w if cfg.share_noise else ctx.randn_like(x0_l, ids, key="noise_l")
         t = self.sample_t(ids, ctx)  # one t per pair
@@ -330,6 +331,16 @@ class LatentRewardTraining(NormalisedScores, Method):
             )
         self._update_stats(r_w.detach(), r_l.detach())
         return loss.mean(), metrics
+
+    def _condition(self, batch: dict, like: Tensor) -> PromptEmbeds:
+        """The pairs' prompt embeddings, with the pair's condition image where the batch has one."""
+        with torch.no_grad():
+            if "condition" not in batch:
+                return self.model.encode_prompt(batch["prompt"])[0]
+            height, width, frames = self.model.media_size(like.shape)
+            images = list(batch["condition"])
+            size = dict(height=height, width=width, num_frames=frames)
+            return self.model.encode_prompt(list(batch["prompt"]), images=images, **size)[0]
 
     def _update_stats(self, r_w: Tensor, r_l: Tensor) -> None:
         r_w, r_l = r_w.double(), r_l.double()  # [B, K]
