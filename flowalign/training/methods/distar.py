@@ -160,7 +160,7 @@ class DiffInstructStar(common.OneStepDistillation):
 
     def generator_loss(self, batch: PromptBatch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         cfg, ids, prompts = self.config, batch.index, batch.prompt
-        cond, uncond = self.encode(prompts, with_uncond=self.uses_cfg)
+        cond, uncond = self.encode(prompts, with_uncond=self.uses_cfg, images=batch.condition)
         x = self.sample(ids, ctx, cond, net=ctx.module("generator"))  # [B, ...] with the generator's graph
         reward = self.reward_of(x, prompts) if self.reward is not None else None
         t, noise, x_t = self.noised(x, ids, ctx, key="generator")

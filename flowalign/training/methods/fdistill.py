@@ -134,7 +134,8 @@ class FDistill(OneStepDistillation):
         self.discriminator: DiscriminatorHeads | None = None
         if cfg.needs_discriminator:
             self.features = TeacherFeatures(teacher, cfg.discriminator_blocks)
-            cond, _ = self.encode([""], with_uncond=False)
+            grey = [torch.full((3, self.height, self.width), 0.5)] if teacher.requires_images else None
+            cond, _ = self.encode([""], with_uncond=False, images=grey)  # the probe's image: any one
             probe = torch.zeros(
                 teacher.latent_shape(1, self.height, self.width, self.num_frames),
                 device=teacher.device,
@@ -188,7 +189,7 @@ class FDistill(OneStepDistillation):
     # ---------------------------------------------------------------- losses
     def generator_loss(self, batch: PromptBatch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         cfg, ids = self.config, batch.index
-        cond, uncond = self.encode(batch.prompt, with_uncond=self.uses_cfg)
+        cond, uncond = self.encode(batch.prompt, with_uncond=self.uses_cfg, images=batch.condition)
         x = self.sample(ids, ctx, cond, net=ctx.module("generator"))  # [B, ...] with the generator's graph
         t, _, x_t = self.noised(x, ids, ctx, key="generator")
         with torch.no_grad():

@@ -39,6 +39,12 @@ from flowalign.files import read_jsonl
 from flowalign.models.base import FlowModel, PromptEmbeds
 from flowalign.objectives.fdistill import fake_score_loss
 from flowalign.training.method import Method, StepContext
+from flowalign.training.methods.onestep_conditions import (
+    encode_with_images,
+    manifest_conditions,
+    refuse_two_experts,
+    with_conditions,
+)
 
 __all__ = [
     "DiscriminatorHeads",
@@ -314,6 +320,7 @@ class MediaTextDataset(Dataset):
             self.rows.append({**row, "path": file, "where": where})
         if not self.rows:
             raise ValueError(f"{self.manifest}: no rows")
+        self.conditions = manifest_conditions(self.manifest, self.rows)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -354,16 +361,18 @@ def build_dataset(data: OneStepData, *, kind: str, needs_real: bool) -> Dataset:
 
         return open_source(f"toy:{kind}", "media", num=data.toy_items)
     if data.real_manifest is not None:
-        return MediaTextDataset(data.real_manifest)
+        media = MediaTextDataset(data.real_manifest)
+        return with_conditions(media, media.conditions)
     if data.prompts_file is not None:
         if needs_real:
             raise ValueError(
                 f"data.prompts_file={data.prompts_file} gives prompts only, but the discriminator needs real "
                 "media: set data.real_manifest (e.g. the manifest.jsonl of flowalign generate on the teacher)"
             )
-        from flowalign.data.prompts import load_prompts
+        from flowalign.data.prompts import load_conditioned_prompts
 
-        return PromptDataset(load_prompts(data.prompts_file))
+        prompts, images = load_conditioned_prompts(data.prompts_file)
+        return with_conditions(PromptDataset(prompts), images)
     raise ValueError("no training data: set data.toy_items, data.real_manifest or data.prompts_file")
 
 
@@ -412,6 +421,7 @@ class OneStepDistillation(Method):
     """
 
     def __init__(self, teacher: FlowModel, config: OneStepConfig) -> None:
+        refuse_two_experts(teacher)
         self.teacher, self.common = teacher, config
         for module in teacher.modules().values():
             module.requires_grad_(False).eval()
@@ -506,7 +516,7 @@ class OneStepDistillation(Method):
         """Fake-score denoising loss on fresh detached generator samples (docs/algorithms.md 2.5 / 3.4 (a)),
         plus :meth:`extra_critic_loss` (f-distill's discriminator)."""
         ids = batch.index
-        cond, _ = self.encode(batch.prompt, with_uncond=False)
+        cond, _ = self.encode(batch.prompt, with_uncond=False, images=batch.condition)
         with torch.no_grad():
             x0 = self.sample(ids, ctx, cond, net=self.generator)
         t, noise, x_t = self.noised(x0, ids, ctx, key="critic")
@@ -546,10 +556,13 @@ class OneStepDistillation(Method):
     def uses_cfg(self) -> bool:
         return not self.teacher.uses_guidance_embedding and self.common.guidance_scale != 1.0
 
-    def encode(self, prompts: list[str], *, with_uncond: bool) -> tuple[PromptEmbeds, PromptEmbeds | None]:
-        """Prompt embeddings (no grad; the text encoders stay frozen)."""
-        with torch.no_grad():
-            return self.teacher.encode_prompt(list(prompts), with_uncond=with_uncond)
+    def encode(
+        self, prompts: list[str], *, with_uncond: bool, images: Sequence | None = None
+    ) -> tuple[PromptEmbeds, PromptEmbeds | None]:
+        """Prompt embeddings (no grad; the text encoders stay frozen), with the condition images of an
+        image-conditioned teacher (:mod:`~flowalign.training.methods.onestep_conditions`)."""
+        size = (self.height, self.width, self.num_frames)
+        return encode_with_images(self.teacher, prompts, with_uncond=with_uncond, images=images, size=size)
 
     def velocity(self, x: Tensor, t: Tensor, cond: PromptEmbeds, *, net: nn.Module) -> Tensor:
         return self.teacher.velocity(x, t, cond, guidance=self.embedded_guidance, net=net)

@@ -50,7 +50,7 @@ def teacher_ode_x0(
 def regression_loss(method, batch, ctx) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-sample L_reg [B] of the generator on the teacher's ODE output from the same noise."""
     ids = batch.index
-    cond, uncond = method.encode(batch.prompt, with_uncond=method.uses_cfg)
+    cond, uncond = method.encode(batch.prompt, with_uncond=method.uses_cfg, images=batch.condition)
     shape = method.teacher.latent_shape(len(ids), method.height, method.width, method.num_frames)
     z = ctx.randn(shape[1:], ids, key="regression/z").to(ctx.device)
     target = teacher_ode_x0(method, z, cond, uncond, method.common.regression_teacher_steps)
