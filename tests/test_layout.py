@@ -51,7 +51,6 @@ MAX_FUNCTION_LINES = 80
 _ORCHESTRATION = "one long orchestration function: to split into setup, steps and write-out"
 EXCEPTIONS: dict[str, str] = {
     # modules
-    "rewards.latent": "LatentRewardModel alone is 264 lines (trunk, heads, normalisation, save/load)",
     "training.loop": "the one training loop; train() to split into setup, log step, checkpoint policy, export",
     "training.methods.onestep_common": "the one-step base class plus f-distill-only heads and the data config",
     # functions
