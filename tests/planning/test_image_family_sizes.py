@@ -1,5 +1,7 @@
 """The planner knows the published sizes of FLUX.2 (dev, klein 4B/9B), Qwen-Image and Z-Image and their
-text encoders; it refuses, with one clear line, to predict their activations (not modelled yet)."""
+text encoders; it plans FLUX.2 (block activations in flowalign/planning/activations.py, checked against
+autograd in test_activations.py) and refuses, with one clear line, to predict Qwen-Image's and Z-Image's
+activations (not modelled yet)."""
 
 from __future__ import annotations
 
@@ -43,9 +45,12 @@ def test_token_geometry_of_the_new_families() -> None:
     assert get_architecture("z-image").hidden == 3840
 
 
-def test_plan_refuses_with_one_line(tmp_path, capsys) -> None:
-    with pytest.raises(ValueError, match="activation memory of flux2 blocks is not modelled yet"):
-        plan(Recipe("flux2-dev"))
+def test_flux2_plans_and_the_others_refuse_with_one_line(tmp_path, capsys) -> None:
+    small, large = (plan(Recipe("flux2-dev", height=s, width=s)).phases["training step"] for s in (512, 1024))
+    # 4x the image tokens (1024 -> 4096) with the 512 text tokens unchanged: more than 2x, under 4x
+    assert 2 * small["activations"] < large["activations"] < 4 * small["activations"]
+    with pytest.raises(ValueError, match="activation memory of z-image blocks is not modelled yet"):
+        plan(Recipe("z-image"))
     cfg = tmp_path / "qwen.yaml"
     cfg.write_text("model: Qwen/Qwen-Image\ndpo: {}\nlora: {rank: 16}\n")
     assert recipe_from_yaml(cfg).model == "qwen-image"
