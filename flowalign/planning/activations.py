@@ -124,6 +124,18 @@ def flux_single_block(s: BlockShape, *, lora_rank: int | None) -> int:
     return 4 * d * BF16 + 4 * d * FP32 + 2 * h * FP32 + (d + m) * BF16 + m * BF16 + stats + core
 
 
+def qwen_image_block(s: BlockShape, *, lora_rank: int | None) -> tuple[int, int]:
+    """(bytes per image token, bytes per text token) of a ``QwenImageTransformerBlock``.
+
+    FLUX.1's double block (:func:`flux_double_block`: the same streams, LayerNorms, q/k RMSNorm, joint
+    attention and 4d GELU MLP) plus, per token of either stream, q and k after their RMSNorm in bf16
+    (2 d-tensors), which the complex rotary multiplication keeps. The rotary table is one complex tensor
+    built once per forward and kept by reference, so no block adds its own (:func:`rope_bytes` is 0).
+    """
+    img, txt = flux_double_block(s, lora_rank=lora_rank)
+    return img + 2 * s.d * BF16, txt + 2 * s.d * BF16
+
+
 def flux2_double_block(s: BlockShape, *, lora_rank: int | None) -> tuple[int, int]:
     """(bytes per image token, bytes per text token) of a FLUX.2 ``Flux2TransformerBlock``.
 
@@ -235,7 +247,7 @@ def transformer_activations(
     bf16) and backward rebuilds one block at a time, so ``saved`` = the inputs of every block + the
     largest block's activations.
     """
-    if arch.family not in ("sd3", "flux", "flux2", "wan"):
+    if arch.family not in ("sd3", "flux", "flux2", "qwen-image", "wan"):
         raise ValueError(
             f"{arch.name}: the activation memory of {arch.family} blocks is not modelled yet (its weights, "
             "LoRA and optimizer sizes are known: flowalign.planning.architectures.param_count)"
@@ -255,6 +267,9 @@ def transformer_activations(
         per_block += [samples * (img * image_tokens + txt * text_tokens) + rope] * t["num_layers"]
         single = flux_single_block(s, lora_rank=lora_rank)
         per_block += [samples * single * joint + rope] * t["num_single_layers"]
+    elif arch.family == "qwen-image":
+        img, txt = qwen_image_block(s, lora_rank=lora_rank)
+        per_block += [samples * (img * image_tokens + txt * text_tokens)] * t["num_layers"]
     elif arch.family == "flux2":
         img, txt = flux2_double_block(s, lora_rank=lora_rank)
         per_block += [samples * (img * image_tokens + txt * text_tokens) + rope] * t["num_layers"]
