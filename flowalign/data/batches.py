@@ -9,6 +9,9 @@ a list of such items into one batch, and :meth:`to` moves its tensors to a devic
                     and an optional per-sample loss weight [B]
     PairBatch     + media_w / media_l (pixels) or latents_w / latents_l, one shape per batch
 
+Items of image-conditioned families carry their condition image (``"condition"``) or, once it is
+cached, its encoding as ``condition/<field>`` tensors; either becomes the batch's ``condition`` list.
+
 A method may also be handed a plain mapping with the same keys (a hand-built batch, or the output of
 ``torch.utils.data.default_collate``): :meth:`coerce` reads it into the typed batch.
 """
@@ -23,7 +26,30 @@ from typing import Any, Self
 import torch
 from torch import Tensor
 
-__all__ = ["MediaBatch", "PairBatch", "PromptBatch"]
+__all__ = [
+    "CONDITION_PREFIX",
+    "CachedCondition",
+    "MediaBatch",
+    "PairBatch",
+    "PromptBatch",
+    "cached_condition",
+]
+
+CONDITION_PREFIX = "condition/"
+"""Item keys ``condition/<field>`` hold the cached encoding of the item's condition image (the image
+fields of :class:`~flowalign.models.base.PromptEmbeds`, e.g. ``condition/image_latents``) in place of
+the image itself (``flowalign/training/condition_cache.py``)."""
+
+
+class CachedCondition(dict):
+    """One sample's cached condition encoding, {PromptEmbeds image field: Tensor without batch axis};
+    a batch's ``condition`` list holds these instead of images when the conditions are cached."""
+
+
+def cached_condition(item: Mapping[str, Any]) -> CachedCondition:
+    """The :data:`CONDITION_PREFIX` fields of a dataset item as a :class:`CachedCondition`."""
+    n = len(CONDITION_PREFIX)
+    return CachedCondition({k[n:]: v for k, v in item.items() if k.startswith(CONDITION_PREFIX)})
 
 
 @dataclass(kw_only=True)
@@ -83,6 +109,8 @@ class PromptBatch:
             fields[key] = torch.stack([torch.as_tensor(item[key]) for item in items])
         if "condition" in items[0]:
             fields["condition"] = [item["condition"] for item in items]
+        elif any(key.startswith(CONDITION_PREFIX) for key in items[0]):  # cached condition encodings
+            fields["condition"] = [cached_condition(item) for item in items]
         return cls._checked(fields)
 
     @classmethod

@@ -3,6 +3,7 @@
 A spec is either ``<scheme>:<name>`` for a registered scheme, or a path::
 
     toy:image, toy:video     the toy world's renders (registered by :mod:`flowalign.toy.sources`)
+    toy:video-textured       the same clips with procedural texture (:mod:`flowalign.toy.texture`)
     hf:<dataset id>          a preference dataset on the Hugging Face hub (pairs)
     hf:<id>?streaming=1&rows=N  its first N rows, streamed (no full download) into a local row cache
     manifest.jsonl           media + prompts (media), or a folder holding one

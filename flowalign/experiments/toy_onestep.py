@@ -124,7 +124,7 @@ def distill_toy(
     from flowalign.training.loop import train
     from flowalign.training.methods.distar import DiffInstructStar, DistarConfig
     from flowalign.training.methods.fdistill import FDistill
-    from flowalign.training.methods.onestep_common import PromptDataset
+    from flowalign.training.methods.onestep_data import PromptDataset
 
     s = settings or OneStepToySettings()
     torch.set_num_threads(s.threads)

@@ -79,7 +79,8 @@ class PromptEmbeds:
             (bool for Qwen-Image and Z-Image; the pipeline's own float or integer mask for HunyuanVideo
             1.5 and LTX-2); None means every token counts.
         image_latents: condition-image latents ``[B, ...]`` in the family's layout (Wan I2V: the
-            first-frame mask and latents concatenated on channels to the noisy latents).
+            first-frame mask and latents concatenated on channels to the noisy latents; Qwen-Image-Edit:
+            the source image's latents ``[B, 16, H_c, W_c]``, appended to the noisy tokens).
         image_embeds: condition-image encoder tokens ``[B, L_img, D_img]`` (Wan 2.1 I2V's CLIP).
         embeds_2: a second encoder's tokens ``[B, L2, D2]`` kept apart from ``embeds`` (HunyuanVideo
             1.5's ByT5 glyph encoder), with its token mask ``mask_2`` ``[B, L2]``.
@@ -279,6 +280,12 @@ class FlowModel(ABC):
         return False
 
     @property
+    def text_reads_image(self) -> bool:
+        """True where the text encoder sees the condition image (edit families): the text embeddings
+        then depend on the image and cannot come from a text-only prompt cache."""
+        return False
+
+    @property
     def uses_guidance_embedding(self) -> bool:
         """True for guidance-distilled models that take the guidance scale as an input (FLUX.1-dev)."""
         return False
@@ -333,6 +340,13 @@ class FlowModel(ABC):
         and the target ``height``, ``width`` and ``num_frames``: the image fields of the returned
         :class:`PromptEmbeds` (both branches: CFG keeps the image in the unconditional pass too).
         """
+
+    def encode_text(self, prompts: list[str]) -> PromptEmbeds:
+        """The text part of the conditioning alone (no image fields), what a prompt cache stores: the
+        ``cond`` of :meth:`encode_prompt`. Image-to-video families, whose ``encode_prompt`` requires an
+        image, override it; their text embeddings do not depend on the image."""
+        cond, _ = self.encode_prompt(list(prompts))
+        return cond
 
     @abstractmethod
     def latent_shape(self, batch_size: int, height: int, width: int, num_frames: int = 1) -> tuple[int, ...]:

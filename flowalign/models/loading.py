@@ -17,6 +17,7 @@ from flowalign.models.flux2 import Flux2KleinModel, Flux2Model
 from flowalign.models.hunyuan_video15 import HunyuanVideo15Model
 from flowalign.models.ltx2 import LTX2Model
 from flowalign.models.qwen_image import QwenImageModel
+from flowalign.models.qwen_image_edit import QwenImageEditModel, QwenImageEditPlusModel
 from flowalign.models.sd3 import SD3Model, without_t5
 from flowalign.models.toy import ToyModel
 from flowalign.models.wan import WanModel
@@ -35,6 +36,8 @@ BUILTIN_FAMILIES = (
     Flux2KleinModel,
     ZImageModel,
     QwenImageModel,
+    QwenImageEditPlusModel,
+    QwenImageEditModel,
     HunyuanVideo15Model,
     LTX2Model,
 )

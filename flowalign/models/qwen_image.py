@@ -120,14 +120,22 @@ class QwenImageModel(FlowModel):
         if self.uses_guidance_embedding:
             scale = 1.0 if guidance is None else guidance
             guidance_in = torch.as_tensor(scale, device=x.device, dtype=torch.float32).expand(b)
+        tokens, shapes = self.image_tokens(x, cond)
         out = net(
-            hidden_states=pack_2x2(x).to(dtype),  # [B, (H/2)(W/2), 4C]
+            hidden_states=tokens.to(dtype),
             # the pipeline passes scheduler timesteps / 1000 (the transformer takes t itself)
             timestep=t_to_timesteps(t).to(dtype) / 1000,
             guidance=guidance_in,
             encoder_hidden_states=cond.embeds.to(dtype),
             encoder_hidden_states_mask=cond.mask,
-            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            img_shapes=[shapes] * b,
             return_dict=False,
         )[0]
+        out = out[:, : (h // 2) * (w // 2)]  # the noisy latents' tokens come first
         return unpack_2x2(out, height=h, width=w).to(x.dtype)
+
+    def image_tokens(self, x: Tensor, cond: PromptEmbeds) -> tuple[Tensor, list[tuple[int, int, int]]]:
+        """The transformer's image stream: packed latents ``[B, (H/2)(W/2), 4C]`` and their (frames,
+        rows, columns) of 2x2 tokens; the edit families append their condition image's tokens."""
+        h, w = x.shape[-2:]
+        return pack_2x2(x), [(1, h // 2, w // 2)]

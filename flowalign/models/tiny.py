@@ -231,3 +231,8 @@ TINY_BUILDERS.update(TINY_IMAGE_BUILDERS)
 from flowalign.models.tiny_video_families import TINY_VIDEO_BUILDERS  # noqa: E402
 
 TINY_BUILDERS.update(TINY_VIDEO_BUILDERS)
+
+# The image-edit families keep their builders in their own module.
+from flowalign.models.tiny_qwen_edit import TINY_EDIT_BUILDERS  # noqa: E402
+
+TINY_BUILDERS.update(TINY_EDIT_BUILDERS)

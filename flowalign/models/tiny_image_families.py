@@ -66,9 +66,14 @@ CHAT_CORPUS = (
 )
 
 
-def tiny_chat_tokenizer(cls: type[PreTrainedTokenizerFast] | None = None) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer: 256 byte tokens, the chat specials and the words of
-    :data:`CHAT_CORPUS` (BPE trained on that text); any other text falls back to bytes. Padded right."""
+def tiny_chat_tokenizer(
+    cls: type[PreTrainedTokenizerFast] | None = None,
+    *,
+    corpus: str = CHAT_CORPUS,
+    extra_specials: tuple[str, ...] = (),
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer: 256 byte tokens, the chat specials (then ``extra_specials``) and the
+    words of ``corpus`` (BPE trained on that text); any other text falls back to bytes. Padded right."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
@@ -77,18 +82,18 @@ def tiny_chat_tokenizer(cls: type[PreTrainedTokenizerFast] | None = None) -> Pre
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=1000,  # more than the corpus can fill: training stops when every word is one token
-        special_tokens=CHAT_SPECIALS + IMAGE_SPECIALS,
+        special_tokens=CHAT_SPECIALS + IMAGE_SPECIALS + list(extra_specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    core.train_from_iterator([CHAT_CORPUS], trainer=trainer)
+    core.train_from_iterator([corpus], trainer=trainer)
     cls = cls or Qwen2TokenizerFast
     tok = cls(
         tokenizer_object=core,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
-        additional_special_tokens=CHAT_SPECIALS[1:] + IMAGE_SPECIALS,
+        additional_special_tokens=CHAT_SPECIALS[1:] + IMAGE_SPECIALS + list(extra_specials),
         padding_side="right",
         model_max_length=4096,
     )

@@ -51,6 +51,10 @@ class WanI2VModel(WanModel):
             raise ValueError(f"{self.family} makes video from an image: give one condition image per prompt")
         return super().encode_prompt(prompts, images=images, **kwargs)
 
+    def encode_text(self, prompts) -> PromptEmbeds:
+        """The text embeddings alone (the image fields come from :meth:`encode_images`)."""
+        return WanModel.encode_prompt(self, list(prompts))[0]
+
     def encode_images(self, images, height: int, width: int, num_frames: int) -> dict[str, Tensor]:
         if self.pins_first_frame:
             return super().encode_images(images, height, width, num_frames)

@@ -247,6 +247,11 @@ def transformer_activations(
     bf16) and backward rebuilds one block at a time, so ``saved`` = the inputs of every block + the
     largest block's activations.
     """
+    if arch.name.startswith("qwen-image-edit"):
+        raise ValueError(
+            f"{arch.name}: the activation memory of the edit models is not modelled yet: the condition "
+            "image's tokens join the transformer's sequence, which the planner does not count"
+        )
     if arch.family not in ("sd3", "flux", "flux2", "qwen-image", "wan"):
         raise ValueError(
             f"{arch.name}: the activation memory of {arch.family} blocks is not modelled yet (its weights, "

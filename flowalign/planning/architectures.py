@@ -329,6 +329,14 @@ SIZED_ONLY: dict[str, Architecture] = {
             "qwen-image", "qwen-image", _QWEN_IMAGE, ("qwen2.5-vl-7b",), text_tokens=512, vae=QWEN_IMAGE_VAE
         ),
         Architecture("z-image", "z-image", _Z_IMAGE, ("qwen3-4b-base",), text_tokens=512),
+        # Qwen-Image-Edit and Edit-Plus (2509): Qwen-Image's transformer and Qwen2.5-VL-7B (which also reads
+        # the condition image); the transformer attends to the condition's tokens besides the output's.
+        *(
+            Architecture(
+                name, "qwen-image", _QWEN_IMAGE, ("qwen2.5-vl-7b",), text_tokens=512, vae=QWEN_IMAGE_VAE
+            )
+            for name in ("qwen-image-edit", "qwen-image-edit-plus")
+        ),
     )
 }
 """Published configurations of the newer image families: the planner knows their size (weights, LoRA,

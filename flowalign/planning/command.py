@@ -52,6 +52,8 @@ _HUB_IDS = {
     "black-forest-labs/FLUX.2-klein-9B": "flux2-klein-9b",
     "black-forest-labs/FLUX.2-klein-base-9B": "flux2-klein-9b",
     "Qwen/Qwen-Image": "qwen-image",
+    "Qwen/Qwen-Image-Edit": "qwen-image-edit",
+    "Qwen/Qwen-Image-Edit-2509": "qwen-image-edit-plus",
     "Tongyi-MAI/Z-Image": "z-image",
     "Tongyi-MAI/Z-Image-Turbo": "z-image",
     **VIDEO_HUB_IDS,

@@ -125,11 +125,13 @@ class Recipe:
 
     @property
     def staged(self) -> bool:
-        """Whether the run loads in stages (``flowalign/training/placement.py``): a DPO run with cached
-        prompts whose base is not quantized (bitsandbytes quantizes on the way to the GPU), launched
-        without FSDP / DeepSpeed (they prepare modules already on the device)."""
+        """Whether the run loads in stages (``flowalign/training/placement.py``): a DPO (or RWR) or SFT
+        run with cached prompts whose base is not quantized (bitsandbytes quantizes on the way to the
+        GPU), launched without FSDP / DeepSpeed (they prepare modules already on the device). One-step
+        runs build their generator and fake score from the teacher on the device first: not staged,
+        though their cached encoders leave the device for the step all the same."""
         return (
-            self.method == "dpo"
+            self.method in ("dpo", "sft")
             and self.text_encoders == "cached"
             and self.base_dtype not in QUANTIZED
             and self.strategy == "ddp"

@@ -6,6 +6,9 @@ Importing :mod:`flowalign.toy` registers the ``toy`` scheme. Options (all option
 - ``split`` ("train" or "heldout", default train), ``num`` (items), ``seed``, ``size``, ``num_frames``.
 - pairs: ``wrong_motion_share`` (:func:`flowalign.toy.reward_pairs.build_toy_reward_pairs`).
 
+``toy:video-textured`` (clips only) is the textured world of :mod:`flowalign.toy.texture`: the same
+scenes and captions with procedural texture on the shape and the background.
+
 ``toy:train`` / ``toy:heldout`` (the older spelling of supervised fine-tuning) still open the
 caller's ``kind`` of that split.
 """
@@ -24,6 +27,7 @@ from flowalign.toy.world import KINDS, SPLITS
 __all__ = ["open_toy_source"]
 
 _RENDER_KEYS = ("num", "seed", "size", "num_frames")
+_TEXTURED = "-textured"
 
 
 def _kind_and_split(name: str, options: dict[str, Any]) -> tuple[str, str]:
@@ -43,6 +47,8 @@ def _kind_and_split(name: str, options: dict[str, Any]) -> tuple[str, str]:
 
 def open_toy_source(name: str, want: Want, **options: Any) -> Dataset:
     """``toy:<name>`` as ``want`` items (see the module doc)."""
+    if name.endswith(_TEXTURED) and name != _TEXTURED:
+        return _open_textured(name, want, options)
     kind, split = _kind_and_split(name, options)
     render = {k: options[k] for k in _RENDER_KEYS if options.get(k) is not None}
     if want == "pairs":
@@ -56,6 +62,16 @@ def open_toy_source(name: str, want: Want, **options: Any) -> Dataset:
             raise DataError(f"toy:{name}", "clips are toy:video")
         return ToyDataset(split, kind=kind, **render)
     return PrerenderedToy(ToyDataset(split, kind=kind, **render))
+
+
+def _open_textured(name: str, want: Want, options: dict[str, Any]) -> Dataset:
+    from flowalign.toy.texture import TexturedToyDataset
+
+    kind, split = _kind_and_split(name.removesuffix(_TEXTURED), options)
+    if want != "clips" or kind != "video":
+        raise DataError(f"toy:{name}", "the textured toy world gives clips: toy:video-textured")
+    render = {k: options[k] for k in _RENDER_KEYS if options.get(k) is not None}
+    return TexturedToyDataset(split, kind=kind, **render)
 
 
 register_source("toy", open_toy_source, examples=tuple(f"toy:{k}" for k in KINDS))

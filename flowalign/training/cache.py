@@ -363,7 +363,9 @@ class PromptEmbedCache:
             raise ValueError("cannot cache the embeddings of an empty prompt list")
 
         def encode(batch: dict) -> dict[str, Tensor]:
-            cond, _ = model.encode_prompt(list(batch["prompt"]))
+            texts = list(batch["prompt"])
+            encode_text = getattr(model, "encode_text", None)  # image families: the text part alone
+            cond = encode_text(texts) if encode_text is not None else model.encode_prompt(texts)[0]
             out = {name: getattr(cond, name) for name in cond._BATCHED if getattr(cond, name) is not None}
             if cond.text_ids is not None:  # shared by the batch: stored with every row
                 out["text_ids"] = cond.text_ids.unsqueeze(0).expand(len(cond), *cond.text_ids.shape)

@@ -1,7 +1,7 @@
 """VAE latents of fixed training media, encoded once per dataset and model and reused.
 
-An offline method (DPO, RWR, SFT) that trains on fixed media encodes the same pictures or clips
-through the frozen VAE at every step. :func:`cache_media_latents` encodes every item once into a
+An offline method (DPO, RWR, SFT, latent reward, f-distill's real data) that trains on fixed media
+encodes the same pictures or clips through the frozen VAE at every step. :func:`cache_media_latents` encodes every item once into a
 :func:`~flowalign.training.cache.build_cache` folder, and the run trains on the cached items:
 ``media_w``/``media_l`` become ``latents_w``/``latents_l`` and ``pixels`` becomes ``latents``,
 which the methods read instead of calling the VAE. The VAE then leaves the device
@@ -10,7 +10,8 @@ which the methods read instead of calling the VAE. The VAE then leaves the devic
 Each item is encoded on its own batch row as the step would encode it (the latent distribution's
 mode, kept in the VAE output dtype, at least fp32), so a cached item equals the per-step encoding
 up to the rounding of a batched convolution. Prompts and other plain fields are stored with the
-latents (the media files are not read again); other tensors (RWR's weights) are stored as they are.
+latents (the media files are not read again), and so are str-keyed dicts of them (a pair's labels);
+other tensors (RWR's weights, cached condition encodings) are stored as they are.
 
 The cache fingerprint covers the VAE (class, config, weights and dtype), the family, the item
 count and the dataset's identity (:func:`data_identity`: the data file's path, size and
@@ -45,6 +46,14 @@ MEDIA_KEYS = {"media_w": "latents_w", "media_l": "latents_l", "pixels": "latents
 """Item field with media in [0, 1] -> the field its cached latents take."""
 
 _PLAIN = (str, int, float, bool, type(None))
+
+
+def _is_plain(value: Any) -> bool:
+    """A value the cache index keeps as JSON: a str, number, bool or None, or a str-keyed dict of
+    them (the per-dimension labels of a preference pair)."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and isinstance(v, _PLAIN) for k, v in value.items())
+    return isinstance(value, _PLAIN)
 
 
 def data_identity(path: str | os.PathLike, *settings: Any) -> str:
@@ -110,7 +119,7 @@ def cache_media_latents(
         raise ValueError(
             f"cannot cache latents: dataset items have no media field (one of {sorted(MEDIA_KEYS)})"
         )
-    keep = [k for k, v in first.items() if k != "index" and k not in media and isinstance(v, _PLAIN)]
+    keep = [k for k, v in first.items() if k != "index" and k not in media and _is_plain(v)]
     tensors = [k for k, v in first.items() if k not in media and isinstance(v, Tensor)]
     other = sorted(set(first) - set(media) - set(keep) - set(tensors) - {"index"})
     if other:

@@ -11,8 +11,9 @@ with T5-XXL, FLUX.1-dev). Staged, the same run goes through three phases:
    adapters at that device while the transformer is elsewhere;
 2. caching: the method is built (LoRA adapters are created on the CPU transformer, in fp32; the
    frozen DPO reference of a full fine-tune is copied there in the compute dtype), then the prompt
-   cache and the latent cache are built on the device, after which the text encoders (and the VAE,
-   when latents are cached) go to the CPU;
+   cache, the condition cache of image-conditioned families (:mod:`flowalign.training.condition_cache`)
+   and the latent cache are built on the device, after which the text encoders (the image encoder,
+   and the VAE when latents are cached) go to the CPU;
 3. :func:`finish_staging`: every module the method trains or keeps frozen for the step (the
    transformer with its adapters, a reference copy, the VAE when latents are not cached) moves to
    the device, keeping its dtype, and the execution-device override is cleared.
@@ -38,11 +39,14 @@ from torch.utils.data import Dataset
 
 from flowalign.config import TrainConfig
 from flowalign.models.base import FlowModel
+from flowalign.training.condition_cache import cache_condition_images
 from flowalign.training.distributed import wants_deepspeed, wants_fsdp
-from flowalign.training.latent_cache import cache_run_latents
+from flowalign.training.latent_cache import cache_run_latents, data_identity
 
 __all__ = [
     "cache_run_conditioning",
+    "cache_run_conditions",
+    "dataset_prompts",
     "cache_run_prompts",
     "finish_staging",
     "stage_components",
@@ -51,8 +55,8 @@ __all__ = [
 
 
 def stages_placement(run: Any) -> bool:
-    """Whether ``run`` (a DPO or RWR run config) loads in stages (see the module docstring): it caches
-    its prompts, its base is not quantized, and the launch is neither FSDP2 nor DeepSpeed."""
+    """Whether ``run`` (a DPO, RWR or SFT run config) loads in stages (see the module docstring): it
+    caches its prompts, its base is not quantized, and the launch is neither FSDP2 nor DeepSpeed."""
     if not getattr(run, "cache_prompts", False) or getattr(run, "quantize_base", None) is not None:
         return False
     return not (wants_fsdp() or wants_deepspeed())
@@ -94,6 +98,39 @@ def cache_run_prompts(method: Any, prompts: list[str], train: TrainConfig) -> No
         method.cache_prompts(prompts, cache_dir=Path(train.output_dir) / "cache" / "prompts")
 
 
+def dataset_prompts(data: Dataset) -> list[str]:
+    """Every prompt of a training dataset: its ``prompts`` (a list, or a method returning one), else
+    each item's ``"prompt"`` (reads every item once)."""
+    prompts = getattr(data, "prompts", None)
+    if callable(prompts):
+        prompts = prompts()
+    if prompts is None:
+        prompts = [data[i]["prompt"] for i in range(len(data))]
+    return list(prompts)
+
+
+def cache_run_conditions(run: Any, method: Any, data: Dataset, *settings: Any) -> Dataset:
+    """The condition images of an image-conditioned run's items, encoded once into
+    ``<output_dir>/cache/conditions`` (:mod:`flowalign.training.condition_cache`; the main process
+    builds it, the others then open it); the image encoder then leaves the device. Data without
+    condition images (text-to-video rows for TI2V-5B) is returned as it is."""
+    from accelerate import PartialState
+
+    if "condition" not in data[0]:
+        if getattr(method.model, "requires_images", False):
+            raise ValueError(f"{method.model.family} needs a condition image per sample; the data has none")
+        return data
+    train = run.train
+    folder = Path(train.output_dir) / "cache" / "conditions"
+    with PartialState(cpu=train.cpu).main_process_first():
+        rows = cache_condition_images(method.model, data, folder, identity=data_identity(run.data, *settings))
+    encoder = method.model.modules().get("image_encoder")
+    if encoder is not None:
+        encoder.to("cpu")
+    method.conditions_cached = True
+    return rows
+
+
 def cache_run_conditioning(
     run: Any,
     method: Any,
@@ -101,12 +138,18 @@ def cache_run_conditioning(
     prompts: Sequence[str] | Callable[[], Sequence[str]],
     *settings: Any,
 ) -> Dataset:
-    """Phase 2 and 3 of a run: its prompt cache (when ``run.cache_prompts``; ``prompts`` may be a
-    callable, read only then), its latent cache (when ``run.cache_latents``, see
-    :func:`~flowalign.training.latent_cache.cache_run_latents` for ``settings``), then
-    :func:`finish_staging`. Returns the dataset to train on."""
-    if run.cache_prompts and not getattr(method.model, "takes_images", False):  # conditions: encoded per step
+    """Phase 2 and 3 of a run: its prompt cache (when ``run.cache_prompts`` and the method's text
+    encoders are frozen and read no condition image; ``prompts`` may be a callable, read only then) with, on image-conditioned
+    families, the condition images' encodings (:func:`cache_run_conditions`), its latent cache (when
+    ``run.cache_latents``, see :func:`~flowalign.training.latent_cache.cache_run_latents` for
+    ``settings``; it names the condition cache's fingerprint), then :func:`finish_staging`. Returns
+    the dataset to train on."""
+    text_reads_image = getattr(method.model, "text_reads_image", False)
+    if run.cache_prompts and getattr(method, "caches_prompts", True) and not text_reads_image:
         cache_run_prompts(method, list(prompts() if callable(prompts) else prompts), run.train)
+        if getattr(method.model, "takes_images", False):
+            data = cache_run_conditions(run, method, data, *settings)
+            settings = (*settings, getattr(data, "fingerprint", None))
     data = cache_run_latents(run, method, data, *settings)
     finish_staging(method, offload_frozen=run.train.offload_frozen)
     return data

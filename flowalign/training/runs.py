@@ -10,9 +10,10 @@ straight into the compute dtype, components trained in full (the transformer of 
 without LoRA) in fp32 as master weights, and LoRA adapters are created in fp32. The device is
 this process's own (:func:`training_device`), known before loading, so each rank reads its
 model onto its own GPU. A LoRA run may instead load its transformer base quantized by bitsandbytes
-(``quantize_base: int8 | nf4``, :mod:`flowalign.models.quantize`; a CUDA GPU only). DPO and RWR runs
-that cache their prompts load in stages (:mod:`flowalign.training.placement`): the transformer joins
-the device only once the text encoders (and the VAE of cached latents) have left it.
+(``quantize_base: int8 | nf4``, :mod:`flowalign.models.quantize`; a CUDA GPU only). DPO, RWR and SFT
+runs that cache their prompts load in stages (:mod:`flowalign.training.placement`): the transformer
+joins the device only once the text encoders (and the VAE of cached latents) have left it; latent
+reward runs cache the same way and move the encoders off the device after loading.
 """
 
 from __future__ import annotations
@@ -40,13 +41,17 @@ from flowalign.models.base import FlowModel
 from flowalign.models.quantize import QuantizeBase, check_quantize_base, load_quantized_transformer
 from flowalign.models.vae_savers import enable_vae_savers
 from flowalign.training.conditions import load_candidate_conditions, select_train_expert
-from flowalign.training.latent_cache import cache_run_latents
 from flowalign.training.loop import TrainResult, train
 from flowalign.training.methods.dpo import DPOConfig, FlowDPO
 from flowalign.training.methods.latent_reward import LatentRewardTrainingConfig
 from flowalign.training.methods.rwr import FlowRWR, RWRConfig, WeightedSamples
 from flowalign.training.methods.sft import FlowMatchingSFT, SFTConfig
-from flowalign.training.placement import cache_run_conditioning, stage_components, stages_placement
+from flowalign.training.placement import (
+    cache_run_conditioning,
+    dataset_prompts,
+    stage_components,
+    stages_placement,
+)
 
 TOY_PREFIX = "toy:"
 COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -164,6 +169,10 @@ class SFTRun:
     drop_t5: bool = False
     """SD3 / SD3.5 only: load without the T5 text encoder (``text_encoder_3``); its tokens become zeros,
     as in diffusers (``--no-t5`` on the command line)."""
+    cache_prompts: bool = True
+    """Encode each distinct prompt (and the empty prompt of caption dropout) once before training and
+    train with the text encoders off the device (see :attr:`DPORun.cache_prompts`); ignored with
+    ``sft.train_text_encoder``, whose encoder changes every step."""
     cache_latents: bool = False
     """Encode the media through the VAE once (see :attr:`DPORun.cache_latents`)."""
     latent_cache_dir: Path | None = None
@@ -292,11 +301,13 @@ def load_candidates(path: str | Path, reward_key: str) -> tuple[torch.Tensor, li
 def run_sft(run: SFTRun, *, resume: bool = False, progress: bool = True) -> TrainResult:
     torch.manual_seed(run.train.seed)  # random initialisations (LoRA, heads) follow the run seed
     full = ("transformer", "text_encoder") if run.sft.train_text_encoder else ("transformer",)
-    model = load_training_model(run.model, run.train, full=full, drop_t5=run.drop_t5)
+    staged = stages_placement(run) and not run.sft.train_text_encoder
+    model = load_training_model(run.model, run.train, full=full, drop_t5=run.drop_t5, staged=staged)
     kind = "video" if model.is_video else "image"
     data = sft_dataset(run.data, kind, num_items=run.num_items, seed=run.train.seed)
     method = FlowMatchingSFT(model, run.sft)
-    data = cache_run_latents(run, method, data, "sft", kind, run.num_items, run.train.seed)
+    settings = ("sft", kind, run.num_items, run.train.seed)
+    data = cache_run_conditioning(run, method, data, lambda: dataset_prompts(data), *settings)
     return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
 
 
@@ -356,6 +367,14 @@ class LatentRewardRun:
     """candidates.jsonl: at most this many pairs per prompt (default: all same-prompt pairs)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: LatentRewardTrainingConfig = field(default_factory=LatentRewardTrainingConfig)
+    cache_prompts: bool = True
+    """Encode each distinct prompt once before training and train with the text encoders off the
+    device (see :attr:`DPORun.cache_prompts`)."""
+    cache_latents: bool = False
+    """Encode both members' media through the VAE once (see :attr:`DPORun.cache_latents`); the VAE
+    leaves the device unless a ``teacher`` scores decoded latents."""
+    latent_cache_dir: Path | None = None
+    """Folder of the latent cache (null: ``<output_dir>/cache/latents``)."""
 
 
 def _is_candidates_file(path: Path) -> bool:
@@ -424,6 +443,9 @@ class _MediaPairs(Dataset):
             out["condition"] = self.images[self.conditions[self.pairs.pairs[i][0]]]
         return out
 
+    def prompts(self) -> list[str]:
+        return [self.pairs.prompts[i] for i, _ in self.pairs.pairs]
+
 
 def run_latent_reward(run: LatentRewardRun, *, resume: bool = False, progress: bool = True) -> TrainResult:
     from flowalign.rewards.registry import load_reward, parse_reward_spec
@@ -440,6 +462,8 @@ def run_latent_reward(run: LatentRewardRun, *, resume: bool = False, progress: b
     if teacher is not None:
         data = _WithoutLabels(data)
     method = LatentRewardTraining(model, run.reward, teacher=teacher)
+    settings = ("latent-reward", run.max_pairs_per_prompt, run.reward.tie_margin, run.teacher is None)
+    data = cache_run_conditioning(run, method, data, lambda: dataset_prompts(data), *settings)
     return train(method, data, run.train, resume=resume, progress=progress, run_config=run)
 
 
@@ -454,3 +478,6 @@ class _WithoutLabels(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {k: v for k, v in self.data[i].items() if k != "labels"}
+
+    def prompts(self) -> list[str]:
+        return dataset_prompts(self.data)

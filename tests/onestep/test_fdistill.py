@@ -14,7 +14,8 @@ from flowalign.models.base import ModelLoadError
 from flowalign.objectives.fdistill import fdistill_generator_loss
 from flowalign.training.method import StepContext
 from flowalign.training.methods.fdistill import FDistill, FDistillConfig
-from flowalign.training.methods.onestep_common import TeacherFeatures, find_blocks, load_teacher
+from flowalign.training.methods.onestep_common import load_teacher
+from flowalign.training.methods.onestep_heads import TeacherFeatures, find_blocks
 
 
 def cfg(**kw) -> FDistillConfig:

@@ -18,7 +18,8 @@ from flowalign.toy.render import render_prompts
 from flowalign.training.loop import METRICS_FILE, train
 from flowalign.training.methods.distar import DiffInstructStar, DistarConfig, DistarRun, run_distar
 from flowalign.training.methods.fdistill import FDistill, FDistillConfig, FDistillRun, run_fdistill
-from flowalign.training.methods.onestep_common import MediaTextDataset, OneStepData, generate_x0
+from flowalign.training.methods.onestep_common import generate_x0
+from flowalign.training.methods.onestep_data import MediaTextDataset, OneStepData
 
 
 class Renders(torch.utils.data.Dataset):

@@ -93,9 +93,12 @@ def _train(method, teacher, tmp_path, prompts_file):
 def test_student_loads_into_diffusers_and_matches(tiny, tmp_path, name, method):
     teacher = tiny(name)
     conditioned = name == "wan-i2v"
-    res, final = _train(method, teacher, tmp_path, _prompts_file(tmp_path, conditioned))
+    # the condition images live in the real-data folder, as rows of a dataset must
+    inputs = tmp_path / "real"
+    inputs.mkdir()
+    res, final = _train(method, teacher, tmp_path, _prompts_file(inputs, conditioned))
     assert res.exit_code == 0, res.output
-    image = PIL.Image.open(tmp_path / "cond0.png") if conditioned else None
+    image = PIL.Image.open(inputs / "cond0.png") if conditioned else None
     extra = {"image": [image] * 2} if conditioned else {}
 
     def ours(source):
@@ -133,4 +136,4 @@ def test_two_expert_teacher_is_refused(tiny, tmp_path, name):
 def test_image_to_video_teacher_without_images_is_refused(tiny, tmp_path):
     res, _ = _train("distar", tiny("wan-i2v"), tmp_path, _prompts_file(tmp_path, conditioned=False))
     assert res.exit_code != 0
-    assert "makes video from an image: give data.prompts_file an 'image' column" in res.output
+    assert "conditioned on an image: give each data row its condition image" in res.output

@@ -16,6 +16,7 @@ from flowalign.planning.memory import Recipe, plan
 SIZES = {
     "flux2-dev": 32.22, "flux2-klein-4b": 3.88, "flux2-klein-9b": 9.08, "qwen-image": 20.43, "z-image": 6.15,
     "qwen3-4b": 4.02, "qwen3-8b": 8.19, "qwen2.5-vl-7b": 8.29, "mistral-small-3.1": 24.01,
+    "qwen-image-edit": 20.43, "qwen-image-edit-plus": 20.43,  # Qwen-Image's transformer
 }  # fmt: skip
 
 
@@ -55,9 +56,27 @@ def test_flux2_and_qwen_image_plan(name) -> None:
 def test_z_image_plan_refuses_with_one_line(tmp_path, capsys) -> None:
     with pytest.raises(ValueError, match="activation memory of z-image blocks is not modelled yet"):
         plan(Recipe("z-image"))
+    with pytest.raises(ValueError, match="qwen-image-edit-plus: the activation memory of the edit models"):
+        plan(Recipe("qwen-image-edit-plus"))  # the condition image's tokens are not counted yet
     cfg = tmp_path / "z.yaml"
     cfg.write_text("model: Tongyi-MAI/Z-Image\ndpo: {}\nlora: {rank: 16}\n")
     assert recipe_from_yaml(cfg).model == "z-image"
     assert plan_main([str(cfg)]) == 2
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("error: z-image: the activation memory of z-image")
+
+
+def test_qwen_image_edit_hub_ids_and_encoder(tmp_path) -> None:
+    """Qwen-Image-Edit-2509 (Plus) and the first Edit: Qwen-Image's transformer with Qwen2.5-VL-7B."""
+    for hub_id, name in (
+        ("Qwen/Qwen-Image-Edit-2509", "qwen-image-edit-plus"),
+        ("Qwen/Qwen-Image-Edit", "qwen-image-edit"),
+    ):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(f"model: {hub_id}\ndpo: {{}}\nlora: {{rank: 16}}\n")
+        assert recipe_from_yaml(cfg).model == name
+        arch = get_architecture(name)
+        assert (
+            arch.text_encoders == ("qwen2.5-vl-7b",)
+            and arch.transformer == get_architecture("qwen-image").transformer
+        )

@@ -42,9 +42,9 @@ def test_staged_load_holds_the_encoders_and_the_vae_alone() -> None:
         Recipe("sd35l", base_dtype="int8"),  # bitsandbytes quantizes on the way to the GPU
         Recipe("sd35l", strategy="zero2"),  # DeepSpeed prepares modules already on the device
         Recipe("flux-dev", lora_rank=None, num_gpus=8, strategy="fsdp"),
-        Recipe("sd35l", method="sft"),  # only DPO / RWR cache their prompts
+        Recipe("sd35l", method="fdistill"),  # the generator and fake score are copied on the device
     ],
-    ids=["int8", "zero2", "fsdp8-full", "sft"],
+    ids=["int8", "zero2", "fsdp8-full", "fdistill"],
 )
 def test_one_phase_load_holds_every_component_unsharded(recipe: Recipe) -> None:
     assert not recipe.staged

@@ -370,7 +370,7 @@ def _run_manifest_case(rows: list[Any], reader: str) -> str:
 
                 ds = ManifestDataset(path)
             else:
-                from flowalign.training.methods.onestep_common import MediaTextDataset
+                from flowalign.training.methods.onestep_data import MediaTextDataset
 
                 ds = MediaTextDataset(path)
             for i in range(len(ds)):
@@ -398,7 +398,7 @@ def test_training_manifests_many(rows, reader):
 @pytest.mark.parametrize("reader", ["sft", "onestep", "rwr"])
 @pytest.mark.parametrize("bad", ["../outside.png", "OUTSIDE_ABS"])
 def test_training_manifest_paths_stay_in_their_folder(tmp_path, reader, bad):
-    from flowalign.training.methods.onestep_common import MediaTextDataset
+    from flowalign.training.methods.onestep_data import MediaTextDataset
     from flowalign.training.runs import ManifestDataset, load_candidates
 
     root = _root(tmp_path)

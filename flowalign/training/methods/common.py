@@ -13,13 +13,14 @@ import copy
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from flowalign import flow
 from flowalign.config import LoraConfig
+from flowalign.data.batches import CachedCondition
 from flowalign.models.base import FlowModel, PromptEmbeds, net_dtype
 from flowalign.models.lora import adapters_disabled, add_lora, has_lora
 from flowalign.training.cache import PromptEmbedCache, text_encoder_names
@@ -203,7 +204,15 @@ class CachedPrompts:
         """The prompts' embeddings on ``device``: read from the cache when there is one, else encoded.
 
         ``images`` (one per prompt) are the condition images of image-conditioned families, encoded
-        with the prompts for media of the size of the latents ``like``."""
+        with the prompts for media of the size of the latents ``like``, or their cached encodings
+        (:class:`~flowalign.data.batches.CachedCondition` rows, :mod:`flowalign.training.condition_cache`),
+        stacked next to the text embeddings."""
+        if images is None and getattr(self.model, "requires_images", False):
+            raise ValueError(f"{self.model.family} needs a condition image per sample; the data has none")
+        if images is not None and all(isinstance(image, CachedCondition) for image in images):
+            text = self.text_condition(prompts, device)
+            fields = {key: torch.stack([row[key] for row in images]).to(device) for key in images[0]}
+            return replace(text, **fields)
         if images is not None:
             height, width, frames = self.model.media_size(like.shape)
             with torch.no_grad():
@@ -211,16 +220,26 @@ class CachedPrompts:
                     list(prompts), images=list(images), height=height, width=width, num_frames=frames
                 )
             return cond.to(device=device)
+        return self.text_condition(prompts, device)
+
+    def text_condition(self, prompts: Sequence[str], device: torch.device) -> PromptEmbeds:
+        """The text part alone: the cached rows, else encoded now (no image fields)."""
         if self.prompt_cache is not None:
             return self.prompt_cache.lookup(prompts, device)
+        if getattr(self.model, "requires_images", False):
+            with torch.no_grad():
+                return self.model.encode_text(list(prompts)).to(device=device)
         return encode_frozen_prompts(self.model, list(prompts))
 
     def without_text_encoders(self, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
-        """``modules`` less the text encoders when the prompts are cached, and less the VAE when the
-        media latents are (``media_cached``, :mod:`flowalign.training.latent_cache`): they stay on the CPU."""
+        """``modules`` less the text encoders when the prompts are cached, less the VAE when the
+        media latents are (``media_cached``, :mod:`flowalign.training.latent_cache`), and less the image
+        encoder when the condition images are (``conditions_cached``): they stay on the CPU."""
         dropped = set(text_encoder_names(self.model)) if self.prompt_cache is not None else set()
         if getattr(self, "media_cached", False):
             dropped.add("vae")
+        if getattr(self, "conditions_cached", False):  # condition images encoded once: no image encoder
+            dropped.add("image_encoder")
         return {k: v for k, v in modules.items() if k not in dropped}
 
 

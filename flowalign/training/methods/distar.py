@@ -33,6 +33,7 @@ from flowalign.objectives.distar import distar_generator_loss, kl_reward_generat
 from flowalign.rewards.base import RewardModel
 from flowalign.training.method import StepContext
 from flowalign.training.methods import onestep_common as common
+from flowalign.training.methods import onestep_data
 
 __all__ = ["DiffInstructStar", "DistarConfig", "DistarRun", "run_distar"]
 
@@ -203,8 +204,11 @@ class DistarRun:
     "no", bf16, fp16), as for every run. The generator and fake score stay fp32."""
     method: DistarConfig = field(default_factory=DistarConfig)
     """DI* settings (reward, reward_scale, alpha, ...)."""
-    data: common.OneStepData = field(default_factory=common.OneStepData)
+    data: onestep_data.OneStepData = field(default_factory=onestep_data.OneStepData)
     """Prompts (data.prompts_file, or data.toy_items for toy captions)."""
+    cache_prompts: bool = True
+    """Encode every prompt (and the empty prompt of CFG) once through the teacher's text encoders before
+    training; they then stay off the device (``flowalign/training/methods/onestep_cache.py``)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop settings."""
 
@@ -229,6 +233,7 @@ def run_distar(
 
     if not config.teacher:
         raise ConfigError("the teacher model (hub id or folder) is required", key="teacher")
+    from flowalign.training.methods.onestep_cache import cache_onestep_conditioning
     from flowalign.training.methods.onestep_dtypes import frozen_dtype, load_run_teacher
     from flowalign.training.runs import training_device
 
@@ -237,7 +242,8 @@ def run_distar(
     teacher = load_run_teacher(config.teacher, method="DI*", frozen=frozen, device=device)
     method = DiffInstructStar(teacher, config.method, reward=reward)
     method.keep_teacher_in(frozen)
-    dataset = common.build_dataset(
+    dataset = onestep_data.build_dataset(
         config.data, kind="video" if teacher.is_video else "image", needs_real=False
     )
+    dataset = cache_onestep_conditioning(config, method, dataset)
     return train(method, dataset, config.train, resume=resume, progress=progress, run_config=config)

@@ -40,16 +40,14 @@ from flowalign.objectives.fdistill import (
 )
 from flowalign.training.method import StepContext
 from flowalign.training.methods.onestep_common import (
-    DiscriminatorHeads,
     OneStepConfig,
-    OneStepData,
     OneStepDistillation,
-    TeacherFeatures,
-    build_dataset,
     dist_sum,
     frozen,
     seeded,
 )
+from flowalign.training.methods.onestep_data import OneStepData, build_dataset
+from flowalign.training.methods.onestep_heads import DiscriminatorHeads, TeacherFeatures
 
 __all__ = ["FDistill", "FDistillConfig", "FDistillRun", "run_fdistill"]
 
@@ -134,8 +132,7 @@ class FDistill(OneStepDistillation):
         self.discriminator: DiscriminatorHeads | None = None
         if cfg.needs_discriminator:
             self.features = TeacherFeatures(teacher, cfg.discriminator_blocks)
-            grey = [torch.full((3, self.height, self.width), 0.5)] if teacher.requires_images else None
-            cond, _ = self.encode([""], with_uncond=False, images=grey)  # the probe's image: any one
+            cond, _ = self.encode([""], with_uncond=False, images=self.probe_images())
             probe = torch.zeros(
                 teacher.latent_shape(1, self.height, self.width, self.num_frames),
                 device=teacher.device,
@@ -275,6 +272,15 @@ class FDistillRun:
     """f-distill settings."""
     data: OneStepData = field(default_factory=OneStepData)
     """Prompts and real data."""
+    cache_prompts: bool = True
+    """Encode every prompt (and the empty prompt of CFG) once through the teacher's text encoders before
+    training; they then stay off the device (``flowalign/training/methods/onestep_cache.py``)."""
+    cache_latents: bool = False
+    """Encode the discriminator's real media through the teacher's VAE once before training (kept in
+    ``latent_cache_dir``, reused by a resume or another run on the same data and teacher); the VAE then
+    stays off the device."""
+    latent_cache_dir: Path | None = None
+    """Folder of the latent cache (null: ``<output_dir>/cache/latents``)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop settings (output_dir, steps, batch, optimizer, EMA, ...)."""
 
@@ -293,6 +299,7 @@ def run_fdistill(config: FDistillRun, *, resume: bool | str | Path = False, prog
 
     if not config.teacher:
         raise ConfigError("the teacher model (hub id or folder) is required", key="teacher")
+    from flowalign.training.methods.onestep_cache import cache_onestep_conditioning
     from flowalign.training.methods.onestep_dtypes import frozen_dtype, load_run_teacher
     from flowalign.training.runs import training_device
 
@@ -306,4 +313,5 @@ def run_fdistill(config: FDistillRun, *, resume: bool | str | Path = False, prog
         kind="video" if teacher.is_video else "image",
         needs_real=config.method.needs_discriminator,
     )
+    dataset = cache_onestep_conditioning(config, method, dataset)
     return train(method, dataset, config.train, resume=resume, progress=progress, run_config=config)

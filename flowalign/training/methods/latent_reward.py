@@ -40,10 +40,12 @@ from torch.utils.data import Dataset
 
 from flowalign import flow
 from flowalign.config import LoraConfig
+from flowalign.data.batches import CONDITION_PREFIX, CachedCondition, cached_condition
 from flowalign.models.base import FlowModel, PromptEmbeds
 from flowalign.objectives.bt_ties import LABEL_MISSING, btt_loss, labels_from_scores, pairwise_accuracy
 from flowalign.rewards.latent import LatentRewardModel
 from flowalign.training.method import Method, StepContext
+from flowalign.training.methods.common import CachedPrompts
 from flowalign.training.methods.score_stats import NormalisedScores, ScoreNormaliser
 
 __all__ = [
@@ -187,11 +189,16 @@ class PreferenceItems(Dataset):
             "labels": dict(pair.labels),
         }
 
+    def prompts(self) -> list[str]:
+        return [self.pairs.prompt(i) for i in range(len(self.pairs))]
 
-class LatentRewardTraining(NormalisedScores, Method):
+
+class LatentRewardTraining(CachedPrompts, NormalisedScores, Method):
     """BTT training of a :class:`LatentRewardModel` on noised preference pairs (Flow-NRG's guide).
 
     The base model is frozen (``requires_grad=False``, eval mode): it only encodes prompts and media.
+    :meth:`cache_prompts` encodes the prompts once (the text encoders then leave the device), and a
+    run may cache both members' latents (:mod:`flowalign.training.latent_cache`).
 
     Args:
         model: the base flow model (encodes prompts and media; its transformer is copied, not trained).
@@ -248,9 +255,13 @@ class LatentRewardTraining(NormalisedScores, Method):
         return {"latent_reward": self.reward_model}
 
     def frozen_modules(self) -> dict[str, nn.Module]:
-        frozen = dict(self.model.modules())
+        """The base model's components, less those its caches replace (:meth:`cache_prompts`, cached
+        latents); a teacher that scores decoded cached latents keeps the VAE."""
+        frozen = self.without_text_encoders(dict(self.model.modules()))
         if self.teacher is not None:
             frozen["teacher"] = self.teacher
+            if "vae" in self.model.modules():
+                frozen["vae"] = self.model.modules()["vae"]
         return frozen
 
     def collate(self, items: list[dict]) -> dict:
@@ -263,8 +274,10 @@ class LatentRewardTraining(NormalisedScores, Method):
             if key not in items[0]:
                 raise ValueError(f"latent reward batch: item {items[0]['index']} has no {key!r}")
             batch[key] = torch.stack([it[key] for it in items])
-        if "condition" in items[0]:
+        if "condition" in items[0]:  # the pair's condition image (image-conditioned families)
             batch["condition"] = [it["condition"] for it in items]
+        elif any(key.startswith(CONDITION_PREFIX) for key in items[0]):  # its cached encoding
+            batch["condition"] = [cached_condition(it) for it in items]
         if "labels" in items[0]:
             names = list(items[0]["labels"])
             batch["labels"] = {
@@ -316,7 +329,10 @@ class LatentRewardTraining(NormalisedScores, Method):
         cfg, ids = self.config, batch["index"]
         x0_w, x0_l = self._clean_latents(batch)
         labels = self._labels(batch, x0_w, x0_l)
-        cond = self._condition(batch, x0_w)
+        images = batch.get("condition")
+        if images is not None and isinstance(images[0], Mapping):  # cached encodings, plain dicts once moved
+            images = [CachedCondition(row) for row in images]
+        cond = self.condition(batch["prompt"], x0_w.device, images=images, like=x0_w)
         noise_w = ctx.randn_like(x0_w, ids, key="noise")
         noise_l = noise_w if cfg.share_noise else ctx.randn_like(x0_l, ids, key="noise_l")
         t = self.sample_t(ids, ctx)  # one t per pair
@@ -331,16 +347,6 @@ class LatentRewardTraining(NormalisedScores, Method):
             )
         self._update_stats(r_w.detach(), r_l.detach())
         return loss.mean(), metrics
-
-    def _condition(self, batch: dict, like: Tensor) -> PromptEmbeds:
-        """The pairs' prompt embeddings, with the pair's condition image where the batch has one."""
-        with torch.no_grad():
-            if "condition" not in batch:
-                return self.model.encode_prompt(batch["prompt"])[0]
-            height, width, frames = self.model.media_size(like.shape)
-            images = list(batch["condition"])
-            size = dict(height=height, width=width, num_frames=frames)
-            return self.model.encode_prompt(list(batch["prompt"]), images=images, **size)[0]
 
     def _update_stats(self, r_w: Tensor, r_l: Tensor) -> None:
         r_w, r_l = r_w.double(), r_l.double()  # [B, K]

@@ -16,6 +16,9 @@ itself (``"lora"``: the teacher is then the same network with adapters disabled,
 Networks not being optimised in a group are called unwrapped with their parameters frozen
 (:func:`frozen`), so gradients reach the sample but no parameter of another group, and DDP sees
 each wrapped module only in its own group's steps.
+
+The training data and its config block are in ``onestep_data``; the f-distill discriminator's teacher
+features and heads in ``onestep_heads``.
 """
 
 from __future__ import annotations
@@ -30,32 +33,24 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from flowalign import flow
 from flowalign.config import ConfigError, LoraConfig, OptimConfig
 from flowalign.data.batches import MediaBatch, PromptBatch
-from flowalign.files import read_jsonl
 from flowalign.models.base import FlowModel, PromptEmbeds
 from flowalign.objectives.fdistill import fake_score_loss
 from flowalign.training.method import Method, StepContext
-from flowalign.training.methods.onestep_conditions import (
-    encode_with_images,
-    manifest_conditions,
-    refuse_two_experts,
-    with_conditions,
-)
+from flowalign.training.methods.onestep_teachers import refuse_two_experts
 
 __all__ = [
-    "DiscriminatorHeads",
-    "MediaTextDataset",
+    "TEACHER_DTYPES",
     "OneStepConfig",
     "OneStepDistillation",
-    "PromptDataset",
-    "TeacherFeatures",
     "dist_sum",
-    "find_blocks",
     "frozen",
+    "generate_x0",
+    "load_generator_weights",
+    "load_teacher",
     "seeded",
 ]
 
@@ -157,225 +152,6 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def find_blocks(transformer: nn.Module) -> nn.ModuleList:
-    """The main list of transformer blocks (``transformer_blocks`` in SD3/FLUX, ``blocks`` in Wan,
-    ``layers`` in Z-Image).
-
-    Raises:
-        ValueError: the module has neither attribute (an unsupported teacher architecture).
-    """
-    for name in ("transformer_blocks", "blocks", "layers"):
-        blocks = getattr(transformer, name, None)
-        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-            return blocks
-    raise ValueError(
-        f"{type(transformer).__name__} has no 'transformer_blocks' or 'blocks' list (nor a 'layers' list): "
-        "the discriminator needs a transformer teacher (SD3, FLUX, FLUX.2, Qwen-Image, Wan, Z-Image or toy families)"
-    )
-
-
-class _StopForward(Exception):
-    """Raised by the last feature hook: the rest of the teacher's forward is not needed."""
-
-
-class TeacherFeatures:
-    """Token features of the frozen teacher at chosen blocks, read by forward hooks (docs/algorithms.md 2.2).
-
-    The forward stops after the deepest chosen block. A block's output is its hidden states
-    ``[B, N, D]`` (the last element when it returns a tuple: SD3 and FLUX blocks return
-    ``(context, hidden_states)``, Wan blocks the hidden states alone; a family whose blocks return
-    the media first, HunyuanVideo 1.5 and LTX-2, sets ``block_media_index = 0``).
-
-    Args:
-        model: the teacher adapter (its ``velocity`` runs the forward).
-        blocks: block indices (negative counts from the end); None = the middle block.
-
-    Raises:
-        ValueError: an index outside the transformer's block list.
-    """
-
-    def __init__(self, model: FlowModel, blocks: Sequence[int] | None = None) -> None:
-        self.model = model
-        self.block_list = find_blocks(model.transformer)
-        n = len(self.block_list)
-        chosen = [n // 2] if not blocks else list(blocks)
-        bad = [b for b in chosen if not -n <= b < n]
-        if bad:
-            raise ValueError(f"discriminator_blocks {bad} out of range for a teacher with {n} blocks")
-        self.indices = sorted({b % n for b in chosen})
-
-    def dims(self, x_t: Tensor, t: Tensor, cond: PromptEmbeds, *, guidance: float | None = None) -> list[int]:
-        """Feature width of each chosen block, from one probe forward on ``x_t`` (e.g. one zero sample)."""
-        with torch.no_grad():
-            return [f.shape[-1] for f in self(x_t, t, cond, guidance=guidance)]
-
-    def __call__(
-        self, x_t: Tensor, t: Tensor, cond: PromptEmbeds, *, guidance: float | None = None
-    ) -> list[Tensor]:
-        """Features ``[B, N, D]`` per chosen block for noised inputs ``x_t`` at times ``t`` [B]."""
-        found: dict[int, Tensor] = {}
-        last = self.indices[-1]
-        # where a block's tuple output keeps the media tokens (the last, unless the family says otherwise)
-        media_index = getattr(self.model, "block_media_index", -1)
-
-        def hook(index: int):
-            def fn(module: nn.Module, args: Any, output: Any) -> None:
-                out = output[media_index] if isinstance(output, tuple) else output
-                found[index] = out
-                if index == last:
-                    raise _StopForward
-
-            return fn
-
-        handles = [self.block_list[i].register_forward_hook(hook(i)) for i in self.indices]
-        try:
-            self.model.velocity(x_t, t, cond, guidance=guidance)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return [found[i] for i in self.indices]
-
-
-class DiscriminatorHeads(nn.Module):
-    """One small head per teacher feature map: per-token MLP, mean over tokens, linear to a logit.
-
-        l_k = w_k^T mean_n silu(W2 silu(W1 LN(f_k,n))),   logits = [l_1, ..., l_H]  -> [B, H]
-
-    Args:
-        dims: feature width of each head's input.
-        hidden: hidden width.
-    """
-
-    def __init__(self, dims: Sequence[int], *, hidden: int = 128) -> None:
-        super().__init__()
-        if not dims:
-            raise ValueError("DiscriminatorHeads needs at least one feature map")
-        self.heads = nn.ModuleList(
-            nn.Sequential(
-                nn.LayerNorm(d, elementwise_affine=False),
-                nn.Linear(d, hidden),
-                nn.SiLU(),
-                nn.Linear(hidden, hidden),
-                nn.SiLU(),
-            )
-            for d in dims
-        )
-        self.out = nn.ModuleList(nn.Linear(hidden, 1) for _ in dims)
-
-    def forward(self, features: Sequence[Tensor]) -> Tensor:
-        if len(features) != len(self.heads):
-            raise ValueError(
-                f"DiscriminatorHeads has {len(self.heads)} heads, got {len(features)} feature maps"
-            )
-        logits = []
-        for head, out, f in zip(self.heads, self.out, features, strict=True):
-            h = head(f.to(out.weight.dtype)).mean(dim=1)  # [B, hidden]: pooled over tokens
-            logits.append(out(h))  # [B, 1]
-        return torch.cat(logits, dim=1)  # [B, H]
-
-
-class PromptDataset(Dataset):
-    """Prompts only (data-free distillation, DI*): item ``{"prompt", "index"}``."""
-
-    def __init__(self, prompts: Sequence[str]) -> None:
-        self.prompts = list(prompts)
-        if not self.prompts:
-            raise ValueError("PromptDataset: the prompt list is empty")
-        for i, p in enumerate(self.prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"PromptDataset: prompt {i} is empty or not a string: {p!r}")
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"prompt": self.prompts[i], "index": i}
-
-
-class MediaTextDataset(Dataset):
-    """Real (or teacher-generated) media with captions from a manifest.jsonl (the discriminator's "real" side).
-
-    Each line needs ``"prompt"`` and ``"file"`` (a path relative to the manifest's folder), which is the
-    format ``flowalign generate`` writes, so teacher samples can serve as the real data (data-free).
-    Item: ``{"prompt", "pixels": [3, H, W] or [T, 3, H, W] in [0, 1], "index"}``.
-    """
-
-    def __init__(self, manifest: str | Path) -> None:
-        from flowalign.data.paths import resolve_data_path
-
-        self.manifest = Path(manifest)
-        if not self.manifest.is_file():
-            raise ValueError(f"real-data manifest {self.manifest} does not exist")
-        self.rows: list[dict] = []
-        for number, row in read_jsonl(self.manifest):
-            for key in ("prompt", "file"):
-                if not isinstance(row.get(key), str) or not row[key]:
-                    raise ValueError(f"{self.manifest}: line {number} has no {key!r} string")
-            where = f"line {number}"
-            file = resolve_data_path(
-                self.manifest.parent, row["file"], source=self.manifest, where=where, key="file"
-            )
-            self.rows.append({**row, "path": file, "where": where})
-        if not self.rows:
-            raise ValueError(f"{self.manifest}: no rows")
-        self.conditions = manifest_conditions(self.manifest, self.rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        from flowalign.data.paths import load_row_media
-
-        row = self.rows[i]
-        pixels = load_row_media(row["path"], source=self.manifest, where=row["where"], key="file")
-        return {"prompt": row["prompt"], "pixels": pixels, "index": i}
-
-
-@dataclass(kw_only=True)
-class OneStepData:
-    """Where prompts (and the discriminator's real media) come from; exactly one source is used."""
-
-    toy_items: int = 0
-    """> 0: that many toy-world renders of the train split (prompts + real pixels)."""
-    real_manifest: Path | None = None
-    """manifest.jsonl with "prompt" and "file" per line (real images, or teacher samples from flowalign generate)."""
-    prompts_file: Path | None = None
-    """Prompts only (.txt/.jsonl/.json/.csv): data-free DI*, or f-distill without discriminator."""
-
-    def __post_init__(self) -> None:
-        if self.toy_items < 0:
-            raise ConfigError(f"must be >= 0, got {self.toy_items}", key="toy_items")
-
-
-def build_dataset(data: OneStepData, *, kind: str, needs_real: bool) -> Dataset:
-    """The training dataset of a one-step run from :class:`OneStepData` (first source set wins).
-
-    Raises:
-        ValueError: no source, or only prompts where real media are needed.
-    """
-    if data.toy_items > 0:
-        import flowalign.toy  # noqa: F401  (registers the toy: data sources)
-        from flowalign.data.sources import open_source
-
-        return open_source(f"toy:{kind}", "media", num=data.toy_items)
-    if data.real_manifest is not None:
-        media = MediaTextDataset(data.real_manifest)
-        return with_conditions(media, media.conditions)
-    if data.prompts_file is not None:
-        if needs_real:
-            raise ValueError(
-                f"data.prompts_file={data.prompts_file} gives prompts only, but the discriminator needs real "
-                "media: set data.real_manifest (e.g. the manifest.jsonl of flowalign generate on the teacher)"
-            )
-        from flowalign.data.prompts import load_conditioned_prompts
-
-        prompts, images = load_conditioned_prompts(data.prompts_file)
-        return with_conditions(PromptDataset(prompts), images)
-    raise ValueError("no training data: set data.toy_items, data.real_manifest or data.prompts_file")
-
-
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -460,9 +236,21 @@ class OneStepDistillation(Method):
         """More critic-group modules (f-distill's discriminator heads). Default none."""
         return {}
 
+    prompt_cache: Any = None
+    """The teacher's prompt embeddings encoded once (``flowalign/training/methods/onestep_cache.py``)."""
+
     def frozen_modules(self) -> dict[str, nn.Module]:
+        """The teacher's frozen components, less the text encoders once the prompts are cached and the
+        VAE once the real media's latents are (``media_cached``): those stay on the CPU."""
+        from flowalign.training.cache import text_encoder_names
+
         trainable = {id(m) for m in self.trainable_modules().values()}
-        return {k: v for k, v in self.teacher.modules().items() if id(v) not in trainable}
+        dropped = set(text_encoder_names(self.teacher)) if self.prompt_cache is not None else set()
+        if getattr(self, "media_cached", False):
+            dropped.add("vae")
+        return {
+            k: v for k, v in self.teacher.modules().items() if id(v) not in trainable and k not in dropped
+        }
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         critic = [self.fake, *self.extra_critic_modules().values()]
@@ -559,10 +347,32 @@ class OneStepDistillation(Method):
     def encode(
         self, prompts: list[str], *, with_uncond: bool, images: Sequence | None = None
     ) -> tuple[PromptEmbeds, PromptEmbeds | None]:
-        """Prompt embeddings (no grad; the text encoders stay frozen), with the condition images of an
-        image-conditioned teacher (:mod:`~flowalign.training.methods.onestep_conditions`)."""
-        size = (self.height, self.width, self.num_frames)
-        return encode_with_images(self.teacher, prompts, with_uncond=with_uncond, images=images, size=size)
+        """Prompt embeddings (no grad; the text encoders stay frozen), read from the prompt cache when
+        there is one and no condition image (the unconditional branch is the cached empty prompt);
+        with ``images`` (one per prompt, image-conditioned teachers) also the condition images' fields
+        for the generator's size."""
+        if images is None and self.teacher.requires_images:
+            raise ValueError(
+                f"{self.teacher.family} is conditioned on an image: give each data row its condition "
+                "image (an 'image' column in data.real_manifest or data.prompts_file)"
+            )
+        if self.prompt_cache is not None and images is None:
+            device = self.teacher.device
+            uncond = self.prompt_cache.lookup([""] * len(prompts), device) if with_uncond else None
+            return self.prompt_cache.lookup(list(prompts), device), uncond
+        extra = {}
+        if images is not None:
+            extra = dict(
+                images=list(images), height=self.height, width=self.width, num_frames=self.num_frames
+            )
+        with torch.no_grad():
+            return self.teacher.encode_prompt(list(prompts), with_uncond=with_uncond, **extra)
+
+    def probe_images(self) -> list[Tensor] | None:
+        """A mid-grey condition image for one probe forward of an image-conditioned teacher, else None."""
+        if not self.teacher.requires_images:
+            return None
+        return [torch.full((3, self.height, self.width), 0.5)]
 
     def velocity(self, x: Tensor, t: Tensor, cond: PromptEmbeds, *, net: nn.Module) -> Tensor:
         return self.teacher.velocity(x, t, cond, guidance=self.embedded_guidance, net=net)

@@ -8,12 +8,10 @@ text encoder trained jointly when asked (the toy world does; real models keep it
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
 from flowalign import flow
@@ -21,7 +19,7 @@ from flowalign.data.batches import MediaBatch
 from flowalign.models.base import FlowModel
 from flowalign.objectives.flow_matching import flow_matching_loss, time_loss_weight
 from flowalign.training.method import Method, StepContext
-from flowalign.training.methods.common import TimeSampling, drop_captions, sample_training_t
+from flowalign.training.methods.common import CachedPrompts, TimeSampling, drop_captions, sample_training_t
 
 
 @dataclass
@@ -41,12 +39,15 @@ class SFTConfig(TimeSampling):
     """Train the text encoder jointly (the toy world's tiny encoder); real models keep it frozen."""
 
 
-class FlowMatchingSFT(Method):
+class FlowMatchingSFT(CachedPrompts, Method):
     """Flow matching on (media, prompt) batches for any FlowModel.
 
     Batches are :class:`~flowalign.data.batches.MediaBatch`: ``pixels`` (media in [0, 1]) or cached
     canonical ``latents``, ``prompt`` (list of str) and ``index`` (dataset indices, for per-sample
     random draws).
+
+    With frozen text encoders, :meth:`cache_prompts` encodes the prompts once (the empty prompt of
+    caption dropout included); steps then read the cached rows and the text encoders leave the device.
     """
 
     def __init__(self, model: FlowModel, config: SFTConfig | None = None):
@@ -69,10 +70,20 @@ class FlowMatchingSFT(Method):
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         trainable = set(map(id, self.trainable_modules().values()))
-        offloaded = {"vae"} if getattr(self, "media_cached", False) else set()  # latents cached
-        return {
-            k: v for k, v in self.model.modules().items() if id(v) not in trainable and k not in offloaded
-        }
+        return self.without_text_encoders(
+            {k: v for k, v in self.model.modules().items() if id(v) not in trainable}
+        )
+
+    @property
+    def caches_prompts(self) -> bool:
+        """Prompts can be cached only while the text encoder is frozen (not ``train_text_encoder``)."""
+        return not self.config.train_text_encoder
+
+    def cache_prompts(self, prompts, **kwargs):
+        if not self.caches_prompts:
+            raise ValueError("SFT with train_text_encoder cannot cache its prompts: the encoder changes")
+        extra = [""] if self.config.caption_dropout > 0 else []
+        return super().cache_prompts(list(prompts) + extra, **kwargs)
 
     def collate(self, items: list[dict]) -> MediaBatch:
         return MediaBatch.collate(items)
@@ -83,6 +94,20 @@ class FlowMatchingSFT(Method):
         x0 = batch.clean_latents(self.model.encode_media)
         return x0, drop_captions(batch.prompt, batch.index, ctx, self.config.caption_dropout)
 
+    def conditioning(self, prompts: list[str], batch: MediaBatch, x0: Tensor, ctx: StepContext):
+        """The step's conditioning: the cached rows (:meth:`cache_prompts`, cached condition images),
+        else encoded now (through the trained text encoder with ``train_text_encoder``)."""
+        images = None if batch.condition is None else list(batch.condition)
+        if not self.config.train_text_encoder:
+            return self.condition(prompts, x0.device, images=images, like=x0)
+        extra = {}
+        if images is not None:
+            height, width, frames = self.model.media_size(x0.shape)
+            extra = dict(images=images, height=height, width=width, num_frames=frames)
+        with self.model.swapped(text_encoder=ctx.module("text_encoder")):
+            cond, _ = self.model.encode_prompt(prompts, **extra)
+        return cond
+
     def sample_t(self, ids: Tensor, ctx: StepContext) -> Tensor:
         return sample_training_t(self.config, ids, ctx, span=self.model.training_t_span)
 
@@ -90,17 +115,7 @@ class FlowMatchingSFT(Method):
         batch = MediaBatch.coerce(batch)
         ids = batch.index
         x0, prompts = self.encode(batch, ctx)
-        swap = (
-            self.model.swapped(text_encoder=ctx.module("text_encoder"))
-            if self.config.train_text_encoder
-            else nullcontext()
-        )
-        extra = {}
-        if batch.condition is not None:
-            height, width, frames = self.model.media_size(x0.shape)
-            extra = dict(images=list(batch.condition), height=height, width=width, num_frames=frames)
-        with swap, torch.set_grad_enabled(self.config.train_text_encoder):
-            cond, _ = self.model.encode_prompt(prompts, **extra)
+        cond = self.conditioning(prompts, batch, x0, ctx)
         noise = ctx.randn_like(x0, ids, key="noise")
         t = self.sample_t(ids, ctx)
         x_t = flow.interpolate(x0, noise, t)

@@ -1,0 +1,76 @@
+"""Cached conditioning of the one-step runs (f-distill, Diff-Instruct*): the teacher's prompt embeddings
+encoded once, and f-distill's real data encoded once through the teacher's VAE.
+
+Without caches every generator and critic step encodes its prompts through the teacher's text
+encoders (twice with CFG: the prompts and the empty prompt), and every critic step of f-distill
+encodes its real media through the VAE for the discriminator. :func:`cache_onestep_conditioning`
+builds, before training:
+
+- the prompt cache (``cache_prompts``, default on) of every prompt of the data plus the empty prompt
+  (CFG's unconditional branch, as ``encode_prompt(..., with_uncond=True)`` encodes it), in
+  ``<output_dir>/cache/prompts`` (:class:`~flowalign.training.cache.PromptEmbedCache`); the text
+  encoders then go to the CPU and leave the method's frozen modules, so the loop never places them
+  (not for image-conditioned teachers, which encode each row's condition image with its text);
+- the latent cache (``cache_latents``) of the real media, for f-distill with a discriminator (the only
+  one-step consumer of real media; DI* is data-free and decodes its samples for the reward, so it
+  keeps the VAE), in ``latent_cache_dir`` (default ``<output_dir>/cache/latents``); the VAE then goes
+  to the CPU as well.
+
+The teacher transformer, the generator and the fake score are built on the device before the caches
+(they are copies of the teacher's transformer), so a one-step run does not load in stages: the
+encoders are on the device while the caches are built and off it for the whole of training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from flowalign.training.cache import PromptEmbedCache, text_encoder_names
+from flowalign.training.latent_cache import cache_media_latents, data_identity
+from flowalign.training.methods.onestep_data import MediaTextDataset
+
+__all__ = ["cache_onestep_conditioning", "onestep_data_identity"]
+
+
+def onestep_data_identity(data: Any, kind: str) -> str:
+    """The identity of a one-step run's real data (:class:`OneStepData`): the manifest file (path,
+    size, mtime) or the toy spec and item count, as :func:`data_identity` hashes them."""
+    if data.toy_items > 0:
+        return data_identity(f"toy:{kind}", "onestep", data.toy_items)
+    return data_identity(data.real_manifest, "onestep")
+
+
+def cache_onestep_conditioning(run: Any, method: Any, dataset: Dataset) -> Dataset:
+    """Build the caches ``run`` asks for (``cache_prompts``, ``cache_latents``; see the module
+    docstring) on the main process first, take the encoders they replace off the device, and return
+    the dataset to train on."""
+    from accelerate import PartialState
+
+    from flowalign.training.placement import dataset_prompts
+
+    train, teacher = run.train, method.teacher
+    out = Path(train.output_dir) / "cache"
+    state = PartialState(cpu=train.cpu)
+    if run.cache_prompts and not teacher.takes_images:  # a condition image is encoded with its text
+        rows = dataset.rows if isinstance(dataset, MediaTextDataset) else None  # no media read
+        prompts = [*(dataset_prompts(dataset) if rows is None else [r["prompt"] for r in rows]), ""]
+        with state.main_process_first():
+            method.prompt_cache = PromptEmbedCache.build(teacher, prompts, cache_dir=out / "prompts")
+        for name in text_encoder_names(teacher):
+            teacher.modules()[name].to("cpu")
+    wants_media = getattr(method, "discriminator", None) is not None
+    if getattr(run, "cache_latents", False) and wants_media and "pixels" in dataset[0]:
+        kind = "video" if teacher.is_video else "image"
+        folder = run.latent_cache_dir or out / "latents"
+        with state.main_process_first():
+            dataset = cache_media_latents(
+                teacher, dataset, folder, identity=onestep_data_identity(run.data, kind)
+            )
+        vae = teacher.modules().get("vae")
+        if vae is not None:
+            vae.to("cpu")
+        method.media_cached = True
+    return dataset
