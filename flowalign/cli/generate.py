@@ -125,7 +125,8 @@ def generate(
     )  # fmt: skip
     factory = None
     if guide is not None:
-        factory = _nrg_factory(flow_model, guide, reward_weights, guidance_strength, step_range)
+        size = (height, width, num_frames)
+        factory = _nrg_factory(flow_model, guide, reward_weights, guidance_strength, step_range, size)
         settings.extra = {
             "guide": str(guide),
             "reward_weights": reward_weights,
@@ -139,8 +140,10 @@ def generate(
     typer.echo(f"wrote {len(rows)} samples to {out}")
 
 
-def _nrg_factory(flow_model, guide: Path, weights: str | None, strength: float, step_range):
+def _nrg_factory(flow_model, guide: Path, weights: str | None, strength: float, step_range, size=(None,) * 3):
     """Per-batch Flow-NRG transforms from a latent reward folder (errors name the bad value)."""
+    import torch
+
     from flowalign.rewards.combine import parse_weights
     from flowalign.rewards.latent import LatentRewardModel
     from flowalign.sampling.nrg import latent_reward_guidance
@@ -148,8 +151,19 @@ def _nrg_factory(flow_model, guide: Path, weights: str | None, strength: float, 
     reward_model = LatentRewardModel.from_pretrained(guide, model=flow_model, device=flow_model.device)
     dims = parse_weights(weights) if weights else {d: 1.0 for d in reward_model.dimensions}
     reward_model.check_weights(dims)
-    return lambda prompts: [
-        latent_reward_guidance(
-            flow_model, reward_model, prompts, dims, strength=strength, step_range=step_range
+    height = size[0] or flow_model.default_height
+    width, frames = size[1] or flow_model.default_width, size[2] or flow_model.default_num_frames
+
+    def transforms(prompts, images=None):
+        cond = None
+        if images is not None:  # the guide reads the condition images as the sampler does
+            with torch.no_grad():
+                cond, _ = flow_model.encode_prompt(
+                    list(prompts), images=images, height=height, width=width, num_frames=frames
+                )
+        guidance = latent_reward_guidance(
+            flow_model, reward_model, prompts, dims, strength=strength, step_range=step_range, cond=cond
         )
-    ]
+        return [guidance]
+
+    return transforms

@@ -85,7 +85,7 @@ def generate_files(
     batch_size: int = 4,
     model_name: str = "",
     velocity_transforms: list[VelocityTransform] | None = None,
-    transforms_factory: Callable[[list[str]], list[VelocityTransform]] | None = None,
+    transforms_factory: Callable[..., list[VelocityTransform]] | None = None,
     progress: bool = True,
     shard: Shard | None = None,
     images: list[str | Path] | None = None,
@@ -265,7 +265,7 @@ def _run_jobs(
                 sampler=settings.sampler,
                 one_step=settings.one_step,
                 velocity_transforms=(velocity_transforms or [])
-                + (transforms_factory([p for _, p, _ in chunk]) if transforms_factory else []),
+                + (_batch_transforms(transforms_factory, [p for _, p, _ in chunk], image)),
                 progress=progress and len(todo) <= batch_size,
             )
             for (sample_id, prompt, seed), media in zip(chunk, out.media.float().cpu(), strict=True):
@@ -308,3 +308,10 @@ def _open_image(path: str):
             return image.convert("RGB")
     except OSError as err:
         raise ValueError(f"cannot read condition image {path}: {err}") from None
+
+
+def _batch_transforms(factory, prompts: list[str], images: list | None) -> list[VelocityTransform]:
+    """``factory(prompts)``, or ``factory(prompts, images)`` for a batch with condition images."""
+    if factory is None:
+        return []
+    return factory(prompts) if images is None else factory(prompts, images)

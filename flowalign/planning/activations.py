@@ -44,7 +44,7 @@ class BlockShape:
 def block_shape(arch: Architecture) -> BlockShape:
     t = arch.transformer
     d = arch.hidden
-    m = t.get("ffn_dim", 4 * d)
+    m = int(d * t["mlp_ratio"]) if "mlp_ratio" in t else t.get("ffn_dim", 4 * d)
     return BlockShape(d=d, m=m, h=t["num_attention_heads"], head_dim=t["attention_head_dim"])
 
 
@@ -124,6 +124,57 @@ def flux_single_block(s: BlockShape, *, lora_rank: int | None) -> int:
     return 4 * d * BF16 + 4 * d * FP32 + 2 * h * FP32 + (d + m) * BF16 + m * BF16 + stats + core
 
 
+def qwen_image_block(s: BlockShape, *, lora_rank: int | None) -> tuple[int, int]:
+    """(bytes per image token, bytes per text token) of a ``QwenImageTransformerBlock``.
+
+    FLUX.1's double block (:func:`flux_double_block`: the same streams, LayerNorms, q/k RMSNorm, joint
+    attention and 4d GELU MLP) plus, per token of either stream, q and k after their RMSNorm in bf16
+    (2 d-tensors), which the complex rotary multiplication keeps. The rotary table is one complex tensor
+    built once per forward and kept by reference, so no block adds its own (:func:`rope_bytes` is 0).
+    """
+    img, txt = flux_double_block(s, lora_rank=lora_rank)
+    return img + 2 * s.d * BF16, txt + 2 * s.d * BF16
+
+
+def flux2_double_block(s: BlockShape, *, lora_rank: int | None) -> tuple[int, int]:
+    """(bytes per image token, bytes per text token) of a FLUX.2 ``Flux2TransformerBlock``.
+
+    FLUX.1's double block (:func:`flux_double_block`) with a SwiGLU MLP of hidden width m (= mlp_ratio d)
+    and no biases: the MLP keeps its input projection's 2m-wide output and the m-wide SiLU output (3m
+    bf16, frozen or not); a full fine-tune also keeps the gate product that feeds the output projection
+    (4m in all), 4 bf16 d-tensors of the block besides the attention core (not FLUX.1's 8) and 4 fp32
+    ones (the q/k RMSNorm inputs and outputs).
+    """
+    d, m, h = s.d, s.m, s.h
+    stats = 2 * 2 * BF16
+    qk = 2 * d * FP32 + 2 * h * FP32
+    core = _attention_core(s)
+    if lora_rank is not None:
+        adapters = 4 * (d + lora_rank) * BF16 if lora_rank else 0
+        img = d * BF16 + adapters + qk + 3 * m * BF16 + stats + core
+        txt = d * BF16 + qk + 3 * m * BF16 + stats + core
+        return img, txt
+    img = txt = 4 * d * BF16 + qk + 2 * d * FP32 + 4 * m * BF16 + stats + core
+    return img, txt
+
+
+def flux2_single_block(s: BlockShape, *, lora_rank: int | None) -> int:
+    """Bytes per (image + text) token of a FLUX.2 ``Flux2SingleTransformerBlock``.
+
+    One fused projection gives q, k, v and the SwiGLU input (3d + 2m wide, kept whole: v and the MLP
+    input are views of it), then one output projection of [attention, MLP] (d + m wide). flowalign's
+    default FLUX.2 LoRA targets do not reach these blocks, so with LoRA they are frozen: the fused output,
+    the SiLU output (m), the q/k RMSNorm inputs in fp32, the rotated q and k and the attention output in
+    bf16. Full: also the output projection's input, the normalised block input and fp32 RMSNorm outputs.
+    """
+    d, m, h = s.d, s.m, s.h
+    stats = 2 * BF16
+    fused = (3 * d + 2 * m) * BF16 + m * BF16 + 3 * h * FP32 + stats
+    if lora_rank is not None:
+        return fused + 2 * d * FP32 + 3 * d * BF16
+    return fused + (d + m) * BF16 + 4 * d * FP32 + 4 * d * BF16
+
+
 def wan_block(s: BlockShape, *, lora_rank: int | None) -> tuple[int, int]:
     """(bytes per video token, bytes per text token) of a Wan ``WanTransformerBlock``.
 
@@ -151,7 +202,11 @@ def wan_block(s: BlockShape, *, lora_rank: int | None) -> tuple[int, int]:
 
 def rope_bytes(arch: Architecture, s: BlockShape) -> int:
     """Bytes per token position (shared by the batch) of the rotary cos/sin tables one block keeps."""
-    if arch.family in ("flux", "wan"):  # cos and sin, head_dim wide (Wan reads strided halves of them)
+    if arch.family in (
+        "flux",
+        "flux2",
+        "wan",
+    ):  # cos and sin, head_dim wide (Wan reads strided halves of them)
         return 2 * s.head_dim * FP32
     return 0
 
@@ -192,7 +247,12 @@ def transformer_activations(
     bf16) and backward rebuilds one block at a time, so ``saved`` = the inputs of every block + the
     largest block's activations.
     """
-    if arch.family not in ("sd3", "flux", "wan"):
+    if arch.name.startswith("qwen-image-edit"):
+        raise ValueError(
+            f"{arch.name}: the activation memory of the edit models is not modelled yet: the condition "
+            "image's tokens join the transformer's sequence, which the planner does not count"
+        )
+    if arch.family not in ("sd3", "flux", "flux2", "qwen-image", "wan"):
         raise ValueError(
             f"{arch.name}: the activation memory of {arch.family} blocks is not modelled yet (its weights, "
             "LoRA and optimizer sizes are known: flowalign.planning.architectures.param_count)"
@@ -201,7 +261,7 @@ def transformer_activations(
     t = arch.transformer
     per_block: list[int] = []
     joint = image_tokens + text_tokens
-    rope = rope_bytes(arch, s) * (joint if arch.family == "flux" else image_tokens)
+    rope = rope_bytes(arch, s) * (joint if arch.family in ("flux", "flux2") else image_tokens)
     if arch.family == "sd3":
         dual = set(t.get("dual_attention_layers") or ())
         for i in range(t["num_layers"]):
@@ -211,6 +271,14 @@ def transformer_activations(
         img, txt = flux_double_block(s, lora_rank=lora_rank)
         per_block += [samples * (img * image_tokens + txt * text_tokens) + rope] * t["num_layers"]
         single = flux_single_block(s, lora_rank=lora_rank)
+        per_block += [samples * single * joint + rope] * t["num_single_layers"]
+    elif arch.family == "qwen-image":
+        img, txt = qwen_image_block(s, lora_rank=lora_rank)
+        per_block += [samples * (img * image_tokens + txt * text_tokens)] * t["num_layers"]
+    elif arch.family == "flux2":
+        img, txt = flux2_double_block(s, lora_rank=lora_rank)
+        per_block += [samples * (img * image_tokens + txt * text_tokens) + rope] * t["num_layers"]
+        single = flux2_single_block(s, lora_rank=lora_rank)
         per_block += [samples * single * joint + rope] * t["num_single_layers"]
     else:
         img, txt = wan_block(s, lora_rank=lora_rank)

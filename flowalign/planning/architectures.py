@@ -236,7 +236,8 @@ ARCHITECTURES: dict[str, Architecture] = {
 # FLUX.2 [klein] 4B / 9B the released checkpoints' shapes: 5 + 20 blocks of width 3072 (4B) and
 # 24 single blocks of width 4096 (9B), text width 3 x the Qwen3 width; the 9B's 8 double blocks are
 # the count that gives its published size (6 would give 8.2B). Meta-built counts: 32.2B, 3.9B, 9.1B,
-# 20.4B, 6.2B. Their block activations are not modelled yet (:data:`SIZED_ONLY`).
+# 20.4B, 6.2B. FLUX.2's and Qwen-Image's block activations are modelled (flowalign/planning/activations.py);
+# Z-Image's not yet (:data:`SIZED_ONLY`).
 _FLUX2_COMMON = {"patch_size": 1, "in_channels": 128, "attention_head_dim": 128, "timestep_guidance_channels": 256,
                  "mlp_ratio": 3.0, "axes_dims_rope": [32, 32, 32, 32], "rope_theta": 2000}  # fmt: skip
 FLUX2_VAE = {
@@ -282,8 +283,9 @@ SIZED_ONLY: dict[str, Architecture] = {
         ),
     )
 }
-"""Published configurations the planner knows the size of (weights, LoRA, optimizer state), but whose
-block activations :mod:`flowalign.planning.activations` does not model yet."""
+"""Published configurations of the newer image families: the planner knows their size (weights, LoRA,
+optimizer state); :mod:`flowalign.planning.activations` models FLUX.2's and Qwen-Image's block
+activations, not yet Z-Image's (a plan for it stops with one error line)."""
 
 _TRANSFORMER_CLASS = {
     "sd3": "SD3Transformer2DModel",

@@ -240,9 +240,15 @@ def _frozen_dtype(recipe: Recipe) -> str:
     return recipe.base_dtype if (recipe.lora_rank is not None or recipe.method == "fdistill") else "bf16"
 
 
+def _block_count(arch: Architecture) -> int:
+    """Transformer blocks of one expert (Z-Image names its count ``n_layers``)."""
+    t = arch.transformer
+    return t.get("num_layers", t.get("n_layers", 0)) + t.get("num_single_layers", 0)
+
+
 def _resident(recipe: Recipe, arch: Architecture) -> dict[str, float]:
     trainable, frozen = _trainable_params(recipe)
-    n_blocks = arch.transformer["num_layers"] + arch.transformer.get("num_single_layers", 0)
+    n_blocks = _block_count(arch)
     frozen_bytes = frozen * BYTES[_frozen_dtype(recipe)] / _shards(recipe, "weights")
     if recipe.cpu_offload and _separate_frozen_transformer(recipe):
         frozen_bytes = 2 * frozen * BYTES[_frozen_dtype(recipe)] / n_blocks
@@ -282,7 +288,7 @@ def _step(recipe: Recipe, arch: Architecture, samples: int) -> dict[str, float]:
     }
     if recipe.method == "fdistill":
         # the generator's loss also differentiates through the frozen teacher up to its middle block
-        n_blocks = arch.transformer["num_layers"] + arch.transformer.get("num_single_layers", 0)
+        n_blocks = _block_count(arch)
         teacher = transformer_activations(
             arch, img, txt, samples, lora_rank=0, checkpointing=recipe.gradient_checkpointing,
             depth=n_blocks // 2,
@@ -291,7 +297,7 @@ def _step(recipe: Recipe, arch: Architecture, samples: int) -> dict[str, float]:
     if full and recipe.strategy in ("ddp", "zero2"):
         step["autocast bf16 weight copies"] = param_count(recipe.arch) * BF16
     if recipe.strategy in ("fsdp", "zero3") and recipe.num_gpus > 1:
-        n_blocks = arch.transformer["num_layers"] + arch.transformer.get("num_single_layers", 0)
+        n_blocks = _block_count(arch)
         step["gathered blocks (2, bf16)"] = 2 * param_count(recipe.arch) * BF16 / n_blocks
     latent = samples * 1.0
     for size in arch.latent_shape(recipe.height, recipe.width, recipe.frames):

@@ -10,10 +10,10 @@ The trunk sees t (through the transformer's own timestep embedding) and the prom
 attention), so the reward is defined on noisy inputs. Per-dimension normalisation (mean, std) is stored
 with the model; guidance uses r = sum_k w_k (r_k - mean_k) / std_k.
 
-Family-specific code is one small table (:data:`_TRUNKS`), keyed by the transformer class: which
-modules form the embedding, where the blocks live, how to call them. It is not a ``flowalign.models``
-family adapter because it reaches inside the transformer's forward; supported: ``SD3Transformer2DModel``
-(toy images, SD3/SD3.5) and ``WanTransformer3DModel`` (toy videos, Wan). It is not a
+Family-specific code is one small entry per transformer class in :mod:`flowalign.rewards.latent_trunks`:
+which modules form the embedding, where the blocks live, how to call them (SD3 and Wan 2.1 repeat the
+forward up to block k; FLUX.1, FLUX.2, Qwen-Image, Z-Image, HunyuanVideo 1.5, LTX-2 and image-conditioned Wan
+run the cut transformer through the family adapter's ``velocity``, which the model is bound to). It is not a
 :class:`~flowalign.rewards.base.RewardModel` either: that contract takes clean media in [0, 1], this one
 takes noisy canonical latents, a time and encoded prompts.
 
@@ -28,19 +28,37 @@ import copy
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowalign.files import atomic_write, atomic_write_json
-from flowalign.flow import t_to_timesteps
-from flowalign.formats import read_tagged_json
 from flowalign.models.base import FlowModel, PromptEmbeds
+from flowalign.rewards.latent_spec import (
+    CONFIG_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    LatentRewardLoadError,
+    LatentRewardSpec,
+    check_dimensions,
+    check_spec_compatible,
+    check_stats,
+    plain_config,
+    read_spec,
+    supported_transformers,
+    trunk_spec,
+)
+from flowalign.rewards.latent_trunks import (
+    AdapterTrunk,
+    probe_unused,
+    source_transformer,
+    trunk_kind,
+)
 
 __all__ = [
     "CONFIG_NAME",
@@ -51,168 +69,42 @@ __all__ = [
     "supported_transformers",
 ]
 
-CONFIG_NAME = "latent_reward.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT = "flowalign.latent_reward"
-FORMAT_VERSION = 1
 
+class _Held:
+    """The flow model an adapter trunk runs through, kept out of the module tree (never copied or saved)."""
 
-class LatentRewardLoadError(ValueError):
-    """A latent reward folder that cannot be read, or that belongs to another model family."""
+    def __init__(self, model: FlowModel | None) -> None:
+        self.model = model
 
-
-# ---------------------------------------------------------------------------------------- trunks
-def _sd3_forward(trunk: nn.ModuleDict, x: Tensor, t: Tensor, cond: PromptEmbeds) -> tuple[Tensor, Tensor]:
-    # same calls as SD3Transformer2DModel.forward up to block k (diffusers 0.42)
-    if cond.pooled is None:
-        raise ValueError(
-            "latent reward (SD3-type trunk): cond.pooled is None; encode prompts with the flow model"
-        )
-    tokens = trunk["pos_embed"](x).contiguous()  # [B, N, D]
-    temb = trunk["time_text_embed"](t_to_timesteps(t), cond.pooled)  # [B, D]; SD3 takes t * 1000
-    context = trunk["context_embedder"](cond.embeds)  # [B, L, D]
-    for block in trunk["blocks"]:
-        context, tokens = block(hidden_states=tokens, encoder_hidden_states=context, temb=temb)
-    return tokens, temb
-
-
-def _wan_forward(trunk: nn.ModuleDict, x: Tensor, t: Tensor, cond: PromptEmbeds) -> tuple[Tensor, Tensor]:
-    # same calls as WanTransformer3DModel.forward up to block k (diffusers 0.42)
-    rotary = trunk["rope"](x)
-    tokens = trunk["patch_embedding"](x).flatten(2).transpose(1, 2).contiguous()  # [B, N, D]
-    temb, timestep_proj, context, _ = trunk["condition_embedder"](t_to_timesteps(t), cond.embeds, None)
-    timestep_proj = timestep_proj.unflatten(1, (6, -1))  # [B, 6, D]
-    for block in trunk["blocks"]:
-        tokens = block(tokens, context, timestep_proj, rotary)
-    return tokens, temb
-
-
-@dataclass(frozen=True)
-class _TrunkSpec:
-    embedders: tuple[str, ...]
-    """Attributes of the transformer copied into the trunk before the blocks."""
-    blocks: str
-    """Attribute holding the block list."""
-    forward: Callable[[nn.ModuleDict, Tensor, Tensor, PromptEmbeds], tuple[Tensor, Tensor]]
-    layers_to_build: Callable[[int, int], int]
-    """(trunk depth k, base depth L) -> num_layers of a from-config build whose first k blocks match."""
-    unused_in_last: Callable[[nn.Module], tuple[str, ...]] = lambda block: ()
-    """Submodules of the last trunk block whose output the trunk never reads (frozen when training)."""
-
-
-def _sd3_unused(block: nn.Module) -> tuple[str, ...]:
-    # a joint block updates the text stream too; the trunk's last text-stream update is never read
-    return (
-        () if getattr(block, "context_pre_only", True) else ("attn.to_add_out", "ff_context", "norm2_context")
-    )
-
-
-_TRUNKS: dict[str, _TrunkSpec] = {
-    # SD3's last block is context_pre_only; building k + 1 layers keeps block k - 1 a full joint block.
-    "SD3Transformer2DModel": _TrunkSpec(
-        ("pos_embed", "time_text_embed", "context_embedder"),
-        "transformer_blocks",
-        _sd3_forward,
-        lambda k, n: min(k + 1, n),
-        _sd3_unused,
-    ),
-    "WanTransformer3DModel": _TrunkSpec(
-        ("rope", "patch_embedding", "condition_embedder"), "blocks", _wan_forward, lambda k, n: k
-    ),
-}
-
-
-def supported_transformers() -> list[str]:
-    """Transformer classes a latent reward trunk can be cut from."""
-    return sorted(_TRUNKS)
-
-
-def _trunk_spec(class_name: str) -> _TrunkSpec:
-    if class_name not in _TRUNKS:
-        raise ValueError(
-            f"latent reward: no trunk for transformer class {class_name!r}; supported: {supported_transformers()}"
-        )
-    return _TRUNKS[class_name]
+    def __deepcopy__(self, memo: dict) -> _Held:
+        return self
 
 
 def _cut_trunk(
-    transformer: nn.Module, class_name: str, num_blocks: int, *, copy_modules: bool
+    transformer: nn.Module, class_name: str, num_blocks: int, *, copy_modules: bool, kind: str = "parts"
 ) -> nn.ModuleDict:
-    spec = _trunk_spec(class_name)
+    spec = trunk_spec(class_name, kind)
+    if isinstance(spec, AdapterTrunk):
+        return nn.ModuleDict({"net": spec.cut(transformer, num_blocks, copy_modules=copy_modules)})
     take = copy.deepcopy if copy_modules else (lambda m: m)
     parts = {name: take(getattr(transformer, name)) for name in spec.embedders}
     parts["blocks"] = nn.ModuleList([take(b) for b in getattr(transformer, spec.blocks)[:num_blocks]])
     return nn.ModuleDict(parts)
 
 
-def _plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON-normalised public transformer config (tuples -> lists, private ``_`` keys dropped)."""
-    return json.loads(
-        json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, default=list)
-    )
-
-
 # ---------------------------------------------------------------------------------------- heads
 class _Head(nn.Module):
     """One dimension: token-wise projection, mean pool, plus the time/text embedding, then an MLP -> [B]."""
 
-    def __init__(self, width: int, hidden: int) -> None:
+    def __init__(self, width: int, hidden: int, temb_width: int | None = None) -> None:
         super().__init__()
         self.token_proj = nn.Linear(width, hidden)
-        self.temb_proj = nn.Linear(width, hidden)
+        self.temb_proj = nn.Linear(temb_width or width, hidden)
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
 
     def forward(self, tokens: Tensor, temb: Tensor) -> Tensor:
         pooled = F.silu(self.token_proj(tokens)).mean(dim=1)  # [B, H]
         return self.mlp(pooled + self.temb_proj(temb)).squeeze(-1)  # [B]
-
-
-@dataclass
-class LatentRewardSpec:
-    """Everything needed to rebuild a :class:`LatentRewardModel` (written as ``latent_reward.json``)."""
-
-    family: str
-    """``FlowModel.family`` of the base model (e.g. "toy", "sd3", "wan")."""
-    transformer_class: str
-    """Class name of the base transformer the trunk was cut from."""
-    transformer_config: dict[str, Any]
-    """The base transformer's public diffusers config."""
-    num_blocks: int
-    """Trunk depth k (first k transformer blocks)."""
-    dimensions: tuple[str, ...]
-    """Reward dimensions, e.g. ("vq", "ta") for images, ("vq", "mq", "ta") for videos."""
-    head_hidden: int = 128
-    """Hidden width of each per-dimension head."""
-    normalisation: dict[str, tuple[float, float]] | None = None
-    """Per-dimension (mean, std) of raw scores; None = not calibrated (then (0, 1))."""
-    metadata: dict[str, Any] = field(default_factory=dict)
-    """Free-form provenance (training time range, steps, ...)."""
-
-
-def _check_dimensions(dimensions: Sequence[str]) -> tuple[str, ...]:
-    dims = tuple(dimensions)
-    if not dims or not all(isinstance(d, str) and d for d in dims):
-        raise ValueError(f"latent reward: dimensions must be non-empty names, got {list(dims)}")
-    if len(set(dims)) != len(dims):
-        raise ValueError(f"latent reward: dimensions must be unique, got {list(dims)}")
-    return dims
-
-
-def _check_stats(stats: Mapping[str, Sequence[float]], dims: tuple[str, ...], source: str) -> dict:
-    unknown = sorted(set(stats) - set(dims))
-    if unknown:
-        raise ValueError(
-            f"{source}: normalisation names unknown dimension(s) {unknown}; dimensions are {list(dims)}"
-        )
-    out = {}
-    for dim, pair in stats.items():
-        mean, std = (float(v) for v in pair)
-        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-            raise ValueError(
-                f"{source}: normalisation of {dim!r} needs finite mean and std > 0, got {tuple(pair)}"
-            )
-        out[dim] = (mean, std)
-    return out
 
 
 class LatentRewardModel(nn.Module):
@@ -233,15 +125,20 @@ class LatentRewardModel(nn.Module):
 
     def __init__(self, spec: LatentRewardSpec, trunk: nn.ModuleDict) -> None:
         super().__init__()
-        spec.dimensions = _check_dimensions(spec.dimensions)
-        self._trunk_spec = _trunk_spec(spec.transformer_class)
+        spec.dimensions = check_dimensions(spec.dimensions)
+        self._trunk_spec = trunk_spec(spec.transformer_class, spec.trunk)
         self.spec = spec
         self.trunk = trunk
+        self._model = _Held(None)
+        self._unused: list[str] | None = None
         cfg = spec.transformer_config
-        width = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+        if isinstance(self._trunk_spec, AdapterTrunk):
+            width, temb_width = self._trunk_spec.widths(cfg)
+        else:
+            width = temb_width = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
         self.token_norm = nn.LayerNorm(width, elementwise_affine=False)
-        self.temb_norm = nn.LayerNorm(width, elementwise_affine=False)
-        self.heads = nn.ModuleDict({d: _Head(width, spec.head_hidden) for d in spec.dimensions})
+        self.temb_norm = nn.LayerNorm(temb_width, elementwise_affine=False)
+        self.heads = nn.ModuleDict({d: _Head(width, spec.head_hidden, temb_width) for d in spec.dimensions})
         self.set_normalisation(spec.normalisation or {})
 
     # ------------------------------------------------------------------ construction
@@ -267,9 +164,9 @@ class LatentRewardModel(nn.Module):
         Raises:
             ValueError: unsupported transformer class (names the supported ones) or k out of range.
         """
-        transformer = model.transformer
-        class_name = type(transformer).__name__
-        spec_t = _trunk_spec(class_name)
+        transformer = source_transformer(model)
+        class_name, kind = type(transformer).__name__, trunk_kind(model)
+        spec_t = trunk_spec(class_name, kind)
         total = len(getattr(transformer, spec_t.blocks))
         if not 1 <= num_blocks <= total:
             raise ValueError(
@@ -278,34 +175,69 @@ class LatentRewardModel(nn.Module):
         spec = LatentRewardSpec(
             family=model.family,
             transformer_class=class_name,
-            transformer_config=_plain_config(transformer.config),
+            transformer_config=plain_config(transformer.config),
             num_blocks=num_blocks,
             dimensions=tuple(dimensions),
             head_hidden=head_hidden,
+            trunk=kind,
         )
-        trunk = _cut_trunk(transformer, class_name, num_blocks, copy_modules=True)
+        trunk = _cut_trunk(transformer, class_name, num_blocks, copy_modules=True, kind=kind)
         devices = {p.device for p in trunk.parameters()}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             out = cls(spec, trunk)
+        out.bind(model)
         return out.to(device=next(iter(devices)), dtype=transformer.dtype)
 
     @classmethod
     def from_spec(cls, spec: LatentRewardSpec, *, transformer_cls: type | None = None) -> LatentRewardModel:
         """A randomly initialised model with ``spec``'s architecture (weights are loaded afterwards)."""
-        spec_t = _trunk_spec(spec.transformer_class)
+        spec_t = trunk_spec(spec.transformer_class, spec.trunk)
         if transformer_cls is None:
             import diffusers
 
             transformer_cls = getattr(diffusers, spec.transformer_class)
         config = dict(spec.transformer_config)
-        total = int(config["num_layers"])
-        config["num_layers"] = spec_t.layers_to_build(spec.num_blocks, total)
+        if isinstance(spec_t, AdapterTrunk):
+            config.update(spec_t.layers(spec.num_blocks))
+        else:
+            config["num_layers"] = spec_t.layers_to_build(spec.num_blocks, int(config["num_layers"]))
         source = transformer_cls.from_config(config)
-        return cls(spec, _cut_trunk(source, spec.transformer_class, spec.num_blocks, copy_modules=False))
+        trunk = _cut_trunk(
+            source, spec.transformer_class, spec.num_blocks, copy_modules=False, kind=spec.trunk
+        )
+        return cls(spec, trunk)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """diffusers' attention-backend switch (``ModelMixin.set_attention_backend``) on the trunk's attention."""
+        from diffusers import ModelMixin
+
+        ModelMixin.set_attention_backend(self, backend)
+
+    def bind(self, model: FlowModel) -> None:
+        """Run an adapter trunk through ``model``'s ``velocity`` (set by :meth:`from_flow_model` and
+        :meth:`from_pretrained`; a parts trunk needs no model)."""
+        self._model = _Held(model)
+
+    def _bound(self) -> FlowModel:
+        model = self._model.model
+        if model is None:
+            raise ValueError(
+                f"latent reward: a {self.spec.transformer_class} trunk runs through its flow model; "
+                "load it with LatentRewardModel.from_pretrained(folder, model=...)"
+            )
+        return model
+
+    def _probed_unused(self) -> list[nn.Parameter]:
+        if self._unused is None:
+            self._unused = probe_unused(self.trunk["net"], self._trunk_spec, self._bound())
+        named = dict(self.trunk["net"].named_parameters())
+        return [named[name] for name in self._unused]
 
     def unused_parameters(self) -> list[nn.Parameter]:
         """Trunk parameters that cannot affect the scores (freeze them: DDP needs every trainable one used)."""
+        if isinstance(self._trunk_spec, AdapterTrunk):
+            return self._probed_unused()
         last = self.trunk["blocks"][-1]
         names = self._trunk_spec.unused_in_last(last)
         return [
@@ -335,7 +267,7 @@ class LatentRewardModel(nn.Module):
         Raises:
             ValueError: an unknown dimension, a non-finite mean or std, or std <= 0.
         """
-        self.spec.normalisation = _check_stats(stats, self.dimensions, "latent reward")
+        self.spec.normalisation = check_stats(stats, self.dimensions, "latent reward")
 
     def normalise(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """(r_k - mean_k) / std_k for each dimension in ``scores``."""
@@ -381,7 +313,12 @@ class LatentRewardModel(nn.Module):
                 f"latent reward: x_t has batch {b} but cond has {len(cond)} rows and t shape {tuple(t.shape)}"
             )
         cond = cond.to(device=x_t.device, dtype=dtype)
-        tokens, temb = self._trunk_spec.forward(self.trunk, x_t.to(dtype), t.to(dtype), cond)
+        if isinstance(self._trunk_spec, AdapterTrunk):
+            tokens, temb = self._trunk_spec.forward(
+                self.trunk["net"], self._bound(), x_t.to(dtype), t.to(dtype), cond
+            )
+        else:
+            tokens, temb = self._trunk_spec.forward(self.trunk, x_t.to(dtype), t.to(dtype), cond)
         tokens, temb = self.token_norm(tokens), self.temb_norm(temb)  # [B, N, D], [B, D]
         out_dtype = torch.promote_types(dtype, torch.float32)  # fp32 scores, fp64 for a fp64 model
         return {d: head(tokens, temb).to(out_dtype) for d, head in self.heads.items()}
@@ -457,8 +394,10 @@ class LatentRewardModel(nn.Module):
         spec = read_spec(path)
         if model is not None:
             check_spec_compatible(spec, model, source=str(path))
-        transformer_cls = type(model.transformer) if model is not None else None
+        transformer_cls = type(source_transformer(model)) if model is not None else None
         out = cls.from_spec(spec, transformer_cls=transformer_cls)
+        if model is not None:
+            out.bind(model)
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             raise LatentRewardLoadError(f"{path}: no {WEIGHTS_NAME} beside {CONFIG_NAME}")
@@ -478,56 +417,3 @@ class LatentRewardModel(nn.Module):
         saved = json.loads((path / CONFIG_NAME).read_text()).get("dtype", "float32")
         out = out.to(device=device, dtype=dtype or getattr(torch, saved, torch.float32))
         return out.eval().requires_grad_(False)
-
-
-def read_spec(path: str | os.PathLike) -> LatentRewardSpec:
-    """Read and validate ``latent_reward.json`` of a saved model folder."""
-    path = Path(path)
-    file = path / CONFIG_NAME
-    data = read_tagged_json(
-        file,
-        FORMAT,
-        error=LatentRewardLoadError,
-        version=FORMAT_VERSION,
-        missing=f"no {CONFIG_NAME} inside ({path} is not a latent reward model folder)",
-    )
-    try:
-        norm = data.get("normalisation")
-        spec = LatentRewardSpec(
-            family=str(data["family"]),
-            transformer_class=str(data["transformer_class"]),
-            transformer_config=dict(data["transformer_config"]),
-            num_blocks=int(data["num_blocks"]),
-            dimensions=_check_dimensions(data["dimensions"]),
-            head_hidden=int(data.get("head_hidden", 128)),
-            normalisation=None if norm is None else {d: (float(m), float(s)) for d, (m, s) in norm.items()},
-            metadata=dict(data.get("metadata") or {}),
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise LatentRewardLoadError(f"{file}: invalid entry ({type(err).__name__}: {err})") from err
-    if spec.transformer_class not in _TRUNKS:
-        raise LatentRewardLoadError(
-            f"{file}: transformer_class {spec.transformer_class!r} is not supported; supported: {supported_transformers()}"
-        )
-    return spec
-
-
-def check_spec_compatible(spec: LatentRewardSpec, model: FlowModel, *, source: str) -> None:
-    """Raise :class:`LatentRewardLoadError` if ``spec`` was built for another family or transformer."""
-    if spec.family != model.family:
-        raise LatentRewardLoadError(
-            f"{source}: latent reward was trained for family {spec.family!r}, but the model is family {model.family!r}"
-        )
-    class_name = type(model.transformer).__name__
-    if spec.transformer_class != class_name:
-        raise LatentRewardLoadError(
-            f"{source}: latent reward reads a {spec.transformer_class} trunk, but the model's transformer is a "
-            f"{class_name} (an image guide for a video model or the reverse)"
-        )
-    current = _plain_config(model.transformer.config)
-    for key, value in spec.transformer_config.items():
-        if key != "num_layers" and key in current and current[key] != value:
-            raise LatentRewardLoadError(
-                f"{source}: transformer config {key!r} is {value!r} in the latent reward but {current[key]!r} "
-                "in the model"
-            )

@@ -219,11 +219,13 @@ def latent_reward_guidance(
     num_samples_per_prompt: int = 1,
     t_max: float = 0.98,
     step_range: tuple[float, float] | None = None,
+    cond: PromptEmbeds | None = None,
 ) -> VelocityTransform:
     """Flow-NRG with a latent reward model, ready for ``FlowPipeline(..., velocity_transforms=[...])``.
 
     Pass the same ``prompts`` and ``num_samples_per_prompt`` as to the pipeline. With strength 0 or
-    all weights 0 the transform is the identity (the unguided sampler exactly).
+    all weights 0 the transform is the identity (the unguided sampler exactly). ``cond`` (one row per
+    sample) replaces encoding the prompts: an image-conditioned family's embeddings with their images.
 
     Raises:
         ValueError: bad strength, t_max, step_range, or a weight naming an unknown dimension.
@@ -234,7 +236,8 @@ def latent_reward_guidance(
     reward_model.check_compatible(model)
     if strength == 0 or all(w == 0 for w in weights.values()):
         return lambda v_fn: v_fn
-    cond = _encode(model, prompts, num_samples_per_prompt)
+    if cond is None:
+        cond = _encode(model, prompts, num_samples_per_prompt)
     reward_fn = latent_reward_fn(reward_model, cond, weights)
     return reward_guidance(reward_fn, strength=strength, t_max=t_max, step_range=step_range)
 

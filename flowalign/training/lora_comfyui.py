@@ -1,4 +1,5 @@
-"""Convert a diffusers-format Wan LoRA into the original Wan key layout that ComfyUI loads.
+"""Convert a diffusers-format LoRA into the key layout ComfyUI loads (Wan here; FLUX.2, Qwen-Image and
+Z-Image in :mod:`flowalign.training.lora_comfyui_families`).
 
 ComfyUI reads SD3 and FLUX LoRAs in diffusers' own format (``transformer.<module>.lora_A.weight``), so
 flowalign's export loads there as written. Wan models in ComfyUI keep the module names of the original
@@ -28,7 +29,14 @@ import torch
 from flowalign.files import atomic_write
 from flowalign.models.lora import _METADATA_KEY, LORA_WEIGHT_NAME
 
-__all__ = ["WAN_BLOCK_NAMES", "WAN_TOP_NAMES", "convert_wan_lora_to_comfyui", "wan_lora_to_comfyui"]
+__all__ = [
+    "WAN_BLOCK_NAMES",
+    "WAN_TOP_NAMES",
+    "comfyui_families",
+    "convert_lora_to_comfyui",
+    "convert_wan_lora_to_comfyui",
+    "wan_lora_to_comfyui",
+]
 
 # diffusers module path inside a Wan block -> original Wan path
 WAN_BLOCK_NAMES = {
@@ -79,9 +87,7 @@ def _adapter_settings(metadata: dict[str, str] | None, source: str) -> tuple[int
     config = json.loads(metadata[_METADATA_KEY])
     config = {k.removeprefix("transformer."): v for k, v in config.items()}
     if config.get("use_dora") or config.get("use_rslora"):
-        raise ValueError(
-            f"{source}: DoRA and rsLoRA adapters have no equivalent in the original Wan LoRA layout"
-        )
+        raise ValueError(f"{source}: DoRA and rsLoRA adapters have no equivalent in ComfyUI's LoRA layout")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ValueError(f"{source}: per-layer rank_pattern/alpha_pattern cannot be converted")
     return int(config["r"]), float(config["lora_alpha"])
@@ -107,8 +113,35 @@ def wan_lora_to_comfyui(
     return out
 
 
+def _converters() -> dict:
+    from flowalign.training.lora_comfyui_families import COMFYUI_CONVERTERS
+
+    return {"wan": wan_lora_to_comfyui, "wan-i2v": wan_lora_to_comfyui, **COMFYUI_CONVERTERS}
+
+
+def comfyui_families() -> list[str]:
+    """Families whose LoRAs :func:`convert_lora_to_comfyui` converts (SD3 and FLUX.1 load as exported)."""
+    return sorted(_converters())
+
+
 def convert_wan_lora_to_comfyui(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Convert ``src`` (a diffusers LoRA file or its folder) to a ComfyUI Wan LoRA file at ``dst`` (atomically)."""
+    return convert_lora_to_comfyui(src, dst, family="wan")
+
+
+def convert_lora_to_comfyui(src: str | os.PathLike, dst: str | os.PathLike, *, family: str) -> Path:
+    """Convert ``src`` (a diffusers LoRA file or its folder) of ``family`` to ComfyUI's layout at ``dst``.
+
+    Raises:
+        ValueError: a family without a ComfyUI layout here (names the ones with one), or a LoRA the
+            layout cannot express (a module without a counterpart, DoRA, per-layer ranks).
+    """
+    converters = _converters()
+    if family not in converters:
+        raise ValueError(
+            f"no ComfyUI LoRA layout for family {family!r} here; converted: {sorted(converters)} "
+            "(SD3 and FLUX.1 LoRAs load in ComfyUI as exported)"
+        )
     src = Path(src)
     if src.is_dir():
         folder, src = src, src / LORA_WEIGHT_NAME
@@ -127,7 +160,7 @@ def convert_wan_lora_to_comfyui(src: str | os.PathLike, dst: str | os.PathLike) 
     except safetensors.SafetensorError as err:
         raise ValueError(f"{src} is not a readable safetensors file ({err}); export the LoRA again") from None
     rank, alpha = _adapter_settings(metadata, str(src))
-    converted = wan_lora_to_comfyui(state, rank=rank, alpha=alpha, source=str(src))
+    converted = converters[family](state, rank=rank, alpha=alpha, source=str(src))
     dst = Path(dst)
     with atomic_write(dst) as tmp:
         safetensors.torch.save_file(converted, str(tmp), metadata={"format": "pt"})

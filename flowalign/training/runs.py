@@ -403,7 +403,9 @@ def latent_reward_dataset(run: LatentRewardRun) -> Dataset:
         return PreferenceItems(load_preference_dataset(path))
     dims = run.reward.dimensions
     media, prompts, scores = _read_candidates(path, list(dims), finite=False)
-    pairs = pairs_within_groups(prompts, max_pairs_per_group=run.max_pairs_per_prompt)
+    conditions, images = load_candidate_conditions(path)
+    groups = prompts if conditions is None else list(zip(prompts, conditions, strict=True))
+    pairs = pairs_within_groups(groups, max_pairs_per_group=run.max_pairs_per_prompt)
     if not pairs:
         raise DataError(path, "no two candidates share a prompt, so no pairs can be built")
     return _MediaPairs(
@@ -413,27 +415,33 @@ def latent_reward_dataset(run: LatentRewardRun) -> Dataset:
             {d: torch.tensor(v) for d, v in scores.items()},
             pairs,
             tie_margin=run.reward.tie_margin,
-        )
+        ),
+        conditions=conditions,
+        images=images,
     )
 
 
 class _MediaPairs(Dataset):
-    """:class:`ScoredPairs` over pixels: items carry ``media_w``/``media_l`` (encoded by the method)."""
+    """:class:`ScoredPairs` over pixels: items carry ``media_w``/``media_l`` (encoded by the method), and
+    the pair's condition image (``condition``, shared: pairs are drawn within one prompt and image)."""
 
-    def __init__(self, pairs: Dataset):
-        self.pairs = pairs
+    def __init__(self, pairs: Dataset, *, conditions: list[str] | None = None, images: dict | None = None):
+        self.pairs, self.conditions, self.images = pairs, conditions, images or {}
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict:
         item = self.pairs[i]
-        return {
+        out = {
             "prompt": item["prompt"],
             "media_w": item.pop("latents_w"),
             "media_l": item.pop("latents_l"),
             "labels": item["labels"],
         }
+        if self.conditions is not None:
+            out["condition"] = self.images[self.conditions[self.pairs.pairs[i][0]]]
+        return out
 
     def prompts(self) -> list[str]:
         return [self.pairs.prompts[i] for i, _ in self.pairs.pairs]

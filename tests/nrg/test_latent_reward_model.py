@@ -15,6 +15,7 @@ from flowalign.rewards.latent import (
     CONFIG_NAME,
     LatentRewardLoadError,
     LatentRewardModel,
+    LatentRewardSpec,
     supported_transformers,
 )
 
@@ -146,7 +147,16 @@ def test_bad_folders_and_arguments_give_clear_errors(tmp_path, toy_image, tiny_m
         guide.set_normalisation({"mq": (0.0, 1.0)})
     with pytest.raises(ValueError, match="std > 0"):
         guide.set_normalisation({"vq": (0.0, 0.0)})
-    flux = load_flow_model(tiny_model_dir("flux"))
-    with pytest.raises(ValueError, match="FluxTransformer2DModel.*supported"):
-        LatentRewardModel.from_flow_model(flux, dimensions=("vq",))
-    assert supported_transformers() == ["SD3Transformer2DModel", "WanTransformer3DModel"]
+    unknown = LatentRewardSpec("toy", "UNetLikeModel", {}, 1, ("vq",))
+    with pytest.raises(ValueError, match="no trunk for transformer class 'UNetLikeModel'; supported"):
+        LatentRewardModel.from_spec(unknown)
+    assert supported_transformers() == [
+        "Flux2Transformer2DModel",
+        "FluxTransformer2DModel",
+        "HunyuanVideo15Transformer3DModel",
+        "LTX2VideoTransformer3DModel",
+        "QwenImageTransformer2DModel",
+        "SD3Transformer2DModel",
+        "WanTransformer3DModel",
+        "ZImageTransformer2DModel",
+    ]

@@ -1,5 +1,7 @@
 """The planner knows the published sizes of FLUX.2 (dev, klein 4B/9B), Qwen-Image and Z-Image and their
-text encoders; it refuses, with one clear line, to predict their activations (not modelled yet)."""
+text encoders; it plans FLUX.2 and Qwen-Image (block activations in flowalign/planning/activations.py,
+checked against autograd in test_activations.py) and refuses, with one clear line, to predict Z-Image's
+activations (not modelled yet)."""
 
 from __future__ import annotations
 
@@ -44,15 +46,24 @@ def test_token_geometry_of_the_new_families() -> None:
     assert get_architecture("z-image").hidden == 3840
 
 
-def test_plan_refuses_with_one_line(tmp_path, capsys) -> None:
-    with pytest.raises(ValueError, match="activation memory of flux2 blocks is not modelled yet"):
-        plan(Recipe("flux2-dev"))
-    cfg = tmp_path / "qwen.yaml"
-    cfg.write_text("model: Qwen/Qwen-Image\ndpo: {}\nlora: {rank: 16}\n")
-    assert recipe_from_yaml(cfg).model == "qwen-image"
+@pytest.mark.parametrize("name", ["flux2-dev", "qwen-image"])
+def test_flux2_and_qwen_image_plan(name) -> None:
+    small, large = (plan(Recipe(name, height=s, width=s)).phases["training step"] for s in (512, 1024))
+    # 4x the image tokens (1024 -> 4096) with the 512 text tokens unchanged: more than 2x, under 4x
+    assert 2 * small["activations"] < large["activations"] < 4 * small["activations"]
+
+
+def test_z_image_plan_refuses_with_one_line(tmp_path, capsys) -> None:
+    with pytest.raises(ValueError, match="activation memory of z-image blocks is not modelled yet"):
+        plan(Recipe("z-image"))
+    with pytest.raises(ValueError, match="qwen-image-edit-plus: the activation memory of the edit models"):
+        plan(Recipe("qwen-image-edit-plus"))  # the condition image's tokens are not counted yet
+    cfg = tmp_path / "z.yaml"
+    cfg.write_text("model: Tongyi-MAI/Z-Image\ndpo: {}\nlora: {rank: 16}\n")
+    assert recipe_from_yaml(cfg).model == "z-image"
     assert plan_main([str(cfg)]) == 2
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith("error: qwen-image: the activation memory of qwen-image")
+    assert len(out) == 1 and out[0].startswith("error: z-image: the activation memory of z-image")
 
 
 def test_qwen_image_edit_hub_ids_and_encoder(tmp_path) -> None:

@@ -40,6 +40,7 @@ from flowalign.data.batches import MediaBatch, PromptBatch
 from flowalign.models.base import FlowModel, PromptEmbeds
 from flowalign.objectives.fdistill import fake_score_loss
 from flowalign.training.method import Method, StepContext
+from flowalign.training.methods.onestep_teachers import refuse_two_experts
 
 __all__ = [
     "TEACHER_DTYPES",
@@ -196,6 +197,7 @@ class OneStepDistillation(Method):
     """
 
     def __init__(self, teacher: FlowModel, config: OneStepConfig) -> None:
+        refuse_two_experts(teacher)
         self.teacher, self.common = teacher, config
         for module in teacher.modules().values():
             module.requires_grad_(False).eval()
