@@ -102,8 +102,22 @@ def train_dpo(
     beta: Annotated[float | None, typer.Option(help="DPO beta (mean-reduced errors).")] = None,
     no_t5: NoT5Opt = False,
     resume: ResumeOpt = False,
+    online: Annotated[
+        bool,
+        typer.Option(
+            "--online",
+            help="Iterative Flow-DPO: --data is a prompt spec (toy:train or a prompt file) and pairs are "
+            "sampled from the current policy every online.regenerate_every steps (--set rewards=[toy]).",
+        ),
+    ] = False,
 ) -> None:
     """Flow-DPO preference fine-tuning (LoRA by default; --set lora=null for a full fine-tune)."""
+    if online:
+        from flowalign.training.online_dpo_run import OnlineDPORun, run_online_dpo
+
+        overrides = {"model": model, "prompts": data, "dpo.beta": beta}
+        _run_training(OnlineDPORun, run_online_dpo, config, set_, resume, overrides, out=out, steps=steps)
+        return
     from flowalign.training.runs import DPORun, run_dpo
 
     overrides = {"model": model, "data": data, "dpo.beta": beta, "drop_t5": no_t5 or None}
