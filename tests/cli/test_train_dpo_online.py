@@ -49,3 +49,14 @@ def test_train_dpo_online_names_a_bad_option(tiny_toy, tmp_path):
     res = runner.invoke(app, _args(tiny_toy, tmp_path / "bad", 1, "--set", "online.reference=moving"))
     assert res.exit_code != 0
     assert "online.reference" in res.output and "Traceback" not in res.output
+
+
+def test_online_recipe_loads():
+    from flowalign.config import load_config
+    from flowalign.training.online_dpo_run import OnlineDPORun
+
+    run = load_config(OnlineDPORun, BASE.parents[2] / "configs" / "toy_online_dpo.yaml", ["model=/tmp/model"])
+    assert (
+        run.online.regenerate_every == 10 and run.online.prompts_per_round * run.online.num_candidates == 320
+    )
+    assert run.train.max_steps // run.online.regenerate_every * 320 == 1280
