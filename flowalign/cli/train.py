@@ -113,7 +113,7 @@ def train_dpo(
 ) -> None:
     """Flow-DPO preference fine-tuning (LoRA by default; --set lora=null for a full fine-tune)."""
     if online:
-        from flowalign.training.online_dpo_run import OnlineDPORun, run_online_dpo
+        from flowalign.workflows.online_dpo_run import OnlineDPORun, run_online_dpo
 
         overrides = {"model": model, "prompts": data, "dpo.beta": beta}
         _run_training(OnlineDPORun, run_online_dpo, config, set_, resume, overrides, out=out, steps=steps)

@@ -27,7 +27,7 @@ from flowalign.rewards.toy import ToyOracleReward
 from flowalign.toy.world import toy_prompts
 from flowalign.training.loop import train
 from flowalign.training.methods.dpo import DPOConfig
-from flowalign.training.methods.online_dpo import OnlineDPOConfig, OnlineFlowDPO
+from flowalign.workflows.online_dpo import OnlineDPOConfig, OnlineFlowDPO
 
 __all__ = ["online_config", "train_toy_online_dpo"]
 

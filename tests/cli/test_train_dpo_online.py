@@ -53,7 +53,7 @@ def test_train_dpo_online_names_a_bad_option(tiny_toy, tmp_path):
 
 def test_online_recipe_loads():
     from flowalign.config import load_config
-    from flowalign.training.online_dpo_run import OnlineDPORun
+    from flowalign.workflows.online_dpo_run import OnlineDPORun
 
     run = load_config(OnlineDPORun, BASE.parents[2] / "configs" / "toy_online_dpo.yaml", ["model=/tmp/model"])
     assert (

@@ -14,7 +14,7 @@ from flowalign.data.media import load_media
 from flowalign.models import load_flow_model
 from flowalign.training.loop import train
 from flowalign.training.methods.dpo import DPOConfig
-from flowalign.training.methods.online_dpo import OnlineDPOConfig, OnlineFlowDPO, round_prompt_indices
+from flowalign.workflows.online_dpo import OnlineDPOConfig, OnlineFlowDPO, round_prompt_indices
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,7 +2,7 @@
 
 Prompts and rewards are given as for ``flowalign train grpo`` (:mod:`flowalign.training.grpo_run`);
 the pairs are sampled by the run itself, every ``online.regenerate_every`` steps, from the current
-policy (:mod:`flowalign.training.methods.online_dpo`).
+policy (:mod:`flowalign.workflows.online_dpo`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from flowalign.config import LoraConfig, TrainConfig
 from flowalign.training.loop import TrainResult, train
 from flowalign.training.methods.dpo import DPOConfig
-from flowalign.training.methods.online_dpo import OnlineDPOConfig, OnlineFlowDPO, RoundSlots
+from flowalign.workflows.online_dpo import OnlineDPOConfig, OnlineFlowDPO, RoundSlots
 
 __all__ = ["OnlineDPORun", "prepare_online_dpo", "run_online_dpo"]
 
