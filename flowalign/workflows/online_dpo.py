@@ -65,7 +65,9 @@ class OnlineDPOConfig:
     prompts_per_round: int = 64
     """M prompts sampled each round (0: every prompt each round)."""
     reference: Literal["fixed", "refresh"] = "fixed"
-    """"fixed": the base model all along; "refresh": the policy as it was at the start of the round."""
+    """"fixed": the base model all along; "refresh": the policy as it was at the start of the round (a copy
+    of the trainable weights is kept and checkpointed: the LoRA adapters, or the whole transformer for a
+    full fine-tune)."""
     guidance_scale: float | None = None
     """CFG of the candidates (null: the model's default)."""
     num_inference_steps: int | None = None
