@@ -27,6 +27,8 @@ downloaded, text encoders and VAE skipped by feeding random latents and cached r
   transformer, ``flowalign.sampling.nrg``) vs without: ms/image and the per-step overhead.
 - **B5** CDT-small encode/decode frames/s vs diffusers' ``AutoencoderKLWan`` on the same clip
   (``benchmarks/cdt.py``).
+- **GRPO** one Flow-GRPO step (LoRA, K SDE samples with CFG at 512x512, then the clipped surrogate and
+  KL, forward and backward): a random window of 2 trained steps vs all 10 (``benchmarks/gpu_check_grpo.py``).
 
 Every section is guarded: an exception fills its remaining rows with the error and the run goes on.
 ``--budget-s`` bounds the whole run: a section (or the compile rows) that would not fit in what is
@@ -66,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from gpu_check_grpo import ROW as GRPO_ROW  # noqa: E402
 from harness import interleaved, time_fn  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ settings
@@ -131,7 +134,7 @@ TINY = Settings(
     compile_min_s=0.0,
 )  # fmt: skip
 
-SECTIONS = ("b1", "mem", "b2", "b4", "b5", "compile")
+SECTIONS = ("b1", "mem", "b2", "b4", "b5", "grpo", "compile")
 """Run order: the eager rows first, the regional-compile rows (slowest to start) last."""
 
 ROWS: dict[str, list[str]] = {
@@ -149,6 +152,7 @@ ROWS: dict[str, list[str]] = {
         "B4 {steps}-step + latent Flow-NRG",
     ],
     "b5": ["B5 CDT encode vs Wan VAE", "B5 CDT decode vs Wan VAE"],
+    "grpo": [GRPO_ROW],
     "compile": [
         "B1 Flow-DPO LoRA r{rank}, regional compile",
         "B1 Flow-DPO full fine-tune, regional compile",
@@ -909,12 +913,20 @@ def section_b5(env: Env, report: Report, state: dict) -> None:
     cleanup()
 
 
+def section_grpo(env: Env, report: Report, state: dict) -> None:
+    """The GRPO row (``benchmarks/gpu_check_grpo.py``)."""
+    import gpu_check_grpo
+
+    gpu_check_grpo.section_grpo(env, report, state, build_model=build_model, row_cls=Row)
+
+
 SECTION_FNS = {
     "b1": section_b1,
     "mem": section_mem,
     "b2": section_b2,
     "b4": section_b4,
     "b5": section_b5,
+    "grpo": section_grpo,
     "compile": section_compile,
 }
 

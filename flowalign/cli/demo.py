@@ -17,7 +17,10 @@ def demo(
         "runs/demo"
     ),
     stages: Annotated[
-        str, typer.Option(help="Comma-separated stages: base, dpo, nrg, onestep (base always runs).")
+        str,
+        typer.Option(
+            help="Comma-separated stages: base, dpo, nrg, onestep, and grpo on request (base always runs)."
+        ),
     ] = "base,dpo,nrg,onestep",
     samples: Annotated[int, typer.Option(help="Held-out samples per evaluated model.")] = 256,
     base_steps: Annotated[

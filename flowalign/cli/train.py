@@ -78,9 +78,14 @@ def _run_training(
     typer.echo(f"trained {result.step} steps; model in {where}")
 
 
+RUN_KEY = "__run__"
+"""A command's shortcuts may name another (run config, runner) pair under this key (``train dpo --online``)."""
+
+
 def _train_command(name: str, run_config: str, runner: str) -> Callable[[Callable[..., dict]], Any]:
     """Register ``flowalign train <name>`` from a function that declares the command's own shortcut options
-    and returns them as ``{config key: value}`` (None: not given).
+    and returns them as ``{config key: value}`` (None: not given; :data:`RUN_KEY`: another run config
+    and runner, module:name each).
 
     The options every command has are added here: ``--config``, ``--set`` and ``--help-config`` (of the
     run config dataclass ``run_config``, "module:Name") before the function's own, ``--out``, ``--steps``
@@ -102,9 +107,11 @@ def _train_command(name: str, run_config: str, runner: str) -> Callable[[Callabl
             common = {
                 key: options.pop(key) for key in ("config", "set_", "help_config", "out", "steps", "resume")
             }
+            keys = shortcuts(**options)
+            config_spec, runner_spec = keys.pop(RUN_KEY, (run_config, runner))
             _run_training(
-                _load(run_config), _load(runner), common["config"], common["set_"], common["resume"],
-                shortcuts(**options), out=common["out"], steps=common["steps"],
+                _load(config_spec), _load(runner_spec), common["config"], common["set_"], common["resume"],
+                keys, out=common["out"], steps=common["steps"],
             )  # fmt: skip
 
         command.__signature__ = inspect.Signature([*head, *own, *tail])
@@ -135,8 +142,20 @@ def train_dpo(
     data: _opt(str, "pairs.jsonl, VideoAlign csv or Pick-a-Pic parquet.") = None,
     beta: _opt(float, "DPO beta (mean-reduced errors).") = None,
     no_t5: NoT5Opt = False,
+    online: Annotated[
+        bool,
+        typer.Option(
+            "--online",
+            help="Iterative Flow-DPO: --data is a prompt spec (toy:train or a prompt file) and pairs are "
+            "sampled from the current policy every online.regenerate_every steps (--set rewards=[toy]).",
+        ),
+    ] = False,
 ) -> dict[str, object]:
     """Flow-DPO preference fine-tuning (LoRA by default; --set lora=null for a full fine-tune)."""
+    if online:
+        online_run = "flowalign.workflows.online_dpo_run"
+        run = (f"{online_run}:OnlineDPORun", f"{online_run}:run_online_dpo")
+        return {RUN_KEY: run, "model": model, "prompts": data, "dpo.beta": beta}
     return {"model": model, "data": data, "dpo.beta": beta, "drop_t5": no_t5 or None}
 
 

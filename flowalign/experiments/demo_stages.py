@@ -6,7 +6,8 @@
   oracles (``flowalign.experiments.toy_alignment``);
 - ``nrg``: Flow-NRG, the base sampled with the gradient of a noise-aware latent reward distilled from
   the oracles on the same base samples plus counterfactual renders (``flowalign.experiments.toy_nrg``);
-- ``onestep``: a one-step student distilled from the base with f-distill (``toy_onestep``).
+- ``onestep``: a one-step student distilled from the base with f-distill (``toy_onestep``);
+- ``grpo`` (not in the default set): Flow-GRPO, online RL with the oracles as the reward (``toy_grpo``).
 """
 
 from __future__ import annotations
@@ -216,6 +217,40 @@ def stage_onestep(config, ctx: DemoContext) -> None:
             f"distilled now: f-distill (JS) from the base with CFG {config.guidance_scale:g}, "
             f"{config.onestep_steps} steps of {config.onestep_batch_size}",
             _sampling(config, steps=1),
+            time.perf_counter() - start,
+        )
+    )
+
+
+def stage_grpo(config, ctx: DemoContext) -> None:
+    """Flow-GRPO (LoRA) on the training prompts with the oracles' mix, K fresh SDE samples per prompt a step."""
+    from flowalign.experiments.toy_grpo import GRPOBudget, train_toy_grpo
+    from flowalign.training.methods.grpo import GRPOConfig
+
+    start = time.perf_counter()
+    budget = GRPOBudget(
+        steps=config.grpo_steps, prompts_per_step=config.grpo_prompts_per_step,
+        num_samples=config.grpo_samples, num_inference_steps=config.grpo_inference_steps,
+        guidance_scale=config.guidance_scale, lr=config.grpo_lr,
+    )  # fmt: skip
+    grpo = GRPOConfig(
+        num_samples=config.grpo_samples, num_inference_steps=config.grpo_inference_steps,
+        guidance_scale=config.guidance_scale, window="random", window_size=config.grpo_window,
+    )  # fmt: skip
+    model_dir = train_toy_grpo(
+        ctx.base_dir, ctx.out_dir / "grpo", budget, grpo, weights=config.grpo_weights, progress=False
+    )
+    ctx.models["flow-grpo"] = model_dir
+    mix = " + ".join(f"{w:g} {d}" for d, w in config.grpo_weights.items())
+    ctx.report.add(
+        DemoRow(
+            "flow-grpo",
+            evaluate(config, model_dir),
+            f"trained now: Flow-GRPO (LoRA r{budget.lora.rank}, η {grpo.eta:g}, β_KL {grpo.kl_beta:g}), "
+            f"{config.grpo_steps} steps of {config.grpo_prompts_per_step} prompts x K = {config.grpo_samples} "
+            f"SDE samples ({config.grpo_inference_steps} steps, {config.grpo_window} trained), lr "
+            f"{config.grpo_lr:g}, reward {mix} from the oracles",
+            _sampling(config),
             time.perf_counter() - start,
         )
     )

@@ -35,7 +35,13 @@ from flowalign.training.loop import train
 from flowalign.training.methods.dpo import DPOConfig
 from flowalign.training.methods.grpo import FlowGRPO, GRPOConfig, PromptItems
 
-__all__ = ["GRPOBudget", "paired_difference", "run_toy_grpo_experiment", "train_toy_grpo"]
+__all__ = [
+    "GRPOBudget",
+    "evaluate_against_base",
+    "paired_difference",
+    "run_toy_grpo_experiment",
+    "train_toy_grpo",
+]
 
 WEIGHTS = {"ta": 1.0, "vq": 1.0}
 
@@ -66,11 +72,13 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return float(d.mean()), float(d.std(unbiased=True) / math.sqrt(d.numel()))
 
 
-def train_toy_grpo(base_dir, out_dir, budget: GRPOBudget, grpo: GRPOConfig, *, progress=True) -> Path:
-    """Flow-GRPO (LoRA) with the oracles' ta + vq mix; returns the merged model folder."""
+def train_toy_grpo(
+    base_dir, out_dir, budget: GRPOBudget, grpo: GRPOConfig, *, weights: dict | None = None, progress=True
+) -> Path:
+    """Flow-GRPO (LoRA) with the oracles' mix (default ta + vq); returns the merged model folder."""
     out_dir = Path(out_dir)
     torch.manual_seed(budget.seed)
-    combiner = RewardCombiner([ToyOracleReward()], WEIGHTS)
+    combiner = RewardCombiner([ToyOracleReward()], weights or WEIGHTS)
     method = FlowGRPO(load_flow_model(base_dir), combiner.score, grpo, lora=budget.lora)
     cfg = TrainConfig(
         output_dir=out_dir, seed=budget.seed, max_steps=budget.steps, batch_size=budget.prompts_per_step,
@@ -89,6 +97,17 @@ def _evaluate(model_dir, budget: GRPOBudget) -> dict[str, torch.Tensor]:
         num_inference_steps=budget.num_inference_steps,
     )  # fmt: skip
     return {k: v for k, v in ev.scores.items() if k in ("ta", "vq", "all_correct")}
+
+
+def evaluate_against_base(base_dir, model_dir, budget: GRPOBudget) -> dict[str, dict[str, float]]:
+    """Held-out scores of ``model_dir`` and their paired difference to the base's (same prompts, seeds):
+    ``{dim: {"mean", "diff", "se"}}``."""
+    base, scores = _evaluate(base_dir, budget), _evaluate(model_dir, budget)
+    out = {}
+    for dim, v in scores.items():
+        diff, se = paired_difference(v, base[dim])
+        out[dim] = {"mean": float(v.double().mean()), "diff": diff, "se": se}
+    return out
 
 
 def run_toy_grpo_experiment(

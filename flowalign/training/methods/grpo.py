@@ -17,9 +17,10 @@ Each optimizer step, for the prompts of the micro-batch (docs/algorithms.md 1E, 
 Every random number (initial noise, the SDE's step noise, the random window) is drawn through the
 step context from (seed, step, sample id), with sample id = prompt index · K + k. A run therefore
 resumes exactly from the step number alone (the sampling RNG included), and each process samples its
-own prompts with the same numbers as a single process would. Each step samples afresh, so θ_old = θ
-at the update: ρ = 1 and the clipped surrogate's gradient is the plain policy gradient; the clip
-and the ratio metrics matter when several updates reuse one sample, which this method does not do.
+own prompts with the same numbers as a single process would. By default each step samples afresh, so
+θ_old = θ at the update: ρ = 1 and the clipped surrogate's gradient is the plain policy gradient. With
+``updates_per_batch`` = μ > 1, μ optimizer steps share one sampled batch: the later ones see ρ ≠ 1 and
+the clip acts; the samples of a cycle under way are part of the checkpointed method state.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from flowalign.data.batches import PromptBatch
 from flowalign.models.base import FlowModel
 from flowalign.objectives.grpo import gaussian_mean_kl, group_advantages, grpo_clipped_loss
 from flowalign.sampling.guidance import model_velocity_fn
-from flowalign.sampling.sde import sample_sde, sde_step_log_prob, sde_step_mean_std
+from flowalign.sampling.sde import SDETrajectory, sample_sde, sde_step_log_prob, sde_step_mean_std
 from flowalign.training.method import Method, StepContext, sample_seed
 from flowalign.training.methods.common import FrozenReference, TransformerPolicy, freeze_all_but_transformer
 
@@ -85,6 +86,11 @@ class GRPOConfig:
     """Per-step log-probabilities and KL as a per-element mean (Flow-GRPO) or the exact sum."""
     reward_batch_size: int = 64
     """Samples per reward call."""
+    updates_per_batch: int = 1
+    """μ: optimizer steps on each sampled batch. 1 samples afresh every step (on-policy, ρ = 1); with μ > 1
+    steps k·μ sample and steps k·μ + 1 .. k·μ + μ - 1 reuse those trajectories, their advantages and
+    their old log-probabilities, so ρ moves away from 1 and the PPO clip acts (the loop's batches of
+    those steps are not used)."""
     height: int | None = None
     """Sample height (null: the model's default)."""
     width: int | None = None
@@ -104,6 +110,7 @@ class GRPOConfig:
             (self.clip_range > 0, "clip_range", "must be > 0"),
             (self.kl_beta >= 0, "kl_beta", "must be >= 0"),
             (self.reward_batch_size >= 1, "reward_batch_size", "must be >= 1"),
+            (self.updates_per_batch >= 1, "updates_per_batch", "must be >= 1"),
         ]
         for ok, key, why in checks:
             if not ok:
@@ -154,6 +161,7 @@ class FlowGRPO(TransformerPolicy, Method):
         self.lora = lora
         freeze_all_but_transformer(model, lora)
         self.reference = FrozenReference(model.transformer, model.compute_dtype)
+        self._reuse: dict[int, dict] = {}  # micro-step -> the samples of the current reuse cycle
 
     def collate(self, items: list[dict]) -> PromptBatch:
         return PromptBatch.collate(items)
@@ -252,24 +260,56 @@ class FlowGRPO(TransformerPolicy, Method):
         kl_value = torch.stack(kls).mean() if kls else torch.zeros((), device=ctx.device)
         return torch.stack(losses).mean(), {**metric_sums, "kl": kl_value}
 
-    def compute_loss(self, batch: PromptBatch, ctx: StepContext, group: str):
+    def _sampled_batch(self, batch: PromptBatch, ctx: StepContext) -> dict:
+        """This micro-batch's sampled trajectories: sampled now at a cycle's first step, else the stored ones."""
         cfg = self.config
-        k = cfg.num_samples
-        batch = PromptBatch.coerce(batch)
+        mu, k = cfg.updates_per_batch, cfg.num_samples
+        if ctx.step % mu:
+            stored = self._reuse.get(ctx.micro_step)
+            if stored is None or stored["step"] != ctx.step - ctx.step % mu:
+                raise RuntimeError(
+                    f"grpo: step {ctx.step} reuses the samples of step {ctx.step - ctx.step % mu}, which this "
+                    "process does not hold (resume several processes at a multiple of grpo.updates_per_batch)"
+                )
+            return stored
         prompts = [p for p in batch.prompt for _ in range(k)]
         sample_ids = [int(i) * k + j for i in batch.index.tolist() for j in range(k)]
-        window = training_window(cfg, ctx.step, ctx.seed)
+        traj, ts, scores = self.sample(prompts, sample_ids, ctx, training_window(cfg, ctx.step, ctx.seed))
+        adv = group_advantages(scores["overall"], k, scale=cfg.advantage_scale, clip=cfg.advantage_clip)
+        sampled = {"step": ctx.step, "traj": traj, "ts": ts, "adv": adv, "prompts": prompts, "scores": scores}
+        if mu > 1:
+            self._reuse[ctx.micro_step] = sampled
+        return sampled
+
+    def compute_loss(self, batch: PromptBatch, ctx: StepContext, group: str):
+        k = self.config.num_samples
+        batch = PromptBatch.coerce(batch)
         was_training = self.model.transformer.training
         self.model.transformer.eval()  # sampling and the update see the same network
         try:
-            traj, ts, scores = self.sample(prompts, sample_ids, ctx, window)
-            adv = group_advantages(scores["overall"], k, scale=cfg.advantage_scale, clip=cfg.advantage_clip)
-            loss, metrics = self.policy_loss(traj, ts, adv, prompts, ctx)
+            s = self._sampled_batch(batch, ctx)
+            loss, metrics = self.policy_loss(s["traj"], s["ts"], s["adv"], s["prompts"], ctx)
         finally:
             self.model.transformer.train(was_training)
+        scores = s["scores"]
         rewards = {f"reward_{k_}": v.mean() for k_, v in scores.items() if v.ndim == 1}
         group_std = scores["overall"].reshape(-1, k).std(1, unbiased=False).mean()
         return loss, {**metrics, **rewards, "reward_group_std": group_std}
+
+    def state_dict(self) -> dict:
+        """The stored samples of a reuse cycle (``updates_per_batch`` > 1), when one is under way."""
+        return (
+            {"reuse": {m: {**s, "traj": vars(s["traj"])} for m, s in self._reuse.items()}}
+            if self._reuse
+            else {}
+        )
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) - {"reuse"}:
+            raise ValueError(f"grpo: a checkpoint state with keys {sorted(state)}, expected reuse")
+        self._reuse = {
+            int(m): {**s, "traj": SDETrajectory(**s["traj"])} for m, s in state.get("reuse", {}).items()
+        }
 
     def export(self, out_dir: Path) -> None:
         """As Flow-DPO's export: a LoRA file plus the merged model, or the whole model."""
