@@ -22,9 +22,11 @@ load (before any gradient or optimizer state exists: the model is read and the c
                          (the VAE and one batch of :data:`CACHE_BATCH` images through it), on top of
                          the transformer's weights, unless the run loads in stages (:attr:`Recipe.staged`,
                          ``flowalign/training/placement.py``): then the transformer waits on the CPU
-                         and joins the device only after the caches are built. A run that is not
-                         staged holds every component at once, unsharded even under FSDP / ZeRO-3
-                         (each process loads the whole model before it is sharded).
+                         and joins the device only after the caches are built. An FSDP run always
+                         stages and shards its networks on the CPU: they reach the device as one
+                         shard per GPU plus one unsharded block at a time (the ``sharding`` moment).
+                         A run that is not staged holds every component at once, unsharded even
+                         under ZeRO-3 (each process loads the whole model before it is sharded).
 
 Strategies: ``ddp`` replicates everything (and keeps a bucket copy of the gradients); ``zero2``
 shards gradients and optimizer state; ``fsdp`` (full shard) and ``zero3`` shard weights too, and
@@ -126,16 +128,14 @@ class Recipe:
     @property
     def staged(self) -> bool:
         """Whether the run loads in stages (``flowalign/training/placement.py``): a DPO (or RWR) or SFT
-        run with cached prompts whose base is not quantized (bitsandbytes quantizes on the way to the
-        GPU), launched without FSDP / DeepSpeed (they prepare modules already on the device). One-step
-        runs build their generator and fake score from the teacher on the device first: not staged,
-        though their cached encoders leave the device for the step all the same."""
-        return (
-            self.method in ("dpo", "sft")
-            and self.text_encoders == "cached"
-            and self.base_dtype not in QUANTIZED
-            and self.strategy == "ddp"
-        )
+        run whose base is not quantized (bitsandbytes quantizes on the way to the GPU), launched with
+        FSDP (which then shards the networks on the CPU), or with DDP and cached prompts; DeepSpeed
+        prepares modules already on the device. One-step runs build their generator and fake score
+        from the teacher on the device first: not staged, though their cached encoders leave the
+        device for the step all the same."""
+        if self.method not in ("dpo", "sft") or self.base_dtype in QUANTIZED:
+            return False
+        return self.strategy == "fsdp" or (self.strategy == "ddp" and self.text_encoders == "cached")
 
     def replace(self, **changes) -> Recipe:
         return dataclasses.replace(self, **changes)
@@ -326,9 +326,33 @@ def _load(recipe: Recipe, arch: Architecture) -> tuple[str, dict[str, float]]:
         latents = base | (encoders if recipe.text_encoders == "device" else {}) | vae | reserve
         latents["VAE encode (cache batch)"] = _vae_encode_peak(arch, recipe, CACHE_BATCH)
         moments["latent caching"] = latents
+    if recipe.staged and recipe.strategy == "fsdp":
+        moments["sharding"] = _sharding(recipe, arch) | reserve
     worst = max(moments, key=lambda k: sum(moments[k].values()))
     how = "staged" if recipe.staged else "every component on the device"
+    if recipe.staged and recipe.strategy == "fsdp":
+        how = "staged, sharded on the CPU"
     return f"load: {worst}, {how}", moments[worst]
+
+
+def _sharding(recipe: Recipe, arch: Architecture) -> dict[str, float]:
+    """The device while FSDP shards a staged run's networks from the CPU (``fully_shard`` moves one
+    unit at a time and keeps this GPU's shard): the shards so far, one whole block (fp32 master
+    weights of a full fine-tune, else the frozen dtype), and the encoders / VAE the step keeps."""
+    trainable, frozen = _trainable_params(recipe)
+    n = recipe.num_gpus
+    out = {
+        "frozen weights (shard)": frozen * BYTES[_frozen_dtype(recipe)] / n,
+        "buffers (bf16 position tables)": buffer_count(arch) * BF16,
+        "trainable weights (fp32, shard)": trainable * FP32 / n,
+    }
+    block_bytes = FP32 if recipe.lora_rank is None else BYTES[_frozen_dtype(recipe)]
+    out["one unsharded block"] = param_count(arch) * block_bytes / max(_block_count(arch), 1)
+    if recipe.text_encoders == "device":
+        out["text encoders (bf16)"] = sum(param_count(k) for k in recipe.text_encoder_keys) * BF16
+    if recipe.vae == "device":
+        out[f"VAE ({arch.vae_dtype})"] = vae_param_count(arch) * BYTES[arch.vae_dtype]
+    return out
 
 
 def plan(recipe: Recipe) -> Plan:

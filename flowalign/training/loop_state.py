@@ -63,7 +63,10 @@ class RunState:
         enable_run_vae_savers(method, cfg)
         frozen = method.frozen_modules()
         offload, sharded = cfg.offload_frozen, self.sharded
-        place_frozen(frozen, self.trainable, self.device, offload=offload, sharded=sharded, owner=method)
+        place_frozen(
+            frozen, self.trainable, self.device, offload=offload, sharded=sharded, owner=method,
+            keep_for_sharding=strategy == dist_.FSDP2,
+        )  # fmt: skip
         apply_speed_switches(
             self.trainable,
             method.frozen_modules().values(),

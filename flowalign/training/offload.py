@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from flowalign.models.base import FlowModel
+from flowalign.training.distributed import SHARD_FROZEN
 
 __all__ = ["OFFLOADED", "is_offloaded", "offload_frozen_modules", "place_frozen", "restore_offloaded"]
 
@@ -88,18 +89,21 @@ def place_frozen(
     offload: bool,
     sharded: bool = False,
     owner: object = None,
+    keep_for_sharding: bool = False,
 ) -> None:
     """The loop's placement of the frozen modules: each goes to ``device`` in eval mode, or, with
     ``offload`` (``train.offload_frozen``), stays on the CPU under offload hooks
     (:func:`offload_frozen_modules`). A :class:`FlowModel` attribute of ``owner`` (the method) whose
     transformer is offloaded, e.g. f-distill's teacher, computes on ``device``
-    (:attr:`FlowModel.execution_device`): its parameters no longer say where that is."""
+    (:attr:`FlowModel.execution_device`): its parameters no longer say where that is. With
+    ``keep_for_sharding`` (FSDP2) a module marked ``SHARD_FROZEN`` stays where it is: FSDP2 shards it
+    there and moves only this process's shard to ``device``."""
     if offload:
         offload_frozen_modules(frozen, trainable, device, sharded=sharded)
         for model in _offloaded_models(owner):
             model.execution_device = torch.device(device)
     for module in frozen.values():
-        if not is_offloaded(module):
+        if not is_offloaded(module) and not (keep_for_sharding and getattr(module, SHARD_FROZEN, False)):
             module.to(device)
         module.eval()
 

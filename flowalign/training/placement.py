@@ -18,10 +18,23 @@ with T5-XXL, FLUX.1-dev). Staged, the same run goes through three phases:
    transformer with its adapters, a reference copy, the VAE when latents are not cached) moves to
    the device, keeping its dtype, and the execution-device override is cleared.
 
-The device then holds at most max(encoders + VAE, training state) instead of their sum. Runs stage
-only when they cache their prompts and load the plain transformer onto one process's device:
-a bitsandbytes-quantized base (``quantize_base``) is quantized while it is moved to the GPU, and
-FSDP2 / DeepSpeed prepare modules that are already on the device, so those keep the one-phase load.
+The device then holds at most max(encoders + VAE, training state) instead of their sum. A
+bitsandbytes-quantized base (``quantize_base``) is quantized while it is moved to the GPU, so it keeps
+the one-phase load, and so do DeepSpeed runs.
+
+FSDP2 runs always stage (with or without a prompt cache), and phase 3 differs: the modules FSDP2
+shards (every trainable module, and a frozen one marked
+:data:`~flowalign.training.distributed.SHARD_FROZEN` such as the frozen DPO reference of a full
+fine-tune) stay on the CPU as full tensors in their training dtype. The loop then shards them there
+(``fully_shard`` through ``Accelerator.prepare``), and ``fully_shard`` moves one FSDP unit at a time
+to the device and keeps only this process's shard of it, so no process ever holds a whole network on
+its device: the device peak while loading is the encoders (while caching), then one shard of each
+sharded network plus one unsharded FSDP unit (a transformer block) at a time. Each process reads the
+whole checkpoint into its CPU memory (host RAM: the sharded networks once per process).
+
+Every move of a component to the run's device, and every module kept on the CPU for sharding, is
+reported to the callables in :data:`PLACEMENT_HOOKS` as ``hook(event, name, device)`` with ``event``
+``"device"`` or ``"cpu-for-sharding"`` (tests record the order of placement and sharding with it).
 
 The LoRA adapters of a staged run are initialised by the CPU generator (the run seed), so a staged
 run on a GPU starts from different adapter draws than an unstaged one would; on one device both
@@ -40,10 +53,11 @@ from torch.utils.data import Dataset
 from flowalign.config import TrainConfig
 from flowalign.models.base import FlowModel
 from flowalign.training.condition_cache import cache_condition_images
-from flowalign.training.distributed import wants_deepspeed, wants_fsdp
+from flowalign.training.distributed import SHARD_FROZEN, wants_deepspeed, wants_fsdp
 from flowalign.training.latent_cache import cache_run_latents, data_identity
 
 __all__ = [
+    "PLACEMENT_HOOKS",
     "cache_run_conditioning",
     "cache_run_conditions",
     "dataset_prompts",
@@ -54,12 +68,22 @@ __all__ = [
 ]
 
 
+PLACEMENT_HOOKS: list[Callable[[str, str, torch.device], None]] = []
+"""Callables told of each placement step as ``hook(event, component name, device)`` (see the module
+docstring); empty unless a caller appends one."""
+
+
+def _report(event: str, name: str, device: torch.device) -> None:
+    for hook in PLACEMENT_HOOKS:
+        hook(event, name, device)
+
+
 def stages_placement(run: Any) -> bool:
-    """Whether ``run`` (a DPO, RWR or SFT run config) loads in stages (see the module docstring): it
-    caches its prompts, its base is not quantized, and the launch is neither FSDP2 nor DeepSpeed."""
-    if not getattr(run, "cache_prompts", False) or getattr(run, "quantize_base", None) is not None:
+    """Whether ``run`` (a DPO, RWR or SFT run config) loads in stages (see the module docstring): its
+    base is not quantized, the launch is not DeepSpeed, and it caches its prompts or runs FSDP2."""
+    if getattr(run, "quantize_base", None) is not None or wants_deepspeed():
         return False
-    return not (wants_fsdp() or wants_deepspeed())
+    return wants_fsdp() or bool(getattr(run, "cache_prompts", False))
 
 
 def stage_components(model: FlowModel, device: torch.device | str) -> FlowModel:
@@ -69,24 +93,40 @@ def stage_components(model: FlowModel, device: torch.device | str) -> FlowModel:
     for name, module in model.modules().items():
         if name != "transformer":
             module.to(device)
+            _report("device", name, device)
     model.execution_device = device
     return model
 
 
-def finish_staging(method: Any, *, offload_frozen: bool = False) -> None:
+def finish_staging(method: Any, *, offload_frozen: bool = False, sharded: bool | None = None) -> None:
     """Phase 3: the method's trainable and frozen-for-the-step modules move to the model's execution
     device (dtypes kept: fp32 adapters and master weights stay fp32), and the override is cleared.
     With ``offload_frozen`` (``train.offload_frozen``) the frozen ones go to the CPU instead, where the
-    loop's offload hooks keep them. Nothing happens for a model that was not staged."""
+    loop's offload hooks keep them. With ``sharded`` (default: the launch is FSDP2) the modules FSDP2
+    will shard stay on the CPU, whole, for the loop to shard there. Nothing happens for a model that
+    was not staged."""
     model: FlowModel = method.model
     device = model.execution_device
     if device is None:
         return
-    for module in method.trainable_modules().values():
-        module.to(device)
-    for module in method.frozen_modules().values():
-        module.to("cpu" if offload_frozen else device)
+    sharded = wants_fsdp() if sharded is None else sharded
+    for name, module in method.trainable_modules().items():
+        _place(name, module, device, keep_cpu=sharded)
+    for name, module in method.frozen_modules().items():
+        if offload_frozen:
+            module.to("cpu")
+        else:
+            _place(name, module, device, keep_cpu=sharded and getattr(module, SHARD_FROZEN, False))
     model.execution_device = None
+
+
+def _place(name: str, module: torch.nn.Module, device: torch.device, *, keep_cpu: bool) -> None:
+    if keep_cpu:
+        module.to("cpu")
+        _report("cpu-for-sharding", name, device)
+    else:
+        module.to(device)
+        _report("device", name, device)
 
 
 def cache_run_prompts(method: Any, prompts: list[str], train: TrainConfig) -> None:

@@ -11,8 +11,9 @@ without LoRA) in fp32 as master weights, and LoRA adapters are created in fp32. 
 this process's own (:func:`training_device`), known before loading, so each rank reads its
 model onto its own GPU. A LoRA run may instead load its transformer base quantized by bitsandbytes
 (``quantize_base: int8 | nf4``, :mod:`flowalign.models.quantize`; a CUDA GPU only). DPO, RWR and SFT
-runs that cache their prompts load in stages (:mod:`flowalign.training.placement`): the transformer
-joins the device only once the text encoders (and the VAE of cached latents) have left it; latent
+runs that cache their prompts, and all of them under FSDP2, load in stages
+(:mod:`flowalign.training.placement`): the transformer joins the device only once the text encoders
+(and the VAE of cached latents) have left it, under FSDP2 as this process's shard alone; latent
 reward runs cache the same way and move the encoders off the device after loading.
 """
 

@@ -161,6 +161,37 @@ def test_fsdp2_lora_dpo_step_equals_one_process(toy_dist_dir, lora_reference, tm
     assert len(wb) == len(wa)  # the export gathered every adapter tensor
 
 
+def staged_events(log: str, rank: int) -> list:
+    line = next(x for x in log.splitlines() if x.startswith(f"RANK{rank}-EVENTS="))
+    return json.loads(line.split("=", 1)[1])
+
+
+def test_fsdp2_staged_load_shards_on_cpu_then_equals_one_process(toy_dist_dir, lora_reference, tmp_path):
+    """The staged FSDP2 load: the text encoder goes to the device, the transformer stays on the CPU, whole,
+    and is never moved there as a whole: ``fully_shard`` first sees its blocks as plain (unsharded)
+    CPU tensors, and afterwards each rank keeps a dim-0 shard (the two ranks' local sizes add up to
+    the total, each within ceil(rows / 2) of every parameter). The step equals the reference's."""
+    log = launch(FSDP2_CPU, toy_dist_dir, tmp_path / "two", "lora", 1, "staged=on")
+    assert "SHARDED=16/16" in log, log[-3000:]
+    locals_, total = [], None
+    for rank in (0, 1):
+        events = staged_events(log, rank)
+        shards = [i for i, e in enumerate(events) if e[0] == "fully_shard"]
+        assert shards, events
+        before = events[: shards[0]]
+        assert ["cpu-for-sharding", "transformer"] in before, events
+        assert ["device", "text_encoder"] in before, events  # the toy model has no VAE
+        assert not any(e[:2] == ["device", "transformer"] for e in events), events
+        assert events[shards[0]] == ["fully_shard", "JointTransformerBlock", True], events
+        line = next(x for x in log.splitlines() if x.startswith(f"RANK{rank}-LOCAL="))
+        sizes = dict(kv.split("=") for kv in line.replace(f"RANK{rank}-", "").split())
+        local, total, bound = int(sizes["LOCAL"]), int(sizes["TOTAL"]), int(sizes["BOUND"])
+        assert local <= bound < total, sizes
+        locals_.append(local)
+    assert sum(locals_) == total, (locals_, total)
+    assert_same_step(lora_reference, tmp_path / "two", 1)
+
+
 @pytest.mark.slow
 def test_fsdp2_lora_dpo_three_steps_and_resume_across_world_sizes(toy_dist_dir, lora_reference, tmp_path):
     """3 FSDP2 steps equal the reference; its step-2 checkpoint resumes in 1 process, and the
@@ -183,14 +214,25 @@ def test_fsdp2_lora_dpo_three_steps_and_resume_across_world_sizes(toy_dist_dir, 
 
 
 @pytest.mark.slow
-def test_fsdp2_full_finetune_dpo_equals_one_process(toy_dist_dir, tmp_path):
+@pytest.mark.parametrize("staged", ["off", "on"])
+def test_fsdp2_full_finetune_dpo_equals_one_process(toy_dist_dir, tmp_path, staged):
     """Full fine-tune: the policy and the frozen reference copy are both sharded; 3 steps equal one
-    process (the transformer as one FSDP unit, see the module docstring)."""
+    process (the transformer as one FSDP unit, see the module docstring). Staged, both networks are
+    sharded while they are plain CPU tensors and never reach the device whole."""
     one = tmp_path / "one"
     one_process(toy_dist_dir, one, "full", 3)
     two = tmp_path / "two"
-    log = launch(FSDP2_CPU, toy_dist_dir, two, "full", 3, "wrap=none")
+    log = launch(FSDP2_CPU, toy_dist_dir, two, "full", 3, "wrap=none", f"staged={staged}")
     assert "REF-SHARDED=True" in log and "SHARDED=0/" not in log, log[-3000:]
+    if staged == "on":
+        for rank in (0, 1):
+            events = staged_events(log, rank)
+            kept = {e[1] for e in events if e[0] == "cpu-for-sharding"}
+            assert kept == {"transformer", "reference"}, events
+            assert not any(e[0] == "device" and e[1] in kept for e in events), events
+            shards = [e for e in events if e[0] == "fully_shard"]
+            # the policy's first unit (its final norm, then the rest as one unit), and the reference
+            assert shards[0][2] and shards[-1] == ["fully_shard", "SD3Transformer2DModel", True], events
     for step in (1, 2, 3):
         assert_same_step(one, two, step)
     assert_same_export(one, two, FULL_FILES)

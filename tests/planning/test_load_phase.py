@@ -1,5 +1,5 @@
-"""The planner's load phase: staged runs hold the encoders alone while they build their caches, other
-runs every component at once; the README table and the configs' memory notes are the planner's numbers."""
+"""The planner's load phase: staged runs hold the encoders alone while they build their caches (FSDP
+runs then shard their networks from the CPU), other runs every component at once; the README table and the configs' memory notes are the planner's numbers."""
 
 from __future__ import annotations
 
@@ -41,10 +41,10 @@ def test_staged_load_holds_the_encoders_and_the_vae_alone() -> None:
     [
         Recipe("sd35l", base_dtype="int8"),  # bitsandbytes quantizes on the way to the GPU
         Recipe("sd35l", strategy="zero2"),  # DeepSpeed prepares modules already on the device
-        Recipe("flux-dev", lora_rank=None, num_gpus=8, strategy="fsdp"),
+        Recipe("flux-dev", lora_rank=None, num_gpus=8, strategy="zero3"),  # ZeRO-3 partitions on the GPU
         Recipe("sd35l", method="fdistill"),  # the generator and fake score are copied on the device
     ],
-    ids=["int8", "zero2", "fsdp8-full", "fdistill"],
+    ids=["int8", "zero2", "zero3-8-full", "fdistill"],
 )
 def test_one_phase_load_holds_every_component_unsharded(recipe: Recipe) -> None:
     assert not recipe.staged
@@ -58,6 +58,31 @@ def test_one_phase_load_holds_every_component_unsharded(recipe: Recipe) -> None:
     if recipe.lora_rank is None:  # fp32 master weights and the bf16 reference, whole on each process
         assert p.load["trainable weights (fp32)"] == param_count(recipe.arch) * FP32
         assert p.load["frozen weights"] == param_count(recipe.arch) * BF16
+
+
+def test_fsdp_load_caches_without_the_transformer_and_shards_it_from_the_cpu() -> None:
+    """FSDP runs stage and shard on the CPU: FLUX.1-dev full fine-tune over 8 GPUs caches its prompts
+    with the encoders alone (10.5 GiB, 77.0 GiB when every process loaded the whole model), so its
+    step (32.0 GiB) is its peak. The sharding moment holds a shard per GPU of the fp32 policy and the
+    bf16 reference plus one whole fp32 block; over 2 GPUs those shards make it the load's worst moment."""
+    r = Recipe("flux-dev", lora_rank=None, num_gpus=8, strategy="fsdp")
+    assert r.staged and Recipe("flux-dev", num_gpus=8, strategy="fsdp", text_encoders="device").staged
+    p = plan(r)
+    one_gpu = plan(r.replace(strategy="ddp", num_gpus=1))
+    assert p.load == one_gpu.load and p.load_phase == "load: prompt caching, staged, sharded on the CPU"
+    assert round(p.load_peak / GIB, 1) == 10.5 and p.peak == p.step_peak and round(p.peak / GIB, 1) == 32.0
+    two = plan(r.replace(num_gpus=2))
+    n = param_count(r.arch)
+    blocks = r.arch.transformer["num_layers"] + r.arch.transformer["num_single_layers"]
+    assert two.load_phase == "load: sharding, staged, sharded on the CPU"
+    assert two.load == {
+        "frozen weights (shard)": n * BF16 / 2,
+        "buffers (bf16 position tables)": buffer_count(r.arch) * BF16,
+        "trainable weights (fp32, shard)": n * FP32 / 2,
+        "one unsharded block": n * FP32 / blocks,
+        "VAE (bf16)": vae_param_count(r.arch) * BF16,
+        "CUDA context reserve": CUDA_RESERVE,
+    }
 
 
 def test_load_numbers_of_the_issue() -> None:

@@ -162,16 +162,58 @@ def test_quantized_sharded_and_uncached_runs_load_in_one_phase(tmp_path, monkeyp
     assert not stages_placement(DPORun(model="m", data="d", quantize_base="int8"))
     assert not stages_placement(RWRRun(model="m", data="d", quantize_base="nf4"))
     assert not stages_placement(DPORun(model="m", data="d", cache_prompts=False))
-    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
-        monkeypatch.setenv(name, "true")
-        assert not stages_placement(dpo) and not stages_placement(rwr)
-        monkeypatch.delenv(name)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert not stages_placement(dpo) and not stages_placement(rwr)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # FSDP2 stages, with or without a prompt cache
+    assert stages_placement(dpo) and stages_placement(DPORun(model="m", data="d", cache_prompts=False))
+    assert not stages_placement(DPORun(model="m", data="d", quantize_base="int8"))
+
+
+def test_fsdp2_run_keeps_the_sharded_networks_on_the_cpu(tiny_model_dir, tmp_path, monkeypatch):
+    """Under an FSDP2 launch a full fine-tune caches with the encoders on the target, and the policy
+    and its frozen reference copy (both sharded by the loop) stay on the CPU, whole, in their training
+    dtypes (fp32 master weights, the reference in bf16): the device never receives them unsharded."""
+    from flowalign.training.distributed import SHARD_FROZEN
+    from flowalign.training.placement import PLACEMENT_HOOKS
+
+    placed = _Placements(monkeypatch)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    events = []
+
+    def hook(event, name, device):
+        events.append((event, name, device))
+
+    PLACEMENT_HOOKS.append(hook)
+    try:
+        seen = []
+        encode_prompt = SD3Model.encode_prompt
+
+        def spy(self, prompts, **kwargs):
+            seen.append((placed.of(self.transformer), {placed.of(m) for m in _encoders(self)}))
+            return encode_prompt(self, prompts, **kwargs)
+
+        monkeypatch.setattr(SD3Model, "encode_prompt", spy)
+        run = _run(tiny_model_dir("sd3"), _pairs(tmp_path), tmp_path / "run", lora=False)
+        method, _ = prepare_dpo(run)
+    finally:
+        PLACEMENT_HOOKS.remove(hook)
+    cpu = torch.device("cpu")
+    assert seen and all(state == (cpu, {TARGET}) for state in seen)
+    reference = method.reference.copy
+    assert getattr(reference, SHARD_FROZEN, False)
+    for module, dtype in ((method.model.transformer, torch.float32), (reference, torch.bfloat16)):
+        assert placed.of(module) == cpu
+        assert {(p.device, p.dtype) for p in module.parameters()} == {(cpu, dtype)}
+    assert ("cpu-for-sharding", "transformer", TARGET) in events
+    assert not any(e[0] == "device" and e[1] == "transformer" for e in events), events
+    assert method.model.execution_device is None
 
 
 def test_one_phase_load_encodes_with_every_component_on_the_target(tiny_model_dir, tmp_path, monkeypatch):
-    """Under an FSDP2 launch the old path stays: the whole pipeline is on the target before caching."""
+    """Under a DeepSpeed launch the old path stays: the whole pipeline is on the target before caching."""
     placed = _Placements(monkeypatch)
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     seen = []
     encode_prompt = SD3Model.encode_prompt
 
