@@ -227,13 +227,31 @@ def _forget_optimizer(acc: Any, prepared: Any) -> None:
 
 
 def shard_frozen(acc: Any, modules: Iterable[nn.Module]) -> None:
-    """``fully_shard`` each frozen module marked with :data:`SHARD_FROZEN` (FSDP2 runs only)."""
+    """``fully_shard`` each frozen module marked with :data:`SHARD_FROZEN` (FSDP2 runs only): first
+    each of its blocks that the launch config wraps (:func:`frozen_units`), then the module itself.
+    A module still on the CPU thus reaches the device one block at a time, as this process's shard."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     mesh = getattr(acc, "torch_device_mesh", None)
     for module in modules:
         if getattr(module, SHARD_FROZEN, False) and not isinstance(module, FSDPModule):
+            for unit in frozen_units(acc, module):
+                fully_shard(unit, mesh=mesh)
             fully_shard(module, mesh=mesh)
+
+
+def frozen_units(acc: Any, module: nn.Module) -> list[nn.Module]:
+    """The submodules of ``module`` that get an FSDP unit of their own: those whose class the launch
+    config's ``fsdp_transformer_layer_cls_to_wrap`` names (else the model's ``_no_split_modules``),
+    none when the config wraps nothing (``NO_WRAP``)."""
+    plugin = getattr(acc.state, "fsdp_plugin", None)
+    if plugin is None or getattr(plugin, "auto_wrap_policy", None) is None:
+        return []
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None) or getattr(
+        module, "_no_split_modules", None
+    )
+    wanted = set(names or ())
+    return [m for m in module.modules() if m is not module and type(m).__name__ in wanted]
 
 
 def reshard(modules: Iterable[nn.Module]) -> None:

@@ -140,3 +140,27 @@ def test_full_state_of_plain_tensors_is_a_copy_and_loads_back():
     assert weights["weight"].data_ptr() != net.weight.data_ptr()
     back = dist_.shard_like(weights["weight"].double(), net.weight)
     assert back.dtype == torch.float32 and torch.equal(back, net.weight.detach())
+
+
+class Block(nn.Linear):
+    """Stands for a transformer block class that the launch config wraps."""
+
+
+def test_a_frozen_reference_is_sharded_block_by_block_then_whole(monkeypatch):
+    """shard_frozen gives each block the launch config names an FSDP unit before the module itself
+    (a module on the CPU then reaches the device one block at a time); NO_WRAP gives one unit, and an
+    unmarked module is left alone."""
+    import torch.distributed.fsdp as fsdp
+
+    calls = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, mesh=None: calls.append(module))
+    ref = nn.Sequential(Block(2, 2), nn.LayerNorm(2), Block(2, 2))
+    setattr(ref, dist_.SHARD_FROZEN, True)
+    plugin = SimpleNamespace(auto_wrap_policy=print, transformer_cls_names_to_wrap=["Block", "Other"])
+    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None)
+    dist_.shard_frozen(acc, [ref, nn.Linear(2, 2)])
+    assert calls == [ref[0], ref[2], ref]
+    calls.clear()
+    plugin.auto_wrap_policy = None  # NO_WRAP
+    dist_.shard_frozen(acc, [ref])
+    assert calls == [ref]
