@@ -12,14 +12,15 @@ Arms:
   started from the same JS student (``PowerSettings.distar_init_seed``), as ``one_step_demo`` runs them. The KL row of a seed is its
   checkpoint whose classifier reward is closest to that seed's final DI* reward (matched reward).
 
-Claims (a rule fixed before the runs; "s.e." is the paired difference's):
+Claims ("s.e." is the paired difference's; c is the one-sided 95% quantile of Student's t with n - 1
+degrees of freedom, 2.92 for n = 3 seeds; n >= 3 is required):
 
 - (a) JS / forward KL >= reverse KL on mode coverage: primary metric the TV distance of the attribute
   histogram to the teacher's (lower is better). Reproduced when the paired difference favours JS (or
-  forward KL) by more than 2 s.e. and neither attribute entropy nor within-prompt jitter goes against it
-  by more than 2 s.e.
+  forward KL) by more than c s.e. and neither attribute entropy nor within-prompt jitter goes against it
+  by more than c s.e.
 - (b) DI* keeps more diversity than the KL-regularised variant at matched reward: primary metric the
-  within-prompt jitter. Reproduced when the paired difference favours DI* by more than 2 s.e.
+  within-prompt jitter. Reproduced when the paired difference favours DI* by more than c s.e.
 
 Results go to ``power.json`` (written after every cell, so a partial grid survives) and ``power.md``.
 Run: ``python -m flowalign.experiments.toy_onestep_power OUT_DIR [--seeds 0 1 2] [--arms rkl js ...]``.
@@ -58,6 +59,8 @@ METRICS = ("tv_joint", "entropy", "div_jitter", "div_pixel", "ta", "vq", "all_co
 # (metric, +1 if higher is better for the claim's side, -1 if lower is)
 COVERAGE = (("tv_joint", -1), ("entropy", +1), ("div_jitter", +1))
 DIVERSITY = (("div_jitter", +1), ("div_pixel", +1))
+T_95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812)
+"""One-sided 95% quantiles of Student's t, 1 to 10 degrees of freedom (10 is used for more: conservative)."""
 CLAIMS = {
     "a_js_vs_rkl": ("js", "rkl", COVERAGE),
     "a_fkl_vs_rkl": ("kl", "rkl", COVERAGE),
@@ -273,7 +276,7 @@ def summarise_power(cells: dict[str, dict[str, Any]], seeds: Sequence[int]) -> d
 
 
 def _verdict(diffs: dict[str, dict[str, float]], metrics: Sequence[tuple[str, int]]) -> str:
-    """The module docstring's rule: the primary metric favours the claim by > 2 s.e., no other against it."""
+    """The module docstring's rule: the primary metric favours the claim by > c s.e., no other against it."""
 
     def favour(metric: str, sign: int) -> float:  # paired difference in s.e. units, > 0 favours the claim
         d = diffs[metric]
@@ -281,15 +284,19 @@ def _verdict(diffs: dict[str, dict[str, float]], metrics: Sequence[tuple[str, in
             return sign * d["mean"] / d["se"]
         return math.copysign(math.inf, sign * d["mean"]) if d["mean"] else 0.0
 
+    n = int(diffs[metrics[0][0]]["n"])
+    if n < 3:
+        return f"not tested ({n} seeds, 3 needed)"
+    c = T_95[min(n - 1, len(T_95)) - 1]
     primary, *others = metrics
     score = favour(*primary)
-    against = [m for m, sign in others if favour(m, sign) < -2]
-    if score > 2 and not against:
+    against = [m for m, sign in others if favour(m, sign) < -c]
+    if score > c and not against:
         return "reproduced"
-    if score < -2:
-        return "contradicted (primary metric against the claim by > 2 s.e.)"
+    if score < -c:
+        return f"contradicted (primary metric against the claim by > {c} s.e.)"
     return "not reproduced at this power" + (
-        f" ({', '.join(against)} against by > 2 s.e.)" if against else ""
+        f" ({', '.join(against)} against by > {c} s.e.)" if against else ""
     )
 
 

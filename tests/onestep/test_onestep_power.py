@@ -57,15 +57,21 @@ def _verdict(js_tv: list[float], rkl_tv: list[float], js_entropy: list[float] | 
 
 
 def test_verdict_rule_on_the_primary_metric():
-    # JS lower TV at every seed by 0.03 +- 0.01: t = -0.03 / (0.01 / sqrt 3) far past 2
+    # JS lower TV at every seed by 0.03 +- 0.01: t = -0.03 / (0.01 / sqrt 3) = -5.2, past t(2 df) = 2.92
     assert _verdict([0.20, 0.21, 0.22], [0.24, 0.24, 0.24]) == "reproduced"
-    # differences of both signs: the mean is within 2 s.e.
+    # differences of both signs: the mean is within 2.92 s.e.
     assert _verdict([0.20, 0.26, 0.23], [0.24, 0.22, 0.23]).startswith("not reproduced")
     # JS higher TV at every seed
     assert _verdict([0.30, 0.31, 0.32], [0.24, 0.24, 0.24]).startswith("contradicted")
     # the primary favours JS but the entropy goes against it by more than 2 s.e.
     got = _verdict([0.20, 0.21, 0.22], [0.24, 0.24, 0.24], js_entropy=[4.0, 4.01, 4.02])
-    assert got == "not reproduced at this power (entropy against by > 2 s.e.)"
+    assert got == "not reproduced at this power (entropy against by > 2.92 s.e.)"
+    # two seeds are not enough to test anything
+    assert _verdict([0.20, 0.21], [0.24, 0.24]) == "not tested (2 seeds, 3 needed)"
+    # t = 2.5 with 2 degrees of freedom: under the 95% quantile 2.92
+    # (differences -0.025 + (-a, 0, a), a = 0.01 sqrt 3: sample std a, s.e. 0.01, t = -2.5)
+    tv = [0.24 - 0.025 + x for x in (-0.01 * math.sqrt(3), 0.0, 0.01 * math.sqrt(3))]
+    assert _verdict(tv, [0.24] * 3).startswith("not reproduced")
 
 
 def test_summary_means_over_seeds_and_the_markdown_table():
@@ -86,3 +92,27 @@ def test_summary_means_over_seeds_and_the_markdown_table():
 def test_unknown_arm_is_one_clear_error():
     with pytest.raises(ValueError, match="unknown arm"):
         PowerSettings(arms=("js", "dmd"))
+
+
+def test_power_grid_end_to_end_at_a_tiny_budget(tmp_path):
+    """Two arms x two seeds at 1 optimizer step each: cells, summary and table on disk, then a no-op rerun."""
+    import json
+
+    from flowalign.experiments.toy_onestep import OneStepToySettings
+    from flowalign.experiments.toy_onestep_power import run_power_grid
+
+    # 82 held-out samples: two of the 80 held-out prompts repeat, so within-prompt diversity is defined
+    small = OneStepToySettings(steps=1, batch_size=2, num_items=8, eval_samples=82, teacher_steps=1)
+    settings = PowerSettings(seeds=(0, 1), arms=("rkl", "js"), onestep=small)
+    logged: list[str] = []
+    results = run_power_grid(tmp_path, settings, log=logged.append)
+    assert sorted(results["cells"]) == ["js/seed0", "js/seed1", "rkl/seed0", "rkl/seed1"]
+    assert len(logged) == 4
+    on_disk = json.loads((tmp_path / "power.json").read_text())
+    assert on_disk["summary"]["arms"]["js"]["seeds"] == 2
+    assert on_disk["summary"]["claims"]["a_js_vs_rkl"]["diffs"]["tv_joint"]["n"] == 2
+    assert "| rkl | 2 |" in (tmp_path / "power.md").read_text()
+    # every cell is cached: a rerun trains and logs nothing and returns the same rows
+    logged.clear()
+    again = run_power_grid(tmp_path, settings, log=logged.append)
+    assert logged == [] and again["cells"] == results["cells"]
