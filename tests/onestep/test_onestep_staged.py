@@ -33,7 +33,7 @@ CPU = torch.device("cpu")
 SIZE = 64  # the tiny SD3 teacher: 8x8 latents
 
 
-def _train(out) -> TrainConfig:
+def _train(out, **kw) -> TrainConfig:
     return TrainConfig(
         output_dir=out,
         max_steps=2,
@@ -43,6 +43,7 @@ def _train(out) -> TrainConfig:
         cpu=True,
         optim=OptimConfig(lr=1e-3),
         checkpoint=CheckpointConfig(every=0),
+        **kw,
     )
 
 
@@ -181,3 +182,24 @@ def test_caches_are_built_with_every_transformer_on_the_cpu(kind, tiny_model_dir
     if kind == "fdistill":
         assert heads_built == [(TARGET, None)] and method.discriminator is not None
     assert (tmp_path / "run" / "cache" / "prompts" / "index.json").is_file()
+
+
+def test_offloaded_teacher_is_probed_on_the_device(tiny_model_dir, tmp_path, monkeypatch):
+    """With ``train.offload_frozen`` the frozen teacher ends on the CPU, but the discriminator's probe
+    forward runs with it on the device, before the generator and fake score join it there."""
+    placed = _Placements(monkeypatch)
+    seen = []
+    finish = FDistill.finish_loading
+
+    def finish_spy(self):
+        nets = (self.teacher.transformer, self.generator, self.fake, self.discriminator)
+        seen.append(tuple(placed.of(m) if m is not None else None for m in nets))
+        return finish(self)
+
+    monkeypatch.setattr(FDistill, "finish_loading", finish_spy)
+    run = _run("fdistill", tiny_model_dir("sd3"), tmp_path, tmp_path / "run")
+    run.train = _train(tmp_path / "run", offload_frozen=True)
+    assert run_fdistill(run, progress=False).step == 2
+    # the probe: the teacher alone on the target; then it is offloaded, the trainable networks (heads
+    # included) are on the target and nothing is built again
+    assert seen == [(TARGET, None, None, None), (CPU, TARGET, TARGET, TARGET)]

@@ -67,12 +67,17 @@ def load_onestep_teacher(run: Any, *, method: str) -> tuple[FlowModel, torch.dty
 def finish_onestep_loading(run: Any, method: Any) -> None:
     """The last phase of a staged one-step run: the method's trainable networks and the frozen ones
     the step uses go to the device (:func:`~flowalign.training.placement.finish_staging`; to the CPU
-    for the frozen ones with ``train.offload_frozen``), then :meth:`OneStepDistillation.finish_loading`
-    builds what needs the teacher's forward (f-distill's discriminator). Nothing moves for a run
-    loaded in one phase."""
+    for the frozen ones with ``train.offload_frozen``), and :meth:`OneStepDistillation.finish_loading`
+    builds what needs the teacher's forward (f-distill's discriminator) on the device: with
+    ``offload_frozen`` the teacher transformer visits the device alone for that probe, before the
+    generator and fake score arrive. Nothing moves for a run loaded in one phase."""
     from flowalign.training.placement import finish_staging
 
-    finish_staging(method, offload_frozen=run.train.offload_frozen, model=method.teacher)
+    teacher = method.teacher
+    if teacher.execution_device is not None and run.train.offload_frozen:
+        teacher.transformer.to(teacher.execution_device)
+        method.finish_loading()
+    finish_staging(method, offload_frozen=run.train.offload_frozen, model=teacher)
     method.finish_loading()
 
 
