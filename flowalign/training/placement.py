@@ -58,8 +58,9 @@ __all__ = [
 
 
 def stages_placement(run: Any) -> bool:
-    """Whether ``run`` (a DPO, RWR or SFT run config) loads in stages (see the module docstring): it
-    caches its prompts, its base is not quantized, and the launch is neither FSDP2 nor DeepSpeed."""
+    """Whether ``run`` (a DPO, RWR, SFT, f-distill or DI* run config) loads in stages (see the module
+    docstring): it caches its prompts, its base is not quantized, and the launch is neither FSDP2 nor
+    DeepSpeed."""
     if not getattr(run, "cache_prompts", False) or getattr(run, "quantize_base", None) is not None:
         return False
     return not (wants_fsdp() or wants_deepspeed())
