@@ -125,13 +125,12 @@ class Recipe:
 
     @property
     def staged(self) -> bool:
-        """Whether the run loads in stages (``flowalign/training/placement.py``): a DPO (or RWR) or SFT
-        run with cached prompts whose base is not quantized (bitsandbytes quantizes on the way to the
-        GPU), launched without FSDP / DeepSpeed (they prepare modules already on the device). One-step
-        runs build their generator and fake score from the teacher on the device first: not staged,
-        though their cached encoders leave the device for the step all the same."""
+        """Whether the run loads in stages (``flowalign/training/placement.py``): a DPO (or RWR), SFT or
+        one-step (f-distill, DI*: ``flowalign/training/methods/onestep_cache.py``) run with cached
+        prompts whose base is not quantized (bitsandbytes quantizes on the way to the GPU), launched
+        without FSDP / DeepSpeed (they prepare modules already on the device)."""
         return (
-            self.method in ("dpo", "sft")
+            self.method in ("dpo", "sft", "fdistill")
             and self.text_encoders == "cached"
             and self.base_dtype not in QUANTIZED
             and self.strategy == "ddp"

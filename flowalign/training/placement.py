@@ -23,6 +23,9 @@ only when they cache their prompts and load the plain transformer onto one proce
 a bitsandbytes-quantized base (``quantize_base``) is quantized while it is moved to the GPU, and
 FSDP2 / DeepSpeed prepare modules that are already on the device, so those keep the one-phase load.
 
+The one-step runs (f-distill, DI*) stage the same way with their teacher as the model: the generator
+and fake score are copied from its transformer on the CPU (``flowalign/training/methods/onestep_cache.py``).
+
 The LoRA adapters of a staged run are initialised by the CPU generator (the run seed), so a staged
 run on a GPU starts from different adapter draws than an unstaged one would; on one device both
 are the same run, loss for loss.
@@ -55,8 +58,9 @@ __all__ = [
 
 
 def stages_placement(run: Any) -> bool:
-    """Whether ``run`` (a DPO, RWR or SFT run config) loads in stages (see the module docstring): it
-    caches its prompts, its base is not quantized, and the launch is neither FSDP2 nor DeepSpeed."""
+    """Whether ``run`` (a DPO, RWR, SFT, f-distill or DI* run config) loads in stages (see the module
+    docstring): it caches its prompts, its base is not quantized, and the launch is neither FSDP2 nor
+    DeepSpeed."""
     if not getattr(run, "cache_prompts", False) or getattr(run, "quantize_base", None) is not None:
         return False
     return not (wants_fsdp() or wants_deepspeed())
@@ -73,12 +77,13 @@ def stage_components(model: FlowModel, device: torch.device | str) -> FlowModel:
     return model
 
 
-def finish_staging(method: Any, *, offload_frozen: bool = False) -> None:
+def finish_staging(method: Any, *, offload_frozen: bool = False, model: FlowModel | None = None) -> None:
     """Phase 3: the method's trainable and frozen-for-the-step modules move to the model's execution
     device (dtypes kept: fp32 adapters and master weights stay fp32), and the override is cleared.
     With ``offload_frozen`` (``train.offload_frozen``) the frozen ones go to the CPU instead, where the
-    loop's offload hooks keep them. Nothing happens for a model that was not staged."""
-    model: FlowModel = method.model
+    loop's offload hooks keep them. ``model`` is the staged model (default ``method.model``; a one-step
+    method's teacher). Nothing happens for a model that was not staged."""
+    model = method.model if model is None else model
     device = model.execution_device
     if device is None:
         return

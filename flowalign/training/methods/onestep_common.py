@@ -231,6 +231,11 @@ class OneStepDistillation(Method):
         self.num_frames = config.num_frames or teacher.default_num_frames
         teacher.check_size(self.height, self.width, self.num_frames)
 
+    def finish_loading(self) -> None:
+        """Called once every network is where it trains (after staged placement,
+        ``flowalign/training/methods/onestep_cache.py``): builds what needs the teacher's forward on
+        the device (f-distill's discriminator heads). Default nothing."""
+
     def keep_teacher_in(self, dtype: torch.dtype) -> None:
         """Cast the frozen teacher transformer to ``dtype`` (the run's compute dtype); the trainable
         LoRA adapters of a ``fake_score: lora`` on it keep their fp32 values, bit for bit."""
