@@ -73,6 +73,8 @@ class OneStepToySettings:
     """Generator-only regression steps on teacher ODE outputs before distillation (added to ``steps``)."""
     regression_teacher_steps: int = 8
     """Euler steps of the teacher ODE giving the regression targets."""
+    generator_widen: int = 1
+    """Generator width as a multiple of the teacher's (``OneStepConfig.generator_widen``)."""
     seed: int = 0
     threads: int = 1
 
@@ -144,6 +146,7 @@ def distill_toy(
         t_power=s.t_power,
         regression_steps=s.regression_steps,
         regression_teacher_steps=s.regression_teacher_steps,
+        generator_widen=s.generator_widen,
         critic_optim=OptimConfig(lr=s.critic_lr, betas=(0.0, 0.999), weight_decay=0.0),
     )
     if isinstance(cfg, DistarConfig):

@@ -20,29 +20,26 @@ from torch import Tensor, nn
 
 from flowalign.flow import t_to_timesteps
 from flowalign.models.base import (
-    FlowModel,
     PromptEmbeds,
     at_least_fp32,
     check_video_size,
     net_dtype,
     register_family,
 )
+from flowalign.models.media_first_video import MediaFirstVideoModel
 from flowalign.models.schedules import scheduler_time_grid
 
 
 @register_family("HunyuanVideo15Pipeline")
-class HunyuanVideo15Model(FlowModel):
+class HunyuanVideo15Model(MediaFirstVideoModel):
     """HunyuanVideo 1.5 adapter. x ``[B, C, T', H/16, W/16]``, t ``[B]`` -> velocity of the same shape."""
 
     family = "hunyuan_video15"
     pipeline_class = HunyuanVideo15Pipeline
-    is_video = True
     default_num_inference_steps = 50
     default_guidance_scale = 6.0
     default_height = 480
     default_width = 848
-    default_num_frames = 121
-    block_media_index = 0  # its blocks return (video tokens, text or audio tokens)
 
     def __init__(self, pipe: HunyuanVideo15Pipeline, *, compute_dtype: torch.dtype | None = None):
         super().__init__(pipe, compute_dtype=compute_dtype)

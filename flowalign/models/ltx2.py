@@ -30,13 +30,13 @@ from torch import Tensor, nn
 
 from flowalign.flow import flux_mu, t_to_timesteps
 from flowalign.models.base import (
-    FlowModel,
     PromptEmbeds,
     at_least_fp32,
     check_video_size,
     net_dtype,
     register_family,
 )
+from flowalign.models.media_first_video import MediaFirstVideoModel
 from flowalign.models.schedules import scheduler_time_grid
 
 AUDIO_OPTIONS = (
@@ -61,18 +61,15 @@ def refuse_audio_options(options: Mapping[str, Any]) -> None:
 
 
 @register_family("LTX2Pipeline")
-class LTX2Model(FlowModel):
+class LTX2Model(MediaFirstVideoModel):
     """LTX-2 video adapter. x ``[B, C, T', H/32, W/32]``, t ``[B]`` -> velocity of the same shape."""
 
     family = "ltx2"
     pipeline_class = LTX2Pipeline
-    is_video = True
     default_num_inference_steps = 30
     default_guidance_scale = 3.0
     default_height = 512
     default_width = 768
-    default_num_frames = 121
-    block_media_index = 0  # its blocks return (video tokens, text or audio tokens)
     optional_components = ("processor", "prompt_enhancer", "duration_head")
     max_sequence_length = 1024
     frame_rate = 24.0

@@ -38,7 +38,7 @@ from transformers import (
 )
 
 from flowalign.models.tiny_parts import eval_pipeline as _eval
-from flowalign.models.tiny_parts import tiny_image_vae
+from flowalign.models.tiny_parts import qwen25_vl_text_config, tiny_image_vae
 
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 IMAGE_SPECIALS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]  # Pixtral's image tokens (FLUX.2 [dev]'s processor)
@@ -260,22 +260,17 @@ def tiny_z_image_pipeline(seed: int = 0) -> ZImagePipeline:
     )
 
 
-def _qwen25_vl(tok: PreTrainedTokenizerFast, hidden: int = 32) -> Qwen2_5_VLForConditionalGeneration:
-    """A 2-layer Qwen2.5-VL (multimodal RoPE sections sum to head_dim / 2) with a 1-block vision tower."""
+def qwen25_vl(
+    tok: PreTrainedTokenizerFast, hidden: int = 32, **token_ids: int
+) -> Qwen2_5_VLForConditionalGeneration:
+    """A 2-layer Qwen2.5-VL (multimodal RoPE sections sum to head_dim / 2) with a 1-block vision tower.
+
+    The tower has patch 14 and a 2x2 merge; ``token_ids`` (``image_token_id``,
+    ``vision_start_token_id``, ...) point the model at a tokenizer's vision tokens where it has them.
+    """
     specials = dict(bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id)
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=2048,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-            pad_token_id=tok.pad_token_id,
-            **specials,
-        ),
+        text_config=qwen25_vl_text_config(tok, hidden=hidden, **specials),
         vision_config=dict(
             depth=1,
             hidden_size=16,
@@ -285,15 +280,18 @@ def _qwen25_vl(tok: PreTrainedTokenizerFast, hidden: int = 32) -> Qwen2_5_VLForC
             fullatt_block_indexes=[0],
         ),
         vocab_size=len(tok),
+        **token_ids,
         **specials,
     )
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
-    """Qwen-Image with a tiny Qwen2.5-VL text encoder and a tiny single-frame Qwen-Image VAE."""
-    torch.manual_seed(seed)
-    tok = tiny_chat_tokenizer()
+def qwen_image_networks(seed: int) -> dict:
+    """The tiny Qwen-Image transformer and single-frame VAE with the released scheduler config.
+
+    The VAE's per-channel latent statistics are drawn from ``seed``; the weights from the global
+    generator, which the caller seeds (the Qwen-Image and Qwen-Image-Edit builders share these parts).
+    """
     transformer = QwenImageTransformer2DModel(
         patch_size=2,
         in_channels=64,
@@ -314,7 +312,8 @@ def tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
         latents_mean=(0.1 * torch.randn(16, generator=g)).tolist(),
         latents_std=(0.5 + torch.rand(16, generator=g)).tolist(),
     )
-    # The released Qwen-Image scheduler config: exponential dynamic shift, stretched to a 0.02 terminal.
+    # The released Qwen-Image scheduler config (Qwen-Image-Edit's is the same): exponential dynamic
+    # shift, stretched to a 0.02 terminal.
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=1.0,
@@ -326,11 +325,15 @@ def tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
         shift_terminal=0.02,
         time_shift_type="exponential",
     )
-    return _eval(
-        QwenImagePipeline(
-            scheduler=scheduler, vae=vae, text_encoder=_qwen25_vl(tok), tokenizer=tok, transformer=transformer
-        )
-    )
+    return dict(scheduler=scheduler, vae=vae, transformer=transformer)
+
+
+def tiny_qwen_image_pipeline(seed: int = 0) -> QwenImagePipeline:
+    """Qwen-Image with a tiny Qwen2.5-VL text encoder and a tiny single-frame Qwen-Image VAE."""
+    torch.manual_seed(seed)
+    tok = tiny_chat_tokenizer()
+    networks = qwen_image_networks(seed)
+    return _eval(QwenImagePipeline(text_encoder=qwen25_vl(tok), tokenizer=tok, **networks))
 
 
 TINY_IMAGE_BUILDERS = {

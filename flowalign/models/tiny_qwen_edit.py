@@ -17,22 +17,23 @@ from __future__ import annotations
 
 import torch
 from diffusers import (
-    AutoencoderKLQwenImage,
-    FlowMatchEulerDiscreteScheduler,
     QwenImageEditPipeline,
     QwenImageEditPlusPipeline,
-    QwenImageTransformer2DModel,
 )
 from transformers import (
     PreTrainedTokenizerFast,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
 )
 
-from flowalign.models.tiny_image_families import CHAT_CORPUS, QWEN_CHAT_TEMPLATE, tiny_chat_tokenizer
+from flowalign.models.tiny_image_families import (
+    CHAT_CORPUS,
+    QWEN_CHAT_TEMPLATE,
+    qwen25_vl,
+    qwen_image_networks,
+    tiny_chat_tokenizer,
+)
 from flowalign.models.tiny_parts import eval_pipeline as _eval
 
 VISION_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -57,11 +58,9 @@ def tiny_vl_processor() -> Qwen2VLProcessor:
     )
 
 
-def _qwen25_vl_with_vision(
-    tok: PreTrainedTokenizerFast, hidden: int = 32
-) -> Qwen2_5_VLForConditionalGeneration:
-    """A 2-layer Qwen2.5-VL whose 1-block vision tower (patch 14, 2x2 merge) reads the condition image."""
-    ids = {
+def _vision_token_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The Qwen2.5-VL config's vision token ids, pointing at the tiny tokenizer's vision specials."""
+    return {
         name: tok.convert_tokens_to_ids(token)
         for name, token in zip(
             ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
@@ -69,77 +68,16 @@ def _qwen25_vl_with_vision(
             strict=True,
         )
     }
-    specials = dict(bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=2048,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-            pad_token_id=tok.pad_token_id,
-            **specials,
-        ),
-        vision_config=dict(
-            depth=1,
-            hidden_size=16,
-            intermediate_size=32,
-            num_heads=2,
-            out_hidden_size=hidden,
-            fullatt_block_indexes=[0],
-        ),
-        vocab_size=len(tok),
-        **ids,
-        **specials,
-    )
-    return Qwen2_5_VLForConditionalGeneration(config)
 
 
 def _components(seed: int) -> dict:
+    """Qwen-Image's tiny networks and a 2-layer Qwen2.5-VL whose vision tower reads the condition image."""
     torch.manual_seed(seed)
     processor = tiny_vl_processor()
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=64,
-        out_channels=16,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        axes_dims_rope=(4, 6, 6),
-    )
-    g = torch.Generator().manual_seed(seed)
-    vae = AutoencoderKLQwenImage(
-        base_dim=8,
-        z_dim=16,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=(0.1 * torch.randn(16, generator=g)).tolist(),
-        latents_std=(0.5 + torch.rand(16, generator=g)).tolist(),
-    )
-    # The released Qwen-Image-Edit scheduler config (the same as Qwen-Image's).
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=1.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=0.9,
-        base_image_seq_len=256,
-        max_image_seq_len=8192,
-        shift_terminal=0.02,
-        time_shift_type="exponential",
-    )
+    networks = qwen_image_networks(seed)
+    tok = processor.tokenizer
     return dict(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=_qwen25_vl_with_vision(processor.tokenizer),
-        tokenizer=processor.tokenizer,
-        processor=processor,
-        transformer=transformer,
+        text_encoder=qwen25_vl(tok, **_vision_token_ids(tok)), tokenizer=tok, processor=processor, **networks
     )
 
 

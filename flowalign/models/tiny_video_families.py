@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from flowalign.models.tiny_parts import eval_pipeline as _eval
+from flowalign.models.tiny_parts import qwen25_vl_text_config
 
 _CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -85,21 +86,10 @@ def tiny_hunyuan_video15_pipeline(seed: int = 0) -> HunyuanVideo15Pipeline:
     """HunyuanVideo 1.5 T2V: 2-layer Qwen2.5-VL text model + 1-layer ByT5, 16x spatial / 4x temporal VAE."""
     torch.manual_seed(seed)
     tok = _hunyuan15_tokenizer()
-    text_encoder = Qwen2_5_VLTextModel(
-        Qwen2_5_VLTextConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=2048,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
+    text_config = qwen25_vl_text_config(
+        tok, layers=3, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
     )
+    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**text_config))
     byt5_tok = ByT5Tokenizer()
     byt5 = T5EncoderModel(
         T5Config(
@@ -215,31 +205,29 @@ def _ltx2_tokenizer() -> PreTrainedTokenizerFast:
 
 def _ltx2_networks() -> dict:
     """The tiny LTX-2 connectors, transformer, video and audio VAEs and vocoder (random weights)."""
+    # The video and audio connectors are alike: one attention layer, 2 heads of 16, 8 registers.
+    connector = dict(num_attention_heads=2, attention_head_dim=16, num_layers=1, num_learnable_registers=8)
     connectors = LTX2TextConnectors(
         caption_channels=_LTX2_TEXT,
         text_proj_in_factor=_LTX2_LAYERS + 1,
-        video_connector_num_attention_heads=2,
-        video_connector_attention_head_dim=16,
-        video_connector_num_layers=1,
-        video_connector_num_learnable_registers=8,
-        audio_connector_num_attention_heads=2,
-        audio_connector_attention_head_dim=16,
-        audio_connector_num_layers=1,
-        audio_connector_num_learnable_registers=8,
+        **{
+            f"{stream}_connector_{key}": value
+            for stream in ("video", "audio")
+            for key, value in connector.items()
+        },
+    )
+    # The joint transformer's two streams: video (16 latent channels) and audio (8), 2 heads each.
+    video = dict(
+        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32
+    )
+    audio = dict(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16
     )
     transformer = LTX2VideoTransformer3DModel(
-        in_channels=16,
-        out_channels=16,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        cross_attention_dim=32,
-        audio_in_channels=8,
-        audio_out_channels=8,
-        audio_num_attention_heads=2,
-        audio_attention_head_dim=8,
-        audio_cross_attention_dim=16,
         num_layers=2,
         caption_channels=_LTX2_TEXT,
+        **video,
+        **{f"audio_{key}": value for key, value in audio.items()},
     )
     vae = AutoencoderKLLTX2Video(
         latent_channels=16,

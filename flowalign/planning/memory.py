@@ -127,15 +127,21 @@ class Recipe:
 
     @property
     def staged(self) -> bool:
-        """Whether the run loads in stages (``flowalign/training/placement.py``): a DPO (or RWR) or SFT
-        run whose base is not quantized (bitsandbytes quantizes on the way to the GPU), launched with
-        FSDP (which then shards the networks on the CPU), or with DDP and cached prompts; DeepSpeed
-        prepares modules already on the device. One-step runs build their generator and fake score
-        from the teacher on the device first: not staged, though their cached encoders leave the
-        device for the step all the same."""
-        if self.method not in ("dpo", "sft") or self.base_dtype in QUANTIZED:
+        """Whether the run loads in stages (``flowalign/training/placement.py``): a DPO (or RWR), SFT or
+        one-step (f-distill, DI*: ``flowalign/training/methods/onestep_cache.py``) run with cached
+        prompts whose base is not quantized (bitsandbytes quantizes on the way to the GPU), launched
+        with DDP (DeepSpeed prepares modules already on the device); and a DPO (RWR) or SFT run under
+        FSDP, cached prompts or not, which then shards its networks on the CPU (one-step runs keep the
+        one-phase load under FSDP)."""
+        if self.base_dtype in QUANTIZED:
             return False
-        return self.strategy == "fsdp" or (self.strategy == "ddp" and self.text_encoders == "cached")
+        if self.strategy == "fsdp":
+            return self.method in ("dpo", "sft")
+        return (
+            self.method in ("dpo", "sft", "fdistill")
+            and self.text_encoders == "cached"
+            and self.strategy == "ddp"
+        )
 
     def replace(self, **changes) -> Recipe:
         return dataclasses.replace(self, **changes)

@@ -58,6 +58,24 @@ def attribute_histogram_distance(media_a: Tensor, media_b: Tensor) -> dict[str, 
     return out
 
 
+def attribute_entropy(media: Tensor) -> float:
+    """Shannon entropy (nats) of the joint attribute histogram the oracle detects in a sample set.
+
+    H = -sum_k P(k) log P(k) over the (shape, colour, size, position) bins plus an "absent" bin; a
+    generator that drops modes has a lower entropy than its teacher on the same prompts and seeds.
+
+    Args:
+        media: images [N, 3, H, W] in [0, 1], N >= 1.
+    """
+    from flowalign.toy.oracles import detect_attributes
+
+    if media.shape[0] < 1:
+        raise ValueError("attribute_entropy: no samples")
+    counts = Counter(_keys(detect_attributes(media)))
+    n = media.shape[0]
+    return -sum(c / n * math.log(c / n) for c in counts.values())
+
+
 def diversity(media: Tensor, prompts: Sequence[str]) -> dict[str, float]:
     """Within-prompt diversity of samples (higher = more diverse; mode collapse drives both to 0).
 
@@ -114,7 +132,8 @@ def standard_error(x: Tensor) -> float:
 def one_step_report(
     name: str, evaluation, *, reference_media: Tensor, seconds: float | None = None, steps: int | None = None
 ) -> dict[str, Any]:
-    """One table row: oracle TA / all-correct / VQ (mean and SE), TV to the reference, diversity.
+    """One table row: oracle TA / all-correct / VQ (mean and SE), TV to the reference, attribute entropy,
+    diversity.
 
     Args:
         name: the row's label.
@@ -131,6 +150,7 @@ def one_step_report(
     for key in ("ta", "all_correct", "vq"):
         row[key], row[f"{key}_se"] = sample_mean(s[key]), standard_error(s[key])
     row["tv_joint"] = attribute_histogram_distance(evaluation.media, reference_media)["tv_joint"]
+    row["entropy"] = attribute_entropy(evaluation.media)
     div = diversity(evaluation.media, evaluation.prompts)
     row["div_pixel"], row["div_jitter"] = div["pixel"], div["jitter"]
     if seconds is not None:

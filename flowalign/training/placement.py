@@ -22,7 +22,7 @@ The device then holds at most max(encoders + VAE, training state) instead of the
 bitsandbytes-quantized base (``quantize_base``) is quantized while it is moved to the GPU, so it keeps
 the one-phase load, and so do DeepSpeed runs.
 
-FSDP2 runs always stage (with or without a prompt cache), and phase 3 differs: the modules FSDP2
+DPO, RWR and SFT runs under FSDP2 always stage (with or without a prompt cache), and phase 3 differs: the modules FSDP2
 shards (every trainable module, and a frozen one marked
 :data:`~flowalign.training.distributed.SHARD_FROZEN` such as the frozen DPO reference of a full
 fine-tune) stay on the CPU as full tensors in their training dtype. The loop then shards them there
@@ -35,6 +35,9 @@ whole checkpoint into its CPU memory (host RAM: the sharded networks once per pr
 Every move of a component to the run's device, and every module kept on the CPU for sharding, is
 reported to the callables in :data:`PLACEMENT_HOOKS` as ``hook(event, name, device)`` with ``event``
 ``"device"`` or ``"cpu-for-sharding"`` (tests record the order of placement and sharding with it).
+
+The one-step runs (f-distill, DI*) stage the same way with their teacher as the model: the generator
+and fake score are copied from its transformer on the CPU (``flowalign/training/methods/onestep_cache.py``).
 
 The LoRA adapters of a staged run are initialised by the CPU generator (the run seed), so a staged
 run on a GPU starts from different adapter draws than an unstaged one would; on one device both
@@ -79,11 +82,16 @@ def _report(event: str, name: str, device: torch.device) -> None:
 
 
 def stages_placement(run: Any) -> bool:
-    """Whether ``run`` (a DPO, RWR or SFT run config) loads in stages (see the module docstring): its
-    base is not quantized, the launch is not DeepSpeed, and it caches its prompts or runs FSDP2."""
+    """Whether ``run`` (a DPO, RWR, SFT, f-distill or DI* run config) loads in stages (see the module
+    docstring): its base is not quantized, the launch is not DeepSpeed, and it caches its prompts or,
+    for a DPO, RWR or SFT run, the launch is FSDP2. One-step runs (they have a ``teacher``) keep the
+    one-phase load under FSDP2: their discriminator probe runs the fake score on the device before
+    the loop shards it."""
     if getattr(run, "quantize_base", None) is not None or wants_deepspeed():
         return False
-    return wants_fsdp() or bool(getattr(run, "cache_prompts", False))
+    if wants_fsdp():
+        return not hasattr(run, "teacher")
+    return bool(getattr(run, "cache_prompts", False))
 
 
 def stage_components(model: FlowModel, device: torch.device | str) -> FlowModel:
@@ -98,14 +106,17 @@ def stage_components(model: FlowModel, device: torch.device | str) -> FlowModel:
     return model
 
 
-def finish_staging(method: Any, *, offload_frozen: bool = False, sharded: bool | None = None) -> None:
+def finish_staging(
+    method: Any, *, offload_frozen: bool = False, model: FlowModel | None = None, sharded: bool | None = None
+) -> None:
     """Phase 3: the method's trainable and frozen-for-the-step modules move to the model's execution
     device (dtypes kept: fp32 adapters and master weights stay fp32), and the override is cleared.
     With ``offload_frozen`` (``train.offload_frozen``) the frozen ones go to the CPU instead, where the
-    loop's offload hooks keep them. With ``sharded`` (default: the launch is FSDP2) the modules FSDP2
-    will shard stay on the CPU, whole, for the loop to shard there. Nothing happens for a model that
-    was not staged."""
-    model: FlowModel = method.model
+    loop's offload hooks keep them. ``model`` is the staged model (default ``method.model``; a one-step
+    method's teacher). With ``sharded`` (default: the launch is FSDP2) the modules FSDP2 will shard
+    stay on the CPU, whole, for the loop to shard there. Nothing happens for a model that was not
+    staged."""
+    model = method.model if model is None else model
     device = model.execution_device
     if device is None:
         return

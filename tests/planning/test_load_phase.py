@@ -42,9 +42,10 @@ def test_staged_load_holds_the_encoders_and_the_vae_alone() -> None:
         Recipe("sd35l", base_dtype="int8"),  # bitsandbytes quantizes on the way to the GPU
         Recipe("sd35l", strategy="zero2"),  # DeepSpeed prepares modules already on the device
         Recipe("flux-dev", lora_rank=None, num_gpus=8, strategy="zero3"),  # ZeRO-3 partitions on the GPU
-        Recipe("sd35l", method="fdistill"),  # the generator and fake score are copied on the device
+        Recipe("sd35l", method="fdistill", strategy="zero2"),
+        Recipe("sd35l", method="fdistill", num_gpus=8, strategy="fsdp"),  # one-step: one phase under FSDP
     ],
-    ids=["int8", "zero2", "zero3-8-full", "fdistill"],
+    ids=["int8", "zero2", "zero3-8-full", "fdistill-zero2", "fdistill-fsdp8"],
 )
 def test_one_phase_load_holds_every_component_unsharded(recipe: Recipe) -> None:
     assert not recipe.staged
@@ -83,6 +84,21 @@ def test_fsdp_load_caches_without_the_transformer_and_shards_it_from_the_cpu() -
         "VAE (bf16)": vae_param_count(r.arch) * BF16,
         "CUDA context reserve": CUDA_RESERVE,
     }
+
+
+@pytest.mark.parametrize("fake_score", ["full", "lora"])
+def test_one_step_runs_with_cached_prompts_load_in_stages(fake_score: str) -> None:
+    """f-distill / DI* build their caches before the teacher, the generator and the fake score join the
+    device: the load holds what a staged DPO run's does, and the three transformers only at the step."""
+    r = Recipe("sd35m", method="fdistill", lora_rank=None, fake_score=fake_score)
+    assert r.staged
+    p = plan(r)
+    assert p.load == plan(Recipe("sd35m")).load and p.load_phase == "load: prompt caching, staged"
+    one_phase = plan(r.replace(strategy="zero2"))
+    transformers = sum(one_phase.load[k] for k in ("frozen weights", "trainable weights (fp32)"))
+    transformers += one_phase.load["buffers (bf16 position tables)"]
+    assert one_phase.load_peak - p.load_peak == pytest.approx(transformers, rel=1e-12)
+    assert not r.replace(text_encoders="device").staged
 
 
 def test_load_numbers_of_the_issue() -> None:

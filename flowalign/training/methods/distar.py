@@ -125,7 +125,8 @@ class DiffInstructStar(common.OneStepDistillation):
                     )
 
                 name, options = parse_reward_spec(cfg.reward)
-                reward = load_reward(name, device=teacher.device, **options)
+                # where the transformer is: the CPU while a staged run builds its caches
+                reward = load_reward(name, device=teacher.transformer.device, **options)
             self.reward_weights = check_reward(reward, cfg.reward_weights)
             self.reward = reward.requires_grad_(False).eval()
         super().__init__(teacher, cfg)
@@ -233,17 +234,18 @@ def run_distar(
 
     if not config.teacher:
         raise ConfigError("the teacher model (hub id or folder) is required", key="teacher")
-    from flowalign.training.methods.onestep_cache import cache_onestep_conditioning
-    from flowalign.training.methods.onestep_dtypes import frozen_dtype, load_run_teacher
-    from flowalign.training.runs import training_device
+    from flowalign.training.methods.onestep_cache import (
+        cache_onestep_conditioning,
+        finish_onestep_loading,
+        load_onestep_teacher,
+    )
 
-    frozen = frozen_dtype(config.teacher_dtype, config.train.mixed_precision)
-    device = training_device(config.train)
-    teacher = load_run_teacher(config.teacher, method="DI*", frozen=frozen, device=device)
+    teacher, frozen = load_onestep_teacher(config, method="DI*")
     method = DiffInstructStar(teacher, config.method, reward=reward)
     method.keep_teacher_in(frozen)
     dataset = onestep_data.build_dataset(
         config.data, kind="video" if teacher.is_video else "image", needs_real=False
     )
     dataset = cache_onestep_conditioning(config, method, dataset)
+    finish_onestep_loading(config, method)
     return train(method, dataset, config.train, resume=resume, progress=progress, run_config=config)

@@ -132,19 +132,35 @@ class FDistill(OneStepDistillation):
         self.discriminator: DiscriminatorHeads | None = None
         if cfg.needs_discriminator:
             self.features = TeacherFeatures(teacher, cfg.discriminator_blocks)
-            cond, _ = self.encode([""], with_uncond=False, images=self.probe_images())
-            probe = torch.zeros(
-                teacher.latent_shape(1, self.height, self.width, self.num_frames),
-                device=teacher.device,
-                dtype=teacher.dtype,
+            if teacher.execution_device is None:  # a staged run builds them once its transformers arrive
+                self.finish_loading()
+
+    def finish_loading(self) -> None:
+        """Build the discriminator heads (when the divergence or the GAN term needs them and they are
+        not built yet): their input widths come from one probe forward of the teacher to its feature
+        blocks, run where the teacher transformer is, and their initial weights from seed 0."""
+        if self.features is None or self.discriminator is not None:
+            return
+        teacher = self.teacher
+        cond, _ = self.encode([""], with_uncond=False, images=self.probe_images())
+        probe = torch.zeros(
+            teacher.latent_shape(1, self.height, self.width, self.num_frames),
+            device=teacher.device,
+            dtype=teacher.dtype,
+        )
+        with self.teacher_mode():
+            dims = self.features.dims(
+                probe, torch.full((1,), 0.5, device=teacher.device), cond, guidance=self.embedded_guidance
             )
-            with self.teacher_mode():
-                dims = self.features.dims(
-                    probe, torch.full((1,), 0.5, device=teacher.device), cond, guidance=self.embedded_guidance
-                )
-            with seeded(0):  # the same initial heads whatever the global RNG (exact resume, equal runs)
-                heads = DiscriminatorHeads(dims, hidden=cfg.discriminator_hidden)
-            self.discriminator = heads.to(teacher.device)
+        with seeded(0):  # the same initial heads whatever the global RNG (exact resume, equal runs)
+            heads = DiscriminatorHeads(dims, hidden=self.config.discriminator_hidden)
+        self.discriminator = heads.to(teacher.device)
+
+    @property
+    def reads_real_media(self) -> bool:
+        """Whether critic steps read real media: the discriminator is used (built now or, in a staged
+        run, once the transformers are on the device)."""
+        return self.features is not None
 
     def extra_critic_modules(self) -> dict[str, nn.Module]:
         return {} if self.discriminator is None else {"discriminator": self.discriminator}
@@ -299,13 +315,13 @@ def run_fdistill(config: FDistillRun, *, resume: bool | str | Path = False, prog
 
     if not config.teacher:
         raise ConfigError("the teacher model (hub id or folder) is required", key="teacher")
-    from flowalign.training.methods.onestep_cache import cache_onestep_conditioning
-    from flowalign.training.methods.onestep_dtypes import frozen_dtype, load_run_teacher
-    from flowalign.training.runs import training_device
+    from flowalign.training.methods.onestep_cache import (
+        cache_onestep_conditioning,
+        finish_onestep_loading,
+        load_onestep_teacher,
+    )
 
-    frozen = frozen_dtype(config.teacher_dtype, config.train.mixed_precision)
-    device = training_device(config.train)
-    teacher = load_run_teacher(config.teacher, method="f-distill", frozen=frozen, device=device)
+    teacher, frozen = load_onestep_teacher(config, method="f-distill")
     method = FDistill(teacher, config.method)
     method.keep_teacher_in(frozen)
     dataset = build_dataset(
@@ -314,4 +330,5 @@ def run_fdistill(config: FDistillRun, *, resume: bool | str | Path = False, prog
         needs_real=config.method.needs_discriminator,
     )
     dataset = cache_onestep_conditioning(config, method, dataset)
+    finish_onestep_loading(config, method)
     return train(method, dataset, config.train, resume=resume, progress=progress, run_config=config)

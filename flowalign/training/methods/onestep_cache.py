@@ -16,9 +16,15 @@ builds, before training:
   keeps the VAE), in ``latent_cache_dir`` (default ``<output_dir>/cache/latents``); the VAE then goes
   to the CPU as well.
 
-The teacher transformer, the generator and the fake score are built on the device before the caches
-(they are copies of the teacher's transformer), so a one-step run does not load in stages: the
-encoders are on the device while the caches are built and off it for the whole of training.
+A run that caches its prompts loads in stages, as DPO, RWR and SFT do (``flowalign/training/placement.py``):
+:func:`load_onestep_teacher` reads the teacher on the CPU (its transformer in fp32, the source of the
+trainable copies) and puts only its text encoders and VAE on the device; the method then builds the
+generator and the fake score from the transformer on the CPU, the caches are built with the encoders
+(and the VAE, for real-data latents) on the device, they leave, and :func:`finish_onestep_loading`
+moves the transformers (teacher, generator, fake score) to the device and builds f-distill's
+discriminator heads, whose input widths come from one probe forward of the teacher. The device
+never holds the encoders beside a transformer copy. A quantized, FSDP2 or DeepSpeed launch loads
+in one phase (:func:`~flowalign.training.placement.stages_placement`).
 """
 
 from __future__ import annotations
@@ -26,13 +32,53 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 
+from flowalign.models.base import FlowModel
 from flowalign.training.cache import PromptEmbedCache, text_encoder_names
 from flowalign.training.latent_cache import cache_media_latents, data_identity
 from flowalign.training.methods.onestep_data import MediaTextDataset
 
-__all__ = ["cache_onestep_conditioning", "onestep_data_identity"]
+__all__ = [
+    "cache_onestep_conditioning",
+    "finish_onestep_loading",
+    "load_onestep_teacher",
+    "onestep_data_identity",
+]
+
+
+def load_onestep_teacher(run: Any, *, method: str) -> tuple[FlowModel, torch.dtype]:
+    """The teacher of a one-step run (``run.teacher``) and its frozen dtype (``run.teacher_dtype``, else
+    the compute dtype of ``train.mixed_precision``). Staged (the run caches its prompts, see
+    :func:`~flowalign.training.placement.stages_placement`), the teacher is read on the CPU and only
+    its other components go to the training device, which :attr:`FlowModel.execution_device` names."""
+    from flowalign.training.methods.onestep_dtypes import frozen_dtype, load_run_teacher
+    from flowalign.training.placement import stage_components, stages_placement
+    from flowalign.training.runs import training_device
+
+    frozen = frozen_dtype(run.teacher_dtype, run.train.mixed_precision)
+    device = training_device(run.train)
+    staged = stages_placement(run)
+    teacher = load_run_teacher(run.teacher, method=method, frozen=frozen, device="cpu" if staged else device)
+    return (stage_components(teacher, device) if staged else teacher), frozen
+
+
+def finish_onestep_loading(run: Any, method: Any) -> None:
+    """The last phase of a staged one-step run: the method's trainable networks and the frozen ones
+    the step uses go to the device (:func:`~flowalign.training.placement.finish_staging`; to the CPU
+    for the frozen ones with ``train.offload_frozen``), and :meth:`OneStepDistillation.finish_loading`
+    builds what needs the teacher's forward (f-distill's discriminator) on the device: with
+    ``offload_frozen`` the teacher transformer visits the device alone for that probe, before the
+    generator and fake score arrive. Nothing moves for a run loaded in one phase."""
+    from flowalign.training.placement import finish_staging
+
+    teacher = method.teacher
+    if teacher.execution_device is not None and run.train.offload_frozen:
+        teacher.transformer.to(teacher.execution_device)
+        method.finish_loading()
+    finish_staging(method, offload_frozen=run.train.offload_frozen, model=teacher)
+    method.finish_loading()
 
 
 def onestep_data_identity(data: Any, kind: str) -> str:
@@ -61,7 +107,7 @@ def cache_onestep_conditioning(run: Any, method: Any, dataset: Dataset) -> Datas
             method.prompt_cache = PromptEmbedCache.build(teacher, prompts, cache_dir=out / "prompts")
         for name in text_encoder_names(teacher):
             teacher.modules()[name].to("cpu")
-    wants_media = getattr(method, "discriminator", None) is not None
+    wants_media = getattr(method, "reads_real_media", False)
     if getattr(run, "cache_latents", False) and wants_media and "pixels" in dataset[0]:
         kind = "video" if teacher.is_video else "image"
         folder = run.latent_cache_dir or out / "latents"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,9 @@ class OneStepConfig:
     """Euler steps of the teacher ODE that gives the regression targets."""
     generator_init: Path | None = None
     """Start the generator from a one-step checkpoint folder (DI* starts from a DMD2 / f-distill generator)."""
+    generator_widen: int = 1
+    """Generator width = this x the teacher's (``models.widen``: function-preserving, starts as the teacher).
+    With ``generator_init``, the folder's own width is used instead."""
     height: int | None = None
     width: int | None = None
     num_frames: int | None = None
@@ -108,6 +112,8 @@ class OneStepConfig:
             raise ConfigError(
                 f"must be >= 1, got {self.regression_teacher_steps}", key="regression_teacher_steps"
             )
+        if self.generator_widen < 1:
+            raise ConfigError(f"must be >= 1, got {self.generator_widen}", key="generator_widen")
         if self.critic_warmup_steps < 0:
             raise ConfigError(f"must be >= 0, got {self.critic_warmup_steps}", key="critic_warmup_steps")
         if self.guidance_scale < 0:
@@ -203,6 +209,13 @@ class OneStepDistillation(Method):
             module.requires_grad_(False).eval()
         # trainable copies are fp32 whatever the teacher's storage dtype (a bf16 teacher halves its memory)
         self.generator = copy.deepcopy(teacher.transformer).float().requires_grad_(True).train()
+        widen = config.generator_widen
+        if config.generator_init is not None:
+            widen = _init_width(teacher.transformer, config.generator_init)
+        if widen > 1:
+            from flowalign.models.widen import widen_transformer
+
+            self.generator = widen_transformer(self.generator, widen).requires_grad_(True).train()
         if config.generator_init is not None:
             load_generator_weights(self.generator, config.generator_init)
         if config.fake_score == "full":
@@ -217,6 +230,11 @@ class OneStepDistillation(Method):
         self.width = config.width or teacher.default_width
         self.num_frames = config.num_frames or teacher.default_num_frames
         teacher.check_size(self.height, self.width, self.num_frames)
+
+    def finish_loading(self) -> None:
+        """Called once every network is where it trains (after staged placement,
+        ``flowalign/training/methods/onestep_cache.py``): builds what needs the teacher's forward on
+        the device (f-distill's discriminator heads). Default nothing."""
 
     def keep_teacher_in(self, dtype: torch.dtype) -> None:
         """Cast the frozen teacher transformer to ``dtype`` (the run's compute dtype); the trainable
@@ -423,6 +441,18 @@ class OneStepDistillation(Method):
     def export_metadata(self) -> dict[str, Any]:
         """Method settings recorded in ``one_step.json``."""
         return {}
+
+
+def _init_width(transformer: nn.Module, folder: str | Path) -> int:
+    """How many times wider than ``transformer`` the generator in ``folder`` is (1 without a readable config)."""
+    file = Path(folder) / "transformer" / "config.json"
+    heads = (
+        getattr(transformer.config, "num_attention_heads", None) if hasattr(transformer, "config") else None
+    )
+    if not heads or not file.is_file():
+        return 1
+    wide = json.loads(file.read_text()).get("num_attention_heads", heads)
+    return max(1, wide // heads)
 
 
 def load_generator_weights(generator: nn.Module, folder: str | Path) -> None:
