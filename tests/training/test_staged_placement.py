@@ -8,6 +8,7 @@ distinct target, ``cpu:0`` (a valid torch device that computes on the CPU), and 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -168,6 +169,10 @@ def test_quantized_sharded_and_uncached_runs_load_in_one_phase(tmp_path, monkeyp
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # FSDP2 stages, with or without a prompt cache
     assert stages_placement(dpo) and stages_placement(DPORun(model="m", data="d", cache_prompts=False))
     assert not stages_placement(DPORun(model="m", data="d", quantize_base="int8"))
+    one_step = SimpleNamespace(teacher="m", cache_prompts=True, quantize_base=None)
+    assert not stages_placement(one_step)  # one-step runs keep the one-phase load under FSDP2
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert stages_placement(one_step)
 
 
 def test_fsdp2_run_keeps_the_sharded_networks_on_the_cpu(tiny_model_dir, tmp_path, monkeypatch):
