@@ -129,3 +129,33 @@ def test_deepspeed_zero2_reward_model_equals_one_process(tmp_path):
 def test_deepspeed_method_equals_one_process(toy_dist_dir, toy_teacher_dir, tmp_path, method, stage):
     """Each method: 2 ZeRO-2 or ZeRO-3 steps equal one process with the same global batch."""
     check(toy_teacher_dir if method == "latent" else toy_dist_dir, tmp_path, method, stage)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_reward_model_first_forward_equals_one_process(tmp_path):
+    """The reward model under ZeRO-3 (EMA off): the step-1 forward (loss, accuracies, the score
+    normaliser it updates) equals one process bit for bit. Its step-1 gradients differ by rounding, as
+    RWR's step 2 does (a full fine-tune from non-zero weights: every activation gradient with several
+    consumers is summed from the start), and Adam's first step, ``lr * g / (|g| + eps)``, turns the
+    rounding of the attention key biases, whose exact gradient is zero (softmax ignores a shift shared
+    by all keys), into differences up to 4e-6 absolute on biases of size 1e-3, so weights are not
+    compared."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(str(tmp_path), one, 2, grad_accum_steps=2, max_steps=STEPS, method="reward", ema=False)
+    worker = [
+        str(HERE / "methods_worker.py"),
+        str(tmp_path),
+        str(two),
+        str(STEPS),
+        "method=reward",
+        "ema=off",
+    ]
+    log = launch_worker(zero3_launch_config(tmp_path), worker, STEPS)
+    assert "TYPE=DistributedType.DEEPSPEED" in log, log[-4000:]
+    m1, m2 = metrics(one)[1], metrics(two)[1]
+    forward = [k for k in m1 if not k.endswith("grad_norm")]
+    assert m1.keys() == m2.keys() and [m1[k] for k in forward] == [m2[k] for k in forward], forward
+    sa, sb = (torch.load(d / "checkpoint-00000001" / "method_state.pt") for d in (one, two))
+    assert sa.keys() == sb.keys() and all(
+        torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])) for k in sa
+    )
