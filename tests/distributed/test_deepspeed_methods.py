@@ -1,6 +1,6 @@
 """SFT, RWR, GRPO, latent reward, reward model and CDT under DeepSpeed ZeRO-2 on 2 CPU processes (gloo):
-2 steps equal one process with the same global batch; SFT, RWR, GRPO, latent reward and CDT under
-ZeRO-3 too (below).
+2 steps equal one process with the same global batch; under ZeRO-3 each is compared as far as it is
+exact (below; the reward model: its last test).
 
 Why the comparisons are exact, and the one tolerance: see tests/distributed/test_sharded_training.py.
 Each process's micro-batch has the shapes and data of one accumulated micro-batch of the one-process
@@ -26,7 +26,7 @@ query, key and value projections, their LoRA branches and the residual), and the
 every submodule (a LoRA layer's base and adapter submodules included) can change the order in which
 the backward reaches them, so a sum of three or more terms is associated differently. At step 1 every
 LoRA B is zero, so the adapter branches add exact zeros. The step-2 weights are therefore not
-compared; SFT, whose linear layers have no submodules, is exact.
+compared. SFT (plain linear layers, no submodules inside them) is exact.
 
 DeepSpeed is an optional extra: without it the tests are skipped.
 """
