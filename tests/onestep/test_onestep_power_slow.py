@@ -117,6 +117,7 @@ def test_a_wider_student_does_not_close_the_vq_gap(tmp_path, grid):
 
 # docs/results.md "The critic side": JS, seed 0, one critic setting changed from OneStepToySettings
 CRITIC_VARIANTS = {
+    "critic_lr_3.3e-4": ({"critic_lr": 3.3e-4}, {"ta": (0.811, 0.013), "vq": (0.510, 0.014)}),
     "critic_lr_3e-3": ({"critic_lr": 3e-3}, {"ta": (0.752, 0.014), "vq": (0.479, 0.014)}),
     "two_critic_updates": (
         {"generator_every": 3, "steps": 300},
@@ -126,8 +127,8 @@ CRITIC_VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", sorted(CRITIC_VARIANTS))
-def test_a_stronger_critic_does_not_help(tmp_path, variant):
-    """A 3x critic lr or two critic updates per generator update lower the student's vq (default 0.539)."""
+def test_no_critic_setting_beats_the_default(tmp_path, variant):
+    """Critic lr / 3 or x 3, or two critic updates per generator update, lower vq (default 0.539)."""
     from dataclasses import replace
 
     from flowalign.experiments.toy_onestep import OneStepToySettings, distill_toy, evaluate_one_step
