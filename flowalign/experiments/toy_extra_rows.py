@@ -50,6 +50,7 @@ def nrg_row(
     samples_per_prompt: int = 8,
     train_steps: int = 300,
     counterfactual_pairs: int = 1024,
+    batch_size: int = 32,
 ) -> dict[str, dict[str, float]]:
     """Train the noise-aware latent reward on the base (``toy_nrg``'s distillation set, sampled with the
     comparison's steps and guidance) and score the base guided by it, paired against the unguided base."""
@@ -73,7 +74,7 @@ def nrg_row(
     )
     cfg = LatentRewardTrainingConfig(dimensions=["vq", "ta"], num_blocks=2, trunk_training="lora")
     run = TrainConfig(
-        output_dir=Path(out_dir) / "nrg_rm", max_steps=train_steps, batch_size=32, seed=budget.seed,
+        output_dir=Path(out_dir) / "nrg_rm", max_steps=train_steps, batch_size=batch_size, seed=budget.seed,
         trackers=[], cpu=model.device.type == "cpu", log_every=50,
         optim=OptimConfig(lr=3e-4, weight_decay=0.0, warmup_steps=min(20, train_steps // 10)),
     )  # fmt: skip
@@ -125,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
         "--base", type=Path, default=Path(__file__).resolve().parents[1] / "assets" / "toy_base_image"
     )
     parser.add_argument("--fdpo", default=None, help="divergence of an f-DPO row (e.g. js)")
-    parser.add_argument("--nrg", action="store_true", help="a Flow-NRG row (vq 0.5 + ta 0.5, strength 1)")
+    parser.add_argument("--nrg", action="store_true", help="a Flow-NRG row (default vq 0.5 + ta 0.5)")
+    parser.add_argument("--nrg-vq", type=float, default=0.5, help="Flow-NRG weight of vq (ta: 1 - this)")
+    parser.add_argument("--nrg-strength", type=float, default=1.0)
     parser.add_argument("--guidance", type=float, nargs="*", default=[], help="base guidance scales")
     args = parser.parse_args(argv)
     budget = GRPOBudget()
@@ -133,7 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.fdpo:
         out[f"fdpo_{args.fdpo}"] = fdpo_row(args.base, args.out_dir, budget, divergence=args.fdpo)
     if args.nrg:
-        out["flow_nrg"] = nrg_row(args.base, args.out_dir, budget)
+        weights = {"vq": args.nrg_vq, "ta": 1.0 - args.nrg_vq}
+        key = f"flow_nrg_vq{args.nrg_vq:g}_s{args.nrg_strength:g}"
+        out[key] = nrg_row(args.base, args.out_dir, budget, weights=weights, strength=args.nrg_strength)
     if args.guidance:
         rows = base_guidance_rows(args.base, budget, args.guidance)
         out["base_guidance"] = {str(k): v for k, v in rows.items()}
