@@ -38,6 +38,7 @@ from flowalign.training.methods.grpo import FlowGRPO, GRPOConfig, PromptItems
 __all__ = [
     "GRPOBudget",
     "evaluate_against_base",
+    "offline_dpo_inputs",
     "paired_difference",
     "run_toy_grpo_experiment",
     "train_toy_grpo",
@@ -110,12 +111,9 @@ def evaluate_against_base(base_dir, model_dir, budget: GRPOBudget) -> dict[str, 
     return out
 
 
-def run_toy_grpo_experiment(
-    base_dir, out_dir, budget: GRPOBudget, *, dpo_beta: float = 5000.0, progress=True
-):
-    """Base vs offline Flow-DPO vs Flow-GRPO; writes ``results.json`` and ``results.md`` in ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def offline_dpo_inputs(base_dir, out_dir, budget: GRPOBudget, *, progress=True):
+    """The offline arm's pairs (K base samples per training prompt, sampled once into ``out_dir/pairs``
+    and reused from there) and its :class:`AlignBudget` (same steps, images per step, LoRA, lr)."""
     train_prompts = toy_prompts("train", "image")
     per_prompt = max(2, budget.images // len(train_prompts))
     pairs = toy_pairs_cached(
@@ -127,6 +125,16 @@ def run_toy_grpo_experiment(
         steps=budget.steps, batch_size=budget.prompts_per_step * budget.num_samples // 2,
         lr=budget.lr, lora=budget.lora, seed=budget.seed,
     )  # fmt: skip
+    return pairs, align
+
+
+def run_toy_grpo_experiment(
+    base_dir, out_dir, budget: GRPOBudget, *, dpo_beta: float = 5000.0, progress=True
+):
+    """Base vs offline Flow-DPO vs Flow-GRPO; writes ``results.json`` and ``results.md`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs, align = offline_dpo_inputs(base_dir, out_dir, budget, progress=progress)
     dpo_dir = train_toy_dpo(
         base_dir, pairs, out_dir / "dpo", align, DPOConfig(beta=dpo_beta), progress=progress
     )
