@@ -128,9 +128,9 @@ def prepare_deepspeed(
     group of several; the accelerate-prepared optimizers, each knowing its engine; the torch optimizers
     inside the engines; the parameter groups, unchanged: ZeRO-2 keeps the module's parameters).
     """
-    from accelerate.utils import DeepSpeedEngineWrapper
+    owners = check_partition(trainable, groups)  # a bad grouping is refused before DeepSpeed is needed
+    from accelerate.utils import DeepSpeedEngineWrapper  # exported only where deepspeed is installed
 
-    owners = check_partition(trainable, groups)
     configure_deepspeed(acc, cfg)
     wrapped: dict[str, nn.Module] = {}
     prepared: dict[str, Any] = {}
