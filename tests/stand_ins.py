@@ -39,3 +39,30 @@ def registered_mean_pixel() -> str:
             lambda *, device="cpu", dtype=None, **kwargs: MeanPixelReward(**kwargs)
         )
     return MeanPixelReward.name
+
+
+class Placements:
+    """Records the target device of every ``nn.Module.to`` call, by module identity, while the run's
+    training device is ``target`` (a distinct device such as ``cpu:0`` that still computes on the CPU)."""
+
+    def __init__(self, monkeypatch, target) -> None:
+        import torch
+        from torch import nn
+
+        from flowalign.training import runs
+
+        self.last: dict[int, torch.device] = {}
+        original = nn.Module.to
+
+        def to(module, *args, **kwargs):
+            device = torch._C._nn._parse_to(*args, **kwargs)[0]
+            if device is not None:
+                self.last[id(module)] = torch.device(device)
+            return original(module, *args, **kwargs)
+
+        monkeypatch.setattr(nn.Module, "to", to)
+        monkeypatch.setattr(runs, "training_device", lambda train: target)
+
+    def of(self, module):
+        """The last device ``module`` was moved to, or None."""
+        return self.last.get(id(module))

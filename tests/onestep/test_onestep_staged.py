@@ -15,14 +15,13 @@ import json
 import pytest
 import torch
 from onestep_helpers import PROMPTS
-from stand_ins import BrightnessReward
-from torch import nn
+from stand_ins import BrightnessReward, Placements
 
 from flowalign.config import CheckpointConfig, OptimConfig, TrainConfig
 from flowalign.data.media import save_image
 from flowalign.models.sd3 import SD3Model
 from flowalign.toy.render import render_prompts
-from flowalign.training import loop, placement, runs
+from flowalign.training import loop, placement
 from flowalign.training.cache import text_encoder_names
 from flowalign.training.methods.distar import DistarConfig, DistarRun, run_distar
 from flowalign.training.methods.fdistill import FDistill, FDistillConfig, FDistillRun, run_fdistill
@@ -104,30 +103,10 @@ def test_staged_losses_equal_the_one_phase_load(kind, tiny_model_dir, tmp_path, 
     assert kept[True] == kept[False]
 
 
-class _Placements:
-    """Records the target device of every ``nn.Module.to`` call, by module identity."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.last: dict[int, torch.device] = {}
-        original = nn.Module.to
-
-        def to(module, *args, **kwargs):
-            device = torch._C._nn._parse_to(*args, **kwargs)[0]
-            if device is not None:
-                self.last[id(module)] = torch.device(device)
-            return original(module, *args, **kwargs)
-
-        monkeypatch.setattr(nn.Module, "to", to)
-        monkeypatch.setattr(runs, "training_device", lambda train: TARGET)
-
-    def of(self, module: nn.Module) -> torch.device | None:
-        return self.last.get(id(module))
-
-
 @pytest.mark.parametrize("kind", ["fdistill", "distar"])
 def test_caches_are_built_with_every_transformer_on_the_cpu(kind, tiny_model_dir, tmp_path, monkeypatch):
     teacher_dir = tiny_model_dir("sd3")
-    placed = _Placements(monkeypatch)
+    placed = Placements(monkeypatch, TARGET)
     snapshots: list[tuple[str, dict[int, torch.device]]] = []  # (encoder call, placements then)
     encode_prompt, encode_media = SD3Model.encode_prompt, SD3Model.encode_media
 
@@ -187,7 +166,7 @@ def test_caches_are_built_with_every_transformer_on_the_cpu(kind, tiny_model_dir
 def test_offloaded_teacher_is_probed_on_the_device(tiny_model_dir, tmp_path, monkeypatch):
     """With ``train.offload_frozen`` the frozen teacher ends on the CPU, but the discriminator's probe
     forward runs with it on the device, before the generator and fake score join it there."""
-    placed = _Placements(monkeypatch)
+    placed = Placements(monkeypatch, TARGET)
     seen = []
     finish = FDistill.finish_loading
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import torch
-from torch import nn
+from stand_ins import Placements
 
 from flowalign.config import TrainConfig
 from flowalign.data.media import save_image
@@ -44,28 +44,8 @@ def _train(out, steps: int = 1, **extra) -> TrainConfig:
     )
 
 
-class _Placements:
-    """Records the target device of every ``nn.Module.to`` call, by module identity."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.last: dict[int, torch.device] = {}
-        original = nn.Module.to
-
-        def to(module, *args, **kwargs):
-            device = torch._C._nn._parse_to(*args, **kwargs)[0]
-            if device is not None:
-                self.last[id(module)] = torch.device(device)
-            return original(module, *args, **kwargs)
-
-        monkeypatch.setattr(nn.Module, "to", to)
-        monkeypatch.setattr(runs, "training_device", lambda train: TARGET)
-
-    def of(self, module: nn.Module) -> torch.device | None:
-        return self.last.get(id(module))
-
-
 def test_staged_sft_encodes_with_the_transformer_on_the_cpu(tiny_model_dir, tmp_path, monkeypatch):
-    placed = _Placements(monkeypatch)
+    placed = Placements(monkeypatch, TARGET)
     rows = [{"file": f, "prompt": f"shape {k}"} for k, f in enumerate(_media(tmp_path, 4))]
     manifest = _write(tmp_path / "manifest.jsonl", rows)
     seen = []

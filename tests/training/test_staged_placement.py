@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from stand_ins import Placements
 from torch import nn
 
 from flowalign.config import LoraConfig, TrainConfig
@@ -55,32 +56,12 @@ def _run(model_dir, data, out, *, lora: bool = True, cache_latents: bool = False
     )
 
 
-class _Placements:
-    """Records the target device of every ``nn.Module.to`` call, by module identity."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.last: dict[int, torch.device] = {}
-        original = nn.Module.to
-
-        def to(module, *args, **kwargs):
-            device = torch._C._nn._parse_to(*args, **kwargs)[0]
-            if device is not None:
-                self.last[id(module)] = torch.device(device)
-            return original(module, *args, **kwargs)
-
-        monkeypatch.setattr(nn.Module, "to", to)
-        monkeypatch.setattr(runs, "training_device", lambda train: TARGET)
-
-    def of(self, module: nn.Module) -> torch.device | None:
-        return self.last.get(id(module))
-
-
 def _encoders(model) -> list[nn.Module]:
     return [m for name, m in model.modules().items() if name.startswith("text_encoder")]
 
 
 def test_staged_run_caches_with_the_transformer_on_the_cpu(tiny_model_dir, tmp_path, monkeypatch):
-    placed = _Placements(monkeypatch)
+    placed = Placements(monkeypatch, TARGET)
     seen = {}
     encode_prompt, encode_media = SD3Model.encode_prompt, SD3Model.encode_media
 
@@ -123,7 +104,7 @@ def test_staged_run_caches_with_the_transformer_on_the_cpu(tiny_model_dir, tmp_p
 
 
 def test_staged_full_finetune_moves_master_weights_and_reference(tiny_model_dir, tmp_path, monkeypatch):
-    placed = _Placements(monkeypatch)
+    placed = Placements(monkeypatch, TARGET)
     run = _run(tiny_model_dir("sd3"), _pairs(tmp_path), tmp_path / "run", lora=False)
     method, _ = prepare_dpo(run)
     transformer, reference = method.model.transformer, method.reference.copy
@@ -182,7 +163,7 @@ def test_fsdp2_run_keeps_the_sharded_networks_on_the_cpu(tiny_model_dir, tmp_pat
     from flowalign.training.distributed import SHARD_FROZEN
     from flowalign.training.placement import PLACEMENT_HOOKS
 
-    placed = _Placements(monkeypatch)
+    placed = Placements(monkeypatch, TARGET)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     events = []
 
@@ -217,7 +198,7 @@ def test_fsdp2_run_keeps_the_sharded_networks_on_the_cpu(tiny_model_dir, tmp_pat
 
 def test_one_phase_load_encodes_with_every_component_on_the_target(tiny_model_dir, tmp_path, monkeypatch):
     """Under a DeepSpeed launch the old path stays: the whole pipeline is on the target before caching."""
-    placed = _Placements(monkeypatch)
+    placed = Placements(monkeypatch, TARGET)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     seen = []
     encode_prompt = SD3Model.encode_prompt
