@@ -47,7 +47,9 @@ def test_launch_environment_builds_the_plugin(name):
     Accelerator would build from it."""
     _, _, _, fsdp_version, zero_stage = EXPECTED[name]
     args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / name), "train.py"])
-    args, defaults, _ = _validate_launch_command(args)
+    threads = os.environ.get("OMP_NUM_THREADS") or "1"  # accelerate's int() fails on an empty value
+    with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": threads}):
+        args, defaults, _ = _validate_launch_command(args)
     if zero_stage is not None:
         args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
         _, env = prepare_deepspeed_cmd_env(args)
