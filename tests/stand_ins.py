@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import Tensor
 
 from flowalign.rewards.base import RewardModel
@@ -66,3 +68,47 @@ class Placements:
     def of(self, module):
         """The last device ``module`` was moved to, or None."""
         return self.last.get(id(module))
+
+
+def random_image_pairs(folder, sizes) -> Path:
+    """A preference file ``folder/pairs.jsonl`` of one pair per ``(height, width)`` in ``sizes``: two
+    uniform-noise images each (seed 0, drawn pair by pair, A before B), prompt ``"shape k"``, label A."""
+    import json
+
+    import torch
+
+    from flowalign.data.media import save_image
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for k, (h, w) in enumerate(sizes):
+        for side in "AB":
+            save_image(torch.rand(3, h, w, generator=g), folder / f"{k}{side}.png")
+        rows.append({"prompt": f"shape {k}", "path_A": f"{k}A.png", "path_B": f"{k}B.png", "label": "A"})
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def brightness_pairs_per_family(tiny_model_dir, tmp_path_factory, prompts, config_of):
+    """``get(family)``: a folder with candidates and pairs of that family's tiny model, ranked by mean
+    brightness, built once per family (``config_of(family)``: the keyword arguments of ``PairsConfig``)."""
+    from flowalign.models import load_flow_model
+    from flowalign.workflows.pairs import PairsConfig, build_pairs
+
+    made = {}
+
+    def brightness(media, prompts):
+        b = media.flatten(1).mean(1)
+        return {"bright": b, "overall": b}
+
+    def get(family):
+        if family not in made:
+            out = tmp_path_factory.mktemp(f"pairs-{family}")
+            model = load_flow_model(tiny_model_dir(family))
+            config = PairsConfig(num_candidates=2, num_inference_steps=2, **config_of(family))
+            build_pairs(model, prompts, brightness, out, config, progress=False)
+            made[family] = out
+        return made[family]
+
+    return get

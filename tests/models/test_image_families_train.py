@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from stand_ins import registered_mean_pixel
+from stand_ins import brightness_pairs_per_family, registered_mean_pixel
 from typer.testing import CliRunner
 
 from flowalign.cli import app
@@ -41,25 +41,9 @@ def _pipe_guidance(family: str) -> dict:
 @pytest.fixture(scope="module")
 def pairs_dir(tiny_model_dir, tmp_path_factory):
     """Per family: candidates and pairs of the tiny model ranked by brightness."""
-    from flowalign.workflows.pairs import PairsConfig, build_pairs
-
-    made = {}
-
-    def get(family):
-        if family not in made:
-            out = tmp_path_factory.mktemp(f"pairs-{family}")
-            model = load_flow_model(tiny_model_dir(family))
-
-            def brightness(media, prompts):
-                b = media.flatten(1).mean(1)
-                return {"bright": b, "overall": b}
-
-            config = PairsConfig(num_candidates=2, num_inference_steps=2, height=SIZE, width=SIZE)
-            build_pairs(model, PROMPTS, brightness, out, config, progress=False)
-            made[family] = out
-        return made[family]
-
-    return get
+    return brightness_pairs_per_family(
+        tiny_model_dir, tmp_path_factory, PROMPTS, lambda family: dict(height=SIZE, width=SIZE)
+    )
 
 
 def _sample(pipe_or_model, family, **kw):

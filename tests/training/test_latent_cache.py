@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from stand_ins import random_image_pairs
 
 from flowalign.config import LoraConfig, TrainConfig
-from flowalign.data.media import save_image
 from flowalign.models import load_flow_model
 from flowalign.training.latent_cache import cache_media_latents, data_identity, offload_vae
 from flowalign.training.loop import train
@@ -20,15 +20,7 @@ EPS64 = torch.finfo(torch.float64).eps
 
 
 def _pairs(tmp_path, n: int = 4) -> str:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for k in range(n):
-        for side in "AB":
-            save_image(torch.rand(3, 32, 32, generator=g), tmp_path / f"{k}{side}.png")
-        rows.append({"prompt": f"shape {k}", "path_A": f"{k}A.png", "path_B": f"{k}B.png", "label": "A"})
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+    return str(random_image_pairs(tmp_path, [(32, 32)] * n))
 
 
 class _Counter:
@@ -152,13 +144,7 @@ def test_bucketed_pairs_train_from_cached_latents(tiny_model_dir, tmp_path, monk
     from flowalign.data.buckets import BucketConfig
     from flowalign.training.runs import run_dpo
 
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for k, (h, w) in enumerate([(32, 32), (40, 40), (32, 56), (36, 64)]):
-        for side in "AB":
-            save_image(torch.rand(3, h, w, generator=g), tmp_path / f"{k}{side}.png")
-        rows.append({"prompt": f"shape {k}", "path_A": f"{k}A.png", "path_B": f"{k}B.png", "label": "A"})
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    random_image_pairs(tmp_path, [(32, 32), (40, 40), (32, 56), (36, 64)])
     run = DPORun(
         model=str(tiny_model_dir("sd3")),
         data=str(tmp_path / "pairs.jsonl"),

@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
+from stand_ins import random_image_pairs
 from torch import nn
 
 from flowalign.config import TrainConfig
-from flowalign.data.media import save_image
 from flowalign.planning.memory import SWITCHES, Recipe, suggest
 from flowalign.training.loop import train
 from flowalign.training.offload import is_offloaded, place_frozen
@@ -20,15 +20,7 @@ TARGET = torch.device("cpu", 0)  # a device distinct from "cpu" that still compu
 
 
 def _pairs(tmp_path, n: int = 2) -> str:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for k in range(n):
-        for side in "AB":
-            save_image(torch.rand(3, 32, 32, generator=g), tmp_path / f"{k}{side}.png")
-        rows.append({"prompt": f"shape {k}", "path_A": f"{k}A.png", "path_B": f"{k}B.png", "label": "A"})
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+    return str(random_image_pairs(tmp_path, [(32, 32)] * n))
 
 
 def _run(model_dir, data, out, *, offload: bool) -> DPORun:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from stand_ins import random_image_pairs
 from training_toy import ToyFlowMatching, VectorDataset
 
 from flowalign.config import CheckpointConfig, LoraConfig, OptimConfig, TrainConfig, ValidationConfig
@@ -82,7 +83,7 @@ def test_previews_leave_training_and_resume_bit_identical(tmp_path) -> None:
 def test_sd3_previews_sample_the_lora_model_with_cached_prompts(tiny_model_dir, tmp_path) -> None:
     run = DPORun(
         model=str(tiny_model_dir("sd3")),
-        data=str(_sd3_pairs(tmp_path)),
+        data=str(random_image_pairs(tmp_path, [(32, 32)] * 2)),
         train=TrainConfig(
             output_dir=tmp_path / "run", max_steps=2, batch_size=2, cpu=True, trackers=[],
             optim=OptimConfig(lr=5e-2),
@@ -108,20 +109,6 @@ def test_sd3_previews_sample_the_lora_model_with_cached_prompts(tiny_model_dir, 
     # the file is the trained model's sample (8-bit rounding: half a step), not the base model's
     assert (written - lora_on).abs().max().item() <= 0.5 / 255 + 1e-6
     assert (lora_on - lora_off).abs().max().item() > 2 / 255
-
-
-def _sd3_pairs(tmp_path):
-    from flowalign.data.media import save_image
-
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for k in range(2):
-        for side in "AB":
-            save_image(torch.rand(3, 32, 32, generator=g), tmp_path / f"{k}{side}.png")
-        rows.append({"prompt": f"shape {k}", "path_A": f"{k}A.png", "path_B": f"{k}B.png", "label": "A"})
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_previews_need_a_flow_model_and_a_valid_size(tmp_path) -> None:

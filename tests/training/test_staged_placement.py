@@ -12,11 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from stand_ins import Placements
+from stand_ins import Placements, random_image_pairs
 from torch import nn
 
 from flowalign.config import LoraConfig, TrainConfig
-from flowalign.data.media import save_image
 from flowalign.models.sd3 import SD3Model
 from flowalign.training import runs
 from flowalign.training.loop import train
@@ -27,15 +26,7 @@ TARGET = torch.device("cpu", 0)
 
 
 def _pairs(tmp_path, n: int = 4) -> str:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for k in range(n):
-        for side in "AB":
-            save_image(torch.rand(3, 32, 32, generator=g), tmp_path / f"{k}{side}.png")
-        rows.append({"prompt": f"shape {k}", "path_A": f"{k}A.png", "path_B": f"{k}B.png", "label": "A"})
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+    return str(random_image_pairs(tmp_path, [(32, 32)] * n))
 
 
 def _run(model_dir, data, out, *, lora: bool = True, cache_latents: bool = False) -> DPORun:
