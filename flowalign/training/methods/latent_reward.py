@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from flowalign import flow
 from flowalign.config import LoraConfig
-from flowalign.data.batches import CachedCondition, PairBatch
+from flowalign.data.batches import PairBatch
 from flowalign.models.base import FlowModel, PromptEmbeds
 from flowalign.objectives.bt_ties import LABEL_MISSING, btt_loss, labels_from_scores, pairwise_accuracy
 from flowalign.rewards.latent import LatentRewardModel
@@ -314,10 +314,7 @@ class LatentRewardTraining(CachedPrompts, NormalisedScores, Method):
         cfg, ids = self.config, batch.index
         x0_w, x0_l = self._clean_latents(batch)
         labels = self._labels(batch, x0_w, x0_l)
-        images = batch.condition
-        if images is not None and type(images[0]) is dict:  # cached encodings given as plain dicts
-            images = [CachedCondition(row) for row in images]
-        cond = self.condition(batch.prompt, x0_w.device, images=images, like=x0_w)
+        cond = self.condition(batch.prompt, x0_w.device, images=batch.condition, like=x0_w)
         noise_w = ctx.randn_like(x0_w, ids, key="noise")
         noise_l = noise_w if cfg.share_noise else ctx.randn_like(x0_l, ids, key="noise_l")
         t = self.sample_t(ids, ctx)  # one t per pair
